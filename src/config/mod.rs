@@ -1,0 +1,323 @@
+//! The server's configuration: typed sections with their defaults in one
+//! place, loaded from TOML by [`load`](load::load) with every problem
+//! reported at once.
+//!
+//! Where the file comes from: `--config`, else `$CONTACTD_CONFIG`, else
+//! [`DEFAULT_PATH`]; only a missing *default* file means built-in defaults.
+
+mod load;
+pub mod units;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, ConfigFile, Problem, load, parse};
+
+use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};
+
+/// Where `serve` and `check-config` look when no path is given.
+pub const DEFAULT_PATH: &str = "/etc/contactd.toml";
+
+/// The whole server config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tasks: TasksConfig,
+    pub remote_cmd: RemoteCmdConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: the listener and per-connection limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the Contact service listens on.
+    #[serde(with = "units::socket_addr")]
+    pub listen: SocketAddr,
+    /// Listen backlog: connections the kernel queues before `accept`.
+    pub backlog: u32,
+    /// Largest message accepted from a client.
+    #[serde(with = "units::size")]
+    pub max_message_size: ByteSize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 pings that detect dead peers.
+    #[serde(with = "units::duration")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(with = "units::duration")]
+    pub keepalive_timeout: Duration,
+    /// How long in-flight calls may run on after shutdown starts.
+    #[serde(with = "units::duration")]
+    pub grace_period: Duration,
+    /// Callers (agents and seed clients) whose last status is remembered.
+    pub max_callers: usize,
+    /// Longest status text kept per caller; longer ones are truncated.
+    #[serde(with = "units::size")]
+    pub max_status_size: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 55555)),
+            backlog: 4096,
+            max_message_size: ByteSize::mib(4),
+            max_concurrent_streams: 256,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            grace_period: Duration::from_secs(10),
+            max_callers: 10_000,
+            max_status_size: ByteSize::kib(4),
+        }
+    }
+}
+
+/// `[tasks]`: generation and retention of tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Time between two generated batches.
+    #[serde(with = "units::duration")]
+    pub interval: Duration,
+    /// Tasks per generated batch; 0 turns generation off.
+    pub batch: u32,
+    /// Text of a generated task.
+    pub template: TaskTemplate,
+    /// Tasks kept for replay and for slow subscribers.
+    pub retain: usize,
+    /// Whether a new subscriber first receives the retained tasks.
+    pub replay: bool,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            interval: Duration::from_secs(40),
+            batch: 10,
+            template: TaskTemplate::default(),
+            retain: 1000,
+            replay: true,
+        }
+    }
+}
+
+/// `[remote_cmd]`: the remoteCMD RPC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteCmdConfig {
+    /// Off by default: remoteCMD answers FAILED_PRECONDITION.
+    pub enabled: bool,
+    /// Command-line patterns that may run; nothing else does.
+    pub allow: Vec<CommandPattern>,
+    /// Longest a command may run before its process group is killed.
+    #[serde(with = "units::duration")]
+    pub timeout: Duration,
+    /// Commands running at once.
+    pub max_concurrent: usize,
+    /// Calls waiting for a free slot; further calls get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+    /// Combined stdout and stderr kept per command; the rest is dropped.
+    #[serde(with = "units::size")]
+    pub max_output: ByteSize,
+}
+
+impl Default for RemoteCmdConfig {
+    fn default() -> Self {
+        RemoteCmdConfig {
+            enabled: false,
+            allow: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_concurrent: 4,
+            max_queued: 64,
+            max_output: ByteSize::kib(64),
+        }
+    }
+}
+
+/// `[log]`: what is logged and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directives (`"info"`, `"info,contactd::rpc=debug"`);
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// The largest response the seed's clients accept by default (gRPC's 4 MiB).
+const CLIENT_MAX_MESSAGE: u64 = 4 * 1024 * 1024;
+
+impl ConfigFile for Config {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, message: String| {
+            if !ok {
+                problems.push((key.to_owned(), message));
+            }
+        };
+        let s = &self.server;
+        check(
+            s.backlog >= 1,
+            "server.backlog",
+            "must be at least 1".into(),
+        );
+        check(
+            s.max_message_size.as_u64() >= 1024,
+            "server.max_message_size",
+            format!(
+                "{} is too small: expected at least \"1KiB\"",
+                units::size::format(s.max_message_size)
+            ),
+        );
+        check(
+            s.max_concurrent_streams >= 1,
+            "server.max_concurrent_streams",
+            "must be at least 1".into(),
+        );
+        check(
+            !s.keepalive_interval.is_zero(),
+            "server.keepalive_interval",
+            "must be more than 0s".into(),
+        );
+        check(
+            !s.keepalive_timeout.is_zero(),
+            "server.keepalive_timeout",
+            "must be more than 0s".into(),
+        );
+        check(
+            s.max_callers >= 1,
+            "server.max_callers",
+            "must be at least 1".into(),
+        );
+        let t = &self.tasks;
+        check(
+            t.interval >= Duration::from_millis(1),
+            "tasks.interval",
+            "must be at least \"1ms\" (set tasks.batch = 0 to turn generation off)".into(),
+        );
+        check(t.retain >= 1, "tasks.retain", "must be at least 1".into());
+        let r = &self.remote_cmd;
+        check(
+            !r.timeout.is_zero(),
+            "remote_cmd.timeout",
+            "must be more than 0s".into(),
+        );
+        check(
+            r.max_concurrent >= 1,
+            "remote_cmd.max_concurrent",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=CLIENT_MAX_MESSAGE - 1024).contains(&r.max_output.as_u64()),
+            "remote_cmd.max_output",
+            format!(
+                "{} is out of range: expected from 1B to 4095KiB, so a response fits \
+                 a gRPC client's default 4MiB message limit",
+                units::size::format(r.max_output)
+            ),
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            check(
+                false,
+                "log.level",
+                format!(
+                    "invalid filter {:?} ({e}): expected directives such as \"info\" or \"warn,contactd=debug\"",
+                    self.log.level
+                ),
+            );
+        }
+        problems
+    }
+}
+
+impl Config {
+    /// The effective config as TOML, as `check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+}
+
+/// Where a config comes from, which decides whether a missing file is an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Named by `--config` or `$CONTACTD_CONFIG`: it must exist.
+    Given(PathBuf),
+    /// The default path: if it is absent, built-in defaults are used.
+    Default(PathBuf),
+}
+
+impl Source {
+    /// `given` if set, else `default`.
+    pub fn new(given: Option<PathBuf>, default: &str) -> Source {
+        given.map_or_else(|| Source::Default(PathBuf::from(default)), Source::Given)
+    }
+
+    /// The path this source names.
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Given(path) | Source::Default(path) => path,
+        }
+    }
+
+    /// Loads the config; `Ok(None)` means the default file is absent and
+    /// built-in defaults apply.
+    ///
+    /// # Errors
+    /// A file that cannot be read, or has problems.
+    pub fn load<T: ConfigFile>(&self) -> Result<Option<T>, ConfigError> {
+        match (self, load(self.path())) {
+            (Source::Default(_), Err(ConfigError::Read { source, .. }))
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            (_, result) => result.map(Some),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let config = Config::default();
+        assert!(config.validate().is_empty());
+        let again: Config = parse(&config.to_toml()).unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = "[server]\nlisten = \"nowhere\"\n[tasks]\ninterval = \"4x\"\nbogus = true\nretain = 0\n[remote_cmd]\nallow = [\"'x\"]\n";
+        let problems = parse::<Config>(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().filter_map(|p| p.key.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.listen",
+                "tasks.interval",
+                "tasks.bogus",
+                "tasks.retain",
+                "remote_cmd.allow"
+            ],
+            "{problems:#?}"
+        );
+    }
+}

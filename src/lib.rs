@@ -1,0 +1,25 @@
+//! contactd: a gRPC daemon that pushes tasks to a fleet of agents and
+//! collects their status and results.
+//!
+//! Map of the modules:
+//!
+//! - [`cli`]: the command line (clap), no logic.
+//! - [`config`]: typed config, loading with every problem at once, defaults.
+//! - [`logging`]: the tracing subscriber and its reload handle.
+//! - [`shutdown`]: signals turned into shutdown and reload events.
+//! - [`proto`]: generated gRPC code and the reflection descriptors.
+//! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
+//!   health, reflection, the caller registry.
+//! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
+//! - [`remote_cmd`]: allow-list matching and bounded command execution.
+//! - [`app`]: the `serve` and `check-config` commands, wiring the above.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod proto;
+pub mod remote_cmd;
+pub mod server;
+pub mod shutdown;
+pub mod tasks;

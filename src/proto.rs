@@ -1,0 +1,13 @@
+//! Generated gRPC code, and the descriptor set that server reflection serves.
+
+/// The seed's Contact service and messages (`proto/contact.proto`, no package).
+///
+/// The seed's method names are camelCase, so the generated stream types are too.
+#[allow(non_camel_case_types)]
+pub mod contact {
+    tonic::include_proto!("_");
+}
+
+/// Every contactd proto, encoded, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/contactd_descriptor.bin"));

@@ -1,0 +1,279 @@
+//! Running one command: no shell, its own process group, combined output
+//! captured up to a bound, killed as a group on timeout or on request.
+
+use std::{pin::pin, process::Stdio, time::Duration};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    process::Command,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How a command ended, as remoteCMD reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdOutput {
+    /// True only when the command ran and exited with status 0.
+    pub success: bool,
+    /// Combined stdout and stderr (at most the configured bound), followed by
+    /// a `[contactd: ...]` line when the command failed, was killed or its
+    /// output was cut.
+    pub output: String,
+}
+
+/// After killing a group, how long to keep reading output already written.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+
+enum End {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    TimedOut,
+    Killed,
+}
+
+pub(super) async fn execute(
+    argv: &[String],
+    timeout: Duration,
+    max_output: usize,
+    kill: &CancellationToken,
+) -> CmdOutput {
+    let mut command = Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return CmdOutput {
+                success: false,
+                output: format!("[contactd: cannot start {:?}: {e}]", argv[0]),
+            };
+        }
+    };
+    // If the call is dropped midway (the client went away), the guard kills
+    // the whole group, not only the direct child.
+    let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
+    let mut capture = Capture::new(max_output);
+    let end = {
+        let mut collect = pin!(capture.collect(child.stdout.take(), child.stderr.take()));
+        let end = tokio::select! {
+            (_, status) = async { tokio::join!(collect.as_mut(), child.wait()) } => End::Exited(status),
+            () = tokio::time::sleep(timeout) => End::TimedOut,
+            () = kill.cancelled() => End::Killed,
+        };
+        if !matches!(end, End::Exited(_)) {
+            group.kill();
+            let _ = child.wait().await;
+            let _ = tokio::time::timeout(DRAIN_AFTER_KILL, collect).await;
+        }
+        end
+    };
+    group.disarm();
+    let (success, note) = match end {
+        End::Exited(Ok(status)) if status.success() => (true, None),
+        End::Exited(Ok(status)) => (false, Some(describe(status))),
+        End::Exited(Err(e)) => (false, Some(format!("cannot wait for the command: {e}"))),
+        End::TimedOut => (
+            false,
+            Some(format!(
+                "killed after the {} timeout",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        End::Killed => (
+            false,
+            Some("killed: the server is shutting down".to_owned()),
+        ),
+    };
+    CmdOutput {
+        success,
+        output: capture.finish(note),
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => format!("ended: {status}"),
+    }
+}
+
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.0 {
+            // The group may already be gone; nothing to do then.
+            let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
+        }
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Combined output, kept up to a bound; the rest is read and counted.
+struct Capture {
+    kept: Vec<u8>,
+    max: usize,
+    dropped: u64,
+}
+
+impl Capture {
+    fn new(max: usize) -> Capture {
+        Capture {
+            kept: Vec::new(),
+            max,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.max.saturating_sub(self.kept.len());
+        let take = room.min(bytes.len());
+        self.kept.extend_from_slice(&bytes[..take]);
+        self.dropped += (bytes.len() - take) as u64;
+    }
+
+    /// Reads both pipes to their end, interleaved as the data arrives.
+    async fn collect(
+        &mut self,
+        mut out: Option<impl AsyncRead + Unpin>,
+        mut err: Option<impl AsyncRead + Unpin>,
+    ) {
+        let mut out_buf = [0u8; 4096];
+        let mut err_buf = [0u8; 4096];
+        while out.is_some() || err.is_some() {
+            tokio::select! {
+                n = read(&mut out, &mut out_buf), if out.is_some() => match n {
+                    Some(n) => self.push(&out_buf[..n]),
+                    None => out = None,
+                },
+                n = read(&mut err, &mut err_buf), if err.is_some() => match n {
+                    Some(n) => self.push(&err_buf[..n]),
+                    None => err = None,
+                },
+            }
+        }
+    }
+
+    fn finish(self, note: Option<String>) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        // Replacement characters can make the text longer than the bytes.
+        if text.len() > self.max {
+            let mut cut = self.max;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let mut notes = Vec::new();
+        if self.dropped > 0 {
+            notes.push(format!(
+                "output truncated: {} more bytes dropped",
+                self.dropped
+            ));
+        }
+        notes.extend(note);
+        for note in notes {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("[contactd: {note}]"));
+        }
+        text
+    }
+}
+
+async fn read(pipe: &mut Option<impl AsyncRead + Unpin>, buf: &mut [u8]) -> Option<usize> {
+    match pipe.as_mut()?.read(buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(line: &str) -> Vec<String> {
+        super::super::split_words(line).unwrap()
+    }
+
+    async fn run(line: &str, timeout: Duration, max: usize) -> CmdOutput {
+        execute(&argv(line), timeout, max, &CancellationToken::new()).await
+    }
+
+    #[tokio::test]
+    async fn captures_combined_output_and_status() {
+        let out = run(
+            "sh -c 'echo out; echo err >&2; exit 3'",
+            Duration::from_secs(10),
+            1024,
+        )
+        .await;
+        assert!(!out.success);
+        assert!(
+            out.output.contains("out\n") && out.output.contains("err\n"),
+            "{out:?}"
+        );
+        assert!(out.output.ends_with("[contactd: exit status 3]"), "{out:?}");
+        let ok = run("echo hello", Duration::from_secs(10), 1024).await;
+        assert_eq!(
+            ok,
+            CmdOutput {
+                success: true,
+                output: "hello\n".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn output_is_bounded() {
+        let out = run("head -c 100000 /dev/zero", Duration::from_secs(10), 1000).await;
+        assert!(out.success);
+        assert!(out.output.starts_with(&"\0".repeat(1000)));
+        assert!(
+            out.output
+                .ends_with("[contactd: output truncated: 99000 more bytes dropped]"),
+            "{:?}",
+            &out.output[1000..]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_failure_not_a_crash() {
+        let out = run("/nonexistent/contactd-test", Duration::from_secs(10), 1024).await;
+        assert!(!out.success);
+        assert!(out.output.contains("cannot start"), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        // The grandchild `sleep` holds the pipes open: only a group kill ends it.
+        let out = run(
+            "sh -c 'sleep 30 & sleep 30; echo never'",
+            Duration::from_millis(200),
+            1024,
+        )
+        .await;
+        assert!(!out.success);
+        assert!(
+            out.output.contains("killed after the 200ms timeout"),
+            "{out:?}"
+        );
+        assert!(!out.output.contains("never"));
+    }
+}

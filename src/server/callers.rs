@@ -1,0 +1,220 @@
+//! Who is calling: one entry per caller (for now its peer address), with
+//! its latest status and counters, bounded in number.
+//!
+//! Streams hold their caller's entry (`Arc<Caller>`) for as long as they are
+//! open, so per-message bookkeeping touches only that entry, never the map.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use parking_lot::Mutex;
+
+/// One caller's record.
+#[derive(Debug)]
+pub struct Caller {
+    /// How the caller is known: its peer address.
+    pub id: Arc<str>,
+    /// When its first open call began (reset when it reconnects after
+    /// having no open call).
+    connected_since: Mutex<SystemTime>,
+    /// Calls open now; 0 means disconnected.
+    open_calls: AtomicU32,
+    /// Latest status text (truncated) and when it was received.
+    status: Mutex<Option<(String, SystemTime)>>,
+    /// Longest status text kept.
+    max_status: usize,
+    /// Tasks sent to it, results received, results that reported failure.
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    /// Order of last activity, for evicting the longest-idle entry.
+    last_active: AtomicU64,
+}
+
+impl Caller {
+    /// Records a status report, truncated to the configured bound.
+    pub fn record_status(&self, text: &str) {
+        let mut cut = text.len().min(self.max_status);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        *self.status.lock() = Some((text[..cut].to_owned(), SystemTime::now()));
+    }
+
+    /// The latest status and when it arrived.
+    pub fn status(&self) -> Option<(String, SystemTime)> {
+        self.status.lock().clone()
+    }
+
+    /// Whether the caller has a call open.
+    pub fn connected(&self) -> bool {
+        self.open_calls.load(Ordering::Relaxed) > 0
+    }
+
+    /// When the current connection period began.
+    pub fn connected_since(&self) -> SystemTime {
+        *self.connected_since.lock()
+    }
+}
+
+/// The registry of callers.
+#[derive(Debug)]
+pub struct Callers {
+    map: Mutex<HashMap<Arc<str>, Arc<Caller>>>,
+    limits: Mutex<Limits>,
+    clock: AtomicU64,
+    warned_full: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_callers: usize,
+    max_status: usize,
+}
+
+/// Keeps a caller marked as connected while a call is open.
+#[derive(Debug)]
+pub struct CallGuard {
+    caller: Arc<Caller>,
+}
+
+impl std::ops::Deref for CallGuard {
+    type Target = Caller;
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.caller.open_calls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Callers {
+    /// A registry keeping at most `max_callers` entries and `max_status`
+    /// bytes of status per entry.
+    pub fn new(max_callers: usize, max_status: usize) -> Callers {
+        Callers {
+            map: Mutex::new(HashMap::new()),
+            limits: Mutex::new(Limits {
+                max_callers,
+                max_status,
+            }),
+            clock: AtomicU64::new(0),
+            warned_full: AtomicBool::new(false),
+        }
+    }
+
+    /// Changes the bounds (on a config reload); they apply to new entries.
+    pub fn set_limits(&self, max_callers: usize, max_status: usize) {
+        *self.limits.lock() = Limits {
+            max_callers,
+            max_status,
+        };
+    }
+
+    /// Marks the start of a call by `id`, creating its entry if needed.
+    ///
+    /// At the bound, the longest-idle disconnected entry makes room; if every
+    /// entry is connected, the caller is served but not remembered.
+    pub fn enter(&self, id: &str) -> CallGuard {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        let limits = *self.limits.lock();
+        let mut map = self.map.lock();
+        let caller = match map.get(id) {
+            Some(caller) => Arc::clone(caller),
+            None => {
+                let caller = Arc::new(Caller {
+                    id: Arc::from(id),
+                    connected_since: Mutex::new(SystemTime::now()),
+                    open_calls: AtomicU32::new(0),
+                    status: Mutex::new(None),
+                    max_status: limits.max_status,
+                    delivered: AtomicU64::new(0),
+                    acked: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                    last_active: AtomicU64::new(tick),
+                });
+                if map.len() >= limits.max_callers && !evict_one(&mut map) {
+                    if !self.warned_full.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            max_callers = limits.max_callers,
+                            "caller registry full of connected callers; new callers are served \
+                             but not remembered (raise server.max_callers)"
+                        );
+                    }
+                } else {
+                    map.insert(Arc::clone(&caller.id), Arc::clone(&caller));
+                }
+                caller
+            }
+        };
+        drop(map);
+        if caller.open_calls.fetch_add(1, Ordering::Relaxed) == 0 {
+            *caller.connected_since.lock() = SystemTime::now();
+        }
+        caller.last_active.store(tick, Ordering::Relaxed);
+        CallGuard { caller }
+    }
+
+    /// Every remembered caller.
+    pub fn list(&self) -> Vec<Arc<Caller>> {
+        self.map.lock().values().cloned().collect()
+    }
+
+    /// The entry for `id`, if remembered.
+    pub fn get(&self, id: &str) -> Option<Arc<Caller>> {
+        self.map.lock().get(id).cloned()
+    }
+}
+
+/// Removes the longest-idle disconnected entry; false if all are connected.
+fn evict_one(map: &mut HashMap<Arc<str>, Arc<Caller>>) -> bool {
+    let oldest = map
+        .values()
+        .filter(|c| !c.connected())
+        .min_by_key(|c| c.last_active.load(Ordering::Relaxed))
+        .map(|c| Arc::clone(&c.id));
+    oldest.is_some_and(|id| map.remove(&id).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_is_bounded_and_evicts_idle_callers_first() {
+        let callers = Callers::new(2, 8);
+        let a = callers.enter("a");
+        drop(callers.enter("b"));
+        drop(callers.enter("c"));
+        let mut ids: Vec<_> = callers.list().iter().map(|c| c.id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "c"]);
+        let d = callers.enter("d");
+        let e = callers.enter("e");
+        assert!(
+            callers.get("e").is_none(),
+            "all connected: e is served, not remembered"
+        );
+        drop((a, d, e));
+    }
+
+    #[test]
+    fn status_is_truncated_on_a_char_boundary() {
+        let callers = Callers::new(10, 5);
+        let a = callers.enter("a");
+        a.record_status("héllo wörld");
+        assert_eq!(a.status().unwrap().0, "héll");
+        assert!(a.connected());
+        drop(a);
+        assert!(!callers.get("a").unwrap().connected());
+    }
+}

@@ -1,0 +1,205 @@
+//! The server: binds nothing itself (it takes a bound listener), serves the
+//! Contact service with health and reflection, follows config reloads and
+//! shuts down in order when its token is cancelled.
+//!
+//! Shutdown order, one log line per phase: health NOT_SERVING → stop
+//! accepting and end every open stream with UNAVAILABLE → let in-flight
+//! calls finish within `server.grace_period` → kill remote commands still
+//! running and wait briefly for their answers → return.
+
+mod callers;
+mod contact;
+mod health;
+mod listener;
+
+use std::{sync::Arc, time::Duration};
+
+use parking_lot::RwLock;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Status, transport::server::TcpIncoming};
+use tonic_health::ServingStatus;
+
+pub use callers::{CallGuard, Caller, Callers};
+pub use listener::bind;
+
+use crate::{
+    config::Config,
+    proto::{FILE_DESCRIPTOR_SET, contact::contact_server::ContactServer},
+    remote_cmd::Runner,
+    tasks::{Hub, generator},
+};
+
+/// After the grace period, how long killed commands get to answer before
+/// the remaining connections are dropped.
+const AFTER_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot read the listener's address: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("reflection descriptors are invalid: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("serving failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// The tasks agents receive.
+    pub(crate) hub: Arc<Hub>,
+    /// Who is calling and what they last reported.
+    pub(crate) callers: Callers,
+    /// Remote command rules; replaced whole on reload.
+    runner: RwLock<Arc<Runner>>,
+    /// The config in force.
+    pub(crate) config: watch::Receiver<Arc<Config>>,
+    /// Cancelled once health says NOT_SERVING: streams end, accepting stops.
+    pub(crate) closing: CancellationToken,
+    /// Cancelled when the grace period is over: running commands are killed.
+    pub(crate) kill: CancellationToken,
+}
+
+impl State {
+    fn runner(&self) -> Arc<Runner> {
+        Arc::clone(&self.runner.read())
+    }
+}
+
+/// The status every stream ends with at shutdown.
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down")
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, following the config
+/// sent on `config`.
+///
+/// # Errors
+/// [`ServerError`] when serving cannot start or fails.
+pub async fn run(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let initial = Arc::clone(&config.borrow());
+    let local = listener.local_addr().map_err(ServerError::Listener)?;
+    let state = Arc::new(State {
+        hub: Hub::new(initial.tasks.retain),
+        callers: Callers::new(
+            initial.server.max_callers,
+            initial.server.max_status_size.as_u64() as usize,
+        ),
+        runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
+        config: config.clone(),
+        closing: CancellationToken::new(),
+        kill: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    tracker.spawn(generator::run(
+        Arc::clone(&state.hub),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(follow_config(
+        Arc::clone(&state),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    tracker.close();
+
+    let reporter = tonic_health::server::HealthReporter::new();
+    health::set_all(&reporter, ServingStatus::Serving).await;
+    let router = router(&initial, &state, &reporter)?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let serve =
+        router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
+    tokio::pin!(serve);
+    tracing::info!(addr = %local, "serving Contact, health and reflection");
+
+    tokio::select! {
+        result = &mut serve => return result.map_err(ServerError::Serve),
+        () = shutdown.cancelled() => {}
+    }
+    tracing::info!("shutting down: health is NOT_SERVING");
+    health::set_all(&reporter, ServingStatus::NotServing).await;
+    state.closing.cancel();
+    let grace = state.config.borrow().server.grace_period;
+    tracing::info!(grace = %humantime::format_duration(grace), "stopped accepting; ended open streams; waiting for in-flight calls");
+    let result = tokio::select! {
+        result = &mut serve => result,
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("grace period over: killing remote commands still running");
+            state.kill.cancel();
+            match tokio::time::timeout(AFTER_GRACE, &mut serve).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("connections still open after the grace period: closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    tracker.wait().await;
+    tracing::info!("server stopped");
+    result.map_err(ServerError::Serve)
+}
+
+fn router(
+    config: &Config,
+    state: &Arc<State>,
+    reporter: &tonic_health::server::HealthReporter,
+) -> Result<tonic::transport::server::Router, ServerError> {
+    let s = &config.server;
+    let max_message = usize::try_from(s.max_message_size.as_u64()).unwrap_or(usize::MAX);
+    let contact = ContactServer::new(contact::ContactService::new(Arc::clone(state)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
+    Ok(tonic::transport::Server::builder()
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .http2_keepalive_interval(Some(s.keepalive_interval))
+        .http2_keepalive_timeout(Some(s.keepalive_timeout))
+        .add_service(contact)
+        .add_service(health::service(reporter, state.closing.clone()))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
+/// Applies reloaded settings that can change live.
+async fn follow_config(
+    state: Arc<State>,
+    mut config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+) {
+    let mut current = Arc::clone(&config.borrow_and_update());
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = config.changed() => if changed.is_err() { return },
+        }
+        let new = Arc::clone(&config.borrow_and_update());
+        if new.remote_cmd != current.remote_cmd {
+            *state.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
+            tracing::info!(
+                enabled = new.remote_cmd.enabled,
+                patterns = new.remote_cmd.allow.len(),
+                "remote command rules updated"
+            );
+        }
+        state.callers.set_limits(
+            new.server.max_callers,
+            new.server.max_status_size.as_u64() as usize,
+        );
+        current = new;
+    }
+}

@@ -1,0 +1,103 @@
+//! The task generator: one for the whole server, publishing `tasks.batch`
+//! tasks every `tasks.interval` (the first batch at start-up), following
+//! config reloads.
+
+use std::sync::Arc;
+
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::Hub;
+use crate::config::{Config, TasksConfig};
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(
+    hub: Arc<Hub>,
+    mut config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+) {
+    let mut tasks: TasksConfig = config.borrow_and_update().tasks.clone();
+    hub.set_retain(tasks.retain);
+    let mut last = Instant::now();
+    let mut next = last;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {
+                generate(&hub, &tasks);
+                last = next;
+                // After a stall (a suspended host), resume the schedule
+                // instead of publishing the missed batches in a burst.
+                next = (last + tasks.interval).max(Instant::now());
+            }
+            changed = config.changed() => {
+                if changed.is_err() {
+                    // The config owner is gone: keep the schedule as it is.
+                    shutdown.cancelled().await;
+                    return;
+                }
+                let new = config.borrow_and_update().tasks.clone();
+                if new.interval != tasks.interval {
+                    next = (last + new.interval).max(Instant::now());
+                }
+                hub.set_retain(new.retain);
+                tasks = new;
+            }
+        }
+    }
+}
+
+fn generate(hub: &Hub, tasks: &TasksConfig) {
+    if tasks.batch == 0 {
+        return;
+    }
+    let ids = hub.publish_with(tasks.batch as usize, |id| tasks.template.render(id));
+    tracing::debug!(first = ids.start, last = ids.end - 1, "generated tasks");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::tasks::{Delivery, Start};
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_batches_on_schedule_and_follows_reloads() {
+        let hub = Hub::new(100);
+        let mut config = Config::default();
+        config.tasks.batch = 2;
+        config.tasks.interval = Duration::from_secs(40);
+        let (tx, rx) = watch::channel(Arc::new(config.clone()));
+        let token = CancellationToken::new();
+        let mut sub = hub.subscribe(Start::Oldest);
+        let generator = tokio::spawn(run(hub.clone(), rx, token.clone()));
+
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            match sub.recv().await {
+                Delivery::Task(t) => ids.push(t.id),
+                Delivery::Skipped(n) => panic!("skipped {n}"),
+            }
+        }
+        assert_eq!(ids, [1, 2, 3, 4]);
+        let started = Instant::now();
+
+        config.tasks.interval = Duration::from_secs(1);
+        config.tasks.batch = 1;
+        tx.send_replace(Arc::new(config));
+        for want in 5..8 {
+            match sub.recv().await {
+                Delivery::Task(t) => assert_eq!(t.id, want),
+                Delivery::Skipped(n) => panic!("skipped {n}"),
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        token.cancel();
+        generator.await.unwrap();
+    }
+}

@@ -1,0 +1,269 @@
+//! The task hub: one bounded ring of retained tasks, shared by every
+//! subscriber.
+//!
+//! Each task is stored once (`Arc<Task>`); a subscriber holds only a cursor
+//! (the id of the next task it wants) and a watch receiver that wakes it when
+//! tasks are published. Publishing never waits for subscribers: a subscriber
+//! that falls behind the ring's tail jumps to it, and the gap is reported as
+//! [`Delivery::Skipped`] so it can be counted. Memory is O(retain) for the
+//! ring plus O(1) per subscriber, however slow the subscribers are.
+
+use std::{collections::VecDeque, ops::Range, sync::Arc, time::SystemTime};
+
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+/// A task as the hub keeps it: immutable once published.
+#[derive(Debug)]
+pub struct Task {
+    /// Position in the hub's sequence, starting at 1.
+    pub id: u64,
+    /// What the agents receive.
+    pub text: String,
+    /// When it was published.
+    pub created: SystemTime,
+}
+
+/// Where a new subscription starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the oldest retained task (replay of the backlog).
+    Oldest,
+    /// With the next task to be published.
+    Latest,
+    /// With the first task after this id (catching up from a cursor).
+    After(u64),
+}
+
+/// What a subscription yields next.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The next task in order.
+    Task(Arc<Task>),
+    /// The subscriber fell behind the ring's tail; this many tasks were
+    /// dropped from retention before it read them, and it resumes at the tail.
+    Skipped(u64),
+}
+
+/// The shared ring of retained tasks.
+#[derive(Debug)]
+pub struct Hub {
+    ring: RwLock<Ring>,
+    /// Carries the id the next task will get, so waiting subscribers wake
+    /// on every publish and never miss one.
+    published: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    tasks: VecDeque<Arc<Task>>,
+    capacity: usize,
+    next_id: u64,
+}
+
+impl Ring {
+    fn first_id(&self) -> u64 {
+        self.next_id - self.tasks.len() as u64
+    }
+
+    fn trim(&mut self) {
+        let excess = self.tasks.len().saturating_sub(self.capacity);
+        self.tasks.drain(..excess);
+    }
+}
+
+/// How many tasks a subscriber takes per lock of the ring.
+const READ_BATCH: usize = 64;
+
+impl Hub {
+    /// A hub that keeps the last `retain` tasks (at least one).
+    pub fn new(retain: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            ring: RwLock::new(Ring {
+                tasks: VecDeque::new(),
+                capacity: retain.max(1),
+                next_id: 1,
+            }),
+            published: watch::Sender::new(1),
+        })
+    }
+
+    /// Publishes `count` tasks whose text `render` makes from the task id,
+    /// returning the ids given.
+    pub fn publish_with(&self, count: usize, mut render: impl FnMut(u64) -> String) -> Range<u64> {
+        let created = SystemTime::now();
+        let ids = {
+            let mut ring = self.ring.write();
+            let start = ring.next_id;
+            for id in start..start + count as u64 {
+                let text = render(id);
+                ring.tasks.push_back(Arc::new(Task { id, text, created }));
+            }
+            ring.next_id += count as u64;
+            ring.trim();
+            start..ring.next_id
+        };
+        self.published.send_replace(ids.end);
+        ids
+    }
+
+    /// Publishes one task, returning its id.
+    pub fn publish(&self, text: String) -> u64 {
+        let mut text = Some(text);
+        self.publish_with(1, |_| text.take().unwrap_or_default())
+            .start
+    }
+
+    /// Changes how many tasks are retained (on a config reload).
+    pub fn set_retain(&self, retain: usize) {
+        let mut ring = self.ring.write();
+        ring.capacity = retain.max(1);
+        ring.trim();
+    }
+
+    /// How many tasks are retained now.
+    pub fn retained(&self) -> usize {
+        self.ring.read().tasks.len()
+    }
+
+    /// The id the next published task will get.
+    pub fn next_id(&self) -> u64 {
+        self.ring.read().next_id
+    }
+
+    /// A new subscription starting at `start`.
+    pub fn subscribe(self: &Arc<Self>, start: Start) -> Subscription {
+        let next = {
+            let ring = self.ring.read();
+            match start {
+                Start::Oldest => ring.first_id(),
+                Start::Latest => ring.next_id,
+                Start::After(id) => id.saturating_add(1).min(ring.next_id),
+            }
+        };
+        Subscription {
+            hub: Arc::clone(self),
+            next,
+            published: self.published.subscribe(),
+            ready: VecDeque::with_capacity(0),
+        }
+    }
+}
+
+/// One subscriber's cursor into the hub.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    /// Id of the next task this subscriber reads.
+    next: u64,
+    published: watch::Receiver<u64>,
+    /// Tasks taken from the ring in one lock, not yet yielded (at most
+    /// [`READ_BATCH`]).
+    ready: VecDeque<Arc<Task>>,
+}
+
+impl Subscription {
+    /// The next delivery; waits while there is nothing new.
+    ///
+    /// Cancel-safe: dropping the future loses nothing.
+    pub async fn recv(&mut self) -> Delivery {
+        loop {
+            if let Some(task) = self.ready.pop_front() {
+                return Delivery::Task(task);
+            }
+            // Mark the current publish count as seen *before* reading the
+            // ring, so a publish after the read always wakes `changed()`.
+            self.published.borrow_and_update();
+            if let Some(skipped) = self.fill() {
+                return Delivery::Skipped(skipped);
+            }
+            if self.ready.is_empty() {
+                // The sender lives in the hub, which this subscription keeps
+                // alive, so this cannot fail.
+                let _ = self.published.changed().await;
+            }
+        }
+    }
+
+    /// Takes the next tasks from the ring; `Some(n)` if `n` were skipped.
+    fn fill(&mut self) -> Option<u64> {
+        let ring = self.hub.ring.read();
+        let first = ring.first_id();
+        if self.next < first {
+            let skipped = first - self.next;
+            self.next = first;
+            return Some(skipped);
+        }
+        let offset = (self.next - first) as usize;
+        self.ready
+            .extend(ring.tasks.iter().skip(offset).take(READ_BATCH).cloned());
+        self.next += self.ready.len() as u64;
+        None
+    }
+
+    /// Id of the next task this subscription will read.
+    pub fn position(&self) -> u64 {
+        self.next - self.ready.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(hub: &Hub, n: usize) -> Range<u64> {
+        hub.publish_with(n, |id| format!("t{id}"))
+    }
+
+    async fn next_task(sub: &mut Subscription) -> u64 {
+        match sub.recv().await {
+            Delivery::Task(t) => t.id,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_every_task_in_order() {
+        let hub = Hub::new(100);
+        let mut a = hub.subscribe(Start::Latest);
+        let mut b = hub.subscribe(Start::Latest);
+        assert_eq!(texts(&hub, 3), 1..4);
+        for want in 1..4 {
+            assert_eq!(next_task(&mut a).await, want);
+            assert_eq!(next_task(&mut b).await, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_starts_at_the_oldest_retained() {
+        let hub = Hub::new(5);
+        texts(&hub, 8);
+        let mut sub = hub.subscribe(Start::Oldest);
+        assert_eq!(next_task(&mut sub).await, 4);
+        let mut after = hub.subscribe(Start::After(6));
+        assert_eq!(next_task(&mut after).await, 7);
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_skips_ahead_and_memory_stays_bounded() {
+        let hub = Hub::new(10);
+        let mut sub = hub.subscribe(Start::Latest);
+        texts(&hub, 1000);
+        assert_eq!(hub.retained(), 10);
+        match sub.recv().await {
+            Delivery::Skipped(n) => assert_eq!(n, 990),
+            other => panic!("expected a skip, got {other:?}"),
+        }
+        assert_eq!(next_task(&mut sub).await, 991);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_wakes_on_publish() {
+        let hub = Hub::new(10);
+        let mut sub = hub.subscribe(Start::Latest);
+        let waiter = tokio::spawn(async move { next_task(&mut sub).await });
+        tokio::task::yield_now().await;
+        hub.publish("x".into());
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+}

@@ -1,0 +1,128 @@
+//! The real `contactd` binary: config checking, exit codes, start-up errors.
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+fn contactd(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CONTACTD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run contactd")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_example_config_is_valid_and_means_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/contactd.toml");
+    let out = contactd(&["check-config", "-c", example], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let effective: contactd::config::Config = contactd::config::parse(&text(&out.stdout)).unwrap();
+    let example: contactd::config::Config = contactd::config::load(Path::new(example)).unwrap();
+    assert_eq!(effective, example);
+}
+
+#[test]
+fn check_config_reports_every_problem_with_line_and_column_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"localhost\"\n\n[tasks]\ninterval = \"soon\"\nbatchs = 3\n",
+    )
+    .unwrap();
+    let out = contactd(&["check-config", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = text(&out.stderr);
+    let file = path.display().to_string();
+    for needle in [
+        format!("{file}:2:10: server.listen: invalid address \"localhost\": expected IP:PORT"),
+        format!(
+            "{file}:5:12: tasks.interval: invalid duration \"soon\": expected a number with a unit"
+        ),
+        format!("{file}:6:1: tasks.batchs: unknown field `batchs`, expected one of"),
+    ] {
+        assert!(stderr.contains(&needle), "missing {needle:?} in:\n{stderr}");
+    }
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_missing_explicit_config_is_an_error_but_a_missing_default_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = contactd(&["check-config", "-c", "nope.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains("cannot read config file nope.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["check-config"])
+        .env("CONTACTD_CONFIG", dir.path().join("also-missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "$CONTACTD_CONFIG names a file that must exist"
+    );
+}
+
+#[test]
+fn serve_fails_clearly_when_the_address_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, format!("[server]\nlisten = \"{addr}\"\n")).unwrap();
+    let out = contactd(&["serve", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "contactd: cannot listen on {addr}: Address already in use"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn serve_exits_78_on_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[tasks]\nretain = -1\n").unwrap();
+    let out = contactd(&["serve", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text(&out.stderr).contains(":2:10: tasks.retain:"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = contactd(&["--version"], dir.path());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("contactd {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = contactd(&["--help"], dir.path());
+    let help = text(&out.stdout);
+    for needle in ["serve", "check-config", "Examples:"] {
+        assert!(help.contains(needle), "{help}");
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared test helpers: a real server in-process on 127.0.0.1:0, real
+//! clients, and bounded waits.
+#![allow(dead_code)] // each test target uses a different subset
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+pub mod daemon;
+
+use contactd::{config::Config, proto::contact::contact_client::ContactClient, server};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Every wait in a test is bounded by this.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+/// Awaits `future`, failing the test if it takes longer than [`LIMIT`].
+pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(LIMIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {LIMIT:?} waiting for {what}"),
+    }
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: watch::Sender<Arc<Config>>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), server::ServerError>>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` on a free loopback port.
+    pub async fn start(mut config: Config) -> TestServer {
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        let listener = server::bind(config.server.listen, 128).expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let (config, rx) = watch::channel(Arc::new(config));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(listener, rx, shutdown.clone()));
+        TestServer {
+            addr,
+            config,
+            shutdown,
+            task,
+        }
+    }
+
+    /// A client on a new connection.
+    pub async fn client(&self) -> ContactClient<Channel> {
+        ContactClient::new(self.channel().await)
+    }
+
+    /// A new connection.
+    pub async fn channel(&self) -> Channel {
+        within(
+            "connect",
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect(),
+        )
+        .await
+        .expect("connect to the test server")
+    }
+
+    /// Shuts the server down and waits for it to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("server exit", self.task).await.unwrap().unwrap();
+    }
+}
+
+/// A config with the given remote-command allow-list enabled.
+pub fn with_commands(allow: &[&str]) -> Config {
+    let mut config = Config::default();
+    config.remote_cmd.enabled = true;
+    config.remote_cmd.allow = allow.iter().map(|p| p.parse().unwrap()).collect();
+    config
+}
