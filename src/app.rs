@@ -15,6 +15,7 @@ use crate::{
     logging::{self, LogError, Logging},
     server::{self, ServerError},
     shutdown::{Event, Signals},
+    systemd,
 };
 
 /// sysexits' EX_CONFIG: the config is wrong; restarting will not help.
@@ -95,38 +96,78 @@ pub fn check_config(args: &ConfigArgs) -> Result<(), AppError> {
 /// A bad config, logging or bind failure, or a server error.
 pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
     let (source, config, found) = load(args)?;
-    let logging = logging::init(&config.log)?;
+    let logging = Arc::new(logging::init(&config.log)?);
     if found {
         tracing::info!(path = %source.path().display(), "loaded config");
     } else {
         tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
     }
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(AppError::Runtime)?;
-    runtime.block_on(serve_until_signalled(source, config, logging))
+    let result = runtime.block_on(serve_until_signalled(source, config, Arc::clone(&logging)));
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    result
 }
+
+/// Every agent holds a connection: raise the soft limit on open files to
+/// the hard limit, as most servers do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, "cannot raise the open-files limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-files limit: {e}"),
+    }
+}
+
+/// How often dropped log lines are reported.
+const DROPPED_LOG_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve_until_signalled(
     source: Source,
     config: Config,
-    logging: Logging,
+    logging: Arc<Logging>,
 ) -> Result<(), AppError> {
     let addr = config.server.listen;
     let listener = server::bind(addr, config.server.backlog)
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(server::run(listener, config_rx, shutdown.clone()));
+    let ready = format!("serving on {local}");
+    systemd::ready(&ready);
+    if let Some(interval) = systemd::watchdog_interval() {
+        tracing::info!(interval = %humantime::format_duration(interval), "systemd watchdog enabled");
+        tokio::spawn(systemd::watchdog(interval, shutdown.clone()));
+    }
+    tokio::spawn({
+        let (logging, stop) = (Arc::clone(&logging), shutdown.clone());
+        async move { logging.report_dropped(DROPPED_LOG_REPORT, stop).await }
+    });
     loop {
         tokio::select! {
             result = &mut server => return Ok(result??),
             event = signals.next() => match event {
-                Event::Reload => reload(&source, &config_tx, &logging),
+                Event::Reload => {
+                    systemd::reloading();
+                    reload(&source, &config_tx, &logging);
+                    systemd::ready(&ready);
+                }
                 Event::Shutdown(signal) => {
                     tracing::info!(signal, "shutdown requested");
+                    systemd::stopping();
                     shutdown.cancel();
                     break;
                 }
@@ -150,17 +191,21 @@ fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Log
     let new = match source.load::<Config>() {
         Ok(loaded) => loaded.unwrap_or_default(),
         Err(e) => {
-            tracing::error!("config reload failed, keeping the current config: {e}");
+            // One event per problem, so each is one line in the journal.
+            for (i, line) in e.to_string().lines().enumerate() {
+                if i == 0 {
+                    tracing::error!("config reload failed, keeping the current config: {line}");
+                } else {
+                    tracing::error!("{line}");
+                }
+            }
             return;
         }
     };
     let old = Arc::clone(&config_tx.borrow());
-    if new.server != old.server {
-        tracing::warn!(
-            "changes under [server] take effect after a restart (listen {} → {})",
-            old.server.listen,
-            new.server.listen
-        );
+    let restart = old.server.restart_needed(&new.server);
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "these changes take effect after a restart; the rest applies now");
     }
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");

@@ -1,6 +1,6 @@
 //! The command line: what the user can type, nothing more.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 #[command(after_help = "Examples:
   contactd serve                    run on /etc/contactd.toml (built-in defaults if absent)
   contactd serve -c my.toml         run on another config file
-  contactd check-config -c my.toml  print the effective config, or every problem in it")]
+  contactd check-config -c my.toml  print the effective config, or every problem in it
+  contactd health --addr 127.0.0.1:55555
+                                    exit 0 if the server is SERVING")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -24,6 +26,27 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Check a config file: print the effective config (exit 0) or every problem in it (exit 78).
     CheckConfig(ConfigArgs),
+    /// Probe a server's health, for monitoring: exit 0 SERVING, 1 bad arguments,
+    /// 2 connection failure, 3 RPC failure or timeout, 4 not serving.
+    Health(HealthArgs),
+}
+
+/// What to probe.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Server address
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:55555")]
+    pub addr: String,
+    /// Service to ask about: "" for the whole server, or "Contact"
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub service: String,
+    /// How long to wait for the connection and for the answer
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::config::units::duration::parse(text)
 }
 
 /// Which config file to use.

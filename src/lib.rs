@@ -5,21 +5,25 @@
 //!
 //! - [`cli`]: the command line (clap), no logic.
 //! - [`config`]: typed config, loading with every problem at once, defaults.
-//! - [`logging`]: the tracing subscriber and its reload handle.
+//! - [`logging`]: the tracing subscriber, rotating log files, reload handle.
 //! - [`shutdown`]: signals turned into shutdown and reload events.
 //! - [`proto`]: generated gRPC code and the reflection descriptors.
 //! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
 //!   health, reflection, the caller registry.
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
+//! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
+//! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`app`]: the `serve` and `check-config` commands, wiring the above.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod probe;
 pub mod proto;
 pub mod remote_cmd;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod tasks;

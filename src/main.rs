@@ -7,13 +7,25 @@ use clap::Parser;
 use contactd::{
     app,
     cli::{Cli, Command},
+    probe,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `health` follows grpc_health_probe: bad arguments exit 1.
+            if e.use_stderr() && std::env::args().nth(1).as_deref() == Some("health") {
+                let _ = e.print();
+                return ExitCode::from(probe::exit::BAD_ARGUMENTS);
+            }
+            e.exit();
+        }
+    };
     let result = match &cli.command {
         Command::Serve(args) => app::serve(args),
         Command::CheckConfig(args) => app::check_config(args),
+        Command::Health(args) => return probe::run(&args.addr, &args.service, args.timeout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn the_example_config_is_valid_and_means_the_defaults() {
+fn the_example_config_is_valid_and_prints_back_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/contactd.toml");
     let out = contactd(&["check-config", "-c", example], dir.path());
@@ -125,4 +125,24 @@ fn version_and_help() {
     for needle in ["serve", "check-config", "Examples:"] {
         assert!(help.contains(needle), "{help}");
     }
+}
+
+#[test]
+fn an_unwritable_log_file_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // A regular file where the log directory should be.
+    std::fs::write(dir.path().join("not-a-dir"), "").unwrap();
+    let log = dir.path().join("not-a-dir/contactd.log");
+    std::fs::write(&path, format!("[log]\nfile = \"{}\"\n", log.display())).unwrap();
+    let out = contactd(&["serve", "-c", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "contactd: cannot open log file {}: ",
+            log.display()
+        )),
+        "{stderr}"
+    );
 }

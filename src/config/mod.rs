@@ -80,6 +80,38 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The keys whose change only takes effect after a restart (they shape
+    /// the listener and its connections), that differ between `self` and `new`.
+    pub fn restart_needed(&self, new: &ServerConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut differs = |changed: bool, key| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        differs(self.listen != new.listen, "server.listen");
+        differs(self.backlog != new.backlog, "server.backlog");
+        differs(
+            self.max_message_size != new.max_message_size,
+            "server.max_message_size",
+        );
+        differs(
+            self.max_concurrent_streams != new.max_concurrent_streams,
+            "server.max_concurrent_streams",
+        );
+        differs(
+            self.keepalive_interval != new.keepalive_interval,
+            "server.keepalive_interval",
+        );
+        differs(
+            self.keepalive_timeout != new.keepalive_timeout,
+            "server.keepalive_timeout",
+        );
+        keys
+    }
+}
+
 /// `[tasks]`: generation and retention of tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -146,17 +178,69 @@ impl Default for RemoteCmdConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// `tracing` filter directives (`"info"`, `"info,contactd::rpc=debug"`);
+    /// `tracing` filter directives (`"info"`, `"info,contactd::server=debug"`);
     /// `RUST_LOG` overrides it.
     pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+    /// Whether to log to stderr (the journal, under systemd).
+    pub stderr: bool,
+    /// A log file, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// How the file rotates.
+    pub rotation: Rotation,
+    /// With `rotation = "size"`: the size at which the file rotates.
+    #[serde(with = "units::size")]
+    pub max_size: ByteSize,
+    /// With `rotation = "size"`: rotated files kept (`.1` … `.N`).
+    pub backups: usize,
+    /// With `rotation = "daily"` or `"hourly"`: rotated files kept.
+    pub keep: usize,
+    /// Events whose message contains one of these substrings are dropped.
+    pub exclude: Vec<String>,
+    /// Lines each writer buffers; beyond, lines are dropped and counted
+    /// rather than slowing the server down.
+    pub buffer_lines: usize,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_owned(),
+            format: LogFormat::Text,
+            stderr: true,
+            file: None,
+            rotation: Rotation::Size,
+            max_size: ByteSize::mib(10),
+            backups: 2,
+            keep: 7,
+            exclude: Vec::new(),
+            buffer_lines: 16_384,
         }
     }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `log.rotation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    /// By size: `max_size`, `backups`.
+    Size,
+    /// At every UTC midnight: `keep`.
+    Daily,
+    /// At every UTC hour: `keep`.
+    Hourly,
 }
 
 /// The largest response the seed's clients accept by default (gRPC's 4 MiB).
@@ -230,6 +314,26 @@ impl ConfigFile for Config {
                  a gRPC client's default 4MiB message limit",
                 units::size::format(r.max_output)
             ),
+        );
+        let l = &self.log;
+        check(
+            l.stderr || l.file.is_some(),
+            "log.stderr",
+            "is false and no log.file is set: nothing would be logged".into(),
+        );
+        check(
+            l.max_size.as_u64() >= 1024,
+            "log.max_size",
+            format!(
+                "{} is too small: expected at least \"1KiB\"",
+                units::size::format(l.max_size)
+            ),
+        );
+        check(l.keep >= 1, "log.keep", "must be at least 1".into());
+        check(
+            l.buffer_lines >= 1,
+            "log.buffer_lines",
+            "must be at least 1".into(),
         );
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             check(

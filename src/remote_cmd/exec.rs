@@ -44,6 +44,9 @@ pub(super) async fn execute(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    for name in crate::systemd::CHILD_ENV_REMOVE {
+        command.env_remove(name);
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {

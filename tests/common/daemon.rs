@@ -138,8 +138,16 @@ fn with_listen(config: &str) -> String {
     }
 }
 
-/// The value of `name=value` in a log line.
-pub fn field<'a>(line: &'a str, name: &str) -> &'a str {
+/// The value of `name=value` in a text log line, or of the field `name` in
+/// a JSON one.
+pub fn field(line: &str, name: &str) -> String {
+    if line.starts_with('{') {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        return event["fields"][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .to_owned();
+    }
     let start = line
         .find(&format!("{name}="))
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
@@ -150,6 +158,7 @@ pub fn field<'a>(line: &'a str, name: &str) -> &'a str {
         .next()
         .unwrap()
         .trim_matches('"')
+        .to_owned()
 }
 
 /// The repository's proto directory.

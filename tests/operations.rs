@@ -1,0 +1,403 @@
+//! Operating the real binary: signals, reload, health, log rotation and the
+//! systemd notify protocol, in temp dirs.
+
+mod common;
+
+use std::{
+    os::unix::net::UnixDatagram,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{
+    LIMIT,
+    daemon::{Daemon, field},
+    within,
+};
+use contactd::proto::contact::{ClientMsg, CmdRequest, Empty, contact_client::ContactClient};
+use nix::sys::signal::Signal;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+async fn channel(daemon: &Daemon) -> Channel {
+    within(
+        "connect",
+        Channel::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_and_lets_a_running_command_finish() {
+    let mut daemon = Daemon::start(
+        "[server]\ngrace_period = \"10s\"\n[remote_cmd]\nenabled = true\nallow = [\"sleep *\"]\n",
+    );
+    let channel = channel(&daemon).await;
+    let mut contact = ContactClient::new(channel.clone());
+    let mut tasks = contact.get_task(Empty {}).await.unwrap().into_inner();
+    within("first task", tasks.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let (_status_tx, status_rx) = tokio::sync::mpsc::channel::<ClientMsg>(1);
+    let mut statuses = contact
+        .send_status(tokio_stream::wrappers::ReceiverStream::new(status_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("health", watch.message()).await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let command = tokio::spawn({
+        let mut contact = contact.clone();
+        async move {
+            contact
+                .remote_cmd(CmdRequest {
+                    index: 1,
+                    cmd_str: "sleep 1".into(),
+                    log: String::new(),
+                })
+                .await
+        }
+    });
+    daemon.wait_for_line("index=1");
+    let started = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+
+    let seen = within("NOT_SERVING", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.status(), ServingStatus::NotServing);
+    let end = within("the watch's end", watch.message())
+        .await
+        .unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    // The first batch's other tasks may still be in flight before the end.
+    let end = within("task stream end", async {
+        for _ in 0..100 {
+            if let Err(end) = tasks.message().await {
+                return end;
+            }
+        }
+        panic!("the task stream did not end");
+    })
+    .await;
+    assert_eq!(end.code(), Code::Unavailable);
+    let end = within("status stream end", statuses.message())
+        .await
+        .unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    let reply = within("the command", command)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert!(reply.success, "the in-flight command completes: {reply:?}");
+    let status = daemon.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "log:\n{}", daemon.log.join("\n"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_interval_and_level_without_dropping_streams() {
+    let base = "[tasks]\nbatch = 1\ntemplate = \"t{seq}\"\n";
+    let mut daemon = Daemon::start(&format!(
+        "{base}interval = \"1h\"\n[log]\nlevel = \"info\"\n"
+    ));
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let mut tasks = contact.get_task(Empty {}).await.unwrap().into_inner();
+    assert_eq!(
+        within("task 1", tasks.message()).await.unwrap().unwrap().id,
+        1
+    );
+
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let faster = config
+        .replace("interval = \"1h\"", "interval = \"50ms\"")
+        .replace("\"info\"", "\"debug\"");
+    std::fs::write(daemon.config_path(), faster).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_line("config reloaded");
+    for id in 2..=4 {
+        let task = within("a task at the new interval", tasks.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(task.id, id, "the same stream goes on");
+    }
+    daemon.wait_for_line("generated tasks"); // a debug line: the new level applies
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_broken_file_keeps_the_old_config_and_serves_on() {
+    let mut daemon = Daemon::start("[tasks]\ninterval = \"1h\"\n");
+    std::fs::write(daemon.config_path(), "[tasks]\ninterval = \"never\"\n").unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_line("config reload failed");
+    let line = daemon.wait_for_line("tasks.interval");
+    assert!(
+        line.contains("ERROR") && line.contains("contactd.toml:2:12"),
+        "{line}"
+    );
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let mut tasks = contact.get_task(Empty {}).await.unwrap().into_inner();
+    assert!(within("a task", tasks.message()).await.unwrap().is_some());
+    let out = probe(&daemon.addr.to_string(), &[]);
+    assert_eq!(out.status.code(), Some(0));
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+fn probe(addr: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["health", "--addr", addr, "--timeout", "5s"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_probe_uses_grpc_health_probe_exit_codes() {
+    let daemon = Daemon::start("");
+    let addr = daemon.addr.to_string();
+    let serving = probe(&addr, &[]);
+    assert_eq!(serving.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&serving.stdout).trim(),
+        "status: SERVING"
+    );
+    assert_eq!(
+        probe(&addr, &["--service", "Contact"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        probe(&addr, &["--service", "NoSuchService"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(probe(&addr, &["--timeout", "soon"]).status.code(), Some(1));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = probe(&closed.to_string(), &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A health server that says NOT_SERVING: exit 4.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let not_serving = listener.local_addr().unwrap();
+    let reporter = tonic_health::server::HealthReporter::new();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let service = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter),
+    );
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let out = tokio::task::spawn_blocking(move || probe(&not_serving.to_string(), &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_rotation_keeps_backups_plus_one_files_none_over_the_limit() {
+    let logs = tempfile::tempdir().unwrap();
+    let file = logs.path().join("contactd.log");
+    let mut daemon = Daemon::start(&format!(
+        "[log]\nlevel = \"debug\"\nstderr = true\nfile = \"{}\"\nmax_size = \"2KiB\"\nbackups = 2\n",
+        file.display()
+    ));
+    // Every status is a debug line: write until the second backup appears.
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let backup = logs.path().join("contactd.log.2");
+    within("two rotations", async {
+        for round in 0..1000 {
+            if backup.exists() {
+                return;
+            }
+            let msgs = (0..20).map(move |i| ClientMsg {
+                msg: format!("round {round} status {i}"),
+            });
+            let mut replies = contact
+                .send_status(tokio_stream::iter(msgs))
+                .await
+                .unwrap()
+                .into_inner();
+            while replies.message().await.unwrap().is_some() {}
+        }
+        panic!("no second backup after 1000 rounds");
+    })
+    .await;
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    let mut files: Vec<_> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
+    files.sort_by_key(|e| e.file_name());
+    let names: Vec<_> = files
+        .iter()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["contactd.log", "contactd.log.1", "contactd.log.2"]);
+    let longest_line = files
+        .iter()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .lines()
+                .map(str::len)
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap();
+    for entry in &files {
+        let len = entry.metadata().unwrap().len();
+        assert!(
+            len <= 2048 + longest_line as u64 + 1,
+            "{:?} is {len} bytes",
+            entry.file_name()
+        );
+    }
+    // The last lines were flushed at shutdown.
+    assert!(
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .contains("server stopped")
+    );
+}
+
+/// Receives notify datagrams until one contains `needle`, returning it.
+fn expect_notify(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + LIMIT;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {needle:?} from contactd; got {seen:?}");
+        socket.set_read_timeout(Some(left)).unwrap();
+        let Ok(n) = socket.recv(&mut buf) else {
+            continue;
+        };
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(message.clone());
+        if message.contains(needle) {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn sd_notify_messages_arrive_in_order_with_watchdog_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let mut daemon = Daemon::start_with(
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let ready = expect_notify(&socket, "READY=1", &mut seen);
+    assert!(
+        ready.contains(&format!("STATUS=serving on {}", daemon.addr)),
+        "{ready}"
+    );
+    expect_notify(&socket, "WATCHDOG=1", &mut seen);
+    expect_notify(&socket, "WATCHDOG=1", &mut seen);
+
+    daemon.signal(Signal::SIGHUP);
+    let reloading = expect_notify(&socket, "RELOADING=1", &mut seen);
+    let usec: u64 = field(&reloading.replace('\n', " "), "MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0, "{reloading}");
+    expect_notify(&socket, "READY=1", &mut seen);
+    daemon.signal(Signal::SIGTERM);
+    expect_notify(&socket, "STOPPING=1", &mut seen);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    assert_eq!(
+        seen.iter()
+            .filter(|m| !m.contains("WATCHDOG=1"))
+            .map(|m| m.lines().next().unwrap())
+            .collect::<Vec<_>>(),
+        ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_and_excluded_messages() {
+    let mut daemon = Daemon::start(
+        "[log]\nlevel = \"debug\"\nformat = \"json\"\nexclude = [\"status received\"]\n",
+    );
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let msgs = (0..5).map(|i| ClientMsg {
+        msg: format!("status {i}"),
+    });
+    let mut replies = contact
+        .send_status(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    while within("replies", replies.message())
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    let events: Vec<serde_json::Value> = daemon
+        .log
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let messages: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["fields"]["message"].as_str())
+        .collect();
+    assert!(messages.contains(&"server stopped"), "{messages:?}");
+    assert!(
+        messages.contains(&"generated tasks"),
+        "debug events are logged: {messages:?}"
+    );
+    assert!(
+        !messages.contains(&"status received"),
+        "excluded: {messages:?}"
+    );
+}
