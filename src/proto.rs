@@ -11,3 +11,7 @@ pub mod contact {
 /// Every contactd proto, encoded, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/contactd_descriptor.bin"));
+
+/// The metadata header an agent sends on every call, carrying its name. A
+/// caller without it (a seed client) is known by its peer address.
+pub const AGENT_HEADER: &str = "x-contactd-agent";
