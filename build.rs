@@ -5,7 +5,7 @@ use std::{env, error::Error, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["contact.proto"];
+const PROTOS: &[&str] = &["contact.proto", "contactd/admin/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -4,14 +4,15 @@
 //! logging, bind, serve; SIGHUP reloads, SIGTERM/SIGINT drain and stop, and
 //! a second such signal during the drain exits at once.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::ConfigArgs,
+    cli::{AdminArgs, ConfigArgs, SubmitArgs, TasksArgs},
     config::{Config, ConfigError, DEFAULT_PATH, Source},
+    ctl::{self, CtlError},
     logging::{self, LogError, Logging},
     server::{self, ServerError},
     shutdown::{Event, Signals},
@@ -42,6 +43,8 @@ pub enum AppError {
     Serve(#[from] ServerError),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Ctl(#[from] CtlError),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -88,6 +91,52 @@ pub fn check_config(args: &ConfigArgs) -> Result<(), AppError> {
     }
     print!("{}", config.to_toml());
     Ok(())
+}
+
+/// The admin socket: `--socket`, else the server config's `[admin] socket`.
+fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
+    if let Some(socket) = &args.socket {
+        return Ok(socket.clone());
+    }
+    let (_, config, _) = load(&ConfigArgs {
+        config: args.config.clone(),
+    })?;
+    Ok(config.admin.socket)
+}
+
+/// `task submit`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal.
+pub fn submit_task(args: &SubmitArgs) -> Result<(), AppError> {
+    let socket = admin_socket(&args.admin)?;
+    Ok(ctl::submit(
+        &socket,
+        &args.text,
+        args.agent.as_deref(),
+        args.admin.json,
+    )?)
+}
+
+/// `agents`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal.
+pub fn list_agents(args: &AdminArgs) -> Result<(), AppError> {
+    Ok(ctl::agents(&admin_socket(args)?, args.json)?)
+}
+
+/// `tasks`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal.
+pub fn list_tasks(args: &TasksArgs) -> Result<(), AppError> {
+    Ok(ctl::tasks(
+        &admin_socket(&args.admin)?,
+        args.state,
+        args.limit,
+        args.admin.json,
+    )?)
 }
 
 /// `serve`: runs the server until a shutdown signal.

@@ -13,7 +13,10 @@ use clap::{Args, Parser, Subcommand};
   contactd serve -c my.toml         run on another config file
   contactd check-config -c my.toml  print the effective config, or every problem in it
   contactd health --addr 127.0.0.1:55555
-                                    exit 0 if the server is SERVING")]
+                                    exit 0 if the server is SERVING
+  contactd task submit 'uptime' --agent web1
+  contactd agents                   the fleet: connected, last status, counts
+  contactd tasks --state dead       tasks no agent acked")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -29,6 +32,60 @@ pub enum Command {
     /// Probe a server's health, for monitoring: exit 0 SERVING, 1 bad arguments,
     /// 2 connection failure, 3 RPC failure or timeout, 4 not serving.
     Health(HealthArgs),
+    /// Operator commands on tasks (through the server's admin socket).
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// List the agents (and seed clients) the server knows, with their last status.
+    Agents(AdminArgs),
+    /// List the server's retained and queued tasks and how their delivery went.
+    Tasks(TasksArgs),
+}
+
+/// `contactd task ...`
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Submit a task: to every agent (broadcast mode), to one agent of the
+    /// queue (queue mode), or with --agent to one named agent.
+    Submit(SubmitArgs),
+}
+
+/// `contactd task submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The task's text, as agents receive it
+    pub text: String,
+    /// Only this agent receives the task
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd tasks`.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only tasks in this state: pending, delivered, acked, failed or dead
+    #[arg(long, value_name = "STATE", value_parser = crate::ctl::parse_state)]
+    pub state: Option<crate::proto::admin::TaskState>,
+    /// At most this many (the newest); 0 = all
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// How to reach the admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The server's admin socket [default: [admin] socket of the server's config]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The server's config file, to find its admin socket [default: /etc/contactd.toml]
+    #[arg(short, long, value_name = "PATH", env = "CONTACTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON, for scripts
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What to probe.

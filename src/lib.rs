@@ -14,11 +14,13 @@
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
-//! - [`app`]: the `serve` and `check-config` commands, wiring the above.
+//! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
+//! - [`app`]: the commands behind the CLI, wiring the above.
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod logging;
 pub mod probe;
 pub mod proto;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use contactd::{
     app,
-    cli::{Cli, Command},
+    cli::{Cli, Command, TaskCommand},
     probe,
 };
 
@@ -26,6 +26,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => app::serve(args),
         Command::CheckConfig(args) => app::check_config(args),
         Command::Health(args) => return probe::run(&args.addr, &args.service, args.timeout),
+        Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
+        Command::Agents(args) => app::list_agents(args),
+        Command::Tasks(args) => app::list_tasks(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

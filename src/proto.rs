@@ -8,6 +8,11 @@ pub mod contact {
     tonic::include_proto!("_");
 }
 
+/// contactd's operator API (`proto/contactd/admin/v1/admin.proto`).
+pub mod admin {
+    tonic::include_proto!("contactd.admin.v1");
+}
+
 /// Every contactd proto, encoded, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/contactd_descriptor.bin"));

@@ -87,3 +87,53 @@ fn the_seed_python_client_gets_its_answers() {
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn operators_submit_and_list_through_the_admin_socket() {
+    let daemon = Daemon::start("[tasks]\nbatch = 0\n");
+    let config = daemon.config_path();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+            .args(args)
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let submitted: serde_json::Value =
+        serde_json::from_str(&run(&["task", "submit", "hello fleet", "--json"])).unwrap();
+    assert_eq!(submitted["id"], 1);
+    assert_eq!(
+        run(&["task", "submit", "for web1", "--agent", "web1"]).trim(),
+        "submitted task 2"
+    );
+
+    let listed: serde_json::Value = serde_json::from_str(&run(&["tasks", "--json"])).unwrap();
+    assert_eq!(listed["mode"], "broadcast");
+    assert_eq!(listed["tasks"][0]["text"], "hello fleet");
+    assert_eq!(listed["tasks"][0]["state"], "pending");
+    assert_eq!(listed["tasks"][1]["target"], "web1");
+    let table = run(&["tasks", "--state", "pending"]);
+    assert!(table.starts_with("ID  STATE"), "{table}");
+    assert!(table.contains("hello fleet"), "{table}");
+
+    let agents = run(&["agents"]);
+    assert!(agents.starts_with("AGENT"), "{agents}");
+    let agents: serde_json::Value = serde_json::from_str(&run(&["agents", "--json"])).unwrap();
+    assert!(agents.as_array().unwrap().is_empty(), "{agents}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["agents", "--socket"])
+        .arg(daemon.dir.path().join("nope.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin socket"));
+}

@@ -31,7 +31,28 @@ pub struct Config {
     pub server: ServerConfig,
     pub tasks: TasksConfig,
     pub remote_cmd: RemoteCmdConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+/// `[admin]`: the operators' API (submit tasks, list agents and tasks), on
+/// a unix socket only, never on the public port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether to serve the admin API.
+    pub enabled: bool,
+    /// The socket's path; it is created with mode 0660.
+    pub socket: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            socket: PathBuf::from("/run/contactd/admin.sock"),
+        }
+    }
 }
 
 /// `[server]`: the listener and per-connection limits.
@@ -127,6 +148,30 @@ pub struct TasksConfig {
     pub retain: usize,
     /// Whether a new subscriber first receives the retained tasks.
     pub replay: bool,
+    /// Whether every agent gets every task, or each task goes to one agent.
+    pub mode: DeliveryMode,
+    /// Queue mode: how long an agent has to ack a task before it is
+    /// redelivered.
+    #[serde(with = "units::duration")]
+    pub ack_timeout: Duration,
+    /// Queue mode: deliveries of a task before it is parked as dead.
+    pub max_attempts: u32,
+    /// Queue mode: tasks assigned to one agent at once (sent or about to be).
+    pub window: usize,
+    /// Queue mode: tasks waiting for an agent; beyond, the oldest are
+    /// dropped and counted.
+    pub max_pending: usize,
+}
+
+/// `tasks.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Every agent gets every task (the seed's behaviour); a reconnecting
+    /// agent gets what it missed while away, within `retain`.
+    Broadcast,
+    /// Each task goes to exactly one agent, redelivered until acked.
+    Queue,
 }
 
 impl Default for TasksConfig {
@@ -137,6 +182,11 @@ impl Default for TasksConfig {
             template: TaskTemplate::default(),
             retain: 1000,
             replay: true,
+            mode: DeliveryMode::Broadcast,
+            ack_timeout: Duration::from_secs(60),
+            max_attempts: 5,
+            window: 16,
+            max_pending: 100_000,
         }
     }
 }
@@ -295,6 +345,27 @@ impl ConfigFile for Config {
             "must be at least \"1ms\" (set tasks.batch = 0 to turn generation off)".into(),
         );
         check(t.retain >= 1, "tasks.retain", "must be at least 1".into());
+        check(
+            !t.ack_timeout.is_zero(),
+            "tasks.ack_timeout",
+            "must be more than 0s".into(),
+        );
+        check(
+            t.max_attempts >= 1,
+            "tasks.max_attempts",
+            "must be at least 1".into(),
+        );
+        check(t.window >= 1, "tasks.window", "must be at least 1".into());
+        check(
+            t.max_pending >= 1,
+            "tasks.max_pending",
+            "must be at least 1".into(),
+        );
+        check(
+            !self.admin.enabled || !self.admin.socket.as_os_str().is_empty(),
+            "admin.socket",
+            "is empty: set a path, or admin.enabled = false".into(),
+        );
         let r = &self.remote_cmd;
         check(
             !r.timeout.is_zero(),

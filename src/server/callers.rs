@@ -1,11 +1,14 @@
-//! Who is calling: one entry per caller (for now its peer address), with
-//! its latest status and counters, bounded in number.
+//! Who is calling: one entry per caller (an agent by the name in its
+//! `x-contactd-agent` header, a seed client by its peer address), with its
+//! latest status, counters and (broadcast mode) ack cursor, bounded in
+//! number.
 //!
 //! Streams hold their caller's entry (`Arc<Caller>`) for as long as they are
 //! open, so per-message bookkeeping touches only that entry, never the map.
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -15,11 +18,21 @@ use std::{
 
 use parking_lot::Mutex;
 
+use crate::tasks::AckCursor;
+
 /// One caller's record.
 #[derive(Debug)]
 pub struct Caller {
-    /// How the caller is known: its peer address.
+    /// How the caller is known: its agent name, or its peer address.
     pub id: Arc<str>,
+    /// Whether `id` is an agent name (else a peer address).
+    pub named: bool,
+    /// Peer address of its latest call.
+    address: Mutex<Option<SocketAddr>>,
+    /// Broadcast mode: which tasks it acked (named agents only).
+    pub cursor: Mutex<Option<AckCursor>>,
+    /// Broadcast mode: tasks it never got because they left retention.
+    pub missed: AtomicU64,
     /// When its first open call began (reset when it reconnects after
     /// having no open call).
     connected_since: Mutex<SystemTime>,
@@ -60,6 +73,11 @@ impl Caller {
     /// When the current connection period began.
     pub fn connected_since(&self) -> SystemTime {
         *self.connected_since.lock()
+    }
+
+    /// Peer address of its latest call.
+    pub fn address(&self) -> Option<SocketAddr> {
+        *self.address.lock()
     }
 }
 
@@ -124,7 +142,7 @@ impl Callers {
     ///
     /// At the bound, the longest-idle disconnected entry makes room; if every
     /// entry is connected, the caller is served but not remembered.
-    pub fn enter(&self, id: &str) -> CallGuard {
+    pub fn enter(&self, id: &str, named: bool, address: Option<SocketAddr>) -> CallGuard {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let limits = *self.limits.lock();
         let mut map = self.map.lock();
@@ -133,6 +151,10 @@ impl Callers {
             None => {
                 let caller = Arc::new(Caller {
                     id: Arc::from(id),
+                    named,
+                    address: Mutex::new(address),
+                    cursor: Mutex::new(None),
+                    missed: AtomicU64::new(0),
                     connected_since: Mutex::new(SystemTime::now()),
                     open_calls: AtomicU32::new(0),
                     status: Mutex::new(None),
@@ -161,6 +183,9 @@ impl Callers {
             *caller.connected_since.lock() = SystemTime::now();
         }
         caller.last_active.store(tick, Ordering::Relaxed);
+        if address.is_some() {
+            *caller.address.lock() = address;
+        }
         CallGuard { caller }
     }
 
@@ -192,14 +217,14 @@ mod tests {
     #[test]
     fn the_registry_is_bounded_and_evicts_idle_callers_first() {
         let callers = Callers::new(2, 8);
-        let a = callers.enter("a");
-        drop(callers.enter("b"));
-        drop(callers.enter("c"));
+        let a = callers.enter("a", true, None);
+        drop(callers.enter("b", true, None));
+        drop(callers.enter("c", true, None));
         let mut ids: Vec<_> = callers.list().iter().map(|c| c.id.to_string()).collect();
         ids.sort();
         assert_eq!(ids, ["a", "c"]);
-        let d = callers.enter("d");
-        let e = callers.enter("e");
+        let d = callers.enter("d", true, None);
+        let e = callers.enter("e", true, None);
         assert!(
             callers.get("e").is_none(),
             "all connected: e is served, not remembered"
@@ -210,7 +235,7 @@ mod tests {
     #[test]
     fn status_is_truncated_on_a_char_boundary() {
         let callers = Callers::new(10, 5);
-        let a = callers.enter("a");
+        let a = callers.enter("a", true, None);
         a.record_status("héllo wörld");
         assert_eq!(a.status().unwrap().0, "héll");
         assert!(a.connected());

@@ -9,17 +9,24 @@
 use std::{net::SocketAddr, pin::Pin, sync::Arc};
 
 use futures_util::{Stream, stream};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::Instrument;
 
-use super::{State, callers::CallGuard, shutting_down};
+use super::{
+    State,
+    callers::CallGuard,
+    delivery::{self, Feed},
+    shutting_down,
+};
 use crate::{
-    proto::contact::{
-        ClientMsg, CmdRequest, CmdResponse, Empty, Outcome, Result as ResultMsg, ServerMsg,
-        contact_server::Contact,
+    proto::{
+        AGENT_HEADER,
+        contact::{
+            ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
+            contact_server::Contact,
+        },
     },
     remote_cmd::Refusal,
-    tasks::{Delivery, Start, Subscription},
 };
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -35,14 +42,35 @@ impl ContactService {
         ContactService { state }
     }
 
-    /// Registers the call with the caller registry.
-    fn enter<T>(&self, request: &Request<T>) -> CallGuard {
-        self.state.callers.enter(&caller_id(request.remote_addr()))
+    /// Identifies the caller and registers the call with the registry.
+    fn enter<T>(&self, request: &Request<T>) -> Result<CallGuard, Status> {
+        let peer = request.remote_addr();
+        let (id, named) = identify(request.metadata(), peer)?;
+        Ok(self.state.callers.enter(&id, named, peer))
     }
 }
 
-fn caller_id(peer: Option<SocketAddr>) -> String {
-    peer.map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
+/// Longest agent name accepted.
+const MAX_AGENT_NAME: usize = 253;
+
+/// An agent by the name in its header, anyone else by peer address.
+fn identify(metadata: &MetadataMap, peer: Option<SocketAddr>) -> Result<(String, bool), Status> {
+    let Some(value) = metadata.get(AGENT_HEADER) else {
+        return Ok((
+            peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            false,
+        ));
+    };
+    let name = value.to_str().ok().filter(|n| {
+        (1..=MAX_AGENT_NAME).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_graphic())
+    });
+    match name {
+        Some(name) => Ok((name.to_owned(), true)),
+        None => Err(Status::invalid_argument(format!(
+            "bad {AGENT_HEADER} header: expected an agent name of 1 to {MAX_AGENT_NAME} \
+             visible ASCII characters"
+        ))),
+    }
 }
 
 impl From<Refusal> for Status {
@@ -65,7 +93,7 @@ impl Contact for ContactService {
         &self,
         request: Request<Streaming<ClientMsg>>,
     ) -> Result<Response<Self::sendStatusStream>, Status> {
-        let caller = self.enter(&request);
+        let caller = self.enter(&request)?;
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
         let closing = self.state.closing.clone();
         let state = (request.into_inner(), caller, span);
@@ -107,26 +135,21 @@ impl Contact for ContactService {
         &self,
         request: Request<Empty>,
     ) -> Result<Response<Self::getTaskStream>, Status> {
-        let caller = self.enter(&request);
+        let caller = self.enter(&request)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
-        let start = if self.state.config.borrow().tasks.replay {
-            Start::Oldest
-        } else {
-            Start::Latest
-        };
-        let subscription = self.state.hub.subscribe(start);
-        span.in_scope(|| tracing::debug!(from = subscription.position(), "subscribed to tasks"));
+        let feed = Feed::open(&self.state, &caller);
+        span.in_scope(|| tracing::debug!("subscribed to tasks"));
         let closing = self.state.closing.clone();
-        let tasks = stream::unfold(Some((subscription, caller, span)), move |state| {
+        let tasks = stream::unfold(Some((feed, caller, span)), move |state| {
             let closing = closing.clone();
             async move {
-                let (mut subscription, caller, span) = state?;
+                let (mut feed, caller, span) = state?;
                 let task = tokio::select! {
                     biased;
                     () = closing.cancelled() => return Some((Err(shutting_down()), None)),
-                    task = next_task(&mut subscription, &caller, &span) => task,
+                    task = feed.next(&caller).instrument(span.clone()) => task,
                 };
-                Some((Ok(task), Some((subscription, caller, span))))
+                Some((Ok(task), Some((feed, caller, span))))
             }
         });
         Ok(Response::new(Box::pin(tasks)))
@@ -136,7 +159,7 @@ impl Contact for ContactService {
         &self,
         request: Request<Streaming<ResultMsg>>,
     ) -> Result<Response<Empty>, Status> {
-        let caller = self.enter(&request);
+        let caller = self.enter(&request)?;
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
         async {
@@ -149,7 +172,7 @@ impl Contact for ContactService {
                 let Some(result) = next? else {
                     return Ok(Response::new(Empty {}));
                 };
-                record_result(&caller, &result);
+                delivery::record_result(&self.state, &caller, &result);
             }
         }
         .instrument(span)
@@ -160,7 +183,7 @@ impl Contact for ContactService {
         &self,
         request: Request<CmdRequest>,
     ) -> Result<Response<CmdResponse>, Status> {
-        let caller = self.enter(&request);
+        let caller = self.enter(&request)?;
         let request = request.into_inner();
         let span = tracing::info_span!("remoteCMD", peer = %caller.id, index = request.index);
         async {
@@ -186,42 +209,5 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// The next task for a subscriber, logging (not yielding) skips.
-async fn next_task(
-    subscription: &mut Subscription,
-    caller: &CallGuard,
-    span: &tracing::Span,
-) -> ServerMsg {
-    loop {
-        match subscription.recv().await {
-            Delivery::Task(task) => {
-                caller.delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return ServerMsg {
-                    task: task.text.clone(),
-                    id: task.id,
-                    attempt: 1,
-                };
-            }
-            Delivery::Skipped(count) => span.in_scope(|| {
-                tracing::warn!(
-                    skipped = count,
-                    resumed_at = subscription.position(),
-                    "subscriber too slow: skipped tasks that left retention (raise tasks.retain to keep more)"
-                );
-            }),
-        }
-    }
-}
-
-fn record_result(caller: &CallGuard, result: &ResultMsg) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Unspecified);
-    tracing::debug!(task_id = result.task_id, ?outcome, ret = %result.ret, "result received");
-    caller.acked.fetch_add(1, Relaxed);
-    if outcome == Outcome::Failed {
-        caller.failed.fetch_add(1, Relaxed);
     }
 }

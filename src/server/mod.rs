@@ -7,8 +7,10 @@
 //! calls finish within `server.grace_period` → kill remote commands still
 //! running and wait briefly for their answers → return.
 
+mod admin;
 mod callers;
 mod contact;
+mod delivery;
 mod health;
 mod listener;
 
@@ -25,9 +27,13 @@ pub use listener::bind;
 
 use crate::{
     config::Config,
+    config::{DeliveryMode, TasksConfig},
     proto::{FILE_DESCRIPTOR_SET, contact::contact_server::ContactServer},
     remote_cmd::Runner,
-    tasks::{Hub, generator},
+    tasks::{
+        Hub, generator,
+        queue::{self, Queue},
+    },
 };
 
 /// After the grace period, how long killed commands get to answer before
@@ -50,6 +56,8 @@ pub enum ServerError {
 pub(crate) struct State {
     /// The tasks agents receive.
     pub(crate) hub: Arc<Hub>,
+    /// Queue mode's dispatcher; `None` in broadcast mode.
+    pub(crate) queue: Option<Arc<Queue>>,
     /// Who is calling and what they last reported.
     pub(crate) callers: Callers,
     /// Remote command rules; replaced whole on reload.
@@ -85,8 +93,11 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
+    let queue = (initial.tasks.mode == DeliveryMode::Queue)
+        .then(|| Queue::new(queue_limits(&initial.tasks)));
     let state = Arc::new(State {
         hub: Hub::new(initial.tasks.retain),
+        queue: queue.clone(),
         callers: Callers::new(
             initial.server.max_callers,
             initial.server.max_status_size.as_u64() as usize,
@@ -97,6 +108,11 @@ pub async fn run(
         kill: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    if let Some(queue) = queue {
+        tracker.spawn(Arc::clone(&queue).pump(Arc::clone(&state.hub), shutdown.clone()));
+        tracker.spawn(queue.reap(shutdown.clone()));
+    }
+    let admin = admin::start(&initial.admin, &state, &tracker);
     tracker.spawn(generator::run(
         Arc::clone(&state.hub),
         config.clone(),
@@ -142,6 +158,7 @@ pub async fn run(
         }
     };
     tracker.wait().await;
+    admin::remove_socket(admin.as_deref());
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
 }
@@ -173,6 +190,16 @@ fn router(
         .add_service(health::service(reporter, state.closing.clone()))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))
+}
+
+fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
+    queue::Limits {
+        ack_timeout: tasks.ack_timeout,
+        max_attempts: tasks.max_attempts,
+        window: tasks.window,
+        max_pending: tasks.max_pending,
+        max_dead: tasks.retain,
+    }
 }
 
 /// Applies reloaded settings that can change live.

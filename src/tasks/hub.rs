@@ -8,12 +8,21 @@
 //! [`Delivery::Skipped`] so it can be counted. Memory is O(retain) for the
 //! ring plus O(1) per subscriber, however slow the subscribers are.
 
-use std::{collections::VecDeque, ops::Range, sync::Arc, time::SystemTime};
+use std::{
+    collections::VecDeque,
+    ops::Range,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU32, Ordering},
+    },
+    time::SystemTime,
+};
 
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
-/// A task as the hub keeps it: immutable once published.
+/// A task as the hub keeps it: its content is immutable once published;
+/// only its delivery counters change.
 #[derive(Debug)]
 pub struct Task {
     /// Position in the hub's sequence, starting at 1.
@@ -22,6 +31,89 @@ pub struct Task {
     pub text: String,
     /// When it was published.
     pub created: SystemTime,
+    /// The one agent it is for (submitted with `--agent`), or every agent.
+    pub target: Option<Arc<str>>,
+    /// How its deliveries went.
+    pub progress: Progress,
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TaskState {
+    /// Not sent to any agent yet.
+    Pending = 0,
+    /// Sent, no ack yet.
+    Delivered = 1,
+    /// Acked as handled.
+    Acked = 2,
+    /// Acked as failed.
+    Failed = 3,
+    /// Queue mode: not acked after `max_attempts` deliveries; parked.
+    Dead = 4,
+}
+
+impl TaskState {
+    fn from_u8(n: u8) -> TaskState {
+        match n {
+            1 => TaskState::Delivered,
+            2 => TaskState::Acked,
+            3 => TaskState::Failed,
+            4 => TaskState::Dead,
+            _ => TaskState::Pending,
+        }
+    }
+}
+
+/// Delivery counters of one task.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: AtomicU8,
+    /// Times it was sent to an agent.
+    pub delivered: AtomicU32,
+    /// Acks saying it was handled successfully (or with no outcome said).
+    pub acked: AtomicU32,
+    /// Acks saying handling failed.
+    pub failed: AtomicU32,
+}
+
+impl Progress {
+    /// Records a delivery to an agent.
+    pub fn record_delivery(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        // Only a pending task becomes delivered; an acked one stays acked.
+        let _ = self.state.compare_exchange(
+            TaskState::Pending as u8,
+            TaskState::Delivered as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Records an ack: `ok` false for a failure. The first ack decides the state.
+    pub fn record_ack(&self, ok: bool) {
+        let (counter, state) = if ok {
+            (&self.acked, TaskState::Acked)
+        } else {
+            (&self.failed, TaskState::Failed)
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < TaskState::Acked as u8).then_some(state as u8)
+            });
+    }
+
+    /// Sets the state (queue mode moves tasks back to pending and to dead).
+    pub fn set_state(&self, state: TaskState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Where the task stands.
+    pub fn state(&self) -> TaskState {
+        TaskState::from_u8(self.state.load(Ordering::Relaxed))
+    }
 }
 
 /// Where a new subscription starts reading.
@@ -96,8 +188,13 @@ impl Hub {
             let mut ring = self.ring.write();
             let start = ring.next_id;
             for id in start..start + count as u64 {
-                let text = render(id);
-                ring.tasks.push_back(Arc::new(Task { id, text, created }));
+                ring.tasks.push_back(Arc::new(Task {
+                    id,
+                    text: render(id),
+                    created,
+                    target: None,
+                    progress: Progress::default(),
+                }));
             }
             ring.next_id += count as u64;
             ring.trim();
@@ -107,11 +204,41 @@ impl Hub {
         ids
     }
 
-    /// Publishes one task, returning its id.
-    pub fn publish(&self, text: String) -> u64 {
-        let mut text = Some(text);
-        self.publish_with(1, |_| text.take().unwrap_or_default())
-            .start
+    /// Publishes one task, for every agent or for `target` only, returning it.
+    pub fn publish(&self, text: String, target: Option<Arc<str>>) -> Arc<Task> {
+        let task = {
+            let mut ring = self.ring.write();
+            let task = Arc::new(Task {
+                id: ring.next_id,
+                text,
+                created: SystemTime::now(),
+                target,
+                progress: Progress::default(),
+            });
+            ring.tasks.push_back(Arc::clone(&task));
+            ring.next_id += 1;
+            ring.trim();
+            task
+        };
+        self.published.send_replace(task.id + 1);
+        task
+    }
+
+    /// The retained task with this id, if it is still retained.
+    pub fn get(&self, id: u64) -> Option<Arc<Task>> {
+        let ring = self.ring.read();
+        let offset = id.checked_sub(ring.first_id())?;
+        ring.tasks.get(usize::try_from(offset).ok()?).cloned()
+    }
+
+    /// Every retained task, oldest first.
+    pub fn retained_tasks(&self) -> Vec<Arc<Task>> {
+        self.ring.read().tasks.iter().cloned().collect()
+    }
+
+    /// The id of the oldest retained task (the next id when none is).
+    pub fn first_id(&self) -> u64 {
+        self.ring.read().first_id()
     }
 
     /// Changes how many tasks are retained (on a config reload).
@@ -263,7 +390,10 @@ mod tests {
         let mut sub = hub.subscribe(Start::Latest);
         let waiter = tokio::spawn(async move { next_task(&mut sub).await });
         tokio::task::yield_now().await;
-        hub.publish("x".into());
+        let task = hub.publish("x".into(), Some(Arc::from("a1")));
         assert_eq!(waiter.await.unwrap(), 1);
+        assert_eq!(hub.get(1).unwrap().target.as_deref(), Some("a1"));
+        assert!(Arc::ptr_eq(&hub.get(task.id).unwrap(), &task));
+        assert!(hub.get(2).is_none());
     }
 }

@@ -1,9 +1,12 @@
 //! Tasks: their templates, the hub that retains and fans them out, and the
 //! generator that feeds it on a schedule.
 
+pub mod cursor;
 pub mod generator;
 pub mod hub;
+pub mod queue;
 pub mod template;
 
-pub use hub::{Delivery, Hub, Start, Subscription, Task};
+pub use cursor::AckCursor;
+pub use hub::{Delivery, Hub, Progress, Start, Subscription, Task, TaskState};
 pub use template::TaskTemplate;

@@ -35,7 +35,12 @@ impl Daemon {
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("contactd.toml");
-        std::fs::write(&path, with_listen(config)).unwrap();
+        let mut config = with_listen(config);
+        if !config.contains("[admin]") {
+            let socket = dir.path().join("admin.sock");
+            config.push_str(&format!("\n[admin]\nsocket = \"{}\"\n", socket.display()));
+        }
+        std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
             .args(["serve", "-c"])
             .arg(&path)
@@ -63,7 +68,7 @@ impl Daemon {
             lines,
             log: Vec::new(),
         };
-        let serving = daemon.wait_for_line("serving");
+        let serving = daemon.wait_for_line("serving Contact");
         daemon.addr = field(&serving, "addr").parse().expect("an addr= field");
         daemon
     }

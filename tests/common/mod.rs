@@ -28,12 +28,17 @@ pub struct TestServer {
     pub config: watch::Sender<Arc<Config>>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), server::ServerError>>,
+    /// Holds the admin socket.
+    pub dir: tempfile::TempDir,
 }
 
 impl TestServer {
-    /// Starts a server with `config` on a free loopback port.
+    /// Starts a server with `config` on a free loopback port, its admin
+    /// socket in a temp dir.
     pub async fn start(mut config: Config) -> TestServer {
         config.server.listen = "127.0.0.1:0".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        config.admin.socket = dir.path().join("admin.sock");
         let listener = server::bind(config.server.listen, 128).expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let (config, rx) = watch::channel(Arc::new(config));
@@ -44,12 +49,18 @@ impl TestServer {
             config,
             shutdown,
             task,
+            dir,
         }
     }
 
     /// A client on a new connection.
     pub async fn client(&self) -> ContactClient<Channel> {
         ContactClient::new(self.channel().await)
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("admin.sock")
     }
 
     /// A new connection.

@@ -1,0 +1,229 @@
+//! The admin API (`contactd.admin.v1.Admin`): submit tasks, list agents and
+//! tasks. Served on a unix socket only (`[admin] socket`, mode 0660, so
+//! access is a matter of file permissions), never on the public port.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::SystemTime,
+};
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use super::State;
+use crate::{
+    config::AdminConfig,
+    proto::admin::{
+        self as pb, ListAgentsRequest, ListAgentsResponse, ListTasksRequest, ListTasksResponse,
+        SubmitTaskRequest, SubmitTaskResponse,
+        admin_server::{Admin, AdminServer},
+    },
+    tasks::{Task, TaskState},
+};
+
+/// Binds the admin socket and serves on it until the server closes;
+/// returns the socket's path, to remove at exit. A socket that cannot be
+/// bound is logged, and the server runs on without its admin API.
+pub(super) fn start(
+    config: &AdminConfig,
+    state: &Arc<State>,
+    tracker: &TaskTracker,
+) -> Option<PathBuf> {
+    if !config.enabled {
+        return None;
+    }
+    let path = config.socket.clone();
+    let listener = match bind(&path) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(
+                socket = %path.display(),
+                "admin API not available: {e} (set [admin] socket to a writable path, or enabled = false)"
+            );
+            return None;
+        }
+    };
+    tracing::info!(socket = %path.display(), "serving the admin API");
+    let service = AdminServer::new(AdminService {
+        state: Arc::clone(state),
+    });
+    let closing = state.closing.clone();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                closing.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!("admin API failed: {e}");
+        }
+    });
+    Some(path)
+}
+
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+    }
+    // A socket left by a previous run that did not exit cleanly is
+    // replaced; one that still answers belongs to a running server.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another server is serving on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Removes the socket at exit.
+pub(super) fn remove_socket(path: Option<&Path>) {
+    if let Some(path) = path
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        tracing::warn!(socket = %path.display(), "cannot remove the admin socket: {e}");
+    }
+}
+
+struct AdminService {
+    state: Arc<State>,
+}
+
+fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn state_of(task: &Task) -> pb::TaskState {
+    match task.progress.state() {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Delivered => pb::TaskState::Delivered,
+        TaskState::Acked => pb::TaskState::Acked,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Dead => pb::TaskState::Dead,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn submit_task(
+        &self,
+        request: Request<SubmitTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let request = request.into_inner();
+        if request.text.is_empty() {
+            return Err(Status::invalid_argument("the task text is empty"));
+        }
+        let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
+        let task = self.state.hub.publish(request.text, target);
+        tracing::info!(task_id = task.id, agent = %request.agent, "task submitted");
+        Ok(Response::new(SubmitTaskResponse { id: task.id }))
+    }
+
+    async fn list_agents(
+        &self,
+        _: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let loads = self
+            .state
+            .queue
+            .as_ref()
+            .map(|q| q.load_by_agent())
+            .unwrap_or_default();
+        let mut agents: Vec<pb::Agent> = self
+            .state
+            .callers
+            .list()
+            .into_iter()
+            .map(|caller| {
+                let (last_status, last_status_ms) = caller
+                    .status()
+                    .map_or((String::new(), 0), |(text, at)| (text, unix_ms(at)));
+                pb::Agent {
+                    name: caller.id.to_string(),
+                    named: caller.named,
+                    address: caller.address().map(|a| a.to_string()).unwrap_or_default(),
+                    connected: caller.connected(),
+                    connected_since_ms: unix_ms(caller.connected_since()),
+                    last_status,
+                    last_status_ms,
+                    delivered: caller.delivered.load(Relaxed),
+                    acked: caller.acked.load(Relaxed),
+                    failed: caller.failed.load(Relaxed),
+                    missed: caller.missed.load(Relaxed),
+                    in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
+                }
+            })
+            .collect();
+        agents.sort_by(|a, b| (!a.named, &a.name).cmp(&(!b.named, &b.name)));
+        Ok(Response::new(ListAgentsResponse { agents }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let wanted = request.state();
+        let mut tasks: BTreeMap<u64, Arc<Task>> = self
+            .state
+            .hub
+            .retained_tasks()
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        let counters = self.state.queue.as_ref().map(|q| {
+            tasks.extend(q.tasks().into_iter().map(|t| (t.id, t)));
+            q.counters()
+        });
+        let mut listed: Vec<pb::Task> = tasks
+            .values()
+            .filter(|t| wanted == pb::TaskState::Unspecified || state_of(t) == wanted)
+            .map(|t| pb::Task {
+                id: t.id,
+                text: t.text.clone(),
+                state: state_of(t) as i32,
+                target: t.target.as_deref().unwrap_or_default().to_owned(),
+                created_ms: unix_ms(t.created),
+                delivered: t.progress.delivered.load(Relaxed),
+                acked: t.progress.acked.load(Relaxed),
+                failed: t.progress.failed.load(Relaxed),
+            })
+            .collect();
+        if request.limit > 0 {
+            let excess = listed.len().saturating_sub(request.limit as usize);
+            listed.drain(..excess);
+        }
+        // The mode in force, not a reloaded one waiting for a restart.
+        let mode = if self.state.queue.is_some() {
+            "queue"
+        } else {
+            "broadcast"
+        };
+        let counters = counters.unwrap_or_default();
+        Ok(Response::new(ListTasksResponse {
+            tasks: listed,
+            mode: mode.to_owned(),
+            redelivered: counters.redelivered,
+            dropped: counters.dropped,
+            dead: counters.dead,
+            duplicate_acks: counters.duplicate_acks,
+        }))
+    }
+}

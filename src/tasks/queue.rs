@@ -1,0 +1,526 @@
+//! Queue mode: each task goes to exactly one connected agent, the least
+//! busy; a task not acked within `ack_timeout`, or whose agent disconnects,
+//! is redelivered (to another agent when there is one); after
+//! `max_attempts` deliveries it is parked as dead and reported. Tasks wait
+//! while no agent is connected, up to `max_pending`; beyond that the oldest
+//! are dropped and counted.
+//!
+//! Every agent stream is a [`Slot`] with a small outbox; at most `window`
+//! tasks are assigned to a slot at once (queued in its outbox or in flight),
+//! so a slow agent cannot hoard work.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{Delivery, Hub, Start, Task, TaskState};
+
+/// The queue's limits; all change live on a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub ack_timeout: Duration,
+    pub max_attempts: u32,
+    pub window: usize,
+    pub max_pending: usize,
+    pub max_dead: usize,
+}
+
+/// Counters for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Deliveries after the first, because of a timeout or a disconnect.
+    pub redelivered: u64,
+    /// Tasks dropped because `max_pending` tasks already waited.
+    pub dropped: u64,
+    /// Tasks parked as dead so far.
+    pub dead: u64,
+    /// Acks for tasks no longer in flight (late or repeated).
+    pub duplicate_acks: u64,
+}
+
+/// A task waiting or in flight, with its delivery history.
+#[derive(Debug, Clone)]
+struct Entry {
+    task: Arc<Task>,
+    /// Deliveries so far.
+    attempts: u32,
+    /// The slot it was last delivered to, avoided on redelivery.
+    last_slot: Option<u64>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    name: Arc<str>,
+    outbox: VecDeque<Entry>,
+    in_flight: usize,
+    wake: Arc<Notify>,
+}
+
+impl SlotState {
+    fn load(&self) -> usize {
+        self.outbox.len() + self.in_flight
+    }
+}
+
+#[derive(Debug)]
+struct Flight {
+    entry: Entry,
+    slot: u64,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    limits: Limits,
+    /// Untargeted tasks waiting, oldest first.
+    pending: VecDeque<Entry>,
+    /// Tasks for one named agent, waiting for it.
+    targeted: HashMap<Arc<str>, VecDeque<Entry>>,
+    in_flight: HashMap<u64, Flight>,
+    slots: HashMap<u64, SlotState>,
+    /// (load, slot id) of every slot: the least busy first.
+    by_load: BTreeSet<(usize, u64)>,
+    next_slot: u64,
+    dead: VecDeque<Arc<Task>>,
+    counters: Counters,
+}
+
+/// The queue shared by all agent streams.
+#[derive(Debug)]
+pub struct Queue {
+    state: Mutex<State>,
+}
+
+/// One agent stream's place in the queue. Dropping it hands its unacked
+/// tasks back for redelivery.
+#[derive(Debug)]
+pub struct Slot {
+    queue: Arc<Queue>,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl Queue {
+    /// An empty queue.
+    pub fn new(limits: Limits) -> Arc<Queue> {
+        Arc::new(Queue {
+            state: Mutex::new(State {
+                limits,
+                pending: VecDeque::new(),
+                targeted: HashMap::new(),
+                in_flight: HashMap::new(),
+                slots: HashMap::new(),
+                by_load: BTreeSet::new(),
+                next_slot: 1,
+                dead: VecDeque::new(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Applies reloaded limits.
+    pub fn set_limits(&self, limits: Limits) {
+        let mut state = self.state.lock();
+        state.limits = limits;
+        state.dispatch();
+    }
+
+    /// Adds a newly published task.
+    pub fn push(&self, task: Arc<Task>) {
+        let mut state = self.state.lock();
+        let entry = Entry {
+            task,
+            attempts: 0,
+            last_slot: None,
+        };
+        match entry.task.target.clone() {
+            Some(name) => state.targeted.entry(name).or_default().push_back(entry),
+            None => {
+                state.pending.push_back(entry);
+                let excess = state.pending.len().saturating_sub(state.limits.max_pending);
+                for dropped in state.pending.drain(..excess).collect::<Vec<_>>() {
+                    state.counters.dropped += 1;
+                    dropped.task.progress.set_state(TaskState::Dead);
+                    if state.counters.dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped_total = state.counters.dropped,
+                            max_pending = state.limits.max_pending,
+                            "queue full with no agent to take tasks: dropping the oldest (raise tasks.max_pending)"
+                        );
+                    }
+                }
+            }
+        }
+        state.dispatch();
+    }
+
+    /// Counts tasks the queue never saw because it fell behind the hub.
+    pub fn note_dropped(&self, count: u64) {
+        self.state.lock().counters.dropped += count;
+    }
+
+    /// A new agent stream named `name`.
+    pub fn join(self: &Arc<Self>, name: Arc<str>) -> Slot {
+        let wake = Arc::new(Notify::new());
+        let mut state = self.state.lock();
+        let id = state.next_slot;
+        state.next_slot += 1;
+        state.slots.insert(
+            id,
+            SlotState {
+                name,
+                outbox: VecDeque::new(),
+                in_flight: 0,
+                wake: Arc::clone(&wake),
+            },
+        );
+        state.by_load.insert((0, id));
+        state.dispatch();
+        Slot {
+            queue: Arc::clone(self),
+            id,
+            wake,
+        }
+    }
+
+    /// Records an ack of task `id`, returning the task; `None` if it was
+    /// not in flight (a late or repeated ack, counted).
+    pub fn ack(&self, id: u64) -> Option<Arc<Task>> {
+        let mut state = self.state.lock();
+        let Some(flight) = state.in_flight.remove(&id) else {
+            state.counters.duplicate_acks += 1;
+            return None;
+        };
+        state.change_load(flight.slot, |s| s.in_flight -= 1);
+        state.dispatch();
+        Some(flight.entry.task)
+    }
+
+    /// Requeues or parks every task whose ack is overdue.
+    pub fn expire(&self, now: Instant) {
+        let mut state = self.state.lock();
+        let overdue: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some(flight) = state.in_flight.remove(&id) {
+                state.change_load(flight.slot, |s| s.in_flight -= 1);
+                tracing::debug!(
+                    task_id = id,
+                    attempts = flight.entry.attempts,
+                    "ack overdue"
+                );
+                state.retry(flight.entry);
+            }
+        }
+        state.dispatch();
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        self.state.lock().counters
+    }
+
+    /// Every task the queue holds (waiting, in flight, dead), for listing.
+    pub fn tasks(&self) -> Vec<Arc<Task>> {
+        let state = self.state.lock();
+        let waiting = state
+            .pending
+            .iter()
+            .chain(state.targeted.values().flatten());
+        let assigned = state.slots.values().flat_map(|s| s.outbox.iter());
+        waiting
+            .chain(assigned)
+            .map(|e| Arc::clone(&e.task))
+            .chain(state.in_flight.values().map(|f| Arc::clone(&f.entry.task)))
+            .chain(state.dead.iter().cloned())
+            .collect()
+    }
+
+    /// Tasks assigned to (queued for or in flight at) each slot's agent.
+    pub fn load_by_agent(&self) -> HashMap<Arc<str>, usize> {
+        let state = self.state.lock();
+        let mut loads = HashMap::new();
+        for slot in state.slots.values() {
+            *loads.entry(Arc::clone(&slot.name)).or_insert(0) += slot.load();
+        }
+        loads
+    }
+
+    /// Moves the hub's new tasks into the queue until `shutdown`.
+    pub async fn pump(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let mut subscription = hub.subscribe(Start::Oldest);
+        while let Some(delivery) = shutdown.run_until_cancelled(subscription.recv()).await {
+            match delivery {
+                Delivery::Task(task) => self.push(task),
+                Delivery::Skipped(count) => {
+                    tracing::warn!(count, "queue fell behind the task hub: tasks lost");
+                    self.note_dropped(count);
+                }
+            }
+        }
+    }
+
+    /// Expires overdue acks every quarter of `ack_timeout` until `shutdown`.
+    pub async fn reap(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let every = (self.state.lock().limits.ack_timeout / 4)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            if shutdown
+                .run_until_cancelled(tokio::time::sleep(every))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            self.expire(Instant::now());
+        }
+    }
+}
+
+impl State {
+    fn change_load(&mut self, slot: u64, change: impl FnOnce(&mut SlotState)) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            self.by_load.remove(&(s.load(), slot));
+            change(s);
+            self.by_load.insert((s.load(), slot));
+        }
+    }
+
+    /// Puts a task that was not acked back in line, or parks it as dead.
+    fn retry(&mut self, entry: Entry) {
+        if entry.attempts >= self.limits.max_attempts {
+            self.counters.dead += 1;
+            entry.task.progress.set_state(TaskState::Dead);
+            tracing::warn!(
+                task_id = entry.task.id,
+                attempts = entry.attempts,
+                "task parked as dead: not acked after tasks.max_attempts deliveries"
+            );
+            self.dead.push_back(entry.task);
+            while self.dead.len() > self.limits.max_dead {
+                self.dead.pop_front();
+            }
+            return;
+        }
+        self.counters.redelivered += 1;
+        entry.task.progress.set_state(TaskState::Pending);
+        match entry.task.target.clone() {
+            Some(name) => self.targeted.entry(name).or_default().push_front(entry),
+            None => self.pending.push_front(entry),
+        }
+    }
+
+    /// Assigns waiting tasks to slots with room, least busy first.
+    fn dispatch(&mut self) {
+        let window = self.limits.window;
+        if !self.targeted.is_empty() {
+            let ids: Vec<u64> = self.slots.keys().copied().collect();
+            for id in ids {
+                let name = Arc::clone(&self.slots[&id].name);
+                while self.slots[&id].load() < window {
+                    let Some(entry) = self.targeted.get_mut(&name).and_then(VecDeque::pop_front)
+                    else {
+                        break;
+                    };
+                    self.assign(id, entry);
+                }
+                if self.targeted.get(&name).is_some_and(VecDeque::is_empty) {
+                    self.targeted.remove(&name);
+                }
+            }
+        }
+        while let Some(entry) = self.pending.front() {
+            let mut candidates = self.by_load.iter().take_while(|(load, _)| *load < window);
+            let Some(&(_, first)) = candidates.next() else {
+                return;
+            };
+            // Redeliver to another agent when one has room.
+            let slot = match (entry.last_slot, candidates.next()) {
+                (Some(last), Some(&(_, second))) if last == first => second,
+                _ => first,
+            };
+            let entry = self.pending.pop_front().expect("front exists");
+            self.assign(slot, entry);
+        }
+    }
+
+    fn assign(&mut self, slot: u64, entry: Entry) {
+        self.change_load(slot, |s| {
+            s.outbox.push_back(entry);
+            s.wake.notify_one();
+        });
+    }
+}
+
+impl Slot {
+    /// The next task for this agent and its attempt number; waits while
+    /// none is assigned. Cancel-safe.
+    pub async fn recv(&mut self) -> (Arc<Task>, u32) {
+        loop {
+            if let Some(next) = self.take() {
+                return next;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    fn take(&self) -> Option<(Arc<Task>, u32)> {
+        let mut state = self.queue.state.lock();
+        let slot = state.slots.get_mut(&self.id)?;
+        let mut entry = slot.outbox.pop_front()?;
+        slot.in_flight += 1;
+        entry.attempts += 1;
+        entry.last_slot = Some(self.id);
+        let deadline = Instant::now() + state.limits.ack_timeout;
+        let next = (Arc::clone(&entry.task), entry.attempts);
+        entry.task.progress.record_delivery();
+        state.in_flight.insert(
+            entry.task.id,
+            Flight {
+                entry,
+                slot: self.id,
+                deadline,
+            },
+        );
+        Some(next)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.queue.state.lock();
+        let Some(slot) = state.slots.remove(&self.id) else {
+            return;
+        };
+        state.by_load.remove(&(slot.load(), self.id));
+        // Assigned but never sent: back in line, no attempt used.
+        for entry in slot.outbox.into_iter().rev() {
+            match entry.task.target.clone() {
+                Some(name) => state.targeted.entry(name).or_default().push_front(entry),
+                None => state.pending.push_front(entry),
+            }
+        }
+        // Sent but not acked: redelivered.
+        let unacked: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.slot == self.id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unacked {
+            if let Some(flight) = state.in_flight.remove(&id) {
+                state.retry(flight.entry);
+            }
+        }
+        state.dispatch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            ack_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            window: 2,
+            max_pending: 100,
+            max_dead: 10,
+        }
+    }
+
+    fn publish(hub: &Hub, queue: &Queue, n: usize) {
+        for i in 0..n {
+            queue.push(hub.publish(format!("t{i}"), None));
+        }
+    }
+
+    #[tokio::test]
+    async fn each_task_goes_to_one_agent_the_least_busy() {
+        let hub = Hub::new(100);
+        let queue = Queue::new(limits());
+        let mut a = queue.join("a".into());
+        let mut b = queue.join("b".into());
+        publish(&hub, &queue, 4);
+        let mut ids: Vec<u64> = Vec::new();
+        for _ in 0..2 {
+            ids.push(a.recv().await.0.id);
+            ids.push(b.recv().await.0.id);
+        }
+        ids.sort();
+        assert_eq!(ids, [1, 2, 3, 4]);
+        assert!(
+            a.take().is_none() && b.take().is_none(),
+            "window 2 each, all taken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_redelivers_to_another_agent() {
+        let hub = Hub::new(100);
+        let queue = Queue::new(limits());
+        let mut a = queue.join("a".into());
+        publish(&hub, &queue, 1);
+        assert_eq!(a.recv().await.1, 1);
+        let mut b = queue.join("b".into());
+        drop(a);
+        let (task, attempt) = b.recv().await;
+        assert_eq!((task.id, attempt), (1, 2));
+        assert_eq!(queue.counters().redelivered, 1);
+        assert!(queue.ack(1).is_some());
+        assert!(queue.ack(1).is_none(), "a second ack is a duplicate");
+        assert_eq!(queue.counters().duplicate_acks, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overdue_acks_are_retried_then_parked_as_dead() {
+        let hub = Hub::new(100);
+        let queue = Queue::new(limits());
+        let mut a = queue.join("a".into());
+        publish(&hub, &queue, 1);
+        for attempt in 1..=3 {
+            assert_eq!(a.recv().await.1, attempt);
+            tokio::time::advance(Duration::from_secs(31)).await;
+            queue.expire(Instant::now());
+        }
+        assert_eq!(hub.get(1).unwrap().progress.state(), TaskState::Dead);
+        assert_eq!(queue.counters().dead, 1);
+        assert!(a.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn targeted_tasks_wait_for_their_agent() {
+        let hub = Hub::new(100);
+        let queue = Queue::new(limits());
+        let mut a = queue.join("a".into());
+        queue.push(hub.publish("for b".into(), Some("b".into())));
+        publish(&hub, &queue, 1);
+        assert_eq!(a.recv().await.0.id, 2, "the untargeted task is not blocked");
+        let mut b = queue.join("b".into());
+        assert_eq!(b.recv().await.0.id, 1);
+    }
+
+    #[tokio::test]
+    async fn pending_is_bounded() {
+        let hub = Hub::new(1000);
+        let queue = Queue::new(Limits {
+            max_pending: 5,
+            ..limits()
+        });
+        publish(&hub, &queue, 8);
+        assert_eq!(queue.counters().dropped, 3);
+        let mut a = queue.join("a".into());
+        assert_eq!(a.recv().await.0.id, 4, "the oldest were dropped");
+    }
+}

@@ -1,0 +1,342 @@
+//! Delivery modes, agent identity and the admin API against a real
+//! in-process server, with agents played by real gRPC clients.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{TestServer, within};
+use contactd::{
+    config::{Config, DeliveryMode},
+    proto::{
+        AGENT_HEADER,
+        admin::{
+            ListAgentsRequest, ListTasksRequest, SubmitTaskRequest, TaskState,
+            admin_client::AdminClient,
+        },
+        contact::{Empty, Outcome, Result as ResultMsg, ServerMsg, contact_client::ContactClient},
+    },
+};
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Request, Status, Streaming,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint, Uri},
+};
+
+#[derive(Clone)]
+struct Named(String);
+
+impl Interceptor for Named {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert(AGENT_HEADER, self.0.parse().unwrap());
+        Ok(request)
+    }
+}
+
+type AgentClient = ContactClient<InterceptedService<Channel, Named>>;
+
+/// A fake agent: its own connection, its name on every call, an ack stream.
+struct Agent {
+    tasks: Streaming<ServerMsg>,
+    acks: mpsc::Sender<ResultMsg>,
+    ack_call: tokio::task::JoinHandle<Result<tonic::Response<Empty>, Status>>,
+}
+
+impl Agent {
+    async fn connect(server: &TestServer, name: &str) -> Agent {
+        let mut client: AgentClient =
+            ContactClient::with_interceptor(server.channel().await, Named(name.into()));
+        let tasks = within("getTask", client.get_task(Empty {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let (acks, rx) = mpsc::channel(1000);
+        let ack_call =
+            tokio::spawn(async move { client.tell_result(ReceiverStream::new(rx)).await });
+        Agent {
+            tasks,
+            acks,
+            ack_call,
+        }
+    }
+
+    async fn next(&mut self) -> ServerMsg {
+        within("a task", self.tasks.message())
+            .await
+            .unwrap()
+            .expect("stream open")
+    }
+
+    async fn ack(&self, task: &ServerMsg, ok: bool) {
+        let outcome = if ok { Outcome::Ok } else { Outcome::Failed };
+        let result = ResultMsg {
+            ret: "done".into(),
+            task_id: task.id,
+            outcome: outcome as i32,
+        };
+        self.acks.send(result).await.unwrap();
+    }
+
+    /// Half-closes the ack stream and waits until the server has them all.
+    async fn finish(self) {
+        drop(self.acks);
+        within("acks accepted", self.ack_call)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn admin(server: &TestServer) -> AdminClient<Channel> {
+    let path = server.admin_socket();
+    // The server binds its admin socket as it starts, in its own task.
+    within("the admin socket", async {
+        while !path.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let endpoint = Endpoint::from_static("http://localhost");
+    let channel = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(TokioIo::new)
+        }
+    }));
+    AdminClient::new(within("admin connect", channel).await.unwrap())
+}
+
+async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -> u64 {
+    let request = SubmitTaskRequest {
+        text: text.into(),
+        agent: agent.into(),
+    };
+    admin.submit_task(request).await.unwrap().into_inner().id
+}
+
+fn manual_tasks(mode: DeliveryMode) -> Config {
+    let mut config = Config::default();
+    config.tasks.batch = 0; // only submitted tasks
+    config.tasks.mode = mode;
+    config
+}
+
+#[tokio::test]
+async fn broadcast_agents_get_what_they_missed_and_not_what_they_acked() {
+    let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
+    let mut admin = admin(&server).await;
+    let mut agent = Agent::connect(&server, "a1").await;
+    for i in 1..=4 {
+        submit(&mut admin, &format!("job {i}"), "").await;
+    }
+    for id in 1..=4 {
+        let task = agent.next().await;
+        assert_eq!(task.id, id);
+        if id <= 2 {
+            agent.ack(&task, true).await;
+        }
+    }
+    agent.finish().await; // away, having acked 1 and 2 only
+    for i in 5..=6 {
+        submit(&mut admin, &format!("job {i}"), "").await;
+    }
+    let mut back = Agent::connect(&server, "a1").await;
+    for id in 3..=6 {
+        assert_eq!(
+            back.next().await.id,
+            id,
+            "unacked and missed tasks, in order"
+        );
+    }
+    // A seed-style client (no header) gets the replay as before.
+    let mut seed = server
+        .client()
+        .await
+        .get_task(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        within("seed task", seed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_counts_what_left_retention_while_an_agent_was_away() {
+    let mut config = manual_tasks(DeliveryMode::Broadcast);
+    config.tasks.retain = 5;
+    let server = TestServer::start(config).await;
+    let mut admin = admin(&server).await;
+    let mut agent = Agent::connect(&server, "a1").await;
+    let first = submit(&mut admin, "first", "").await;
+    let task = agent.next().await;
+    agent.ack(&task, true).await;
+    agent.finish().await;
+    for i in 0..20 {
+        submit(&mut admin, &format!("while away {i}"), "").await;
+    }
+    let mut back = Agent::connect(&server, "a1").await;
+    assert_eq!(
+        back.next().await.id,
+        first + 16,
+        "resumes at the oldest retained"
+    );
+    let agents = admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let a1 = agents.iter().find(|a| a.name == "a1").unwrap();
+    assert!(a1.named && a1.connected);
+    assert_eq!(a1.missed, 15, "{a1:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_for_one_agent_reaches_only_that_agent() {
+    let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
+    let mut admin = admin(&server).await;
+    let mut a = Agent::connect(&server, "a").await;
+    let mut b = Agent::connect(&server, "b").await;
+    let for_b = submit(&mut admin, "only b", "b").await;
+    let all = submit(&mut admin, "everyone", "").await;
+    assert_eq!(b.next().await.id, for_b);
+    assert_eq!(b.next().await.id, all);
+    assert_eq!(a.next().await.id, all, "a skips the task for b");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_agent_header_is_invalid_argument() {
+    let server = TestServer::start(Config::default()).await;
+    let mut client =
+        ContactClient::with_interceptor(server.channel().await, Named("two words".into()));
+    let err = client.get_task(Empty {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains(AGENT_HEADER), "{}", err.message());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
+    let mut config = manual_tasks(DeliveryMode::Queue);
+    config.tasks.window = 4;
+    let server = TestServer::start(config).await;
+    let mut admin = admin(&server).await;
+    for i in 0..200 {
+        submit(&mut admin, &format!("job {i}"), "").await;
+    }
+    // Two agents work through the queue; a third takes tasks and dies
+    // without acking them.
+    let mut dying = Agent::connect(&server, "dying").await;
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        taken.push(dying.next().await.id);
+    }
+    let workers: Vec<_> = ["w1", "w2"]
+        .into_iter()
+        .map(|name| {
+            let server_addr = server.addr;
+            tokio::spawn(async move {
+                let channel = Endpoint::from_shared(format!("http://{server_addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut client = ContactClient::with_interceptor(channel, Named(name.into()));
+                let mut tasks = client.get_task(Empty {}).await.unwrap().into_inner();
+                let (acks, rx) = mpsc::channel(1000);
+                let ack_call =
+                    tokio::spawn(async move { client.tell_result(ReceiverStream::new(rx)).await });
+                let mut handled = Vec::new();
+                while let Ok(Some(task)) = tasks.message().await {
+                    handled.push(task.id);
+                    let ack = ResultMsg {
+                        ret: "ok".into(),
+                        task_id: task.id,
+                        outcome: Outcome::Ok as i32,
+                    };
+                    if acks.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+                drop(acks);
+                let _ = ack_call.await;
+                handled
+            })
+        })
+        .collect();
+    drop(dying); // killed: its 4 unacked tasks go to the others
+
+    let mut admin2 = admin.clone();
+    within("every task acked", async move {
+        loop {
+            let request = ListTasksRequest {
+                state: TaskState::Acked as i32,
+                limit: 0,
+            };
+            let acked = admin2
+                .list_tasks(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .tasks
+                .len();
+            if acked == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let reply = admin
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.mode, "queue");
+    assert_eq!(reply.tasks.len(), 200);
+    for task in &reply.tasks {
+        assert_eq!(
+            (task.acked, task.state()),
+            (1, TaskState::Acked),
+            "task {task:?}"
+        );
+    }
+    assert_eq!(
+        reply.redelivered, 4,
+        "the dead agent's tasks were redelivered"
+    );
+    assert_eq!(reply.duplicate_acks, 0);
+    server.shutdown.cancel();
+    let mut by_worker = HashMap::new();
+    for (i, worker) in workers.into_iter().enumerate() {
+        let handled = within("worker end", worker).await.unwrap();
+        by_worker.insert(i, handled);
+    }
+    let mut all: Vec<u64> = by_worker.values().flatten().copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 200, "every task reached a live worker");
+    for id in taken {
+        assert!(
+            all.contains(&id),
+            "task {id} taken by the dead agent was redelivered"
+        );
+    }
+    within("server exit", server.task).await.unwrap().unwrap();
+}
