@@ -13,9 +13,13 @@ pub mod admin {
     tonic::include_proto!("contactd.admin.v1");
 }
 
-/// Every contactd proto, encoded, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/contactd_descriptor.bin"));
+/// The Contact proto, encoded, for reflection on the public port.
+pub const CONTACT_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/contact_descriptor.bin"));
+
+/// The admin proto, encoded, for reflection on the admin socket.
+pub const ADMIN_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
 
 /// The metadata header an agent sends on every call, carrying its name. A
 /// caller without it (a seed client) is known by its peer address.

@@ -18,10 +18,13 @@ use tonic::{Request, Response, Status};
 use super::State;
 use crate::{
     config::AdminConfig,
-    proto::admin::{
-        self as pb, ListAgentsRequest, ListAgentsResponse, ListTasksRequest, ListTasksResponse,
-        SubmitTaskRequest, SubmitTaskResponse,
-        admin_server::{Admin, AdminServer},
+    proto::{
+        ADMIN_DESCRIPTOR_SET,
+        admin::{
+            self as pb, ListAgentsRequest, ListAgentsResponse, ListTasksRequest, ListTasksResponse,
+            SubmitTaskRequest, SubmitTaskResponse,
+            admin_server::{Admin, AdminServer},
+        },
     },
     tasks::{Task, TaskState},
 };
@@ -52,10 +55,15 @@ pub(super) fn start(
     let service = AdminServer::new(AdminService {
         state: Arc::clone(state),
     });
+    // Reflection here too, so `grpcurl -unix` works on the socket.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ADMIN_DESCRIPTOR_SET)
+        .build_v1();
     let closing = state.closing.clone();
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
+            .add_optional_service(reflection.ok())
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(listener),
                 closing.cancelled_owned(),

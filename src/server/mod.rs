@@ -28,7 +28,7 @@ pub use listener::bind;
 use crate::{
     config::Config,
     config::{DeliveryMode, TasksConfig},
-    proto::{FILE_DESCRIPTOR_SET, contact::contact_server::ContactServer},
+    proto::{CONTACT_DESCRIPTOR_SET, contact::contact_server::ContactServer},
     remote_cmd::Runner,
     tasks::{
         Hub, generator,
@@ -175,7 +175,7 @@ fn router(
         .max_encoding_message_size(max_message);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(CONTACT_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
