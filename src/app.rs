@@ -42,6 +42,8 @@ pub enum AppError {
     Serve(#[from] ServerError),
     #[error("the server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -59,7 +61,7 @@ impl AppError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) => EX_CONFIG,
+            AppError::Config(_) | AppError::Agent(_) => EX_CONFIG,
             _ => 1,
         }
     }

@@ -15,7 +15,10 @@
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`app`]: the `serve` and `check-config` commands, wiring the above.
+//! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
+//!   sessions, task handlers, dedup; and the `agent` command.
 
+pub mod agent;
 pub mod app;
 pub mod cli;
 pub mod config;
