@@ -586,3 +586,35 @@ fn check_config_agent_prints_the_example_and_reports_every_problem() {
     let out = contactd(&["check-config", "-c", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(78));
 }
+
+#[test]
+fn sighup_reloads_the_agent_config() {
+    let mut daemon = Daemon::start(
+        "[tasks]\ninterval = \"100ms\"\nbatch = 1\ntemplate = \"job-{seq}-{rand:1-1000000000}\"\n\
+         [log]\nlevel = \"info,contactd::server=debug\"\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let addr = daemon.addr;
+    let write = |handler: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nservers = [\"http://{addr}\"]\nname = \"reloads\"\nhandler = [\"{handler}\"]\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("true");
+    let mut agent = AgentProcess::start(&config);
+    agent.wait_for_line("connected to");
+    daemon.wait_for_line("outcome=Ok");
+    write("false");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    agent.wait_for_line("config reloaded");
+    daemon.wait_for_line("outcome=Failed");
+}
