@@ -224,6 +224,8 @@ async fn a_hanging_handler_is_killed_at_its_timeout_and_acked_as_failed() {
 #[derive(Clone)]
 struct Scripted {
     tasks: Vec<ServerMsg>,
+    /// Fail every getTask stream right after it opened.
+    drop_sessions: bool,
     /// Ends the open getTask streams (the agent then reconnects).
     cut: Arc<Notify>,
     seen: mpsc::UnboundedSender<Seen>,
@@ -276,6 +278,10 @@ impl Contact for Scripted {
         request: Request<Empty>,
     ) -> Result<Response<Self::getTaskStream>, Status> {
         self.record("getTask", &request);
+        if self.drop_sessions {
+            let reset = Status::unknown("connection reset");
+            return Ok(Response::new(Box::pin(stream::once(async { Err(reset) }))));
+        }
         let cut = Arc::clone(&self.cut);
         let tasks = stream::iter(self.tasks.clone().into_iter().map(Ok)).chain(
             stream::once(async move { cut.notified().await }).filter_map(|()| async { None }),
@@ -352,6 +358,7 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
             id: 41,
             attempt: 1,
         }],
+        drop_sessions: false,
         cut: Arc::clone(&cut),
         seen: seen_tx,
     };
@@ -617,4 +624,77 @@ fn sighup_reloads_the_agent_config() {
     .unwrap();
     agent.wait_for_line("config reloaded");
     daemon.wait_for_line("outcome=Failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_drops_every_session_gets_backed_off_not_stormed() {
+    let (seen, _seen) = mpsc::unbounded_channel();
+    let scripted = Scripted {
+        tasks: Vec::new(),
+        drop_sessions: true,
+        cut: Arc::new(Notify::new()),
+        seen,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut agent = TestAgent::start(agent_config(addr, "stormy"));
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        agent.wait_for("a session", connected).await;
+        let delay = agent
+            .wait_for("a delay", |e| match e.kind {
+                EventKind::Waiting { delay } => Some(delay),
+                _ => None,
+            })
+            .await;
+        delays.push(delay);
+    }
+    // Each session was up (connected) but for less than healthy_after, so
+    // the backoff kept growing: 50ms, 80ms, ... 327ms (±20%).
+    assert!(delays[0] <= Duration::from_millis(60), "{delays:?}");
+    assert!(delays[5] >= Duration::from_millis(260), "{delays:?}");
+    agent.stop().await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_run_at_most_handler_concurrency_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let scripted = Scripted {
+        tasks: (1..=6)
+            .map(|id| ServerMsg {
+                task: format!("task {id}"),
+                id,
+                attempt: 1,
+            })
+            .collect(),
+        drop_sessions: false,
+        cut: Arc::new(Notify::new()),
+        seen: seen_tx,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut config = agent_config(addr, "limited");
+    config.handler_concurrency = 2;
+    // Each handler counts the handlers running (itself included) while it runs.
+    let script = format!(
+        "cd {}; touch running.$CONTACTD_TASK_ID; ls | grep -c running >> counts; sleep 0.2; rm running.$CONTACTD_TASK_ID",
+        dir.path().display()
+    );
+    config.handler = vec!["sh".into(), "-c".into(), script];
+    let agent = TestAgent::start(config);
+    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
+    let mut acked = Vec::new();
+    for _ in 0..6 {
+        let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
+        assert_eq!(ack.outcome(), Outcome::Ok, "{ack:?}");
+        acked.push(ack.task_id);
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, [1, 2, 3, 4, 5, 6]);
+    let counts = std::fs::read_to_string(dir.path().join("counts")).unwrap();
+    let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(counts.len(), 6);
+    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "{counts:?}");
+    agent.stop().await;
+    stop.cancel();
 }
