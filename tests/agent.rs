@@ -698,3 +698,61 @@ async fn handlers_run_at_most_handler_concurrency_at_once() {
     agent.stop().await;
     stop.cancel();
 }
+
+/// Reads a fifo in a thread, failing the test if nothing comes within [`LIMIT`].
+async fn read_fifo(path: &Path) -> String {
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path).unwrap());
+    within("the fifo", read).await.unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (started, release) = (dir.path().join("started"), dir.path().join("release"));
+    mkfifo(&started);
+    mkfifo(&release);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let cut = Arc::new(Notify::new());
+    let scripted = Scripted {
+        tasks: vec![ServerMsg {
+            task: "slow".into(),
+            id: 7,
+            attempt: 1,
+        }],
+        drop_sessions: false,
+        cut: Arc::clone(&cut),
+        seen: seen_tx,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut config = agent_config(addr, "patient");
+    // The handler says it started, then waits for the test to release it.
+    let script = format!(
+        "echo started > {}; read line < {}",
+        started.display(),
+        release.display()
+    );
+    config.handler = vec!["sh".into(), "-c".into(), script];
+    let mut agent = TestAgent::start(config);
+    assert_eq!(read_fifo(&started).await, "started\n");
+    // The session ends while the handler runs; the next one delivers task 7
+    // again, which is in flight, so it is neither run nor acked twice.
+    cut.notify_waiters();
+    agent.wait_for("the session to end", failed).await;
+    agent.wait_for("reconnected", connected).await;
+    let release = release.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(release, "go\n").unwrap());
+    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
+    let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
+    assert_eq!((ack.task_id, ack.outcome()), (7, Outcome::Ok));
+    agent.stop().await;
+    stop.cancel();
+    let extra: Vec<_> = std::iter::from_fn(|| seen.try_recv().ok())
+        .filter(|s| matches!(s, Seen::Ack(_)))
+        .collect();
+    assert!(extra.is_empty(), "acked twice: {extra:?}");
+}
