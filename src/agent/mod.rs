@@ -4,7 +4,9 @@
 //!
 //! - [`run`] / [`run_with`]: the whole agent, until a shutdown token is
 //!   cancelled; many can run in one process (tests do).
+//! - `reconnect`: sessions one after another, with backoff, forever.
 //! - `session`: one connection: getTask, tellResult, sendStatus.
+//! - `dispatch`: the bounded task queue and the handler slots.
 //! - [`Backoff`]: reconnection delays as a pure value.
 //! - `handler`: running the handler for one task and making its ack.
 //! - `memory`: handled tasks (dedup) and unsent acks, both bounded.
@@ -17,21 +19,20 @@
 
 mod backoff;
 pub mod command;
+mod dispatch;
 mod handler;
 mod memory;
+mod reconnect;
 mod session;
 mod status;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use backoff::Backoff;
@@ -134,14 +135,14 @@ pub async fn run_with(
         shared.draining.clone().drop_guard(),
         kill.clone().drop_guard(),
     );
-    let dispatcher = tokio::spawn(dispatch(
+    let dispatcher = tokio::spawn(dispatch::dispatch(
         Arc::clone(&shared),
         queue_rx,
         tracker.clone(),
         kill.clone(),
     ));
     tracing::info!(name = %initial.name, servers = ?initial.servers, "agent starting");
-    let connection = connect_loop(Arc::clone(&shared));
+    let connection = reconnect::connect_loop(Arc::clone(&shared));
     tokio::pin!(connection);
     tokio::select! {
         result = &mut connection => result?,
@@ -196,7 +197,7 @@ struct Shared {
     failed: AtomicU64,
     events: Option<broadcast::Sender<AgentEvent>>,
     /// Received tasks on their way to a handler.
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<dispatch::Job>,
     /// Cancelled at shutdown: take no new tasks, do not reconnect.
     draining: CancellationToken,
     /// Cancelled when the last handler has ended: send the remaining acks
@@ -248,7 +249,7 @@ impl Shared {
         let queued = tokio::select! {
             biased;
             () = self.draining.cancelled() => false,
-            sent = self.queue.send(Job { task, key }) => sent.is_ok(),
+            sent = self.queue.send(dispatch::Job { task, key }) => sent.is_ok(),
         };
         if !queued {
             self.handled.lock().abandon(key);
@@ -261,175 +262,6 @@ impl Shared {
                 task_id = dropped.task_id,
                 "too many unsent acks: dropped the oldest (the server will deliver its task again)"
             );
-        }
-    }
-}
-
-/// A task waiting for a handler.
-struct Job {
-    task: ServerMsg,
-    key: TaskKey,
-}
-
-/// Starts queued tasks, at most `handler_concurrency` at once, until the
-/// agent drains; queued tasks left then are forgotten (not acked).
-async fn dispatch(
-    shared: Arc<Shared>,
-    mut queue: mpsc::Receiver<Job>,
-    tracker: TaskTracker,
-    kill: CancellationToken,
-) {
-    let mut limit = shared.config().handler_concurrency;
-    let mut slots = Arc::new(Semaphore::new(limit));
-    loop {
-        let job = tokio::select! {
-            biased;
-            () = shared.draining.cancelled() => break,
-            job = queue.recv() => match job {
-                Some(job) => job,
-                None => break,
-            },
-        };
-        let config = shared.config();
-        if config.handler_concurrency != limit {
-            // Handlers holding the old slots finish on their own; for a
-            // while both limits apply.
-            limit = config.handler_concurrency;
-            slots = Arc::new(Semaphore::new(limit));
-        }
-        let slot = tokio::select! {
-            biased;
-            () = shared.draining.cancelled() => {
-                shared.handled.lock().abandon(job.key);
-                break;
-            }
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
-        let handler = Handler {
-            argv: config.handler.clone(),
-            timeout: config.handler_timeout,
-            max_output: config.max_output.as_u64() as usize,
-            agent: config.name.clone(),
-        };
-        tracker.spawn(run_job(
-            Arc::clone(&shared),
-            job,
-            handler,
-            slot,
-            kill.clone(),
-        ));
-    }
-    queue.close();
-    let mut dropped = 0;
-    while let Ok(job) = queue.try_recv() {
-        shared.handled.lock().abandon(job.key);
-        dropped += 1;
-    }
-    if dropped > 0 {
-        tracing::info!(
-            dropped,
-            "queued tasks not started (not acked: the server delivers them again)"
-        );
-    }
-}
-
-async fn run_job(
-    shared: Arc<Shared>,
-    job: Job,
-    handler: Handler,
-    slot: OwnedSemaphorePermit,
-    kill: CancellationToken,
-) {
-    let ack = handler.handle(&job.task, &kill).await;
-    drop(slot);
-    let outcome = ack.outcome();
-    let counter = if outcome == Outcome::Ok {
-        &shared.succeeded
-    } else {
-        &shared.failed
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    if job.task.id != 0 {
-        let mut handled = shared.handled.lock();
-        handled.set_capacity(shared.config().remember);
-        handled.done(job.key, ack.clone());
-    }
-    shared.push_ack(ack);
-    shared.emit(EventKind::Handled {
-        task_id: job.task.id,
-        outcome,
-    });
-}
-
-/// Connects, runs a session, and after any failure waits (with backoff) and
-/// connects again to the next server, until the agent drains.
-async fn connect_loop(shared: Arc<Shared>) -> Result<(), AgentError> {
-    let mut backoff = Backoff::new(shared.config().backoff.clone());
-    let mut index = 0usize;
-    // Failed attempts since the last session, and since when.
-    let mut failures = 0u32;
-    let mut down_since = Instant::now();
-    loop {
-        let config = shared.config();
-        backoff.set_config(config.backoff.clone());
-        let server = config.servers[index % config.servers.len()].clone();
-        shared.emit(EventKind::Connecting {
-            server: server.clone(),
-        });
-        tracing::debug!(%server, attempt = failures + 1, "connecting");
-        let mut connected_at = None;
-        let on_connected = |at: Instant| {
-            if failures == 0 {
-                tracing::info!(%server, "connected to {server}");
-            } else {
-                tracing::info!(
-                    %server,
-                    failed_attempts = failures,
-                    down_for = %humantime::format_duration(Duration::from_secs(down_since.elapsed().as_secs())),
-                    "connected to {server}"
-                );
-            }
-            systemd::status(&format!("connected to {server}"));
-            shared.emit(EventKind::Connected {
-                server: server.clone(),
-            });
-            connected_at = Some(at);
-        };
-        let result = session::run(&shared, &config, &server, on_connected).await;
-        let error = match result {
-            Ok(()) => return Ok(()),
-            Err(e) if !e.is_retryable() => return Err(e.into()),
-            Err(e) => e,
-        };
-        shared.emit(EventKind::Failed {
-            server: server.clone(),
-            error: error.to_string(),
-        });
-        if let Some(at) = connected_at {
-            tracing::warn!(%server, "disconnected from {server}: {error}");
-            if at.elapsed() >= config.healthy_after {
-                backoff.reset();
-            }
-            failures = 1;
-            down_since = Instant::now();
-        } else {
-            failures += 1;
-            if failures == 1 {
-                tracing::warn!(%server, "cannot connect to {server}: {error}; retrying with backoff");
-            } else {
-                tracing::debug!(%server, attempt = failures, "cannot connect: {error}");
-            }
-        }
-        if shared.draining.is_cancelled() {
-            return Ok(());
-        }
-        index = index.wrapping_add(1);
-        let delay = backoff.next_delay();
-        systemd::status(&format!("reconnecting in {:.1}s", delay.as_secs_f64()));
-        shared.emit(EventKind::Waiting { delay });
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shared.draining.cancelled() => return Ok(()),
         }
     }
 }
