@@ -45,6 +45,8 @@ pub enum AppError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Ctl(#[from] CtlError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -62,7 +64,7 @@ impl AppError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) => EX_CONFIG,
+            AppError::Config(_) | AppError::Agent(_) => EX_CONFIG,
             _ => 1,
         }
     }

@@ -12,6 +12,9 @@ use clap::{Args, Parser, Subcommand};
   contactd serve                    run on /etc/contactd.toml (built-in defaults if absent)
   contactd serve -c my.toml         run on another config file
   contactd check-config -c my.toml  print the effective config, or every problem in it
+  contactd agent                    run an agent on /etc/contactd-agent.toml
+  contactd check-config --agent -c agent.toml
+                                    check an agent config file
   contactd health --addr 127.0.0.1:55555
                                     exit 0 if the server is SERVING
   contactd task submit 'uptime' --agent web1
@@ -28,7 +31,9 @@ pub enum Command {
     /// Run the server: serve the Contact service, generate tasks, answer health probes.
     Serve(ConfigArgs),
     /// Check a config file: print the effective config (exit 0) or every problem in it (exit 78).
-    CheckConfig(ConfigArgs),
+    CheckConfig(CheckConfigArgs),
+    /// Run an agent: connect to the server(s), run the handler for each task, ack it, report status.
+    Agent(AgentArgs),
     /// Probe a server's health, for monitoring: exit 0 SERVING, 1 bad arguments,
     /// 2 connection failure, 3 RPC failure or timeout, 4 not serving.
     Health(HealthArgs),
@@ -104,6 +109,43 @@ pub struct HealthArgs {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::config::units::duration::parse(text)
+}
+
+/// Which config file to check.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Config file [default: /etc/contactd.toml, or /etc/contactd-agent.toml with --agent;
+    /// built-in defaults if it does not exist] [env: CONTACTD_CONFIG, or CONTACTD_AGENT_CONFIG
+    /// with --agent]
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check an agent config file (for `contactd agent`) instead of the server's
+    #[arg(long)]
+    pub agent: bool,
+}
+
+impl CheckConfigArgs {
+    /// `--config`, else the environment variable for the kind of file.
+    pub fn path(&self) -> Option<PathBuf> {
+        let var = if self.agent {
+            crate::config::agent::AGENT_CONFIG_ENV
+        } else {
+            "CONTACTD_CONFIG"
+        };
+        self.config.clone().or_else(|| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+}
+
+/// Which agent config file to use.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Config file [default: /etc/contactd-agent.toml, or built-in defaults if it does not exist]
+    #[arg(short, long, value_name = "PATH", env = "CONTACTD_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Which config file to use.

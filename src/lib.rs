@@ -16,7 +16,10 @@
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
 //! - [`app`]: the commands behind the CLI, wiring the above.
+//! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
+//!   sessions, task handlers, dedup; and the `agent` command.
 
+pub mod agent;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use contactd::{
-    app,
-    cli::{Cli, Command, TaskCommand},
+    agent, app,
+    cli::{Cli, Command, ConfigArgs, TaskCommand},
     probe,
 };
 
@@ -24,7 +24,11 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Serve(args) => app::serve(args),
-        Command::CheckConfig(args) => app::check_config(args),
+        Command::CheckConfig(args) if args.agent => agent::command::check_config(args.path()),
+        Command::CheckConfig(args) => app::check_config(&ConfigArgs {
+            config: args.path(),
+        }),
+        Command::Agent(args) => agent::command::agent(args.config.clone()),
         Command::Health(args) => return probe::run(&args.addr, &args.service, args.timeout),
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
         Command::Agents(args) => app::list_agents(args),

@@ -5,6 +5,7 @@
 //! Where the file comes from: `--config`, else `$CONTACTD_CONFIG`, else
 //! [`DEFAULT_PATH`]; only a missing *default* file means built-in defaults.
 
+pub mod agent;
 mod load;
 pub mod units;
 
@@ -17,6 +18,7 @@ use std::{
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
 
 use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};

@@ -1,11 +1,15 @@
 //! Running one command: no shell, its own process group, combined output
 //! captured up to a bound, killed as a group on timeout or on request.
+//!
+//! remoteCMD uses [`execute`]; the agent's task handlers use
+//! [`execute_with`], which adds stdin, environment variables and keeping
+//! the *end* of the output.
 
 use std::{pin::pin, process::Stdio, time::Duration};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     process::Command,
 };
 use tokio_util::sync::CancellationToken;
@@ -30,8 +34,44 @@ enum End {
     Killed,
 }
 
+/// What a command gets besides its argv, and how its output is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Input<'a> {
+    /// Written to the command's stdin, which is then closed; `None`: /dev/null.
+    pub stdin: Option<&'a [u8]>,
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Keep the last `max_output` bytes instead of the first.
+    pub keep_tail: bool,
+    /// The note added when `kill` ends the command.
+    pub killed: &'a str,
+}
+
+impl Default for Input<'_> {
+    fn default() -> Self {
+        Input {
+            stdin: None,
+            env: &[],
+            keep_tail: false,
+            killed: "killed: the server is shutting down",
+        }
+    }
+}
+
 pub(super) async fn execute(
     argv: &[String],
+    timeout: Duration,
+    max_output: usize,
+    kill: &CancellationToken,
+) -> CmdOutput {
+    execute_with(argv, Input::default(), timeout, max_output, kill).await
+}
+
+/// Runs `argv` with `input`, killing its group after `timeout` or when
+/// `kill` is cancelled. `argv` must not be empty.
+pub(crate) async fn execute_with(
+    argv: &[String],
+    input: Input<'_>,
     timeout: Duration,
     max_output: usize,
     kill: &CancellationToken,
@@ -39,7 +79,12 @@ pub(super) async fn execute(
     let mut command = Command::new(&argv[0]);
     command
         .args(&argv[1..])
-        .stdin(Stdio::null())
+        .envs(input.env.iter().copied())
+        .stdin(if input.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -59,11 +104,18 @@ pub(super) async fn execute(
     // If the call is dropped midway (the client went away), the guard kills
     // the whole group, not only the direct child.
     let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
-    let mut capture = Capture::new(max_output);
+    let mut capture = Capture::new(max_output, input.keep_tail);
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let (Some(mut pipe), Some(bytes)) = (stdin, input.stdin) {
+            // A command that does not read its input is not an error.
+            let _ = pipe.write_all(bytes).await;
+        }
+    };
     let end = {
         let mut collect = pin!(capture.collect(child.stdout.take(), child.stderr.take()));
         let end = tokio::select! {
-            (_, status) = async { tokio::join!(collect.as_mut(), child.wait()) } => End::Exited(status),
+            (_, _, status) = async { tokio::join!(feed, collect.as_mut(), child.wait()) } => End::Exited(status),
             () = tokio::time::sleep(timeout) => End::TimedOut,
             () = kill.cancelled() => End::Killed,
         };
@@ -86,10 +138,7 @@ pub(super) async fn execute(
                 humantime::format_duration(timeout)
             )),
         ),
-        End::Killed => (
-            false,
-            Some("killed: the server is shutting down".to_owned()),
-        ),
+        End::Killed => (false, Some(input.killed.to_owned())),
     };
     CmdOutput {
         success,
@@ -127,23 +176,34 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Combined output, kept up to a bound; the rest is read and counted.
+/// Combined output, kept up to a bound (its start, or its end); the rest is
+/// read and counted.
 struct Capture {
     kept: Vec<u8>,
     max: usize,
     dropped: u64,
+    tail: bool,
 }
 
 impl Capture {
-    fn new(max: usize) -> Capture {
+    fn new(max: usize, tail: bool) -> Capture {
         Capture {
             kept: Vec::new(),
             max,
             dropped: 0,
+            tail,
         }
     }
 
     fn push(&mut self, bytes: &[u8]) {
+        if self.tail {
+            self.kept.extend_from_slice(bytes);
+            // Trim in batches, so the copy is amortised.
+            if self.kept.len() > self.max.saturating_mul(2).max(8192) {
+                self.trim_front();
+            }
+            return;
+        }
         let room = self.max.saturating_sub(self.kept.len());
         let take = room.min(bytes.len());
         self.kept.extend_from_slice(&bytes[..take]);
@@ -172,7 +232,36 @@ impl Capture {
         }
     }
 
-    fn finish(self, note: Option<String>) -> String {
+    fn trim_front(&mut self) {
+        let extra = self.kept.len().saturating_sub(self.max);
+        self.kept.drain(..extra);
+        self.dropped += extra as u64;
+    }
+
+    fn finish(mut self, note: Option<String>) -> String {
+        if self.tail {
+            self.trim_front();
+            let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+            // Replacement characters can make the text longer than the bytes.
+            while text.len() > self.max {
+                text.remove(0);
+            }
+            let mut out = String::new();
+            if self.dropped > 0 {
+                out.push_str(&format!(
+                    "[contactd: output truncated: {} earlier bytes dropped]\n",
+                    self.dropped
+                ));
+            }
+            out.push_str(&text);
+            if let Some(note) = note {
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str(&format!("[contactd: {note}]"));
+            }
+            return out;
+        }
         let mut text = String::from_utf8_lossy(&self.kept).into_owned();
         // Replacement characters can make the text longer than the bytes.
         if text.len() > self.max {
@@ -261,6 +350,36 @@ mod tests {
         let out = run("/nonexistent/contactd-test", Duration::from_secs(10), 1024).await;
         assert!(!out.success);
         assert!(out.output.contains("cannot start"), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn stdin_env_and_the_output_tail() {
+        let input = Input {
+            stdin: Some(b"the task"),
+            env: &[("CONTACTD_TEST", "yes")],
+            keep_tail: true,
+            ..Input::default()
+        };
+        let argv = argv("sh -c 'head -c 3000 /dev/zero; cat; echo \" $CONTACTD_TEST\"; exit 2'");
+        let out = execute_with(
+            &argv,
+            input,
+            Duration::from_secs(10),
+            100,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(!out.success);
+        assert!(
+            out.output
+                .starts_with("[contactd: output truncated: 2913 earlier bytes dropped]\n"),
+            "{out:?}"
+        );
+        assert!(
+            out.output
+                .ends_with("the task yes\n[contactd: exit status 2]"),
+            "{out:?}"
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! `max_concurrent` run at once, at most `max_queued` wait for a slot, and
 //! at most `max_output` bytes of their combined output are kept.
 
-mod exec;
+pub(crate) mod exec;
 mod pattern;
 
 use std::sync::Arc;

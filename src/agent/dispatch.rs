@@ -1,0 +1,106 @@
+//! From received task to ack: the bounded queue, at most
+//! `handler_concurrency` handlers at once, and what is remembered after.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{EventKind, Handler, Shared, TaskKey};
+use crate::proto::contact::{Outcome, ServerMsg};
+
+/// A task waiting for a handler.
+pub(super) struct Job {
+    pub(super) task: ServerMsg,
+    pub(super) key: TaskKey,
+}
+
+/// Starts queued tasks, at most `handler_concurrency` at once, until the
+/// agent drains; queued tasks left then are forgotten (not acked).
+pub(super) async fn dispatch(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<Job>,
+    tracker: TaskTracker,
+    kill: CancellationToken,
+) {
+    let mut limit = shared.config().handler_concurrency;
+    let mut slots = Arc::new(Semaphore::new(limit));
+    loop {
+        let job = tokio::select! {
+            biased;
+            () = shared.draining.cancelled() => break,
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        let config = shared.config();
+        if config.handler_concurrency != limit {
+            // Handlers holding the old slots finish on their own; for a
+            // while both limits apply.
+            limit = config.handler_concurrency;
+            slots = Arc::new(Semaphore::new(limit));
+        }
+        let slot = tokio::select! {
+            biased;
+            () = shared.draining.cancelled() => {
+                shared.handled.lock().abandon(job.key);
+                break;
+            }
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let handler = Handler {
+            argv: config.handler.clone(),
+            timeout: config.handler_timeout,
+            max_output: config.max_output.as_u64() as usize,
+            agent: config.name.clone(),
+        };
+        tracker.spawn(run_job(
+            Arc::clone(&shared),
+            job,
+            handler,
+            slot,
+            kill.clone(),
+        ));
+    }
+    queue.close();
+    let mut dropped = 0;
+    while let Ok(job) = queue.try_recv() {
+        shared.handled.lock().abandon(job.key);
+        dropped += 1;
+    }
+    if dropped > 0 {
+        tracing::info!(
+            dropped,
+            "queued tasks not started (not acked: the server delivers them again)"
+        );
+    }
+}
+
+async fn run_job(
+    shared: Arc<Shared>,
+    job: Job,
+    handler: Handler,
+    slot: OwnedSemaphorePermit,
+    kill: CancellationToken,
+) {
+    let ack = handler.handle(&job.task, &kill).await;
+    drop(slot);
+    let outcome = ack.outcome();
+    let counter = if outcome == Outcome::Ok {
+        &shared.succeeded
+    } else {
+        &shared.failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    if job.task.id != 0 {
+        let mut handled = shared.handled.lock();
+        handled.set_capacity(shared.config().remember);
+        handled.done(job.key, ack.clone());
+    }
+    shared.push_ack(ack);
+    shared.emit(EventKind::Handled {
+        task_id: job.task.id,
+        outcome,
+    });
+}

@@ -1,0 +1,252 @@
+//! What the agent remembers between deliveries: which tasks it is handling
+//! or has handled (so a redelivered task is acked again, not run twice), and
+//! the acks not yet handed to a session (so a lost connection loses none).
+//! Both are bounded.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{DefaultHasher, Hash, Hasher},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::proto::contact::Result as ResultMsg;
+
+/// A task's identity for deduplication: its id and a hash of its text.
+///
+/// Task ids start at 1 again when a server restarts without persisting
+/// them; the text tells such a new task 1 from the old one (unless their
+/// texts are equal too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TaskKey {
+    pub id: u64,
+    text: u64,
+}
+
+impl TaskKey {
+    /// The key of the task with `id` and `text`.
+    pub fn new(id: u64, text: &str) -> TaskKey {
+        let mut hasher = DefaultHasher::new();
+        text.hash(&mut hasher);
+        TaskKey {
+            id,
+            text: hasher.finish(),
+        }
+    }
+}
+
+/// What to do with a delivered task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    /// New: run it.
+    New,
+    /// Queued or running: its ack will follow; do nothing.
+    InFlight,
+    /// Handled before: send this ack again.
+    Done(ResultMsg),
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    InFlight,
+    Done(ResultMsg),
+}
+
+/// Recently handled tasks, at most `capacity` of them (the oldest are
+/// forgotten first), plus those in flight (bounded by the queue and the
+/// handlers running).
+#[derive(Debug)]
+pub struct Handled {
+    states: HashMap<TaskKey, State>,
+    /// Handled tasks, oldest first.
+    order: VecDeque<TaskKey>,
+    capacity: usize,
+}
+
+impl Handled {
+    /// Remembers up to `capacity` handled tasks.
+    pub fn new(capacity: usize) -> Handled {
+        Handled {
+            states: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Changes the capacity (after a config reload).
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+        self.evict();
+    }
+
+    /// Looks `key` up; a new key is marked in flight.
+    pub fn check(&mut self, key: TaskKey) -> Seen {
+        match self.states.get(&key) {
+            Some(State::InFlight) => Seen::InFlight,
+            Some(State::Done(ack)) => Seen::Done(ack.clone()),
+            None => {
+                self.states.insert(key, State::InFlight);
+                Seen::New
+            }
+        }
+    }
+
+    /// Forgets an in-flight task that will not run after all (shutdown).
+    pub fn abandon(&mut self, key: TaskKey) {
+        if let Some(State::InFlight) = self.states.get(&key) {
+            self.states.remove(&key);
+        }
+    }
+
+    /// Records the ack of a handled task.
+    pub fn done(&mut self, key: TaskKey, ack: ResultMsg) {
+        if let Some(State::Done(_)) = self.states.insert(key, State::Done(ack)) {
+            return;
+        }
+        self.order.push_back(key);
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.states.remove(&old);
+            }
+        }
+    }
+
+    /// Handled tasks remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether no handled task is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Acks waiting to be sent, oldest first, at most `capacity`: beyond, the
+/// oldest is dropped (the server redelivers an unacked task, and the agent
+/// then acks it again from [`Handled`]).
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<VecDeque<ResultMsg>>,
+    capacity: usize,
+    /// Wakes the session streams waiting for an ack.
+    added: Notify,
+}
+
+impl Outbox {
+    /// An outbox holding at most `capacity` acks.
+    pub fn new(capacity: usize) -> Outbox {
+        Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            added: Notify::new(),
+        }
+    }
+
+    /// Adds an ack; returns the one dropped to make room, if any.
+    pub fn push(&self, ack: ResultMsg) -> Option<ResultMsg> {
+        let dropped = {
+            let mut queue = self.queue.lock();
+            let dropped = if queue.len() >= self.capacity {
+                queue.pop_front()
+            } else {
+                None
+            };
+            queue.push_back(ack);
+            dropped
+        };
+        self.added.notify_waiters();
+        dropped
+    }
+
+    /// Takes the oldest ack, if any.
+    pub fn pop(&self) -> Option<ResultMsg> {
+        self.queue.lock().pop_front()
+    }
+
+    /// Acks waiting.
+    pub fn len(&self) -> usize {
+        self.queue.lock().len()
+    }
+
+    /// Whether no ack is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.queue.lock().is_empty()
+    }
+
+    /// Waits for the next ack. Cancel-safe: nothing is taken until it returns.
+    pub async fn next(&self) -> ResultMsg {
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            if let Some(ack) = self.pop() {
+                return ack;
+            }
+            added.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(id: u64) -> ResultMsg {
+        ResultMsg {
+            ret: "ok".into(),
+            task_id: id,
+            outcome: 1,
+        }
+    }
+
+    #[test]
+    fn a_task_runs_once_and_is_acked_again() {
+        let mut handled = Handled::new(2);
+        let key = TaskKey::new(1, "t");
+        assert_eq!(handled.check(key), Seen::New);
+        assert_eq!(handled.check(key), Seen::InFlight);
+        handled.done(key, ack(1));
+        assert_eq!(handled.check(key), Seen::Done(ack(1)));
+        // A new server's task 1 with another text is another task.
+        assert_eq!(handled.check(TaskKey::new(1, "other")), Seen::New);
+    }
+
+    #[test]
+    fn memory_is_bounded_oldest_first() {
+        let mut handled = Handled::new(3);
+        for id in 1..=10 {
+            let key = TaskKey::new(id, "t");
+            assert_eq!(handled.check(key), Seen::New);
+            handled.done(key, ack(id));
+        }
+        assert_eq!(handled.len(), 3);
+        assert_eq!(handled.states.len(), 3);
+        assert_eq!(handled.check(TaskKey::new(8, "t")), Seen::Done(ack(8)));
+        assert_eq!(handled.check(TaskKey::new(7, "t")), Seen::New);
+        handled.abandon(TaskKey::new(7, "t"));
+        assert_eq!(handled.check(TaskKey::new(7, "t")), Seen::New);
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_bounded_and_wakes_its_reader() {
+        let outbox = std::sync::Arc::new(Outbox::new(2));
+        let reader = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.next().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(outbox.push(ack(1)), None);
+        assert_eq!(reader.await.unwrap(), ack(1));
+        outbox.push(ack(2));
+        outbox.push(ack(3));
+        assert_eq!(outbox.push(ack(4)), Some(ack(2)));
+        assert_eq!(outbox.pop(), Some(ack(3)));
+        assert_eq!(outbox.len(), 1);
+    }
+}

@@ -1,0 +1,267 @@
+//! The agent (`contactd agent`): keeps a session with a server through
+//! restarts and network failures, runs the configured handler for each task
+//! it receives, acks the result, and reports its status.
+//!
+//! - [`run`] / [`run_with`]: the whole agent, until a shutdown token is
+//!   cancelled; many can run in one process (tests do).
+//! - `reconnect`: sessions one after another, with backoff, forever.
+//! - `session`: one connection: getTask, tellResult, sendStatus.
+//! - `dispatch`: the bounded task queue and the handler slots.
+//! - [`Backoff`]: reconnection delays as a pure value.
+//! - `handler`: running the handler for one task and making its ack.
+//! - `memory`: handled tasks (dedup) and unsent acks, both bounded.
+//! - [`command`]: the `agent` command: config, logging, signals, systemd.
+//!
+//! Shutdown: cancelling the token stops taking tasks (queued ones are
+//! dropped unacked, so the server redelivers them), lets running handlers
+//! finish within `shutdown_grace` (then kills them), sends their acks over
+//! the current session if there is one, and returns.
+
+mod backoff;
+pub mod command;
+mod dispatch;
+mod handler;
+mod memory;
+mod reconnect;
+mod session;
+mod status;
+
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use backoff::Backoff;
+pub use handler::{ENV_AGENT, ENV_TASK_ATTEMPT, ENV_TASK_ID, Handler};
+pub use memory::{Handled, Outbox, Seen, TaskKey};
+pub use session::SessionError;
+
+use crate::{
+    config::AgentConfig,
+    proto::contact::{Outcome, ServerMsg},
+    systemd,
+};
+
+/// Tasks received but not yet running, at most.
+const QUEUE: usize = 256;
+/// Acks not yet handed to a session, at most.
+const MAX_PENDING_ACKS: usize = 4096;
+/// After killing handlers at the end of the grace period, how long to wait
+/// for them to end.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// At shutdown, how long sending the last acks may take.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Why the agent stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A session failed in a way retrying cannot fix (a bad URL or name).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("the agent has no server to connect to: set agent.servers")]
+    NoServers,
+}
+
+/// Something the agent did, with when, for tests and monitoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEvent {
+    pub at: Instant,
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// A connection attempt begins.
+    Connecting { server: String },
+    /// The session is up: getTask, tellResult and sendStatus are open.
+    Connected { server: String },
+    /// A connection attempt or a session failed.
+    Failed { server: String, error: String },
+    /// The next attempt comes after this delay.
+    Waiting { delay: Duration },
+    /// A task was handled and its ack queued.
+    Handled { task_id: u64, outcome: Outcome },
+    /// A task delivered again was acked from memory, not run.
+    Reacked { task_id: u64 },
+    /// The agent has stopped.
+    Stopped,
+}
+
+/// Runs an agent with a fixed config until `shutdown` is cancelled.
+///
+/// # Errors
+/// Only what retrying cannot fix ([`AgentError`]); connection failures are
+/// retried forever.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let (_keep, config) = watch::channel(Arc::new(config));
+    run_with(config, shutdown, None).await
+}
+
+/// Runs an agent until `shutdown` is cancelled, following config changes
+/// sent on `config`, and reporting what it does on `events` if given.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: watch::Receiver<Arc<AgentConfig>>,
+    shutdown: CancellationToken,
+    events: Option<broadcast::Sender<AgentEvent>>,
+) -> Result<(), AgentError> {
+    let initial = Arc::clone(&config.borrow());
+    if initial.servers.is_empty() {
+        return Err(AgentError::NoServers);
+    }
+    let (queue_tx, queue_rx) = mpsc::channel(QUEUE);
+    let shared = Arc::new(Shared {
+        handled: Mutex::new(Handled::new(initial.remember)),
+        outbox: Outbox::new(MAX_PENDING_ACKS),
+        config,
+        succeeded: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        events,
+        queue: queue_tx,
+        draining: CancellationToken::new(),
+        finished: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let kill = CancellationToken::new();
+    // If this future is dropped, stop the dispatcher and kill the handlers.
+    let _stop = (
+        shared.draining.clone().drop_guard(),
+        kill.clone().drop_guard(),
+    );
+    let dispatcher = tokio::spawn(dispatch::dispatch(
+        Arc::clone(&shared),
+        queue_rx,
+        tracker.clone(),
+        kill.clone(),
+    ));
+    tracing::info!(name = %initial.name, servers = ?initial.servers, "agent starting");
+    let connection = reconnect::connect_loop(Arc::clone(&shared));
+    tokio::pin!(connection);
+    tokio::select! {
+        result = &mut connection => result?,
+        () = shutdown.cancelled() => {}
+    }
+
+    let grace = shared.config().shutdown_grace;
+    tracing::info!(
+        grace = %humantime::format_duration(grace),
+        "shutting down: taking no new tasks, letting running handlers finish"
+    );
+    systemd::stopping();
+    shared.draining.cancel();
+    let handlers = async {
+        let _ = dispatcher.await;
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                running = tracker.len(),
+                "handlers still running at the end of agent.shutdown_grace: killing them"
+            );
+            kill.cancel();
+            let _ = tokio::time::timeout(KILL_WAIT, tracker.wait()).await;
+        }
+        shared.finished.cancel();
+    };
+    let flush = async {
+        let _ = tokio::time::timeout(grace + KILL_WAIT + FLUSH_LIMIT, &mut connection).await;
+    };
+    tokio::join!(handlers, flush);
+    let unsent = shared.outbox.len();
+    if unsent > 0 {
+        tracing::warn!(
+            unsent,
+            "acks not sent (no session): the server will deliver those tasks again"
+        );
+    }
+    shared.emit(EventKind::Stopped);
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// What the agent's parts share.
+struct Shared {
+    config: watch::Receiver<Arc<AgentConfig>>,
+    /// Tasks handled and in flight, for dedup.
+    handled: Mutex<Handled>,
+    /// Acks waiting for a session.
+    outbox: Outbox,
+    /// Tasks handled with an OK / a FAILED outcome, for the status line.
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    events: Option<broadcast::Sender<AgentEvent>>,
+    /// Received tasks on their way to a handler.
+    queue: mpsc::Sender<dispatch::Job>,
+    /// Cancelled at shutdown: take no new tasks, do not reconnect.
+    draining: CancellationToken,
+    /// Cancelled when the last handler has ended: send the remaining acks
+    /// and end the session.
+    finished: CancellationToken,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<AgentConfig> {
+        Arc::clone(&self.config.borrow())
+    }
+
+    fn emit(&self, kind: EventKind) {
+        if let Some(events) = &self.events {
+            // Nobody listening is fine.
+            let _ = events.send(AgentEvent {
+                at: Instant::now(),
+                kind,
+            });
+        }
+    }
+
+    /// Takes a task from the session: queues it for a handler, or acks it
+    /// again if it was handled before. Waits while the queue is full.
+    async fn intake(&self, task: ServerMsg) {
+        let key = TaskKey::new(task.id, &task.task);
+        // Id 0: a server that does not number its tasks; nothing to dedup by.
+        if task.id != 0 {
+            let seen = self.handled.lock().check(key);
+            match seen {
+                Seen::New => {}
+                Seen::InFlight => {
+                    tracing::debug!(task_id = task.id, "task delivered again while in flight");
+                    return;
+                }
+                Seen::Done(ack) => {
+                    tracing::debug!(
+                        task_id = task.id,
+                        attempt = task.attempt,
+                        "task delivered again: acking the remembered outcome"
+                    );
+                    self.push_ack(ack);
+                    self.emit(EventKind::Reacked { task_id: task.id });
+                    return;
+                }
+            }
+        }
+        tracing::debug!(task_id = task.id, attempt = task.attempt, "task received");
+        let queued = tokio::select! {
+            biased;
+            () = self.draining.cancelled() => false,
+            sent = self.queue.send(dispatch::Job { task, key }) => sent.is_ok(),
+        };
+        if !queued {
+            self.handled.lock().abandon(key);
+        }
+    }
+
+    fn push_ack(&self, ack: crate::proto::contact::Result) {
+        if let Some(dropped) = self.outbox.push(ack) {
+            tracing::warn!(
+                task_id = dropped.task_id,
+                "too many unsent acks: dropped the oldest (the server will deliver its task again)"
+            );
+        }
+    }
+}

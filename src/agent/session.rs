@@ -1,0 +1,239 @@
+//! One session with a server: connect, subscribe with getTask, open
+//! tellResult for acks and sendStatus for status reports, all carrying the
+//! agent's name in the `x-contactd-agent` header. The session ends at the
+//! first failure of any of them (every failure is retryable except a bad
+//! URL or name), or, at shutdown, once the last ack is sent.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{Stream, stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use super::{Shared, status};
+use crate::{
+    config::AgentConfig,
+    proto::{
+        AGENT_HEADER,
+        contact::{
+            ClientMsg, Empty, Result as ResultMsg, ServerMsg, contact_client::ContactClient,
+        },
+    },
+};
+
+/// HTTP/2 pings that notice a server gone without a word (a network cut).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Fatal: the URL cannot be used at all.
+    #[error("invalid server URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    /// Fatal: the name cannot be sent in a header.
+    #[error("invalid agent name {0:?}: it must be visible ASCII without spaces")]
+    BadName(String),
+    /// The connection could not be made.
+    #[error("{0}")]
+    Connect(String),
+    /// A step took longer than `connect_timeout`.
+    #[error("{0} timed out after {1:?}")]
+    Timeout(&'static str, Duration),
+    /// A call failed (Unavailable, Unknown "connection reset", Internal,
+    /// Cancelled, ...).
+    #[error("{call}: {code:?}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    /// The server ended a stream that should stay open.
+    #[error("the server ended the {0} stream")]
+    Ended(&'static str),
+}
+
+impl SessionError {
+    /// Whether connecting again may help: everything but a bad URL or name.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SessionError::BadUrl { .. } | SessionError::BadName(_))
+    }
+
+    fn rpc(call: &'static str) -> impl FnOnce(Status) -> SessionError {
+        move |status| SessionError::Rpc {
+            call,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// The error and its sources on one line (tonic's transport error says
+/// only "transport error" by itself).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        // hyper and tonic often repeat their source's message.
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+async fn timed<T>(
+    what: &'static str,
+    limit: Duration,
+    future: impl Future<Output = T>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| SessionError::Timeout(what, limit))
+}
+
+/// Runs one session with `server`; calls `on_connected` once it is up.
+/// `Ok` only when the agent drains: at shutdown before connecting, or after
+/// the last ack was sent.
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    config: &AgentConfig,
+    server: &str,
+    on_connected: impl FnOnce(Instant),
+) -> Result<(), SessionError> {
+    let endpoint = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| SessionError::BadUrl {
+            url: server.to_owned(),
+            reason: chain(&e),
+        })?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let name: MetadataValue<_> = config
+        .name
+        .parse()
+        .map_err(|_| SessionError::BadName(config.name.clone()))?;
+    let limit = config.connect_timeout;
+    let channel: Channel = tokio::select! {
+        biased;
+        () = shared.draining.cancelled() => return Ok(()),
+        channel = timed("connecting", limit, endpoint.connect()) => {
+            channel?.map_err(|e| SessionError::Connect(chain(&e)))?
+        }
+    };
+    let mut client = ContactClient::with_interceptor(channel, move |mut request: Request<()>| {
+        request.metadata_mut().insert(AGENT_HEADER, name.clone());
+        Ok(request)
+    });
+    let tasks = timed("getTask", limit, client.get_task(Empty {}))
+        .await?
+        .map_err(SessionError::rpc("getTask"))?
+        .into_inner();
+    let (status_tx, status_rx) = mpsc::channel::<ClientMsg>(1);
+    let mut replies = timed(
+        "sendStatus",
+        limit,
+        client.send_status(ReceiverStream::new(status_rx)),
+    )
+    .await?
+    .map_err(SessionError::rpc("sendStatus"))?
+    .into_inner();
+    // Ends the ack stream when this session ends, whatever the reason, so
+    // a new session's stream is the only one taking acks.
+    let session_end = tokio_util::sync::CancellationToken::new();
+    let _end = session_end.clone().drop_guard();
+    let mut ack_client = client.clone();
+    let acks = ack_client.tell_result(ack_stream(Arc::clone(shared), session_end));
+    tokio::pin!(acks);
+    on_connected(Instant::now());
+
+    let status_loop = report_status(shared, status_tx);
+    tokio::pin!(status_loop);
+    let mut tasks = Some(tasks);
+    loop {
+        tokio::select! {
+            task = next_task(&mut tasks) => match task {
+                Ok(Some(task)) => shared.intake(task).await,
+                Ok(None) => return Err(SessionError::Ended("getTask")),
+                Err(status) => return Err(SessionError::rpc("getTask")(status)),
+            },
+            () = shared.draining.cancelled(), if tasks.is_some() => {
+                // Dropping the stream cancels the call: no more tasks.
+                tasks = None;
+                tracing::debug!("stopped taking tasks");
+            }
+            result = &mut acks => return match result {
+                Ok(_) if shared.finished.is_cancelled() => Ok(()),
+                Ok(_) => Err(SessionError::Ended("tellResult")),
+                Err(status) => Err(SessionError::rpc("tellResult")(status)),
+            },
+            reply = replies.message() => match reply {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(SessionError::Ended("sendStatus")),
+                Err(status) => return Err(SessionError::rpc("sendStatus")(status)),
+            },
+            () = &mut status_loop => return Err(SessionError::Ended("sendStatus")),
+        }
+    }
+}
+
+async fn next_task(
+    tasks: &mut Option<tonic::Streaming<ServerMsg>>,
+) -> Result<Option<ServerMsg>, Status> {
+    match tasks {
+        Some(tasks) => tasks.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a status report now and every `status_interval` (re-read after
+/// each report, so a reload applies); returns if the stream is gone.
+async fn report_status(shared: &Shared, reports: mpsc::Sender<ClientMsg>) {
+    loop {
+        let config = shared.config();
+        let msg = status::text(
+            &config.status_command,
+            &config.name,
+            shared.succeeded.load(std::sync::atomic::Ordering::Relaxed),
+            shared.failed.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .await;
+        if reports.send(ClientMsg { msg }).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(config.status_interval).await;
+    }
+}
+
+/// The acks for tellResult: taken from the outbox as the connection can
+/// send them. Ends when the session ends, or when the agent has finished
+/// and the outbox is empty.
+fn ack_stream(
+    shared: Arc<Shared>,
+    session_end: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = ResultMsg> + Send + 'static {
+    stream::unfold((shared, session_end), |(shared, end)| async move {
+        let ack = tokio::select! {
+            biased;
+            () = end.cancelled() => None,
+            ack = shared.outbox.next() => Some(ack),
+            () = shared.finished.cancelled() => shared.outbox.pop(),
+        };
+        let ack = ack?;
+        tracing::debug!(task_id = ack.task_id, outcome = ?ack.outcome(), "sending ack");
+        Some((ack, (shared, end)))
+    })
+}

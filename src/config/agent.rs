@@ -1,0 +1,308 @@
+//! The agent's configuration (`contactd agent`): `[agent]` and `[log]`,
+//! loaded by the same [`load`](super::load) as the server's, with every
+//! problem reported at once.
+//!
+//! Where the file comes from: `--config`, else `$CONTACTD_AGENT_CONFIG`,
+//! else [`AGENT_DEFAULT_PATH`]; only a missing *default* file means
+//! built-in defaults.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use super::{Config, ConfigFile, LogConfig, units};
+
+/// Where `agent` and `check-config --agent` look when no path is given.
+pub const AGENT_DEFAULT_PATH: &str = "/etc/contactd-agent.toml";
+
+/// The environment variable naming the agent's config file.
+pub const AGENT_CONFIG_ENV: &str = "CONTACTD_AGENT_CONFIG";
+
+/// The whole agent config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentFile {
+    pub agent: AgentConfig,
+    pub log: LogConfig,
+}
+
+/// `[agent]`: where to connect, how to handle tasks, how to retry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Server URLs, tried in turn: after a failure the agent moves to the next.
+    pub servers: Vec<String>,
+    /// The name sent in the `x-contactd-agent` header on every call.
+    pub name: String,
+    /// Time between two status reports.
+    #[serde(with = "units::duration")]
+    pub status_interval: Duration,
+    /// A program whose output is the status text; empty: the built-in line
+    /// (host, uptime, load, tasks handled).
+    pub status_command: Vec<String>,
+    /// The program run per task (argv, no shell); empty: log the task and ack it.
+    pub handler: Vec<String>,
+    /// Longest a handler may run before its process group is killed.
+    #[serde(with = "units::duration")]
+    pub handler_timeout: Duration,
+    /// Handlers running at once; further tasks wait in a bounded queue.
+    pub handler_concurrency: usize,
+    /// Output kept from a failed handler (its tail) for the ack.
+    #[serde(with = "units::size")]
+    pub max_output: ByteSize,
+    /// Recently handled task ids remembered, so a redelivered task is
+    /// acked again rather than run twice.
+    pub remember: usize,
+    /// How long a session must stay up before the backoff starts over.
+    #[serde(with = "units::duration")]
+    pub healthy_after: Duration,
+    /// Longest a connection attempt may take (gRPC's minimum is 20s).
+    #[serde(with = "units::duration")]
+    pub connect_timeout: Duration,
+    /// At shutdown, how long running handlers may go on before they are killed.
+    #[serde(with = "units::duration")]
+    pub shutdown_grace: Duration,
+    /// Delays between reconnection attempts.
+    pub backoff: BackoffConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            servers: vec!["http://127.0.0.1:55555".to_owned()],
+            name: host_name(),
+            status_interval: Duration::from_secs(60),
+            status_command: Vec::new(),
+            handler: Vec::new(),
+            handler_timeout: Duration::from_secs(5 * 60),
+            handler_concurrency: 4,
+            max_output: ByteSize::kib(4),
+            remember: 10_000,
+            healthy_after: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(30),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// `[agent.backoff]`: gRPC's connection-backoff parameters, with its defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// The first delay.
+    #[serde(with = "units::duration")]
+    pub initial: Duration,
+    /// The largest delay, before jitter.
+    #[serde(with = "units::duration")]
+    pub max: Duration,
+    /// Each delay is the previous one times this.
+    pub multiplier: f64,
+    /// Each delay is moved at random by up to this fraction, either way.
+    pub jitter: f64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(120),
+            multiplier: 1.6,
+            jitter: 0.2,
+        }
+    }
+}
+
+/// This machine's host name, or `"localhost"` when it cannot be read.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Why a server URL is unusable, or `None` if it is fine.
+fn url_problem(url: &str) -> Option<String> {
+    let expected =
+        "expected a URL such as \"http://127.0.0.1:55555\" or \"http://server.example:55555\"";
+    let uri: tonic::codegen::http::Uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(e) => return Some(format!("invalid URL {url:?} ({e}): {expected}")),
+    };
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(authority)) if authority.port_u16().is_some() => None,
+        (Some("http"), Some(_)) => Some(format!("{url:?} has no port: {expected}")),
+        (Some("https"), _) => Some(format!(
+            "{url:?}: https is not supported by this build; {expected}"
+        )),
+        _ => Some(format!("invalid URL {url:?}: {expected}")),
+    }
+}
+
+impl ConfigFile for AgentFile {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, message: String| {
+            if !ok {
+                problems.push((key.to_owned(), message));
+            }
+        };
+        let a = &self.agent;
+        check(
+            !a.servers.is_empty(),
+            "agent.servers",
+            "is empty: list at least one server, such as [\"http://127.0.0.1:55555\"]".into(),
+        );
+        for url in &a.servers {
+            if let Some(message) = url_problem(url) {
+                check(false, "agent.servers", message);
+            }
+        }
+        check(
+            !a.name.is_empty()
+                && a.name.len() <= 253
+                && a.name.bytes().all(|b| b.is_ascii_graphic()),
+            "agent.name",
+            format!(
+                "invalid name {:?}: expected 1 to 253 visible ASCII characters without spaces \
+                 (it is sent in a gRPC header)",
+                a.name
+            ),
+        );
+        let positive = [
+            (a.status_interval, "agent.status_interval"),
+            (a.handler_timeout, "agent.handler_timeout"),
+            (a.healthy_after, "agent.healthy_after"),
+            (a.connect_timeout, "agent.connect_timeout"),
+            (a.backoff.initial, "agent.backoff.initial"),
+        ];
+        for (value, key) in positive {
+            check(!value.is_zero(), key, "must be more than 0s".into());
+        }
+        for (argv, key) in [
+            (&a.handler, "agent.handler"),
+            (&a.status_command, "agent.status_command"),
+        ] {
+            check(
+                argv.first().is_none_or(|program| !program.is_empty()),
+                key,
+                "the program (first word) is empty: give a program and its arguments, \
+                 such as [\"/usr/local/bin/handle-task\", \"--verbose\"], or [] for none"
+                    .into(),
+            );
+        }
+        check(
+            a.handler_concurrency >= 1,
+            "agent.handler_concurrency",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=4095 * 1024).contains(&a.max_output.as_u64()),
+            "agent.max_output",
+            format!(
+                "{} is out of range: expected from 1B to 4095KiB, so an ack fits \
+                 gRPC's default 4MiB message limit",
+                units::size::format(a.max_output)
+            ),
+        );
+        check(
+            a.remember >= 1,
+            "agent.remember",
+            "must be at least 1".into(),
+        );
+        let b = &a.backoff;
+        check(
+            b.max >= b.initial,
+            "agent.backoff.max",
+            format!(
+                "{} is less than agent.backoff.initial ({})",
+                humantime::format_duration(b.max),
+                humantime::format_duration(b.initial)
+            ),
+        );
+        check(
+            b.multiplier.is_finite() && (1.0..=100.0).contains(&b.multiplier),
+            "agent.backoff.multiplier",
+            format!(
+                "{} is out of range: expected from 1.0 to 100.0 (gRPC uses 1.6)",
+                b.multiplier
+            ),
+        );
+        check(
+            b.jitter.is_finite() && (0.0..1.0).contains(&b.jitter),
+            "agent.backoff.jitter",
+            format!(
+                "{} is out of range: expected from 0.0 to below 1.0 (gRPC uses 0.2)",
+                b.jitter
+            ),
+        );
+        // The [log] section is the server's: reuse its checks.
+        let log = Config {
+            log: self.log.clone(),
+            ..Config::default()
+        };
+        problems.extend(
+            log.validate()
+                .into_iter()
+                .filter(|(key, _)| key.starts_with("log.")),
+        );
+        problems
+    }
+}
+
+impl AgentFile {
+    /// The effective config as TOML, as `check-config --agent` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let config = AgentFile::default();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let again: AgentFile = parse(&config.to_toml()).unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/contactd-agent.toml");
+        let example: AgentFile = crate::config::load(std::path::Path::new(path)).unwrap();
+        assert_eq!(example.agent.servers, ["http://127.0.0.1:55555"]);
+        assert_eq!(example.agent.backoff, BackoffConfig::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = "[agent]\nservers = [\"localhost\", \"http://a:1\"]\nname = \"a b\"\n\
+                    handler_timeout = \"soon\"\nbogus = 1\n\
+                    [agent.backoff]\nmultiplier = 0.5\njitter = 1.5\n[log]\nlevel = \"=\"\n";
+        let problems = parse::<AgentFile>(text).unwrap_err();
+        let keys: Vec<_> = problems.iter().filter_map(|p| p.key.as_deref()).collect();
+        assert_eq!(
+            keys,
+            [
+                "agent.servers",
+                "agent.name",
+                "agent.handler_timeout",
+                "agent.bogus",
+                "agent.backoff.multiplier",
+                "agent.backoff.jitter",
+                "log.level",
+            ],
+            "{problems:#?}"
+        );
+        assert!(
+            problems[0].message.contains("\"localhost\""),
+            "{problems:#?}"
+        );
+    }
+}
