@@ -357,6 +357,7 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
             task: "the task".into(),
             id: 41,
             attempt: 1,
+            epoch: 7,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),
@@ -666,6 +667,7 @@ async fn handlers_run_at_most_handler_concurrency_at_once() {
                 task: format!("task {id}"),
                 id,
                 attempt: 1,
+                epoch: 7,
             })
             .collect(),
         drop_sessions: false,
@@ -723,6 +725,7 @@ async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
             task: "slow".into(),
             id: 7,
             attempt: 1,
+            epoch: 7,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),

@@ -60,11 +60,13 @@ async fn tell_result_accepts_results_with_and_without_ids() {
             ret: "ok".into(),
             task_id: 1,
             outcome: Outcome::Ok as i32,
+            ..Default::default()
         },
         ResultMsg {
             ret: "exit 1".into(),
             task_id: 2,
             outcome: Outcome::Failed as i32,
+            ..Default::default()
         },
     ];
     let reply = within(

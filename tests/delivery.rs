@@ -78,6 +78,7 @@ impl Agent {
             ret: "done".into(),
             task_id: task.id,
             outcome: outcome as i32,
+            epoch: task.epoch,
         };
         self.acks.send(result).await.unwrap();
     }
@@ -269,6 +270,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
                         ret: "ok".into(),
                         task_id: task.id,
                         outcome: Outcome::Ok as i32,
+                        epoch: task.epoch,
                     };
                     if acks.send(ack).await.is_err() {
                         break;
@@ -339,4 +341,29 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
         );
     }
     within("server exit", server.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_ack_from_an_earlier_server_run_is_ignored() {
+    let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
+    let mut admin = admin(&server).await;
+    let mut agent = Agent::connect(&server, "a1").await;
+    submit(&mut admin, "one", "").await;
+    submit(&mut admin, "two", "").await;
+    let (one, two) = (agent.next().await, agent.next().await);
+    assert_ne!(one.epoch, 0);
+    let mut stale = two.clone();
+    stale.epoch = one.epoch.wrapping_add(1).max(1);
+    agent.ack(&one, true).await;
+    agent.ack(&stale, true).await;
+    agent.finish().await;
+    let tasks = admin
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let acked: Vec<u32> = tasks.iter().map(|t| t.acked).collect();
+    assert_eq!(acked, [1, 0], "{tasks:?}");
+    server.stop().await;
 }

@@ -33,7 +33,7 @@ impl Handler {
     pub async fn handle(&self, task: &ServerMsg, kill: &CancellationToken) -> ResultMsg {
         if self.argv.is_empty() {
             tracing::info!(task_id = task.id, attempt = task.attempt, task = %task.task, "task received (no handler configured)");
-            return ack(task.id, true, "ok".to_owned());
+            return ack(task, true, "ok".to_owned());
         }
         let (id, attempt) = (task.id.to_string(), task.attempt.to_string());
         let env = [
@@ -52,20 +52,21 @@ impl Handler {
         let elapsed = started.elapsed();
         if out.success {
             tracing::debug!(task_id = task.id, ?elapsed, "handler succeeded");
-            ack(task.id, true, "ok".to_owned())
+            ack(task, true, "ok".to_owned())
         } else {
             let last = out.output.lines().last().unwrap_or_default();
             tracing::warn!(task_id = task.id, ?elapsed, "handler failed: {last}");
-            ack(task.id, false, out.output)
+            ack(task, false, out.output)
         }
     }
 }
 
-fn ack(task_id: u64, ok: bool, ret: String) -> ResultMsg {
+fn ack(task: &ServerMsg, ok: bool, ret: String) -> ResultMsg {
     ResultMsg {
         ret,
-        task_id,
+        task_id: task.id,
         outcome: if ok { Outcome::Ok } else { Outcome::Failed } as i32,
+        epoch: task.epoch,
     }
 }
 
@@ -87,6 +88,7 @@ mod tests {
             task: text.into(),
             id,
             attempt: 2,
+            epoch: 7,
         }
     }
 

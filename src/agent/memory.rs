@@ -13,11 +13,12 @@ use tokio::sync::Notify;
 
 use crate::proto::contact::Result as ResultMsg;
 
-/// A task's identity for deduplication: its id and a hash of its text.
+/// A task's identity for deduplication: its id and a hash of its text and
+/// of the server run (epoch) that issued it.
 ///
-/// Task ids start at 1 again when a server restarts without persisting
-/// them; the text tells such a new task 1 from the old one (unless their
-/// texts are equal too).
+/// Task ids start at 1 again when a server restarts; the epoch tells such a
+/// new task 1 from the old one (and the text does, for a server that sends
+/// no epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TaskKey {
     pub id: u64,
@@ -27,8 +28,14 @@ pub struct TaskKey {
 impl TaskKey {
     /// The key of the task with `id` and `text`.
     pub fn new(id: u64, text: &str) -> TaskKey {
+        TaskKey::with_epoch(0, id, text)
+    }
+
+    /// The key of a task from the server run `epoch`.
+    pub fn with_epoch(epoch: u64, id: u64, text: &str) -> TaskKey {
         let mut hasher = DefaultHasher::new();
         text.hash(&mut hasher);
+        epoch.hash(&mut hasher);
         TaskKey {
             id,
             text: hasher.finish(),
@@ -202,6 +209,7 @@ mod tests {
             ret: "ok".into(),
             task_id: id,
             outcome: 1,
+            ..Default::default()
         }
     }
 

@@ -16,7 +16,12 @@ use crate::{
 };
 
 /// Where a `getTask` stream's tasks come from.
-pub(super) enum Feed {
+pub(super) struct Feed {
+    source: Source,
+    epoch: u64,
+}
+
+enum Source {
     Broadcast(Subscription),
     Queue(Slot),
 }
@@ -24,13 +29,38 @@ pub(super) enum Feed {
 impl Feed {
     /// The feed for a new `getTask` stream of `caller`.
     pub(super) fn open(state: &State, caller: &CallGuard) -> Feed {
+        Feed {
+            source: Source::open(state, caller),
+            epoch: state.epoch,
+        }
+    }
+
+    /// The next task to send to `caller`. Cancel-safe.
+    pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
+        let (task, attempt) = match &mut self.source {
+            Source::Queue(slot) => slot.recv().await,
+            Source::Broadcast(subscription) => (next_broadcast(subscription, caller).await, 1),
+        };
+        caller.delivered.fetch_add(1, Relaxed);
+        tracing::trace!(task_id = task.id, attempt, "task sent");
+        ServerMsg {
+            task: task.text.clone(),
+            id: task.id,
+            attempt,
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl Source {
+    fn open(state: &State, caller: &CallGuard) -> Source {
         if let Some(queue) = &state.queue {
-            return Feed::Queue(queue.join(Arc::clone(&caller.id)));
+            return Source::Queue(queue.join(Arc::clone(&caller.id)));
         }
         let replay = state.config.borrow().tasks.replay;
         let fresh = if replay { Start::Oldest } else { Start::Latest };
         if !caller.named {
-            return Feed::Broadcast(state.hub.subscribe(fresh));
+            return Source::Broadcast(state.hub.subscribe(fresh));
         }
         let mut cursor = caller.cursor.lock();
         let subscription = match cursor.as_mut() {
@@ -52,22 +82,7 @@ impl Feed {
                 subscription
             }
         };
-        Feed::Broadcast(subscription)
-    }
-
-    /// The next task to send to `caller`. Cancel-safe.
-    pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
-        let (task, attempt) = match self {
-            Feed::Queue(slot) => slot.recv().await,
-            Feed::Broadcast(subscription) => (next_broadcast(subscription, caller).await, 1),
-        };
-        caller.delivered.fetch_add(1, Relaxed);
-        tracing::trace!(task_id = task.id, attempt, "task sent");
-        ServerMsg {
-            task: task.text.clone(),
-            id: task.id,
-            attempt,
-        }
+        Source::Broadcast(subscription)
     }
 }
 
@@ -120,6 +135,13 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
     counter.fetch_add(1, Relaxed);
     if result.task_id == 0 {
         return; // A seed client's free-form result.
+    }
+    if result.epoch != 0 && result.epoch != state.epoch {
+        tracing::debug!(
+            task_id = result.task_id,
+            "ack of a task from an earlier server run: ignored"
+        );
+        return;
     }
     let task = match &state.queue {
         Some(queue) => queue.ack(result.task_id),

@@ -56,6 +56,9 @@ pub enum ServerError {
 pub(crate) struct State {
     /// The tasks agents receive.
     pub(crate) hub: Arc<Hub>,
+    /// This server run's random id, sent with every task (`ServerMsg.epoch`)
+    /// so acks of tasks from an earlier run can be told apart.
+    pub(crate) epoch: u64,
     /// Queue mode's dispatcher; `None` in broadcast mode.
     pub(crate) queue: Option<Arc<Queue>>,
     /// Who is calling and what they last reported.
@@ -98,6 +101,8 @@ pub async fn run(
     let state = Arc::new(State {
         hub: Hub::new(initial.tasks.retain),
         queue: queue.clone(),
+        // Never 0, which means "not said" in an ack.
+        epoch: rand::random::<u64>().max(1),
         callers: Callers::new(
             initial.server.max_callers,
             initial.server.max_status_size.as_u64() as usize,
