@@ -35,7 +35,11 @@ pub enum CtlError {
 /// How long a command waits for the server.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn connect(socket: &Path) -> Result<AdminClient<Channel>, CtlError> {
+/// A client of the admin API on `socket`.
+///
+/// # Errors
+/// [`CtlError::Connect`] when the socket cannot be reached.
+pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, CtlError> {
     let path = socket.to_owned();
     // The URI is required by the API but unused: the connector opens the socket.
     let channel = Endpoint::from_static("http://localhost")

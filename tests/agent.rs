@@ -15,10 +15,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{LIMIT, daemon::Daemon, within};
+use common::{
+    LIMIT,
+    daemon::Daemon,
+    fleet::{TestAgent, agent_config, connected, failed, handled, reserve_port},
+    within,
+};
 use contactd::{
-    agent::{self, AgentEvent, EventKind},
-    config::{AgentConfig, BackoffConfig, Config},
+    agent::{self, EventKind},
+    config::Config,
     proto::{
         AGENT_HEADER,
         contact::{
@@ -30,100 +35,9 @@ use contactd::{
 };
 use futures_util::{Stream, StreamExt, stream};
 use nix::sys::signal::Signal;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-
-/// A loopback port that was free a moment ago (for a server that starts
-/// after its agent).
-fn reserve_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
-/// An agent config for tests: fast backoff, a short healthy period.
-fn agent_config(addr: SocketAddr, name: &str) -> AgentConfig {
-    AgentConfig {
-        servers: vec![format!("http://{addr}")],
-        name: name.to_owned(),
-        status_interval: Duration::from_millis(200),
-        healthy_after: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(5),
-        shutdown_grace: Duration::from_secs(5),
-        backoff: BackoffConfig {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            multiplier: 1.6,
-            jitter: 0.2,
-        },
-        ..AgentConfig::default()
-    }
-}
-
-/// An in-process agent and its events.
-struct TestAgent {
-    events: broadcast::Receiver<AgentEvent>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
-    _config: watch::Sender<Arc<AgentConfig>>,
-}
-
-impl TestAgent {
-    fn start(config: AgentConfig) -> TestAgent {
-        let (tx, events) = broadcast::channel(4096);
-        let (config_tx, config_rx) = watch::channel(Arc::new(config));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(agent::run_with(config_rx, shutdown.clone(), Some(tx)));
-        TestAgent {
-            events,
-            shutdown,
-            task,
-            _config: config_tx,
-        }
-    }
-
-    /// Waits for the first event that `pick` accepts.
-    async fn wait_for<T>(
-        &mut self,
-        what: &str,
-        mut pick: impl FnMut(&AgentEvent) -> Option<T>,
-    ) -> T {
-        within(what, async {
-            loop {
-                match self.events.recv().await {
-                    Ok(event) => {
-                        if let Some(found) = pick(&event) {
-                            return found;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => panic!("missed {n} events"),
-                    Err(broadcast::error::RecvError::Closed) => panic!("the agent stopped"),
-                }
-            }
-        })
-        .await
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        within("agent exit", self.task).await.unwrap().unwrap();
-    }
-}
-
-fn connected(event: &AgentEvent) -> Option<Instant> {
-    matches!(event.kind, EventKind::Connected { .. }).then_some(event.at)
-}
-
-fn failed(event: &AgentEvent) -> Option<Instant> {
-    matches!(event.kind, EventKind::Failed { .. }).then_some(event.at)
-}
-
-fn handled(event: &AgentEvent) -> Option<(u64, Outcome)> {
-    match event.kind {
-        EventKind::Handled { task_id, outcome } => Some((task_id, outcome)),
-        _ => None,
-    }
-}
 
 /// A server config generating one task every 100ms, with texts that differ
 /// between server runs.

@@ -5,25 +5,21 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{TestServer, within};
+use common::{TestServer, submit, within};
 use contactd::{
     config::{Config, DeliveryMode},
     proto::{
         AGENT_HEADER,
-        admin::{
-            ListAgentsRequest, ListTasksRequest, SubmitTaskRequest, TaskState,
-            admin_client::AdminClient,
-        },
+        admin::{ListAgentsRequest, ListTasksRequest, TaskState},
         contact::{Empty, Outcome, Result as ResultMsg, ServerMsg, contact_client::ContactClient},
     },
 };
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Request, Status, Streaming,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint, Uri},
+    transport::{Channel, Endpoint},
 };
 
 #[derive(Clone)]
@@ -93,35 +89,6 @@ impl Agent {
     }
 }
 
-async fn admin(server: &TestServer) -> AdminClient<Channel> {
-    let path = server.admin_socket();
-    // The server binds its admin socket as it starts, in its own task.
-    within("the admin socket", async {
-        while !path.exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    let endpoint = Endpoint::from_static("http://localhost");
-    let channel = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move {
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map(TokioIo::new)
-        }
-    }));
-    AdminClient::new(within("admin connect", channel).await.unwrap())
-}
-
-async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -> u64 {
-    let request = SubmitTaskRequest {
-        text: text.into(),
-        agent: agent.into(),
-    };
-    admin.submit_task(request).await.unwrap().into_inner().id
-}
-
 fn manual_tasks(mode: DeliveryMode) -> Config {
     let mut config = Config::default();
     config.tasks.batch = 0; // only submitted tasks
@@ -132,7 +99,7 @@ fn manual_tasks(mode: DeliveryMode) -> Config {
 #[tokio::test]
 async fn broadcast_agents_get_what_they_missed_and_not_what_they_acked() {
     let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
     let mut agent = Agent::connect(&server, "a1").await;
     for i in 1..=4 {
         submit(&mut admin, &format!("job {i}"), "").await;
@@ -180,7 +147,7 @@ async fn broadcast_counts_what_left_retention_while_an_agent_was_away() {
     let mut config = manual_tasks(DeliveryMode::Broadcast);
     config.tasks.retain = 5;
     let server = TestServer::start(config).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
     let mut agent = Agent::connect(&server, "a1").await;
     let first = submit(&mut admin, "first", "").await;
     let task = agent.next().await;
@@ -210,7 +177,7 @@ async fn broadcast_counts_what_left_retention_while_an_agent_was_away() {
 #[tokio::test]
 async fn a_task_for_one_agent_reaches_only_that_agent() {
     let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
     let mut a = Agent::connect(&server, "a").await;
     let mut b = Agent::connect(&server, "b").await;
     let for_b = submit(&mut admin, "only b", "b").await;
@@ -237,7 +204,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
     let mut config = manual_tasks(DeliveryMode::Queue);
     config.tasks.window = 4;
     let server = TestServer::start(config).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
     for i in 0..200 {
         submit(&mut admin, &format!("job {i}"), "").await;
     }
@@ -346,7 +313,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
 #[tokio::test]
 async fn an_ack_from_an_earlier_server_run_is_ignored() {
     let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
     let mut agent = Agent::connect(&server, "a1").await;
     submit(&mut admin, "one", "").await;
     submit(&mut admin, "two", "").await;

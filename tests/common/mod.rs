@@ -5,8 +5,16 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 pub mod daemon;
+pub mod fleet;
 
-use contactd::{config::Config, proto::contact::contact_client::ContactClient, server};
+use contactd::{
+    config::Config,
+    proto::{
+        admin::{SubmitTaskRequest, admin_client::AdminClient},
+        contact::contact_client::ContactClient,
+    },
+    server,
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -63,6 +71,21 @@ impl TestServer {
         self.dir.path().join("admin.sock")
     }
 
+    /// A client of the admin API, once the server has bound its socket.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        let path = self.admin_socket();
+        // The server binds its admin socket as it starts, in its own task.
+        within("the admin socket", async {
+            while !path.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        within("admin connect", contactd::ctl::connect(&path))
+            .await
+            .unwrap()
+    }
+
     /// A new connection.
     pub async fn channel(&self) -> Channel {
         within(
@@ -80,6 +103,15 @@ impl TestServer {
         self.shutdown.cancel();
         within("server exit", self.task).await.unwrap().unwrap();
     }
+}
+
+/// Submits a task through the admin API, returning its id.
+pub async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -> u64 {
+    let request = SubmitTaskRequest {
+        text: text.into(),
+        agent: agent.into(),
+    };
+    admin.submit_task(request).await.unwrap().into_inner().id
 }
 
 /// A config with the given remote-command allow-list enabled.

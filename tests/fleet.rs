@@ -1,0 +1,212 @@
+//! Agents and server together: real in-process agents (`agent::run_with`)
+//! against a real in-process server, through faults.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{
+    TestServer,
+    fleet::{TestAgent, agent_config, handled},
+    submit, within,
+};
+use contactd::{
+    agent::EventKind,
+    config::{Config, DeliveryMode},
+    proto::{
+        admin::{ListAgentsRequest, ListTasksRequest, TaskState},
+        contact::Outcome,
+    },
+};
+use tokio::time::Instant;
+
+fn manual(mode: DeliveryMode) -> Config {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.tasks.mode = mode;
+    config
+}
+
+/// Waits for `count` handled tasks, returning their ids in order (handlers
+/// run concurrently, so they finish in any order).
+async fn handled_ids(agent: &mut TestAgent, count: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    while ids.len() < count {
+        let (id, outcome) = agent.wait_for("a handled task", handled).await;
+        assert_eq!(outcome, Outcome::Ok);
+        ids.push(id);
+    }
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_an_agent_away_for_a_while_gets_what_it_missed() {
+    let server = TestServer::start(manual(DeliveryMode::Broadcast)).await;
+    let mut admin = server.admin().await;
+    let mut agent = TestAgent::start(agent_config(server.addr, "web1"));
+    for i in 1..=3 {
+        submit(&mut admin, &format!("before {i}"), "").await;
+    }
+    assert_eq!(handled_ids(&mut agent, 3).await, [1, 2, 3]);
+    agent.stop().await;
+    for i in 4..=6 {
+        submit(&mut admin, &format!("while away {i}"), "").await;
+    }
+    let mut back = TestAgent::start(agent_config(server.addr, "web1"));
+    assert_eq!(
+        handled_ids(&mut back, 3).await,
+        [4, 5, 6],
+        "only what it missed"
+    );
+    // Stopping drains: its acks reach the server before it exits.
+    back.stop().await;
+    let tasks = admin
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(tasks.iter().all(|t| t.acked == 1), "{tasks:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_200_tasks_over_3_agents_one_killed_mid_run() {
+    let mut config = manual(DeliveryMode::Queue);
+    config.tasks.window = 4;
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    // Queued before any agent connects: they wait, then keep every agent's
+    // window full, so the killed agent surely has tasks in flight.
+    for i in 0..200 {
+        submit(&mut admin, &format!("job {i}"), "").await;
+    }
+    let agents: Vec<TestAgent> = ["a", "b", "c"]
+        .into_iter()
+        .map(|name| {
+            let mut config = agent_config(server.addr, name);
+            config.handler = ["sh", "-c", "sleep 0.02"].map(String::from).to_vec();
+            config.handler_concurrency = 2;
+            TestAgent::start(config)
+        })
+        .collect();
+    let [mut a, mut b, mut c] = agents.try_into().ok().unwrap();
+    for agent in [&mut a, &mut b, &mut c] {
+        agent.wait_for("connected", common::fleet::connected).await;
+    }
+    // Kill c (abruptly: no drain, no acks) once it has work in flight.
+    handled_ids(&mut c, 5).await;
+    c.task.abort();
+    let _ = c.task.await;
+
+    let mut done: HashSet<u64> = HashSet::new();
+    within("200 acks", async {
+        loop {
+            let request = ListTasksRequest {
+                state: TaskState::Acked as i32,
+                limit: 0,
+            };
+            let acked = admin.list_tasks(request).await.unwrap().into_inner().tasks;
+            if acked.len() == 200 {
+                done.extend(acked.iter().map(|t| t.id));
+                return;
+            }
+            // Wait for the next handled task rather than polling blindly.
+            tokio::select! {
+                _ = a.wait_for("a task", handled) => {}
+                _ = b.wait_for("a task", handled) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(done.len(), 200);
+    let reply = admin
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for task in &reply.tasks {
+        assert_eq!(
+            (task.acked, task.state()),
+            (1, TaskState::Acked),
+            "{task:?}"
+        );
+    }
+    assert!(
+        reply.redelivered >= 1,
+        "c's unacked tasks were redelivered: {} redelivered, {} duplicate acks",
+        reply.redelivered,
+        reply.duplicate_acks
+    );
+    let agents = admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let c_row = agents.iter().find(|x| x.name == "c").unwrap();
+    assert!(!c_row.connected && c_row.in_flight == 0, "{c_row:?}");
+    a.stop().await;
+    b.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_agents_reconnecting_after_a_restart_spread_their_attempts() {
+    let server = TestServer::start(manual(DeliveryMode::Broadcast)).await;
+    let addr = server.addr;
+    let mut agents: Vec<TestAgent> = (0..50)
+        .map(|i| {
+            let mut config = agent_config(addr, &format!("agent-{i}"));
+            config.backoff.initial = Duration::from_secs(1);
+            config.backoff.max = Duration::from_secs(5);
+            TestAgent::start(config)
+        })
+        .collect();
+    for agent in &mut agents {
+        agent.wait_for("connected", common::fleet::connected).await;
+    }
+    // The server goes away: every session ends at once.
+    let stopped = Instant::now();
+    server.stop().await;
+    // Each agent's next attempt after its first backoff wait.
+    let mut attempts = Vec::new();
+    for agent in &mut agents {
+        agent
+            .wait_for("a backoff wait", |e| {
+                matches!(e.kind, EventKind::Waiting { .. }).then_some(())
+            })
+            .await;
+        let at = agent
+            .wait_for("the next attempt", |e| {
+                matches!(e.kind, EventKind::Connecting { .. }).then_some(e.at)
+            })
+            .await;
+        attempts.push(at.duration_since(stopped.into_std()));
+    }
+    attempts.sort();
+    let span = attempts[49] - attempts[0];
+    // 1s ± 20 % jitter: the attempts cover a wide window, not one instant.
+    assert!(
+        span >= Duration::from_millis(150),
+        "attempts within {span:?}: {attempts:?}"
+    );
+    let busiest = attempts
+        .iter()
+        .map(|start| {
+            attempts
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_millis(20))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest <= 15,
+        "{busiest} of 50 attempts within 20ms: {attempts:?}"
+    );
+    for agent in agents {
+        agent.stop().await;
+    }
+}
