@@ -201,6 +201,8 @@ struct TaskRow {
     acked: u32,
     failed: u32,
     text: String,
+    last_agent: String,
+    last_result: String,
 }
 
 fn state_name(state: pb::TaskState) -> &'static str {
@@ -266,6 +268,8 @@ pub fn tasks(
             acked: t.acked,
             failed: t.failed,
             text: t.text.clone(),
+            last_agent: t.last_agent.clone(),
+            last_result: t.last_result.clone(),
         })
         .collect();
     if json {
@@ -299,6 +303,7 @@ pub fn tasks(
                 t.delivered.to_string(),
                 t.acked.to_string(),
                 t.failed.to_string(),
+                last_result(t),
                 t.text.clone(),
             ]
         })
@@ -314,6 +319,7 @@ pub fn tasks(
                 "DELIVERED",
                 "ACKED",
                 "FAILED",
+                "LAST RESULT",
                 "TEXT"
             ],
             &table
@@ -329,6 +335,25 @@ pub fn tasks(
         reply.duplicate_acks
     );
     Ok(())
+}
+
+/// The latest ack in one short line: `agent: last line of its text`.
+fn last_result(task: &TaskRow) -> String {
+    const WIDTH: usize = 40;
+    if task.last_agent.is_empty() {
+        return "-".to_owned();
+    }
+    let line = task
+        .last_result
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    let mut text = format!("{}: {}", task.last_agent, line.trim());
+    if text.chars().count() > WIDTH {
+        text = text.chars().take(WIDTH - 1).chain(['…']).collect();
+    }
+    text
 }
 
 /// How long before `now` a Unix-milliseconds time was, to the second.

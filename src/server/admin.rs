@@ -203,15 +203,23 @@ impl Admin for AdminService {
         let mut listed: Vec<pb::Task> = tasks
             .values()
             .filter(|t| wanted == pb::TaskState::Unspecified || state_of(t) == wanted)
-            .map(|t| pb::Task {
-                id: t.id,
-                text: t.text.clone(),
-                state: state_of(t) as i32,
-                target: t.target.as_deref().unwrap_or_default().to_owned(),
-                created_ms: unix_ms(t.created),
-                delivered: t.progress.delivered.load(Relaxed),
-                acked: t.progress.acked.load(Relaxed),
-                failed: t.progress.failed.load(Relaxed),
+            .map(|t| {
+                let last = t.progress.last_result();
+                pb::Task {
+                    id: t.id,
+                    text: t.text.clone(),
+                    state: state_of(t) as i32,
+                    target: t.target.as_deref().unwrap_or_default().to_owned(),
+                    created_ms: unix_ms(t.created),
+                    delivered: t.progress.delivered.load(Relaxed),
+                    acked: t.progress.acked.load(Relaxed),
+                    failed: t.progress.failed.load(Relaxed),
+                    last_agent: last
+                        .as_ref()
+                        .map(|(agent, _)| agent.to_string())
+                        .unwrap_or_default(),
+                    last_result: last.map(|(_, text)| text).unwrap_or_default(),
+                }
             })
             .collect();
         if request.limit > 0 {

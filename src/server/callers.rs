@@ -53,11 +53,8 @@ pub struct Caller {
 impl Caller {
     /// Records a status report, truncated to the configured bound.
     pub fn record_status(&self, text: &str) {
-        let mut cut = text.len().min(self.max_status);
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        *self.status.lock() = Some((text[..cut].to_owned(), SystemTime::now()));
+        let text = super::delivery::truncate(text, self.max_status);
+        *self.status.lock() = Some((text.to_owned(), SystemTime::now()));
     }
 
     /// The latest status and when it arrived.

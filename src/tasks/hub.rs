@@ -75,6 +75,8 @@ pub struct Progress {
     pub acked: AtomicU32,
     /// Acks saying handling failed.
     pub failed: AtomicU32,
+    /// The latest ack's agent and text (truncated by the server).
+    last_result: parking_lot::Mutex<Option<(Arc<str>, String)>>,
 }
 
 impl Progress {
@@ -90,8 +92,15 @@ impl Progress {
         );
     }
 
-    /// Records an ack: `ok` false for a failure. The first ack decides the state.
-    pub fn record_ack(&self, ok: bool) {
+    /// The latest ack's agent and text.
+    pub fn last_result(&self) -> Option<(Arc<str>, String)> {
+        self.last_result.lock().clone()
+    }
+
+    /// Records an ack from `agent` with its text: `ok` false for a
+    /// failure. The first ack decides the state.
+    pub fn record_ack(&self, ok: bool, agent: &Arc<str>, text: String) {
+        *self.last_result.lock() = Some((Arc::clone(agent), text));
         let (counter, state) = if ok {
             (&self.acked, TaskState::Acked)
         } else {
