@@ -1,4 +1,5 @@
-//! The commands behind the CLI: `serve` and `check-config`.
+//! The commands behind the CLI: `serve`, `check-config` and the operator
+//! commands; start-up pieces shared with the `agent` command.
 //!
 //! `serve` follows the lifecycle in DESIGN.md: load the config, set up
 //! logging, bind, serve; SIGHUP reloads, SIGTERM/SIGINT drain and stop, and
@@ -6,16 +7,17 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::{runtime::Runtime, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::{AdminArgs, ConfigArgs, SubmitArgs, TasksArgs},
-    config::{Config, ConfigError, DEFAULT_PATH, Source},
+    config::{self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source},
     ctl::{self, CtlError},
     logging::{self, LogError, Logging},
     server::{self, ServerError},
-    shutdown::{Event, Signals},
+    shutdown::{self, Signals},
     systemd,
 };
 
@@ -70,29 +72,56 @@ impl AppError {
     }
 }
 
-/// Loads the config `args` name; `None` in the second place means "the
-/// default file is absent, built-in defaults apply".
-fn load(args: &ConfigArgs) -> Result<(Source, Config, bool), ConfigError> {
-    let source = Source::new(args.config.clone(), DEFAULT_PATH);
-    let loaded = source.load::<Config>()?;
-    let found = loaded.is_some();
-    Ok((source, loaded.unwrap_or_default(), found))
+/// The server config's source: `--config`/`$CONTACTD_CONFIG`, else the default.
+fn server_source(args: &ConfigArgs) -> Source {
+    Source::new(args.config.clone(), DEFAULT_PATH)
 }
 
-/// `check-config`: prints the effective config to stdout.
+/// `check-config`: prints the effective config of type `T` to stdout.
 ///
 /// # Errors
 /// Every problem in the file, as [`AppError::Config`].
-pub fn check_config(args: &ConfigArgs) -> Result<(), AppError> {
-    let (source, config, found) = load(args)?;
+pub fn check<T: ConfigFile + Serialize>(source: &Source) -> Result<(), AppError> {
+    let (config, found) = source.load_or_default::<T>()?;
     if !found {
         eprintln!(
             "no config file at {}: these are the built-in defaults",
             source.path().display()
         );
     }
-    print!("{}", config.to_toml());
+    print!("{}", config::to_toml(&config));
     Ok(())
+}
+
+/// `check-config` for the server's config.
+///
+/// # Errors
+/// Every problem in the file, as [`AppError::Config`].
+pub fn check_config(args: &ConfigArgs) -> Result<(), AppError> {
+    check::<Config>(&server_source(args))
+}
+
+/// A daemon's start: logging as its config says, a line saying where that
+/// config came from, and the runtime to run on.
+///
+/// # Errors
+/// A logging or runtime failure.
+pub fn start_daemon(
+    source: &Source,
+    log: &LogConfig,
+    found: bool,
+) -> Result<(Arc<Logging>, Runtime), AppError> {
+    let logging = Arc::new(logging::init(log)?);
+    if found {
+        tracing::info!(path = %source.path().display(), "loaded config");
+    } else {
+        tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    Ok((logging, runtime))
 }
 
 /// The admin socket: `--socket`, else the server config's `[admin] socket`.
@@ -100,9 +129,8 @@ fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
     if let Some(socket) = &args.socket {
         return Ok(socket.clone());
     }
-    let (_, config, _) = load(&ConfigArgs {
-        config: args.config.clone(),
-    })?;
+    let source = Source::new(args.config.clone(), DEFAULT_PATH);
+    let (config, _) = source.load_or_default::<Config>()?;
     Ok(config.admin.socket)
 }
 
@@ -146,18 +174,10 @@ pub fn list_tasks(args: &TasksArgs) -> Result<(), AppError> {
 /// # Errors
 /// A bad config, logging or bind failure, or a server error.
 pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
-    let (source, config, found) = load(args)?;
-    let logging = Arc::new(logging::init(&config.log)?);
-    if found {
-        tracing::info!(path = %source.path().display(), "loaded config");
-    } else {
-        tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
-    }
+    let source = server_source(args);
+    let (config, found) = source.load_or_default::<Config>()?;
+    let (logging, runtime) = start_daemon(&source, &config.log, found)?;
     raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(AppError::Runtime)?;
     let result = runtime.block_on(serve_until_signalled(source, config, Arc::clone(&logging)));
     if let Err(e) = &result {
         tracing::error!("{e}");
@@ -207,51 +227,17 @@ async fn serve_until_signalled(
         let (logging, stop) = (Arc::clone(&logging), shutdown.clone());
         async move { logging.report_dropped(DROPPED_LOG_REPORT, stop).await }
     });
-    loop {
-        tokio::select! {
-            result = &mut server => return Ok(result??),
-            event = signals.next() => match event {
-                Event::Reload => {
-                    systemd::reloading();
-                    reload(&source, &config_tx, &logging);
-                    systemd::ready(&ready);
-                }
-                Event::Shutdown(signal) => {
-                    tracing::info!(signal, "shutdown requested");
-                    systemd::stopping();
-                    shutdown.cancel();
-                    break;
-                }
-            },
-        }
-    }
-    loop {
-        tokio::select! {
-            result = &mut server => return Ok(result??),
-            event = signals.next() => if let Event::Shutdown(signal) = event {
-                tracing::warn!(signal, "second shutdown signal: exiting now");
-                std::process::exit(1);
-            },
-        }
-    }
+    let stopped = shutdown::supervise(&mut server, &mut signals, &shutdown, &ready, || {
+        reload(&source, &config_tx, &logging);
+    });
+    Ok(stopped.await??)
 }
 
 /// Re-reads the config and applies it; an invalid file leaves the current
 /// config in force.
 fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Logging) {
-    let new = match source.load::<Config>() {
-        Ok(loaded) => loaded.unwrap_or_default(),
-        Err(e) => {
-            // One event per problem, so each is one line in the journal.
-            for (i, line) in e.to_string().lines().enumerate() {
-                if i == 0 {
-                    tracing::error!("config reload failed, keeping the current config: {line}");
-                } else {
-                    tracing::error!("{line}");
-                }
-            }
-            return;
-        }
+    let Some(new) = source.reload::<Config>() else {
+        return;
     };
     let old = Arc::clone(&config_tx.borrow());
     let restart = old.server.restart_needed(&new.server);

@@ -45,3 +45,47 @@ impl Signals {
         }
     }
 }
+
+/// Runs a daemon's main task under the process's signals until it ends:
+/// SIGHUP calls `reload` between systemd's `RELOADING=1` and `READY=1`
+/// (with `status`); SIGTERM or SIGINT notify `STOPPING=1` and cancel
+/// `shutdown`, then the task drains; a second such signal exits the process
+/// at once with status 1.
+///
+/// # Errors
+/// The task's panic or cancellation.
+pub async fn supervise<T>(
+    task: &mut tokio::task::JoinHandle<T>,
+    signals: &mut Signals,
+    shutdown: &tokio_util::sync::CancellationToken,
+    status: &str,
+    mut reload: impl FnMut(),
+) -> Result<T, tokio::task::JoinError> {
+    loop {
+        tokio::select! {
+            result = &mut *task => return result,
+            event = signals.next() => match event {
+                Event::Reload => {
+                    crate::systemd::reloading();
+                    reload();
+                    crate::systemd::ready(status);
+                }
+                Event::Shutdown(signal) => {
+                    tracing::info!(signal, "shutdown requested");
+                    crate::systemd::stopping();
+                    shutdown.cancel();
+                    break;
+                }
+            },
+        }
+    }
+    loop {
+        tokio::select! {
+            result = &mut *task => return result,
+            event = signals.next() => if let Event::Shutdown(signal) = event {
+                tracing::warn!(signal, "second shutdown signal: exiting now");
+                std::process::exit(1);
+            },
+        }
+    }
+}

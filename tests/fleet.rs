@@ -69,7 +69,9 @@ async fn broadcast_an_agent_away_for_a_while_gets_what_it_missed() {
         .tasks;
     assert!(tasks.iter().all(|t| t.acked == 1), "{tasks:?}");
     assert!(
-        tasks.iter().all(|t| t.last_agent == "web1" && t.last_result == "ok"),
+        tasks
+            .iter()
+            .all(|t| t.last_agent == "web1" && t.last_result == "ok"),
         "{tasks:?}"
     );
     server.stop().await;

@@ -11,18 +11,15 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::AppError,
-    config::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, ConfigError, Source},
-    logging::{self, Logging},
-    shutdown::{Event, Signals},
+    app::{self, AppError},
+    config::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, Source},
+    logging::Logging,
+    shutdown::{self, Signals},
     systemd,
 };
 
-fn load(path: Option<PathBuf>) -> Result<(Source, AgentFile, bool), ConfigError> {
-    let source = Source::new(path, AGENT_DEFAULT_PATH);
-    let loaded = source.load::<AgentFile>()?;
-    let found = loaded.is_some();
-    Ok((source, loaded.unwrap_or_default(), found))
+fn source(path: Option<PathBuf>) -> Source {
+    Source::new(path, AGENT_DEFAULT_PATH)
 }
 
 /// `check-config --agent`: prints the effective agent config to stdout.
@@ -30,15 +27,7 @@ fn load(path: Option<PathBuf>) -> Result<(Source, AgentFile, bool), ConfigError>
 /// # Errors
 /// Every problem in the file, as [`AppError::Config`].
 pub fn check_config(path: Option<PathBuf>) -> Result<(), AppError> {
-    let (source, config, found) = load(path)?;
-    if !found {
-        eprintln!(
-            "no config file at {}: these are the built-in defaults",
-            source.path().display()
-        );
-    }
-    print!("{}", config.to_toml());
-    Ok(())
+    app::check::<AgentFile>(&source(path))
 }
 
 /// `agent`: runs the agent until a shutdown signal.
@@ -46,17 +35,9 @@ pub fn check_config(path: Option<PathBuf>) -> Result<(), AppError> {
 /// # Errors
 /// A bad config, a logging failure, or a fatal agent error.
 pub fn agent(path: Option<PathBuf>) -> Result<(), AppError> {
-    let (source, config, found) = load(path)?;
-    let logging = Arc::new(logging::init(&config.log)?);
-    if found {
-        tracing::info!(path = %source.path().display(), "loaded config");
-    } else {
-        tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(AppError::Runtime)?;
+    let source = source(path);
+    let (config, found) = source.load_or_default::<AgentFile>()?;
+    let (logging, runtime) = app::start_daemon(&source, &config.log, found)?;
     let result = runtime.block_on(run_until_signalled(source, config, logging));
     if let Err(e) = &result {
         tracing::error!("{e}");
@@ -82,49 +63,23 @@ async fn run_until_signalled(
     if let Some(interval) = systemd::watchdog_interval() {
         tokio::spawn(systemd::watchdog(interval, stop_watchdog));
     }
-    loop {
-        tokio::select! {
-            result = &mut agent => return Ok(result??),
-            event = signals.next() => match event {
-                Event::Reload => {
-                    systemd::reloading();
-                    reload(&source, &config_tx, &logging);
-                    systemd::ready("config reloaded");
-                }
-                Event::Shutdown(signal) => {
-                    tracing::info!(signal, "shutdown requested");
-                    shutdown.cancel();
-                    break;
-                }
-            },
-        }
-    }
-    loop {
-        tokio::select! {
-            result = &mut agent => return Ok(result??),
-            event = signals.next() => if let Event::Shutdown(signal) = event {
-                tracing::warn!(signal, "second shutdown signal: exiting now");
-                std::process::exit(1);
-            },
-        }
-    }
+    let stopped = shutdown::supervise(
+        &mut agent,
+        &mut signals,
+        &shutdown,
+        "config reloaded",
+        || {
+            reload(&source, &config_tx, &logging);
+        },
+    );
+    Ok(stopped.await??)
 }
 
 /// Re-reads the config and applies it; an invalid file leaves the current
 /// config in force.
 fn reload(source: &Source, config_tx: &watch::Sender<Arc<AgentConfig>>, logging: &Logging) {
-    let new = match source.load::<AgentFile>() {
-        Ok(loaded) => loaded.unwrap_or_default(),
-        Err(e) => {
-            for (i, line) in e.to_string().lines().enumerate() {
-                if i == 0 {
-                    tracing::error!("config reload failed, keeping the current config: {line}");
-                } else {
-                    tracing::error!("{line}");
-                }
-            }
-            return;
-        }
+    let Some(new) = source.reload::<AgentFile>() else {
+        return;
     };
     let old = Arc::clone(&config_tx.borrow());
     if old.servers != new.agent.servers || old.name != new.agent.name {

@@ -252,13 +252,6 @@ impl ConfigFile for AgentFile {
     }
 }
 
-impl AgentFile {
-    /// The effective config as TOML, as `check-config --agent` prints it.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the config serializes to TOML")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,7 +261,7 @@ mod tests {
     fn defaults_are_valid_and_round_trip() {
         let config = AgentFile::default();
         assert!(config.validate().is_empty(), "{:?}", config.validate());
-        let again: AgentFile = parse(&config.to_toml()).unwrap();
+        let again: AgentFile = parse(&crate::config::to_toml(&config)).unwrap();
         assert_eq!(again, config);
     }
 

@@ -422,13 +422,6 @@ impl ConfigFile for Config {
     }
 }
 
-impl Config {
-    /// The effective config as TOML, as `check-config` prints it.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("the config serializes to TOML")
-    }
-}
-
 /// Where a config comes from, which decides whether a missing file is an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -466,6 +459,41 @@ impl Source {
             (_, result) => result.map(Some),
         }
     }
+
+    /// Loads the config, or the built-in defaults if the default file is
+    /// absent; the flag says whether a file was read.
+    ///
+    /// # Errors
+    /// A file that cannot be read, or has problems.
+    pub fn load_or_default<T: ConfigFile>(&self) -> Result<(T, bool), ConfigError> {
+        let loaded = self.load::<T>()?;
+        let found = loaded.is_some();
+        Ok((loaded.unwrap_or_default(), found))
+    }
+
+    /// Loads the config for a reload: on problems, logs each on its own
+    /// line (one journal entry each) and returns `None`, so the config in
+    /// force stays.
+    pub fn reload<T: ConfigFile>(&self) -> Option<T> {
+        match self.load_or_default::<T>() {
+            Ok((config, _)) => Some(config),
+            Err(e) => {
+                for (i, line) in e.to_string().lines().enumerate() {
+                    if i == 0 {
+                        tracing::error!("config reload failed, keeping the current config: {line}");
+                    } else {
+                        tracing::error!("{line}");
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A config as TOML, as `check-config` prints it.
+pub fn to_toml<T: Serialize>(config: &T) -> String {
+    toml::to_string_pretty(config).expect("configs serialize to TOML")
 }
 
 #[cfg(test)]
@@ -476,7 +504,7 @@ mod tests {
     fn defaults_are_valid_and_round_trip() {
         let config = Config::default();
         assert!(config.validate().is_empty());
-        let again: Config = parse(&config.to_toml()).unwrap();
+        let again: Config = parse(&to_toml(&config)).unwrap();
         assert_eq!(again, config);
     }
 
