@@ -6,18 +6,18 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    ffi::OsStr,
     net::SocketAddr,
     path::Path,
     pin::Pin,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, mpsc as std_mpsc},
     time::{Duration, Instant},
 };
 
 use common::{
     LIMIT,
-    daemon::Daemon,
+    daemon::{Daemon, Process},
     fleet::{TestAgent, agent_config, connected, failed, handled, reserve_port},
     within,
 };
@@ -339,74 +339,6 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
     );
 }
 
-/// `contactd agent` as a process, its log lines read as they come.
-struct AgentProcess {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl AgentProcess {
-    fn start(config_path: &Path) -> AgentProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
-            .args(["agent", "-c"])
-            .arg(config_path)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("CONTACTD_AGENT_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start contactd agent");
-        let (tx, lines) = std_mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        AgentProcess {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
-        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no agent log line with {needle:?} within {LIMIT:?}; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
     let mut daemon = Daemon::start(
@@ -434,7 +366,10 @@ fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
         ),
     )
     .unwrap();
-    let mut agent = AgentProcess::start(&config);
+    let mut agent = Process::spawn(
+        &[OsStr::new("agent"), OsStr::new("-c"), config.as_os_str()],
+        &[],
+    );
     agent.wait_for_line("connected to");
     // Reading blocks until the handler writes the fifo: then it is running.
     let (tx, rx) = std_mpsc::channel();
@@ -528,7 +463,10 @@ fn sighup_reloads_the_agent_config() {
         .unwrap();
     };
     write("true");
-    let mut agent = AgentProcess::start(&config);
+    let mut agent = Process::spawn(
+        &[OsStr::new("agent"), OsStr::new("-c"), config.as_os_str()],
+        &[],
+    );
     agent.wait_for_line("connected to");
     daemon.wait_for_line("outcome=Ok");
     write("false");

@@ -2,6 +2,7 @@
 //! a temp dir, its log lines read as they come, stopped with real signals.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -14,38 +15,24 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 use super::LIMIT;
 
-/// A running `contactd serve`.
-pub struct Daemon {
+/// A `contactd` child process, its stderr lines read as they come.
+pub struct Process {
     pub child: Child,
-    pub addr: SocketAddr,
-    pub dir: tempfile::TempDir,
     lines: mpsc::Receiver<String>,
     /// Every stderr line read so far.
     pub log: Vec<String>,
 }
 
-impl Daemon {
-    /// Starts `contactd serve` on `config` (TOML without a `listen` key:
-    /// port 0 on loopback is added) and waits until it serves.
-    pub fn start(config: &str) -> Daemon {
-        Daemon::start_with(config, &[])
-    }
-
-    /// Like [`start`](Self::start), with extra environment variables.
-    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("contactd.toml");
-        let mut config = with_listen(config);
-        if !config.contains("[admin]") {
-            let socket = dir.path().join("admin.sock");
-            config.push_str(&format!("\n[admin]\nsocket = \"{}\"\n", socket.display()));
-        }
-        std::fs::write(&path, config).unwrap();
+impl Process {
+    /// Starts `contactd ARGS...` with extra environment variables (and none
+    /// of the caller's that would change its behaviour).
+    pub fn spawn<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
-            .args(["serve", "-c"])
-            .arg(&path)
+            .args(args)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("CONTACTD_CONFIG")
+            .env_remove("CONTACTD_AGENT_CONFIG")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -61,21 +48,11 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Daemon {
+        Process {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir,
             lines,
             log: Vec::new(),
-        };
-        let serving = daemon.wait_for_line("serving Contact");
-        daemon.addr = field(&serving, "addr").parse().expect("an addr= field");
-        daemon
-    }
-
-    /// The config file's path.
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("contactd.toml")
+        }
     }
 
     /// Waits for a log line containing `needle` and returns it.
@@ -101,7 +78,7 @@ impl Daemon {
         }
     }
 
-    /// Sends `signal` to the daemon.
+    /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
@@ -126,12 +103,64 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for Process {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A running `contactd serve`, its config in a temp dir.
+pub struct Daemon {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+impl Daemon {
+    /// Starts `contactd serve` on `config` (TOML without a `listen` key:
+    /// port 0 on loopback is added) and waits until it serves.
+    pub fn start(config: &str) -> Daemon {
+        Daemon::start_with(config, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("contactd.toml");
+        let mut config = with_listen(config);
+        if !config.contains("[admin]") {
+            let socket = dir.path().join("admin.sock");
+            config.push_str(&format!("\n[admin]\nsocket = \"{}\"\n", socket.display()));
+        }
+        std::fs::write(&path, config).unwrap();
+        let mut process = Process::spawn(
+            &[OsStr::new("serve"), OsStr::new("-c"), path.as_os_str()],
+            env,
+        );
+        let serving = process.wait_for_line("serving Contact");
+        let addr = field(&serving, "addr").parse().expect("an addr= field");
+        Daemon { process, addr, dir }
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("contactd.toml")
     }
 }
 
