@@ -419,3 +419,44 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_and_slots_come_back() {
+    let mut config = Config::default();
+    config.server.max_connections = 2;
+    let server = TestServer::start(config).await;
+    let (mut a, mut b) = (server.client().await, server.client().await);
+    // Both connections carry a call, so both are surely open.
+    let held = (
+        a.get_task(Empty {}).await.unwrap().into_inner(),
+        b.get_task(Empty {}).await.unwrap().into_inner(),
+    );
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap();
+    let third = match endpoint.connect().await {
+        Err(_) => None,
+        Ok(channel) => Some(ContactClient::new(channel).get_task(Empty {}).await),
+    };
+    // Closed at once: the client sees a failed connection or call.
+    if let Some(result) = third {
+        let code = result.unwrap_err().code();
+        assert!(
+            matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown),
+            "{code:?}"
+        );
+    }
+    // Once a connection closes, its slot serves a new one.
+    drop((a, b, held));
+    within("a free slot", async {
+        loop {
+            if let Ok(channel) = endpoint.connect().await
+                && ContactClient::new(channel).get_task(Empty {}).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.stop().await;
+}

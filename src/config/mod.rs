@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Listen backlog: connections the kernel queues before `accept`.
     pub backlog: u32,
+    /// Connections open at once; beyond, new ones are closed at once.
+    pub max_connections: usize,
     /// Largest message accepted from a client.
     #[serde(with = "units::size")]
     pub max_message_size: ByteSize,
@@ -92,6 +94,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 55555)),
             backlog: 4096,
+            max_connections: 50_000,
             max_message_size: ByteSize::mib(4),
             max_concurrent_streams: 256,
             keepalive_interval: Duration::from_secs(30),
@@ -115,6 +118,10 @@ impl ServerConfig {
         };
         differs(self.listen != new.listen, "server.listen");
         differs(self.backlog != new.backlog, "server.backlog");
+        differs(
+            self.max_connections != new.max_connections,
+            "server.max_connections",
+        );
         differs(
             self.max_message_size != new.max_message_size,
             "server.max_message_size",
@@ -310,6 +317,11 @@ impl ConfigFile for Config {
         check(
             s.backlog >= 1,
             "server.backlog",
+            "must be at least 1".into(),
+        );
+        check(
+            s.max_connections >= 1,
+            "server.max_connections",
             "must be at least 1".into(),
         );
         check(

@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 use parking_lot::RwLock;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{Status, transport::server::TcpIncoming};
+use tonic::Status;
 use tonic_health::ServingStatus;
 
 pub use callers::{CallGuard, Caller, Callers};
@@ -133,7 +133,7 @@ pub async fn run(
     let reporter = tonic_health::server::HealthReporter::new();
     health::set_all(&reporter, ServingStatus::Serving).await;
     let router = router(&initial, &state, &reporter)?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener::incoming(listener, initial.server.max_connections);
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
