@@ -43,7 +43,6 @@ pub use session::SessionError;
 use crate::{
     config::AgentConfig,
     proto::contact::{Outcome, ServerMsg},
-    systemd,
 };
 
 /// Tasks received but not yet running, at most.
@@ -154,7 +153,6 @@ pub async fn run_with(
         grace = %humantime::format_duration(grace),
         "shutting down: taking no new tasks, letting running handlers finish"
     );
-    systemd::stopping();
     shared.draining.cancel();
     let handlers = async {
         let _ = dispatcher.await;
