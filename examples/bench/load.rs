@@ -1,0 +1,166 @@
+//! The client side: connections, latency histograms, and fleets of getTask
+//! agents (one HTTP/2 connection each).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use contactd::proto::contact::{Empty, contact_client::ContactClient};
+use futures_util::{StreamExt, stream};
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest one connection attempt may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// A new HTTP/2 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_LIMIT)
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// A histogram of latencies in nanoseconds (1 ns to 60 s, 3 digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records `since`'s elapsed time.
+pub fn record(hist: &mut Histogram<u64>, since: Instant) {
+    // Saturates at the upper bound rather than failing.
+    hist.saturating_record(since.elapsed().as_nanos() as u64);
+}
+
+/// How an agent's getTask stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum End {
+    /// Clean end of stream.
+    Clean,
+    /// An error status with this code.
+    Status(tonic::Code),
+}
+
+/// N agents, each on its own connection with an open getTask stream, each
+/// counting the tasks it receives.
+pub struct Fleet {
+    /// Tasks received, per agent.
+    pub received: Arc<Vec<AtomicU64>>,
+    /// Streams that have ended (they should stay open until closed).
+    ended: Arc<AtomicU64>,
+    /// The readers; each returns how its stream ended.
+    pub readers: JoinSet<End>,
+    /// Time from the first connect to the last stream established.
+    pub established_in: Duration,
+    /// Agents that could not connect or subscribe, with the first error.
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+impl Fleet {
+    /// Connects `n` agents, at most `parallel` connecting at once.
+    pub async fn connect(addr: SocketAddr, n: usize, parallel: usize) -> Fleet {
+        let received: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let started = Instant::now();
+        let results: Vec<_> = stream::iter(0..n)
+            .map(|i| async move {
+                let channel = connect(addr).await?;
+                let stream = ContactClient::new(channel.clone())
+                    .get_task(Empty {})
+                    .await?
+                    .into_inner();
+                anyhow::Ok((i, channel, stream))
+            })
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+        let established_in = started.elapsed();
+        let mut readers = JoinSet::new();
+        let ended = Arc::new(AtomicU64::new(0));
+        let mut failed = 0;
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok((i, channel, mut stream)) => {
+                    let received = Arc::clone(&received);
+                    let ended = Arc::clone(&ended);
+                    readers.spawn(async move {
+                        // The connection lives as long as its reader.
+                        let _channel = channel;
+                        let end = loop {
+                            match stream.message().await {
+                                Ok(Some(_)) => {
+                                    received[i].fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(None) => break End::Clean,
+                                Err(status) => break End::Status(status.code()),
+                            }
+                        };
+                        ended.fetch_add(1, Ordering::Relaxed);
+                        end
+                    });
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+        Fleet {
+            received,
+            ended,
+            readers,
+            established_in,
+            failed,
+            first_error,
+        }
+    }
+
+    /// Tasks received by all agents so far.
+    pub fn total(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Each agent's count now.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.received
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Streams that already ended (they should all still be open).
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection.
+    pub async fn close(mut self) {
+        self.readers.shutdown().await;
+    }
+
+    /// Waits (at most `limit`) for every stream to end, counting how.
+    pub async fn ends(mut self, limit: Duration) -> Vec<(End, usize)> {
+        let mut counts = std::collections::HashMap::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(end) = self.readers.join_next().await {
+                if let Ok(end) = end {
+                    *counts.entry(end).or_insert(0) += 1;
+                }
+            }
+        })
+        .await;
+        self.readers.shutdown().await;
+        counts.into_iter().collect()
+    }
+}
