@@ -173,7 +173,11 @@ pub async fn run(
                 Fleet::connect(addr, params.shutdown_streams, params.connect_parallel).await;
             let mut outcome = Outcome::default();
             fleet_errors(&fleet, &mut outcome);
+            let log = server.log_handle();
             let exit = server.stop().await?;
+            if std::env::var_os("BENCH_SHOW_LOG").is_some() {
+                eprintln!("{}", crate::server::tail(&log).replace(" | ", "\n"));
+            }
             let ends = fleet.ends(Duration::from_secs(5)).await;
             outcome.figures.push(("exit_s", exit.as_secs_f64()));
             outcome

@@ -175,6 +175,11 @@ impl Server {
         Ok(kib * 1024)
     }
 
+    /// The kept stderr lines, readable after the server is stopped.
+    pub fn log_handle(&self) -> Arc<Mutex<VecDeque<String>>> {
+        Arc::clone(&self.log)
+    }
+
     /// The last stderr lines, for error reports.
     pub fn log_tail(&self) -> String {
         tail(&self.log)
@@ -205,7 +210,7 @@ fn keep(log: &Mutex<VecDeque<String>>, line: String) {
     log.push_back(line);
 }
 
-fn tail(log: &Mutex<VecDeque<String>>) -> String {
+pub fn tail(log: &Mutex<VecDeque<String>>) -> String {
     log.lock().iter().cloned().collect::<Vec<_>>().join(" | ")
 }
 

@@ -14,6 +14,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 /// One caller's record.
 #[derive(Debug)]
@@ -70,6 +71,9 @@ pub struct Callers {
     limits: Mutex<Limits>,
     clock: AtomicU64,
     warned_full: AtomicBool,
+    /// Every open call holds a token, so shutdown can tell when the last
+    /// one has ended.
+    calls: TaskTracker,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +86,7 @@ struct Limits {
 #[derive(Debug)]
 pub struct CallGuard {
     caller: Arc<Caller>,
+    _call: TaskTrackerToken,
 }
 
 impl std::ops::Deref for CallGuard {
@@ -109,6 +114,7 @@ impl Callers {
             }),
             clock: AtomicU64::new(0),
             warned_full: AtomicBool::new(false),
+            calls: TaskTracker::new(),
         }
     }
 
@@ -161,7 +167,17 @@ impl Callers {
             *caller.connected_since.lock() = SystemTime::now();
         }
         caller.last_active.store(tick, Ordering::Relaxed);
-        CallGuard { caller }
+        CallGuard {
+            caller,
+            _call: self.calls.token(),
+        }
+    }
+
+    /// Resolves once no call is open (meant for shutdown, once streams have
+    /// been told to end).
+    pub async fn no_open_calls(&self) {
+        self.calls.close();
+        self.calls.wait().await;
     }
 
     /// Every remembered caller.

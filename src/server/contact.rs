@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, pin::Pin, sync::Arc};
 
 use futures_util::{Stream, stream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -67,34 +68,27 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::sendStatusStream>, Status> {
         let caller = self.enter(&request);
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
-        let closing = self.state.closing.clone();
-        let state = (request.into_inner(), caller, span);
-        let replies = stream::unfold(Some(state), move |state| {
-            let closing = closing.clone();
-            async move {
-                let (mut inbound, caller, span) = state?;
-                let next = tokio::select! {
-                    biased;
-                    () = closing.cancelled() => return Some((Err(shutting_down()), None)),
-                    next = inbound.message() => next,
-                };
-                match next {
-                    Ok(Some(msg)) => {
-                        span.in_scope(|| tracing::debug!(status = %msg.msg, "status received"));
-                        caller.record_status(&msg.msg);
-                        let reply = ResultMsg {
-                            ret: format!("server received: {}", msg.msg),
-                            ..ResultMsg::default()
-                        };
-                        Some((Ok(reply), Some((inbound, caller, span))))
-                    }
-                    Ok(None) => None,
-                    Err(status) => {
-                        span.in_scope(
-                            || tracing::debug!(%status, "status stream ended by the client"),
-                        );
-                        None
-                    }
+        let closing = self.state.closing.child_token();
+        let state = (request.into_inner(), caller, span, closing);
+        let replies = stream::unfold(Some(state), |state| async move {
+            let (mut inbound, caller, span, closing) = state?;
+            let Some(next) = unless_closing(&closing, inbound.message()).await else {
+                return Some((Err(shutting_down()), None));
+            };
+            match next {
+                Ok(Some(msg)) => {
+                    span.in_scope(|| tracing::debug!(status = %msg.msg, "status received"));
+                    caller.record_status(&msg.msg);
+                    let reply = ResultMsg {
+                        ret: format!("server received: {}", msg.msg),
+                        ..ResultMsg::default()
+                    };
+                    Some((Ok(reply), Some((inbound, caller, span, closing))))
+                }
+                Ok(None) => None,
+                Err(status) => {
+                    span.in_scope(|| tracing::debug!(%status, "status stream ended by the client"));
+                    None
                 }
             }
         });
@@ -116,18 +110,15 @@ impl Contact for ContactService {
         };
         let subscription = self.state.hub.subscribe(start);
         span.in_scope(|| tracing::debug!(from = subscription.position(), "subscribed to tasks"));
-        let closing = self.state.closing.clone();
-        let tasks = stream::unfold(Some((subscription, caller, span)), move |state| {
-            let closing = closing.clone();
-            async move {
-                let (mut subscription, caller, span) = state?;
-                let task = tokio::select! {
-                    biased;
-                    () = closing.cancelled() => return Some((Err(shutting_down()), None)),
-                    task = next_task(&mut subscription, &caller, &span) => task,
-                };
-                Some((Ok(task), Some((subscription, caller, span))))
-            }
+        let closing = self.state.closing.child_token();
+        let state = (subscription, caller, span, closing);
+        let tasks = stream::unfold(Some(state), |state| async move {
+            let (mut subscription, caller, span, closing) = state?;
+            let next = next_task(&mut subscription, &caller, &span);
+            let Some(task) = unless_closing(&closing, next).await else {
+                return Some((Err(shutting_down()), None));
+            };
+            Some((Ok(task), Some((subscription, caller, span, closing))))
         });
         Ok(Response::new(Box::pin(tasks)))
     }
@@ -139,12 +130,11 @@ impl Contact for ContactService {
         let caller = self.enter(&request);
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
+        let closing = self.state.closing.child_token();
         async {
             loop {
-                let next = tokio::select! {
-                    biased;
-                    () = self.state.closing.cancelled() => return Err(shutting_down()),
-                    next = inbound.message() => next,
+                let Some(next) = unless_closing(&closing, inbound.message()).await else {
+                    return Err(shutting_down());
                 };
                 let Some(result) = next? else {
                     return Ok(Response::new(Empty {}));
@@ -186,6 +176,28 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// `next`'s output, or `None` once `closing` is cancelled.
+///
+/// `next` is polled first, so a message or task that is already there costs
+/// one flag check, and a waiter is registered on the token (a lock, a list
+/// insert and removal) only when `next` has to wait: polling the token first
+/// on every message took ~15 % of the server's CPU in the fanout benchmark.
+/// The check up front still ends a stream whose `next` is always ready.
+/// Each stream passes its own child token, so these locks are not shared.
+async fn unless_closing<T>(
+    closing: &CancellationToken,
+    next: impl Future<Output = T>,
+) -> Option<T> {
+    if closing.is_cancelled() {
+        return None;
+    }
+    tokio::select! {
+        biased;
+        value = next => Some(value),
+        () = closing.cancelled() => None,
     }
 }
 
