@@ -232,6 +232,9 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         args.duration,
         args.repeat
     );
+    if smoke {
+        println!("# smoke: brief runs with few agents; the figures are not judged");
+    }
     let runtime = current_thread()?;
     let failures = runtime.block_on(run_all(&scenarios, &launcher, &params, args.repeat.max(1)));
     if failures > 0 {

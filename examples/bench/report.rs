@@ -22,11 +22,6 @@ impl Outcome {
             .map(|(_, v)| *v)
     }
 
-    /// The compared figure.
-    pub fn value(&self) -> f64 {
-        self.figures.first().map_or(f64::NAN, |(_, v)| *v)
-    }
-
     /// Adds an error unless `ok`.
     pub fn check(&mut self, ok: bool, error: impl FnOnce() -> String) {
         if !ok {
