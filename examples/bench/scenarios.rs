@@ -149,6 +149,7 @@ pub async fn run(
     }
     let server = launcher.start(kind, &scenario.setup()).await?;
     let addr = server.addr;
+    let cpu_before = server.cpu_seconds()?;
     let d = params.duration;
     let mut outcome = match scenario {
         Scenario::StatusPingpong => status(addr, 1, 1, 1, d).await?,
@@ -195,6 +196,14 @@ pub async fn run(
         }
         Scenario::Startup => unreachable!("handled above"),
     };
+    // Server CPU per operation: steadier than the rate when neither side
+    // saturates its CPU (whole run, so connection set-up is included).
+    let cpu = server.cpu_seconds()? - cpu_before;
+    if let Some(count) = outcome.figure("count").or(outcome.figure("delivered")) {
+        outcome
+            .figures
+            .push(("server_cpu_ns_per_op", cpu * 1e9 / count.max(1.0)));
+    }
     let log = server.log_tail();
     let stopped = server.stop().await;
     outcome.check(stopped.is_ok(), || {
@@ -359,6 +368,7 @@ async fn fanout(addr: SocketAddr, agents: usize, parallel: usize, duration: Dura
     outcome.figures.push(("rate", delivered as f64 / elapsed));
     outcome.figures.push(("agents", agents as f64));
     outcome.figures.push(("agents_receiving", receiving as f64));
+    outcome.figures.push(("delivered", delivered as f64));
     outcome.figures.push(("offered_per_agent", 10_000.0));
     outcome.check(fleet.ended() == 0, || {
         format!("{} getTask streams ended early", fleet.ended())

@@ -175,6 +175,17 @@ impl Server {
         Ok(kib * 1024)
     }
 
+    /// CPU time (user + system) the server has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // USER_HZ is 100 on every Linux this runs on.
+        Ok(ticks as f64 / 100.0)
+    }
+
     /// The kept stderr lines, readable after the server is stopped.
     pub fn log_handle(&self) -> Arc<Mutex<VecDeque<String>>> {
         Arc::clone(&self.log)

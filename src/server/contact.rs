@@ -6,7 +6,7 @@
 //! with it everything the call held. Every stream also ends, with
 //! UNAVAILABLE, when the server starts shutting down.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll};
 
 use futures_util::{Stream, stream};
 use tokio_util::sync::CancellationToken;
@@ -193,6 +193,11 @@ async fn unless_closing<T>(
 ) -> Option<T> {
     if closing.is_cancelled() {
         return None;
+    }
+    let mut next = std::pin::pin!(next);
+    // The common case: `next` is ready, and no cancellation future is made.
+    if let Poll::Ready(value) = future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+        return Some(value);
     }
     tokio::select! {
         biased;
