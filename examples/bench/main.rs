@@ -102,8 +102,9 @@ struct RunArgs {
     startups: usize,
     #[arg(long, default_value_t = 32)]
     cmd_in_flight: usize,
-    /// Agents connecting at once in fanout, hold and shutdown.
-    #[arg(long, default_value_t = 1000)]
+    /// Agents connecting at once in fanout, hold and shutdown (the
+    /// baseline's listen backlog is tokio's 1024).
+    #[arg(long, default_value_t = 200)]
     connect_parallel: usize,
 }
 
@@ -285,7 +286,7 @@ async fn run_all(
     let mut failures = 0;
     let mut summary = Vec::new();
     for &scenario in scenarios {
-        let mut runs: Vec<(&str, Outcome)> = Vec::new();
+        let mut runs: Vec<(&str, usize, Outcome)> = Vec::new();
         for round in 0..repeat {
             let mut order = vec![Some(Kind::Contactd), Some(Kind::Baseline)];
             if round % 2 == 1 {
@@ -304,12 +305,12 @@ async fn run_all(
                 if !outcome.errors.is_empty() {
                     failures += 1;
                 }
-                runs.push((name, outcome));
+                runs.push((name, round, outcome));
             }
         }
         summary.extend(compare(scenario, &runs));
     }
-    println!("# summary (medians over runs)");
+    println!("# summary: figures are medians over runs; ratios are medians of per-round ratios");
     for line in summary {
         println!("{line}");
     }
@@ -317,36 +318,63 @@ async fn run_all(
 }
 
 /// The median of a figure over one server's runs.
-fn median_of(runs: &[(&str, Outcome)], server: &str, figure: &str) -> f64 {
+fn median_of(runs: &[(&str, usize, Outcome)], server: &str, figure: &str) -> f64 {
     let values: Vec<f64> = runs
         .iter()
-        .filter(|(name, _)| *name == server)
-        .filter_map(|(_, outcome)| outcome.figure(figure))
+        .filter(|(name, _, _)| *name == server)
+        .filter_map(|(_, _, outcome)| outcome.figure(figure))
         .collect();
     median(&values)
 }
 
+/// The median of the per-round ratios `server`/`reference` of a figure:
+/// the two runs of a round are adjacent in time, so a load that drifts over
+/// the whole run (another build on the machine) cancels out better than in
+/// the ratio of the medians.
+fn paired_ratio(
+    runs: &[(&str, usize, Outcome)],
+    server: &str,
+    reference: &str,
+    figure: &str,
+) -> f64 {
+    let value = |name: &str, round: usize| {
+        runs.iter()
+            .find(|(n, r, _)| *n == name && *r == round)
+            .and_then(|(_, _, o)| o.figure(figure))
+    };
+    let rounds = runs.iter().map(|(_, r, _)| *r + 1).max().unwrap_or(0);
+    let ratios: Vec<f64> = (0..rounds)
+        .filter_map(|r| Some(value(server, r)? / value(reference, r)?))
+        .collect();
+    median(&ratios)
+}
+
 /// The RATIO and TARGET lines of one scenario.
-fn compare(scenario: Scenario, runs: &[(&str, Outcome)]) -> Vec<String> {
+fn compare(scenario: Scenario, runs: &[(&str, usize, Outcome)]) -> Vec<String> {
     let mut lines = Vec::new();
     let first = runs
         .iter()
-        .find_map(|(_, o)| o.figures.first().map(|(n, _)| *n))
+        .find_map(|(_, _, o)| o.figures.first().map(|(n, _)| *n))
         .unwrap_or("rate");
     let contactd = median_of(runs, "contactd", first);
     let baseline = median_of(runs, "baseline", first);
+    let ratio = paired_ratio(runs, "contactd", "baseline", first);
+    let cpu = paired_ratio(runs, "contactd", "baseline", "server_cpu_ns_per_op");
     lines.push(format!(
-        "RATIO scenario={} figure={first} contactd={} baseline={} contactd/baseline={}",
+        "RATIO scenario={} figure={first} contactd={} baseline={} contactd/baseline={} \
+         server_cpu_per_op_contactd/baseline={}",
         scenario.name(),
         number(contactd),
         number(baseline),
-        number(contactd / baseline)
+        number(ratio),
+        number(cpu),
     ));
     if let Some(target) = scenario.ratio_target() {
-        lines.push(target.line(scenario, contactd / baseline));
+        lines.push(target.line(scenario, ratio));
     }
     if scenario == Scenario::Cmd {
         let spawn = median_of(runs, "plain-spawn", "rate");
+        let ratio = paired_ratio(runs, "contactd", "plain-spawn", "rate");
         let target = report::Target {
             what: "ratio_vs_plain_spawn",
             limit: 0.8,
@@ -356,9 +384,9 @@ fn compare(scenario: Scenario, runs: &[(&str, Outcome)]) -> Vec<String> {
             "RATIO scenario=cmd figure=rate contactd={} plain-spawn={} contactd/plain-spawn={}",
             number(contactd),
             number(spawn),
-            number(contactd / spawn)
+            number(ratio)
         ));
-        lines.push(target.line(scenario, contactd / spawn));
+        lines.push(target.line(scenario, ratio));
     }
     if scenario == Scenario::Fanout {
         let receiving = median_of(runs, "contactd", "agents_receiving");

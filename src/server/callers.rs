@@ -45,7 +45,16 @@ impl Caller {
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        *self.status.lock() = Some((text[..cut].to_owned(), SystemTime::now()));
+        let now = SystemTime::now();
+        // Reuses the kept text's buffer: no allocation per report.
+        match &mut *self.status.lock() {
+            Some((kept, at)) => {
+                kept.clear();
+                kept.push_str(&text[..cut]);
+                *at = now;
+            }
+            status @ None => *status = Some((text[..cut].to_owned(), now)),
+        }
     }
 
     /// The latest status and when it arrived.
