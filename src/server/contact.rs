@@ -6,10 +6,16 @@
 //! with it everything the call held. Every stream also ends, with
 //! UNAVAILABLE, when the server starts shutting down.
 
-use std::{future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll};
+use std::{
+    future::{self, Future},
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use futures_util::{Stream, stream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -69,32 +75,14 @@ impl Contact for ContactService {
         let caller = self.enter(&request);
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
         let closing = self.state.closing.child_token();
-        let state = (request.into_inner(), caller, span, closing);
-        let replies = stream::unfold(Some(state), |state| async move {
-            let (mut inbound, caller, span, closing) = state?;
-            let Some(next) = unless_closing(&closing, inbound.message()).await else {
-                return Some((Err(shutting_down()), None));
-            };
-            match next {
-                Ok(Some(msg)) => {
-                    // `parent:` rather than entering the span: entering and
-                    // leaving it cost more per message than the reply itself,
-                    // even with the event disabled.
-                    tracing::debug!(parent: &span, status = %msg.msg, "status received");
-                    caller.record_status(&msg.msg);
-                    let reply = ResultMsg {
-                        ret: format!("server received: {}", msg.msg),
-                        ..ResultMsg::default()
-                    };
-                    Some((Ok(reply), Some((inbound, caller, span, closing))))
-                }
-                Ok(None) => None,
-                Err(status) => {
-                    span.in_scope(|| tracing::debug!(%status, "status stream ended by the client"));
-                    None
-                }
-            }
-        });
+        let replies = StatusReplies {
+            inbound: request.into_inner(),
+            caller,
+            span,
+            cancelled: Box::pin(closing.clone().cancelled_owned()),
+            closing,
+            done: false,
+        };
         Ok(Response::new(Box::pin(replies)))
     }
 
@@ -179,6 +167,70 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// sendStatus's replies: one per status report, in order, until the client
+/// ends its stream (or fails), or the server starts shutting down (then one
+/// UNAVAILABLE).
+///
+/// Written by hand rather than with `stream::unfold`: the call's state stays
+/// in place and no future is built per message. The unfold version moved the
+/// whole state in and out of a new future for every status, and cost ~35 %
+/// more server CPU per status than a bare tonic echo (status-pipelined).
+struct StatusReplies {
+    inbound: Streaming<ClientMsg>,
+    caller: CallGuard,
+    span: tracing::Span,
+    /// This stream's own child of the server's closing token.
+    closing: CancellationToken,
+    /// Registered on `closing` the first time the stream has to wait, and
+    /// kept: polled only when no status is ready.
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl Stream for StatusReplies {
+    type Item = Result<ResultMsg, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.closing.is_cancelled() {
+            this.done = true;
+            return Poll::Ready(Some(Err(shutting_down())));
+        }
+        match Pin::new(&mut this.inbound).poll_next(cx) {
+            Poll::Ready(Some(Ok(msg))) => {
+                // `parent:` rather than entering the span: entering and
+                // leaving it cost more per message than the reply itself,
+                // even with the event disabled.
+                tracing::debug!(parent: &this.span, status = %msg.msg, "status received");
+                this.caller.record_status(&msg.msg);
+                Poll::Ready(Some(Ok(ResultMsg {
+                    ret: format!("server received: {}", msg.msg),
+                    ..ResultMsg::default()
+                })))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                tracing::debug!(parent: &this.span, %status, "status stream ended by the client");
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.cancelled.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.done = true;
+                    Poll::Ready(Some(Err(shutting_down())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
