@@ -10,8 +10,12 @@
 //! ```
 //!
 //! Everything goes to 127.0.0.1 only; every run is bounded in time and count.
+//! BENCHMARKS.md has the scenarios, the figures and how to read them. With
+//! `BENCH_SHOW_LOG=1`, the shutdown scenario prints the server's last log
+//! lines (the shutdown phases with their timestamps).
 
 mod baseline;
+mod cmd;
 mod load;
 mod report;
 mod scenarios;
@@ -131,7 +135,7 @@ fn main() -> ExitCode {
         Command::SpawnLoop {
             in_flight,
             duration,
-        } => current_thread().map(|rt| rt.block_on(scenarios::spawn_loop(in_flight, duration))),
+        } => current_thread().map(|rt| rt.block_on(cmd::spawn_loop(in_flight, duration))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,7 +262,7 @@ async fn run_one(
     let result = tokio::time::timeout(limit, async {
         match kind {
             Some(kind) => scenarios::run(scenario, kind, launcher, params).await,
-            None => scenarios::plain_spawn(launcher, params).await,
+            None => cmd::plain_spawn(launcher, params).await,
         }
     })
     .await;

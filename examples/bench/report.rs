@@ -30,6 +30,13 @@ impl Outcome {
     }
 }
 
+/// Adds the p50 and p99 of `hist` (nanoseconds) in microseconds.
+pub fn percentiles(outcome: &mut Outcome, hist: &hdrhistogram::Histogram<u64>) {
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    outcome.figures.push(("p50_us", us(0.5)));
+    outcome.figures.push(("p99_us", us(0.99)));
+}
+
 /// `RESULT scenario=... server=... name=value ... errors=N`.
 pub fn result_line(scenario: Scenario, server: &str, outcome: &Outcome) -> String {
     let mut line = format!("RESULT scenario={} server={server}", scenario.name());
