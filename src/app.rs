@@ -182,6 +182,11 @@ pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
+    // Dropping thousands of closed connections one by one (freeing their
+    // buffers) took 0.4 s at exit with 5,000 agents; the kernel releases it
+    // all at once when the process exits. (Logs are flushed after this,
+    // when `logging` is dropped.)
+    runtime.shutdown_background();
     result
 }
 

@@ -17,6 +17,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::tasks::AckCursor;
 
@@ -54,7 +55,16 @@ impl Caller {
     /// Records a status report, truncated to the configured bound.
     pub fn record_status(&self, text: &str) {
         let text = super::delivery::truncate(text, self.max_status);
-        *self.status.lock() = Some((text.to_owned(), SystemTime::now()));
+        let now = SystemTime::now();
+        // Reuses the kept text's buffer: no allocation per report.
+        match &mut *self.status.lock() {
+            Some((kept, at)) => {
+                kept.clear();
+                kept.push_str(text);
+                *at = now;
+            }
+            status @ None => *status = Some((text.to_owned(), now)),
+        }
     }
 
     /// The latest status and when it arrived.
@@ -85,6 +95,9 @@ pub struct Callers {
     limits: Mutex<Limits>,
     clock: AtomicU64,
     warned_full: AtomicBool,
+    /// Every open call holds a token, so shutdown can tell when the last
+    /// one has ended.
+    calls: TaskTracker,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +110,7 @@ struct Limits {
 #[derive(Debug)]
 pub struct CallGuard {
     caller: Arc<Caller>,
+    _call: TaskTrackerToken,
 }
 
 impl std::ops::Deref for CallGuard {
@@ -124,6 +138,7 @@ impl Callers {
             }),
             clock: AtomicU64::new(0),
             warned_full: AtomicBool::new(false),
+            calls: TaskTracker::new(),
         }
     }
 
@@ -183,7 +198,17 @@ impl Callers {
         if address.is_some() {
             *caller.address.lock() = address;
         }
-        CallGuard { caller }
+        CallGuard {
+            caller,
+            _call: self.calls.token(),
+        }
+    }
+
+    /// Resolves once no call is open (meant for shutdown, once streams have
+    /// been told to end).
+    pub async fn no_open_calls(&self) {
+        self.calls.close();
+        self.calls.wait().await;
     }
 
     /// Every remembered caller.

@@ -6,9 +6,16 @@
 //! with it everything the call held. Every stream also ends, with
 //! UNAVAILABLE, when the server starts shutting down.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{
+    future::{self, Future},
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use futures_util::{Stream, stream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::Instrument;
 
@@ -95,37 +102,15 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::sendStatusStream>, Status> {
         let caller = self.enter(&request)?;
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
-        let closing = self.state.closing.clone();
-        let state = (request.into_inner(), caller, span);
-        let replies = stream::unfold(Some(state), move |state| {
-            let closing = closing.clone();
-            async move {
-                let (mut inbound, caller, span) = state?;
-                let next = tokio::select! {
-                    biased;
-                    () = closing.cancelled() => return Some((Err(shutting_down()), None)),
-                    next = inbound.message() => next,
-                };
-                match next {
-                    Ok(Some(msg)) => {
-                        span.in_scope(|| tracing::debug!(status = %msg.msg, "status received"));
-                        caller.record_status(&msg.msg);
-                        let reply = ResultMsg {
-                            ret: format!("server received: {}", msg.msg),
-                            ..ResultMsg::default()
-                        };
-                        Some((Ok(reply), Some((inbound, caller, span))))
-                    }
-                    Ok(None) => None,
-                    Err(status) => {
-                        span.in_scope(
-                            || tracing::debug!(%status, "status stream ended by the client"),
-                        );
-                        None
-                    }
-                }
-            }
-        });
+        let closing = self.state.closing.child_token();
+        let replies = StatusReplies {
+            inbound: request.into_inner(),
+            caller,
+            span,
+            cancelled: Box::pin(closing.clone().cancelled_owned()),
+            closing,
+            done: false,
+        };
         Ok(Response::new(Box::pin(replies)))
     }
 
@@ -138,19 +123,15 @@ impl Contact for ContactService {
         let caller = self.enter(&request)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
         let feed = Feed::open(&self.state, &caller);
-        span.in_scope(|| tracing::debug!("subscribed to tasks"));
-        let closing = self.state.closing.clone();
-        let tasks = stream::unfold(Some((feed, caller, span)), move |state| {
-            let closing = closing.clone();
-            async move {
-                let (mut feed, caller, span) = state?;
-                let task = tokio::select! {
-                    biased;
-                    () = closing.cancelled() => return Some((Err(shutting_down()), None)),
-                    task = feed.next(&caller).instrument(span.clone()) => task,
-                };
-                Some((Ok(task), Some((feed, caller, span))))
-            }
+        tracing::debug!(parent: &span, "subscribed to tasks");
+        let closing = self.state.closing.child_token();
+        let state = (feed, caller, span, closing);
+        let tasks = stream::unfold(Some(state), |state| async move {
+            let (mut feed, caller, span, closing) = state?;
+            let Some(task) = unless_closing(&closing, feed.next(&caller)).await else {
+                return Some((Err(shutting_down()), None));
+            };
+            Some((Ok(task), Some((feed, caller, span, closing))))
         });
         Ok(Response::new(Box::pin(tasks)))
     }
@@ -162,12 +143,11 @@ impl Contact for ContactService {
         let caller = self.enter(&request)?;
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
+        let closing = self.state.closing.child_token();
         async {
             loop {
-                let next = tokio::select! {
-                    biased;
-                    () = self.state.closing.cancelled() => return Err(shutting_down()),
-                    next = inbound.message() => next,
+                let Some(next) = unless_closing(&closing, inbound.message()).await else {
+                    return Err(shutting_down());
                 };
                 let Some(result) = next? else {
                     return Ok(Response::new(Empty {}));
@@ -209,5 +189,96 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// sendStatus's replies: one per status report, in order, until the client
+/// ends its stream (or fails), or the server starts shutting down (then one
+/// UNAVAILABLE).
+///
+/// Written by hand rather than with `stream::unfold`: the call's state stays
+/// in place and no future is built per message. The unfold version moved the
+/// whole state in and out of a new future for every status, and cost ~35 %
+/// more server CPU per status than a bare tonic echo (status-pipelined).
+struct StatusReplies {
+    inbound: Streaming<ClientMsg>,
+    caller: CallGuard,
+    span: tracing::Span,
+    /// This stream's own child of the server's closing token.
+    closing: CancellationToken,
+    /// Registered on `closing` the first time the stream has to wait, and
+    /// kept: polled only when no status is ready.
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl Stream for StatusReplies {
+    type Item = Result<ResultMsg, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.closing.is_cancelled() {
+            this.done = true;
+            return Poll::Ready(Some(Err(shutting_down())));
+        }
+        match Pin::new(&mut this.inbound).poll_next(cx) {
+            Poll::Ready(Some(Ok(msg))) => {
+                // `parent:` rather than entering the span: entering and
+                // leaving it cost more per message than the reply itself,
+                // even with the event disabled.
+                tracing::debug!(parent: &this.span, status = %msg.msg, "status received");
+                this.caller.record_status(&msg.msg);
+                Poll::Ready(Some(Ok(ResultMsg {
+                    ret: format!("server received: {}", msg.msg),
+                    ..ResultMsg::default()
+                })))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                tracing::debug!(parent: &this.span, %status, "status stream ended by the client");
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.cancelled.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.done = true;
+                    Poll::Ready(Some(Err(shutting_down())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// `next`'s output, or `None` once `closing` is cancelled.
+///
+/// `next` is polled first, so a message or task that is already there costs
+/// one flag check, and a waiter is registered on the token (a lock, a list
+/// insert and removal) only when `next` has to wait: polling the token first
+/// on every message took ~15 % of the server's CPU in the fanout benchmark.
+/// The check up front still ends a stream whose `next` is always ready.
+/// Each stream passes its own child token, so these locks are not shared.
+async fn unless_closing<T>(
+    closing: &CancellationToken,
+    next: impl Future<Output = T>,
+) -> Option<T> {
+    if closing.is_cancelled() {
+        return None;
+    }
+    let mut next = std::pin::pin!(next);
+    // The common case: `next` is ready, and no cancellation future is made.
+    if let Poll::Ready(value) = future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+        return Some(value);
+    }
+    tokio::select! {
+        biased;
+        value = next => Some(value),
+        () = closing.cancelled() => None,
     }
 }

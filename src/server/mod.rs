@@ -4,7 +4,9 @@
 //!
 //! Shutdown order, one log line per phase: health NOT_SERVING → stop
 //! accepting and end every open stream with UNAVAILABLE → let in-flight
-//! calls finish within `server.grace_period` → kill remote commands still
+//! calls finish within `server.grace_period` (once none is open, the
+//! connections get a moment to flush and are closed, without waiting for
+//! every client to acknowledge the GOAWAY) → kill remote commands still
 //! running and wait briefly for their answers → return.
 
 mod admin;
@@ -39,6 +41,10 @@ use crate::{
 /// After the grace period, how long killed commands get to answer before
 /// the remaining connections are dropped.
 const AFTER_GRACE: Duration = Duration::from_secs(2);
+
+/// Once no call is open at shutdown, how long connections get to flush what
+/// they have (the streams' final UNAVAILABLE) before they are closed.
+const FLUSH_IDLE: Duration = Duration::from_millis(500);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +156,19 @@ pub async fn run(
     tracing::info!(grace = %humantime::format_duration(grace), "stopped accepting; ended open streams; waiting for in-flight calls");
     let result = tokio::select! {
         result = &mut serve => result,
+        // Without this, the serve future waits for every client to answer
+        // the GOAWAY's ping and close (with 5,000 agents that took over a
+        // second, and a dead peer holds it for the whole grace period), when
+        // there is nothing left to deliver but what is being flushed.
+        () = state.callers.no_open_calls() => {
+            match tokio::time::timeout(FLUSH_IDLE, &mut serve).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::info!("no call open: closing the remaining connections");
+                    Ok(())
+                }
+            }
+        }
         () = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over: killing remote commands still running");
             state.kill.cancel();

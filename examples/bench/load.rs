@@ -1,0 +1,202 @@
+//! The client side: connections, latency histograms, and fleets of getTask
+//! agents (one HTTP/2 connection each).
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tonic::codegen::http;
+
+use contactd::proto::contact::{Empty, contact_client::ContactClient};
+use futures_util::{StreamExt, stream};
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest one connection attempt may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// A new HTTP/2 connection to `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_LIMIT)
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// An agent's own HTTP/2 connection, without tonic's `Channel`: its buffer
+/// task and reconnect machinery made the single loader CPU, not the server,
+/// the limit on how fast 10,000 agents connect. Still the generated client
+/// and tonic's codec, over hyper's HTTP/2 client, one connection per agent.
+#[derive(Debug, Clone)]
+pub struct Conn(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+type ConnFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, hyper::Error>> + Send>>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Conn {
+    type Response = http::Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> ConnFuture {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// A new light HTTP/2 connection to `addr`, and a Contact client on it.
+pub async fn connect_agent(addr: SocketAddr) -> anyhow::Result<ContactClient<Conn>> {
+    let tcp = tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    tcp.set_nodelay(true)?;
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    // Ends when the connection closes; its error, if any, surfaces in the calls.
+    tokio::spawn(connection);
+    let origin = http::Uri::try_from(format!("http://{addr}"))?;
+    Ok(ContactClient::with_origin(Conn(send), origin))
+}
+
+/// A histogram of latencies in nanoseconds (1 ns to 60 s, 3 digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records `since`'s elapsed time.
+pub fn record(hist: &mut Histogram<u64>, since: Instant) {
+    // Saturates at the upper bound rather than failing.
+    hist.saturating_record(since.elapsed().as_nanos() as u64);
+}
+
+/// How an agent's getTask stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum End {
+    /// Clean end of stream.
+    Clean,
+    /// An error status with this code.
+    Status(tonic::Code),
+}
+
+/// N agents, each on its own connection with an open getTask stream, each
+/// counting the tasks it receives.
+pub struct Fleet {
+    /// Tasks received, per agent.
+    pub received: Arc<Vec<AtomicU64>>,
+    /// Streams that have ended (they should stay open until closed).
+    ended: Arc<AtomicU64>,
+    /// The readers; each returns how its stream ended.
+    pub readers: JoinSet<End>,
+    /// Time from the first connect to the last stream established.
+    pub established_in: Duration,
+    /// Agents that could not connect or subscribe, with the first error.
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+impl Fleet {
+    /// Connects `n` agents, at most `parallel` connecting at once.
+    pub async fn connect(addr: SocketAddr, n: usize, parallel: usize) -> Fleet {
+        let received: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let started = Instant::now();
+        let results: Vec<_> = stream::iter(0..n)
+            .map(|i| async move {
+                let mut client = connect_agent(addr).await?;
+                let stream = client.get_task(Empty {}).await?.into_inner();
+                anyhow::Ok((i, client, stream))
+            })
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+        let established_in = started.elapsed();
+        let mut readers = JoinSet::new();
+        let ended = Arc::new(AtomicU64::new(0));
+        let mut failed = 0;
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok((i, client, mut stream)) => {
+                    let received = Arc::clone(&received);
+                    let ended = Arc::clone(&ended);
+                    readers.spawn(async move {
+                        // The connection lives as long as its reader.
+                        let _client = client;
+                        let end = loop {
+                            match stream.message().await {
+                                Ok(Some(_)) => {
+                                    received[i].fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(None) => break End::Clean,
+                                Err(status) => break End::Status(status.code()),
+                            }
+                        };
+                        ended.fetch_add(1, Ordering::Relaxed);
+                        end
+                    });
+                }
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+        Fleet {
+            received,
+            ended,
+            readers,
+            established_in,
+            failed,
+            first_error,
+        }
+    }
+
+    /// Each agent's count now.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.received
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Streams that already ended (they should all still be open).
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection.
+    pub async fn close(mut self) {
+        self.readers.shutdown().await;
+    }
+
+    /// Waits (at most `limit`) for every stream to end, counting how.
+    pub async fn ends(mut self, limit: Duration) -> Vec<(End, usize)> {
+        let mut counts = std::collections::HashMap::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(end) = self.readers.join_next().await {
+                if let Ok(end) = end {
+                    *counts.entry(end).or_insert(0) += 1;
+                }
+            }
+        })
+        .await;
+        self.readers.shutdown().await;
+        counts.into_iter().collect()
+    }
+}
