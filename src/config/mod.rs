@@ -226,7 +226,7 @@ impl Default for RemoteCmdConfig {
             enabled: false,
             allow: Vec::new(),
             timeout: Duration::from_secs(30),
-            max_concurrent: 4,
+            max_concurrent: 16,
             max_queued: 64,
             max_output: ByteSize::kib(64),
         }

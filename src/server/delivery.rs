@@ -155,7 +155,9 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
     let task = match &state.queue {
         Some(queue) => queue.ack(result.task_id),
         None => {
-            if let Some(cursor) = caller.cursor.lock().as_mut() {
+            if caller.named
+                && let Some(cursor) = caller.cursor.lock().as_mut()
+            {
                 cursor.ack(result.task_id, state.config.borrow().tasks.retain);
             }
             state.hub.get(result.task_id)

@@ -13,7 +13,7 @@ use std::{
     ops::Range,
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU32, Ordering},
+        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::SystemTime,
 };
@@ -77,6 +77,18 @@ pub struct Progress {
     pub failed: AtomicU32,
     /// The latest ack's agent and text (truncated by the server).
     last_result: parking_lot::Mutex<Option<(Arc<str>, String)>>,
+}
+
+impl Task {
+    fn new(id: u64, text: String, created: SystemTime, target: Option<Arc<str>>) -> Task {
+        Task {
+            id,
+            text,
+            created,
+            target,
+            progress: Progress::default(),
+        }
+    }
 }
 
 impl Progress {
@@ -153,6 +165,28 @@ pub struct Hub {
     /// Carries the id the next task will get, so waiting subscribers wake
     /// on every publish and never miss one.
     published: watch::Sender<u64>,
+    /// The retained ids, readable without the lock.
+    bounds: Bounds,
+}
+
+/// A copy of the ring's id range, updated under its write lock, so a
+/// lookup of an id outside it needs no lock at all. A stale copy only
+/// sends a lookup on to the lock, which has the final word.
+#[derive(Debug, Default)]
+struct Bounds {
+    first: AtomicU64,
+    next: AtomicU64,
+}
+
+impl Bounds {
+    fn update(&self, ring: &Ring) {
+        self.first.store(ring.first_id(), Ordering::Release);
+        self.next.store(ring.next_id, Ordering::Release);
+    }
+
+    fn may_hold(&self, id: u64) -> bool {
+        id >= self.first.load(Ordering::Acquire) && id < self.next.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug)]
@@ -186,55 +220,54 @@ impl Hub {
                 next_id: 1,
             }),
             published: watch::Sender::new(1),
+            bounds: Bounds::default(),
         })
+    }
+
+    /// Appends `count` tasks made by `make` from their ids, wakes the
+    /// subscribers, and returns the last one.
+    fn append(&self, count: usize, mut make: impl FnMut(u64) -> Task) -> Option<Arc<Task>> {
+        let (last, next) = {
+            let mut ring = self.ring.write();
+            let mut last = None;
+            for _ in 0..count {
+                let task = Arc::new(make(ring.next_id));
+                ring.next_id += 1;
+                ring.tasks.push_back(Arc::clone(&task));
+                last = Some(task);
+            }
+            ring.trim();
+            self.bounds.update(&ring);
+            (last, ring.next_id)
+        };
+        self.published.send_replace(next);
+        last
     }
 
     /// Publishes `count` tasks whose text `render` makes from the task id,
     /// returning the ids given.
     pub fn publish_with(&self, count: usize, mut render: impl FnMut(u64) -> String) -> Range<u64> {
         let created = SystemTime::now();
-        let ids = {
-            let mut ring = self.ring.write();
-            let start = ring.next_id;
-            for id in start..start + count as u64 {
-                ring.tasks.push_back(Arc::new(Task {
-                    id,
-                    text: render(id),
-                    created,
-                    target: None,
-                    progress: Progress::default(),
-                }));
-            }
-            ring.next_id += count as u64;
-            ring.trim();
-            start..ring.next_id
-        };
-        self.published.send_replace(ids.end);
-        ids
+        let last = self.append(count, |id| Task::new(id, render(id), created, None));
+        last.map_or(0..0, |last| last.id + 1 - count as u64..last.id + 1)
     }
 
     /// Publishes one task, for every agent or for `target` only, returning it.
     pub fn publish(&self, text: String, target: Option<Arc<str>>) -> Arc<Task> {
-        let task = {
-            let mut ring = self.ring.write();
-            let task = Arc::new(Task {
-                id: ring.next_id,
-                text,
-                created: SystemTime::now(),
-                target,
-                progress: Progress::default(),
-            });
-            ring.tasks.push_back(Arc::clone(&task));
-            ring.next_id += 1;
-            ring.trim();
-            task
-        };
-        self.published.send_replace(task.id + 1);
-        task
+        let mut text = Some(text);
+        let now = SystemTime::now();
+        self.append(1, |id| {
+            Task::new(id, text.take().unwrap_or_default(), now, target.clone())
+        })
+        .expect("one task was appended")
     }
 
     /// The retained task with this id, if it is still retained.
     pub fn get(&self, id: u64) -> Option<Arc<Task>> {
+        // Most acks of tasks long gone (or never published) need no lock.
+        if !self.bounds.may_hold(id) {
+            return None;
+        }
         let ring = self.ring.read();
         let offset = id.checked_sub(ring.first_id())?;
         ring.tasks.get(usize::try_from(offset).ok()?).cloned()
@@ -255,6 +288,7 @@ impl Hub {
         let mut ring = self.ring.write();
         ring.capacity = retain.max(1);
         ring.trim();
+        self.bounds.update(&ring);
     }
 
     /// How many tasks are retained now.
@@ -386,6 +420,8 @@ mod tests {
         let mut sub = hub.subscribe(Start::Latest);
         texts(&hub, 1000);
         assert_eq!(hub.retained(), 10);
+        assert!(hub.get(990).is_none() && hub.get(1001).is_none());
+        assert_eq!(hub.get(991).unwrap().id, 991);
         match sub.recv().await {
             Delivery::Skipped(n) => assert_eq!(n, 990),
             other => panic!("expected a skip, got {other:?}"),
