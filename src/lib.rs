@@ -32,3 +32,20 @@ pub mod server;
 pub mod shutdown;
 pub mod systemd;
 pub mod tasks;
+
+/// An error and its sources on one line, `outer: inner: cause` (tonic's
+/// transport errors say only "transport error" by themselves). A source
+/// whose text the line already ends with is not repeated.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}

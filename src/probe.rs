@@ -59,7 +59,10 @@ async fn check(addr: &str, service: &str, timeout: Duration) -> (u8, String) {
         Ok(Err(e)) => {
             return (
                 exit::CONNECTION_FAILURE,
-                format!("error: failed to connect to {addr}: {}", source_chain(&e)),
+                format!(
+                    "error: failed to connect to {addr}: {}",
+                    crate::error_chain(&e)
+                ),
             );
         }
         Err(_) => {
@@ -92,15 +95,4 @@ async fn check(addr: &str, service: &str, timeout: Duration) -> (u8, String) {
             ),
         ),
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }

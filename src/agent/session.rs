@@ -76,23 +76,6 @@ impl SessionError {
     }
 }
 
-/// The error and its sources on one line (tonic's transport error says
-/// only "transport error" by itself).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        // hyper and tonic often repeat their source's message.
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
-}
-
 async fn timed<T>(
     what: &'static str,
     limit: Duration,
@@ -115,7 +98,7 @@ pub(super) async fn run(
     let endpoint = Endpoint::from_shared(server.to_owned())
         .map_err(|e| SessionError::BadUrl {
             url: server.to_owned(),
-            reason: chain(&e),
+            reason: crate::error_chain(&e),
         })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
@@ -131,7 +114,7 @@ pub(super) async fn run(
         biased;
         () = shared.draining.cancelled() => return Ok(()),
         channel = timed("connecting", limit, endpoint.connect()) => {
-            channel?.map_err(|e| SessionError::Connect(chain(&e)))?
+            channel?.map_err(|e| SessionError::Connect(crate::error_chain(&e)))?
         }
     };
     let mut client = ContactClient::with_interceptor(channel, move |mut request: Request<()>| {

@@ -44,7 +44,7 @@ pub(super) fn start(
     let listener = match bind(&path) {
         Ok(listener) => listener,
         Err(e) => {
-            tracing::error!(
+            tracing::warn!(
                 socket = %path.display(),
                 "admin API not available: {e} (set [admin] socket to a writable path, or enabled = false)"
             );

@@ -116,6 +116,7 @@ async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> 
                 };
                 caller.missed.fetch_add(missed, Relaxed);
                 tracing::warn!(
+                    caller = %caller.id,
                     skipped,
                     missed,
                     resumed_at = subscription.position(),
