@@ -279,13 +279,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
         .into_inner();
     assert_eq!(reply.mode, "queue");
     assert_eq!(reply.tasks.len(), 200);
-    for task in &reply.tasks {
-        assert_eq!(
-            (task.acked, task.state()),
-            (1, TaskState::Acked),
-            "task {task:?}"
-        );
-    }
+    common::assert_each_acked_once(&reply.tasks);
     assert_eq!(
         reply.redelivered, 4,
         "the dead agent's tasks were redelivered"

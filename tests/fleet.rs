@@ -132,13 +132,7 @@ async fn queue_mode_200_tasks_over_3_agents_one_killed_mid_run() {
         .await
         .unwrap()
         .into_inner();
-    for task in &reply.tasks {
-        assert_eq!(
-            (task.acked, task.state()),
-            (1, TaskState::Acked),
-            "{task:?}"
-        );
-    }
+    common::assert_each_acked_once(&reply.tasks);
     assert!(
         reply.redelivered >= 1,
         "c's unacked tasks were redelivered: {} redelivered, {} duplicate acks",

@@ -114,6 +114,18 @@ pub async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -
     admin.submit_task(request).await.unwrap().into_inner().id
 }
 
+/// Every task was acked exactly once (counted by the server), none failed.
+pub fn assert_each_acked_once(tasks: &[contactd::proto::admin::Task]) {
+    use contactd::proto::admin::TaskState;
+    for task in tasks {
+        assert_eq!(
+            (task.acked, task.state()),
+            (1, TaskState::Acked),
+            "{task:?}"
+        );
+    }
+}
+
 /// A config with the given remote-command allow-list enabled.
 pub fn with_commands(allow: &[&str]) -> Config {
     let mut config = Config::default();
