@@ -8,6 +8,7 @@
 //! - [`logging`]: the tracing subscriber, rotating log files, reload handle.
 //! - [`shutdown`]: signals turned into shutdown and reload events.
 //! - [`proto`]: generated gRPC code and the reflection descriptors.
+//! - [`auth`]: the optional shared-secret token on Contact calls.
 //! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
 //!   health, reflection, the caller registry.
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod ctl;

@@ -15,10 +15,12 @@ use contactd::{
     config::{Config, DeliveryMode},
     proto::{
         admin::{ListAgentsRequest, ListTasksRequest, TaskState},
-        contact::Outcome,
+        contact::{Empty, Outcome, contact_client::ContactClient},
     },
 };
 use tokio::time::Instant;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 fn manual(mode: DeliveryMode) -> Config {
     let mut config = Config::default();
@@ -208,5 +210,66 @@ async fn fifty_agents_reconnecting_after_a_restart_spread_their_attempts() {
     );
     for agent in agents {
         agent.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_contact_calls_and_agents_present_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "first-secret\n").unwrap();
+    let mut config = manual(DeliveryMode::Broadcast);
+    config.server.auth_token_file = Some(token_file.clone());
+    let server = TestServer::start(config.clone()).await;
+
+    // A client without the token is refused; health needs none.
+    let refused = server.client().await.get_task(Empty {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut health = HealthClient::new(server.channel().await);
+    let request = HealthCheckRequest {
+        service: "Contact".into(),
+    };
+    assert!(health.check(request).await.is_ok());
+
+    // An agent with the token file works.
+    let mut agent_config = agent_config(server.addr, "holder");
+    agent_config.token_file = Some(token_file.clone());
+    let mut agent = TestAgent::start(agent_config);
+    let mut admin = server.admin().await;
+    submit(&mut admin, "guarded", "").await;
+    assert_eq!(handled_ids(&mut agent, 1).await, [1]);
+    agent.stop().await;
+
+    // A rotated token applies on reload; the old one is refused from then on.
+    std::fs::write(&token_file, "second-secret").unwrap();
+    server.config.send_replace(std::sync::Arc::new(config));
+    let old = Bearer("first-secret");
+    within("the new token in force", async {
+        loop {
+            let mut client = ContactClient::with_interceptor(server.channel().await, old.clone());
+            match client.get_task(Empty {}).await {
+                Err(e) if e.code() == Code::Unauthenticated => return,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    let mut client =
+        ContactClient::with_interceptor(server.channel().await, Bearer("second-secret"));
+    assert!(client.get_task(Empty {}).await.is_ok());
+    server.stop().await;
+}
+
+#[derive(Clone)]
+struct Bearer(&'static str);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = contactd::auth::bearer(self.0).parse().unwrap();
+        request.metadata_mut().insert(contactd::auth::HEADER, value);
+        Ok(request)
     }
 }

@@ -45,6 +45,9 @@ pub enum SessionError {
     /// The connection could not be made.
     #[error("{0}")]
     Connect(String),
+    /// The token file cannot be used (retried: it may be fixed meanwhile).
+    #[error("agent.token_file: {0}")]
+    Token(#[from] crate::auth::TokenError),
     /// A step took longer than `connect_timeout`.
     #[error("{0} timed out after {1:?}")]
     Timeout(&'static str, Duration),
@@ -109,6 +112,18 @@ pub(super) async fn run(
         .name
         .parse()
         .map_err(|_| SessionError::BadName(config.name.clone()))?;
+    // Read at every connection, so a rotated token is picked up.
+    let token: Option<MetadataValue<_>> = match &config.token_file {
+        Some(path) => {
+            let token = crate::auth::read_token(path)?;
+            Some(
+                crate::auth::bearer(&token)
+                    .parse()
+                    .expect("a token is visible ASCII"),
+            )
+        }
+        None => None,
+    };
     let limit = config.connect_timeout;
     let channel: Channel = tokio::select! {
         biased;
@@ -119,6 +134,11 @@ pub(super) async fn run(
     };
     let mut client = ContactClient::with_interceptor(channel, move |mut request: Request<()>| {
         request.metadata_mut().insert(AGENT_HEADER, name.clone());
+        if let Some(token) = &token {
+            request
+                .metadata_mut()
+                .insert(crate::auth::HEADER, token.clone());
+        }
         Ok(request)
     });
     let tasks = timed("getTask", limit, client.get_task(Empty {}))

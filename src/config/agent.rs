@@ -6,7 +6,7 @@
 //! else [`AGENT_DEFAULT_PATH`]; only a missing *default* file means
 //! built-in defaults.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,10 @@ pub struct AgentConfig {
     /// At shutdown, how long running handlers may go on before they are killed.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// A file holding the token the server requires (its
+    /// `server.auth_token_file`); read at every connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
     /// Delays between reconnection attempts.
     pub backoff: BackoffConfig,
 }
@@ -82,6 +86,7 @@ impl Default for AgentConfig {
             healthy_after: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(30),
+            token_file: None,
             backoff: BackoffConfig::default(),
         }
     }

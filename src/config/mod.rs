@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// Longest status text kept per caller; longer ones are truncated.
     #[serde(with = "units::size")]
     pub max_status_size: ByteSize,
+    /// A file holding the token every Contact call must carry
+    /// (`authorization: Bearer <token>`); absent: no token is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +106,7 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(10),
             max_callers: 10_000,
             max_status_size: ByteSize::kib(4),
+            auth_token_file: None,
         }
     }
 }

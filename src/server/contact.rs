@@ -51,6 +51,7 @@ impl ContactService {
 
     /// Identifies the caller and registers the call with the registry.
     fn enter<T>(&self, request: &Request<T>) -> Result<CallGuard, Status> {
+        self.state.auth.read().check(request.metadata())?;
         let peer = request.remote_addr();
         let (id, named) = identify(request.metadata(), peer)?;
         Ok(self.state.callers.enter(&id, named, peer))

@@ -28,6 +28,7 @@ pub use callers::{CallGuard, Caller, Callers};
 pub use listener::bind;
 
 use crate::{
+    auth::{TokenError, Verifier},
     config::Config,
     config::{DeliveryMode, TasksConfig},
     proto::{CONTACT_DESCRIPTOR_SET, contact::contact_server::ContactServer},
@@ -55,6 +56,8 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    #[error("server.auth_token_file: {0}")]
+    Token(#[source] TokenError),
 }
 
 /// What every handler shares.
@@ -71,6 +74,8 @@ pub(crate) struct State {
     pub(crate) callers: Callers,
     /// Remote command rules; replaced whole on reload.
     runner: RwLock<Arc<Runner>>,
+    /// The token Contact calls must carry, if any; re-read on reload.
+    pub(crate) auth: RwLock<Verifier>,
     /// The config in force.
     pub(crate) config: watch::Receiver<Arc<Config>>,
     /// Cancelled once health says NOT_SERVING: streams end, accepting stops.
@@ -114,6 +119,10 @@ pub async fn run(
             initial.server.max_status_size.as_u64() as usize,
         ),
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
+        auth: RwLock::new(
+            Verifier::from_file(initial.server.auth_token_file.as_deref())
+                .map_err(ServerError::Token)?,
+        ),
         config: config.clone(),
         closing: CancellationToken::new(),
         kill: CancellationToken::new(),
@@ -251,6 +260,17 @@ async fn follow_config(
             new.server.max_callers,
             new.server.max_status_size.as_u64() as usize,
         );
+        if let Some(queue) = &state.queue {
+            queue.set_limits(queue_limits(&new.tasks));
+        }
+        if new.tasks.mode != current.tasks.mode || new.admin != current.admin {
+            tracing::warn!("changes to tasks.mode and [admin] take effect after a restart");
+        }
+        // Re-read on every reload, so a rotated token applies on SIGHUP.
+        match Verifier::from_file(new.server.auth_token_file.as_deref()) {
+            Ok(verifier) => *state.auth.write() = verifier,
+            Err(e) => tracing::error!("server.auth_token_file: {e}; keeping the current token"),
+        }
         current = new;
     }
 }
