@@ -328,3 +328,26 @@ async fn an_ack_from_an_earlier_server_run_is_ignored() {
     assert_eq!(acked, [1, 0], "{tasks:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn queue_limits_follow_a_reload() {
+    let mut config = manual_tasks(DeliveryMode::Queue);
+    config.tasks.window = 1;
+    let server = TestServer::start(config.clone()).await;
+    let mut admin = server.admin().await;
+    for i in 0..3 {
+        submit(&mut admin, &format!("job {i}"), "").await;
+    }
+    let mut agent = Agent::connect(&server, "a1").await;
+    assert_eq!(
+        agent.next().await.id,
+        1,
+        "a window of one: one task at a time"
+    );
+    config.tasks.window = 3;
+    server.config.send_replace(std::sync::Arc::new(config));
+    // Without any ack, the wider window lets the other two through.
+    assert_eq!(agent.next().await.id, 2);
+    assert_eq!(agent.next().await.id, 3);
+    server.stop().await;
+}
