@@ -344,6 +344,12 @@ async fn queue_limits_follow_a_reload() {
         1,
         "a window of one: one task at a time"
     );
+    let request = ListTasksRequest {
+        state: TaskState::Pending as i32,
+        limit: 0,
+    };
+    let pending = admin.list_tasks(request).await.unwrap().into_inner().tasks;
+    assert_eq!(pending.iter().map(|t| t.id).collect::<Vec<_>>(), [2, 3]);
     config.tasks.window = 3;
     server.config.send_replace(std::sync::Arc::new(config));
     // Without any ack, the wider window lets the other two through.
