@@ -386,14 +386,7 @@ fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
     .unwrap();
     let line = daemon.wait_for_line("result received");
     assert!(line.contains("outcome=Ok"), "{line}");
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = agent.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the agent did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = agent.wait_exit(LIMIT);
     assert!(status.success(), "{status:?}");
     agent.wait_for_line("agent stopped");
 }
