@@ -139,22 +139,35 @@ impl Queue {
             attempts: 0,
             last_slot: None,
         };
-        match entry.task.target.clone() {
-            Some(name) => state.targeted.entry(name).or_default().push_back(entry),
+        let max = state.limits.max_pending;
+        let dropped: Vec<Entry> = match entry.task.target.clone() {
+            // Tasks for absent agents are bounded too (submitted ones only,
+            // so a sum over the targets is cheap enough).
+            Some(name) => {
+                let waiting: usize = state.targeted.values().map(VecDeque::len).sum();
+                let queue = state.targeted.entry(name).or_default();
+                queue.push_back(entry);
+                if waiting + 1 > max {
+                    queue.pop_front().into_iter().collect()
+                } else {
+                    Vec::new()
+                }
+            }
             None => {
                 state.pending.push_back(entry);
-                let excess = state.pending.len().saturating_sub(state.limits.max_pending);
-                for dropped in state.pending.drain(..excess).collect::<Vec<_>>() {
-                    state.counters.dropped += 1;
-                    dropped.task.progress.set_state(TaskState::Dead);
-                    if state.counters.dropped.is_power_of_two() {
-                        tracing::warn!(
-                            dropped_total = state.counters.dropped,
-                            max_pending = state.limits.max_pending,
-                            "queue full with no agent to take tasks: dropping the oldest (raise tasks.max_pending)"
-                        );
-                    }
-                }
+                let excess = state.pending.len().saturating_sub(max);
+                state.pending.drain(..excess).collect()
+            }
+        };
+        for entry in dropped {
+            state.counters.dropped += 1;
+            entry.task.progress.set_state(TaskState::Dead);
+            if state.counters.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = state.counters.dropped,
+                    max_pending = max,
+                    "queue full with no agent to take tasks: dropping the oldest (raise tasks.max_pending)"
+                );
             }
         }
         state.dispatch();
@@ -520,6 +533,14 @@ mod tests {
         });
         publish(&hub, &queue, 8);
         assert_eq!(queue.counters().dropped, 3);
+        for i in 0..7 {
+            queue.push(hub.publish(format!("for b {i}"), Some("b".into())));
+        }
+        assert_eq!(
+            queue.counters().dropped,
+            5,
+            "tasks for an absent agent are bounded too"
+        );
         let mut a = queue.join("a".into());
         assert_eq!(a.recv().await.0.id, 4, "the oldest were dropped");
     }
