@@ -244,9 +244,10 @@ async fn a_token_guards_contact_calls_and_agents_present_it() {
     std::fs::write(&token_file, "second-secret").unwrap();
     server.config.send_replace(std::sync::Arc::new(config));
     let old = Bearer("first-secret");
+    let mut client = ContactClient::with_interceptor(server.channel().await, old);
+    // The server applies the reload in its own task, a moment later.
     within("the new token in force", async {
         loop {
-            let mut client = ContactClient::with_interceptor(server.channel().await, old.clone());
             match client.get_task(Empty {}).await {
                 Err(e) if e.code() == Code::Unauthenticated => return,
                 _ => tokio::task::yield_now().await,

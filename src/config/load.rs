@@ -51,16 +51,6 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    /// The problems found, one per line, each prefixed with `path:line:col:`.
-    pub fn problems(&self) -> &[Problem] {
-        match self {
-            ConfigError::Read { .. } => &[],
-            ConfigError::Invalid { problems, .. } => problems,
-        }
-    }
-}
-
 fn display_problems(path: &str, problems: &[Problem]) -> String {
     let count = problems.len();
     let mut out = format!(

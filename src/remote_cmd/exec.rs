@@ -241,51 +241,33 @@ impl Capture {
     fn finish(mut self, note: Option<String>) -> String {
         if self.tail {
             self.trim_front();
-            let mut text = String::from_utf8_lossy(&self.kept).into_owned();
-            // Replacement characters can make the text longer than the bytes.
-            while text.len() > self.max {
-                text.remove(0);
-            }
-            let mut out = String::new();
-            if self.dropped > 0 {
-                out.push_str(&format!(
-                    "[contactd: output truncated: {} earlier bytes dropped]\n",
-                    self.dropped
-                ));
-            }
-            out.push_str(&text);
-            if let Some(note) = note {
-                if !out.is_empty() && !out.ends_with('\n') {
-                    out.push('\n');
-                }
-                out.push_str(&format!("[contactd: {note}]"));
-            }
-            return out;
         }
-        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        let text = String::from_utf8_lossy(&self.kept);
         // Replacement characters can make the text longer than the bytes.
-        if text.len() > self.max {
-            let mut cut = self.max;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
+        let (text, dropped) = if self.tail {
+            let start = text.ceil_char_boundary(text.len().saturating_sub(self.max));
+            (&text[start..], "earlier")
+        } else {
+            (&text[..text.floor_char_boundary(self.max)], "more")
+        };
+        let dropped = (self.dropped > 0)
+            .then(|| format!("output truncated: {} {dropped} bytes dropped", self.dropped));
+        let mut out = String::new();
+        // The tail says first that its beginning is missing; the head says last.
+        if self.tail
+            && let Some(dropped) = &dropped
+        {
+            out.push_str(&format!("[contactd: {dropped}]\n"));
+        }
+        out.push_str(text);
+        let trailing = if self.tail { None } else { dropped };
+        for note in trailing.into_iter().chain(note) {
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
             }
-            text.truncate(cut);
+            out.push_str(&format!("[contactd: {note}]"));
         }
-        let mut notes = Vec::new();
-        if self.dropped > 0 {
-            notes.push(format!(
-                "output truncated: {} more bytes dropped",
-                self.dropped
-            ));
-        }
-        notes.extend(note);
-        for note in notes {
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            text.push_str(&format!("[contactd: {note}]"));
-        }
-        text
+        out
     }
 }
 

@@ -52,9 +52,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// `text` cut to what is kept of this caller's reports
+    /// (`server.max_status_size`), on a character boundary.
+    pub fn kept<'a>(&self, text: &'a str) -> &'a str {
+        &text[..text.floor_char_boundary(self.max_status)]
+    }
+
     /// Records a status report, truncated to the configured bound.
     pub fn record_status(&self, text: &str) {
-        let text = super::delivery::truncate(text, self.max_status);
+        let text = self.kept(text);
         let now = SystemTime::now();
         // Reuses the kept text's buffer: no allocation per report.
         match &mut *self.status.lock() {

@@ -127,15 +127,6 @@ async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> 
     }
 }
 
-/// `text` cut to at most `max` bytes, on a character boundary.
-pub(super) fn truncate(text: &str, max: usize) -> &str {
-    let mut cut = text.len().min(max);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &text[..cut]
-}
-
 /// Records a result from `caller`: an ack when it names a task.
 pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMsg) {
     let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Unspecified);
@@ -165,8 +156,7 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         }
     };
     if let Some(task) = task {
-        let max = state.config.borrow().server.max_status_size.as_u64() as usize;
         task.progress
-            .record_ack(ok, &caller.id, truncate(&result.ret, max).to_owned());
+            .record_ack(ok, &caller.id, caller.kept(&result.ret).to_owned());
     }
 }

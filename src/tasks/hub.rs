@@ -296,11 +296,6 @@ impl Hub {
         self.ring.read().tasks.len()
     }
 
-    /// The id the next published task will get.
-    pub fn next_id(&self) -> u64 {
-        self.ring.read().next_id
-    }
-
     /// A new subscription starting at `start`.
     pub fn subscribe(self: &Arc<Self>, start: Start) -> Subscription {
         let next = {
