@@ -183,7 +183,9 @@ impl Tokens {
                 ));
             };
             if !valid_name(name) {
-                return Err(entry(format!("invalid name: expected 1 to {MAX_NAME} visible ASCII characters")));
+                return Err(entry(format!(
+                    "invalid name: expected 1 to {MAX_NAME} visible ASCII characters"
+                )));
             }
             let role: Role = role.parse().map_err(entry)?;
             let digest = hash
@@ -229,7 +231,12 @@ impl Tokens {
 /// # Errors
 /// An invalid name, a name already in the file (without `force`, which
 /// replaces its line), or a file that cannot be read or written.
-pub fn create_token(path: &Path, name: &str, role: Role, force: bool) -> Result<String, TokenError> {
+pub fn create_token(
+    path: &Path,
+    name: &str,
+    role: Role,
+    force: bool,
+) -> Result<String, TokenError> {
     use std::os::unix::fs::OpenOptionsExt;
     let entry = |line: usize, message: String| TokenError::Entry {
         path: path.to_owned(),
@@ -237,7 +244,10 @@ pub fn create_token(path: &Path, name: &str, role: Role, force: bool) -> Result<
         message,
     };
     if !valid_name(name) {
-        return Err(entry(0, format!("invalid name {name:?}: expected 1 to {MAX_NAME} visible ASCII characters")));
+        return Err(entry(
+            0,
+            format!("invalid name {name:?}: expected 1 to {MAX_NAME} visible ASCII characters"),
+        ));
     }
     let existing = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -253,7 +263,10 @@ pub fn create_token(path: &Path, name: &str, role: Role, force: bool) -> Result<
     for (i, line) in existing.lines().enumerate() {
         if line.split_whitespace().next() == Some(name) {
             if !force {
-                return Err(entry(i + 1, format!("{name} already has a token: pass --force to replace it")));
+                return Err(entry(
+                    i + 1,
+                    format!("{name} already has a token: pass --force to replace it"),
+                ));
             }
             continue;
         }
@@ -261,7 +274,10 @@ pub fn create_token(path: &Path, name: &str, role: Role, force: bool) -> Result<
         kept.push('\n');
     }
     let token = format!("ctd_{}", hex(&rand::random::<[u8; 32]>()));
-    kept.push_str(&format!("{name} {role} sha256:{}\n", hex(&digest(token.as_bytes()))));
+    kept.push_str(&format!(
+        "{name} {role} sha256:{}\n",
+        hex(&digest(token.as_bytes()))
+    ));
     // Written beside the file and renamed over it, so a reader (a server
     // reloading) never sees half a file.
     let tmp = path.with_extension("tmp");
@@ -387,11 +403,17 @@ mod tests {
         assert_eq!(check("Bearer s3cret").unwrap(), Credential::Shared);
         assert_eq!(
             check(&bearer(&web1)).unwrap(),
-            Credential::Named(Holder { name: "web1".into(), role: Role::Agent })
+            Credential::Named(Holder {
+                name: "web1".into(),
+                role: Role::Agent
+            })
         );
         assert_eq!(
             check(&bearer(&ops)).unwrap(),
-            Credential::Named(Holder { name: "ops".into(), role: Role::Operator })
+            Credential::Named(Holder {
+                name: "ops".into(),
+                role: Role::Operator
+            })
         );
         for wrong in ["Bearer s3cre", "s3cret", &web1, "Bearer ctd_00"] {
             let err = check(wrong).unwrap_err();
@@ -412,9 +434,17 @@ mod tests {
         let path = dir.path().join("tokens");
         std::fs::write(&path, "# comment\n\nweb1 agent sha256:00\n").unwrap();
         let err = Tokens::load(&path).unwrap_err().to_string();
-        assert!(err.ends_with(":3: expected sha256: and 64 hex digits"), "{err}");
+        assert!(
+            err.ends_with(":3: expected sha256: and 64 hex digits"),
+            "{err}"
+        );
         std::fs::write(&path, "web1 root sha256:00\n").unwrap();
-        assert!(Tokens::load(&path).unwrap_err().to_string().contains("unknown role"));
+        assert!(
+            Tokens::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown role")
+        );
     }
 
     #[test]

@@ -239,13 +239,37 @@ impl ServerConfig {
             "server.max_handshakes",
         );
         for (old, new, key) in [
-            (self.max_status_message, new.max_status_message, "server.max_status_message"),
-            (self.max_result_message, new.max_result_message, "server.max_result_message"),
-            (self.max_command_message, new.max_command_message, "server.max_command_message"),
-            (self.max_connection_buffer, new.max_connection_buffer, "server.max_connection_buffer"),
+            (
+                self.max_status_message,
+                new.max_status_message,
+                "server.max_status_message",
+            ),
+            (
+                self.max_result_message,
+                new.max_result_message,
+                "server.max_result_message",
+            ),
+            (
+                self.max_command_message,
+                new.max_command_message,
+                "server.max_command_message",
+            ),
+            (
+                self.max_connection_buffer,
+                new.max_connection_buffer,
+                "server.max_connection_buffer",
+            ),
             (self.max_buffered, new.max_buffered, "server.max_buffered"),
-            (self.connection_window, new.connection_window, "server.connection_window"),
-            (self.stream_window, new.stream_window, "server.stream_window"),
+            (
+                self.connection_window,
+                new.connection_window,
+                "server.connection_window",
+            ),
+            (
+                self.stream_window,
+                new.stream_window,
+                "server.stream_window",
+            ),
         ] {
             differs(old != new, key);
         }
@@ -653,7 +677,11 @@ impl Config {
                  are taken from a header anyone can set{}; configure server.tls with client_ca, \
                  or server.tokens_file",
                 self.server.listen,
-                if self.server.tls.is_none() { " and traffic is plaintext" } else { "" }
+                if self.server.tls.is_none() {
+                    " and traffic is plaintext"
+                } else {
+                    ""
+                }
             ));
         }
         warnings

@@ -27,11 +27,9 @@ use super::{
     shutting_down,
 };
 use crate::{
-    proto::{
-        contact::{
-            ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
-            contact_server::Contact,
-        },
+    proto::contact::{
+        ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
+        contact_server::Contact,
     },
     remote_cmd::Refusal,
 };

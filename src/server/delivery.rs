@@ -185,7 +185,11 @@ fn broadcast_ack(state: &State, caller: &CallGuard, id: u64) -> Result<Arc<Task>
         .hub
         .get(id)
         .ok_or("the task is not retained (unknown, or too old)")?;
-    if task.target.as_ref().is_some_and(|target| *target != caller.id) {
+    if task
+        .target
+        .as_ref()
+        .is_some_and(|target| *target != caller.id)
+    {
         return Err("the task is meant for another agent");
     }
     if let Some(cursor) = caller.cursor.lock().as_mut() {

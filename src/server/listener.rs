@@ -354,9 +354,13 @@ enum HandshakeError {
     Tls(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("not HTTP/2: the connection did not start with the HTTP/2 preface (is the client speaking {0}?)")]
+    #[error(
+        "not HTTP/2: the connection did not start with the HTTP/2 preface (is the client speaking {0}?)"
+    )]
     NotHttp2(&'static str),
-    #[error("the client certificate carries no usable name (a DNS subjectAltName or CN of visible ASCII)")]
+    #[error(
+        "the client certificate carries no usable name (a DNS subjectAltName or CN of visible ASCII)"
+    )]
     NoName,
 }
 
@@ -407,7 +411,8 @@ async fn read_preface(io: &mut Io) -> Result<Bytes, HandshakeError> {
         return Err(HandshakeError::NotHttp2(guess));
     }
     let header = &buf[PREFACE.len()..];
-    let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
     let (kind, flags) = (header[3], header[4]);
     // SETTINGS (type 4), not an ACK, each setting 6 bytes.
     if kind != 4 || flags & 1 != 0 || length % 6 != 0 || length > MAX_SETTINGS {

@@ -275,7 +275,10 @@ fn router(
 }
 
 fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
-    Verifier::load(server.auth_token_file.as_deref(), server.tokens_file.as_deref())
+    Verifier::load(
+        server.auth_token_file.as_deref(),
+        server.tokens_file.as_deref(),
+    )
 }
 
 fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
@@ -340,10 +343,7 @@ fn reload_credentials(state: &State, old: &Config, new: &Config) {
             }
             *state.auth.write() = verifier;
         }
-        Err(e) => tracing::error!(
-            "{}; keeping the tokens in force",
-            ServerError::Token(e)
-        ),
+        Err(e) => tracing::error!("{}; keeping the tokens in force", ServerError::Token(e)),
     }
     if old.has_identities() && !new.has_identities() {
         tracing::warn!(
@@ -386,7 +386,11 @@ fn warn_if_widened(old: &crate::config::RemoteCmdConfig, new: &crate::config::Re
             "config reload widens remote_cmd: more commands may run now"
         );
     }
-    let callers: Vec<&String> = new.callers.iter().filter(|c| !old.callers.contains(c)).collect();
+    let callers: Vec<&String> = new
+        .callers
+        .iter()
+        .filter(|c| !old.callers.contains(c))
+        .collect();
     if !callers.is_empty() {
         tracing::warn!(added = ?callers, "config reload gives more certificate names the operator role (remote_cmd.callers)");
     }

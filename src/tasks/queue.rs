@@ -222,7 +222,11 @@ impl Queue {
             state.counters.duplicate_acks += 1;
             return Err(AckRefusal::NotInFlight);
         };
-        if state.slots.get(&flight.slot).is_none_or(|slot| *slot.name != *by) {
+        if state
+            .slots
+            .get(&flight.slot)
+            .is_none_or(|slot| *slot.name != *by)
+        {
             return Err(AckRefusal::NotTheHolder);
         }
         let flight = state.in_flight.remove(&id).expect("looked up above");

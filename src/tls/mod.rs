@@ -45,8 +45,8 @@ pub enum TlsError {
     },
     #[error("{} holds no PEM certificate", .0.display())]
     NoCertificate(PathBuf),
-    #[error("certificate {} is not valid X.509: {1}", .0.display())]
-    BadCertificate(PathBuf, String),
+    #[error("certificate {} is not valid X.509: {reason}", .path.display())]
+    BadCertificate { path: PathBuf, reason: String },
     #[error("certificate {} expired {} ago (not after {})", .path.display(),
         humantime::format_duration(*.ago), humantime::format_rfc3339_seconds(*.not_after))]
     Expired {
@@ -56,15 +56,18 @@ pub enum TlsError {
     },
     #[error("certificate {} is not valid yet (not before {})", .path.display(),
         humantime::format_rfc3339_seconds(*.not_before))]
-    NotYetValid { path: PathBuf, not_before: SystemTime },
+    NotYetValid {
+        path: PathBuf,
+        not_before: SystemTime,
+    },
     #[error("key {} does not belong to certificate {}: {reason}", .key.display(), .cert.display())]
     Mismatch {
         cert: PathBuf,
         key: PathBuf,
         reason: String,
     },
-    #[error("CA file {}: {1}", .0.display())]
-    BadCa(PathBuf, String),
+    #[error("CA file {}: {reason}", .path.display())]
+    BadCa { path: PathBuf, reason: String },
     #[error("{0}")]
     Rustls(String),
 }
@@ -94,8 +97,11 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Refuses a certificate outside its validity period, so a rotation to an
 /// expired file keeps the old one in force instead of failing every handshake.
 fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::BadCertificate(path.to_owned(), e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     let validity = cert.validity();
     let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs());
     let now = SystemTime::now();
@@ -144,9 +150,10 @@ fn certified_key(
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::BadCa(path.to_owned(), e.to_string()))?;
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(roots)
 }
@@ -172,9 +179,10 @@ pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<ServerConfig>, TlsErro
             } else {
                 verifier
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| TlsError::BadCa(ca.clone(), e.to_string()))?;
+            let verifier = verifier.build().map_err(|e| TlsError::BadCa {
+                path: ca.clone(),
+                reason: e.to_string(),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
@@ -314,12 +322,16 @@ impl ServerCertVerifier for NoVerify {
 /// subjectAltName, else its subject's common name.
 pub fn identity(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok().flatten().and_then(|san| {
-        san.value.general_names.iter().find_map(|name| match name {
-            x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
-            _ => None,
-        })
-    });
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                _ => None,
+            })
+        });
     san.or_else(|| {
         cert.subject()
             .iter_common_name()
@@ -337,7 +349,7 @@ pub fn explain(error: &std::io::Error) -> String {
     }
     let hint = if text.contains("Expired") {
         " (the certificate has expired)"
-    } else if text.contains("UnknownIssuer") {
+    } else if text.contains("UnknownIssuer") || text.contains("BadSignature") {
         " (the certificate is not signed by a trusted CA: check the CA file)"
     } else if text.contains("NotValidForName") {
         " (the certificate is not valid for this name: set server_name, or issue it for this host)"

@@ -124,7 +124,10 @@ pub fn init(
         .iter()
         .flat_map(|s| [dir.join(format!("{s}.pem")), dir.join(format!("{s}.key"))])
         .collect();
-    check_free(&files.iter().map(PathBuf::as_path).collect::<Vec<_>>(), force)?;
+    check_free(
+        &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        force,
+    )?;
     create_dir(dir)?;
 
     let ca_key = KeyPair::generate()?;
@@ -148,7 +151,10 @@ pub fn init(
         dns.push("localhost".to_owned());
     }
     let mut ips: Vec<IpAddr> = ips.to_vec();
-    for ip in [IpAddr::from([127, 0, 0, 1]), std::net::Ipv6Addr::LOCALHOST.into()] {
+    for ip in [
+        IpAddr::from([127, 0, 0, 1]),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ] {
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -175,13 +181,7 @@ pub fn init(
     let server_key = KeyPair::generate()?;
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
-    write_pair(
-        dir,
-        "ca",
-        &ca_cert.pem(),
-        &ca_key.serialize_pem(),
-        force,
-    )?;
+    write_pair(dir, "ca", &ca_cert.pem(), &ca_key.serialize_pem(), force)?;
     write_pair(
         dir,
         "server",
@@ -209,10 +209,15 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
     if !valid {
         return Err(PkiError::BadName(
             name.to_owned(),
-            format!("expected 1 to {MAX_NAME} letters, digits, '-', '_' or '.' (it names the files and the agent)"),
+            format!(
+                "expected 1 to {MAX_NAME} letters, digits, '-', '_' or '.' (it names the files and the agent)"
+            ),
         ));
     }
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     check_free(&[&cert_path, &key_path], force)?;
     let read = |path: PathBuf| {
         std::fs::read_to_string(&path).map_err(|source| PkiError::Read { path, source })
@@ -222,9 +227,10 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
 
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
-    params.subject_alt_names = vec![SanType::DnsName(name.to_owned().try_into().map_err(
-        |e: rcgen::Error| PkiError::BadName(name.to_owned(), e.to_string()),
-    )?)];
+    params.subject_alt_names =
+        vec![SanType::DnsName(name.to_owned().try_into().map_err(
+            |e: rcgen::Error| PkiError::BadName(name.to_owned(), e.to_string()),
+        )?)];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
