@@ -12,6 +12,8 @@
 //! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
 //!   health, reflection, the caller registry.
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
+//! - [`untrusted`]: caller input escaped and cut for logs and statuses;
+//!   log budgets.
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
@@ -34,6 +36,7 @@ pub mod server;
 pub mod shutdown;
 pub mod systemd;
 pub mod tasks;
+pub mod untrusted;
 
 /// An error and its sources on one line, `outer: inner: cause` (tonic's
 /// transport errors say only "transport error" by themselves). A source

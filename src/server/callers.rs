@@ -19,7 +19,13 @@ use std::{
 use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use crate::tasks::AckCursor;
+use crate::{tasks::AckCursor, untrusted::Budget};
+
+/// Refusal lines logged per caller, and for all callers together, per
+/// [`REFUSAL_WINDOW`]; the rest are counted in the next line let through.
+const REFUSALS_PER_CALLER: u32 = 5;
+const REFUSALS_OVERALL: u32 = 50;
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One caller's record.
 #[derive(Debug)]
@@ -49,6 +55,8 @@ pub struct Caller {
     pub failed: AtomicU64,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
+    /// Its refusals that may reach the log.
+    refusals: Budget,
 }
 
 impl Caller {
@@ -101,6 +109,9 @@ pub struct Callers {
     limits: Mutex<Limits>,
     clock: AtomicU64,
     warned_full: AtomicBool,
+    /// Refusals of every caller that may reach the log (callers not
+    /// remembered get a fresh entry, and so a fresh budget, per call).
+    refusals: Budget,
     /// Every open call holds a token, so shutdown can tell when the last
     /// one has ended.
     calls: TaskTracker,
@@ -144,6 +155,7 @@ impl Callers {
             }),
             clock: AtomicU64::new(0),
             warned_full: AtomicBool::new(false),
+            refusals: Budget::new(REFUSALS_OVERALL, REFUSAL_WINDOW),
             calls: TaskTracker::new(),
         }
     }
@@ -181,6 +193,7 @@ impl Callers {
                     acked: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
                     last_active: AtomicU64::new(tick),
+                    refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
                 });
                 if map.len() >= limits.max_callers && !evict_one(&mut map) {
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
@@ -207,6 +220,20 @@ impl Callers {
         CallGuard {
             caller,
             _call: self.calls.token(),
+        }
+    }
+
+    /// Whether a refusal of `caller`'s call may be logged: `Some(n)`, `n`
+    /// being the refusals left out of the log before it.
+    pub fn admit_refusal(&self, caller: &Caller) -> Option<u64> {
+        let own = caller.refusals.admit()?;
+        match self.refusals.admit() {
+            Some(overall) => Some(own + overall),
+            None => {
+                // Counted again when this caller's next line is let through.
+                caller.refusals.count_suppressed();
+                None
+            }
         }
     }
 
