@@ -7,6 +7,12 @@
 //! `ip link add veth0 type veth` and `"true"` allows exactly `true`. A glob
 //! never matches across `/`, so `"cat /var/log/*.log"` cannot reach
 //! `/var/log/../../etc/x.log`.
+//!
+//! Nor can a glob climb or stand still: in a word that has a glob, a `.` or
+//! `..` path component, or an empty one (`/tmp//x`, `/tmp/`), matches only
+//! where the pattern's word has that very component, so `"ls /tmp/*"` allows
+//! `ls /tmp/x` but not `ls /tmp/..`, `ls /tmp/.` or `ls /tmp/`. The further
+//! words a trailing `*` takes may not have a `.` or `..` component at all.
 
 use std::fmt;
 
@@ -26,16 +32,33 @@ pub struct CommandPattern {
 #[derive(Debug, Clone)]
 enum Word {
     Literal(String),
-    Glob(GlobMatcher),
+    /// The glob, and the pattern word's `/`-separated components.
+    Glob(GlobMatcher, Vec<String>),
 }
 
 impl Word {
     fn matches(&self, word: &str) -> bool {
         match self {
             Word::Literal(literal) => literal == word,
-            Word::Glob(glob) => glob.is_match(word),
+            Word::Glob(glob, components) => {
+                glob.is_match(word)
+                    && word.split('/').enumerate().all(|(i, part)| {
+                        !is_special(part) || components.get(i).is_some_and(|c| c == part)
+                    })
+            }
         }
     }
+}
+
+/// A path component a glob must not supply: empty, `.` or `..`.
+fn is_special(component: &str) -> bool {
+    matches!(component, "" | "." | "..")
+}
+
+/// Whether a word taken by a trailing `*` stays where it is: no `.` or `..`
+/// component.
+fn stays(word: &str) -> bool {
+    word.split('/').all(|part| part != "." && part != "..")
 }
 
 impl CommandPattern {
@@ -51,6 +74,19 @@ impl CommandPattern {
             .iter()
             .zip(argv)
             .all(|(w, a)| w.matches(a.as_ref()))
+            && argv[self.words.len()..].iter().all(|a| stays(a.as_ref()))
+    }
+
+    /// Whether this pattern lets any program at all run: its first word is a
+    /// glob that matches program names of every kind (`*`, `?*`, `[a-z]*`),
+    /// as in `"*"` or `"* *"`.
+    pub fn matches_any_program(&self) -> bool {
+        match self.words.first() {
+            Some(Word::Glob(glob, _)) => ["sh", "rm", "python3", "x"]
+                .iter()
+                .all(|name| glob.is_match(name)),
+            _ => false,
+        }
     }
 }
 
@@ -62,7 +98,8 @@ impl CommandPattern {
 pub fn split_words(line: &str) -> Result<Vec<String>, String> {
     match shlex::split(line) {
         None => Err(format!(
-            "cannot split {line:?} into words: unbalanced quotes or trailing backslash"
+            "cannot split \"{}\" into words: unbalanced quotes or trailing backslash",
+            crate::untrusted::shown(line)
         )),
         Some(words) if words.is_empty() => Err("empty command line".to_owned()),
         Some(words) => Ok(words),
@@ -84,10 +121,11 @@ impl std::str::FromStr for CommandPattern {
                 if !word.contains(['*', '?', '[', '{']) {
                     return Ok(Word::Literal(word));
                 }
+                let components = word.split('/').map(str::to_owned).collect();
                 GlobBuilder::new(&word)
                     .literal_separator(true)
                     .build()
-                    .map(|g| Word::Glob(g.compile_matcher()))
+                    .map(|g| Word::Glob(g.compile_matcher(), components))
                     .map_err(|e| format!("bad glob {word:?} in allow pattern {source:?}: {e}"))
             })
             .collect::<Result<_, String>>()?;
@@ -161,6 +199,43 @@ mod tests {
     }
 
     #[test]
+    fn globs_do_not_climb_or_stand_still() {
+        for line in [
+            "ls /tmp/..",
+            "ls /tmp/.",
+            "ls /tmp/",
+            "ls /tmp//",
+            "ls /tmp/../etc",
+        ] {
+            assert!(!allows("ls /tmp/*", line), "{line}");
+        }
+        assert!(allows("ls /tmp/*", "ls /tmp/x"));
+        assert!(allows("ls /tmp/*", "ls /tmp/.hidden"));
+        assert!(!allows("cat *", "cat .."));
+        assert!(!allows("cat *", "cat ."));
+        // A component the pattern spells out itself is fine.
+        assert!(allows("cat ./*.log", "cat ./a.log"));
+        assert!(allows("ls /*", "ls /x"));
+        assert!(!allows("ls /*", "ls /.."));
+        // Words taken by a trailing `*` may not climb either.
+        assert!(!allows("ls /tmp *", "ls /tmp .."));
+        assert!(!allows("ls /tmp *", "ls /tmp /tmp/../etc"));
+        assert!(allows("ls /tmp *", "ls /tmp -l /etc"));
+    }
+
+    #[test]
+    fn patterns_that_allow_any_program_are_recognised() {
+        for any in ["*", "* *", "* * *", "?*", "[a-z]* *", "** *"] {
+            let p: CommandPattern = any.parse().unwrap();
+            assert!(p.matches_any_program(), "{any}");
+        }
+        for narrow in ["ls *", "/usr/bin/* *", "ip*", "echo", "e* *"] {
+            let p: CommandPattern = narrow.parse().unwrap();
+            assert!(!p.matches_any_program(), "{narrow}");
+        }
+    }
+
+    #[test]
     fn bad_patterns_are_explained() {
         assert!(
             "'unclosed"
@@ -175,5 +250,106 @@ mod tests {
                 .unwrap_err()
                 .contains("bad glob")
         );
+    }
+}
+
+/// Fuzzing of the splitter and the matcher with generated lines and
+/// patterns: no panic, and no match that climbs.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Words built from the characters that matter here: separators, dots,
+    /// glob syntax, quotes, backslashes, spaces, control characters.
+    fn word() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("/"),
+                Just("."),
+                Just(".."),
+                Just("*"),
+                Just("?"),
+                Just("[a-c]"),
+                Just("{a,b}"),
+                Just("a"),
+                Just("b"),
+                Just("tmp"),
+                Just("-"),
+            ],
+            1..6,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                word(),
+                Just("'".to_owned()),
+                Just("\"".to_owned()),
+                Just("\\".to_owned()),
+                Just("\n".to_owned()),
+                Just("\0".to_owned()),
+                Just(" ".to_owned()),
+                "\\PC{0,3}",
+            ],
+            0..8,
+        )
+        .prop_map(|parts| parts.join(" "))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn splitting_never_panics_and_quoted_words_split_back(line in line()) {
+            if let Ok(words) = split_words(&line) {
+                prop_assert!(!words.is_empty());
+                let quoted: Vec<String> = words
+                    .iter()
+                    .map(|w| shlex::try_quote(w).map(|q| q.into_owned()))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_default();
+                if !quoted.is_empty() {
+                    prop_assert_eq!(split_words(&quoted.join(" ")).unwrap(), words);
+                }
+            }
+        }
+
+        #[test]
+        fn a_glob_never_supplies_a_dot_dotdot_or_empty_component(
+            pattern in proptest::collection::vec(word(), 1..4),
+            argv in proptest::collection::vec(word(), 1..5),
+            open in any::<bool>(),
+        ) {
+            let mut source = pattern.iter().map(|w| shlex::try_quote(w).unwrap().into_owned())
+                .collect::<Vec<_>>().join(" ");
+            if open {
+                source.push_str(" *");
+            }
+            let Ok(parsed) = source.parse::<CommandPattern>() else {
+                return Ok(());
+            };
+            if !parsed.matches(&argv) {
+                return Ok(());
+            }
+            for (i, arg) in argv.iter().enumerate() {
+                let words = &parsed.words;
+                match words.get(i) {
+                    Some(Word::Literal(literal)) => prop_assert_eq!(literal, arg),
+                    Some(Word::Glob(_, components)) => {
+                        for (j, part) in arg.split('/').enumerate() {
+                            if is_special(part) {
+                                prop_assert_eq!(components.get(j).map(String::as_str), Some(part),
+                                    "{:?} matched {:?}", source, argv);
+                            }
+                        }
+                    }
+                    None => prop_assert!(stays(arg), "{:?} matched {:?}", source, argv),
+                }
+            }
+        }
     }
 }
