@@ -3,6 +3,7 @@
 # maintainer scripts.
 #
 #   packaging/check-units.sh [PATH/TO/contactd]
+#   packaging/check-units.sh --exposure UNIT_FILE   (prints its offline score)
 #
 # 1. `systemd-analyze verify` on both units. verify insists that ExecStart=
 #    binaries exist, so it checks copies whose /usr/bin/contactd is replaced by
@@ -13,7 +14,9 @@
 # 2. `systemd-analyze security --offline=true` on both units: fails if the
 #    server's overall exposure level is above 2.0 or the agent's above 2.5.
 # 3. The sysusers.d and tmpfiles.d files are applied to a scratch root, and the
-#    maintainer scripts are parsed by sh -n.
+#    maintainer scripts are parsed by sh -n. (packaging/test-in-systemd.sh
+#    installs the package under a real systemd and compares the online score
+#    with the offline one printed by --exposure.)
 #
 # Installs systemd (for systemd-analyze, systemd-sysusers, systemd-tmpfiles)
 # with apt-get if it is missing. Needs no running systemd.
@@ -39,6 +42,17 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
+# Prints the overall exposure level of a unit file (e.g. "1.1"), or nothing.
+exposure_level() {
+    systemd-analyze security --offline=true --no-pager "$1" 2>&1 |
+        sed -nE 's/.*Overall exposure level for .*: *([0-9]+(\.[0-9]+)?)( .*)?$/\1/p' |
+        tail -n 1
+}
+if [ "${1:-}" = --exposure ]; then
+    exposure_level "$2"
+    exit 0
 fi
 echo "check-units: $(systemd-analyze --version | head -n 1)"
 
@@ -84,12 +98,6 @@ else
 fi
 
 # --- 2. security --------------------------------------------------------------
-# Prints the overall exposure level of a unit file (e.g. "1.1"), or nothing.
-exposure_level() {
-    systemd-analyze security --offline=true --no-pager "$1" 2>&1 |
-        sed -nE 's/.*Overall exposure level for .*: *([0-9]+(\.[0-9]+)?)( .*)?$/\1/p' |
-        tail -n 1
-}
 
 check_exposure() {
     local unit=$1 max=$2 level
@@ -123,7 +131,8 @@ elif ! out=$(systemd-tmpfiles --root="$root" --create contactd.conf 2>&1) ||
 else
     echo "check-units: sysusers.d and tmpfiles.d files OK"
 fi
-for script in packaging/debian/postinst packaging/debian/postrm; do
+# cargo-deb writes the postinst and prerm whole; postrm adds the purge clean-up.
+for script in packaging/debian/postrm; do
     if ! sh -n "$script"; then
         fail "$script: shell syntax error"
     elif ! grep -q '^#DEBHELPER#$' "$script"; then
