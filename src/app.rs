@@ -12,7 +12,9 @@ use tokio::{runtime::Runtime, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    cli::{AdminArgs, ConfigArgs, SubmitArgs, TasksArgs},
+    cli::{
+        AdminArgs, ConfigArgs, SubmitArgs, TasksArgs, TlsInitArgs, TlsIssueArgs, TokenCreateArgs,
+    },
     config::{self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source},
     ctl::{self, CtlError},
     logging::{self, LogError, Logging},
@@ -49,6 +51,10 @@ pub enum AppError {
     Ctl(#[from] CtlError),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Pki(#[from] crate::tls::pki::PkiError),
+    #[error(transparent)]
+    Token(#[from] crate::auth::TokenError),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -67,6 +73,7 @@ impl AppError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AppError::Config(_) | AppError::Agent(_) => EX_CONFIG,
+            AppError::Serve(e) if e.is_config() => EX_CONFIG,
             _ => 1,
         }
     }
@@ -88,6 +95,9 @@ pub fn check<T: ConfigFile + Serialize>(source: &Source) -> Result<(), AppError>
             "no config file at {}: these are the built-in defaults",
             source.path().display()
         );
+    }
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
     }
     print!("{}", config::to_toml(&config));
     Ok(())
@@ -169,6 +179,46 @@ pub fn list_tasks(args: &TasksArgs) -> Result<(), AppError> {
     )?)
 }
 
+/// `tls init`.
+///
+/// # Errors
+/// Existing files without `--force`, or files that cannot be written.
+pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
+    let made = crate::tls::pki::init(&args.dir, &args.dns, &args.ip, args.days, args.force)?;
+    for file in made.files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// `tls issue`.
+///
+/// # Errors
+/// No CA in the directory, an existing pair without `--force`, a bad name.
+pub fn tls_issue(args: &TlsIssueArgs) -> Result<(), AppError> {
+    let made = crate::tls::pki::issue(&args.dir, &args.name, args.days, args.force)?;
+    for file in made.files {
+        println!("wrote {}", file.display());
+    }
+    Ok(())
+}
+
+/// `token create`: prints the new token on stdout, the rest on stderr.
+///
+/// # Errors
+/// A bad name, a name that has a token (without `--force`), an unwritable file.
+pub fn token_create(args: &TokenCreateArgs) -> Result<(), AppError> {
+    let token = crate::auth::create_token(&args.file, &args.name, args.role, args.force)?;
+    eprintln!(
+        "added {} ({}) to {}; the token is shown only now (reload the server to apply):",
+        args.name,
+        args.role,
+        args.file.display()
+    );
+    println!("{token}");
+    Ok(())
+}
+
 /// `serve`: runs the server until a shutdown signal.
 ///
 /// # Errors
@@ -212,6 +262,10 @@ async fn serve_until_signalled(
     config: Config,
     logging: Arc<Logging>,
 ) -> Result<(), AppError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    server::preflight(&config)?;
     let addr = config.server.listen;
     let listener = server::bind(addr, config.server.backlog)
         .map_err(|source| AppError::Bind { addr, source })?;

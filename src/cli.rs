@@ -19,7 +19,10 @@ use clap::{Args, Parser, Subcommand};
                                     exit 0 if the server is SERVING
   contactd task submit 'uptime' --agent web1
   contactd agents                   the fleet: connected, last status, counts
-  contactd tasks --state dead       tasks no agent acked")]
+  contactd tasks --state dead       tasks no agent acked
+  contactd tls init /etc/contactd/tls --dns server.example
+  contactd tls issue web1 --dir /etc/contactd/tls
+  contactd token create web1 --role agent --file /etc/contactd/tokens")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -44,6 +47,86 @@ pub enum Command {
     Agents(AdminArgs),
     /// List the server's retained and queued tasks and how their delivery went.
     Tasks(TasksArgs),
+    /// Make TLS certificates: a CA and server certificate, and one per agent.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+    /// Make named tokens (server.tokens_file).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `contactd tls ...`
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Write a CA (ca.pem, ca.key) and a server certificate signed by it
+    /// (server.pem, server.key) into DIR; keys are mode 0600.
+    Init(TlsInitArgs),
+    /// Write a client certificate whose identity is NAME (DIR/NAME.pem,
+    /// DIR/NAME.key), signed by the CA in DIR.
+    Issue(TlsIssueArgs),
+}
+
+/// `contactd tls init`.
+#[derive(Debug, Args)]
+pub struct TlsInitArgs {
+    /// Directory for the files (created if needed)
+    pub dir: PathBuf,
+    /// A DNS name of the server (repeatable) [default: localhost, 127.0.0.1 and ::1]
+    #[arg(long, value_name = "NAME")]
+    pub dns: Vec<String>,
+    /// An IP address of the server (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub ip: Vec<std::net::IpAddr>,
+    /// Days the server certificate is valid (the CA: 10 years)
+    #[arg(long, value_name = "N", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// Replace existing files
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `contactd tls issue`.
+#[derive(Debug, Args)]
+pub struct TlsIssueArgs {
+    /// The identity: the agent's name (or an operator's, for remote_cmd.callers)
+    pub name: String,
+    /// Directory holding ca.pem and ca.key (from `contactd tls init`)
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Days the certificate is valid
+    #[arg(long, value_name = "N", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// Replace an existing certificate for NAME
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `contactd token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Add a token for NAME to FILE (only its SHA-256 digest is stored) and
+    /// print the token once; the server re-reads FILE on SIGHUP.
+    Create(TokenCreateArgs),
+}
+
+/// `contactd token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The identity: an agent's name, or an operator's
+    pub name: String,
+    /// What the token allows: agent (getTask, sendStatus, tellResult) or operator (remoteCMD)
+    #[arg(long, value_name = "ROLE", value_parser = parse_role)]
+    pub role: crate::auth::Role,
+    /// The tokens file (server.tokens_file); created mode 0600 if missing
+    #[arg(long, value_name = "PATH")]
+    pub file: PathBuf,
+    /// Replace NAME's existing token (the old one stops working at the next reload)
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_role(text: &str) -> Result<crate::auth::Role, String> {
+    text.parse()
 }
 
 /// `contactd task ...`
@@ -105,6 +188,42 @@ pub struct HealthArgs {
     /// How long to wait for the connection and for the answer
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Use TLS (implied by the other --tls-* options)
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificates (PEM) to verify the server with [default: the system's]
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require one
+    #[arg(long, value_name = "PATH", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Client key (PEM)
+    #[arg(long, value_name = "PATH", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name to verify the server's certificate against, instead of the address's host
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Do not verify the server's certificate
+    #[arg(long)]
+    pub tls_no_verify: bool,
+}
+
+impl HealthArgs {
+    /// The TLS settings, if any --tls option is given.
+    pub fn tls(&self) -> Option<crate::tls::ClientTls> {
+        let any = self.tls
+            || self.tls_ca_cert.is_some()
+            || self.tls_client_cert.is_some()
+            || self.tls_server_name.is_some()
+            || self.tls_no_verify;
+        any.then(|| crate::tls::ClientTls {
+            ca: self.tls_ca_cert.clone(),
+            cert: self.tls_client_cert.clone(),
+            key: self.tls_client_key.clone(),
+            server_name: self.tls_server_name.clone(),
+            no_verify: self.tls_no_verify,
+        })
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

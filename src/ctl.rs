@@ -104,6 +104,7 @@ struct AgentRow {
     failed: u64,
     missed: u64,
     in_flight: u64,
+    refused_acks: u64,
 }
 
 /// `contactd agents`.
@@ -134,6 +135,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             failed: a.failed,
             missed: a.missed,
             in_flight: a.in_flight,
+            refused_acks: a.refused_acks,
         })
         .collect();
     if json {

@@ -8,9 +8,13 @@
 //! - [`logging`]: the tracing subscriber, rotating log files, reload handle.
 //! - [`shutdown`]: signals turned into shutdown and reload events.
 //! - [`proto`]: generated gRPC code and the reflection descriptors.
-//! - [`auth`]: the optional shared-secret token on Contact calls.
+//! - [`auth`]: tokens on Contact calls: a shared secret, or named tokens
+//!   that give an identity and a role.
+//! - [`tls`]: TLS configs from PEM files, certificate identities, and the
+//!   `tls init`/`tls issue` PKI.
 //! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
-//!   health, reflection, the caller registry.
+//!   health, reflection, the caller registry, and the gate that identifies
+//!   callers before any body is read.
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
@@ -34,6 +38,7 @@ pub mod server;
 pub mod shutdown;
 pub mod systemd;
 pub mod tasks;
+pub mod tls;
 
 /// An error and its sources on one line, `outer: inner: cause` (tonic's
 /// transport errors say only "transport error" by themselves). A source

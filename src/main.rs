@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use contactd::{
     agent, app,
-    cli::{Cli, Command, ConfigArgs, TaskCommand},
+    cli::{Cli, Command, ConfigArgs, TaskCommand, TlsCommand, TokenCommand},
     probe,
 };
 
@@ -29,10 +29,16 @@ fn main() -> ExitCode {
             config: args.path(),
         }),
         Command::Agent(args) => agent::command::agent(args.config.clone()),
-        Command::Health(args) => return probe::run(&args.addr, &args.service, args.timeout),
+        Command::Health(args) => {
+            let tls = args.tls();
+            return probe::run(&args.addr, &args.service, args.timeout, tls.as_ref());
+        }
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
         Command::Agents(args) => app::list_agents(args),
         Command::Tasks(args) => app::list_tasks(args),
+        Command::Tls(TlsCommand::Init(args)) => app::tls_init(args),
+        Command::Tls(TlsCommand::Issue(args)) => app::tls_issue(args),
+        Command::Token(TokenCommand::Create(args)) => app::token_create(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

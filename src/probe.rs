@@ -4,6 +4,8 @@
 use std::{process::ExitCode, time::Duration};
 
 use tonic::transport::Endpoint;
+
+use crate::tls::ClientTls;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -22,9 +24,9 @@ pub mod exit {
     pub const UNHEALTHY: u8 = 4;
 }
 
-/// Asks `addr` for the health of `service`, printing the outcome, and
-/// returns the exit code.
-pub fn run(addr: &str, service: &str, timeout: Duration) -> ExitCode {
+/// Asks `addr` for the health of `service` (over TLS with `tls`), printing
+/// the outcome, and returns the exit code.
+pub fn run(addr: &str, service: &str, timeout: Duration, tls: Option<&ClientTls>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -35,7 +37,7 @@ pub fn run(addr: &str, service: &str, timeout: Duration) -> ExitCode {
             return ExitCode::from(exit::RPC_FAILURE);
         }
     };
-    let (code, message) = runtime.block_on(check(addr, service, timeout));
+    let (code, message) = runtime.block_on(check(addr, service, timeout, tls));
     if code == exit::SERVING {
         println!("{message}");
     } else {
@@ -44,8 +46,14 @@ pub fn run(addr: &str, service: &str, timeout: Duration) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn check(addr: &str, service: &str, timeout: Duration) -> (u8, String) {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+async fn check(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> (u8, String) {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = match Endpoint::from_shared(format!("{scheme}://{addr}")) {
         Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
         Err(e) => {
             return (
@@ -54,7 +62,13 @@ async fn check(addr: &str, service: &str, timeout: Duration) -> (u8, String) {
             );
         }
     };
-    let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+    let tls = match tls.map(|tls| crate::tls::for_url(endpoint.uri(), tls)) {
+        None => None,
+        Some(Ok(tls)) => tls,
+        Some(Err(e)) => return (exit::BAD_ARGUMENTS, format!("error: TLS: {e}")),
+    };
+    let connect = crate::tls::connect(endpoint, tls);
+    let channel = match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(e)) => {
             return (

@@ -139,8 +139,12 @@ async fn a_stalled_stream_is_skipped_ahead_not_buffered() {
         .unwrap()
         .into_inner();
     let first = next(&mut stalled).await.id;
-    let target = first + 100_000;
-    // A second, reading stream shows when 100,000 more tasks were published.
+    // 15,000 tasks: far more than flow control lets through (~3,000 of these
+    // small tasks fit in 64KiB) plus the ring (200). A debug build on a busy
+    // 2-core machine publishes a few thousand a second, so this wait has its
+    // own, wider bound: it is about behaviour, not speed.
+    let target = first + 15_000;
+    // A second, reading stream shows when 15,000 more tasks were published.
     let mut reader = server
         .client()
         .await
@@ -148,10 +152,14 @@ async fn a_stalled_stream_is_skipped_ahead_not_buffered() {
         .await
         .unwrap()
         .into_inner();
-    within("100,000 tasks", async {
-        while next(&mut reader).await.id < target {}
+    let mut seen = 0;
+    let published = tokio::time::timeout(common::LIMIT, async {
+        while seen < target {
+            seen = next(&mut reader).await.id;
+        }
     })
     .await;
+    assert!(published.is_ok(), "only {seen} of {target} tasks published");
     // The stalled stream holds at most what flow control let through before
     // it stalled, plus the ring; then it jumps ahead instead of replaying all.
     let (mut received, mut previous, mut widest_gap) = (0, first, 0);
@@ -164,9 +172,9 @@ async fn a_stalled_stream_is_skipped_ahead_not_buffered() {
         }
     })
     .await;
-    assert!(widest_gap > 10_000, "widest gap only {widest_gap}");
+    assert!(widest_gap > 5_000, "widest gap only {widest_gap}");
     assert!(
-        received < 20_000,
+        received < 8_000,
         "{received} tasks were buffered for a stalled stream"
     );
     server.stop().await;

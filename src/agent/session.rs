@@ -48,6 +48,9 @@ pub enum SessionError {
     /// The token file cannot be used (retried: it may be fixed meanwhile).
     #[error("agent.token_file: {0}")]
     Token(#[from] crate::auth::TokenError),
+    /// The TLS files cannot be used (retried: they may be fixed meanwhile).
+    #[error("agent.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A step took longer than `connect_timeout`.
     #[error("{0} timed out after {1:?}")]
     Timeout(&'static str, Duration),
@@ -98,11 +101,13 @@ pub(super) async fn run(
     server: &str,
     on_connected: impl FnOnce(Instant),
 ) -> Result<(), SessionError> {
-    let endpoint = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| SessionError::BadUrl {
-            url: server.to_owned(),
-            reason: crate::error_chain(&e),
-        })?
+    let endpoint = Endpoint::from_shared(server.to_owned()).map_err(|e| SessionError::BadUrl {
+        url: server.to_owned(),
+        reason: crate::error_chain(&e),
+    })?;
+    // Read at every connection, so rotated files are picked up.
+    let tls = crate::tls::for_url(endpoint.uri(), &config.tls.client())?;
+    let endpoint = endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -128,7 +133,7 @@ pub(super) async fn run(
     let channel: Channel = tokio::select! {
         biased;
         () = shared.draining.cancelled() => return Ok(()),
-        channel = timed("connecting", limit, endpoint.connect()) => {
+        channel = timed("connecting", limit, crate::tls::connect(endpoint, tls)) => {
             channel?.map_err(|e| SessionError::Connect(crate::error_chain(&e)))?
         }
     };

@@ -69,6 +69,41 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Delays between reconnection attempts.
     pub backoff: BackoffConfig,
+    /// TLS to `https://` servers; files are read at every connection.
+    pub tls: AgentTlsConfig,
+}
+
+/// `[agent.tls]`: what the agent trusts and presents on `https://` servers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentTlsConfig {
+    /// CA certificates (PEM) that sign the server's certificate; absent:
+    /// the system's CA store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The agent's certificate (PEM), for servers that require one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Name the server's certificate must carry (and SNI), instead of the
+    /// URL's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl AgentTlsConfig {
+    /// As the TLS client settings shared with the probe.
+    pub fn client(&self) -> crate::tls::ClientTls {
+        crate::tls::ClientTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            server_name: self.server_name.clone(),
+            no_verify: false,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -88,6 +123,7 @@ impl Default for AgentConfig {
             shutdown_grace: Duration::from_secs(30),
             token_file: None,
             backoff: BackoffConfig::default(),
+            tls: AgentTlsConfig::default(),
         }
     }
 }
@@ -131,17 +167,14 @@ pub fn host_name() -> String {
 /// Why a server URL is unusable, or `None` if it is fine.
 fn url_problem(url: &str) -> Option<String> {
     let expected =
-        "expected a URL such as \"http://127.0.0.1:55555\" or \"http://server.example:55555\"";
+        "expected a URL such as \"http://127.0.0.1:55555\" or \"https://server.example:55555\"";
     let uri: tonic::codegen::http::Uri = match url.parse() {
         Ok(uri) => uri,
         Err(e) => return Some(format!("invalid URL {url:?} ({e}): {expected}")),
     };
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(authority)) if authority.port_u16().is_some() => None,
-        (Some("http"), Some(_)) => Some(format!("{url:?} has no port: {expected}")),
-        (Some("https"), _) => Some(format!(
-            "{url:?}: https is not supported by this build; {expected}"
-        )),
+        (Some("http" | "https"), Some(authority)) if authority.port_u16().is_some() => None,
+        (Some("http" | "https"), Some(_)) => Some(format!("{url:?} has no port: {expected}")),
         _ => Some(format!("invalid URL {url:?}: {expected}")),
     }
 }
@@ -198,6 +231,11 @@ impl ConfigFile for AgentFile {
                     .into(),
             );
         }
+        check(
+            a.tls.cert.is_some() == a.tls.key.is_some(),
+            "agent.tls.cert",
+            "agent.tls.cert and agent.tls.key go together: set both, or neither".into(),
+        );
         check(
             a.handler_concurrency >= 1,
             "agent.handler_concurrency",

@@ -20,6 +20,12 @@ use toml::{
 pub trait ConfigFile: DeserializeOwned + Default {
     /// Every semantic problem, as (dotted key, message) pairs.
     fn validate(&self) -> Vec<(String, String)>;
+
+    /// What is valid but unsafe: printed by `check-config` and logged at
+    /// start-up.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One problem found in a config file.

@@ -18,7 +18,7 @@ use std::{
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, BackoffConfig};
+pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
 
 use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};
@@ -91,6 +91,82 @@ pub struct ServerConfig {
     /// (`authorization: Bearer <token>`); absent: no token is required.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_token_file: Option<PathBuf>,
+    /// Named tokens (`contactd token create`): each gives its holder an
+    /// identity and a role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// A connection must finish its TLS handshake and the HTTP/2 preface
+    /// within this long, or it is closed.
+    #[serde(with = "units::duration")]
+    pub handshake_timeout: Duration,
+    /// Connections still in their handshake at once; they do not count
+    /// against `max_connections`, so they cannot lock out agents.
+    pub max_handshakes: usize,
+    /// Largest sendStatus message (one status report).
+    #[serde(with = "units::size")]
+    pub max_status_message: ByteSize,
+    /// Largest tellResult message (one result).
+    #[serde(with = "units::size")]
+    pub max_result_message: ByteSize,
+    /// Largest remoteCMD request (a command line and its note).
+    #[serde(with = "units::size")]
+    pub max_command_message: ByteSize,
+    /// Bytes of unfinished messages one connection may make the server hold.
+    #[serde(with = "units::size")]
+    pub max_connection_buffer: ByteSize,
+    /// Bytes of unfinished messages all connections together may make the
+    /// server hold; beyond, the calls adding to it are refused.
+    #[serde(with = "units::size")]
+    pub max_buffered: ByteSize,
+    /// HTTP/2 flow-control window of one connection and of one stream: how
+    /// much a peer may send before the server reads it.
+    #[serde(with = "units::size")]
+    pub connection_window: ByteSize,
+    #[serde(with = "units::size")]
+    pub stream_window: ByteSize,
+    /// TLS on the Contact port; absent: plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Whether clients must present a certificate; default `require` with
+    /// a `client_ca`, else `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_auth: Option<ClientAuth>,
+}
+
+impl ServerTlsConfig {
+    /// `client_auth`, with its default.
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or(if self.client_ca.is_some() {
+            ClientAuth::Require
+        } else {
+            ClientAuth::None
+        })
+    }
+}
+
+/// `server.tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates are asked for.
+    None,
+    /// Asked for and verified when given; callers without one are anonymous.
+    Request,
+    /// Every connection needs a certificate signed by `client_ca`.
+    Require,
 }
 
 impl Default for ServerConfig {
@@ -107,6 +183,17 @@ impl Default for ServerConfig {
             max_callers: 10_000,
             max_status_size: ByteSize::kib(4),
             auth_token_file: None,
+            tokens_file: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+            max_status_message: ByteSize::kib(64),
+            max_result_message: ByteSize::kib(256),
+            max_command_message: ByteSize::kib(64),
+            max_connection_buffer: ByteSize::mib(4),
+            max_buffered: ByteSize::mib(128),
+            connection_window: ByteSize::kib(256),
+            stream_window: ByteSize::kib(64),
+            tls: None,
         }
     }
 }
@@ -142,6 +229,55 @@ impl ServerConfig {
         differs(
             self.keepalive_timeout != new.keepalive_timeout,
             "server.keepalive_timeout",
+        );
+        differs(
+            self.handshake_timeout != new.handshake_timeout,
+            "server.handshake_timeout",
+        );
+        differs(
+            self.max_handshakes != new.max_handshakes,
+            "server.max_handshakes",
+        );
+        for (old, new, key) in [
+            (
+                self.max_status_message,
+                new.max_status_message,
+                "server.max_status_message",
+            ),
+            (
+                self.max_result_message,
+                new.max_result_message,
+                "server.max_result_message",
+            ),
+            (
+                self.max_command_message,
+                new.max_command_message,
+                "server.max_command_message",
+            ),
+            (
+                self.max_connection_buffer,
+                new.max_connection_buffer,
+                "server.max_connection_buffer",
+            ),
+            (self.max_buffered, new.max_buffered, "server.max_buffered"),
+            (
+                self.connection_window,
+                new.connection_window,
+                "server.connection_window",
+            ),
+            (
+                self.stream_window,
+                new.stream_window,
+                "server.stream_window",
+            ),
+        ] {
+            differs(old != new, key);
+        }
+        // TLS files are re-read on reload; turning TLS on or off changes
+        // what the port speaks.
+        differs(
+            self.tls.is_some() != new.tls.is_some(),
+            "server.tls (on or off)",
         );
         keys
     }
@@ -223,6 +359,8 @@ pub struct RemoteCmdConfig {
     /// Combined stdout and stderr kept per command; the rest is dropped.
     #[serde(with = "units::size")]
     pub max_output: ByteSize,
+    /// Certificate names given the operator role (remoteCMD) with mTLS.
+    pub callers: Vec<String>,
 }
 
 impl Default for RemoteCmdConfig {
@@ -234,6 +372,7 @@ impl Default for RemoteCmdConfig {
             max_concurrent: 16,
             max_queued: 64,
             max_output: ByteSize::kib(64),
+            callers: Vec::new(),
         }
     }
 }
@@ -311,6 +450,10 @@ pub enum Rotation {
 const CLIENT_MAX_MESSAGE: u64 = 4 * 1024 * 1024;
 
 impl ConfigFile for Config {
+    fn warnings(&self) -> Vec<String> {
+        self.unsafe_settings()
+    }
+
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, key: &str, message: String| {
@@ -357,6 +500,79 @@ impl ConfigFile for Config {
             "server.max_callers",
             "must be at least 1".into(),
         );
+        check(
+            (Duration::from_millis(100)..=Duration::from_secs(300)).contains(&s.handshake_timeout),
+            "server.handshake_timeout",
+            "is out of range: expected from \"100ms\" to \"5m\"".into(),
+        );
+        check(
+            (1..=65_536).contains(&s.max_handshakes),
+            "server.max_handshakes",
+            "is out of range: expected from 1 to 65536".into(),
+        );
+        let max_message = s.max_message_size.as_u64();
+        for (size, key) in [
+            (s.max_status_message, "server.max_status_message"),
+            (s.max_result_message, "server.max_result_message"),
+            (s.max_command_message, "server.max_command_message"),
+        ] {
+            check(
+                (1024..=max_message).contains(&size.as_u64()),
+                key,
+                format!(
+                    "{} is out of range: expected from \"1KiB\" to server.max_message_size ({})",
+                    units::size::format(size),
+                    units::size::format(s.max_message_size)
+                ),
+            );
+        }
+        check(
+            (64 * 1024..=s.max_buffered.as_u64()).contains(&s.max_connection_buffer.as_u64()),
+            "server.max_connection_buffer",
+            format!(
+                "{} is out of range: expected from \"64KiB\" to server.max_buffered ({})",
+                units::size::format(s.max_connection_buffer),
+                units::size::format(s.max_buffered)
+            ),
+        );
+        check(
+            (1 << 20..=1 << 36).contains(&s.max_buffered.as_u64()),
+            "server.max_buffered",
+            format!(
+                "{} is out of range: expected from \"1MiB\" to \"64GiB\"",
+                units::size::format(s.max_buffered)
+            ),
+        );
+        for (size, key) in [
+            (s.connection_window, "server.connection_window"),
+            (s.stream_window, "server.stream_window"),
+        ] {
+            check(
+                (64 * 1024..=16 << 20).contains(&size.as_u64()),
+                key,
+                format!(
+                    "{} is out of range: expected from \"64KiB\" to \"16MiB\"",
+                    units::size::format(size)
+                ),
+            );
+        }
+        check(
+            s.stream_window <= s.connection_window,
+            "server.stream_window",
+            "is larger than server.connection_window, which bounds every stream".into(),
+        );
+        if let Some(tls) = &s.tls {
+            check(
+                tls.client_ca.is_some() || tls.client_auth() == ClientAuth::None,
+                "server.tls.client_auth",
+                "needs server.tls.client_ca, the CA that signs client certificates".into(),
+            );
+            check(
+                tls.client_ca.is_none() || tls.client_auth() != ClientAuth::None,
+                "server.tls.client_ca",
+                "is set but client_auth = \"none\": remove it, or set client_auth = \"request\" or \"require\"".into(),
+            );
+        }
         let t = &self.tasks;
         check(
             t.interval >= Duration::from_millis(1),
@@ -436,6 +652,39 @@ impl ConfigFile for Config {
             );
         }
         problems
+    }
+}
+
+impl Config {
+    /// Whether callers are identified by something they cannot choose: a
+    /// client certificate or a named token.
+    pub fn has_identities(&self) -> bool {
+        self.server.tokens_file.is_some()
+            || self
+                .server
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.client_auth() != ClientAuth::None)
+    }
+
+    /// What is valid but unsafe, for the start-up log and `check-config`.
+    fn unsafe_settings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let listen = self.server.listen.ip();
+        if !listen.is_loopback() && !self.has_identities() {
+            warnings.push(format!(
+                "server.listen = {} is beyond loopback with no identity mechanism: agent names \
+                 are taken from a header anyone can set{}; configure server.tls with client_ca, \
+                 or server.tokens_file",
+                self.server.listen,
+                if self.server.tls.is_none() {
+                    " and traffic is plaintext"
+                } else {
+                    ""
+                }
+            ));
+        }
+        warnings
     }
 }
 

@@ -175,6 +175,7 @@ impl Admin for AdminService {
                     acked: caller.acked.load(Relaxed),
                     failed: caller.failed.load(Relaxed),
                     missed: caller.missed.load(Relaxed),
+                    refused_acks: caller.refused_acks.load(Relaxed),
                     in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
                 }
             })

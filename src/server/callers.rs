@@ -19,6 +19,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
+use super::listener::RateLimited;
 use crate::tasks::AckCursor;
 
 /// One caller's record.
@@ -47,6 +48,13 @@ pub struct Caller {
     pub delivered: AtomicU64,
     pub acked: AtomicU64,
     pub failed: AtomicU64,
+    /// Broadcast mode: the highest task id sent on its streams; acks above
+    /// it are refused.
+    pub sent_up_to: AtomicU64,
+    /// Acks that changed nothing because the task was not delivered to it.
+    pub refused_acks: AtomicU64,
+    /// Limits the log lines about refused acks.
+    refusals: RateLimited,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
 }
@@ -91,6 +99,19 @@ impl Caller {
     /// Peer address of its latest call.
     pub fn address(&self) -> Option<SocketAddr> {
         *self.address.lock()
+    }
+
+    /// Counts an ack that changed nothing, and logs it now and then.
+    pub fn refuse_ack(&self, task_id: u64, reason: &str) {
+        self.refused_acks.fetch_add(1, Ordering::Relaxed);
+        self.refusals.hit(|count| {
+            tracing::warn!(
+                caller = %self.id,
+                task_id,
+                refused = count,
+                "ack refused: {reason} (acks are applied only for tasks delivered to the caller)"
+            );
+        });
     }
 }
 
@@ -180,6 +201,9 @@ impl Callers {
                     delivered: AtomicU64::new(0),
                     acked: AtomicU64::new(0),
                     failed: AtomicU64::new(0),
+                    sent_up_to: AtomicU64::new(0),
+                    refused_acks: AtomicU64::new(0),
+                    refusals: RateLimited::default(),
                     last_active: AtomicU64::new(tick),
                 });
                 if map.len() >= limits.max_callers && !evict_one(&mut map) {

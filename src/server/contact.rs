@@ -8,7 +8,6 @@
 
 use std::{
     future::{self, Future},
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -16,22 +15,21 @@ use std::{
 
 use futures_util::{Stream, stream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{
     State,
     callers::CallGuard,
     delivery::{self, Feed},
+    gate::Principal,
+    listener::ConnInfo,
     shutting_down,
 };
 use crate::{
-    proto::{
-        AGENT_HEADER,
-        contact::{
-            ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
-            contact_server::Contact,
-        },
+    proto::contact::{
+        ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
+        contact_server::Contact,
     },
     remote_cmd::Refusal,
 };
@@ -49,35 +47,23 @@ impl ContactService {
         ContactService { state }
     }
 
-    /// Identifies the caller and registers the call with the registry.
+    /// Registers the call of the caller the gate identified.
     fn enter<T>(&self, request: &Request<T>) -> Result<CallGuard, Status> {
-        self.state.auth.read().check(request.metadata())?;
-        let peer = request.remote_addr();
-        let (id, named) = identify(request.metadata(), peer)?;
-        Ok(self.state.callers.enter(&id, named, peer))
-    }
-}
-
-/// Longest agent name accepted.
-const MAX_AGENT_NAME: usize = 253;
-
-/// An agent by the name in its header, anyone else by peer address.
-fn identify(metadata: &MetadataMap, peer: Option<SocketAddr>) -> Result<(String, bool), Status> {
-    let Some(value) = metadata.get(AGENT_HEADER) else {
-        return Ok((
-            peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
-            false,
-        ));
-    };
-    let name = value.to_str().ok().filter(|n| {
-        (1..=MAX_AGENT_NAME).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_graphic())
-    });
-    match name {
-        Some(name) => Ok((name.to_owned(), true)),
-        None => Err(Status::invalid_argument(format!(
-            "bad {AGENT_HEADER} header: expected an agent name of 1 to {MAX_AGENT_NAME} \
-             visible ASCII characters"
-        ))),
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .ok_or_else(|| Status::internal("call did not pass the gate"))?;
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|conn| conn.remote);
+        Ok(match principal.who.name() {
+            Some(name) => self.state.callers.enter(name, true, peer),
+            None => {
+                let id = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+                self.state.callers.enter(&id, false, peer)
+            }
+        })
     }
 }
 

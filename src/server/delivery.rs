@@ -12,7 +12,10 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use super::{State, callers::CallGuard};
 use crate::{
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
-    tasks::{AckCursor, Delivery, Start, Subscription, Task, queue::Slot},
+    tasks::{
+        AckCursor, Delivery, Start, Subscription, Task,
+        queue::{AckRefusal, Slot},
+    },
 };
 
 /// Where a `getTask` stream's tasks come from.
@@ -42,6 +45,7 @@ impl Feed {
             Source::Broadcast(subscription) => (next_broadcast(subscription, caller).await, 1),
         };
         caller.delivered.fetch_add(1, Relaxed);
+        caller.sent_up_to.fetch_max(task.id, Relaxed);
         tracing::trace!(task_id = task.id, attempt, "task sent");
         ServerMsg {
             task: task.text.clone(),
@@ -127,15 +131,20 @@ async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> 
     }
 }
 
-/// Records a result from `caller`: an ack when it names a task.
+/// Records a result from `caller`: an ack when it names a task that was
+/// delivered to it (queue mode: whose current attempt it holds; broadcast:
+/// that exists, is meant for it and was sent on its streams). Any other ack
+/// changes nothing and is counted and, at most every few seconds per
+/// caller, logged.
 pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMsg) {
     let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Unspecified);
     let ok = outcome != Outcome::Failed;
     tracing::debug!(task_id = result.task_id, ?outcome, ret = %result.ret, "result received");
-    let counter = if ok { &caller.acked } else { &caller.failed };
-    counter.fetch_add(1, Relaxed);
     if result.task_id == 0 {
-        return; // A seed client's free-form result.
+        // A seed client's free-form result.
+        let counter = if ok { &caller.acked } else { &caller.failed };
+        counter.fetch_add(1, Relaxed);
+        return;
     }
     if result.epoch != 0 && result.epoch != state.epoch {
         tracing::debug!(
@@ -144,19 +153,47 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         );
         return;
     }
-    let task = match &state.queue {
-        Some(queue) => queue.ack(result.task_id),
-        None => {
-            if caller.named
-                && let Some(cursor) = caller.cursor.lock().as_mut()
-            {
-                cursor.ack(result.task_id, state.config.borrow().tasks.retain);
-            }
-            state.hub.get(result.task_id)
+    let task = if !caller.named {
+        Err("the caller has no name: anonymous callers ack nothing")
+    } else if let Some(queue) = &state.queue {
+        match queue.ack(result.task_id, &caller.id) {
+            Ok(task) => Ok(task),
+            // Late or repeated: not forged, already counted by the queue.
+            Err(AckRefusal::NotInFlight) => return,
+            Err(AckRefusal::NotTheHolder) => Err("the task is in flight at another agent"),
         }
+    } else {
+        broadcast_ack(state, caller, result.task_id)
     };
-    if let Some(task) = task {
-        task.progress
-            .record_ack(ok, &caller.id, caller.kept(&result.ret).to_owned());
+    match task {
+        Ok(task) => {
+            let counter = if ok { &caller.acked } else { &caller.failed };
+            counter.fetch_add(1, Relaxed);
+            task.progress
+                .record_ack(ok, &caller.id, caller.kept(&result.ret).to_owned());
+        }
+        Err(reason) => caller.refuse_ack(result.task_id, reason),
     }
+}
+
+/// Applies a broadcast ack to the caller's cursor, if the task was sent to it.
+fn broadcast_ack(state: &State, caller: &CallGuard, id: u64) -> Result<Arc<Task>, &'static str> {
+    if id > caller.sent_up_to.load(Relaxed) {
+        return Err("the task was never sent to this agent");
+    }
+    let task = state
+        .hub
+        .get(id)
+        .ok_or("the task is not retained (unknown, or too old)")?;
+    if task
+        .target
+        .as_ref()
+        .is_some_and(|target| *target != caller.id)
+    {
+        return Err("the task is meant for another agent");
+    }
+    if let Some(cursor) = caller.cursor.lock().as_mut() {
+        cursor.ack(id, state.config.borrow().tasks.retain);
+    }
+    Ok(task)
 }

@@ -1,25 +1,41 @@
 //! The listening socket and the connections it accepts: bound here so the
 //! listen backlog is ours to choose (the standard library's 128 overflows
 //! when thousands of agents reconnect at once after a restart), and accepted
-//! here so open connections are bounded and accept errors do not spin.
+//! here so that a connection costs almost nothing until it has proved it
+//! speaks our protocol:
+//!
+//! - a new connection takes a *handshake* slot (`server.max_handshakes`),
+//!   and must finish TLS (when enabled), then send the HTTP/2 preface and
+//!   its SETTINGS, within `server.handshake_timeout`, or it is closed;
+//! - only then does it take a *connection* slot (`server.max_connections`),
+//!   so connections that never finish their handshake (slowloris) can never
+//!   lock out agents;
+//! - the TLS config is read anew for every handshake, so certificates
+//!   reloaded on SIGHUP apply to new connections while open ones go on.
 
 use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use futures_util::{Stream, stream};
+use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::Stream;
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
 };
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 
 /// Binds `addr` with a listen queue of `backlog` connections (the kernel
 /// caps it at `net.core.somaxconn`). An IPv6 wildcard also accepts IPv4.
@@ -41,38 +57,85 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// A connection counted against `server.max_connections` until it closes.
-#[derive(Debug)]
-pub struct Counted {
-    stream: TcpStream,
+/// What the handlers learn about a connection (tonic puts it in every
+/// request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    /// The identity in the client certificate, verified by TLS.
+    pub peer_name: Option<Arc<str>>,
+    /// Bytes of unfinished messages this connection makes the server hold.
+    pub buffered: Arc<AtomicUsize>,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection, counted against `server.max_connections` until
+/// it closes. What the handshake check read (the HTTP/2 preface and
+/// SETTINGS) is replayed to the HTTP/2 server first.
+pub struct Conn {
+    io: Io,
+    replay: Bytes,
+    info: ConnInfo,
     _slot: OwnedSemaphorePermit,
 }
 
-impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("info", &self.info).finish()
     }
 }
 
-impl AsyncRead for Counted {
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+macro_rules! io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new(&mut **$io);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        if self.replay.has_remaining() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        io!(self, io => io.poll_read(cx, buf))
     }
 }
 
-impl AsyncWrite for Counted {
+impl AsyncWrite for Conn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        io!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -80,100 +143,290 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        io!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        io!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        io!(self, io => io.poll_shutdown(cx))
     }
 }
+
+/// The connection limits, fixed at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// The TLS config in force, replaced whole on reload; `None`: plaintext.
+pub type TlsConfig = Option<Arc<ArcSwap<rustls::ServerConfig>>>;
 
 /// After an accept error such as EMFILE, how long to wait before the next
 /// accept (retrying at once would spin while the condition lasts).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
-/// How often refusals and accept errors are logged at most.
+/// How often each kind of refusal is logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-struct Acceptor {
-    listener: TcpListener,
-    slots: Arc<Semaphore>,
-    max: usize,
-    /// Refused or failed accepts since the last warning, and when it was.
-    unreported: u64,
-    warned: Option<Instant>,
+/// Connections accepted and through their handshake, waiting for the HTTP/2
+/// server to take them.
+const READY_QUEUE: usize = 256;
+
+/// A warning logged at most once per [`WARN_EVERY`], with the count of
+/// occurrences since the last one.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimited {
+    state: Mutex<(u64, Option<Instant>)>,
 }
 
-impl Acceptor {
-    fn warn(&mut self, what: impl FnOnce(u64)) {
-        self.unreported += 1;
-        if self.warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            what(self.unreported);
-            self.unreported = 0;
-            self.warned = Some(Instant::now());
+impl RateLimited {
+    /// Counts one occurrence; calls `log` with the count when it is time.
+    pub(crate) fn hit(&self, log: impl FnOnce(u64)) {
+        let mut state = self.state.lock();
+        state.0 += 1;
+        if state.1.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            let count = std::mem::take(&mut state.0);
+            state.1 = Some(Instant::now());
+            drop(state);
+            log(count);
         }
     }
 }
 
-/// The connections `listener` accepts, with TCP_NODELAY, at most `max`
-/// open at once: beyond that a new connection is closed at once (and
-/// counted in a warning) instead of running the process out of file
-/// descriptors.
-pub fn incoming(listener: TcpListener, max: usize) -> impl Stream<Item = io::Result<Counted>> {
+#[derive(Default)]
+struct Warnings {
+    handshakes_full: RateLimited,
+    connections_full: RateLimited,
+    failed: RateLimited,
+    accept_errors: RateLimited,
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    limits: Limits,
+    tls: TlsConfig,
+    handshakes: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    warnings: Arc<Warnings>,
+    ready: mpsc::Sender<Conn>,
+    stop: CancellationToken,
+}
+
+/// The connections `listener` accepts, through their handshake, at most
+/// `max_connections` open and `max_handshakes` in handshake at once; the
+/// excess is closed at once and counted in a warning. Accepting stops when
+/// `stop` is cancelled or the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+    tls: TlsConfig,
+    stop: CancellationToken,
+) -> impl Stream<Item = io::Result<Conn>> {
+    let (ready, rx) = mpsc::channel(READY_QUEUE);
     let acceptor = Acceptor {
         listener,
-        slots: Arc::new(Semaphore::new(max)),
-        max,
-        unreported: 0,
-        warned: None,
+        handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+        connections: Arc::new(Semaphore::new(limits.max_connections)),
+        limits,
+        tls,
+        warnings: Arc::default(),
+        ready,
+        stop,
     };
-    stream::unfold(acceptor, |mut acceptor| async move {
+    tokio::spawn(acceptor.run());
+    futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
+}
+
+impl Acceptor {
+    async fn run(self) {
         loop {
-            match acceptor.listener.accept().await {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    match Arc::clone(&acceptor.slots).try_acquire_owned() {
-                        Ok(slot) => {
-                            return Some((
-                                Ok(Counted {
-                                    stream,
-                                    _slot: slot,
-                                }),
-                                acceptor,
-                            ));
-                        }
-                        Err(_) => {
-                            drop(stream);
-                            let max = acceptor.max;
-                            acceptor.warn(|n| {
-                                tracing::warn!(
-                                    refused = n,
-                                    max_connections = max,
-                                    "connections refused: server.max_connections are open"
-                                );
-                            });
-                        }
-                    }
-                }
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = self.ready.closed() => return,
+                () = self.stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
                     ) => {}
                 Err(e) => {
-                    acceptor
-                        .warn(|n| tracing::warn!(errors = n, "accepting connections failed: {e}"));
+                    self.warnings
+                        .accept_errors
+                        .hit(|n| tracing::warn!(errors = n, "accepting connections failed: {e}"));
                     tokio::time::sleep(ACCEPT_PAUSE).await;
                 }
             }
         }
-    })
+    }
+
+    /// Starts the handshake of a new connection, if a handshake slot is free.
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
+            let max = self.limits.max_handshakes;
+            self.warnings.handshakes_full.hit(|n| {
+                tracing::warn!(
+                    refused = n,
+                    max_handshakes = max,
+                    "connections refused: server.max_handshakes connections are still in their handshake"
+                );
+            });
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let tls = self.tls.as_ref().map(|tls| tls.load_full());
+        let (limits, connections, warnings, ready, stop) = (
+            self.limits,
+            Arc::clone(&self.connections),
+            Arc::clone(&self.warnings),
+            self.ready.clone(),
+            self.stop.clone(),
+        );
+        tokio::spawn(async move {
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(limits.handshake_timeout, handshake(stream, peer, tls)) => r,
+                () = stop.cancelled() => return,
+            };
+            drop(permit);
+            let conn = match handshake {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    warnings.failed.hit(|n| {
+                        tracing::warn!(%peer, failed = n, "connection handshake failed: {e}");
+                    });
+                    return;
+                }
+                Err(_) => {
+                    warnings.failed.hit(|n| {
+                        tracing::warn!(%peer, failed = n, timeout = ?limits.handshake_timeout,
+                            "connection closed: no TLS handshake and HTTP/2 preface within server.handshake_timeout");
+                    });
+                    return;
+                }
+            };
+            let Ok(slot) = connections.try_acquire_owned() else {
+                warnings.connections_full.hit(|n| {
+                    tracing::warn!(
+                        refused = n,
+                        max_connections = limits.max_connections,
+                        "connections refused: server.max_connections are open"
+                    );
+                });
+                return;
+            };
+            let (io, replay, info) = conn;
+            let _ = ready
+                .send(Conn {
+                    io,
+                    replay,
+                    info,
+                    _slot: slot,
+                })
+                .await;
+        });
+    }
+}
+
+/// The client connection preface every HTTP/2 connection starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Largest SETTINGS frame accepted in a handshake (the default frame size).
+const MAX_SETTINGS: usize = 16_384;
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("TLS: {}", crate::tls::explain(.0))]
+    Tls(io::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error(
+        "not HTTP/2: the connection did not start with the HTTP/2 preface (is the client speaking {0}?)"
+    )]
+    NotHttp2(&'static str),
+    #[error(
+        "the client certificate carries no usable name (a DNS subjectAltName or CN of visible ASCII)"
+    )]
+    NoName,
+}
+
+async fn handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<(Io, Bytes, ConnInfo), HandshakeError> {
+    let mut peer_name = None;
+    let mut io = match tls {
+        None => Io::Plain(stream),
+        Some(config) => {
+            let tls = tokio_rustls::TlsAcceptor::from(config)
+                .accept(stream)
+                .await
+                .map_err(HandshakeError::Tls)?;
+            if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                let name = crate::tls::identity(cert)
+                    .filter(|n| crate::auth::valid_name(n))
+                    .ok_or(HandshakeError::NoName)?;
+                peer_name = Some(Arc::from(name));
+            }
+            Io::Tls(Box::new(tls))
+        }
+    };
+    let replay = read_preface(&mut io).await?;
+    let info = ConnInfo {
+        remote: Some(peer),
+        peer_name,
+        buffered: Arc::default(),
+    };
+    Ok((io, replay, info))
+}
+
+/// Reads the HTTP/2 preface and the SETTINGS frame that must follow it, and
+/// returns the bytes read, to be replayed.
+async fn read_preface(io: &mut Io) -> Result<Bytes, HandshakeError> {
+    let mut buf = BytesMut::zeroed(PREFACE.len() + 9);
+    read_exact(io, &mut buf).await?;
+    if &buf[..PREFACE.len()] != PREFACE {
+        let guess = if buf.starts_with(&[0x16, 0x03]) {
+            "TLS to a plaintext port"
+        } else if buf[..4].iter().all(u8::is_ascii_uppercase) {
+            "HTTP/1"
+        } else {
+            "something else"
+        };
+        return Err(HandshakeError::NotHttp2(guess));
+    }
+    let header = &buf[PREFACE.len()..];
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let (kind, flags) = (header[3], header[4]);
+    // SETTINGS (type 4), not an ACK, each setting 6 bytes.
+    if kind != 4 || flags & 1 != 0 || length % 6 != 0 || length > MAX_SETTINGS {
+        return Err(HandshakeError::NotHttp2("HTTP/2 without SETTINGS first"));
+    }
+    let start = buf.len();
+    buf.resize(start + length, 0);
+    read_exact(io, &mut buf[start..]).await?;
+    Ok(buf.freeze())
+}
+
+async fn read_exact(io: &mut Io, buf: &mut [u8]) -> io::Result<()> {
+    match io {
+        Io::Plain(io) => io.read_exact(buf).await.map(drop),
+        Io::Tls(io) => io.read_exact(buf).await.map(drop),
+    }
 }

@@ -13,11 +13,13 @@ mod admin;
 mod callers;
 mod contact;
 mod delivery;
+mod gate;
 mod health;
 mod listener;
 
 use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -25,13 +27,12 @@ use tonic::Status;
 use tonic_health::ServingStatus;
 
 pub use callers::{CallGuard, Caller, Callers};
-pub use listener::bind;
+pub use listener::{ConnInfo, bind};
 
 use crate::{
     auth::{TokenError, Verifier},
-    config::Config,
-    config::{DeliveryMode, TasksConfig},
-    proto::{CONTACT_DESCRIPTOR_SET, contact::contact_server::ContactServer},
+    config::{Config, DeliveryMode, ServerConfig, TasksConfig},
+    proto::CONTACT_DESCRIPTOR_SET,
     remote_cmd::Runner,
     tasks::{
         Hub, generator,
@@ -56,8 +57,18 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
     Serve(#[source] tonic::transport::Error),
-    #[error("server.auth_token_file: {0}")]
+    #[error("server.auth_token_file / server.tokens_file: {0}")]
     Token(#[source] TokenError),
+    #[error("server.tls: {0}")]
+    Tls(#[source] crate::tls::TlsError),
+}
+
+impl ServerError {
+    /// Whether the config (or a file it names) is at fault: restarting
+    /// will not help until it is fixed.
+    pub fn is_config(&self) -> bool {
+        matches!(self, ServerError::Token(_) | ServerError::Tls(_))
+    }
 }
 
 /// What every handler shares.
@@ -74,8 +85,10 @@ pub(crate) struct State {
     pub(crate) callers: Callers,
     /// Remote command rules; replaced whole on reload.
     runner: RwLock<Arc<Runner>>,
-    /// The token Contact calls must carry, if any; re-read on reload.
+    /// The tokens Contact calls may carry; re-read on reload.
     pub(crate) auth: RwLock<Verifier>,
+    /// The TLS config new connections get; re-read on reload.
+    tls: listener::TlsConfig,
     /// The config in force.
     pub(crate) config: watch::Receiver<Arc<Config>>,
     /// Cancelled once health says NOT_SERVING: streams end, accepting stops.
@@ -93,6 +106,20 @@ impl State {
 /// The status every stream ends with at shutdown.
 fn shutting_down() -> Status {
     Status::unavailable("server shutting down")
+}
+
+/// Reads the credentials `config` names (token files, TLS files) as `run`
+/// will, so that a problem with them stops the start before the server
+/// says it is ready.
+///
+/// # Errors
+/// [`ServerError::Token`] or [`ServerError::Tls`].
+pub fn preflight(config: &Config) -> Result<(), ServerError> {
+    verifier(&config.server).map_err(ServerError::Token)?;
+    if let Some(tls) = &config.server.tls {
+        crate::tls::server_config(tls).map_err(ServerError::Tls)?;
+    }
+    Ok(())
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, following the config
@@ -119,10 +146,13 @@ pub async fn run(
             initial.server.max_status_size.as_u64() as usize,
         ),
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
-        auth: RwLock::new(
-            Verifier::from_file(initial.server.auth_token_file.as_deref())
-                .map_err(ServerError::Token)?,
-        ),
+        auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
+        tls: match &initial.server.tls {
+            Some(tls) => Some(Arc::new(ArcSwap::new(
+                crate::tls::server_config(tls).map_err(ServerError::Tls)?,
+            ))),
+            None => None,
+        },
         config: config.clone(),
         closing: CancellationToken::new(),
         kill: CancellationToken::new(),
@@ -148,11 +178,21 @@ pub async fn run(
     let reporter = tonic_health::server::HealthReporter::new();
     health::set_all(&reporter, ServingStatus::Serving).await;
     let router = router(&initial, &state, &reporter)?;
-    let incoming = listener::incoming(listener, initial.server.max_connections);
+    let limits = listener::Limits {
+        max_connections: initial.server.max_connections,
+        max_handshakes: initial.server.max_handshakes,
+        handshake_timeout: initial.server.handshake_timeout,
+    };
+    let incoming = listener::incoming(listener, limits, state.tls.clone(), state.closing.clone());
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
-    tracing::info!(addr = %local, "serving Contact, health and reflection");
+    tracing::info!(
+        addr = %local,
+        tls = state.tls.is_some(),
+        identities = initial.has_identities(),
+        "serving Contact, health and reflection"
+    );
 
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::Serve),
@@ -196,33 +236,49 @@ pub async fn run(
     result.map_err(ServerError::Serve)
 }
 
+/// Largest health or reflection request: a service or symbol name.
+const MAX_SMALL_MESSAGE: usize = 4096;
+
 fn router(
     config: &Config,
     state: &Arc<State>,
     reporter: &tonic_health::server::HealthReporter,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let s = &config.server;
-    let max_message = usize::try_from(s.max_message_size.as_u64()).unwrap_or(usize::MAX);
-    let contact = ContactServer::new(contact::ContactService::new(Arc::clone(state)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(CONTACT_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(ServerError::Reflection)?
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(ServerError::Reflection)?;
+        .map_err(ServerError::Reflection)?
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
+    let window = |size: bytesize::ByteSize| u32::try_from(size.as_u64()).unwrap_or(u32::MAX);
     Ok(tonic::transport::Server::builder()
         .max_concurrent_streams(s.max_concurrent_streams)
+        .initial_connection_window_size(window(s.connection_window))
+        .initial_stream_window_size(window(s.stream_window))
         .http2_keepalive_interval(Some(s.keepalive_interval))
         .http2_keepalive_timeout(Some(s.keepalive_timeout))
-        .add_service(contact)
-        .add_service(health::service(reporter, state.closing.clone()))
+        .add_service(gate::Gate::new(state))
+        .add_service(
+            health::service(reporter, state.closing.clone())
+                .max_decoding_message_size(MAX_SMALL_MESSAGE),
+        )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))
+}
+
+fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
+    Verifier::load(
+        server.auth_token_file.as_deref(),
+        server.tokens_file.as_deref(),
+    )
 }
 
 fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
@@ -249,6 +305,7 @@ async fn follow_config(
         }
         let new = Arc::clone(&config.borrow_and_update());
         if new.remote_cmd != current.remote_cmd {
+            warn_if_widened(&current.remote_cmd, &new.remote_cmd);
             *state.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
             tracing::info!(
                 enabled = new.remote_cmd.enabled,
@@ -266,11 +323,75 @@ async fn follow_config(
         if new.tasks.mode != current.tasks.mode || new.admin != current.admin {
             tracing::warn!("changes to tasks.mode and [admin] take effect after a restart");
         }
-        // Re-read on every reload, so a rotated token applies on SIGHUP.
-        match Verifier::from_file(new.server.auth_token_file.as_deref()) {
-            Ok(verifier) => *state.auth.write() = verifier,
-            Err(e) => tracing::error!("server.auth_token_file: {e}; keeping the current token"),
-        }
+        reload_credentials(&state, &current, &new);
         current = new;
+    }
+}
+
+/// Re-reads the token files and TLS files (so rotated ones apply on SIGHUP).
+/// Fails closed: a file that cannot be used keeps the credentials in force;
+/// a change that turns authentication off is applied, with a WARN naming it.
+fn reload_credentials(state: &State, old: &Config, new: &Config) {
+    match verifier(&new.server) {
+        Ok(verifier) => {
+            let was = state.auth.read().requires_shared() || state.auth.read().has_tokens();
+            if was && !verifier.requires_shared() && !verifier.has_tokens() {
+                tracing::warn!(
+                    "config reload turns token authentication OFF: server.auth_token_file and \
+                     server.tokens_file are no longer set; Contact calls need no token now"
+                );
+            }
+            *state.auth.write() = verifier;
+        }
+        Err(e) => tracing::error!("{}; keeping the tokens in force", ServerError::Token(e)),
+    }
+    if old.has_identities() && !new.has_identities() {
+        tracing::warn!(
+            "config reload turns caller identities OFF: agent names are now taken from a header"
+        );
+    }
+    if let (Some(swap), Some(tls)) = (&state.tls, &new.server.tls) {
+        match crate::tls::server_config(tls) {
+            Ok(config) => {
+                swap.store(config);
+                tracing::info!(cert = %tls.cert.display(), "TLS certificate and keys re-read: new connections use them");
+            }
+            Err(e) => tracing::error!(
+                "{}; new connections keep the certificate in force",
+                ServerError::Tls(e)
+            ),
+        }
+    } else if state.tls.is_some() {
+        tracing::warn!(
+            "config reload removes [server.tls]: the port stays TLS with the certificate in \
+             force until a restart"
+        );
+    }
+}
+
+/// Warns when a reload lets more commands run.
+fn warn_if_widened(old: &crate::config::RemoteCmdConfig, new: &crate::config::RemoteCmdConfig) {
+    let before: std::collections::HashSet<String> =
+        old.allow.iter().map(ToString::to_string).collect();
+    let added: Vec<String> = new
+        .allow
+        .iter()
+        .map(ToString::to_string)
+        .filter(|p| !before.contains(p))
+        .collect();
+    if new.enabled && (!old.enabled || !added.is_empty()) {
+        tracing::warn!(
+            turned_on = !old.enabled,
+            added = ?added,
+            "config reload widens remote_cmd: more commands may run now"
+        );
+    }
+    let callers: Vec<&String> = new
+        .callers
+        .iter()
+        .filter(|c| !old.callers.contains(c))
+        .collect();
+    if !callers.is_empty() {
+        tracing::warn!(added = ?callers, "config reload gives more certificate names the operator role (remote_cmd.callers)");
     }
 }

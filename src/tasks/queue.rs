@@ -44,6 +44,15 @@ pub struct Counters {
     pub duplicate_acks: u64,
 }
 
+/// Why an ack changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckRefusal {
+    /// The task is not in flight: acked already, or handed back.
+    NotInFlight,
+    /// The task's current attempt is held by another agent.
+    NotTheHolder,
+}
+
 /// A task waiting or in flight, with its delivery history.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -202,17 +211,28 @@ impl Queue {
         }
     }
 
-    /// Records an ack of task `id`, returning the task; `None` if it was
-    /// not in flight (a late or repeated ack, counted).
-    pub fn ack(&self, id: u64) -> Option<Arc<Task>> {
+    /// Records an ack of task `id` by the agent `by`, returning the task.
+    ///
+    /// # Errors
+    /// The task is not in flight (a late or repeated ack, counted), or it
+    /// is in flight at another agent (the ack changes nothing).
+    pub fn ack(&self, id: u64, by: &str) -> Result<Arc<Task>, AckRefusal> {
         let mut state = self.state.lock();
-        let Some(flight) = state.in_flight.remove(&id) else {
+        let Some(flight) = state.in_flight.get(&id) else {
             state.counters.duplicate_acks += 1;
-            return None;
+            return Err(AckRefusal::NotInFlight);
         };
+        if state
+            .slots
+            .get(&flight.slot)
+            .is_none_or(|slot| *slot.name != *by)
+        {
+            return Err(AckRefusal::NotTheHolder);
+        }
+        let flight = state.in_flight.remove(&id).expect("looked up above");
         state.change_load(flight.slot, |s| s.in_flight -= 1);
         state.dispatch();
-        Some(flight.entry.task)
+        Ok(flight.entry.task)
     }
 
     /// Requeues or parks every task whose ack is overdue.
@@ -491,8 +511,13 @@ mod tests {
         let (task, attempt) = b.recv().await;
         assert_eq!((task.id, attempt), (1, 2));
         assert_eq!(queue.counters().redelivered, 1);
-        assert!(queue.ack(1).is_some());
-        assert!(queue.ack(1).is_none(), "a second ack is a duplicate");
+        assert_eq!(
+            queue.ack(1, "a").unwrap_err(),
+            AckRefusal::NotTheHolder,
+            "a no longer holds task 1"
+        );
+        assert!(queue.ack(1, "b").is_ok());
+        assert_eq!(queue.ack(1, "b").unwrap_err(), AckRefusal::NotInFlight);
         assert_eq!(queue.counters().duplicate_acks, 1);
     }
 

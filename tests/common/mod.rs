@@ -19,8 +19,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// Every wait in a test is bounded by this.
-pub const LIMIT: Duration = Duration::from_secs(20);
+/// Every wait in a test is bounded by this: generous, because it only catches
+/// hangs (a busy CI machine can stall for seconds), never measures speed.
+pub const LIMIT: Duration = Duration::from_secs(60);
 
 /// Awaits `future`, failing the test if it takes longer than [`LIMIT`].
 pub async fn within<F: Future>(what: &str, future: F) -> F::Output {

@@ -1,0 +1,419 @@
+//! The gate in front of the Contact service. On the request's headers,
+//! before any body is read, it decides who is calling and whether they may
+//! make this call; then it hands the call to a Contact server whose message
+//! limit fits the method, with a body that counts the bytes of unfinished
+//! messages against the connection's and the server's budgets.
+//!
+//! Who is calling (DESIGN.md, trust model):
+//! - a client certificate's name (mTLS) or a named token's name is an
+//!   identity: the `x-contactd-agent` header may repeat it, never contradict it;
+//! - with neither configured (the seed's setup, or only a shared secret), the
+//!   header's name is taken at its word, as a label;
+//! - otherwise the caller is anonymous: it may make no Contact call (unless
+//!   it holds the shared secret: then it receives tasks but acks nothing).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tonic::{Status, body::Body, server::NamedService};
+use tower::Service;
+
+use super::{State, contact::ContactService, listener::ConnInfo};
+use crate::{
+    auth::{Credential, HEADER, Role},
+    proto::{AGENT_HEADER, contact::contact_server::ContactServer},
+};
+
+/// Who is calling, as established by [`Gate`]; in every Contact request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Principal {
+    pub(crate) who: Who,
+    /// May receive tasks, report status and ack (as itself).
+    pub(crate) agent: bool,
+    /// May run remote commands.
+    pub(crate) operator: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Who {
+    /// Proved by a client certificate or a named token.
+    Verified(Arc<str>),
+    /// Taken from the header, with no identity mechanism configured.
+    Label(Arc<str>),
+    /// Nobody in particular.
+    Anonymous,
+}
+
+impl Who {
+    /// The name acks and delivery state are kept under, if any.
+    pub(crate) fn name(&self) -> Option<&Arc<str>> {
+        match self {
+            Who::Verified(name) | Who::Label(name) => Some(name),
+            Who::Anonymous => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    SendStatus,
+    GetTask,
+    TellResult,
+    RemoteCmd,
+    Other,
+}
+
+impl Method {
+    fn of(path: &str) -> Method {
+        match path {
+            "/Contact/sendStatus" => Method::SendStatus,
+            "/Contact/getTask" => Method::GetTask,
+            "/Contact/tellResult" => Method::TellResult,
+            "/Contact/remoteCMD" => Method::RemoteCmd,
+            _ => Method::Other,
+        }
+    }
+}
+
+/// Largest getTask request: an `Empty`.
+const MAX_EMPTY_MESSAGE: usize = 1024;
+
+/// The Contact service behind its gate.
+#[derive(Clone)]
+pub(super) struct Gate {
+    state: Arc<State>,
+    /// One Contact server per message limit: status, result, command, other.
+    servers: [ContactServer<ContactService>; 4],
+    budget: Budget,
+}
+
+impl NamedService for Gate {
+    const NAME: &'static str = "Contact";
+}
+
+/// The bytes of unfinished messages peers may make the server hold.
+#[derive(Debug, Clone)]
+struct Budget {
+    global: Arc<AtomicUsize>,
+    max_global: usize,
+    max_connection: usize,
+}
+
+fn usize_of(size: bytesize::ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+}
+
+impl Gate {
+    pub(super) fn new(state: &Arc<State>) -> Gate {
+        let config = Arc::clone(&state.config.borrow());
+        let s = &config.server;
+        let max_encoding = usize_of(s.max_message_size);
+        let server = |max_decoding: usize| {
+            ContactServer::new(ContactService::new(Arc::clone(state)))
+                .max_decoding_message_size(max_decoding)
+                .max_encoding_message_size(max_encoding)
+        };
+        Gate {
+            state: Arc::clone(state),
+            servers: [
+                server(usize_of(s.max_status_message)),
+                server(usize_of(s.max_result_message)),
+                server(usize_of(s.max_command_message)),
+                server(MAX_EMPTY_MESSAGE),
+            ],
+            budget: Budget {
+                global: Arc::default(),
+                max_global: usize_of(s.max_buffered),
+                max_connection: usize_of(s.max_connection_buffer),
+            },
+        }
+    }
+}
+
+type GateFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+impl Service<http::Request<Body>> for Gate {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = GateFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> GateFuture {
+        let method = Method::of(request.uri().path());
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let principal = match authorize(&self.state, request.headers(), conn.as_ref(), method) {
+            Ok(principal) => principal,
+            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(principal);
+        let body = match conn {
+            Some(conn) => Body::new(Metered::new(body, &self.budget, conn.buffered)),
+            None => body,
+        };
+        let server = match method {
+            Method::SendStatus => &mut self.servers[0],
+            Method::TellResult => &mut self.servers[1],
+            Method::RemoteCmd => &mut self.servers[2],
+            Method::GetTask | Method::Other => &mut self.servers[3],
+        };
+        server.call(http::Request::from_parts(parts, body))
+    }
+}
+
+/// Who is calling and whether they may make this call; on the headers only.
+fn authorize(
+    state: &State,
+    headers: &http::HeaderMap,
+    conn: Option<&ConnInfo>,
+    method: Method,
+) -> Result<Principal, Status> {
+    let verifier = state.auth.read();
+    let credential = verifier.credential(headers.get(HEADER).map(|v| v.as_bytes()))?;
+    if verifier.requires_shared() && credential == Credential::None {
+        return Err(Status::unauthenticated(
+            "missing token: this server requires `authorization: Bearer <token>` \
+             (server.auth_token_file; agents set agent.token_file)",
+        ));
+    }
+    let config = state.config.borrow();
+    let identities = config.has_identities();
+    let cert = conn.and_then(|c| c.peer_name.clone());
+    let principal = match (cert, credential) {
+        (Some(name), Credential::Named(holder)) if holder.name != name => {
+            return Err(Status::permission_denied(format!(
+                "the token belongs to {:?} but the client certificate to {name:?}",
+                holder.name
+            )));
+        }
+        (Some(name), credential) => Principal {
+            operator: config.remote_cmd.callers.iter().any(|c| **c == *name)
+                || matches!(&credential, Credential::Named(h) if h.role == Role::Operator),
+            who: Who::Verified(name),
+            agent: true,
+        },
+        (None, Credential::Named(holder)) => Principal {
+            who: Who::Verified(holder.name),
+            agent: holder.role == Role::Agent,
+            operator: holder.role == Role::Operator,
+        },
+        (None, Credential::None) if verifier.has_tokens() => {
+            return Err(Status::unauthenticated(
+                "missing token: this server identifies callers by named token \
+                 (`authorization: Bearer <token>`; agents set agent.token_file) \
+                 or client certificate",
+            ));
+        }
+        // With identities configured, a caller that proves none may call
+        // Contact only with the shared secret (an existing setup's agents).
+        (None, credential) if identities => Principal {
+            who: Who::Anonymous,
+            agent: credential == Credential::Shared,
+            operator: false,
+        },
+        (None, _) => Principal {
+            who: Who::Anonymous,
+            agent: true,
+            // The seed's setup: remoteCMD stays governed by remote_cmd alone.
+            operator: true,
+        },
+    };
+    let principal = with_label(principal, headers, identities)?;
+    let allowed = match method {
+        Method::SendStatus | Method::GetTask | Method::TellResult => principal.agent,
+        Method::RemoteCmd => principal.operator,
+        Method::Other => true,
+    };
+    if !allowed {
+        let needs = if method == Method::RemoteCmd {
+            "remoteCMD needs the operator role: a named token with role operator, or a \
+             certificate name listed in remote_cmd.callers"
+        } else {
+            "this call needs the agent role: a client certificate or a named token with \
+             role agent"
+        };
+        return Err(Status::permission_denied(needs));
+    }
+    Ok(principal)
+}
+
+/// Longest agent name accepted.
+const MAX_AGENT_NAME: usize = crate::auth::MAX_NAME;
+
+/// Applies the `x-contactd-agent` header: a label without identities, a
+/// repetition of a verified name, and refused when it contradicts one or
+/// claims a name for a caller that proved none.
+fn with_label(
+    mut principal: Principal,
+    headers: &http::HeaderMap,
+    identities: bool,
+) -> Result<Principal, Status> {
+    let Some(value) = headers.get(AGENT_HEADER) else {
+        return Ok(principal);
+    };
+    let label = value
+        .to_str()
+        .ok()
+        .filter(|n| crate::auth::valid_name(n))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "bad {AGENT_HEADER} header: expected an agent name of 1 to {MAX_AGENT_NAME} \
+                 visible ASCII characters"
+            ))
+        })?;
+    match &principal.who {
+        Who::Verified(name) if **name == *label => {}
+        Who::Verified(name) => {
+            return Err(Status::permission_denied(format!(
+                "{AGENT_HEADER} says {label:?} but the caller is {name:?} (by its certificate \
+                 or token): an agent's name is its identity"
+            )));
+        }
+        Who::Anonymous if identities => {
+            return Err(Status::permission_denied(format!(
+                "{AGENT_HEADER} says {label:?} but the call carries no client certificate or \
+                 named token proving it"
+            )));
+        }
+        Who::Anonymous | Who::Label(_) => principal.who = Who::Label(Arc::from(label)),
+    }
+    Ok(principal)
+}
+
+/// A request body that counts the bytes of its unfinished gRPC message
+/// against the connection's and the server's budgets, and fails the call
+/// with RESOURCE_EXHAUSTED when either is spent. A message that arrives
+/// whole in one frame is never counted: it is decoded at once.
+struct Metered {
+    inner: Body,
+    budget: Budget,
+    connection: Arc<AtomicUsize>,
+    /// The 5-byte gRPC message header, as far as it has arrived.
+    header: [u8; 5],
+    header_len: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    /// Bytes counted against the budgets for the current message.
+    held: usize,
+}
+
+impl Metered {
+    fn new(inner: Body, budget: &Budget, connection: Arc<AtomicUsize>) -> Metered {
+        Metered {
+            inner,
+            budget: budget.clone(),
+            connection,
+            header: [0; 5],
+            header_len: 0,
+            remaining: 0,
+            held: 0,
+        }
+    }
+
+    fn release(&mut self) {
+        if self.held > 0 {
+            self.connection.fetch_sub(self.held, Ordering::Relaxed);
+            self.budget.global.fetch_sub(self.held, Ordering::Relaxed);
+            self.held = 0;
+        }
+    }
+
+    fn reserve(&mut self, n: usize) -> Result<(), Status> {
+        let connection = self.connection.fetch_add(n, Ordering::Relaxed) + n;
+        let global = self.budget.global.fetch_add(n, Ordering::Relaxed) + n;
+        self.held += n;
+        if connection > self.budget.max_connection {
+            return Err(Status::resource_exhausted(
+                "this connection holds too many unfinished messages \
+                 (server.max_connection_buffer): message refused",
+            ));
+        }
+        if global > self.budget.max_global {
+            return Err(Status::resource_exhausted(
+                "the server holds too many unfinished messages (server.max_buffered): \
+                 message refused, try again later",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Follows the gRPC framing through `data`.
+    fn account(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            if self.remaining == 0 {
+                let take = (5 - self.header_len).min(data.len());
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+                self.header_len += take;
+                data = &data[take..];
+                if self.header_len == 5 {
+                    self.header_len = 0;
+                    let length = u32::from_be_bytes([
+                        self.header[1],
+                        self.header[2],
+                        self.header[3],
+                        self.header[4],
+                    ]);
+                    self.remaining = length as usize;
+                }
+                continue;
+            }
+            let take = self.remaining.min(data.len());
+            self.remaining -= take;
+            data = &data[take..];
+            if self.remaining == 0 {
+                self.release();
+            } else {
+                self.reserve(take)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && let Err(status) = self.account(data)
+        {
+            self.release();
+            return Poll::Ready(Some(Err(status)));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
