@@ -3,7 +3,7 @@
 //! TLS and mTLS, certificate reload, identities nobody can forge, roles,
 //! acks only from whom a task went to, handshake budgets.
 
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, path::Path, process::Command, sync::Arc, time::Duration};
 

@@ -1,6 +1,6 @@
 //! The Contact service's four RPCs against a real in-process server.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Agents and server together: real in-process agents (`agent::run_with`)
 //! against a real in-process server, through faults.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashSet, time::Duration};
 

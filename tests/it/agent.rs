@@ -3,7 +3,7 @@
 //! restarted, and a scripted Contact server for what the real one does not
 //! (yet) do on demand, such as delivering a task again.
 
-mod common;
+use crate::common;
 
 use std::{
     ffi::OsStr,

@@ -1,7 +1,7 @@
 //! Operating the real binary: signals, reload, health, log rotation and the
 //! systemd notify protocol, in temp dirs.
 
-mod common;
+use crate::common;
 
 use std::{
     os::unix::net::UnixDatagram,

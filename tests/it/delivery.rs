@@ -1,7 +1,7 @@
 //! Delivery modes, agent identity and the admin API against a real
 //! in-process server, with agents played by real gRPC clients.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

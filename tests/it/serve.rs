@@ -1,7 +1,7 @@
 //! `contactd serve` as a process: real sockets, real signals, and the seed's
 //! own Python client.
 
-mod common;
+use crate::common;
 
 use std::{process::Command, time::Duration};
 

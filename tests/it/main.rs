@@ -1,0 +1,15 @@
+//! The integration tests: one test binary, so a cold build (CI's) compiles
+//! the shared helpers and links the tonic stack once, not once per file.
+//! Each module talks to a real server (in-process on 127.0.0.1:0, or the
+//! real binary) with real clients.
+
+mod common;
+
+mod agent;
+mod cli;
+mod contact;
+mod delivery;
+mod fleet;
+mod operations;
+mod serve;
+mod trust;
