@@ -18,7 +18,6 @@ use std::{
     sync::Arc,
 };
 
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
 
@@ -116,7 +115,10 @@ pub struct Holder {
 }
 
 fn digest(token: &[u8]) -> [u8; 32] {
-    Sha256::digest(token).into()
+    let digest = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -273,7 +275,7 @@ pub fn create_token(
         kept.push_str(line);
         kept.push('\n');
     }
-    let token = format!("ctd_{}", hex(&rand::random::<[u8; 32]>()));
+    let token = format!("ctd_{}", hex(&crate::secret_random::<32>()));
     kept.push_str(&format!(
         "{name} {role} sha256:{}\n",
         hex(&digest(token.as_bytes()))

@@ -40,6 +40,17 @@ pub mod systemd;
 pub mod tasks;
 pub mod tls;
 
+/// `N` bytes from the operating system's random source, for what must not
+/// be guessed (tokens, the server's epoch). Like `rand::random`, it panics
+/// only if the kernel has no random source at all.
+#[must_use]
+pub fn secret_random<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+        .expect("the operating system's random source failed");
+    out
+}
+
 /// An error and its sources on one line, `outer: inner: cause` (tonic's
 /// transport errors say only "transport error" by themselves). A source
 /// whose text the line already ends with is not repeated.

@@ -61,7 +61,7 @@ impl Backoff {
 
     /// The next delay, with jitter from the thread's random generator.
     pub fn next_delay(&mut self) -> Duration {
-        self.next_with(rand::random::<f64>())
+        self.next_with(fastrand::f64())
     }
 
     /// The longest delay this backoff can produce: `max` plus its jitter.

@@ -381,7 +381,7 @@ impl Default for RemoteCmdConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// `tracing` filter directives (`"info"`, `"info,contactd::server=debug"`);
+    /// A level and `target=level` directives (`"info"`, `"info,contactd::server=debug"`);
     /// `RUST_LOG` overrides it.
     pub level: String,
     /// Line format.
@@ -641,7 +641,7 @@ impl ConfigFile for Config {
             "log.buffer_lines",
             "must be at least 1".into(),
         );
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        if let Err(e) = crate::logging::parse_filter(&self.log.level) {
             check(
                 false,
                 "log.level",

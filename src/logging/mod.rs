@@ -19,7 +19,8 @@ use parking_lot::RwLock;
 use tracing::{Event, Subscriber, field::Visit};
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry,
+    Layer, Registry,
+    filter::Targets,
     layer::{Context, Layered, SubscriberExt},
     reload,
     util::SubscriberInitExt,
@@ -51,7 +52,7 @@ type WithExclude = Layered<Exclude, WithOutput>;
 /// The installed subscriber's handles: apply reloaded settings, report
 /// dropped lines, and flush on drop.
 pub struct Logging {
-    filter: reload::Handle<EnvFilter, WithExclude>,
+    filter: reload::Handle<Targets, WithExclude>,
     output: reload::Handle<Output, Registry>,
     exclude: Exclude,
     writers: Writers,
@@ -79,14 +80,61 @@ struct Writers {
 }
 
 /// `RUST_LOG` if set, else the configured level.
-fn filter(config: &LogConfig) -> Result<EnvFilter, LogError> {
+fn filter(config: &LogConfig) -> Result<Targets, LogError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.level.clone());
-    EnvFilter::builder()
-        .parse(&directives)
-        .map_err(|e| LogError::Filter {
-            message: e.to_string(),
-            directives,
-        })
+    parse_filter(&directives).map_err(|message| LogError::Filter {
+        message,
+        directives,
+    })
+}
+
+/// Filter directives: a default level and `target=level` pairs, as in
+/// `"info"` or `"warn,contactd=debug"`. (tracing-subscriber's `Targets`: the
+/// span and field filters of its `EnvFilter` would bring a regex engine into
+/// every build, for directives an operator of a daemon does not need.)
+///
+/// # Errors
+/// Words that are not such directives, or no directive at all.
+pub fn parse_filter(directives: &str) -> Result<Targets, String> {
+    // `Targets` itself lets odd text through (`"="` parses), so each
+    // directive is checked first.
+    let mut any = false;
+    for directive in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        any = true;
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (Some(target), level),
+            None => (None, directive),
+        };
+        if let Some(target) = target {
+            let ok = target.split("::").all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            });
+            if !ok {
+                return Err(format!("bad target {target:?} in {directive:?}"));
+            }
+        }
+        // (LevelFilter reads an empty level as ERROR.)
+        if level.is_empty()
+            || level
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "bad level {level:?} in {directive:?}: expected off, error, warn, info, debug or trace"
+            ));
+        }
+    }
+    if !any {
+        return Err("no directive: expected a level such as \"info\"".to_owned());
+    }
+    directives.parse::<Targets>().map_err(|e| e.to_string())
 }
 
 /// Installs the global subscriber.
@@ -297,6 +345,35 @@ impl Visit for MessageText {
         if field.name() == "message" {
             use std::fmt::Write;
             let _ = write!(self.0, "{value:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_filter;
+
+    #[test]
+    fn filter_directives() {
+        for good in [
+            "info",
+            "warn,contactd=debug",
+            "info,contactd::server=trace,h2=off",
+            "DEBUG",
+        ] {
+            assert!(parse_filter(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("", "no directive"),
+            (" , ", "no directive"),
+            ("=", "bad target"),
+            ("loud", "bad level"),
+            ("contactd=", "bad level"),
+            ("contactd::server[remoteCMD]=trace", "bad target"),
+            ("a::=info", "bad target"),
+        ] {
+            let err = parse_filter(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
         }
     }
 }

@@ -10,7 +10,6 @@
 
 use std::fmt;
 
-use globset::{GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
 /// One allow-list entry, parsed.
@@ -26,14 +25,21 @@ pub struct CommandPattern {
 #[derive(Debug, Clone)]
 enum Word {
     Literal(String),
-    Glob(GlobMatcher),
+    Glob(glob::Pattern),
 }
+
+/// `*` and `?` never match `/`; a leading `.` is an ordinary character.
+const GLOB: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
 
 impl Word {
     fn matches(&self, word: &str) -> bool {
         match self {
             Word::Literal(literal) => literal == word,
-            Word::Glob(glob) => glob.is_match(word),
+            Word::Glob(glob) => glob.matches_with(word, GLOB),
         }
     }
 }
@@ -81,13 +87,11 @@ impl std::str::FromStr for CommandPattern {
         let words = raw
             .into_iter()
             .map(|word| {
-                if !word.contains(['*', '?', '[', '{']) {
+                if !word.contains(['*', '?', '[']) {
                     return Ok(Word::Literal(word));
                 }
-                GlobBuilder::new(&word)
-                    .literal_separator(true)
-                    .build()
-                    .map(|g| Word::Glob(g.compile_matcher()))
+                glob::Pattern::new(&word)
+                    .map(Word::Glob)
                     .map_err(|e| format!("bad glob {word:?} in allow pattern {source:?}: {e}"))
             })
             .collect::<Result<_, String>>()?;
@@ -158,6 +162,14 @@ mod tests {
         assert!(!allows("ip link del veth*", "ip link del veth1 extra"));
         assert!(allows("cat /tmp/*.log", "cat /tmp/a.log"));
         assert!(!allows("cat /tmp/*.log", "cat /tmp/../etc/a.log"));
+        assert!(allows("ip link del eth[0-9]", "ip link del eth3"));
+        assert!(!allows("ip link del eth[0-9]", "ip link del eth10"));
+        assert!(allows("cat /tmp/?", "cat /tmp/x"));
+        assert!(!allows("cat /tmp?x", "cat /tmp/x"));
+        assert!(allows("ls .*", "ls .hidden"));
+        // Braces are literal, not alternation.
+        assert!(allows("echo {a,b}", "echo {a,b}"));
+        assert!(!allows("echo {a,b}", "echo a"));
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub async fn run(
         hub: Hub::new(initial.tasks.retain),
         queue: queue.clone(),
         // Never 0, which means "not said" in an ack.
-        epoch: rand::random::<u64>().max(1),
+        epoch: u64::from_ne_bytes(crate::secret_random::<8>()).max(1),
         callers: Callers::new(
             initial.server.max_callers,
             initial.server.max_status_size.as_u64() as usize,

@@ -8,7 +8,6 @@
 
 use std::{fmt, fmt::Write as _, time::SystemTime};
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// A parsed task template.
@@ -42,7 +41,7 @@ impl TaskTemplate {
                 }
                 Part::Seq => write!(out, "{seq}"),
                 Part::Rand { low, high } => {
-                    write!(out, "{}", rand::rng().random_range(*low..=*high))
+                    write!(out, "{}", fastrand::i64(*low..=*high))
                 }
                 Part::Unix => write!(out, "{}", unix_now()),
             };

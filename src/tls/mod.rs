@@ -10,6 +10,7 @@
 //! certificate's name to the handlers.
 
 pub mod pki;
+pub mod x509;
 
 use std::{
     path::{Path, PathBuf},
@@ -97,15 +98,12 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Refuses a certificate outside its validity period, so a rotation to an
 /// expired file keeps the old one in force instead of failing every handshake.
 fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadCertificate {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    let validity = cert.validity();
-    let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs());
+    let cert = x509::parse(der).ok_or_else(|| TlsError::BadCertificate {
+        path: path.to_owned(),
+        reason: "not a DER certificate with a readable validity period".to_owned(),
+    })?;
     let now = SystemTime::now();
-    let not_after = at(validity.not_after.timestamp());
+    let not_after = cert.not_after;
     if let Ok(ago) = now.duration_since(not_after) {
         return Err(TlsError::Expired {
             path: path.to_owned(),
@@ -113,7 +111,7 @@ fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError>
             not_after,
         });
     }
-    let not_before = at(validity.not_before.timestamp());
+    let not_before = cert.not_before;
     if not_before > now {
         return Err(TlsError::NotYetValid {
             path: path.to_owned(),
@@ -258,14 +256,24 @@ impl ClientTls {
     }
 }
 
+/// The system's CA certificates, read once per process: parsing a few
+/// hundred certificates at every reconnect of an agent would be waste (a CA
+/// file, by contrast, is read at every connect, so its rotation applies).
 fn system_roots() -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        tracing::warn!("no system CA certificates found: set a CA file to verify the server");
-    }
-    roots
+    static ROOTS: std::sync::OnceLock<RootCertStore> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!(
+                    "no system CA certificates found: set a CA file to verify the server"
+                );
+            }
+            roots
+        })
+        .clone()
 }
 
 /// Accepts every server certificate (still checking handshake signatures):
@@ -321,24 +329,13 @@ impl ServerCertVerifier for NoVerify {
 /// The identity a (verified) certificate carries: its first DNS
 /// subjectAltName, else its subject's common name.
 pub fn identity(der: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|name| match name {
-                x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
-                _ => None,
-            })
-        });
-    san.or_else(|| {
-        cert.subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned)
-    })
+    let cert = x509::parse(der)?;
+    let name = cert
+        .dns_names()
+        .first()
+        .copied()
+        .or_else(|| cert.common_name())?;
+    Some(name.to_owned())
 }
 
 /// rustls' handshake errors in words an operator can act on.

@@ -16,8 +16,9 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum PkiError {
     },
     #[error("invalid name {0:?}: {1}")]
     BadName(String, String),
+    #[error("{}: {reason}", .path.display())]
+    BadCa { path: PathBuf, reason: String },
     #[error("cannot make the certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -131,15 +134,7 @@ pub fn init(
     create_dir(dir)?;
 
     let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name
-        .push(DnType::CommonName, "contactd fleet CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut ca = ca_params();
     validity(&mut ca, CA_DAYS);
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, &ca_key);
@@ -192,6 +187,56 @@ pub fn init(
     Ok(Made { files })
 }
 
+/// The CA `init` makes. `issue` signs with these same parameters, so the
+/// issuer of what it makes is byte for byte the subject of `ca.pem`.
+fn ca_params() -> CertificateParams {
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "contactd fleet CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca
+}
+
+/// The CA in `dir` that `init` made, to sign with: the key in `ca.key`,
+/// checked to be the key of the certificate in `ca.pem`, whose subject must
+/// be the one `init` writes (what is issued names it as its issuer).
+///
+/// # Errors
+/// A missing or unreadable file, a key of another certificate, a CA that
+/// `init` did not make.
+pub fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).map_err(|source| PkiError::Read { path, source })
+    };
+    let ca_key = KeyPair::from_pem(&read(dir.join("ca.key"))?)?;
+    let path = dir.join("ca.pem");
+    let ca_pem = read(path.clone())?;
+    let bad = |reason: &str| PkiError::BadCa {
+        path: path.clone(),
+        reason: reason.to_owned(),
+    };
+    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| bad(&format!("no PEM certificate ({e})")))?;
+    let cert = super::x509::parse(&der).ok_or_else(|| bad("not an X.509 certificate"))?;
+    if cert.public_key != ca_key.subject_public_key_info().as_slice() {
+        return Err(bad("ca.key is not the key of this certificate"));
+    }
+    // What `init` would have written as the subject: made the same way.
+    let ours = ca_params().self_signed(&ca_key)?;
+    let ours = super::x509::parse(ours.der()).ok_or_else(|| bad("unreadable"))?;
+    if cert.subject != ours.subject {
+        return Err(bad(
+            "not the CA `contactd tls init` makes: issue certificates with that CA's own tools",
+        ));
+    }
+    Ok(Issuer::new(ca_params(), ca_key))
+}
+
 /// Longest identity name (an agent name's bound).
 const MAX_NAME: usize = 253;
 
@@ -219,11 +264,7 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
         dir.join(format!("{name}.key")),
     );
     check_free(&[&cert_path, &key_path], force)?;
-    let read = |path: PathBuf| {
-        std::fs::read_to_string(&path).map_err(|source| PkiError::Read { path, source })
-    };
-    let ca_key = KeyPair::from_pem(&read(dir.join("ca.key"))?)?;
-    let issuer = Issuer::from_ca_cert_pem(&read(dir.join("ca.pem"))?, &ca_key)?;
+    let issuer = ca_issuer(dir)?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -241,4 +282,57 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
     Ok(Made {
         files: vec![cert_path, key_path],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_under_the_ca_init_made_and_refuses_others() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &["srv.example".to_owned()], &[], 30, false).unwrap();
+        issue(dir.path(), "web1", 30, false).unwrap();
+        let read = |name: &str| {
+            let pem = std::fs::read(dir.path().join(name)).unwrap();
+            CertificateDer::from_pem_slice(&pem).unwrap()
+        };
+        let (ca, web1) = (read("ca.pem"), read("web1.pem"));
+        let ca = crate::tls::x509::parse(&ca).unwrap();
+        assert_eq!(crate::tls::identity(&web1).as_deref(), Some("web1"));
+        // The issuer named in web1.pem is, byte for byte, the CA's subject.
+        assert!(web1.windows(ca.subject.len()).any(|w| w == ca.subject));
+        assert_eq!(ca.common_name(), Some("contactd fleet CA"));
+
+        // A ca.key that is not the key of ca.pem.
+        let other = KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("ca.key"), other.serialize_pem()).unwrap();
+        let err = issue(dir.path(), "web2", 30, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ca.key is not the key"), "{err}");
+
+        // A CA of someone else's making, with its own key.
+        let mut foreign = CertificateParams::default();
+        foreign
+            .distinguished_name
+            .push(DnType::CommonName, "corp CA");
+        foreign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = foreign.self_signed(&other).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        let err = issue(dir.path(), "web2", 30, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not the CA `contactd tls init` makes"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join("ca.pem"), "garbage").unwrap();
+        let err = issue(dir.path(), "web2", 30, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        assert!(!dir.path().join("web2.pem").exists());
+    }
 }

@@ -209,13 +209,8 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
 
 /// An agent certificate that expired yesterday, signed by the CA in `dir`.
 fn issue_expired(dir: &Path, name: &str) {
-    use rcgen::{CertificateParams, DnType, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
-        &ca_key,
-    )
-    .unwrap();
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+    let issuer = contactd::tls::pki::ca_issuer(dir).unwrap();
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
     params.subject_alt_names = vec![SanType::DnsName(name.to_owned().try_into().unwrap())];

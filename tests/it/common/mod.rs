@@ -1,6 +1,5 @@
 //! Shared test helpers: a real server in-process on 127.0.0.1:0, real
 //! clients, and bounded waits.
-#![allow(dead_code)] // some helpers are kept for tests being written
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -1,0 +1,57 @@
+//! Generated gRPC code, and the descriptor sets that server reflection serves.
+//!
+//! The code in `gen/` is generated from `proto/` by
+//! `cargo run --manifest-path tools/protogen/Cargo.toml` and committed, so a
+//! build compiles no proto compiler; `tests::generated_code_is_current`
+//! fails when a proto changes without a regeneration.
+
+/// The seed's Contact service and messages (`proto/contact.proto`, no package).
+///
+/// The seed's method names are camelCase, so the generated stream types are too.
+#[allow(non_camel_case_types)]
+pub mod contact {
+    include!("gen/contact.rs");
+}
+
+/// contactd's operator API (`proto/contactd/admin/v1/admin.proto`).
+pub mod admin {
+    include!("gen/admin.rs");
+}
+
+/// The Contact proto, encoded, for reflection on the public port.
+pub const CONTACT_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/contact_descriptor.bin");
+
+/// The admin proto, encoded, for reflection on the admin socket.
+pub const ADMIN_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/admin_descriptor.bin");
+
+/// The metadata header an agent sends on every call, carrying its name. A
+/// caller without it (a seed client) is known by its peer address.
+pub const AGENT_HEADER: &str = "x-contactd-agent";
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Every proto's digest as `tools/protogen` recorded it when it wrote
+    /// `gen/`: a proto edited since then needs a regeneration.
+    #[test]
+    fn generated_code_is_current() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let recorded = std::fs::read_to_string(root.join("src/proto/gen/SOURCES.sha256")).unwrap();
+        let mut protos = 0;
+        for line in recorded.lines() {
+            let (digest, file) = line.split_once("  ").unwrap();
+            let now = ring::digest::digest(
+                &ring::digest::SHA256,
+                &std::fs::read(root.join(file)).unwrap(),
+            );
+            let now: String = now.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(
+                now, digest,
+                "{file} changed since src/proto/gen/ was generated: run `cargo run --manifest-path tools/protogen/Cargo.toml`"
+            );
+            protos += 1;
+        }
+        assert_eq!(protos, 2, "{recorded}");
+    }
+}
