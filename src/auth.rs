@@ -114,14 +114,14 @@ pub struct Holder {
     pub role: Role,
 }
 
-fn digest(token: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(token: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, token);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
