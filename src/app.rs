@@ -55,6 +55,10 @@ pub enum AppError {
     Pki(#[from] crate::tls::pki::PkiError),
     #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
+    #[error("a second {0} stopped the drain short: what still ran was killed")]
+    Forced(&'static str),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -72,8 +76,20 @@ impl AppError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::Agent(_) => EX_CONFIG,
+            // Restarting will not help with these: systemd's
+            // RestartPreventExitStatus=78 stops the restart loop.
+            AppError::Config(_)
+            | AppError::Agent(_)
+            | AppError::Logging(LogError::Filter { .. } | LogError::File { .. }) => EX_CONFIG,
+            // A token or TLS file named by the config that cannot be used.
             AppError::Serve(e) if e.is_config() => EX_CONFIG,
+            // A port the daemon may never bind (below 1024 without the
+            // capability) is the config's to change.
+            AppError::Bind { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                EX_CONFIG
+            }
             _ => 1,
         }
     }
@@ -99,8 +115,7 @@ pub fn check<T: ConfigFile + Serialize>(source: &Source) -> Result<(), AppError>
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
-    print!("{}", config::to_toml(&config));
-    Ok(())
+    ctl::write_out(&config::to_toml(&config)).map_err(AppError::Output)
 }
 
 /// `check-config` for the server's config.
@@ -127,6 +142,7 @@ pub fn start_daemon(
     } else {
         tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
     }
+    adopt_orphans();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -185,10 +201,12 @@ pub fn list_tasks(args: &TasksArgs) -> Result<(), AppError> {
 /// Existing files without `--force`, or files that cannot be written.
 pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
     let made = crate::tls::pki::init(&args.dir, &args.dns, &args.ip, args.days, args.force)?;
-    for file in made.files {
-        println!("wrote {}", file.display());
-    }
-    Ok(())
+    let wrote: String = made
+        .files
+        .iter()
+        .map(|file| format!("wrote {}\n", file.display()))
+        .collect();
+    ctl::write_out(&wrote).map_err(AppError::Output)
 }
 
 /// `tls issue`.
@@ -197,10 +215,12 @@ pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
 /// No CA in the directory, an existing pair without `--force`, a bad name.
 pub fn tls_issue(args: &TlsIssueArgs) -> Result<(), AppError> {
     let made = crate::tls::pki::issue(&args.dir, &args.name, args.days, args.force)?;
-    for file in made.files {
-        println!("wrote {}", file.display());
-    }
-    Ok(())
+    let wrote: String = made
+        .files
+        .iter()
+        .map(|file| format!("wrote {}\n", file.display()))
+        .collect();
+    ctl::write_out(&wrote).map_err(AppError::Output)
 }
 
 /// `token create`: prints the new token on stdout, the rest on stderr.
@@ -215,8 +235,10 @@ pub fn token_create(args: &TokenCreateArgs) -> Result<(), AppError> {
         args.role,
         args.file.display()
     );
-    println!("{token}");
-    Ok(())
+    // Not through `ctl::write_out`: a token nobody could read must not be
+    // a quiet success.
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{token}").map_err(AppError::Output)
 }
 
 /// `serve`: runs the server until a shutdown signal.
@@ -227,30 +249,70 @@ pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
     let source = server_source(args);
     let (config, found) = source.load_or_default::<Config>()?;
     let (logging, runtime) = start_daemon(&source, &config.log, found)?;
-    raise_fd_limit();
+    raise_fd_limit(config.server.max_connections);
     let result = runtime.block_on(serve_until_signalled(source, config, Arc::clone(&logging)));
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
-    // Dropping thousands of closed connections one by one (freeing their
-    // buffers) took 0.4 s at exit with 5,000 agents; the kernel releases it
-    // all at once when the process exits. (Logs are flushed after this,
-    // when `logging` is dropped.)
-    runtime.shutdown_background();
+    stop_runtime(runtime, &result);
+    // Logs are flushed after this, when `logging` is dropped.
     result
+}
+
+/// Makes the daemon the child subreaper of the commands it runs, so what
+/// they leave outside their process group can still be killed.
+fn adopt_orphans() {
+    if let Err(e) = crate::remote_cmd::reaper::become_subreaper() {
+        tracing::warn!(
+            "cannot become a child subreaper ({e}): processes a command starts outside \
+             its process group may outlive it"
+        );
+    }
+}
+
+/// Ends the runtime at exit, then kills any process a command left behind.
+pub(crate) fn stop_runtime(runtime: Runtime, result: &Result<(), AppError>) {
+    if let Err(AppError::Forced(_)) = result {
+        // Drops every task now, so the commands' guards kill their groups.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    } else {
+        // Dropping thousands of closed connections one by one (freeing
+        // their buffers) took 0.4 s at exit with 5,000 agents; the kernel
+        // releases it all at once when the process exits.
+        runtime.shutdown_background();
+    }
+    crate::remote_cmd::reaper::sweep_all();
 }
 
 /// Every agent holds a connection: raise the soft limit on open files to
 /// the hard limit, as most servers do.
-fn raise_fd_limit() {
+fn raise_fd_limit(max_connections: usize) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
-            Err(e) => tracing::warn!(soft, hard, "cannot raise the open-files limit: {e}"),
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "raised the open-files limit");
+                hard
+            }
+            Err(e) => {
+                tracing::warn!(soft, hard, "cannot raise the open-files limit: {e}");
+                soft
+            }
         },
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot read the open-files limit: {e}"),
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the open-files limit: {e}");
+            return;
+        }
+    };
+    // Not fatal: the cap still bounds connections, accept errors pause.
+    if max_connections as u64 >= limit {
+        tracing::warn!(
+            max_connections,
+            open_files = limit,
+            "server.max_connections is above the open-files limit: connections beyond it \
+             fail to be accepted (raise LimitNOFILE, or lower server.max_connections)"
+        );
     }
 }
 
@@ -289,7 +351,10 @@ async fn serve_until_signalled(
     let stopped = shutdown::supervise(&mut server, &mut signals, &shutdown, &ready, || {
         reload(&source, &config_tx, &logging);
     });
-    Ok(stopped.await??)
+    match stopped.await? {
+        shutdown::Ended::Done(result) => Ok(result?),
+        shutdown::Ended::Forced(signal) => Err(AppError::Forced(signal)),
+    }
 }
 
 /// Re-reads the config and applies it; an invalid file leaves the current

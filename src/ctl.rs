@@ -29,8 +29,33 @@ pub enum CtlError {
     #[error("the server refused: {}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("cannot start the runtime: {0}")]
-    Runtime(#[from] std::io::Error),
+    Runtime(#[source] std::io::Error),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
 }
+
+/// Writes a command's output to stdout through a handle. A reader that went
+/// away (`contactd tasks | head`) ends the command quietly, as other CLIs
+/// do, where `print!` would panic ("failed printing to stdout").
+///
+/// # Errors
+/// Any write error but a broken pipe.
+pub fn write_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+fn print(text: &str) -> Result<(), CtlError> {
+    write_out(text).map_err(CtlError::Output)
+}
+
+/// The largest admin response accepted: `tasks` pages its answers, but a
+/// single task (or the agents list) can be larger than gRPC's default 4 MiB.
+const MAX_RESPONSE: usize = 256 * 1024 * 1024;
 
 /// How long a command waits for the server.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,13 +79,14 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, CtlError> {
             path: socket.to_owned(),
             source,
         })?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
 fn block_on<T>(future: impl Future<Output = Result<T, CtlError>>) -> Result<T, CtlError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
+        .build()
+        .map_err(CtlError::Runtime)?
         .block_on(future)
 }
 
@@ -82,11 +108,10 @@ pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Res
             .id)
     })?;
     if json {
-        println!("{}", serde_json::json!({ "id": id }));
+        print(&format!("{}\n", serde_json::json!({ "id": id })))
     } else {
-        println!("submitted task {id}");
+        print(&format!("submitted task {id}\n"))
     }
-    Ok(())
 }
 
 /// One agent, as `contactd agents --json` prints it.
@@ -139,11 +164,8 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
         })
         .collect();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("rows serialize")
-        );
-        return Ok(());
+        let text = serde_json::to_string_pretty(&rows).expect("rows serialize");
+        return print(&format!("{text}\n"));
     }
     let now = SystemTime::now();
     let table: Vec<Vec<String>> = rows
@@ -173,23 +195,19 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "AGENT",
-                "ADDRESS",
-                "CONNECTED",
-                "DELIVERED",
-                "ACKED",
-                "FAILED",
-                "MISSED",
-                "LAST STATUS"
-            ],
-            &table
-        )
-    );
-    Ok(())
+    print(&render(
+        &[
+            "AGENT",
+            "ADDRESS",
+            "CONNECTED",
+            "DELIVERED",
+            "ACKED",
+            "FAILED",
+            "MISSED",
+            "LAST STATUS",
+        ],
+        &table,
+    ))
 }
 
 /// One task, as `contactd tasks --json` prints it.
@@ -247,16 +265,29 @@ pub fn tasks(
     limit: u32,
     json: bool,
 ) -> Result<(), CtlError> {
-    let request = ListTasksRequest {
+    let mut request = ListTasksRequest {
         state: state.unwrap_or(pb::TaskState::Unspecified) as i32,
         limit,
+        after_id: 0,
     };
+    // Page by page: the server answers with about 1 MiB at a time.
     let reply = block_on(async {
-        Ok(connect(socket)
-            .await?
-            .list_tasks(request)
-            .await?
-            .into_inner())
+        let mut client = connect(socket).await?;
+        let mut all = Vec::new();
+        loop {
+            let mut page = client
+                .list_tasks(ListTasksRequest { ..request })
+                .await?
+                .into_inner();
+            all.append(&mut page.tasks);
+            match all.last() {
+                Some(last) if page.more => request.after_id = last.id,
+                _ => {
+                    page.tasks = all;
+                    return Ok(page);
+                }
+            }
+        }
     })?;
     let rows: Vec<TaskRow> = reply
         .tasks
@@ -283,11 +314,8 @@ pub fn tasks(
             "duplicate_acks": reply.duplicate_acks,
             "tasks": rows,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("tasks serialize")
-        );
-        return Ok(());
+        let text = serde_json::to_string_pretty(&out).expect("tasks serialize");
+        return print(&format!("{text}\n"));
     }
     let now = SystemTime::now();
     let table: Vec<Vec<String>> = rows
@@ -310,24 +338,22 @@ pub fn tasks(
             ]
         })
         .collect();
-    print!(
-        "{}",
-        render(
-            &[
-                "ID",
-                "STATE",
-                "FOR",
-                "AGE",
-                "DELIVERED",
-                "ACKED",
-                "FAILED",
-                "LAST RESULT",
-                "TEXT"
-            ],
-            &table
-        )
+    let mut text = render(
+        &[
+            "ID",
+            "STATE",
+            "FOR",
+            "AGE",
+            "DELIVERED",
+            "ACKED",
+            "FAILED",
+            "LAST RESULT",
+            "TEXT",
+        ],
+        &table,
     );
-    println!(
+    let _ = writeln!(
+        text,
         "mode {}: {} tasks listed, {} redelivered, {} dropped, {} dead, {} duplicate acks",
         reply.mode,
         rows.len(),
@@ -336,7 +362,7 @@ pub fn tasks(
         reply.dead,
         reply.duplicate_acks
     );
-    Ok(())
+    print(&text)
 }
 
 /// The latest ack in one short line: `agent: last line of its text`.

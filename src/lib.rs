@@ -16,6 +16,8 @@
 //!   health, reflection, the caller registry, and the gate that identifies
 //!   callers before any body is read.
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
+//! - [`untrusted`]: caller input escaped and cut for logs and statuses;
+//!   log budgets.
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
@@ -39,6 +41,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod tasks;
 pub mod tls;
+pub mod untrusted;
 
 /// `N` bytes from the operating system's random source, for what must not
 /// be guessed (tokens, the server's epoch). Like `rand::random`, it panics

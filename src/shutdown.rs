@@ -46,11 +46,26 @@ impl Signals {
     }
 }
 
+/// How a supervised task ended.
+#[derive(Debug)]
+pub enum Ended<T> {
+    /// It returned this.
+    Done(T),
+    /// A second shutdown signal (its name) came during the drain: the task
+    /// is abandoned. The caller drops the runtime, so every task's guards
+    /// run (commands' process groups are killed), then exits with status 1.
+    Forced(&'static str),
+}
+
 /// Runs a daemon's main task under the process's signals until it ends:
 /// SIGHUP calls `reload` between systemd's `RELOADING=1` and `READY=1`
 /// (with `status`); SIGTERM or SIGINT notify `STOPPING=1` and cancel
-/// `shutdown`, then the task drains; a second such signal exits the process
-/// at once with status 1.
+/// `shutdown`, then the task drains; a second such signal returns
+/// [`Ended::Forced`] at once. (Not `process::exit`, which would run no
+/// destructor: commands would outlive the daemon and logs go unflushed.)
+///
+/// A panic in `reload` is logged and the config in force stays: the next
+/// SIGHUP tries again.
 ///
 /// # Errors
 /// The task's panic or cancellation.
@@ -60,14 +75,20 @@ pub async fn supervise<T>(
     shutdown: &tokio_util::sync::CancellationToken,
     status: &str,
     mut reload: impl FnMut(),
-) -> Result<T, tokio::task::JoinError> {
+) -> Result<Ended<T>, tokio::task::JoinError> {
     loop {
         tokio::select! {
-            result = &mut *task => return result,
+            result = &mut *task => return result.map(Ended::Done),
             event = signals.next() => match event {
                 Event::Reload => {
                     crate::systemd::reloading();
-                    reload();
+                    let reloaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut reload));
+                    if reloaded.is_err() {
+                        tracing::error!(
+                            "config reload failed (a bug: please report it); the config in force \
+                             stays, and the next reload tries again"
+                        );
+                    }
                     crate::systemd::ready(status);
                 }
                 Event::Shutdown(signal) => {
@@ -81,10 +102,10 @@ pub async fn supervise<T>(
     }
     loop {
         tokio::select! {
-            result = &mut *task => return result,
+            result = &mut *task => return result.map(Ended::Done),
             event = signals.next() => if let Event::Shutdown(signal) = event {
-                tracing::warn!(signal, "second shutdown signal: exiting now");
-                std::process::exit(1);
+                tracing::warn!(signal, "second shutdown signal: stopping now, killing what still runs");
+                return Ok(Ended::Forced(signal));
             },
         }
     }

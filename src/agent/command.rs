@@ -3,7 +3,8 @@
 //!
 //! SIGHUP reloads the config (log settings, handler, limits and intervals
 //! apply at once; `servers` and `name` at the next reconnection); SIGTERM or
-//! SIGINT drain and stop (exit 0); a second one exits at once.
+//! SIGINT drain and stop (exit 0); a second one stops at once (exit 1),
+//! killing the handlers still running.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -42,9 +43,9 @@ pub fn agent(path: Option<PathBuf>) -> Result<(), AppError> {
     if let Err(e) = &result {
         tracing::error!("{e}");
     }
-    // Handlers still running (after a second signal) must not keep the
-    // process alive.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // After a second signal, dropping the runtime kills the handlers still
+    // running (their guards), and what they left outside their groups.
+    app::stop_runtime(runtime, &result);
     result
 }
 
@@ -72,7 +73,10 @@ async fn run_until_signalled(
             reload(&source, &config_tx, &logging);
         },
     );
-    Ok(stopped.await??)
+    match stopped.await? {
+        shutdown::Ended::Done(result) => Ok(result?),
+        shutdown::Ended::Forced(signal) => Err(AppError::Forced(signal)),
+    }
 }
 
 /// Re-reads the config and applies it; an invalid file leaves the current

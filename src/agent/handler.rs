@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
     remote_cmd::exec::{Input, execute_with},
+    untrusted::shown,
 };
 
 /// Environment variables a handler gets.
@@ -32,7 +33,7 @@ impl Handler {
     /// early (when the shutdown grace period is over).
     pub async fn handle(&self, task: &ServerMsg, kill: &CancellationToken) -> ResultMsg {
         if self.argv.is_empty() {
-            tracing::info!(task_id = task.id, attempt = task.attempt, task = %task.task, "task received (no handler configured)");
+            tracing::info!(task_id = task.id, attempt = task.attempt, task = %shown(&task.task), "task received (no handler configured)");
             return ack(task, true, "ok".to_owned());
         }
         let (id, attempt) = (task.id.to_string(), task.attempt.to_string());
@@ -55,7 +56,12 @@ impl Handler {
             ack(task, true, "ok".to_owned())
         } else {
             let last = out.output.lines().last().unwrap_or_default();
-            tracing::warn!(task_id = task.id, ?elapsed, "handler failed: {last}");
+            tracing::warn!(
+                task_id = task.id,
+                ?elapsed,
+                "handler failed: {}",
+                shown(last)
+            );
             ack(task, false, out.output)
         }
     }

@@ -54,6 +54,8 @@ pub(super) async fn connect_loop(shared: Arc<Shared>) -> Result<(), AgentError> 
             server: server.clone(),
             error: error.to_string(),
         });
+        // The error may carry the server's own status text.
+        let error = crate::untrusted::shown(&error.to_string()).to_string();
         if let Some(at) = connected_at {
             tracing::warn!(%server, "disconnected from {server}: {error}");
             if at.elapsed() >= config.healthy_after {

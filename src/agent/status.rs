@@ -26,7 +26,7 @@ pub async fn text(command: &[String], name: &str, handled: u64, failed: u64) -> 
     )
     .await;
     if !out.success {
-        tracing::warn!(output = %out.output, "status command failed");
+        tracing::warn!(output = %crate::untrusted::shown(&out.output), "status command failed");
     }
     out.output.trim_end().to_owned()
 }

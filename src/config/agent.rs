@@ -11,7 +11,7 @@ use std::{path::PathBuf, time::Duration};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use super::{Config, ConfigFile, LogConfig, units};
+use super::{ConfigFile, LogConfig, units};
 
 /// Where `agent` and `check-config --agent` look when no path is given.
 pub const AGENT_DEFAULT_PATH: &str = "/etc/contactd-agent.toml";
@@ -209,16 +209,6 @@ impl ConfigFile for AgentFile {
                 a.name
             ),
         );
-        let positive = [
-            (a.status_interval, "agent.status_interval"),
-            (a.handler_timeout, "agent.handler_timeout"),
-            (a.healthy_after, "agent.healthy_after"),
-            (a.connect_timeout, "agent.connect_timeout"),
-            (a.backoff.initial, "agent.backoff.initial"),
-        ];
-        for (value, key) in positive {
-            check(!value.is_zero(), key, "must be more than 0s".into());
-        }
         for (argv, key) in [
             (&a.handler, "agent.handler"),
             (&a.status_command, "agent.status_command"),
@@ -236,63 +226,83 @@ impl ConfigFile for AgentFile {
             "agent.tls.cert",
             "agent.tls.cert and agent.tls.key go together: set both, or neither".into(),
         );
-        check(
-            a.handler_concurrency >= 1,
-            "agent.handler_concurrency",
-            "must be at least 1".into(),
-        );
-        check(
-            (1..=4095 * 1024).contains(&a.max_output.as_u64()),
-            "agent.max_output",
-            format!(
-                "{} is out of range: expected from 1B to 4095KiB, so an ack fits \
-                 gRPC's default 4MiB message limit",
-                units::size::format(a.max_output)
-            ),
-        );
-        check(
-            a.remember >= 1,
-            "agent.remember",
-            "must be at least 1".into(),
-        );
-        let b = &a.backoff;
-        check(
-            b.max >= b.initial,
-            "agent.backoff.max",
-            format!(
-                "{} is less than agent.backoff.initial ({})",
-                humantime::format_duration(b.max),
-                humantime::format_duration(b.initial)
-            ),
-        );
-        check(
-            b.multiplier.is_finite() && (1.0..=100.0).contains(&b.multiplier),
-            "agent.backoff.multiplier",
-            format!(
-                "{} is out of range: expected from 1.0 to 100.0 (gRPC uses 1.6)",
-                b.multiplier
-            ),
-        );
-        check(
-            b.jitter.is_finite() && (0.0..1.0).contains(&b.jitter),
-            "agent.backoff.jitter",
-            format!(
-                "{} is out of range: expected from 0.0 to below 1.0 (gRPC uses 0.2)",
-                b.jitter
-            ),
-        );
-        // The [log] section is the server's: reuse its checks.
-        let log = Config {
-            log: self.log.clone(),
-            ..Config::default()
-        };
-        problems.extend(
-            log.validate()
-                .into_iter()
-                .filter(|(key, _)| key.starts_with("log.")),
-        );
+        problems.extend(agent_ranges(a));
+        // The [log] section is checked as the server's.
+        let mut log = super::Checks::default();
+        log.log(&self.log);
+        problems.extend(log.0);
         problems
     }
+}
+
+/// The documented ranges of the agent's numeric values.
+pub mod ranges {
+    use std::{ops::RangeInclusive, time::Duration};
+
+    const MS: Duration = Duration::from_millis(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    pub const STATUS_INTERVAL: RangeInclusive<Duration> = Duration::from_millis(100)..=DAY;
+    pub const HANDLER_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
+    pub const HANDLER_CONCURRENCY: RangeInclusive<u64> = 1..=1024;
+    /// So an ack fits gRPC's default 4MiB message limit.
+    pub const MAX_OUTPUT: RangeInclusive<u64> = 1..=4095 * 1024;
+    pub const REMEMBER: RangeInclusive<u64> = 1..=1_000_000;
+    pub const HEALTHY_AFTER: RangeInclusive<Duration> = MS..=DAY;
+    pub const CONNECT_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(100)..=HOUR;
+    pub const SHUTDOWN_GRACE: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
+    pub const BACKOFF_INITIAL: RangeInclusive<Duration> = MS..=HOUR;
+    pub const BACKOFF_MAX: RangeInclusive<Duration> = MS..=HOUR;
+    pub const MULTIPLIER: RangeInclusive<f64> = 1.0..=100.0;
+    /// Below 1.0: jitter of 100% would allow a delay of zero.
+    pub const JITTER_BELOW: f64 = 1.0;
+}
+
+fn agent_ranges(a: &AgentConfig) -> Vec<(String, String)> {
+    use ranges::*;
+    let mut c = super::Checks::default();
+    c.duration("agent.status_interval", a.status_interval, STATUS_INTERVAL);
+    c.duration("agent.handler_timeout", a.handler_timeout, HANDLER_TIMEOUT);
+    c.count(
+        "agent.handler_concurrency",
+        a.handler_concurrency as u64,
+        HANDLER_CONCURRENCY,
+    );
+    c.size("agent.max_output", a.max_output, MAX_OUTPUT);
+    c.count("agent.remember", a.remember as u64, REMEMBER);
+    c.duration("agent.healthy_after", a.healthy_after, HEALTHY_AFTER);
+    c.duration("agent.connect_timeout", a.connect_timeout, CONNECT_TIMEOUT);
+    c.duration("agent.shutdown_grace", a.shutdown_grace, SHUTDOWN_GRACE);
+    let b = &a.backoff;
+    c.duration("agent.backoff.initial", b.initial, BACKOFF_INITIAL);
+    c.duration("agent.backoff.max", b.max, BACKOFF_MAX);
+    c.check(
+        b.max >= b.initial,
+        "agent.backoff.max",
+        format!(
+            "{} is less than agent.backoff.initial ({})",
+            humantime::format_duration(b.max),
+            humantime::format_duration(b.initial)
+        ),
+    );
+    c.check(
+        b.multiplier.is_finite() && MULTIPLIER.contains(&b.multiplier),
+        "agent.backoff.multiplier",
+        format!(
+            "{} is out of range: expected from 1.0 to 100.0 (gRPC uses 1.6)",
+            b.multiplier
+        ),
+    );
+    c.check(
+        b.jitter.is_finite() && (0.0..JITTER_BELOW).contains(&b.jitter),
+        "agent.backoff.jitter",
+        format!(
+            "{} is out of range: expected from 0.0 to below 1.0 (gRPC uses 0.2)",
+            b.jitter
+        ),
+    );
+    c.0
 }
 
 #[cfg(test)]

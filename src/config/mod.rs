@@ -11,6 +11,7 @@ pub mod units;
 
 use std::{
     net::SocketAddr,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -349,6 +350,9 @@ pub struct RemoteCmdConfig {
     pub enabled: bool,
     /// Command-line patterns that may run; nothing else does.
     pub allow: Vec<CommandPattern>,
+    /// Whether patterns that let any program run (`"*"`, `"* *"`) are
+    /// accepted; off, such a pattern is a config error.
+    pub allow_any: bool,
     /// Longest a command may run before its process group is killed.
     #[serde(with = "units::duration")]
     pub timeout: Duration,
@@ -368,6 +372,7 @@ impl Default for RemoteCmdConfig {
         RemoteCmdConfig {
             enabled: false,
             allow: Vec::new(),
+            allow_any: false,
             timeout: Duration::from_secs(30),
             max_concurrent: 16,
             max_queued: 64,
@@ -449,66 +454,191 @@ pub enum Rotation {
 /// The largest response the seed's clients accept by default (gRPC's 4 MiB).
 const CLIENT_MAX_MESSAGE: u64 = 4 * 1024 * 1024;
 
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The longest admin socket path a unix socket address holds (108 bytes
+/// with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The documented range of every numeric value, as `check-config` enforces
+/// it (and README.md and config/*.toml list it). The bounds are what the
+/// server was shown to survive, with room: beyond them a value only made
+/// a panic, a spinning thread or unbounded memory possible.
+pub mod ranges {
+    use std::{ops::RangeInclusive, time::Duration};
+
+    use super::*;
+
+    pub const BACKLOG: RangeInclusive<u64> = 1..=65_535;
+    pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_MESSAGE_SIZE: RangeInclusive<u64> = KIB..=64 * MIB;
+    pub const MAX_CONCURRENT_STREAMS: RangeInclusive<u64> = 1..=4096;
+    pub const KEEPALIVE_INTERVAL: RangeInclusive<Duration> = SEC..=Duration::from_secs(2 * 3600);
+    pub const KEEPALIVE_TIMEOUT: RangeInclusive<Duration> = SEC..=HOUR;
+    pub const GRACE_PERIOD: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
+    pub const MAX_CALLERS: RangeInclusive<u64> = 1..=1_000_000;
+    pub const MAX_STATUS_SIZE: RangeInclusive<u64> = 1..=MIB;
+    pub const HANDSHAKE_TIMEOUT: RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(300);
+    pub const MAX_HANDSHAKES: RangeInclusive<u64> = 1..=65_536;
+    /// The least of `max_status_message`, `max_result_message` and
+    /// `max_command_message`; the most is `max_message_size`.
+    pub const CALL_MESSAGE_MIN: u64 = KIB;
+    pub const MAX_BUFFERED: RangeInclusive<u64> = MIB..=64 * GIB;
+    /// The least `max_connection_buffer`; the most is `max_buffered`.
+    pub const CONNECTION_BUFFER_MIN: u64 = 64 * KIB;
+    /// `connection_window`, and `stream_window` (at most `connection_window`).
+    pub const FLOW_WINDOW: RangeInclusive<u64> = 64 * KIB..=16 * MIB;
+
+    pub const INTERVAL: RangeInclusive<Duration> = MS..=Duration::from_secs(7 * 86_400);
+    pub const BATCH: RangeInclusive<u64> = 0..=10_000;
+    pub const TEMPLATE_BYTES: RangeInclusive<u64> = 0..=64 * KIB;
+    pub const RETAIN: RangeInclusive<u64> = 1..=1_000_000;
+    pub const ACK_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
+    pub const MAX_ATTEMPTS: RangeInclusive<u64> = 1..=1000;
+    pub const WINDOW: RangeInclusive<u64> = 1..=10_000;
+    pub const MAX_PENDING: RangeInclusive<u64> = 1..=10_000_000;
+
+    pub const CMD_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
+    pub const MAX_CONCURRENT: RangeInclusive<u64> = 1..=1024;
+    pub const MAX_QUEUED: RangeInclusive<u64> = 0..=65_536;
+    /// So a response fits a gRPC client's default 4MiB message limit.
+    pub const MAX_OUTPUT: RangeInclusive<u64> = 1..=CLIENT_MAX_MESSAGE - KIB;
+
+    pub const LOG_MAX_SIZE: RangeInclusive<u64> = KIB..=64 * GIB;
+    pub const LOG_BACKUPS: RangeInclusive<u64> = 0..=1000;
+    pub const LOG_KEEP: RangeInclusive<u64> = 1..=1000;
+    pub const BUFFER_LINES: RangeInclusive<u64> = 1..=262_144;
+}
+
+/// Collects semantic problems as (dotted key, message) pairs.
+#[derive(Default)]
+pub(crate) struct Checks(pub(crate) Vec<(String, String)>);
+
+impl Checks {
+    pub(crate) fn check(&mut self, ok: bool, key: &str, message: impl Into<String>) {
+        if !ok {
+            self.0.push((key.to_owned(), message.into()));
+        }
+    }
+
+    /// A count within `range`.
+    pub(crate) fn count(&mut self, key: &str, value: u64, range: RangeInclusive<u64>) {
+        let message = || {
+            format!(
+                "{value} is out of range: expected from {} to {}",
+                range.start(),
+                range.end()
+            )
+        };
+        if !range.contains(&value) {
+            self.0.push((key.to_owned(), message()));
+        }
+    }
+
+    /// A duration within `range`.
+    pub(crate) fn duration(&mut self, key: &str, value: Duration, range: RangeInclusive<Duration>) {
+        if !range.contains(&value) {
+            let f = humantime::format_duration;
+            self.0.push((
+                key.to_owned(),
+                format!(
+                    "\"{}\" is out of range: expected from \"{}\" to \"{}\"",
+                    f(value),
+                    f(*range.start()),
+                    f(*range.end())
+                ),
+            ));
+        }
+    }
+
+    /// A byte size within `range`.
+    pub(crate) fn size(&mut self, key: &str, value: ByteSize, range: RangeInclusive<u64>) {
+        if !range.contains(&value.as_u64()) {
+            let f = |n| units::size::format(ByteSize(n));
+            self.0.push((
+                key.to_owned(),
+                format!(
+                    "\"{}\" is out of range: expected from \"{}\" to \"{}\"",
+                    f(value.as_u64()),
+                    f(*range.start()),
+                    f(*range.end())
+                ),
+            ));
+        }
+    }
+
+    /// The `[log]` section, shared by the server's and the agent's files.
+    pub(crate) fn log(&mut self, l: &LogConfig) {
+        use ranges::*;
+        self.check(
+            l.stderr || l.file.is_some(),
+            "log.stderr",
+            "is false and no log.file is set: nothing would be logged",
+        );
+        self.size("log.max_size", l.max_size, LOG_MAX_SIZE);
+        self.count("log.backups", l.backups as u64, LOG_BACKUPS);
+        self.count("log.keep", l.keep as u64, LOG_KEEP);
+        self.count("log.buffer_lines", l.buffer_lines as u64, BUFFER_LINES);
+        if let Some(problem) = crate::logging::filter_problem(&l.level) {
+            self.check(false, "log.level", problem);
+        }
+    }
+}
+
 impl ConfigFile for Config {
     fn warnings(&self) -> Vec<String> {
         self.unsafe_settings()
     }
 
     fn validate(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
-        let mut check = |ok: bool, key: &str, message: String| {
-            if !ok {
-                problems.push((key.to_owned(), message));
-            }
-        };
+        use ranges::*;
+        let mut c = Checks::default();
         let s = &self.server;
-        check(
-            s.backlog >= 1,
-            "server.backlog",
-            "must be at least 1".into(),
-        );
-        check(
-            s.max_connections >= 1,
+        c.count("server.backlog", s.backlog.into(), BACKLOG);
+        c.count(
             "server.max_connections",
-            "must be at least 1".into(),
+            s.max_connections as u64,
+            MAX_CONNECTIONS,
         );
-        check(
-            s.max_message_size.as_u64() >= 1024,
+        c.size(
             "server.max_message_size",
-            format!(
-                "{} is too small: expected at least \"1KiB\"",
-                units::size::format(s.max_message_size)
-            ),
+            s.max_message_size,
+            MAX_MESSAGE_SIZE,
         );
-        check(
-            s.max_concurrent_streams >= 1,
+        c.count(
             "server.max_concurrent_streams",
-            "must be at least 1".into(),
+            s.max_concurrent_streams.into(),
+            MAX_CONCURRENT_STREAMS,
         );
-        check(
-            !s.keepalive_interval.is_zero(),
+        c.duration(
             "server.keepalive_interval",
-            "must be more than 0s".into(),
+            s.keepalive_interval,
+            KEEPALIVE_INTERVAL,
         );
-        check(
-            !s.keepalive_timeout.is_zero(),
+        c.duration(
             "server.keepalive_timeout",
-            "must be more than 0s".into(),
+            s.keepalive_timeout,
+            KEEPALIVE_TIMEOUT,
         );
-        check(
-            s.max_callers >= 1,
-            "server.max_callers",
-            "must be at least 1".into(),
-        );
-        check(
-            (Duration::from_millis(100)..=Duration::from_secs(300)).contains(&s.handshake_timeout),
+        c.duration("server.grace_period", s.grace_period, GRACE_PERIOD);
+        c.count("server.max_callers", s.max_callers as u64, MAX_CALLERS);
+        c.size("server.max_status_size", s.max_status_size, MAX_STATUS_SIZE);
+        c.check(
+            HANDSHAKE_TIMEOUT.contains(&s.handshake_timeout),
             "server.handshake_timeout",
-            "is out of range: expected from \"100ms\" to \"5m\"".into(),
+            "is out of range: expected from \"100ms\" to \"5m\"",
         );
-        check(
-            (1..=65_536).contains(&s.max_handshakes),
+        c.check(
+            MAX_HANDSHAKES.contains(&(s.max_handshakes as u64)),
             "server.max_handshakes",
-            "is out of range: expected from 1 to 65536".into(),
+            "is out of range: expected from 1 to 65536",
         );
         let max_message = s.max_message_size.as_u64();
         for (size, key) in [
@@ -516,8 +646,8 @@ impl ConfigFile for Config {
             (s.max_result_message, "server.max_result_message"),
             (s.max_command_message, "server.max_command_message"),
         ] {
-            check(
-                (1024..=max_message).contains(&size.as_u64()),
+            c.check(
+                (CALL_MESSAGE_MIN..=max_message).contains(&size.as_u64()),
                 key,
                 format!(
                     "{} is out of range: expected from \"1KiB\" to server.max_message_size ({})",
@@ -526,8 +656,9 @@ impl ConfigFile for Config {
                 ),
             );
         }
-        check(
-            (64 * 1024..=s.max_buffered.as_u64()).contains(&s.max_connection_buffer.as_u64()),
+        c.check(
+            (CONNECTION_BUFFER_MIN..=s.max_buffered.as_u64())
+                .contains(&s.max_connection_buffer.as_u64()),
             "server.max_connection_buffer",
             format!(
                 "{} is out of range: expected from \"64KiB\" to server.max_buffered ({})",
@@ -535,8 +666,8 @@ impl ConfigFile for Config {
                 units::size::format(s.max_buffered)
             ),
         );
-        check(
-            (1 << 20..=1 << 36).contains(&s.max_buffered.as_u64()),
+        c.check(
+            MAX_BUFFERED.contains(&s.max_buffered.as_u64()),
             "server.max_buffered",
             format!(
                 "{} is out of range: expected from \"1MiB\" to \"64GiB\"",
@@ -547,8 +678,8 @@ impl ConfigFile for Config {
             (s.connection_window, "server.connection_window"),
             (s.stream_window, "server.stream_window"),
         ] {
-            check(
-                (64 * 1024..=16 << 20).contains(&size.as_u64()),
+            c.check(
+                FLOW_WINDOW.contains(&size.as_u64()),
                 key,
                 format!(
                     "{} is out of range: expected from \"64KiB\" to \"16MiB\"",
@@ -556,102 +687,81 @@ impl ConfigFile for Config {
                 ),
             );
         }
-        check(
+        c.check(
             s.stream_window <= s.connection_window,
             "server.stream_window",
-            "is larger than server.connection_window, which bounds every stream".into(),
+            "is larger than server.connection_window, which bounds every stream",
         );
         if let Some(tls) = &s.tls {
-            check(
+            c.check(
                 tls.client_ca.is_some() || tls.client_auth() == ClientAuth::None,
                 "server.tls.client_auth",
-                "needs server.tls.client_ca, the CA that signs client certificates".into(),
+                "needs server.tls.client_ca, the CA that signs client certificates",
             );
-            check(
+            c.check(
                 tls.client_ca.is_none() || tls.client_auth() != ClientAuth::None,
                 "server.tls.client_ca",
-                "is set but client_auth = \"none\": remove it, or set client_auth = \"request\" or \"require\"".into(),
+                "is set but client_auth = \"none\": remove it, or set client_auth = \"request\" or \"require\"",
             );
         }
         let t = &self.tasks;
-        check(
-            t.interval >= Duration::from_millis(1),
-            "tasks.interval",
-            "must be at least \"1ms\" (set tasks.batch = 0 to turn generation off)".into(),
+        if !INTERVAL.contains(&t.interval) {
+            c.duration("tasks.interval", t.interval, INTERVAL);
+            c.0.last_mut()
+                .expect("just pushed")
+                .1
+                .push_str(" (set tasks.batch = 0 to turn generation off)");
+        }
+        c.count("tasks.batch", t.batch.into(), BATCH);
+        c.count(
+            "tasks.template",
+            t.template.to_string().len() as u64,
+            TEMPLATE_BYTES,
         );
-        check(t.retain >= 1, "tasks.retain", "must be at least 1".into());
-        check(
-            !t.ack_timeout.is_zero(),
-            "tasks.ack_timeout",
-            "must be more than 0s".into(),
-        );
-        check(
-            t.max_attempts >= 1,
-            "tasks.max_attempts",
-            "must be at least 1".into(),
-        );
-        check(t.window >= 1, "tasks.window", "must be at least 1".into());
-        check(
-            t.max_pending >= 1,
-            "tasks.max_pending",
-            "must be at least 1".into(),
-        );
-        check(
-            !self.admin.enabled || !self.admin.socket.as_os_str().is_empty(),
+        c.count("tasks.retain", t.retain as u64, RETAIN);
+        c.duration("tasks.ack_timeout", t.ack_timeout, ACK_TIMEOUT);
+        c.count("tasks.max_attempts", t.max_attempts.into(), MAX_ATTEMPTS);
+        c.count("tasks.window", t.window as u64, WINDOW);
+        c.count("tasks.max_pending", t.max_pending as u64, MAX_PENDING);
+        let a = &self.admin;
+        c.check(
+            !a.enabled || !a.socket.as_os_str().is_empty(),
             "admin.socket",
-            "is empty: set a path, or admin.enabled = false".into(),
+            "is empty: set a path, or admin.enabled = false",
+        );
+        c.check(
+            a.socket.as_os_str().len() <= MAX_SOCKET_PATH,
+            "admin.socket",
+            format!(
+                "is {} bytes long: a unix socket path holds at most {MAX_SOCKET_PATH}",
+                a.socket.as_os_str().len()
+            ),
         );
         let r = &self.remote_cmd;
-        check(
-            !r.timeout.is_zero(),
-            "remote_cmd.timeout",
-            "must be more than 0s".into(),
-        );
-        check(
-            r.max_concurrent >= 1,
+        c.duration("remote_cmd.timeout", r.timeout, CMD_TIMEOUT);
+        c.count(
             "remote_cmd.max_concurrent",
-            "must be at least 1".into(),
+            r.max_concurrent as u64,
+            MAX_CONCURRENT,
         );
-        check(
-            (1..=CLIENT_MAX_MESSAGE - 1024).contains(&r.max_output.as_u64()),
-            "remote_cmd.max_output",
-            format!(
-                "{} is out of range: expected from 1B to 4095KiB, so a response fits \
-                 a gRPC client's default 4MiB message limit",
-                units::size::format(r.max_output)
-            ),
-        );
-        let l = &self.log;
-        check(
-            l.stderr || l.file.is_some(),
-            "log.stderr",
-            "is false and no log.file is set: nothing would be logged".into(),
-        );
-        check(
-            l.max_size.as_u64() >= 1024,
-            "log.max_size",
-            format!(
-                "{} is too small: expected at least \"1KiB\"",
-                units::size::format(l.max_size)
-            ),
-        );
-        check(l.keep >= 1, "log.keep", "must be at least 1".into());
-        check(
-            l.buffer_lines >= 1,
-            "log.buffer_lines",
-            "must be at least 1".into(),
-        );
-        if let Err(e) = crate::logging::parse_filter(&self.log.level) {
-            check(
-                false,
-                "log.level",
-                format!(
-                    "invalid filter {:?} ({e}): expected directives such as \"info\" or \"warn,contactd=debug\"",
-                    self.log.level
-                ),
-            );
+        c.count("remote_cmd.max_queued", r.max_queued as u64, MAX_QUEUED);
+        c.size("remote_cmd.max_output", r.max_output, MAX_OUTPUT);
+        if !r.allow_any {
+            for pattern in r.allow.iter().filter(|p| p.matches_any_program()) {
+                c.check(
+                    false,
+                    "remote_cmd.allow",
+                    format!(
+                        "pattern {:?} lets any program run: name the programs \
+                         (such as \"ip link add *\"), or set remote_cmd.allow_any = true \
+                         if that is really meant",
+                        pattern.to_string()
+                    ),
+                );
+            }
         }
-        problems
+        c.log(&self.log);
+        c.0
     }
 }
 

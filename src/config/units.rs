@@ -75,13 +75,62 @@ pub mod size {
         }
         match Raw::deserialize(d)? {
             Raw::Bytes(n) => Ok(ByteSize(n)),
-            Raw::Text(text) => text.trim().parse::<ByteSize>().map_err(|e| {
-                D::Error::custom(format!(
-                    "invalid size {text:?} ({e}): expected a number of bytes or a number \
-                     with a unit, such as \"64KiB\", \"10MiB\" or \"1GiB\""
-                ))
-            }),
+            Raw::Text(text) => parse(&text).map_err(D::Error::custom),
         }
+    }
+
+    /// Parses `"64KiB"`, `"1.5MB"` or `"123"` exactly; a size beyond
+    /// 2^64 - 1 bytes is an error, not a saturated value.
+    ///
+    /// # Errors
+    /// A malformed size, an unknown unit, or one that overflows.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let expected = "expected a number of bytes or a number with a unit, \
+                        such as \"64KiB\", \"10MiB\" or \"1GiB\"";
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "ki" | "kib" => 1 << 10,
+            "m" | "mb" => 1000u64.pow(2),
+            "mi" | "mib" => 1 << 20,
+            "g" | "gb" => 1000u64.pow(3),
+            "gi" | "gib" => 1 << 30,
+            "t" | "tb" => 1000u64.pow(4),
+            "ti" | "tib" => 1 << 40,
+            "p" | "pb" => 1000u64.pow(5),
+            "pi" | "pib" => 1 << 50,
+            "e" | "eb" => 1000u64.pow(6),
+            "ei" | "eib" => 1 << 60,
+            _ => return Err(format!("invalid size {text:?} (unknown unit): {expected}")),
+        };
+        let too_large =
+            || format!("size {text:?} is too large: at most 16EiB (and far less is sensible)");
+        let bytes = if number.contains('.') {
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("invalid size {text:?}: {expected}"))?;
+            let bytes = (value * multiplier as f64).round();
+            // 2^64 as f64: anything at or above it does not fit.
+            if bytes.is_nan() || bytes >= 18_446_744_073_709_551_616.0 {
+                return Err(too_large());
+            }
+            bytes as u64
+        } else {
+            let value: u64 = number.parse().map_err(|e: std::num::ParseIntError| {
+                if matches!(e.kind(), std::num::IntErrorKind::PosOverflow) {
+                    too_large()
+                } else {
+                    format!("invalid size {text:?}: {expected}")
+                }
+            })?;
+            value.checked_mul(multiplier).ok_or_else(too_large)?
+        };
+        Ok(ByteSize(bytes))
     }
 
     /// Formats a size exactly, in the largest binary unit that divides it.
@@ -107,6 +156,30 @@ mod tests {
         assert_eq!(size::format(ByteSize::mib(10)), "10MiB");
         assert_eq!(size::format(ByteSize(1500)), "1500B");
         assert_eq!("64KiB".parse::<ByteSize>().unwrap(), ByteSize::kib(64));
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors_not_saturated() {
+        assert_eq!(size::parse("10MiB").unwrap(), ByteSize::mib(10));
+        assert_eq!(size::parse("1.5 KiB").unwrap(), ByteSize(1536));
+        assert_eq!(size::parse("7").unwrap(), ByteSize(7));
+        assert!(size::parse("16EiB").unwrap_err().contains("too large"));
+        for bad in [
+            "99999EiB",
+            "99999999999999999999",
+            "1e30B",
+            "1.0e30",
+            "20000000000GB",
+        ] {
+            assert!(size::parse(bad).is_err(), "{bad}");
+        }
+        assert!(size::parse("99999EiB").unwrap_err().contains("too large"));
+        assert!(
+            size::parse("4 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(size::parse("").is_err());
     }
 
     #[test]

@@ -28,7 +28,10 @@ use tracing_subscriber::{
 
 pub use rotate::{Period, Policy, RotatingFile};
 
-use crate::config::{LogConfig, LogFormat, Rotation};
+use crate::{
+    config::{LogConfig, LogFormat, Rotation},
+    untrusted::Budget,
+};
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,53 @@ pub fn parse_filter(directives: &str) -> Result<Targets, String> {
         return Err("no directive: expected a level such as \"info\"".to_owned());
     }
     directives.parse::<Targets>().map_err(|e| e.to_string())
+}
+
+/// Why `directives` is not a usable `log.level`, or `None` if it is.
+///
+/// Stricter than [`parse_filter`] (`Targets`), which takes any word for a
+/// target: a level misspelt (`"chatty!!"`, `"inf"`) would parse as a target
+/// nobody logs to, and the server would then log nothing at all. So each
+/// directive must be a level (`info`), or `target=level` with a module path
+/// for a target (`contactd::server=debug`, `h2=warn`), possibly with field
+/// names (`target[{field}]=level`).
+pub fn filter_problem(directives: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let expected = "expected directives such as \"info\" or \"warn,contactd=debug\"";
+    if directives.trim().is_empty() {
+        return Some(format!("is empty: {expected}"));
+    }
+    if let Err(e) = parse_filter(directives) {
+        return Some(format!("invalid filter {directives:?} ({e}): {expected}"));
+    }
+    let is_level = |word: &str| LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
+    let is_path = |target: &str| {
+        target.split("::").all(|part| {
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+    };
+    for directive in directives.split(',').map(str::trim) {
+        let ok = match directive.rsplit_once('=') {
+            None => is_level(directive),
+            Some((target, level)) => {
+                // The field part (`target[{field}]`) is `Targets`' to check.
+                let target = target.split('[').next().unwrap_or_default();
+                is_level(level) && (target.is_empty() || is_path(target))
+            }
+        };
+        if !ok {
+            return Some(format!(
+                "{directive:?} in {directives:?} is neither a level (off, error, warn, info, \
+                 debug, trace) nor TARGET=LEVEL with a module path for TARGET: {expected}"
+            ));
+        }
+    }
+    None
 }
 
 /// Installs the global subscriber.
@@ -289,6 +339,14 @@ impl Logging {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while stop.run_until_cancelled(ticks.tick()).await.is_some() {
+            let noise = self.exclude.peer_noise.take_suppressed();
+            if noise > 0 {
+                tracing::warn!(
+                    left_out = noise,
+                    "HTTP/2 warnings about misbehaving peers left out of the log (at most \
+                     {PEER_NOISE} a minute are written)"
+                );
+            }
             let dropped = self.dropped_lines();
             if dropped > reported {
                 tracing::warn!(
@@ -302,12 +360,42 @@ impl Logging {
     }
 }
 
+/// Warnings of the HTTP/2 layer (h2, hyper) let through per
+/// [`PEER_NOISE_WINDOW`]. h2 warns once per abusive connection (too many
+/// resets, a ping ack never asked for): a peer that opens such connections
+/// in a loop would otherwise write the log full.
+const PEER_NOISE: u32 = 10;
+const PEER_NOISE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Drops events whose message contains one of the configured substrings
-/// (the seed's logging filter).
-#[derive(Clone, Default)]
+/// (the seed's logging filter), and the HTTP/2 layer's warnings beyond
+/// their budget.
+#[derive(Clone)]
 struct Exclude {
     active: Arc<AtomicBool>,
     patterns: Arc<RwLock<Vec<String>>>,
+    peer_noise: Arc<Budget>,
+}
+
+impl Default for Exclude {
+    fn default() -> Self {
+        Exclude {
+            active: Arc::default(),
+            patterns: Arc::default(),
+            peer_noise: Arc::new(Budget::new(PEER_NOISE, PEER_NOISE_WINDOW)),
+        }
+    }
+}
+
+/// Whether an event comes from the HTTP/2 layer, about a peer.
+fn is_peer_noise(metadata: &tracing::Metadata<'_>) -> bool {
+    let target = metadata.target();
+    *metadata.level() <= tracing::Level::WARN
+        && ["h2", "hyper"].iter().any(|crate_name| {
+            target
+                .strip_prefix(crate_name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
 }
 
 impl Exclude {
@@ -319,6 +407,9 @@ impl Exclude {
 
 impl<S: Subscriber> Layer<S> for Exclude {
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        if is_peer_noise(event.metadata()) && !self.peer_noise.allow() {
+            return false;
+        }
         if !self.active.load(Ordering::Relaxed) {
             return true;
         }

@@ -1,5 +1,7 @@
 //! Running one command: no shell, its own process group, combined output
-//! captured up to a bound, killed as a group on timeout or on request.
+//! captured up to a bound, killed as a group on timeout or on request; when
+//! it ends, whatever is left of its group, and what it started outside the
+//! group ([`reaper`](super::reaper)), is killed too: nothing outlives it.
 //!
 //! remoteCMD uses [`execute`]; the agent's task handlers use
 //! [`execute_with`], which adds stdin, environment variables and keeping
@@ -13,6 +15,8 @@ use tokio::{
     process::Command,
 };
 use tokio_util::sync::CancellationToken;
+
+use super::reaper;
 
 /// How a command ended, as remoteCMD reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +96,9 @@ pub(crate) async fn execute_with(
     for name in crate::systemd::CHILD_ENV_REMOVE {
         command.env_remove(name);
     }
-    let mut child = match command.spawn() {
+    let run = reaper::new_run();
+    command.env(reaper::ENV_RUN, &run);
+    let mut child = match reaper::spawn(&mut command) {
         Ok(child) => child,
         Err(e) => {
             return CmdOutput {
@@ -103,7 +109,10 @@ pub(crate) async fn execute_with(
     };
     // If the call is dropped midway (the client went away), the guard kills
     // the whole group, not only the direct child.
-    let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
+    let group = GroupGuard {
+        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+        run,
+    };
     let mut capture = Capture::new(max_output, input.keep_tail);
     let stdin = child.stdin.take();
     let feed = async move {
@@ -122,11 +131,13 @@ pub(crate) async fn execute_with(
         if !matches!(end, End::Exited(_)) {
             group.kill();
             let _ = child.wait().await;
+            // What left the group may hold the pipes open.
+            group.sweep().await;
             let _ = tokio::time::timeout(DRAIN_AFTER_KILL, collect).await;
         }
         end
     };
-    group.disarm();
+    group.finish().await;
     let (success, note) = match end {
         End::Exited(Ok(status)) if status.success() => (true, None),
         End::Exited(Ok(status)) => (false, Some(describe(status))),
@@ -155,24 +166,49 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-struct GroupGuard(Option<Pid>);
+/// The command's process group and run id, from its start to its end.
+struct GroupGuard {
+    /// Its process group, which is also its leader's pid; `None` once done.
+    pgid: Option<Pid>,
+    /// Its [`reaper::ENV_RUN`] id.
+    run: String,
+}
 
 impl GroupGuard {
     fn kill(&self) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.pgid {
             // The group may already be gone; nothing to do then.
             let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
         }
     }
 
-    fn disarm(mut self) {
-        self.0 = None;
+    /// Kills what the command left outside its group (a blocking scan of
+    /// /proc, so on the blocking pool).
+    async fn sweep(&self) {
+        if reaper::active() {
+            let run = self.run.clone();
+            let _ = tokio::task::spawn_blocking(move || reaper::sweep(&run)).await;
+        }
+    }
+
+    /// The command has ended and been reaped: what is left of its group
+    /// (background jobs) and what it left outside the group are killed.
+    async fn finish(mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            reaper::end(pgid);
+        }
+        self.sweep().await;
     }
 }
 
 impl Drop for GroupGuard {
+    /// The call was dropped midway (the client went away, or the runtime is
+    /// shutting down after a second signal).
     fn drop(&mut self) {
-        self.kill();
+        if let Some(pgid) = self.pgid.take() {
+            reaper::end(pgid);
+            reaper::sweep(&self.run);
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub(crate) mod exec;
 mod pattern;
+pub mod reaper;
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub use exec::CmdOutput;
 pub use pattern::{CommandPattern, split_words};
 
-use crate::config::RemoteCmdConfig;
+use crate::{config::RemoteCmdConfig, untrusted::shown};
 
 /// Why a command was not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,7 +29,8 @@ pub enum Refusal {
          allowed command lines in `allow` under [remote_cmd] in its config, then reload it"
     )]
     Disabled,
-    #[error("command not allowed: {0:?} matches no pattern in remote_cmd.allow")]
+    /// The command line, already [`shown`](crate::untrusted::shown).
+    #[error("command not allowed: \"{0}\" matches no pattern in remote_cmd.allow")]
     NotAllowed(String),
     #[error("bad command line: {0}")]
     BadCommand(String),
@@ -80,7 +82,7 @@ impl Runner {
         if self.config.allow.iter().any(|p| p.matches(&argv)) {
             Ok(argv)
         } else {
-            Err(Refusal::NotAllowed(line.to_owned()))
+            Err(Refusal::NotAllowed(shown(line).to_string()))
         }
     }
 

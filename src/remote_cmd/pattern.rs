@@ -7,6 +7,12 @@
 //! `ip link add veth0 type veth` and `"true"` allows exactly `true`. A glob
 //! never matches across `/`, so `"cat /var/log/*.log"` cannot reach
 //! `/var/log/../../etc/x.log`.
+//!
+//! Nor can a glob climb or stand still: in a word that has a glob, a `.` or
+//! `..` path component, or an empty one (`/tmp//x`, `/tmp/`), matches only
+//! where the pattern's word has that very component, so `"ls /tmp/*"` allows
+//! `ls /tmp/x` but not `ls /tmp/..`, `ls /tmp/.` or `ls /tmp/`. The further
+//! words a trailing `*` takes may not have a `.` or `..` component at all.
 
 use std::fmt;
 
@@ -25,7 +31,8 @@ pub struct CommandPattern {
 #[derive(Debug, Clone)]
 enum Word {
     Literal(String),
-    Glob(glob::Pattern),
+    /// The glob, and the pattern word's `/`-separated components.
+    Glob(glob::Pattern, Vec<String>),
 }
 
 /// `*` and `?` never match `/`; a leading `.` is an ordinary character.
@@ -39,9 +46,25 @@ impl Word {
     fn matches(&self, word: &str) -> bool {
         match self {
             Word::Literal(literal) => literal == word,
-            Word::Glob(glob) => glob.matches_with(word, GLOB),
+            Word::Glob(glob, components) => {
+                glob.matches_with(word, GLOB)
+                    && word.split('/').enumerate().all(|(i, part)| {
+                        !is_special(part) || components.get(i).is_some_and(|c| c == part)
+                    })
+            }
         }
     }
+}
+
+/// A path component a glob must not supply: empty, `.` or `..`.
+fn is_special(component: &str) -> bool {
+    matches!(component, "" | "." | "..")
+}
+
+/// Whether a word taken by a trailing `*` stays where it is: no `.` or `..`
+/// component.
+fn stays(word: &str) -> bool {
+    word.split('/').all(|part| part != "." && part != "..")
 }
 
 impl CommandPattern {
@@ -57,6 +80,19 @@ impl CommandPattern {
             .iter()
             .zip(argv)
             .all(|(w, a)| w.matches(a.as_ref()))
+            && argv[self.words.len()..].iter().all(|a| stays(a.as_ref()))
+    }
+
+    /// Whether this pattern lets any program at all run: its first word is a
+    /// glob that matches program names of every kind (`*`, `?*`, `[a-z]*`),
+    /// as in `"*"` or `"* *"`.
+    pub fn matches_any_program(&self) -> bool {
+        match self.words.first() {
+            Some(Word::Glob(glob, _)) => ["sh", "rm", "python3", "x"]
+                .iter()
+                .all(|name| glob.matches_with(name, GLOB)),
+            _ => false,
+        }
     }
 }
 
@@ -68,7 +104,8 @@ impl CommandPattern {
 pub fn split_words(line: &str) -> Result<Vec<String>, String> {
     match shlex::split(line) {
         None => Err(format!(
-            "cannot split {line:?} into words: unbalanced quotes or trailing backslash"
+            "cannot split \"{}\" into words: unbalanced quotes or trailing backslash",
+            crate::untrusted::shown(line)
         )),
         Some(words) if words.is_empty() => Err("empty command line".to_owned()),
         Some(words) => Ok(words),
@@ -90,8 +127,9 @@ impl std::str::FromStr for CommandPattern {
                 if !word.contains(['*', '?', '[']) {
                     return Ok(Word::Literal(word));
                 }
+                let components = word.split('/').map(str::to_owned).collect();
                 glob::Pattern::new(&word)
-                    .map(Word::Glob)
+                    .map(|g| Word::Glob(g, components))
                     .map_err(|e| format!("bad glob {word:?} in allow pattern {source:?}: {e}"))
             })
             .collect::<Result<_, String>>()?;
@@ -173,6 +211,43 @@ mod tests {
     }
 
     #[test]
+    fn globs_do_not_climb_or_stand_still() {
+        for line in [
+            "ls /tmp/..",
+            "ls /tmp/.",
+            "ls /tmp/",
+            "ls /tmp//",
+            "ls /tmp/../etc",
+        ] {
+            assert!(!allows("ls /tmp/*", line), "{line}");
+        }
+        assert!(allows("ls /tmp/*", "ls /tmp/x"));
+        assert!(allows("ls /tmp/*", "ls /tmp/.hidden"));
+        assert!(!allows("cat *", "cat .."));
+        assert!(!allows("cat *", "cat ."));
+        // A component the pattern spells out itself is fine.
+        assert!(allows("cat ./*.log", "cat ./a.log"));
+        assert!(allows("ls /*", "ls /x"));
+        assert!(!allows("ls /*", "ls /.."));
+        // Words taken by a trailing `*` may not climb either.
+        assert!(!allows("ls /tmp *", "ls /tmp .."));
+        assert!(!allows("ls /tmp *", "ls /tmp /tmp/../etc"));
+        assert!(allows("ls /tmp *", "ls /tmp -l /etc"));
+    }
+
+    #[test]
+    fn patterns_that_allow_any_program_are_recognised() {
+        for any in ["*", "* *", "* * *", "?*", "[a-z]* *", "** *"] {
+            let p: CommandPattern = any.parse().unwrap();
+            assert!(p.matches_any_program(), "{any}");
+        }
+        for narrow in ["ls *", "/usr/bin/* *", "ip*", "echo", "e* *"] {
+            let p: CommandPattern = narrow.parse().unwrap();
+            assert!(!p.matches_any_program(), "{narrow}");
+        }
+    }
+
+    #[test]
     fn bad_patterns_are_explained() {
         assert!(
             "'unclosed"
@@ -187,5 +262,145 @@ mod tests {
                 .unwrap_err()
                 .contains("bad glob")
         );
+    }
+}
+
+/// Fuzzing of the splitter and the matcher with generated lines and
+/// patterns: no panic, and no match that climbs. Deterministic (fixed
+/// seeds) and bounded in count, so a failure names its case and repeats.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Cases per property.
+    const CASES: usize = 1000;
+
+    /// The pieces words are built from: separators, dots, glob syntax, and
+    /// a few plain names.
+    const PIECES: [&str; 11] = [
+        "/", ".", "..", "*", "?", "[a-c]", "{a,b}", "a", "b", "tmp", "-",
+    ];
+
+    /// A word of 1 to 5 pieces.
+    fn word(rng: &mut fastrand::Rng) -> String {
+        (0..rng.usize(1..6))
+            .map(|_| PIECES[rng.usize(..PIECES.len())])
+            .collect()
+    }
+
+    /// Up to 3 printable characters (no control character), ASCII or not.
+    fn printable(rng: &mut fastrand::Rng) -> String {
+        (0..rng.usize(..4))
+            .map(|_| match rng.usize(..4) {
+                0 => rng.char(' '..='~'),
+                1 => rng.char('\u{a1}'..='\u{17f}'),
+                2 => rng.char('\u{4e00}'..='\u{9fa5}'),
+                _ => rng.char('\u{1f600}'..='\u{1f64f}'),
+            })
+            .collect()
+    }
+
+    /// A line of 0 to 7 parts joined by spaces: words, quotes, backslashes,
+    /// newlines, NULs, spaces and printable text.
+    fn line(rng: &mut fastrand::Rng) -> String {
+        (0..rng.usize(..8))
+            .map(|_| match rng.usize(..8) {
+                0 => word(rng),
+                1 => "'".to_owned(),
+                2 => "\"".to_owned(),
+                3 => "\\".to_owned(),
+                4 => "\n".to_owned(),
+                5 => "\0".to_owned(),
+                6 => " ".to_owned(),
+                _ => printable(rng),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A command word for `pattern`: half the time a random word, else the
+    /// pattern word with each glob character replaced by a random piece
+    /// without glob syntax (so matches, and climbing attempts, are common).
+    fn argument(rng: &mut fastrand::Rng, pattern: Option<&String>) -> String {
+        const FILL: [&str; 7] = ["", ".", "..", "a", "b", "tmp", "/"];
+        match pattern {
+            Some(pattern) if rng.bool() => pattern
+                .replace("[a-c]", "?")
+                .chars()
+                .map(|c| match c {
+                    '*' | '?' => FILL[rng.usize(..FILL.len())].to_owned(),
+                    c => c.to_string(),
+                })
+                .collect(),
+            _ => word(rng),
+        }
+    }
+
+    #[test]
+    fn splitting_never_panics_and_quoted_words_split_back() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_0001);
+        for case in 0..CASES {
+            let line = line(&mut rng);
+            let Ok(words) = split_words(&line) else {
+                continue;
+            };
+            assert!(!words.is_empty(), "case {case}: {line:?}");
+            let quoted: Vec<String> = words
+                .iter()
+                .map(|w| shlex::try_quote(w).map(|q| q.into_owned()))
+                .collect::<Result<_, _>>()
+                .unwrap_or_default();
+            if !quoted.is_empty() {
+                assert_eq!(
+                    split_words(&quoted.join(" ")).unwrap(),
+                    words,
+                    "case {case}: {line:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_glob_never_supplies_a_dot_dotdot_or_empty_component() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_0002);
+        for case in 0..CASES {
+            let pattern: Vec<String> = (0..rng.usize(1..4)).map(|_| word(&mut rng)).collect();
+            let argv: Vec<String> = (0..rng.usize(1..5))
+                .map(|i| argument(&mut rng, pattern.get(i)))
+                .collect();
+            let mut source = pattern
+                .iter()
+                .map(|w| shlex::try_quote(w).unwrap().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            if rng.bool() {
+                source.push_str(" *");
+            }
+            let Ok(parsed) = source.parse::<CommandPattern>() else {
+                continue;
+            };
+            if !parsed.matches(&argv) {
+                continue;
+            }
+            for (i, arg) in argv.iter().enumerate() {
+                match parsed.words.get(i) {
+                    Some(Word::Literal(literal)) => {
+                        assert_eq!(literal, arg, "case {case}: {source:?} matched {argv:?}");
+                    }
+                    Some(Word::Glob(_, components)) => {
+                        for (j, part) in arg.split('/').enumerate() {
+                            if is_special(part) {
+                                assert_eq!(
+                                    components.get(j).map(String::as_str),
+                                    Some(part),
+                                    "case {case}: {source:?} matched {argv:?}"
+                                );
+                            }
+                        }
+                    }
+                    None => assert!(stays(arg), "case {case}: {source:?} matched {argv:?}"),
+                }
+            }
+        }
     }
 }

@@ -29,20 +29,29 @@ use crate::{
     tasks::{Task, TaskState},
 };
 
+/// The socket file this server created, to remove at exit.
+#[derive(Debug)]
+pub(super) struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the file bound, so that a file put at the path
+    /// since (another server's socket) is left alone.
+    id: (u64, u64),
+}
+
 /// Binds the admin socket and serves on it until the server closes;
-/// returns the socket's path, to remove at exit. A socket that cannot be
+/// returns the socket file, to remove at exit. A socket that cannot be
 /// bound is logged, and the server runs on without its admin API.
 pub(super) fn start(
     config: &AdminConfig,
     state: &Arc<State>,
     tracker: &TaskTracker,
-) -> Option<PathBuf> {
+) -> Option<SocketFile> {
     if !config.enabled {
         return None;
     }
     let path = config.socket.clone();
-    let listener = match bind(&path) {
-        Ok(listener) => listener,
+    let (listener, id) = match bind(&path) {
+        Ok(bound) => bound,
         Err(e) => {
             tracing::warn!(
                 socket = %path.display(),
@@ -73,10 +82,15 @@ pub(super) fn start(
             tracing::error!("admin API failed: {e}");
         }
     });
-    Some(path)
+    Some(SocketFile { path, id })
 }
 
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
+fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -97,17 +111,32 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(listener)
+    Ok((listener, file_id(path)?))
 }
 
-/// Removes the socket at exit.
-pub(super) fn remove_socket(path: Option<&Path>) {
-    if let Some(path) = path
-        && let Err(e) = std::fs::remove_file(path)
-    {
-        tracing::warn!(socket = %path.display(), "cannot remove the admin socket: {e}");
+/// Removes the socket at exit, if the file at its path is still the one
+/// this server bound: after another server replaced it, removing it would
+/// cut that server's operators off.
+pub(super) fn remove_socket(socket: Option<&SocketFile>) {
+    let Some(SocketFile { path, id }) = socket else {
+        return;
+    };
+    match file_id(path) {
+        Ok(now) if now == *id => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), "cannot remove the admin socket: {e}");
+            }
+        }
+        Ok(_) => tracing::info!(
+            socket = %path.display(),
+            "the admin socket was replaced by another file: left in place"
+        ),
+        Err(e) => tracing::debug!(socket = %path.display(), "admin socket already gone: {e}"),
     }
 }
+
+/// About the most task bytes one `ListTasks` response holds.
+const PAGE_BYTES: usize = 1024 * 1024;
 
 struct AdminService {
     state: Arc<State>,
@@ -140,7 +169,7 @@ impl Admin for AdminService {
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
         let task = self.state.hub.publish(request.text, target);
-        tracing::info!(task_id = task.id, agent = %request.agent, "task submitted");
+        tracing::info!(task_id = task.id, agent = %crate::untrusted::shown(&request.agent), "task submitted");
         Ok(Response::new(SubmitTaskResponse { id: task.id }))
     }
 
@@ -201,10 +230,21 @@ impl Admin for AdminService {
             tasks.extend(q.tasks().into_iter().map(|t| (t.id, t)));
             q.counters()
         });
-        let mut listed: Vec<pb::Task> = tasks
+        let mut matching: Vec<&Arc<Task>> = tasks
             .values()
             .filter(|t| wanted == pb::TaskState::Unspecified || state_of(t) == wanted)
-            .map(|t| {
+            .collect();
+        if request.limit > 0 {
+            let excess = matching.len().saturating_sub(request.limit as usize);
+            matching.drain(..excess);
+        }
+        // One page: the tasks after `after_id`, up to PAGE_BYTES encoded
+        // (and at least one), so any retained set can be listed.
+        let mut bytes = 0;
+        let mut more = false;
+        let mut listed = Vec::new();
+        for t in matching.into_iter().filter(|t| t.id > request.after_id) {
+            let task = {
                 let last = t.progress.last_result();
                 pb::Task {
                     id: t.id,
@@ -221,11 +261,13 @@ impl Admin for AdminService {
                         .unwrap_or_default(),
                     last_result: last.map(|(_, text)| text).unwrap_or_default(),
                 }
-            })
-            .collect();
-        if request.limit > 0 {
-            let excess = listed.len().saturating_sub(request.limit as usize);
-            listed.drain(..excess);
+            };
+            bytes += prost::Message::encoded_len(&task);
+            if bytes > PAGE_BYTES && !listed.is_empty() {
+                more = true;
+                break;
+            }
+            listed.push(task);
         }
         // The mode in force, not a reloaded one waiting for a restart.
         let mode = if self.state.queue.is_some() {
@@ -241,6 +283,7 @@ impl Admin for AdminService {
             dropped: counters.dropped,
             dead: counters.dead,
             duplicate_acks: counters.duplicate_acks,
+            more,
         }))
     }
 }

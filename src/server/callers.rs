@@ -20,7 +20,13 @@ use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use super::listener::RateLimited;
-use crate::tasks::AckCursor;
+use crate::{tasks::AckCursor, untrusted::Budget};
+
+/// Refusal lines logged per caller, and for all callers together, per
+/// [`REFUSAL_WINDOW`]; the rest are counted in the next line let through.
+const REFUSALS_PER_CALLER: u32 = 5;
+const REFUSALS_OVERALL: u32 = 50;
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One caller's record.
 #[derive(Debug)]
@@ -54,9 +60,12 @@ pub struct Caller {
     /// Acks that changed nothing because the task was not delivered to it.
     pub refused_acks: AtomicU64,
     /// Limits the log lines about refused acks.
-    refusals: RateLimited,
+    ack_refusals: RateLimited,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
+    /// Its refused calls that may reach the log (see
+    /// [`Callers::admit_refusal`]).
+    refusals: Budget,
 }
 
 impl Caller {
@@ -104,7 +113,7 @@ impl Caller {
     /// Counts an ack that changed nothing, and logs it now and then.
     pub fn refuse_ack(&self, task_id: u64, reason: &str) {
         self.refused_acks.fetch_add(1, Ordering::Relaxed);
-        self.refusals.hit(|count| {
+        self.ack_refusals.hit(|count| {
             tracing::warn!(
                 caller = %self.id,
                 task_id,
@@ -122,6 +131,9 @@ pub struct Callers {
     limits: Mutex<Limits>,
     clock: AtomicU64,
     warned_full: AtomicBool,
+    /// Refusals of every caller that may reach the log (callers not
+    /// remembered get a fresh entry, and so a fresh budget, per call).
+    refusals: Budget,
     /// Every open call holds a token, so shutdown can tell when the last
     /// one has ended.
     calls: TaskTracker,
@@ -165,6 +177,7 @@ impl Callers {
             }),
             clock: AtomicU64::new(0),
             warned_full: AtomicBool::new(false),
+            refusals: Budget::new(REFUSALS_OVERALL, REFUSAL_WINDOW),
             calls: TaskTracker::new(),
         }
     }
@@ -203,8 +216,9 @@ impl Callers {
                     failed: AtomicU64::new(0),
                     sent_up_to: AtomicU64::new(0),
                     refused_acks: AtomicU64::new(0),
-                    refusals: RateLimited::default(),
+                    ack_refusals: RateLimited::default(),
                     last_active: AtomicU64::new(tick),
+                    refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
                 });
                 if map.len() >= limits.max_callers && !evict_one(&mut map) {
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
@@ -231,6 +245,20 @@ impl Callers {
         CallGuard {
             caller,
             _call: self.calls.token(),
+        }
+    }
+
+    /// Whether a refusal of `caller`'s call may be logged: `Some(n)`, `n`
+    /// being the refusals left out of the log before it.
+    pub fn admit_refusal(&self, caller: &Caller) -> Option<u64> {
+        let own = caller.refusals.admit()?;
+        match self.refusals.admit() {
+            Some(overall) => Some(own + overall),
+            None => {
+                // Counted again when this caller's next line is let through.
+                caller.refusals.count_suppressed();
+                None
+            }
         }
     }
 

@@ -32,6 +32,7 @@ use crate::{
         contact_server::Contact,
     },
     remote_cmd::Refusal,
+    untrusted::shown,
 };
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -136,7 +137,9 @@ impl Contact for ContactService {
                 let Some(next) = unless_closing(&closing, inbound.message()).await else {
                     return Err(shutting_down());
                 };
-                let Some(result) = next? else {
+                let Some(result) =
+                    next.map_err(|status| inbound_error(status, "server.max_result_message"))?
+                else {
                     return Ok(Response::new(Empty {}));
                 };
                 delivery::record_result(&self.state, &caller, &result);
@@ -159,13 +162,25 @@ impl Contact for ContactService {
             let outcome = runner.run(&request.cmd_str, &self.state.kill).await;
             match &outcome {
                 Ok(out) => tracing::info!(
-                    cmd = %request.cmd_str,
-                    note = %request.log,
+                    cmd = %shown(&request.cmd_str),
+                    note = %shown(&request.log),
                     success = out.success,
                     elapsed = ?started.elapsed(),
                     "remote command finished"
                 ),
-                Err(refusal) => tracing::warn!(cmd = %request.cmd_str, note = %request.log, %refusal, "remote command refused"),
+                // A caller can send refusals as fast as the network allows:
+                // only a few per caller (and overall) reach the log.
+                Err(refusal) => {
+                    if let Some(left_out) = self.state.callers.admit_refusal(&caller) {
+                        tracing::warn!(
+                            cmd = %shown(&request.cmd_str),
+                            note = %shown(&request.log),
+                            %refusal,
+                            left_out,
+                            "remote command refused"
+                        );
+                    }
+                }
             }
             let out = outcome?;
             Ok(Response::new(CmdResponse {
@@ -216,7 +231,7 @@ impl Stream for StatusReplies {
                 // `parent:` rather than entering the span: entering and
                 // leaving it cost more per message than the reply itself,
                 // even with the event disabled.
-                tracing::debug!(parent: &this.span, status = %msg.msg, "status received");
+                tracing::debug!(parent: &this.span, status = %shown(&msg.msg), "status received");
                 this.caller.record_status(&msg.msg);
                 Poll::Ready(Some(Ok(ResultMsg {
                     ret: format!("server received: {}", msg.msg),
@@ -226,7 +241,12 @@ impl Stream for StatusReplies {
             Poll::Ready(Some(Err(status))) => {
                 tracing::debug!(parent: &this.span, %status, "status stream ended by the client");
                 this.done = true;
-                Poll::Ready(None)
+                // A message that cannot be decoded, or is too large, gets a
+                // status that says so (a reset stream never reads it).
+                Poll::Ready(Some(Err(inbound_error(
+                    status,
+                    "server.max_status_message",
+                ))))
             }
             Poll::Ready(None) => {
                 this.done = true;
@@ -240,6 +260,20 @@ impl Stream for StatusReplies {
                 Poll::Pending => Poll::Pending,
             },
         }
+    }
+}
+
+/// The status a call ends with when reading the client's next message
+/// failed. An undecodable message stays INTERNAL (gRPC's status-code table
+/// says so for parse errors); one over the call's size limit (`limit`, the
+/// config key), which tonic reports as OUT_OF_RANGE, is RESOURCE_EXHAUSTED,
+/// as the table says.
+fn inbound_error(status: Status, limit: &str) -> Status {
+    match status.code() {
+        tonic::Code::OutOfRange => {
+            Status::resource_exhausted(format!("message too large: {} ({limit})", status.message()))
+        }
+        _ => status,
     }
 }
 

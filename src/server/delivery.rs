@@ -139,7 +139,7 @@ async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> 
 pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMsg) {
     let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Unspecified);
     let ok = outcome != Outcome::Failed;
-    tracing::debug!(task_id = result.task_id, ?outcome, ret = %result.ret, "result received");
+    tracing::debug!(task_id = result.task_id, ?outcome, ret = %crate::untrusted::shown(&result.ret), "result received");
     if result.task_id == 0 {
         // A seed client's free-form result.
         let counter = if ok { &caller.acked } else { &caller.failed };

@@ -163,16 +163,14 @@ pub async fn run(
         tracker.spawn(queue.reap(shutdown.clone()));
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
-    tracker.spawn(generator::run(
-        Arc::clone(&state.hub),
-        config.clone(),
-        shutdown.clone(),
-    ));
-    tracker.spawn(follow_config(
-        Arc::clone(&state),
-        config.clone(),
-        shutdown.clone(),
-    ));
+    tracker.spawn(restart_on_panic("the task generator", {
+        let (hub, config, shutdown) = (Arc::clone(&state.hub), config.clone(), shutdown.clone());
+        move || generator::run(Arc::clone(&hub), config.clone(), shutdown.clone())
+    }));
+    tracker.spawn(restart_on_panic("applying config reloads", {
+        let (state, config, shutdown) = (Arc::clone(&state), config.clone(), shutdown.clone());
+        move || follow_config(Arc::clone(&state), config.clone(), shutdown.clone())
+    }));
     tracker.close();
 
     let reporter = tonic_health::server::HealthReporter::new();
@@ -231,7 +229,7 @@ pub async fn run(
         }
     };
     tracker.wait().await;
-    admin::remove_socket(admin.as_deref());
+    admin::remove_socket(admin.as_ref());
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
 }
@@ -288,6 +286,26 @@ fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
         window: tasks.window,
         max_pending: tasks.max_pending,
         max_dead: tasks.retain,
+    }
+}
+
+/// Runs the task `make` builds, and a new one each time it panics: a
+/// reload that cannot be applied must not end reloading (or generation)
+/// for good, leaving "config reloaded" in the log while nothing applies.
+async fn restart_on_panic<F, Fut>(what: &'static str, make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(make()).await {
+            Err(e) if e.is_panic() => {
+                tracing::error!("{what} failed (a bug: please report it): {e}; starting it again");
+                // Not in a tight loop, should it fail again at once.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => return,
+        }
     }
 }
 

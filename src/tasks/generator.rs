@@ -28,7 +28,7 @@ pub async fn run(
                 last = next;
                 // After a stall (a suspended host), resume the schedule
                 // instead of publishing the missed batches in a burst.
-                next = (last + tasks.interval).max(Instant::now());
+                next = after(last, tasks.interval).max(Instant::now());
             }
             changed = config.changed() => {
                 if changed.is_err() {
@@ -38,13 +38,21 @@ pub async fn run(
                 }
                 let new = config.borrow_and_update().tasks.clone();
                 if new.interval != tasks.interval {
-                    next = (last + new.interval).max(Instant::now());
+                    next = after(last, new.interval).max(Instant::now());
                 }
                 hub.set_retain(new.retain);
                 tasks = new;
             }
         }
     }
+}
+
+/// `interval` after `last`. check-config bounds the interval, but an
+/// overflow here would end generation for good (a panic in this task), so
+/// it saturates to a year, and a later reload still reschedules.
+fn after(last: Instant, interval: std::time::Duration) -> Instant {
+    last.checked_add(interval)
+        .unwrap_or_else(|| last + std::time::Duration::from_secs(365 * 86_400))
 }
 
 fn generate(hub: &Hub, tasks: &TasksConfig) {

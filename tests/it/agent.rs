@@ -427,7 +427,9 @@ fn check_config_agent_prints_the_example_and_reports_every_problem() {
     let file = bad.display().to_string();
     for needle in [
         format!("{file}:2:11: agent.servers: is empty"),
-        format!("{file}:3:23: agent.handler_concurrency: must be at least 1"),
+        format!(
+            "{file}:3:23: agent.handler_concurrency: 0 is out of range: expected from 1 to 1024"
+        ),
         format!("{file}:6:11: agent.backoff.initial: invalid duration \"never\""),
     ] {
         assert!(stderr.contains(&needle), "missing {needle:?} in:\n{stderr}");

@@ -128,7 +128,7 @@ fn version_and_help() {
 }
 
 #[test]
-fn an_unwritable_log_file_is_a_clear_start_up_error() {
+fn an_unwritable_log_directory_is_a_clear_start_up_error_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     // A regular file where the log directory should be.
@@ -136,7 +136,7 @@ fn an_unwritable_log_file_is_a_clear_start_up_error() {
     let log = dir.path().join("not-a-dir/contactd.log");
     std::fs::write(&path, format!("[log]\nfile = \"{}\"\n", log.display())).unwrap();
     let out = contactd(&["serve", "-c", path.to_str().unwrap()], dir.path());
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78), "a config problem: no restart");
     let stderr = text(&out.stderr);
     assert!(
         stderr.starts_with(&format!(

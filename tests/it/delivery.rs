@@ -257,6 +257,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
             let request = ListTasksRequest {
                 state: TaskState::Acked as i32,
                 limit: 0,
+                after_id: 0,
             };
             let acked = admin2
                 .list_tasks(request)
@@ -347,6 +348,7 @@ async fn queue_limits_follow_a_reload() {
     let request = ListTasksRequest {
         state: TaskState::Pending as i32,
         limit: 0,
+        after_id: 0,
     };
     let pending = admin.list_tasks(request).await.unwrap().into_inner().tasks;
     assert_eq!(pending.iter().map(|t| t.id).collect::<Vec<_>>(), [2, 3]);

@@ -116,6 +116,7 @@ async fn queue_mode_tasks_over_3_agents_one_killed_mid_run() {
             let request = ListTasksRequest {
                 state: TaskState::Acked as i32,
                 limit: 0,
+                after_id: 0,
             };
             let acked = admin.list_tasks(request).await.unwrap().into_inner().tasks;
             if acked.len() == TASKS {

@@ -10,6 +10,7 @@ mod cli;
 mod contact;
 mod delivery;
 mod fleet;
+mod hostile;
 mod operations;
 mod serve;
 mod trust;

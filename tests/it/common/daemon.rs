@@ -78,6 +78,21 @@ impl Process {
         }
     }
 
+    /// Waits until `count` log lines contain `needle`.
+    pub fn wait_for_lines(&mut self, needle: &str, count: usize) {
+        let deadline = Instant::now() + LIMIT;
+        while self.log.iter().filter(|l| l.contains(needle)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "fewer than {count} log lines with {needle:?} within {LIMIT:?}; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();

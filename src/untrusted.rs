@@ -1,0 +1,151 @@
+//! Caller input on its way into a log line or a status message: escaped and
+//! cut, through [`shown`], so it is data and never format.
+//!
+//! A caller controls `cmdStr`, `log`, status and result texts. Written raw,
+//! a newline forges a log line, a CR or an escape sequence rewrites a
+//! terminal, and a 4 MB string rotates the log history away or makes a
+//! gRPC trailer no client accepts. Shown through [`shown`], control
+//! characters are visible (`\n`, `\u{1b}`), the text stops after
+//! [`SHOWN_BYTES`] bytes of input, and a cut says how long the original was.
+//!
+//! [`Budget`] rate-limits lines a caller can make the server write
+//! (refusals, the HTTP/2 layer's complaints about abusive peers).
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+
+/// Input bytes shown before the text is cut (on a character boundary).
+pub const SHOWN_BYTES: usize = 256;
+
+/// `text`, escaped and cut, for a log line or a status message.
+pub fn shown(text: &str) -> Shown<'_> {
+    Shown(text)
+}
+
+/// See [`shown`].
+#[derive(Clone, Copy)]
+pub struct Shown<'a>(&'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        let text = self.0;
+        let kept = &text[..text.floor_char_boundary(SHOWN_BYTES)];
+        for c in kept.chars() {
+            match c {
+                // Quotes are harmless and common in command lines: left as they are.
+                '"' | '\'' => f.write_char(c)?,
+                // Backslashes, control and invisible characters are escaped.
+                c => write!(f, "{}", c.escape_debug())?,
+            }
+        }
+        if kept.len() < text.len() {
+            write!(f, "…[{} bytes in all]", text.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// At most `per_window` events per `window`; the rest are counted, so the
+/// next allowed line can say how many were left out.
+#[derive(Debug)]
+pub struct Budget {
+    per_window: u32,
+    window: Duration,
+    state: Mutex<(Instant, u32)>,
+    /// Events left out since the last one let through.
+    suppressed: AtomicU64,
+}
+
+impl Budget {
+    /// A budget of `per_window` events every `window`.
+    pub fn new(per_window: u32, window: Duration) -> Budget {
+        Budget {
+            per_window,
+            window,
+            state: Mutex::new((Instant::now(), 0)),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` if this event may be logged, `n` being how many were left
+    /// out before it; `None` if it is to be left out (and counted).
+    pub fn admit(&self) -> Option<u64> {
+        self.allow()
+            .then(|| self.suppressed.swap(0, Ordering::Relaxed))
+    }
+
+    /// Whether this event may be logged; if not, it is counted, for
+    /// [`take_suppressed`](Self::take_suppressed).
+    pub fn allow(&self) -> bool {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        if now.duration_since(state.0) >= self.window {
+            *state = (now, 0);
+        }
+        if state.1 < self.per_window {
+            state.1 += 1;
+            true
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Counts one more event left out (by another budget).
+    pub fn count_suppressed(&self) {
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the count of events left out so far (for a periodic report).
+    pub fn take_suppressed(&self) -> u64 {
+        self.suppressed.swap(0, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_visible_and_long_text_is_cut() {
+        assert_eq!(
+            shown("ls\n2026 INFO forged\r\0\u{1b}[2J").to_string(),
+            "ls\\n2026 INFO forged\\r\\0\\u{1b}[2J"
+        );
+        assert_eq!(
+            shown("echo 'a \"b\"' \\").to_string(),
+            "echo 'a \"b\"' \\\\"
+        );
+        let long = "é".repeat(1000);
+        let out = shown(&long).to_string();
+        assert!(out.ends_with("…[2000 bytes in all]"), "{out}");
+        assert_eq!(out.matches('é').count(), SHOWN_BYTES / 2);
+        assert_eq!(shown("").to_string(), "");
+    }
+
+    #[test]
+    fn a_budget_lets_through_its_share_and_counts_the_rest() {
+        let budget = Budget::new(2, Duration::from_secs(3600));
+        assert_eq!(budget.admit(), Some(0));
+        assert_eq!(budget.admit(), Some(0));
+        assert_eq!(budget.admit(), None);
+        assert_eq!(budget.admit(), None);
+        assert_eq!(budget.take_suppressed(), 2);
+        assert_eq!(budget.take_suppressed(), 0);
+        let budget = Budget::new(1, Duration::ZERO);
+        assert_eq!(budget.admit(), Some(0));
+        assert_eq!(budget.admit(), Some(0), "a new window");
+    }
+}

@@ -1,0 +1,711 @@
+//! Hostile input (issue 9): caller text escaped and cut, config values the
+//! server survives, globs that do not climb, nothing outliving a command,
+//! start-up config failures exiting 78, and the operator commands' edges.
+//! Real servers (in-process on 127.0.0.1:0) and the real binary, in the
+//! seed's plaintext setup without identities (remoteCMD governed by
+//! remote_cmd alone), as trust.rs covers the setups with them.
+
+use crate::common;
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{LIMIT, TestServer, daemon::Daemon, with_commands, within};
+use contactd::{
+    config::Config,
+    proto::contact::{ClientMsg, CmdRequest, Result as ResultMsg},
+};
+use nix::sys::signal::Signal;
+use tonic::{Code, transport::Channel};
+
+fn cmd(line: &str, note: &str) -> CmdRequest {
+    CmdRequest {
+        index: 1,
+        cmd_str: line.into(),
+        log: note.into(),
+    }
+}
+
+fn contactd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(args)
+        .env_remove("CONTACTD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run contactd")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+// ---- item 3: caller input is data, never format ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_command_lines_are_escaped_cut_and_rate_limited() {
+    // The 3 MB command line below fits server.max_message_size (4MiB), not
+    // the default server.max_command_message: raised to reach the matcher.
+    let mut daemon = Daemon::start(
+        "[server]\nmax_command_message = \"4MiB\"\n[tasks]\nbatch = 0\n\
+         [remote_cmd]\nenabled = true\nallow = [\"echo *\"]\n",
+    );
+    let channel = within(
+        "connect",
+        Channel::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+    let forged = format!(
+        "rm\n2026-11-28T00:00:00Z  INFO contactd: FORGED\r\0{}",
+        "x".repeat(3_000_000)
+    );
+    let err = client
+        .remote_cmd(cmd(&forged, "note\nFORGED-NOTE"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let message = err.message();
+    assert!(message.len() < 1024, "{} bytes", message.len());
+    assert!(message.contains("rm\\n2026"), "{message}");
+    let noted = format!("[{} bytes in all]", forged.len());
+    assert!(
+        message.contains(&noted),
+        "the original length is noted: {message}"
+    );
+    assert!(!message.contains(['\n', '\r', '\0']), "{message}");
+    for _ in 0..30 {
+        let err = client.remote_cmd(cmd("rm -rf /", "x")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+    }
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    let log = &daemon.log;
+    assert!(
+        log.iter().all(|l| !l.starts_with("2026-11-28T00:00:00Z")
+            && !l.starts_with("FORGED-NOTE")
+            && !l.contains(['\r', '\0'])),
+        "a forged line reached the log:\n{}",
+        log.join("\n")
+    );
+    let refused: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("remote command refused"))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        5,
+        "5 a minute per caller:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        refused[0].contains("rm\\n2026") && refused[0].len() < 2048,
+        "{}",
+        refused[0]
+    );
+}
+
+#[tokio::test]
+async fn send_status_answers_an_oversized_or_undecodable_message_with_an_error() {
+    let mut config = Config::default();
+    config.server.max_message_size = bytesize::ByteSize::kib(1);
+    // sendStatus messages have their own limit, at most max_message_size.
+    config.server.max_status_message = bytesize::ByteSize::kib(1);
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let messages = vec![
+        ClientMsg { msg: "fine".into() },
+        ClientMsg {
+            msg: "y".repeat(2000),
+        },
+    ];
+    let mut replies = client
+        .send_status(futures_util::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("a reply", replies.message()).await.unwrap();
+    assert_eq!(first.unwrap().ret, "server received: fine");
+    let err = within("the error", replies.message()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Field 1 as a varint where ClientMsg has a string: cannot be decoded.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NotAClientMsg {
+        #[prost(uint64, tag = "1")]
+        msg: u64,
+    }
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<NotAClientMsg, ResultMsg>::default();
+    let request = tonic::Request::new(futures_util::stream::iter(vec![NotAClientMsg { msg: 7 }]));
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/Contact/sendStatus");
+    let mut replies = grpc
+        .streaming(request, path, codec)
+        .await
+        .unwrap()
+        .into_inner();
+    let err = within("the error", replies.message()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("decode"), "{err:?}");
+    server.stop().await;
+}
+
+// ---- item 4: config values serve survives ----
+
+#[test]
+fn check_config_enforces_every_range_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[server]\nmax_connections = 0\nkeepalive_interval = \"99999years\"\n\
+         max_message_size = \"99999EiB\"\n\
+         [tasks]\nbatch = 4294967295\ninterval = \"100years\"\n\
+         [remote_cmd]\nmax_concurrent = 9223372036854775807\nallow = [\"* *\"]\n\
+         [log]\nlevel = \"chatty!!\"\nbackups = 100000000\nbuffer_lines = 100000000000\n",
+    )
+    .unwrap();
+    let out = contactd(&["check-config", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = text(&out.stderr);
+    let file = path.display().to_string();
+    for needle in [
+        format!(
+            "{file}:2:19: server.max_connections: 0 is out of range: expected from 1 to 1000000"
+        ),
+        format!("{file}:3:22: server.keepalive_interval:"),
+        format!("{file}:4:20: server.max_message_size: size \"99999EiB\" is too large"),
+        format!("{file}:6:9: tasks.batch: 4294967295 is out of range"),
+        format!("{file}:7:12: tasks.interval:"),
+        format!("{file}:9:18: remote_cmd.max_concurrent: 9223372036854775807 is out of range"),
+        format!("{file}:10:9: remote_cmd.allow: pattern \"* *\" lets any program run"),
+        format!("{file}:12:9: log.level: \"chatty!!\""),
+        format!("{file}:13:11: log.backups:"),
+        format!("{file}:14:16: log.buffer_lines:"),
+    ] {
+        assert!(stderr.contains(&needle), "missing {needle:?} in:\n{stderr}");
+    }
+    std::fs::write(&path, "[remote_cmd]\nallow = [\"*\"]\nallow_any = true\n").unwrap();
+    let out = contactd(&["check-config", "-c", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The documented ranges' ends, all at once: the real binary starts with
+/// the maxima, reloads to the minima, and back, answering health throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
+    let maxima = "[server]\nbacklog = 65535\nmax_connections = 1000000\n\
+        max_message_size = \"64MiB\"\nmax_concurrent_streams = 4096\n\
+        keepalive_interval = \"2h\"\nkeepalive_timeout = \"1h\"\ngrace_period = \"1h\"\n\
+        max_callers = 1000000\nmax_status_size = \"1MiB\"\n\
+        handshake_timeout = \"5m\"\nmax_handshakes = 65536\nmax_status_message = \"64MiB\"\n\
+        max_result_message = \"64MiB\"\nmax_command_message = \"64MiB\"\n\
+        max_connection_buffer = \"64GiB\"\nmax_buffered = \"64GiB\"\n\
+        connection_window = \"16MiB\"\nstream_window = \"16MiB\"\n\
+        [tasks]\ninterval = \"7days\"\nbatch = 10000\nretain = 1000000\n\
+        ack_timeout = \"1day\"\nmax_attempts = 1000\nwindow = 10000\nmax_pending = 10000000\n\
+        [remote_cmd]\nenabled = true\nallow = [\"echo *\"]\ntimeout = \"1day\"\n\
+        max_concurrent = 1024\nmax_queued = 65536\nmax_output = \"4095KiB\"\n\
+        [log]\nlevel = \"info\"\nmax_size = \"64GiB\"\nbackups = 1000\nkeep = 1000\n\
+        buffer_lines = 262144\n";
+    let minima = "[server]\nbacklog = 1\nmax_connections = 1\nmax_message_size = \"1KiB\"\n\
+        max_concurrent_streams = 1\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"1s\"\n\
+        grace_period = \"0s\"\nmax_callers = 1\nmax_status_size = \"1B\"\n\
+        handshake_timeout = \"100ms\"\nmax_handshakes = 1\nmax_status_message = \"1KiB\"\n\
+        max_result_message = \"1KiB\"\nmax_command_message = \"1KiB\"\n\
+        max_connection_buffer = \"64KiB\"\nmax_buffered = \"1MiB\"\n\
+        connection_window = \"64KiB\"\nstream_window = \"64KiB\"\n\
+        [tasks]\ninterval = \"1ms\"\nbatch = 0\nretain = 1\nack_timeout = \"10ms\"\n\
+        max_attempts = 1\nwindow = 1\nmax_pending = 1\n\
+        [remote_cmd]\nenabled = true\nallow = [\"echo *\"]\ntimeout = \"10ms\"\n\
+        max_concurrent = 1\nmax_queued = 0\nmax_output = \"1B\"\n\
+        [log]\nlevel = \"info\"\nmax_size = \"1KiB\"\nbackups = 0\nkeep = 1\nbuffer_lines = 1\n";
+    let mut daemon = Daemon::start(maxima);
+    let admin = format!(
+        "\n[admin]\nsocket = \"{}\"\n",
+        daemon.dir.path().join("admin.sock").display()
+    );
+    for (i, config) in [minima, maxima, minima].into_iter().enumerate() {
+        let config = config.replacen("[server]", "[server]\nlisten = \"127.0.0.1:0\"", 1);
+        std::fs::write(daemon.config_path(), format!("{config}{admin}")).unwrap();
+        let out = contactd(&["check-config", "-c", daemon.config_path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        daemon.signal(Signal::SIGHUP);
+        daemon.wait_for_lines("config reloaded", i + 1);
+        let probe = contactd(&["health", "--addr", &daemon.addr.to_string()]);
+        assert_eq!(probe.status.code(), Some(0), "{}", text(&probe.stderr));
+    }
+    assert!(
+        !daemon
+            .log
+            .iter()
+            .any(|l| l.contains("panicked") || l.contains("a bug")),
+        "{}",
+        daemon.log.join("\n")
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(
+        daemon.wait_exit(LIMIT).code(),
+        Some(0),
+        "{}",
+        daemon.log.join("\n")
+    );
+}
+
+// ---- item 6: start-up config failures exit 78 ----
+
+#[test]
+fn an_unreadable_or_empty_token_file_at_start_up_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    for token in [empty, dir.path().join("missing-token")] {
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nauth_token_file = \"{}\"\n\
+                 [admin]\nenabled = false\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let out = contactd(&["serve", "-c", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("auth_token_file"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+// ---- item 7: globs do not climb ----
+
+#[tokio::test]
+async fn a_glob_in_the_allow_list_does_not_climb() {
+    let server = TestServer::start(with_commands(&["ls /tmp/*"])).await;
+    let mut client = server.client().await;
+    for line in ["ls /tmp/..", "ls /tmp/.", "ls /tmp/", "ls /tmp/../etc"] {
+        let err = client.remote_cmd(cmd(line, "")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{line}");
+    }
+    server.stop().await;
+}
+
+// ---- item 8: nothing outlives a command ----
+
+/// Whether a process runs `sleep SECONDS` (with this exact argument).
+fn sleeping(seconds: &str) -> bool {
+    let wanted = format!("sleep\0{seconds}\0");
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == wanted.as_bytes())
+    })
+}
+
+/// A number of seconds no other test sleeps for.
+fn unique_seconds(salt: u32) -> String {
+    (100_000 + (std::process::id() % 10_000) * 10 + salt).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_leaves_its_session_is_killed_at_its_timeout() {
+    let seconds = unique_seconds(1);
+    let mut daemon = Daemon::start(
+        "[tasks]\nbatch = 0\n[remote_cmd]\nenabled = true\nallow = [\"setsid sleep *\"]\n\
+         timeout = \"300ms\"\n",
+    );
+    let channel = Channel::from_shared(format!("http://{}", daemon.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+    let reply = within(
+        "the command",
+        client.remote_cmd(cmd(&format!("setsid sleep {seconds}"), "")),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(
+        reply.res.contains("killed after the 300ms timeout"),
+        "{}",
+        reply.res
+    );
+    assert!(!sleeping(&seconds), "setsid sleep outlived its command");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_still_kills_what_commands_left_outside_their_group() {
+    let seconds = unique_seconds(2);
+    let mut daemon = Daemon::start(
+        "[server]\ngrace_period = \"1h\"\n[tasks]\nbatch = 0\n[remote_cmd]\nenabled = true\n\
+         allow = [\"setsid sleep *\"]\ntimeout = \"1h\"\n",
+    );
+    let channel = Channel::from_shared(format!("http://{}", daemon.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+    let line = format!("setsid sleep {seconds}");
+    let call = tokio::spawn(async move { client.remote_cmd(cmd(&line, "")).await });
+    within("the command to start", async {
+        while !sleeping(&seconds) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_for_line("waiting for in-flight calls");
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(1), "{}", daemon.log.join("\n"));
+    assert!(!sleeping(&seconds), "setsid sleep outlived the server");
+    assert!(
+        daemon
+            .log
+            .iter()
+            .any(|l| l.contains("second shutdown signal")),
+        "{}",
+        daemon.log.join("\n")
+    );
+    let _ = within("the call to end", call).await;
+}
+
+// ---- item 9: the smaller ones ----
+
+#[tokio::test]
+async fn at_exit_the_server_leaves_an_admin_socket_that_is_not_its_own() {
+    let server = TestServer::start(Config::default()).await;
+    drop(server.admin().await);
+    let path = server.admin_socket();
+    // Another server (or an operator) replaced the socket meanwhile.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, "someone else's").unwrap();
+    let dir_path = path.clone();
+    let TestServer {
+        shutdown,
+        task,
+        dir,
+        ..
+    } = server;
+    shutdown.cancel();
+    within("server exit", task).await.unwrap().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&dir_path).unwrap(),
+        "someone else's"
+    );
+    drop(dir);
+
+    // Its own socket it removes.
+    let server = TestServer::start(Config::default()).await;
+    drop(server.admin().await);
+    let path = server.admin_socket();
+    let TestServer {
+        shutdown,
+        task,
+        dir,
+        ..
+    } = server;
+    shutdown.cancel();
+    within("server exit", task).await.unwrap().unwrap();
+    assert!(!path.exists());
+    drop(dir);
+}
+
+/// Thousands of retained tasks of 1 KiB each: more than gRPC's default 4 MiB
+/// in one answer. `contactd tasks` pages through them all, and piped into a
+/// reader that stops early it exits quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contactd_tasks_lists_thousands_and_stops_quietly_at_a_closed_pipe() {
+    let mut config = Config::default();
+    config.tasks.batch = 6000;
+    config.tasks.retain = 6000;
+    config.tasks.interval = Duration::from_secs(3600);
+    config.tasks.template = format!("{}{{seq}}", "t".repeat(1024)).parse().unwrap();
+    let server = TestServer::start(config).await;
+    drop(server.admin().await);
+    let socket = server.admin_socket();
+    let socket_arg = socket.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        contactd(&["tasks", "--json", "--socket", &socket_arg])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tasks = listed["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 6000);
+    assert_eq!(tasks[5999]["id"], 6000);
+
+    let status = tokio::task::spawn_blocking(move || closed_pipe(&socket))
+        .await
+        .unwrap();
+    assert_eq!(status.0, Some(0), "{}", status.1);
+    assert!(!status.1.contains("panicked"), "{}", status.1);
+    server.stop().await;
+}
+
+/// Runs `contactd tasks` with its stdout read for one line and then closed,
+/// like `| head -1`.
+fn closed_pipe(socket: &Path) -> (Option<i32>, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["tasks", "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("ID"), "{first}");
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "contactd tasks did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+// ---- item 4: the property: within the documented ranges, serve survives ----
+
+/// Generated configs within the documented ranges, from a fixed seed (so a
+/// failing case repeats), a few cases only: each starts a real server.
+mod configs {
+    use std::{ops::RangeInclusive, sync::Arc, time::Duration};
+
+    use bytesize::ByteSize;
+    use contactd::config::{
+        self, Config, DeliveryMode, Rotation, load,
+        ranges::{self as r},
+    };
+    use contactd::proto::contact::contact_client::ContactClient;
+    use tonic::{Code, transport::Channel};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    use super::{cmd, common::TestServer, within};
+
+    /// Cases, each a pair of configs: a server started on the first and
+    /// reloaded to the second.
+    const CASES: usize = 6;
+
+    /// A value in `range`: often one of its ends, else anywhere in it.
+    fn count(rng: &mut fastrand::Rng, range: RangeInclusive<u64>) -> u64 {
+        match rng.usize(..3) {
+            0 => *range.start(),
+            1 => *range.end(),
+            _ => rng.u64(range),
+        }
+    }
+
+    fn duration(rng: &mut fastrand::Rng, range: RangeInclusive<Duration>) -> Duration {
+        let (lo, hi) = (
+            range.start().as_millis() as u64,
+            range.end().as_millis() as u64,
+        );
+        Duration::from_millis(count(rng, lo..=hi))
+    }
+
+    fn size(rng: &mut fastrand::Rng, range: RangeInclusive<u64>) -> ByteSize {
+        ByteSize(count(rng, range))
+    }
+
+    fn server_section(rng: &mut fastrand::Rng) -> config::ServerConfig {
+        let max_message_size = size(rng, r::MAX_MESSAGE_SIZE);
+        let call_message = r::CALL_MESSAGE_MIN..=max_message_size.as_u64();
+        let max_buffered = size(rng, r::MAX_BUFFERED);
+        let connection_window = size(rng, r::FLOW_WINDOW);
+        config::ServerConfig {
+            backlog: count(rng, r::BACKLOG) as u32,
+            max_connections: count(rng, r::MAX_CONNECTIONS) as usize,
+            max_message_size,
+            max_concurrent_streams: count(rng, r::MAX_CONCURRENT_STREAMS) as u32,
+            keepalive_interval: duration(rng, r::KEEPALIVE_INTERVAL),
+            keepalive_timeout: duration(rng, r::KEEPALIVE_TIMEOUT),
+            grace_period: duration(rng, r::GRACE_PERIOD),
+            max_callers: count(rng, r::MAX_CALLERS) as usize,
+            max_status_size: size(rng, r::MAX_STATUS_SIZE),
+            // From 1s, not the range's 100ms: this test's own connection
+            // must get through its handshake on a loaded machine.
+            handshake_timeout: duration(rng, Duration::from_secs(1)..=*r::HANDSHAKE_TIMEOUT.end()),
+            max_handshakes: count(rng, r::MAX_HANDSHAKES) as usize,
+            max_status_message: size(rng, call_message.clone()),
+            max_result_message: size(rng, call_message.clone()),
+            max_command_message: size(rng, call_message),
+            max_connection_buffer: size(rng, r::CONNECTION_BUFFER_MIN..=max_buffered.as_u64()),
+            max_buffered,
+            connection_window,
+            stream_window: size(rng, *r::FLOW_WINDOW.start()..=connection_window.as_u64()),
+            ..config::ServerConfig::default()
+        }
+    }
+
+    fn tasks_section(rng: &mut fastrand::Rng) -> config::TasksConfig {
+        config::TasksConfig {
+            interval: duration(rng, r::INTERVAL),
+            batch: count(rng, r::BATCH) as u32,
+            retain: count(rng, r::RETAIN) as usize,
+            mode: if rng.bool() {
+                DeliveryMode::Queue
+            } else {
+                DeliveryMode::Broadcast
+            },
+            ack_timeout: duration(rng, r::ACK_TIMEOUT),
+            max_attempts: count(rng, r::MAX_ATTEMPTS) as u32,
+            window: count(rng, r::WINDOW) as usize,
+            max_pending: count(rng, r::MAX_PENDING) as usize,
+            ..config::TasksConfig::default()
+        }
+    }
+
+    fn remote_section(rng: &mut fastrand::Rng) -> config::RemoteCmdConfig {
+        config::RemoteCmdConfig {
+            enabled: rng.bool(),
+            allow: vec!["echo *".parse().unwrap()],
+            timeout: duration(rng, r::CMD_TIMEOUT),
+            max_concurrent: count(rng, r::MAX_CONCURRENT) as usize,
+            max_queued: count(rng, r::MAX_QUEUED) as usize,
+            max_output: size(rng, r::MAX_OUTPUT),
+            ..config::RemoteCmdConfig::default()
+        }
+    }
+
+    fn log_section(rng: &mut fastrand::Rng) -> config::LogConfig {
+        // Levels and target=level directives (the filter takes no spans).
+        const LEVELS: [&str; 4] = [
+            "info",
+            "warn,contactd=debug",
+            "off",
+            "info,h2=error,contactd::server=trace",
+        ];
+        config::LogConfig {
+            level: LEVELS[rng.usize(..LEVELS.len())].to_owned(),
+            rotation: if rng.bool() {
+                Rotation::Daily
+            } else {
+                Rotation::Size
+            },
+            max_size: size(rng, r::LOG_MAX_SIZE),
+            backups: count(rng, r::LOG_BACKUPS) as usize,
+            keep: count(rng, r::LOG_KEEP) as usize,
+            buffer_lines: count(rng, r::BUFFER_LINES) as usize,
+            ..config::LogConfig::default()
+        }
+    }
+
+    fn any_config(rng: &mut fastrand::Rng) -> Config {
+        Config {
+            server: server_section(rng),
+            tasks: tasks_section(rng),
+            remote_cmd: remote_section(rng),
+            log: log_section(rng),
+            ..Config::default()
+        }
+    }
+
+    /// Writes `config` as check-config would print it, and loads it back:
+    /// it must pass every check.
+    fn loads(config: &Config, dir: &std::path::Path) -> Config {
+        let path = dir.join("generated.toml");
+        std::fs::write(&path, config::to_toml(config)).unwrap();
+        load::<Config>(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn serving(channel: &Channel) {
+        let mut health = HealthClient::new(channel.clone());
+        let reply = within(
+            "health",
+            health.check(HealthCheckRequest {
+                service: "Contact".into(),
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving);
+    }
+
+    /// Until the server follows the reload, remoteCMD answers by the old
+    /// switch; waits (bounded) for the new one.
+    async fn follows(channel: &Channel, enabled: bool) {
+        let mut client = ContactClient::new(channel.clone());
+        let want = if enabled {
+            Code::PermissionDenied
+        } else {
+            Code::FailedPrecondition
+        };
+        within("the reload to apply", async {
+            loop {
+                let code = client
+                    .remote_cmd(cmd("not-allowed", ""))
+                    .await
+                    .unwrap_err()
+                    .code();
+                if code == want {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+
+    #[test]
+    fn any_config_within_the_ranges_loads_serves_and_reloads() {
+        let mut rng = fastrand::Rng::with_seed(0x00c0_ffee_0009);
+        for case in 0..CASES {
+            let (first, second) = (any_config(&mut rng), any_config(&mut rng));
+            // Shown with the failure (the test harness prints a failing
+            // test's output).
+            eprintln!("case {case}:\nfirst: {first:#?}\nsecond: {second:#?}");
+            let dir = tempfile::tempdir().unwrap();
+            let first = loads(&first, dir.path());
+            let second = loads(&second, dir.path());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let server = TestServer::start(first.clone()).await;
+                // One connection: server.max_connections may be 1.
+                let channel = server.channel().await;
+                serving(&channel).await;
+                follows(&channel, first.remote_cmd.enabled).await;
+                let mut reloaded = second.clone();
+                reloaded.server.listen = server.addr;
+                reloaded.admin = server.config.borrow().admin.clone();
+                server.config.send_replace(Arc::new(reloaded));
+                follows(&channel, second.remote_cmd.enabled).await;
+                serving(&channel).await;
+                drop(channel);
+                server.stop().await;
+            });
+        }
+    }
+}
