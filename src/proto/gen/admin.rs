@@ -64,6 +64,10 @@ pub struct ListTasksRequest {
     /// At most this many, newest first; 0 = all.
     #[prost(uint32, tag = "2")]
     pub limit: u32,
+    /// Paging: only tasks with a larger id. A response holds at most about
+    /// 1 MiB of tasks; `more` says whether to ask again from its last id.
+    #[prost(uint64, tag = "3")]
+    pub after_id: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Task {
@@ -108,6 +112,9 @@ pub struct ListTasksResponse {
     pub dead: u64,
     #[prost(uint64, tag = "6")]
     pub duplicate_acks: u64,
+    /// More tasks follow this page: ask again with after_id = the last id.
+    #[prost(bool, tag = "7")]
+    pub more: bool,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
