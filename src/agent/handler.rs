@@ -116,18 +116,14 @@ mod tests {
     #[tokio::test]
     async fn a_hanging_handler_is_killed_at_the_timeout_and_fails() {
         let started = std::time::Instant::now();
-        let out = handler(
-            "echo started; sleep 30 & sleep 30",
-            Duration::from_millis(300),
-        )
-        .handle(&task(9, "x"), &CancellationToken::new())
-        .await;
+        // 2 s: long enough for `sh` to start and write its line first even
+        // on a loaded machine (300 ms was not, under a parallel test run).
+        let out = handler("echo started; sleep 30 & sleep 30", Duration::from_secs(2))
+            .handle(&task(9, "x"), &CancellationToken::new())
+            .await;
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(out.outcome(), Outcome::Failed);
-        assert_eq!(
-            out.ret,
-            "started\n[contactd: killed after the 300ms timeout]"
-        );
+        assert_eq!(out.ret, "started\n[contactd: killed after the 2s timeout]");
     }
 
     #[tokio::test]

@@ -270,11 +270,15 @@ impl Stream for StatusReplies {
 /// as the table says.
 fn inbound_error(status: Status, limit: &str) -> Status {
     match status.code() {
-        tonic::Code::OutOfRange => {
-            Status::resource_exhausted(format!("message too large: {} ({limit})", status.message()))
-        }
+        tonic::Code::OutOfRange => too_large(&status, limit),
         _ => status,
     }
+}
+
+/// RESOURCE_EXHAUSTED for tonic's OUT_OF_RANGE `status` about a message
+/// over the limit `limit` (its config key).
+pub(super) fn too_large(status: &Status, limit: &str) -> Status {
+    Status::resource_exhausted(format!("message too large: {} ({limit})", status.message()))
 }
 
 /// `next`'s output, or `None` once `closing` is cancelled.

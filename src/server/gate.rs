@@ -165,13 +165,36 @@ impl Service<http::Request<Body>> for Gate {
             Some(conn) => Body::new(Metered::new(body, &self.budget, conn.buffered)),
             None => body,
         };
-        let server = match method {
-            Method::SendStatus => &mut self.servers[0],
-            Method::TellResult => &mut self.servers[1],
-            Method::RemoteCmd => &mut self.servers[2],
-            Method::GetTask | Method::Other => &mut self.servers[3],
-        };
-        server.call(http::Request::from_parts(parts, body))
+        let request = http::Request::from_parts(parts, body);
+        match method {
+            Method::SendStatus => self.servers[0].call(request),
+            Method::TellResult => self.servers[1].call(request),
+            // A unary call's request is decoded before the handler runs, so
+            // its size refusal is rewritten here (streams: in the handlers).
+            Method::RemoteCmd => {
+                let call = self.servers[2].call(request);
+                Box::pin(async move {
+                    let mut response = call.await?;
+                    too_large_is_exhausted(response.headers_mut(), "server.max_command_message");
+                    Ok(response)
+                })
+            }
+            Method::GetTask | Method::Other => self.servers[3].call(request),
+        }
+    }
+}
+
+/// A message over a call's limit (`limit`, the config key) is refused with
+/// RESOURCE_EXHAUSTED, as gRPC's status-code table says; tonic says
+/// OUT_OF_RANGE. Rewrites a trailers-only response's status in `headers`.
+fn too_large_is_exhausted(headers: &mut http::HeaderMap, limit: &str) {
+    let Some(status) = Status::from_header_map(headers) else {
+        return;
+    };
+    if status.code() == tonic::Code::OutOfRange {
+        let exhausted = super::contact::too_large(&status, limit);
+        // Only fails for a message that cannot be a header; ours can.
+        let _ = exhausted.add_header(headers);
     }
 }
 

@@ -123,10 +123,13 @@ async fn queue_mode_tasks_over_3_agents_one_killed_mid_run() {
                 done.extend(acked.iter().map(|t| t.id));
                 return;
             }
-            // Wait for the next handled task rather than polling blindly.
+            // Look again at the next handled task, or shortly: an agent
+            // reports a task handled as it queues the ack, so the last acks
+            // reach the server after the last events.
             tokio::select! {
                 _ = a.wait_for("a task", handled) => {}
                 _ = b.wait_for("a task", handled) => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
     })

@@ -156,6 +156,40 @@ async fn send_status_answers_an_oversized_or_undecodable_message_with_an_error()
     server.stop().await;
 }
 
+#[tokio::test]
+async fn each_call_refuses_a_message_over_its_own_limit_with_resource_exhausted() {
+    let mut config = with_commands(&["echo *"]);
+    config.server.max_command_message = bytesize::ByteSize::kib(1);
+    config.server.max_result_message = bytesize::ByteSize::kib(1);
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    client.remote_cmd(cmd("echo fits", "")).await.unwrap();
+    // remoteCMD is unary: tonic refuses it before any handler runs.
+    let long = format!("echo {}", "x".repeat(2000));
+    let err = client.remote_cmd(cmd(&long, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("server.max_command_message"),
+        "{err:?}"
+    );
+    let results = vec![ResultMsg {
+        ret: "y".repeat(2000),
+        ..ResultMsg::default()
+    }];
+    let err = client
+        .tell_result(futures_util::stream::iter(results))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("server.max_result_message"),
+        "{err:?}"
+    );
+    // Nothing else on the connection suffered.
+    client.remote_cmd(cmd("echo again", "")).await.unwrap();
+    server.stop().await;
+}
+
 // ---- item 4: config values serve survives ----
 
 #[test]
@@ -185,7 +219,7 @@ fn check_config_enforces_every_range_with_line_and_column() {
         format!("{file}:7:12: tasks.interval:"),
         format!("{file}:9:18: remote_cmd.max_concurrent: 9223372036854775807 is out of range"),
         format!("{file}:10:9: remote_cmd.allow: pattern \"* *\" lets any program run"),
-        format!("{file}:12:9: log.level: \"chatty!!\""),
+        format!("{file}:12:9: log.level: invalid filter \"chatty!!\""),
         format!("{file}:13:11: log.backups:"),
         format!("{file}:14:16: log.buffer_lines:"),
     ] {
