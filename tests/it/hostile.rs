@@ -292,6 +292,76 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
     );
 }
 
+// ---- item 5: reloads fail closed, and say what they open ----
+
+/// getTask's answer to a call with `token` (none: no header).
+async fn get_task_with(addr: std::net::SocketAddr, token: Option<&str>) -> Result<(), Code> {
+    let channel = within(
+        "connect",
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(contactd::proto::contact::Empty {});
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+    }
+    contactd::proto::contact::contact_client::ContactClient::new(channel)
+        .get_task(request)
+        .await
+        .map(drop)
+        .map_err(|status| status.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_credentials_they_cannot_read_and_warn_when_opening_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-secret\n").unwrap();
+    let mut daemon = Daemon::start(&format!(
+        "[server]\nauth_token_file = \"{}\"\n[tasks]\nbatch = 0\n",
+        token.display()
+    ));
+    let addr = daemon.addr;
+    let written = std::fs::read_to_string(daemon.config_path()).unwrap();
+    assert_eq!(get_task_with(addr, None).await, Err(Code::Unauthenticated));
+    assert_eq!(get_task_with(addr, Some("first-secret")).await, Ok(()));
+
+    // Emptied, then missing: the token in force stays, and the log says so.
+    std::fs::write(&token, "").unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_line("keeping the tokens in force");
+    std::fs::remove_file(&token).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_for_lines("keeping the tokens in force", 2);
+    assert_eq!(get_task_with(addr, None).await, Err(Code::Unauthenticated));
+    assert_eq!(get_task_with(addr, Some("first-secret")).await, Ok(()));
+
+    // A config that no longer names the token file (a truncated edit) and
+    // turns remote commands on: applied, each change named at WARN.
+    let opened = written
+        .lines()
+        .filter(|line| !line.starts_with("auth_token_file"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n[remote_cmd]\nenabled = true\nallow = [\"echo *\"]\n";
+    std::fs::write(daemon.config_path(), opened).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    let off = daemon.wait_for_line("turns token authentication OFF");
+    assert!(off.contains("WARN"), "{off}");
+    let widened = daemon.wait_for_line("widens remote_cmd");
+    assert!(
+        widened.contains("WARN") && widened.contains("echo *"),
+        "{widened}"
+    );
+    assert_eq!(get_task_with(addr, None).await, Ok(()));
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
 // ---- item 6: start-up config failures exit 78 ----
 
 #[test]
