@@ -3,6 +3,7 @@
 # maintainer scripts.
 #
 #   packaging/check-units.sh [PATH/TO/contactd]
+#   packaging/check-units.sh --exposure UNIT_FILE   (prints its offline score)
 #
 # 1. `systemd-analyze verify` on both units. verify insists that ExecStart=
 #    binaries exist, so it checks copies whose /usr/bin/contactd is replaced by
@@ -12,8 +13,11 @@
 #    still exits 0, so any diagnostic that names one of our units is an error.
 # 2. `systemd-analyze security --offline=true` on both units: fails if the
 #    server's overall exposure level is above 2.0 or the agent's above 2.5.
-# 3. The sysusers.d and tmpfiles.d files are applied to a scratch root, and the
-#    maintainer scripts are parsed by sh -n.
+# 3. The sysusers.d and tmpfiles.d files are applied to a scratch root, the
+#    maintainer scripts are parsed by sh -n, and every packaging shell script
+#    is checked by shellcheck if it is installed. (packaging/test-in-systemd.sh
+#    installs the package under a real systemd and compares the online score
+#    with the offline one printed by --exposure.)
 #
 # Installs systemd (for systemd-analyze, systemd-sysusers, systemd-tmpfiles)
 # with apt-get if it is missing. Needs no running systemd.
@@ -39,6 +43,17 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
+# Prints the overall exposure level of a unit file (e.g. "1.1"), or nothing.
+exposure_level() {
+    systemd-analyze security --offline=true --no-pager "$1" 2>&1 |
+        sed -nE 's/.*Overall exposure level for .*: *([0-9]+(\.[0-9]+)?)( .*)?$/\1/p' |
+        tail -n 1
+}
+if [ "${1:-}" = --exposure ]; then
+    exposure_level "${2:?--exposure needs a unit file}"
+    exit 0
 fi
 echo "check-units: $(systemd-analyze --version | head -n 1)"
 
@@ -84,13 +99,6 @@ else
 fi
 
 # --- 2. security --------------------------------------------------------------
-# Prints the overall exposure level of a unit file (e.g. "1.1"), or nothing.
-exposure_level() {
-    systemd-analyze security --offline=true --no-pager "$1" 2>&1 |
-        sed -nE 's/.*Overall exposure level for .*: *([0-9]+(\.[0-9]+)?)( .*)?$/\1/p' |
-        tail -n 1
-}
-
 check_exposure() {
     local unit=$1 max=$2 level
     level=$(exposure_level "$unit")
@@ -123,15 +131,23 @@ elif ! out=$(systemd-tmpfiles --root="$root" --create contactd.conf 2>&1) ||
 else
     echo "check-units: sysusers.d and tmpfiles.d files OK"
 fi
-for script in packaging/debian/postinst packaging/debian/postrm; do
+for script in packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm; do
     if ! sh -n "$script"; then
         fail "$script: shell syntax error"
-    elif ! grep -q '^#DEBHELPER#$' "$script"; then
-        fail "$script: no #DEBHELPER# line (cargo-deb inserts the systemd fragments there)"
     elif [ ! -x "$script" ]; then
         fail "$script: not executable"
     fi
 done
+if command -v shellcheck >/dev/null 2>&1; then
+    if shellcheck packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
+        packaging/*.sh .ci/run; then
+        echo "check-units: shellcheck: maintainer and packaging scripts OK"
+    else
+        fail "shellcheck found problems (above)"
+    fi
+else
+    echo "check-units: shellcheck not installed: maintainer scripts only checked by sh -n"
+fi
 
 if [ "$failures" -ne 0 ]; then
     echo "check-units: $failures check(s) failed" >&2
