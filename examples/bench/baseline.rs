@@ -24,13 +24,13 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+use contactd::config::ServerTlsConfig;
 use contactd::proto::contact::{
     ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
     contact_server::{Contact, ContactServer},
 };
 use futures_util::{Stream, StreamExt, stream};
-use anyhow::Context as _;
-use contactd::config::ServerTlsConfig;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -87,7 +87,11 @@ impl AsyncRead for TlsConn {
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
@@ -266,8 +270,8 @@ pub fn serve(args: &Args) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let table: ServerTlsConfig = toml::from_str(&text)
-                .with_context(|| format!("parsing {}", path.display()))?;
+            let table: ServerTlsConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
             Some(contactd::tls::server_config(&table)?)
         }
         None => None,

@@ -9,7 +9,9 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls::{
     ClientConfig, RootCertStore,
     client::{Resumption, WebPkiServerVerifier},
@@ -71,7 +73,11 @@ impl Pki {
         let pki = dir.path().join("pki");
         let pki_arg = pki.to_str().context("temp dir is not UTF-8")?;
         run(contactd, &["tls", "init", pki_arg]).await?;
-        run(contactd, &["tls", "issue", "bench-status", "--dir", pki_arg]).await?;
+        run(
+            contactd,
+            &["tls", "issue", "bench-status", "--dir", pki_arg],
+        )
+        .await?;
         for mode in [Mode::ServerAuth, Mode::Mutual] {
             std::fs::write(dir.path().join(file_name(mode)), table(&pki, mode))?;
         }
@@ -161,7 +167,11 @@ fn table(pki: &Path, mode: Mode) -> String {
         let p = pki.join(name).to_string_lossy().into_owned();
         format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\""))
     };
-    let mut toml = format!("cert = {}\nkey = {}\n", path("server.pem"), path("server.key"));
+    let mut toml = format!(
+        "cert = {}\nkey = {}\n",
+        path("server.pem"),
+        path("server.key")
+    );
     match mode {
         Mode::ServerAuth => toml.push_str("client_auth = \"none\"\n"),
         Mode::Mutual => {
