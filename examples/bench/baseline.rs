@@ -2,22 +2,45 @@
 //! the calls themselves. No config, no logging, no bookkeeping, no shutdown
 //! handling (SIGTERM's default action ends it). The bench runs it as its own
 //! process (`bench baseline-server`) so it is measured exactly like contactd.
+//!
+//! With `--tls FILE` (the TLS variants) it terminates TLS with the rustls
+//! server config contactd builds from the same `[server.tls]` table
+//! (`contactd::tls::server_config`: same certificate, same client
+//! verification, ALPN h2), in the barest accept loop: one task per
+//! connection doing the handshake, then straight to tonic. No handshake
+//! limits, no peeking at the HTTP/2 preface, no identity.
 
 use std::{
+    io,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     process::Stdio,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
+use anyhow::Context as _;
+use contactd::config::ServerTlsConfig;
 use contactd::proto::contact::{
     ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
     contact_server::{Contact, ContactServer},
 };
 use futures_util::{Stream, StreamExt, stream};
-use tokio::sync::broadcast;
-use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{broadcast, mpsc},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::server::{Connected, TcpIncoming},
+};
 
 /// `bench baseline-server`: what the baseline serves.
 #[derive(Debug, clap::Args)]
@@ -35,6 +58,96 @@ pub struct Args {
     /// Capacity of the task broadcast channel (contactd's `tasks.retain`).
     #[arg(long, default_value_t = 1000)]
     retain: usize,
+    /// Serve TLS as contactd's `[server.tls]` table in this TOML file says.
+    #[arg(long, value_name = "FILE")]
+    tls: Option<PathBuf>,
+}
+
+/// Longest a TLS handshake may take (contactd's default
+/// `server.handshake_timeout`).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// An accepted TLS connection, as tonic wants it.
+struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// The connections `listener` accepts, each through its TLS handshake.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> impl Stream<Item = io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                // A failed accept is skipped; one that would fail again at
+                // once (out of files) is not retried in a tight loop.
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::ConnectionAborted {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(Ok(tls)) =
+                    tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await
+                {
+                    let _ = tx.send(Ok(TlsConn(tls))).await;
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -152,8 +265,19 @@ pub fn serve(args: &Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Read before serving, like contactd's config.
+    let tls = match &args.tls {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let table: ServerTlsConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            Some(contactd::tls::server_config(&table)?)
+        }
+        None => None,
+    };
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let listener = TcpListener::bind(args.listen).await?;
         let addr = listener.local_addr()?;
         let (tasks, _) = broadcast::channel(args.retain.max(1));
         if args.batch > 0 {
@@ -164,10 +288,19 @@ pub fn serve(args: &Args) -> anyhow::Result<()> {
             results: AtomicU64::new(0),
         });
         eprintln!("serving addr={addr}");
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-            .await?;
+        let server = tonic::transport::Server::builder().add_service(service);
+        match tls {
+            Some(config) => {
+                server
+                    .serve_with_incoming(tls_incoming(listener, config))
+                    .await?;
+            }
+            None => {
+                server
+                    .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+                    .await?;
+            }
+        }
         Ok(())
     })
 }

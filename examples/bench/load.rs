@@ -22,19 +22,29 @@ use tonic::codegen::http;
 use contactd::proto::contact::{Empty, contact_client::ContactClient};
 use futures_util::{StreamExt, stream};
 use hdrhistogram::Histogram;
-use tokio::task::JoinSet;
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::ClientTls;
 
 /// Longest one connection attempt may take.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 /// A new HTTP/2 connection to `addr`.
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    connect_with(addr, None).await
+}
+
+/// A new HTTP/2 connection to `addr`, over TLS with `tls` (the way
+/// contactd's own agent and probe connect: `contactd::tls::connect`).
+pub async fn connect_with(addr: SocketAddr, tls: Option<&ClientTls>) -> anyhow::Result<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(CONNECT_LIMIT)
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+        .tcp_nodelay(true);
+    let tls = tls.map(|tls| (Arc::clone(&tls.shared), tls.name.clone()));
+    Ok(contactd::tls::connect(endpoint, tls).await?)
 }
 
 /// An agent's own HTTP/2 connection, without tonic's `Channel`: its buffer
@@ -61,18 +71,57 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Conn {
     }
 }
 
-/// A new light HTTP/2 connection to `addr`, and a Contact client on it.
-pub async fn connect_agent(addr: SocketAddr) -> anyhow::Result<ContactClient<Conn>> {
+/// A new light HTTP/2 connection to `addr`, over TLS with `tls` (a full
+/// handshake: the configs disable resumption), and a Contact client on it;
+/// and the task driving the connection (it ends when the connection closes;
+/// aborting it closes the socket).
+pub async fn connect_agent(
+    addr: SocketAddr,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> anyhow::Result<(ContactClient<Conn>, JoinHandle<()>)> {
     let tcp = tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
     tcp.set_nodelay(true)?;
-    let (send, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-    // Ends when the connection closes; its error, if any, surfaces in the calls.
-    tokio::spawn(connection);
-    let origin = http::Uri::try_from(format!("http://{addr}"))?;
-    Ok(ContactClient::with_origin(Conn(send), origin))
+    let (send, driver, scheme) = match tls {
+        None => {
+            let (send, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await?;
+            // Its error, if any, surfaces in the calls.
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (send, driver, "http")
+        }
+        Some((config, name)) => {
+            let stream = tokio::time::timeout(
+                CONNECT_LIMIT,
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            )
+            .await
+            .context("TLS handshake timed out")?
+            .map_err(|e| anyhow::anyhow!("TLS: {}", contactd::tls::explain(&e)))?;
+            let (send, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await?;
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (send, driver, "https")
+        }
+    };
+    let origin = http::Uri::try_from(format!("{scheme}://{addr}"))?;
+    Ok((ContactClient::with_origin(Conn(send), origin), driver))
+}
+
+/// Aborts a connection's task when dropped, which closes its socket.
+pub struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A histogram of latencies in nanoseconds (1 ns to 60 s, 3 digits).
@@ -112,15 +161,24 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Connects `n` agents, at most `parallel` connecting at once.
-    pub async fn connect(addr: SocketAddr, n: usize, parallel: usize) -> Fleet {
+    /// Connects `n` agents, at most `parallel` connecting at once, over TLS
+    /// with `tls` (agent `i` with its own certificate, in mTLS).
+    pub async fn connect(
+        addr: SocketAddr,
+        n: usize,
+        parallel: usize,
+        tls: Option<&ClientTls>,
+    ) -> Fleet {
         let received: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let started = Instant::now();
         let results: Vec<_> = stream::iter(0..n)
-            .map(|i| async move {
-                let mut client = connect_agent(addr).await?;
-                let stream = client.get_task(Empty {}).await?.into_inner();
-                anyhow::Ok((i, client, stream))
+            .map(|i| {
+                let tls = tls.map(|tls| (tls.agent(i), tls.name.clone()));
+                async move {
+                    let (mut client, driver) = connect_agent(addr, tls).await?;
+                    let stream = client.get_task(Empty {}).await?.into_inner();
+                    anyhow::Ok((i, client, driver, stream))
+                }
             })
             .buffer_unordered(parallel.max(1))
             .collect()
@@ -132,7 +190,9 @@ impl Fleet {
         let mut first_error = None;
         for result in results {
             match result {
-                Ok((i, client, mut stream)) => {
+                // The connection's task is left to end with the connection,
+                // as before the TLS variants.
+                Ok((i, client, _driver, mut stream)) => {
                     let received = Arc::clone(&received);
                     let ended = Arc::clone(&ended);
                     readers.spawn(async move {

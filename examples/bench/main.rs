@@ -9,6 +9,9 @@
 //! cargo run --example bench -- smoke        # CI: every scenario once, briefly
 //! ```
 //!
+//! The `-tls` and `-mtls` scenarios are TLS variants of the plaintext ones
+//! (issue 8), with certificates made for each bench run (`tls.rs`).
+//!
 //! Everything goes to 127.0.0.1 only; every run is bounded in time and count.
 //! BENCHMARKS.md has the scenarios, the figures and how to read them. With
 //! `BENCH_SHOW_LOG=1`, the shutdown scenario prints the server's last log
@@ -20,6 +23,7 @@ mod load;
 mod report;
 mod scenarios;
 mod server;
+mod tls;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -30,6 +34,7 @@ use crate::{
     report::{Outcome, median, number, result_line},
     scenarios::{Params, Scenario},
     server::{Kind, Launcher},
+    tls::{Mode, Pki},
 };
 
 /// Longest one scenario run may take beyond its duration before it counts
@@ -241,7 +246,14 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         println!("# smoke: brief runs with few agents; the figures are not judged");
     }
     let runtime = current_thread()?;
-    let failures = runtime.block_on(run_all(&scenarios, &launcher, &params, args.repeat.max(1)));
+    let pki = runtime.block_on(certificates(&scenarios, &launcher, &params))?;
+    let failures = runtime.block_on(run_all(
+        &scenarios,
+        &launcher,
+        &params,
+        pki.as_ref(),
+        args.repeat.max(1),
+    ));
     if failures > 0 {
         anyhow::bail!("{failures} scenario runs had errors");
     }
@@ -251,17 +263,51 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The certificates of this bench run, if a TLS variant is among
+/// `scenarios`: in mTLS, one agent certificate per agent of the largest
+/// fleet (the handshakes scenario's agents take them in turn).
+async fn certificates(
+    scenarios: &[Scenario],
+    launcher: &Launcher,
+    params: &Params,
+) -> anyhow::Result<Option<Pki>> {
+    if scenarios.iter().all(|s| s.tls().is_none()) {
+        return Ok(None);
+    }
+    let agents = scenarios
+        .iter()
+        .filter(|s| s.tls() == Some(Mode::Mutual))
+        .map(|s| match s.base() {
+            Scenario::Fanout => params.fanout_agents,
+            Scenario::Hold | Scenario::Handshakes => params.hold_agents,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    let started = std::time::Instant::now();
+    let pki = Pki::make(&launcher.contactd, agents)
+        .await
+        .context("making the TLS certificates")?;
+    println!(
+        "# tls: a CA and server certificate (contactd tls init), a status client's (tls issue) \
+         and {agents} agents' certificates made in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Some(pki))
+}
+
 /// One run, bounded in time; an error becomes an outcome with that error.
 async fn run_one(
     scenario: Scenario,
     kind: Option<Kind>,
     launcher: &Launcher,
     params: &Params,
+    pki: Option<&Pki>,
 ) -> Outcome {
     let limit = params.duration * 3 + RUN_SLACK;
     let result = tokio::time::timeout(limit, async {
         match kind {
-            Some(kind) => scenarios::run(scenario, kind, launcher, params).await,
+            Some(kind) => scenarios::run(scenario, kind, launcher, params, pki).await,
             None => cmd::plain_spawn(launcher, params).await,
         }
     })
@@ -285,6 +331,7 @@ async fn run_all(
     scenarios: &[Scenario],
     launcher: &Launcher,
     params: &Params,
+    pki: Option<&Pki>,
     repeat: usize,
 ) -> usize {
     let mut failures = 0;
@@ -301,7 +348,7 @@ async fn run_all(
             }
             for kind in order {
                 let name = kind.map_or("plain-spawn", Kind::name);
-                let outcome = run_one(scenario, kind, launcher, params).await;
+                let outcome = run_one(scenario, kind, launcher, params, pki).await;
                 println!("{}", result_line(scenario, name, &outcome));
                 for error in outcome.errors.iter().skip(1).take(3) {
                     println!("#   also: {error}");

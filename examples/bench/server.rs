@@ -58,9 +58,9 @@ pub struct Launcher {
 #[derive(Debug, Clone, Default)]
 pub struct Setup {
     /// TOML appended to contactd's config (after `[server] listen`).
-    pub contactd_toml: &'static str,
+    pub contactd_toml: String,
     /// Arguments for `bench baseline-server`.
-    pub baseline_args: &'static [&'static str],
+    pub baseline_args: Vec<String>,
 }
 
 /// A running server.
@@ -111,7 +111,7 @@ impl Launcher {
             }
             Kind::Baseline => {
                 let mut c = self.command(&self.bench);
-                c.arg("baseline-server").args(setup.baseline_args);
+                c.arg("baseline-server").args(&setup.baseline_args);
                 c
             }
         };
