@@ -238,6 +238,8 @@ print(max(seqs, default=-1))
     c getent passwd contactd >/dev/null || fail "no user contactd after install"
     ok "user contactd: $(c getent passwd contactd)"
     expect "/var/log/contactd after install" "750 contactd contactd" "$(c stat -c '%a %U %G' /var/log/contactd)"
+    expect "/var/lib/contactd after install" "750 contactd contactd" "$(c stat -c '%a %U %G' /var/lib/contactd)"
+    expect "the task store after install" "contactd contactd" "$(c stat -c '%U %G' /var/lib/contactd/contactd.db)"
     expect "$TLS after install" "750 root contactd" "$(c stat -c '%a %U %G' "$TLS")"
     expect "$TLS/server.key after install" "640 root contactd" "$(c stat -c '%a %U %G' "$TLS/server.key")"
     expect "$TLS/ca.key after install" "600 root root" "$(c stat -c '%a %U %G' "$TLS/ca.key")"
@@ -362,6 +364,7 @@ print(max(seqs, default=-1))
     pid=$(prop contactd MainPID)
     agent_pid=$(prop contactd-agent MainPID)
     new_version=$(dpkg-deb -f "$DEB_NEW" Version)
+    before=$(max_task_seq ci-reload-)
     mark=$(cursor)
     pkg dpkg -i /root/contactd-new.deb
     expect "version after the upgrade" "$new_version" "$(c dpkg-query -W -f='${Version}' contactd)"
@@ -383,6 +386,11 @@ print(max(seqs, default=-1))
     ok "the running contactd-agent.service was restarted by the upgrade"
     health >/dev/null || fail "contactd health after the upgrade: not SERVING"
     ok "contactd health after the upgrade: SERVING"
+    # The store (/var/lib/contactd/contactd.db) outlived the restart: the
+    # tasks from before are listed, and new ones get higher ids.
+    task_after ci-reload- $((before - 1)) || fail "the tasks from before the upgrade are gone (latest ci-reload-$before)"
+    ok "tasks from before the upgrade still listed (up to ci-reload-$before)"
+    wait_until 10 "a task generated after the upgrade has a higher id than every earlier one" task_after ci-reload- "$before"
     wait_until 30 "contactd agents lists $AGENT as connected after the upgrade" agent_connected "$AGENT"
 
     # --- stop ---------------------------------------------------------------------------
@@ -407,7 +415,7 @@ print(max(seqs, default=-1))
     pkg dpkg --purge contactd
     expect "package state after purge" "not installed" \
         "$(c dpkg-query -W -f='${Status}' contactd 2>/dev/null | grep -v 'not-installed' || echo not installed)"
-    for path in /etc/contactd.toml /etc/contactd-agent.toml /etc/contactd /var/log/contactd /var/lib/contactd-agent \
+    for path in /etc/contactd.toml /etc/contactd-agent.toml /etc/contactd /var/log/contactd /var/lib/contactd /var/lib/contactd-agent \
         /usr/lib/systemd/system/contactd.service /usr/lib/systemd/system/contactd-agent.service \
         /etc/systemd/system/multi-user.target.wants/contactd.service \
         /etc/systemd/system/multi-user.target.wants/contactd-agent.service /usr/bin/contactd; do

@@ -59,6 +59,8 @@ pub enum AppError {
     Forced(&'static str),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -83,6 +85,7 @@ impl AppError {
             | AppError::Logging(LogError::Filter { .. } | LogError::File { .. }) => EX_CONFIG,
             // A token or TLS file named by the config that cannot be used.
             AppError::Serve(e) if e.is_config() => EX_CONFIG,
+            AppError::Store(e) if e.is_config() => EX_CONFIG,
             // A port the daemon may never bind (below 1024 without the
             // capability) is the config's to change.
             AppError::Bind { source, .. }
@@ -193,6 +196,29 @@ pub fn list_tasks(args: &TasksArgs) -> Result<(), AppError> {
         args.limit,
         args.admin.json,
     )?)
+}
+
+/// `store backup`.
+///
+/// # Errors
+/// A bad config, a store that is not SQLite, or a failed copy.
+pub fn store_backup(args: &crate::cli::StoreBackupArgs) -> Result<(), AppError> {
+    let db = match &args.db {
+        Some(db) => db.clone(),
+        None => {
+            let (config, _) = server_source(&args.config).load_or_default::<Config>()?;
+            if config.store.kind != crate::config::StoreKind::Sqlite {
+                return Err(crate::store::StoreError::Failed(
+                    "store.kind is \"memory\": there is nothing to back up".into(),
+                )
+                .into());
+            }
+            config.store.resolved_path()
+        }
+    };
+    crate::store::sqlite::backup(&db, &args.file)?;
+    eprintln!("backed up {} to {}", db.display(), args.file.display());
+    Ok(())
 }
 
 /// `tls init`.
@@ -328,6 +354,9 @@ async fn serve_until_signalled(
         tracing::warn!("{warning}");
     }
     server::preflight(&config)?;
+    // Before binding: a store that cannot be used stops the start, and
+    // nothing is served without what it holds.
+    let store = server::open_store(&config)?;
     let addr = config.server.listen;
     let listener = server::bind(addr, config.server.backlog)
         .map_err(|source| AppError::Bind { addr, source })?;
@@ -337,7 +366,12 @@ async fn serve_until_signalled(
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(server::run(listener, config_rx, shutdown.clone()));
+    let mut server = tokio::spawn(server::run_with(
+        listener,
+        config_rx,
+        shutdown.clone(),
+        store,
+    ));
     let ready = format!("serving on {local}");
     systemd::ready(&ready);
     if let Some(interval) = systemd::watchdog_interval() {

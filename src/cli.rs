@@ -22,7 +22,8 @@ use clap::{Args, Parser, Subcommand};
   contactd tasks --state dead       tasks no agent acked
   contactd tls init /etc/contactd/tls --dns server.example
   contactd tls issue web1 --dir /etc/contactd/tls
-  contactd token create web1 --role agent --file /etc/contactd/tokens")]
+  contactd token create web1 --role agent --file /etc/contactd/tokens
+  contactd store backup /var/backups/contactd.db")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,6 +54,30 @@ pub enum Command {
     /// Make named tokens (server.tokens_file).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The task store (store.path).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `contactd store ...`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the task store to FILE, consistently, while the server runs
+    /// (SQLite's online backup); FILE must not exist. To restore: stop
+    /// contactd, put the copy at store.path, start it.
+    Backup(StoreBackupArgs),
+}
+
+/// `contactd store backup`.
+#[derive(Debug, Args)]
+pub struct StoreBackupArgs {
+    /// Where to write the copy
+    pub file: PathBuf,
+    /// The database to copy [default: the config's store.path]
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// `contactd tls ...`

@@ -38,6 +38,7 @@ pub mod proto;
 pub mod remote_cmd;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod systemd;
 pub mod tasks;
 pub mod tls;

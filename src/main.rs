@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use contactd::{
     agent, app,
-    cli::{Cli, Command, ConfigArgs, TaskCommand, TlsCommand, TokenCommand},
+    cli::{Cli, Command, ConfigArgs, StoreCommand, TaskCommand, TlsCommand, TokenCommand},
     probe,
 };
 
@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         Command::Tls(TlsCommand::Init(args)) => app::tls_init(args),
         Command::Tls(TlsCommand::Issue(args)) => app::tls_issue(args),
         Command::Token(TokenCommand::Create(args)) => app::token_create(args),
+        Command::Store(StoreCommand::Backup(args)) => app::store_backup(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -107,6 +107,8 @@ impl Launcher {
                 let mut c = self.command(&self.contactd);
                 c.arg("serve").arg("-c").arg(&path);
                 c.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+                // Its task store (SQLite, the default) in the temp dir.
+                c.env("STATE_DIRECTORY", dir.path());
                 c
             }
             Kind::Baseline => {

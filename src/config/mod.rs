@@ -35,7 +35,78 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub remote_cmd: RemoteCmdConfig,
     pub admin: AdminConfig,
+    pub store: StoreConfig,
     pub log: LogConfig,
+}
+
+/// `[store]`: where tasks, queue claims and ack cursors are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` (durable, the default) or `memory` (lost at exit).
+    pub kind: StoreKind,
+    /// The SQLite database; unset: `$STATE_DIRECTORY/contactd.db`, else
+    /// `contactd.db` in the working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `normal` (the default): a committed task survives a crash or kill of
+    /// contactd; a power loss or kernel crash may lose the last moments of
+    /// commits (the database stays consistent). `full`: it survives those
+    /// too, at the cost of an fsync per group commit (milliseconds each on
+    /// virtual disks: fewer, larger commits).
+    pub sync: StoreSync,
+    /// Writes (acks, deliveries, cursors) waiting for the store; beyond,
+    /// new ones are dropped and counted (their tasks may be delivered again
+    /// after a restart; agents dedupe them).
+    pub write_queue: usize,
+    /// Agents not seen for this long have their broadcast cursor forgotten.
+    #[serde(with = "units::duration")]
+    pub forget_agents_after: Duration,
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Memory,
+}
+
+/// `store.sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreSync {
+    Full,
+    Normal,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            path: None,
+            sync: StoreSync::Normal,
+            write_queue: 65_536,
+            forget_agents_after: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The database file: `path`, else `$STATE_DIRECTORY/contactd.db`
+    /// (systemd's `StateDirectory=`; the first one when it lists several),
+    /// else `contactd.db` in the working directory.
+    pub fn resolved_path(&self) -> PathBuf {
+        if let Some(path) = &self.path {
+            return path.clone();
+        }
+        let state = std::env::var_os("STATE_DIRECTORY").and_then(|dirs| {
+            std::env::split_paths(&dirs)
+                .next()
+                .filter(|d| !d.as_os_str().is_empty())
+        });
+        state.unwrap_or_default().join("contactd.db")
+    }
 }
 
 /// `[admin]`: the operators' API (submit tasks, list agents and tasks), on
@@ -312,6 +383,12 @@ pub struct TasksConfig {
     /// Queue mode: tasks waiting for an agent; beyond, the oldest are
     /// dropped and counted.
     pub max_pending: usize,
+    /// Finished tasks (and, in broadcast mode, every task) are deleted from
+    /// the store this long after they were created...
+    #[serde(with = "units::duration")]
+    pub keep_for: Duration,
+    /// ...and beyond this many, the oldest first.
+    pub retain_finished: usize,
 }
 
 /// `tasks.mode`.
@@ -338,6 +415,8 @@ impl Default for TasksConfig {
             max_attempts: 5,
             window: 16,
             max_pending: 100_000,
+            keep_for: Duration::from_secs(7 * 86_400),
+            retain_finished: 100_000,
         }
     }
 }
@@ -459,6 +538,7 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -504,6 +584,11 @@ pub mod ranges {
     pub const MAX_ATTEMPTS: RangeInclusive<u64> = 1..=1000;
     pub const WINDOW: RangeInclusive<u64> = 1..=10_000;
     pub const MAX_PENDING: RangeInclusive<u64> = 1..=10_000_000;
+    pub const KEEP_FOR: RangeInclusive<Duration> = MINUTE..=Duration::from_secs(3650 * 86_400);
+    pub const RETAIN_FINISHED: RangeInclusive<u64> = 1..=100_000_000;
+    pub const WRITE_QUEUE: RangeInclusive<u64> = 1024..=4_194_304;
+    pub const FORGET_AGENTS_AFTER: RangeInclusive<Duration> =
+        HOUR..=Duration::from_secs(3650 * 86_400);
 
     pub const CMD_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
     pub const MAX_CONCURRENT: RangeInclusive<u64> = 1..=1024;
@@ -723,6 +808,28 @@ impl ConfigFile for Config {
         c.count("tasks.max_attempts", t.max_attempts.into(), MAX_ATTEMPTS);
         c.count("tasks.window", t.window as u64, WINDOW);
         c.count("tasks.max_pending", t.max_pending as u64, MAX_PENDING);
+        c.duration("tasks.keep_for", t.keep_for, KEEP_FOR);
+        c.count(
+            "tasks.retain_finished",
+            t.retain_finished as u64,
+            RETAIN_FINISHED,
+        );
+        let st = &self.store;
+        c.count("store.write_queue", st.write_queue as u64, WRITE_QUEUE);
+        c.duration(
+            "store.forget_agents_after",
+            st.forget_agents_after,
+            FORGET_AGENTS_AFTER,
+        );
+        c.check(
+            st.kind != StoreKind::Sqlite
+                || st
+                    .path
+                    .as_ref()
+                    .is_none_or(|p| !p.as_os_str().is_empty() && p.file_name().is_some()),
+            "store.path",
+            "is not a file path: name the database file, such as \"/var/lib/contactd/contactd.db\"",
+        );
         let a = &self.admin;
         c.check(
             !a.enabled || !a.socket.as_os_str().is_empty(),

@@ -26,6 +26,7 @@ use crate::{
             admin_server::{Admin, AdminServer},
         },
     },
+    store::StoreError,
     tasks::{Task, TaskState},
 };
 
@@ -168,9 +169,23 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("the task text is empty"));
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
-        let task = self.state.hub.publish(request.text, target);
-        tracing::info!(task_id = task.id, agent = %crate::untrusted::shown(&request.agent), "task submitted");
-        Ok(Response::new(SubmitTaskResponse { id: task.id }))
+        let mut text = Some(request.text);
+        // Returns once the task is committed to the store.
+        let ids = self
+            .state
+            .store
+            .publish(1, |_| (text.take().unwrap_or_default(), target.clone()))
+            .await
+            .map_err(|e| {
+                tracing::error!("task not accepted: {e}");
+                match e {
+                    StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
+                    StoreError::Closed => Status::unavailable(e.to_string()),
+                    _ => Status::internal(e.to_string()),
+                }
+            })?;
+        tracing::info!(task_id = ids.start, agent = %crate::untrusted::shown(&request.agent), "task submitted");
+        Ok(Response::new(SubmitTaskResponse { id: ids.start }))
     }
 
     async fn list_agents(

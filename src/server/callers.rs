@@ -1,7 +1,7 @@
 //! Who is calling: one entry per caller (an agent by the name in its
 //! `x-contactd-agent` header, a seed client by its peer address), with its
-//! latest status, counters and (broadcast mode) ack cursor, bounded in
-//! number.
+//! latest status and counters, bounded in number. Delivery state (ack
+//! cursors) is not kept here: an evicted entry loses nothing but counters.
 //!
 //! Streams hold their caller's entry (`Arc<Caller>`) for as long as they are
 //! open, so per-message bookkeeping touches only that entry, never the map.
@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use super::listener::RateLimited;
-use crate::{tasks::AckCursor, untrusted::Budget};
+use crate::{tasks::Tracked, untrusted::Budget};
 
 /// Refusal lines logged per caller, and for all callers together, per
 /// [`REFUSAL_WINDOW`]; the rest are counted in the next line let through.
@@ -37,8 +37,9 @@ pub struct Caller {
     pub named: bool,
     /// Peer address of its latest call.
     address: Mutex<Option<SocketAddr>>,
-    /// Broadcast mode: which tasks it acked (named agents only).
-    pub cursor: Mutex<Option<AckCursor>>,
+    /// Broadcast mode: which tasks it acked (named agents only; the
+    /// cursor belongs to the store's [`Cursors`](crate::tasks::Cursors), by name).
+    pub cursor: OnceLock<Arc<Tracked>>,
     /// Broadcast mode: tasks it never got because they left retention.
     pub missed: AtomicU64,
     /// When its first open call began (reset when it reconnects after
@@ -205,7 +206,7 @@ impl Callers {
                     id: Arc::from(id),
                     named,
                     address: Mutex::new(address),
-                    cursor: Mutex::new(None),
+                    cursor: OnceLock::new(),
                     missed: AtomicU64::new(0),
                     connected_since: Mutex::new(SystemTime::now()),
                     open_calls: AtomicU32::new(0),

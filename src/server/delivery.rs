@@ -12,6 +12,7 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use super::{State, callers::CallGuard};
 use crate::{
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
+    store::Write,
     tasks::{
         AckCursor, Delivery, Start, Subscription, Task,
         queue::{AckRefusal, Slot},
@@ -22,6 +23,7 @@ use crate::{
 pub(super) struct Feed {
     source: Source,
     epoch: u64,
+    store: crate::store::Store,
 }
 
 enum Source {
@@ -35,6 +37,7 @@ impl Feed {
         Feed {
             source: Source::open(state, caller),
             epoch: state.epoch,
+            store: state.store.clone(),
         }
     }
 
@@ -42,10 +45,20 @@ impl Feed {
     pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
         let (task, attempt) = match &mut self.source {
             Source::Queue(slot) => slot.recv().await,
-            Source::Broadcast(subscription) => (next_broadcast(subscription, caller).await, 1),
+            Source::Broadcast(subscription) => {
+                let task = next_broadcast(subscription, caller).await;
+                if task.progress.record_delivery() {
+                    self.store.record(Write::Delivered { id: task.id });
+                }
+                (task, 1)
+            }
         };
         caller.delivered.fetch_add(1, Relaxed);
         caller.sent_up_to.fetch_max(task.id, Relaxed);
+        if let Some(tracked) = caller.cursor.get() {
+            // Saved with the cursor, at the next ack.
+            tracked.sent_up_to.fetch_max(task.id, Relaxed);
+        }
         tracing::trace!(task_id = task.id, attempt, "task sent");
         ServerMsg {
             task: task.text.clone(),
@@ -66,27 +79,33 @@ impl Source {
         if !caller.named {
             return Source::Broadcast(state.hub.subscribe(fresh));
         }
-        let mut cursor = caller.cursor.lock();
-        let subscription = match cursor.as_mut() {
-            Some(cursor) => {
-                let missed = cursor.skip_to(state.hub.first_id());
-                if missed > 0 {
-                    caller.missed.fetch_add(missed, Relaxed);
-                    tracing::warn!(
-                        agent = %caller.id,
-                        missed,
-                        "agent missed tasks that left retention while it was away (raise tasks.retain to keep more)"
-                    );
-                }
-                state.hub.subscribe(Start::After(cursor.watermark()))
-            }
-            None => {
-                let subscription = state.hub.subscribe(fresh);
-                *cursor = Some(AckCursor::at(subscription.position() - 1));
-                subscription
-            }
-        };
-        Source::Broadcast(subscription)
+        // The cursor is the store's, by name, whoever else has called since.
+        let mut fresh_subscription = None;
+        let tracked = state.cursors.get_or_insert(&caller.id, || {
+            let subscription = state.hub.subscribe(fresh);
+            let cursor = AckCursor::at(subscription.position() - 1);
+            fresh_subscription = Some(subscription);
+            cursor
+        });
+        let _ = caller.cursor.set(Arc::clone(&tracked));
+        // Its acks of tasks sent before a server restart are its own.
+        caller
+            .sent_up_to
+            .fetch_max(tracked.sent_up_to.load(Relaxed), Relaxed);
+        if let Some(subscription) = fresh_subscription {
+            return Source::Broadcast(subscription);
+        }
+        let mut cursor = tracked.cursor.lock();
+        let missed = cursor.skip_to(state.hub.first_id());
+        if missed > 0 {
+            caller.missed.fetch_add(missed, Relaxed);
+            tracing::warn!(
+                agent = %caller.id,
+                missed,
+                "agent missed tasks that left retention while it was away (raise tasks.retain to keep more)"
+            );
+        }
+        Source::Broadcast(state.hub.subscribe(Start::After(cursor.watermark())))
     }
 }
 
@@ -94,28 +113,29 @@ async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> 
     loop {
         match subscription.recv().await {
             Delivery::Task(task) => {
-                if task
-                    .target
-                    .as_ref()
-                    .is_some_and(|target| *target != caller.id)
-                {
-                    continue;
-                }
-                if caller.named
-                    && caller
-                        .cursor
-                        .lock()
+                if task.void
+                    || task
+                        .target
                         .as_ref()
-                        .is_some_and(|c| c.is_acked(task.id))
+                        .is_some_and(|target| *target != caller.id)
                 {
                     continue;
                 }
-                task.progress.record_delivery();
+                if caller
+                    .cursor
+                    .get()
+                    .is_some_and(|t| t.cursor.lock().is_acked(task.id))
+                {
+                    continue;
+                }
                 return task;
             }
             Delivery::Skipped(skipped) => {
-                let missed = match caller.cursor.lock().as_mut() {
-                    Some(cursor) => cursor.skip_to(subscription.position()),
+                let missed = match caller.cursor.get() {
+                    Some(tracked) => {
+                        tracked.touch();
+                        tracked.cursor.lock().skip_to(subscription.position())
+                    }
                     None => skipped,
                 };
                 caller.missed.fetch_add(missed, Relaxed);
@@ -169,8 +189,15 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         Ok(task) => {
             let counter = if ok { &caller.acked } else { &caller.failed };
             counter.fetch_add(1, Relaxed);
-            task.progress
-                .record_ack(ok, &caller.id, caller.kept(&result.ret).to_owned());
+            let text = caller.kept(&result.ret).to_owned();
+            state.store.record(Write::Acked {
+                id: task.id,
+                agent: Arc::clone(&caller.id),
+                ok,
+                text: text.clone(),
+                at_ms: crate::store::now_ms(),
+            });
+            task.progress.record_ack(ok, &caller.id, text);
         }
         Err(reason) => caller.refuse_ack(result.task_id, reason),
     }
@@ -192,8 +219,15 @@ fn broadcast_ack(state: &State, caller: &CallGuard, id: u64) -> Result<Arc<Task>
     {
         return Err("the task is meant for another agent");
     }
-    if let Some(cursor) = caller.cursor.lock().as_mut() {
-        cursor.ack(id, state.config.borrow().tasks.retain);
+    if task.void {
+        return Err("the task is not retained (unknown, or too old)");
+    }
+    if let Some(tracked) = caller.cursor.get() {
+        tracked
+            .cursor
+            .lock()
+            .ack(id, state.config.borrow().tasks.retain);
+        tracked.touch();
     }
     Ok(task)
 }

@@ -34,8 +34,9 @@ use crate::{
     config::{Config, DeliveryMode, ServerConfig, TasksConfig},
     proto::CONTACT_DESCRIPTOR_SET,
     remote_cmd::Runner,
+    store::{self, Store, StoreError},
     tasks::{
-        Hub, generator,
+        Cursors, Hub, generator,
         queue::{self, Queue},
     },
 };
@@ -61,13 +62,19 @@ pub enum ServerError {
     Token(#[source] TokenError),
     #[error("server.tls: {0}")]
     Tls(#[source] crate::tls::TlsError),
+    #[error("{0}")]
+    Store(#[source] StoreError),
 }
 
 impl ServerError {
     /// Whether the config (or a file it names) is at fault: restarting
     /// will not help until it is fixed.
     pub fn is_config(&self) -> bool {
-        matches!(self, ServerError::Token(_) | ServerError::Tls(_))
+        match self {
+            ServerError::Token(_) | ServerError::Tls(_) => true,
+            ServerError::Store(e) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
@@ -76,11 +83,16 @@ impl ServerError {
 pub(crate) struct State {
     /// The tasks agents receive.
     pub(crate) hub: Arc<Hub>,
-    /// This server run's random id, sent with every task (`ServerMsg.epoch`)
+    /// The store's random id (kept across restarts by a durable store; new
+    /// at each start with the memory store), sent with every task (`ServerMsg.epoch`)
     /// so acks of tasks from an earlier run can be told apart.
     pub(crate) epoch: u64,
     /// Queue mode's dispatcher; `None` in broadcast mode.
     pub(crate) queue: Option<Arc<Queue>>,
+    /// Where tasks, claims, acks and cursors are kept.
+    pub(crate) store: Store,
+    /// Broadcast mode: every named agent's ack cursor.
+    pub(crate) cursors: Cursors,
     /// Who is calling and what they last reported.
     pub(crate) callers: Callers,
     /// Remote command rules; replaced whole on reload.
@@ -122,8 +134,29 @@ pub fn preflight(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Opens the task store `config` names and reads what it holds (before
+/// the server says it is ready: a store that cannot be used stops the start).
+///
+/// # Errors
+/// [`ServerError::Store`].
+pub fn open_store(config: &Config) -> Result<store::Opened, ServerError> {
+    let queue_mode = config.tasks.mode == DeliveryMode::Queue;
+    let opened =
+        store::open(&config.store, config.tasks.retain, queue_mode).map_err(ServerError::Store)?;
+    if opened.snapshot.next_id > 1 {
+        tracing::info!(
+            path = %config.store.resolved_path().display(),
+            tasks = opened.snapshot.tasks.len(),
+            next_id = opened.snapshot.next_id,
+            cursors = opened.snapshot.cursors.len(),
+            "task store opened"
+        );
+    }
+    Ok(opened)
+}
+
 /// Serves on `listener` until `shutdown` is cancelled, following the config
-/// sent on `config`.
+/// sent on `config`, with the task store the config names.
 ///
 /// # Errors
 /// [`ServerError`] when serving cannot start or fails.
@@ -132,15 +165,44 @@ pub async fn run(
     config: watch::Receiver<Arc<Config>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let opened = open_store(&config.borrow())?;
+    run_with(listener, config, shutdown, opened).await
+}
+
+/// [`run`] with a store opened by [`open_store`].
+///
+/// # Errors
+/// [`ServerError`] when serving cannot start or fails.
+pub async fn run_with(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+    opened: store::Opened,
+) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
+    let (store, snapshot) = opened.start();
     let queue = (initial.tasks.mode == DeliveryMode::Queue)
-        .then(|| Queue::new(queue_limits(&initial.tasks)));
+        .then(|| Queue::new(queue_limits(&initial.tasks), store.clone()));
+    let (hub, restored) = restore(&initial, snapshot.next_id, snapshot.tasks);
+    if let Some(queue) = &queue {
+        queue.restore(restored);
+    }
+    store.set_sink({
+        let (hub, queue) = (Arc::clone(&hub), queue.clone());
+        Arc::new(move |tasks| {
+            hub.append_tasks(tasks);
+            if let Some(queue) = &queue {
+                queue.push_all(tasks);
+            }
+        })
+    });
     let state = Arc::new(State {
-        hub: Hub::new(initial.tasks.retain),
+        hub,
         queue: queue.clone(),
-        // Never 0, which means "not said" in an ack.
-        epoch: u64::from_ne_bytes(crate::secret_random::<8>()).max(1),
+        store,
+        cursors: Cursors::restored(snapshot.cursors),
+        epoch: snapshot.epoch,
         callers: Callers::new(
             initial.server.max_callers,
             initial.server.max_status_size.as_u64() as usize,
@@ -159,14 +221,26 @@ pub async fn run(
     });
     let tracker = TaskTracker::new();
     if let Some(queue) = queue {
-        tracker.spawn(Arc::clone(&queue).pump(Arc::clone(&state.hub), shutdown.clone()));
         tracker.spawn(queue.reap(shutdown.clone()));
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
     tracker.spawn(restart_on_panic("the task generator", {
-        let (hub, config, shutdown) = (Arc::clone(&state.hub), config.clone(), shutdown.clone());
-        move || generator::run(Arc::clone(&hub), config.clone(), shutdown.clone())
+        let (hub, store, config, shutdown) = (
+            Arc::clone(&state.hub),
+            state.store.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        move || {
+            generator::run(
+                Arc::clone(&hub),
+                store.clone(),
+                config.clone(),
+                shutdown.clone(),
+            )
+        }
     }));
+    let housekeeping = tokio::spawn(housekeep(Arc::clone(&state), shutdown.clone()));
     tracker.spawn(restart_on_panic("applying config reloads", {
         let (state, config, shutdown) = (Arc::clone(&state), config.clone(), shutdown.clone());
         move || follow_config(Arc::clone(&state), config.clone(), shutdown.clone())
@@ -230,6 +304,10 @@ pub async fn run(
     };
     tracker.wait().await;
     admin::remove_socket(admin.as_ref());
+    // After every stream ended: the last acks and cursors are committed.
+    let _ = housekeeping.await;
+    save_cursors(&state);
+    state.store.close().await;
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
 }
@@ -270,6 +348,95 @@ fn router(
         )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))
+}
+
+/// The hub (the last `tasks.retain` tasks) and, in queue mode, the
+/// unfinished tasks for the queue, from what the store kept.
+fn restore(
+    config: &Config,
+    next_id: u64,
+    stored: Vec<store::StoredTask>,
+) -> (Arc<Hub>, Vec<queue::Restored>) {
+    let retain = config.tasks.retain;
+    let first_in_ring = next_id.saturating_sub(retain as u64);
+    let mut ring = Vec::new();
+    let mut queued = Vec::new();
+    for stored in stored {
+        let task = Arc::new(stored.to_task());
+        if config.tasks.mode == DeliveryMode::Queue && !stored.state.is_finished() {
+            queued.push(queue::Restored {
+                task: Arc::clone(&task),
+                attempts: stored.attempts,
+                claim: stored.claim.clone(),
+            });
+        }
+        if task.id >= first_in_ring {
+            ring.push(task);
+        }
+    }
+    (Hub::restored(retain, next_id, ring), queued)
+}
+
+/// Saves changed cursors every second; deletes what retention no longer
+/// keeps, and forgets agents long gone, every ten.
+async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(1);
+    const PRUNE_EVERY: u32 = 10;
+    let mut ticks = 0u32;
+    while shutdown
+        .run_until_cancelled(tokio::time::sleep(EVERY))
+        .await
+        .is_some()
+    {
+        save_cursors(&state);
+        ticks += 1;
+        if !ticks.is_multiple_of(PRUNE_EVERY) {
+            continue;
+        }
+        let config = Arc::clone(&state.config.borrow());
+        for caller in state.callers.list() {
+            if caller.named && caller.connected() {
+                state.cursors.seen(&caller.id);
+            }
+        }
+        let now = store::now_ms();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let forget_before_ms = now.saturating_sub(ms(config.store.forget_agents_after));
+        let forgotten = state.cursors.forget_before(forget_before_ms);
+        let retention = store::Retention {
+            created_before_ms: now.saturating_sub(ms(config.tasks.keep_for)),
+            retain_finished: config.tasks.retain_finished,
+            queue_mode: state.queue.is_some(),
+            forget_before_ms,
+        };
+        match state.store.housekeep(retention).await {
+            Ok(pruned) => {
+                if pruned.tasks > 0 {
+                    tracing::debug!(
+                        tasks = pruned.tasks,
+                        "deleted tasks past tasks.keep_for or tasks.retain_finished"
+                    );
+                }
+                if forgotten > 0 || pruned.cursors > 0 {
+                    tracing::info!(
+                        agents = forgotten.max(pruned.cursors as usize),
+                        after = %humantime::format_duration(config.store.forget_agents_after),
+                        "forgot the broadcast cursors of agents not seen for store.forget_agents_after"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("task store housekeeping failed: {e}"),
+        }
+    }
+}
+
+fn save_cursors(state: &State) {
+    if !state.store.is_durable() {
+        return;
+    }
+    for saved in state.cursors.take_dirty() {
+        state.store.record(store::Write::Cursor(saved));
+    }
 }
 
 fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
@@ -338,8 +505,15 @@ async fn follow_config(
         if let Some(queue) = &state.queue {
             queue.set_limits(queue_limits(&new.tasks));
         }
-        if new.tasks.mode != current.tasks.mode || new.admin != current.admin {
-            tracing::warn!("changes to tasks.mode and [admin] take effect after a restart");
+        let store_changed = crate::config::StoreConfig {
+            forget_agents_after: current.store.forget_agents_after,
+            ..new.store.clone()
+        } != current.store;
+        if new.tasks.mode != current.tasks.mode || new.admin != current.admin || store_changed {
+            tracing::warn!(
+                "changes to tasks.mode, [admin] and [store] (but forget_agents_after) take \
+                 effect after a restart"
+            );
         }
         reload_credentials(&state, &current, &new);
         current = new;

@@ -7,7 +7,15 @@
 //! tasks at once. The set is bounded: past the bound its lowest ids are
 //! forgotten (those tasks may be sent again; the agent dedups them).
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
 
 /// Acks of one agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,6 +33,19 @@ impl AckCursor {
             watermark: id,
             above: BTreeSet::new(),
         }
+    }
+
+    /// A cursor as a store kept it.
+    pub fn from_parts(watermark: u64, above: impl IntoIterator<Item = u64>) -> AckCursor {
+        AckCursor {
+            watermark,
+            above: above.into_iter().filter(|id| *id > watermark).collect(),
+        }
+    }
+
+    /// The acked ids above the watermark, lowest first.
+    pub fn above(&self) -> impl Iterator<Item = u64> + '_ {
+        self.above.iter().copied()
     }
 
     /// Records an ack of task `id`, keeping at most `bound` out-of-order ids.
@@ -69,6 +90,128 @@ impl AckCursor {
             self.watermark += 1;
         }
         missed
+    }
+}
+
+/// Every named agent's broadcast cursor, by name: owned here, not by the
+/// caller registry (whose entries come and go with connections), and kept
+/// by the store. Bounded by time: agents not seen for
+/// `store.forget_agents_after` are forgotten.
+#[derive(Debug, Default)]
+pub struct Cursors {
+    map: Mutex<HashMap<Arc<str>, Arc<Tracked>>>,
+}
+
+/// One agent's cursor, with what the store needs to know about it.
+#[derive(Debug)]
+pub struct Tracked {
+    pub cursor: Mutex<AckCursor>,
+    /// The highest task id sent to the agent: its acks up to this one are
+    /// taken after a server restart too.
+    pub sent_up_to: AtomicU64,
+    /// Changed since the store last saved it.
+    dirty: AtomicBool,
+    /// When the agent last opened a stream or acked (unix ms).
+    seen_ms: AtomicI64,
+}
+
+impl Tracked {
+    fn new(cursor: AckCursor, sent_up_to: u64, seen_ms: i64) -> Arc<Tracked> {
+        Arc::new(Tracked {
+            cursor: Mutex::new(cursor),
+            sent_up_to: AtomicU64::new(sent_up_to),
+            dirty: AtomicBool::new(true),
+            seen_ms: AtomicI64::new(seen_ms),
+        })
+    }
+
+    /// Marks the cursor changed (to be saved) and its agent seen now.
+    pub fn touch(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+        self.seen_ms
+            .store(crate::store::now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// A cursor as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    pub agent: Arc<str>,
+    pub cursor: AckCursor,
+    pub sent_up_to: u64,
+    /// When the agent was last seen (unix ms).
+    pub seen_ms: i64,
+}
+
+impl Cursors {
+    /// The cursors a store kept.
+    pub fn restored(saved: Vec<Saved>) -> Cursors {
+        let map = saved
+            .into_iter()
+            .map(|saved| {
+                let tracked = Tracked::new(saved.cursor, saved.sent_up_to, saved.seen_ms);
+                tracked.dirty.store(false, Ordering::Relaxed);
+                (saved.agent, tracked)
+            })
+            .collect();
+        Cursors {
+            map: Mutex::new(map),
+        }
+    }
+
+    /// `name`'s cursor, made by `make` if it has none.
+    pub fn get_or_insert(&self, name: &Arc<str>, make: impl FnOnce() -> AckCursor) -> Arc<Tracked> {
+        let mut map = self.map.lock();
+        let tracked = map
+            .entry(Arc::clone(name))
+            .or_insert_with(|| Tracked::new(make(), 0, crate::store::now_ms()));
+        tracked.touch();
+        Arc::clone(tracked)
+    }
+
+    /// Notes that `name` is still around (connected), without a save.
+    pub fn seen(&self, name: &str) {
+        if let Some(t) = self.map.lock().get(name) {
+            t.seen_ms.store(crate::store::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `name` has a cursor.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.lock().contains_key(name)
+    }
+
+    /// The cursors changed since the last call.
+    pub fn take_dirty(&self) -> Vec<Saved> {
+        let map = self.map.lock();
+        map.iter()
+            .filter(|(_, t)| t.dirty.swap(false, Ordering::Relaxed))
+            .map(|(name, t)| Saved {
+                agent: Arc::clone(name),
+                cursor: t.cursor.lock().clone(),
+                sent_up_to: t.sent_up_to.load(Ordering::Relaxed),
+                seen_ms: t.seen_ms.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Forgets the agents last seen before `before_ms`; returns how many.
+    pub fn forget_before(&self, before_ms: i64) -> usize {
+        let mut map = self.map.lock();
+        let len = map.len();
+        // An agent with a stream open keeps touching its cursor.
+        map.retain(|_, t| t.seen_ms.load(Ordering::Relaxed) >= before_ms);
+        len - map.len()
+    }
+
+    /// How many agents have a cursor.
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Whether no agent has a cursor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

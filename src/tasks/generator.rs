@@ -8,11 +8,16 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
-use crate::config::{Config, TasksConfig};
+use crate::{
+    config::{Config, TasksConfig},
+    store::Store,
+};
 
-/// Runs until `shutdown` is cancelled.
+/// Runs until `shutdown` is cancelled: each batch is committed to `store`
+/// before it reaches the hub (and so any agent).
 pub async fn run(
     hub: Arc<Hub>,
+    store: Store,
     mut config: watch::Receiver<Arc<Config>>,
     shutdown: CancellationToken,
 ) {
@@ -24,7 +29,7 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(next) => {
-                generate(&hub, &tasks);
+                generate(&store, &tasks).await;
                 last = next;
                 // After a stall (a suspended host), resume the schedule
                 // instead of publishing the missed batches in a burst.
@@ -55,12 +60,15 @@ fn after(last: Instant, interval: std::time::Duration) -> Instant {
         .unwrap_or_else(|| last + std::time::Duration::from_secs(365 * 86_400))
 }
 
-fn generate(hub: &Hub, tasks: &TasksConfig) {
+async fn generate(store: &Store, tasks: &TasksConfig) {
     if tasks.batch == 0 {
         return;
     }
-    let ids = hub.publish_with(tasks.batch as usize, |id| tasks.template.render(id));
-    tracing::debug!(first = ids.start, last = ids.end - 1, "generated tasks");
+    let batch = store.publish(tasks.batch as usize, |id| (tasks.template.render(id), None));
+    match batch.await {
+        Ok(ids) => tracing::debug!(first = ids.start, last = ids.end - 1, "generated tasks"),
+        Err(e) => tracing::error!("generated tasks not published: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -79,7 +87,12 @@ mod tests {
         let (tx, rx) = watch::channel(Arc::new(config.clone()));
         let token = CancellationToken::new();
         let mut sub = hub.subscribe(Start::Oldest);
-        let generator = tokio::spawn(run(hub.clone(), rx, token.clone()));
+        let store = Store::memory();
+        store.set_sink({
+            let hub = Arc::clone(&hub);
+            Arc::new(move |tasks| hub.append_tasks(tasks))
+        });
+        let generator = tokio::spawn(run(hub.clone(), store, rx, token.clone()));
 
         let mut ids = Vec::new();
         for _ in 0..4 {

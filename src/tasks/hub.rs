@@ -35,6 +35,9 @@ pub struct Task {
     pub target: Option<Arc<str>>,
     /// How its deliveries went.
     pub progress: Progress,
+    /// A placeholder for an id whose task could not be stored: it keeps
+    /// the ring's ids contiguous and is never delivered or listed.
+    pub void: bool,
 }
 
 /// Where a task stands.
@@ -54,7 +57,13 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    fn from_u8(n: u8) -> TaskState {
+    /// Finished: acked, failed or dead.
+    pub fn is_finished(self) -> bool {
+        self >= TaskState::Acked
+    }
+
+    /// The state numbered `n` (as stored); unknown numbers are pending.
+    pub fn from_u8(n: u8) -> TaskState {
         match n {
             1 => TaskState::Delivered,
             2 => TaskState::Acked,
@@ -80,28 +89,55 @@ pub struct Progress {
 }
 
 impl Task {
-    fn new(id: u64, text: String, created: SystemTime, target: Option<Arc<str>>) -> Task {
+    /// A task as published, pending.
+    pub fn new(id: u64, text: String, created: SystemTime, target: Option<Arc<str>>) -> Task {
         Task {
             id,
             text,
             created,
             target,
             progress: Progress::default(),
+            void: false,
+        }
+    }
+
+    /// The placeholder of an id that was given out but never stored.
+    pub fn void(id: u64) -> Task {
+        Task {
+            void: true,
+            ..Task::new(id, String::new(), SystemTime::UNIX_EPOCH, None)
         }
     }
 }
 
 impl Progress {
-    /// Records a delivery to an agent.
-    pub fn record_delivery(&self) {
+    /// Counters and state as a store kept them.
+    pub fn restored(
+        state: TaskState,
+        [delivered, acked, failed]: [u32; 3],
+        last_result: Option<(Arc<str>, String)>,
+    ) -> Progress {
+        Progress {
+            state: AtomicU8::new(state as u8),
+            delivered: AtomicU32::new(delivered),
+            acked: AtomicU32::new(acked),
+            failed: AtomicU32::new(failed),
+            last_result: parking_lot::Mutex::new(last_result),
+        }
+    }
+
+    /// Records a delivery to an agent; true for the task's first one.
+    pub fn record_delivery(&self) -> bool {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         // Only a pending task becomes delivered; an acked one stays acked.
-        let _ = self.state.compare_exchange(
-            TaskState::Pending as u8,
-            TaskState::Delivered as u8,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        self.state
+            .compare_exchange(
+                TaskState::Pending as u8,
+                TaskState::Delivered as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 
     /// The latest ack's agent and text.
@@ -201,6 +237,31 @@ impl Ring {
         self.next_id - self.tasks.len() as u64
     }
 
+    /// Pushes tasks in id order, filling gaps with void ones; ids already
+    /// in the ring are ignored.
+    fn push_all(&mut self, tasks: impl Iterator<Item = Arc<Task>>) {
+        for task in tasks {
+            if task.id < self.next_id {
+                continue;
+            }
+            self.fill_to(task.id);
+            self.tasks.push_back(task);
+            self.next_id += 1;
+        }
+    }
+
+    /// Void tasks up to (not including) `id`.
+    fn fill_to(&mut self, id: u64) {
+        while self.next_id < id {
+            self.tasks.push_back(Arc::new(Task::void(self.next_id)));
+            self.next_id += 1;
+            // A long gap only keeps its last `capacity` ids.
+            if self.tasks.len() > 2 * self.capacity {
+                self.trim();
+            }
+        }
+    }
+
     fn trim(&mut self) {
         let excess = self.tasks.len().saturating_sub(self.capacity);
         self.tasks.drain(..excess);
@@ -213,15 +274,43 @@ const READ_BATCH: usize = 64;
 impl Hub {
     /// A hub that keeps the last `retain` tasks (at least one).
     pub fn new(retain: usize) -> Arc<Hub> {
-        Arc::new(Hub {
-            ring: RwLock::new(Ring {
-                tasks: VecDeque::new(),
-                capacity: retain.max(1),
-                next_id: 1,
-            }),
-            published: watch::Sender::new(1),
+        Hub::restored(retain, 1, Vec::new())
+    }
+
+    /// A hub whose next task gets the id `next_id`, holding those of `tasks`
+    /// (sorted by id, below `next_id`) that fall in its last `retain` ids;
+    /// the ids among them that no task has are void.
+    pub fn restored(retain: usize, next_id: u64, tasks: Vec<Arc<Task>>) -> Arc<Hub> {
+        let capacity = retain.max(1);
+        let first = next_id.saturating_sub(capacity as u64).max(1);
+        let mut ring = Ring {
+            tasks: VecDeque::with_capacity(0),
+            capacity,
+            next_id: first,
+        };
+        ring.push_all(tasks.into_iter().filter(|t| t.id >= first));
+        ring.fill_to(next_id);
+        ring.trim();
+        let hub = Hub {
+            published: watch::Sender::new(ring.next_id),
+            ring: RwLock::new(ring),
             bounds: Bounds::default(),
-        })
+        };
+        hub.bounds.update(&hub.ring.read());
+        Arc::new(hub)
+    }
+
+    /// Appends tasks numbered by a store (in id order, from the hub's next
+    /// id; a gap is filled with void tasks) and wakes the subscribers.
+    pub fn append_tasks(&self, tasks: &[Arc<Task>]) {
+        let next = {
+            let mut ring = self.ring.write();
+            ring.push_all(tasks.iter().cloned());
+            ring.trim();
+            self.bounds.update(&ring);
+            ring.next_id
+        };
+        self.published.send_replace(next);
     }
 
     /// Appends `count` tasks made by `make` from their ids, wakes the
@@ -273,9 +362,10 @@ impl Hub {
         ring.tasks.get(usize::try_from(offset).ok()?).cloned()
     }
 
-    /// Every retained task, oldest first.
+    /// Every retained task, oldest first (void ones left out).
     pub fn retained_tasks(&self) -> Vec<Arc<Task>> {
-        self.ring.read().tasks.iter().cloned().collect()
+        let ring = self.ring.read();
+        ring.tasks.iter().filter(|t| !t.void).cloned().collect()
     }
 
     /// The id of the oldest retained task (the next id when none is).
@@ -422,6 +512,25 @@ mod tests {
             other => panic!("expected a skip, got {other:?}"),
         }
         assert_eq!(next_task(&mut sub).await, 991);
+    }
+
+    #[tokio::test]
+    async fn a_restored_hub_goes_on_from_its_next_id_and_voids_gaps() {
+        let task = |id| Arc::new(Task::new(id, format!("t{id}"), SystemTime::now(), None));
+        let hub = Hub::restored(4, 10, vec![task(2), task(7), task(9)]);
+        assert_eq!(hub.first_id(), 6);
+        assert!(hub.get(6).unwrap().void && hub.get(8).unwrap().void);
+        assert_eq!(hub.get(7).unwrap().text, "t7");
+        let ids: Vec<u64> = hub.retained_tasks().iter().map(|t| t.id).collect();
+        assert_eq!(ids, [7, 9]);
+        let mut sub = hub.subscribe(Start::Latest);
+        hub.append_tasks(&[task(12)]);
+        assert!(hub.get(10).unwrap().void && hub.get(11).unwrap().void);
+        match sub.recv().await {
+            Delivery::Task(t) => assert_eq!((t.id, t.void), (10, true)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(texts(&hub, 1), 13..14);
     }
 
     #[tokio::test]

@@ -7,6 +7,6 @@ pub mod hub;
 pub mod queue;
 pub mod template;
 
-pub use cursor::AckCursor;
+pub use cursor::{AckCursor, Cursors, Tracked};
 pub use hub::{Delivery, Hub, Progress, Start, Subscription, Task, TaskState};
 pub use template::TaskTemplate;

@@ -8,6 +8,13 @@
 //! Every agent stream is a [`Slot`] with a small outbox; at most `window`
 //! tasks are assigned to a slot at once (queued in its outbox or in flight),
 //! so a slow agent cannot hoard work.
+//!
+//! Published tasks come straight from the store (never through the
+//! broadcast ring, whose retention would lose them). Each assignment is a
+//! claim written to the store, and a task is sent only once its claim is
+//! committed: after a crash, the store knows who may be running every task.
+//! Claims restored at start-up wait for their holder to come back (it gets
+//! them again first, and dedupes) or for their deadline.
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -16,10 +23,14 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::{sync::Notify, time::Instant};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, Hub, Start, Task, TaskState};
+use super::{Task, TaskState};
+use crate::store::{Store, Write};
 
 /// The queue's limits; all change live on a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +72,20 @@ struct Entry {
     attempts: u32,
     /// The slot it was last delivered to, avoided on redelivery.
     last_slot: Option<u64>,
+    /// The store's sequence number of its current claim: it is sent once
+    /// that is committed.
+    seq: u64,
+}
+
+impl Entry {
+    fn new(task: Arc<Task>, attempts: u32) -> Entry {
+        Entry {
+            task,
+            attempts,
+            last_slot: None,
+            seq: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -80,7 +105,10 @@ impl SlotState {
 #[derive(Debug)]
 struct Flight {
     entry: Entry,
-    slot: u64,
+    /// The stream it was sent on; `None` for a claim restored at start-up.
+    slot: Option<u64>,
+    /// The agent whose ack counts.
+    holder: Arc<str>,
     deadline: Instant,
 }
 
@@ -98,12 +126,14 @@ struct State {
     next_slot: u64,
     dead: VecDeque<Arc<Task>>,
     counters: Counters,
+    store: Store,
 }
 
 /// The queue shared by all agent streams.
 #[derive(Debug)]
 pub struct Queue {
     state: Mutex<State>,
+    committed: watch::Receiver<u64>,
 }
 
 /// One agent stream's place in the queue. Dropping it hands its unacked
@@ -113,12 +143,32 @@ pub struct Slot {
     queue: Arc<Queue>,
     id: u64,
     wake: Arc<Notify>,
+    committed: watch::Receiver<u64>,
+}
+
+/// A task as a store kept it, for [`Queue::restore`].
+#[derive(Debug)]
+pub struct Restored {
+    pub task: Arc<Task>,
+    pub attempts: u32,
+    /// The agent holding its current attempt, and the attempt's deadline
+    /// (unix ms).
+    pub claim: Option<(Arc<str>, i64)>,
+}
+
+/// What [`Slot::take`] found.
+enum Take {
+    Task(Arc<Task>, u32),
+    /// The next task's claim is not committed yet.
+    Uncommitted(u64),
+    Empty,
 }
 
 impl Queue {
-    /// An empty queue.
-    pub fn new(limits: Limits) -> Arc<Queue> {
+    /// An empty queue writing its claims to `store`.
+    pub fn new(limits: Limits, store: Store) -> Arc<Queue> {
         Arc::new(Queue {
+            committed: store.committed(),
             state: Mutex::new(State {
                 limits,
                 pending: VecDeque::new(),
@@ -129,8 +179,37 @@ impl Queue {
                 next_slot: 1,
                 dead: VecDeque::new(),
                 counters: Counters::default(),
+                store,
             }),
         })
+    }
+
+    /// Takes back the unfinished tasks a store kept: claimed ones wait for
+    /// their holder or their deadline, the others are in line.
+    pub fn restore(&self, tasks: Vec<Restored>) {
+        let mut state = self.state.lock();
+        let (now, now_ms) = (Instant::now(), crate::store::now_ms());
+        let mut waiting = Vec::new();
+        for restored in tasks {
+            let entry = Entry::new(restored.task, restored.attempts);
+            match restored.claim {
+                Some((holder, deadline_ms)) => {
+                    let left = u64::try_from(deadline_ms.saturating_sub(now_ms)).unwrap_or(0);
+                    let flight = Flight {
+                        entry,
+                        slot: None,
+                        holder,
+                        deadline: now + Duration::from_millis(left),
+                    };
+                    state.in_flight.insert(flight.entry.task.id, flight);
+                }
+                None => waiting.push(entry),
+            }
+        }
+        for entry in waiting {
+            state.enqueue(entry);
+        }
+        state.dispatch();
     }
 
     /// Applies reloaded limits.
@@ -140,51 +219,18 @@ impl Queue {
         state.dispatch();
     }
 
-    /// Adds a newly published task.
-    pub fn push(&self, task: Arc<Task>) {
+    /// Adds newly published tasks (void ones are left out).
+    pub fn push_all(&self, tasks: &[Arc<Task>]) {
         let mut state = self.state.lock();
-        let entry = Entry {
-            task,
-            attempts: 0,
-            last_slot: None,
-        };
-        let max = state.limits.max_pending;
-        let dropped: Vec<Entry> = match entry.task.target.clone() {
-            // Tasks for absent agents are bounded too (submitted ones only,
-            // so a sum over the targets is cheap enough).
-            Some(name) => {
-                let waiting: usize = state.targeted.values().map(VecDeque::len).sum();
-                let queue = state.targeted.entry(name).or_default();
-                queue.push_back(entry);
-                if waiting + 1 > max {
-                    queue.pop_front().into_iter().collect()
-                } else {
-                    Vec::new()
-                }
-            }
-            None => {
-                state.pending.push_back(entry);
-                let excess = state.pending.len().saturating_sub(max);
-                state.pending.drain(..excess).collect()
-            }
-        };
-        for entry in dropped {
-            state.counters.dropped += 1;
-            entry.task.progress.set_state(TaskState::Dead);
-            if state.counters.dropped.is_power_of_two() {
-                tracing::warn!(
-                    dropped_total = state.counters.dropped,
-                    max_pending = max,
-                    "queue full with no agent to take tasks: dropping the oldest (raise tasks.max_pending)"
-                );
-            }
+        for task in tasks.iter().filter(|t| !t.void) {
+            state.enqueue(Entry::new(Arc::clone(task), 0));
         }
         state.dispatch();
     }
 
-    /// Counts tasks the queue never saw because it fell behind the hub.
-    pub fn note_dropped(&self, count: u64) {
-        self.state.lock().counters.dropped += count;
+    /// Adds a newly published task.
+    pub fn push(&self, task: Arc<Task>) {
+        self.push_all(&[task]);
     }
 
     /// A new agent stream named `name`.
@@ -193,6 +239,15 @@ impl Queue {
         let mut state = self.state.lock();
         let id = state.next_slot;
         state.next_slot += 1;
+        // Claims restored at start-up that this agent holds: it gets them
+        // again first (it acks again what it handled before the restart).
+        let mut restored: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.slot.is_none() && *f.holder == *name)
+            .map(|(id, _)| *id)
+            .collect();
+        restored.sort_unstable();
         state.slots.insert(
             id,
             SlotState {
@@ -203,11 +258,17 @@ impl Queue {
             },
         );
         state.by_load.insert((0, id));
+        for task in restored {
+            if let Some(flight) = state.in_flight.remove(&task) {
+                state.assign(id, flight.entry);
+            }
+        }
         state.dispatch();
         Slot {
             queue: Arc::clone(self),
             id,
             wake,
+            committed: self.committed.clone(),
         }
     }
 
@@ -222,15 +283,13 @@ impl Queue {
             state.counters.duplicate_acks += 1;
             return Err(AckRefusal::NotInFlight);
         };
-        if state
-            .slots
-            .get(&flight.slot)
-            .is_none_or(|slot| *slot.name != *by)
-        {
+        if *flight.holder != *by {
             return Err(AckRefusal::NotTheHolder);
         }
         let flight = state.in_flight.remove(&id).expect("looked up above");
-        state.change_load(flight.slot, |s| s.in_flight -= 1);
+        if let Some(slot) = flight.slot {
+            state.change_load(slot, |s| s.in_flight -= 1);
+        }
         state.dispatch();
         Ok(flight.entry.task)
     }
@@ -246,10 +305,13 @@ impl Queue {
             .collect();
         for id in overdue {
             if let Some(flight) = state.in_flight.remove(&id) {
-                state.change_load(flight.slot, |s| s.in_flight -= 1);
+                if let Some(slot) = flight.slot {
+                    state.change_load(slot, |s| s.in_flight -= 1);
+                }
                 tracing::debug!(
                     task_id = id,
                     attempts = flight.entry.attempts,
+                    holder = %flight.holder,
                     "ack overdue"
                 );
                 state.retry(flight.entry);
@@ -289,20 +351,6 @@ impl Queue {
         loads
     }
 
-    /// Moves the hub's new tasks into the queue until `shutdown`.
-    pub async fn pump(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
-        let mut subscription = hub.subscribe(Start::Oldest);
-        while let Some(delivery) = shutdown.run_until_cancelled(subscription.recv()).await {
-            match delivery {
-                Delivery::Task(task) => self.push(task),
-                Delivery::Skipped(count) => {
-                    tracing::warn!(count, "queue fell behind the task hub: tasks lost");
-                    self.note_dropped(count);
-                }
-            }
-        }
-    }
-
     /// Expires overdue acks every quarter of `ack_timeout` until `shutdown`.
     pub async fn reap(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
@@ -329,11 +377,59 @@ impl State {
         }
     }
 
+    /// Puts a new (or restored) task in line; beyond `max_pending` waiting,
+    /// the oldest is dropped, counted and logged.
+    fn enqueue(&mut self, entry: Entry) {
+        let max = self.limits.max_pending;
+        let dropped: Option<Entry> = match entry.task.target.clone() {
+            // Tasks for absent agents are bounded too (submitted ones only,
+            // so a sum over the targets is cheap enough).
+            Some(name) => {
+                let waiting: usize = self.targeted.values().map(VecDeque::len).sum();
+                let queue = self.targeted.entry(name).or_default();
+                queue.push_back(entry);
+                if waiting + 1 > max {
+                    queue.pop_front()
+                } else {
+                    None
+                }
+            }
+            None => {
+                self.pending.push_back(entry);
+                if self.pending.len() > max {
+                    self.pending.pop_front()
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(entry) = dropped {
+            self.counters.dropped += 1;
+            entry.task.progress.set_state(TaskState::Dead);
+            self.store.record(Write::State {
+                id: entry.task.id,
+                state: TaskState::Dead,
+            });
+            if self.counters.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = self.counters.dropped,
+                    max_pending = max,
+                    task_id = entry.task.id,
+                    "queue full with no agent to take tasks: dropping the oldest (raise tasks.max_pending)"
+                );
+            }
+        }
+    }
+
     /// Puts a task that was not acked back in line, or parks it as dead.
     fn retry(&mut self, entry: Entry) {
         if entry.attempts >= self.limits.max_attempts {
             self.counters.dead += 1;
             entry.task.progress.set_state(TaskState::Dead);
+            self.store.record(Write::State {
+                id: entry.task.id,
+                state: TaskState::Dead,
+            });
             tracing::warn!(
                 task_id = entry.task.id,
                 attempts = entry.attempts,
@@ -347,6 +443,10 @@ impl State {
         }
         self.counters.redelivered += 1;
         entry.task.progress.set_state(TaskState::Pending);
+        self.store.record(Write::State {
+            id: entry.task.id,
+            state: TaskState::Pending,
+        });
         match entry.task.target.clone() {
             Some(name) => self.targeted.entry(name).or_default().push_front(entry),
             None => self.pending.push_front(entry),
@@ -387,7 +487,20 @@ impl State {
         }
     }
 
-    fn assign(&mut self, slot: u64, entry: Entry) {
+    /// Gives `entry` to `slot`: claims it in the store, and queues it to be
+    /// sent once the claim is committed.
+    fn assign(&mut self, slot: u64, mut entry: Entry) {
+        let Some(holder) = self.slots.get(&slot).map(|s| Arc::clone(&s.name)) else {
+            return;
+        };
+        let deadline_ms = crate::store::now_ms()
+            .saturating_add(i64::try_from(self.limits.ack_timeout.as_millis()).unwrap_or(i64::MAX));
+        entry.seq = self.store.claim(Write::Claimed {
+            id: entry.task.id,
+            attempt: entry.attempts + 1,
+            holder,
+            deadline_ms,
+        });
         self.change_load(slot, |s| {
             s.outbox.push_back(entry);
             s.wake.notify_one();
@@ -397,35 +510,52 @@ impl State {
 
 impl Slot {
     /// The next task for this agent and its attempt number; waits while
-    /// none is assigned. Cancel-safe.
+    /// none is assigned, or its claim is not committed yet. Cancel-safe.
     pub async fn recv(&mut self) -> (Arc<Task>, u32) {
         loop {
-            if let Some(next) = self.take() {
-                return next;
+            match self.take() {
+                Take::Task(task, attempt) => return (task, attempt),
+                Take::Uncommitted(seq) => {
+                    // The store's writer lives as long as the server; if it
+                    // is gone, the next take sends the task anyway.
+                    let _ = self.committed.wait_for(|c| *c >= seq).await;
+                }
+                Take::Empty => self.wake.notified().await,
             }
-            self.wake.notified().await;
         }
     }
 
-    fn take(&self) -> Option<(Arc<Task>, u32)> {
+    fn take(&self) -> Take {
+        let committed = *self.committed.borrow();
         let mut state = self.queue.state.lock();
-        let slot = state.slots.get_mut(&self.id)?;
-        let mut entry = slot.outbox.pop_front()?;
+        let ack_timeout = state.limits.ack_timeout;
+        let Some(slot) = state.slots.get_mut(&self.id) else {
+            return Take::Empty;
+        };
+        let Some(front) = slot.outbox.front() else {
+            return Take::Empty;
+        };
+        let writer_gone = self.committed.has_changed().is_err();
+        if front.seq > committed && !writer_gone {
+            return Take::Uncommitted(front.seq);
+        }
+        let mut entry = slot.outbox.pop_front().expect("front exists");
         slot.in_flight += 1;
+        let holder = Arc::clone(&slot.name);
         entry.attempts += 1;
         entry.last_slot = Some(self.id);
-        let deadline = Instant::now() + state.limits.ack_timeout;
-        let next = (Arc::clone(&entry.task), entry.attempts);
+        let next = Take::Task(Arc::clone(&entry.task), entry.attempts);
         entry.task.progress.record_delivery();
         state.in_flight.insert(
             entry.task.id,
             Flight {
                 entry,
-                slot: self.id,
-                deadline,
+                slot: Some(self.id),
+                holder,
+                deadline: Instant::now() + ack_timeout,
             },
         );
-        Some(next)
+        next
     }
 }
 
@@ -447,7 +577,7 @@ impl Drop for Slot {
         let unacked: Vec<u64> = state
             .in_flight
             .iter()
-            .filter(|(_, f)| f.slot == self.id)
+            .filter(|(_, f)| f.slot == Some(self.id))
             .map(|(id, _)| *id)
             .collect();
         for id in unacked {
@@ -462,6 +592,7 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::Hub;
 
     fn limits() -> Limits {
         Limits {
@@ -473,6 +604,10 @@ mod tests {
         }
     }
 
+    fn new_queue(limits: Limits) -> Arc<Queue> {
+        Queue::new(limits, Store::memory())
+    }
+
     fn publish(hub: &Hub, queue: &Queue, n: usize) {
         for i in 0..n {
             queue.push(hub.publish(format!("t{i}"), None));
@@ -482,7 +617,7 @@ mod tests {
     #[tokio::test]
     async fn each_task_goes_to_one_agent_the_least_busy() {
         let hub = Hub::new(100);
-        let queue = Queue::new(limits());
+        let queue = new_queue(limits());
         let mut a = queue.join("a".into());
         let mut b = queue.join("b".into());
         publish(&hub, &queue, 4);
@@ -494,7 +629,7 @@ mod tests {
         ids.sort();
         assert_eq!(ids, [1, 2, 3, 4]);
         assert!(
-            a.take().is_none() && b.take().is_none(),
+            matches!(a.take(), Take::Empty) && matches!(b.take(), Take::Empty),
             "window 2 each, all taken"
         );
     }
@@ -502,7 +637,7 @@ mod tests {
     #[tokio::test]
     async fn a_disconnect_redelivers_to_another_agent() {
         let hub = Hub::new(100);
-        let queue = Queue::new(limits());
+        let queue = new_queue(limits());
         let mut a = queue.join("a".into());
         publish(&hub, &queue, 1);
         assert_eq!(a.recv().await.1, 1);
@@ -524,7 +659,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn overdue_acks_are_retried_then_parked_as_dead() {
         let hub = Hub::new(100);
-        let queue = Queue::new(limits());
+        let queue = new_queue(limits());
         let mut a = queue.join("a".into());
         publish(&hub, &queue, 1);
         for attempt in 1..=3 {
@@ -534,13 +669,72 @@ mod tests {
         }
         assert_eq!(hub.get(1).unwrap().progress.state(), TaskState::Dead);
         assert_eq!(queue.counters().dead, 1);
-        assert!(a.take().is_none());
+        assert!(matches!(a.take(), Take::Empty));
+    }
+
+    #[tokio::test]
+    async fn restored_claims_wait_for_their_holder_who_gets_them_again_first() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        let (one, two, three) = (
+            hub.publish("one".into(), None),
+            hub.publish("two".into(), None),
+            hub.publish("three".into(), None),
+        );
+        let later = crate::store::now_ms() + 30_000;
+        queue.restore(vec![
+            Restored {
+                task: one,
+                attempts: 1,
+                claim: Some(("a".into(), later)),
+            },
+            Restored {
+                task: two,
+                attempts: 1,
+                claim: Some(("a".into(), later)),
+            },
+            Restored {
+                task: three,
+                attempts: 0,
+                claim: None,
+            },
+        ]);
+        let mut b = queue.join("b".into());
+        assert_eq!(b.recv().await.0.id, 3, "the unclaimed task goes to anyone");
+        assert!(matches!(b.take(), Take::Empty), "a's claims wait for a");
+        assert_eq!(queue.ack(1, "b").unwrap_err(), AckRefusal::NotTheHolder);
+        // a's ack of a task it handled before the restart counts, even
+        // before its stream opens.
+        assert!(queue.ack(1, "a").is_ok());
+        let mut a = queue.join("a".into());
+        let (task, attempt) = a.recv().await;
+        assert_eq!((task.id, attempt), (2, 2));
+        assert!(queue.ack(2, "a").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_claim_is_redelivered_to_another_agent_at_its_deadline() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        let soon = crate::store::now_ms() + 1000;
+        queue.restore(vec![Restored {
+            task: hub.publish("one".into(), None),
+            attempts: 1,
+            claim: Some(("gone".into(), soon)),
+        }]);
+        let mut b = queue.join("b".into());
+        assert!(matches!(b.take(), Take::Empty));
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        queue.expire(Instant::now());
+        let (task, attempt) = b.recv().await;
+        assert_eq!((task.id, attempt), (1, 2));
+        assert_eq!(queue.counters().redelivered, 1);
     }
 
     #[tokio::test]
     async fn targeted_tasks_wait_for_their_agent() {
         let hub = Hub::new(100);
-        let queue = Queue::new(limits());
+        let queue = new_queue(limits());
         let mut a = queue.join("a".into());
         queue.push(hub.publish("for b".into(), Some("b".into())));
         publish(&hub, &queue, 1);
@@ -552,7 +746,7 @@ mod tests {
     #[tokio::test]
     async fn pending_is_bounded() {
         let hub = Hub::new(1000);
-        let queue = Queue::new(Limits {
+        let queue = new_queue(Limits {
             max_pending: 5,
             ..limits()
         });

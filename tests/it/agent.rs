@@ -43,6 +43,8 @@ use tonic::{Request, Response, Status, Streaming};
 /// between server runs.
 fn busy_server() -> Config {
     let mut config = Config::default();
+    // Started with `server::run` directly, outside TestServer's temp dir.
+    config.store.kind = contactd::config::StoreKind::Memory;
     config.tasks.interval = Duration::from_millis(100);
     config.tasks.batch = 1;
     config.tasks.template = "job-{seq}-{rand:1-1000000000}".parse().unwrap();

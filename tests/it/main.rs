@@ -13,4 +13,5 @@ mod fleet;
 mod hostile;
 mod operations;
 mod serve;
+mod store;
 mod trust;

@@ -164,9 +164,16 @@ impl Daemon {
             config.push_str(&format!("\n[admin]\nsocket = \"{}\"\n", socket.display()));
         }
         std::fs::write(&path, config).unwrap();
+        // The store's default place (unless the config names one): this
+        // test's directory, as systemd's StateDirectory= would be.
+        let state = dir.path().to_str().unwrap().to_owned();
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "STATE_DIRECTORY") {
+            env.push(("STATE_DIRECTORY", &state));
+        }
         let mut process = Process::spawn(
             &[OsStr::new("serve"), OsStr::new("-c"), path.as_os_str()],
-            env,
+            &env,
         );
         let serving = process.wait_for_line("serving Contact");
         let addr = field(&serving, "addr").parse().expect("an addr= field");

@@ -47,6 +47,11 @@ impl TestServer {
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         let dir = tempfile::tempdir().unwrap();
         config.admin.socket = dir.path().join("admin.sock");
+        // The real store, in the test's own directory (unless the test
+        // chose one).
+        if config.store.path.is_none() {
+            config.store.path = Some(dir.path().join("contactd.db"));
+        }
         let listener = server::bind(config.server.listen, 128).expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let (config, rx) = watch::channel(Arc::new(config));

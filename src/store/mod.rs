@@ -1,0 +1,647 @@
+//! The task store: what must outlive the process (tasks and their ids,
+//! queue claims, acks, broadcast cursors), behind one small trait.
+//!
+//! Serving stays in memory (the hub's ring, the queue, the cursors); the
+//! store is told of every change and keeps it:
+//! - publishing is *committed before it is delivered*: [`Store::publish`]
+//!   returns once the tasks are in the database, and only then are they
+//!   handed to the hub and the queue (by the writer, in id order);
+//! - a queue claim is committed before its task is sent ([`Store::claim`]
+//!   gives a sequence number; [`Store::committed`] says when it is durable),
+//!   so a restart never hands a task another agent may be running to a
+//!   second agent;
+//! - acks, broadcast deliveries and cursors are written behind, off the
+//!   streaming path: a crash loses at most the last moment of them, and
+//!   their tasks are delivered again (agents dedupe and ack again).
+//!
+//! Every write goes through one channel to one writer thread, which
+//! commits whatever has queued up as one transaction (group commit).
+//! Backends implement [`Backend`]: SQLite ([`sqlite`]) here; with `kind =
+//! "memory"` there is no writer at all and nothing outlives the process.
+
+pub mod sqlite;
+
+use std::{
+    ops::Range,
+    path::PathBuf,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    config::{StoreConfig, StoreKind},
+    tasks::{AckCursor, Task, TaskState, cursor::Saved},
+};
+
+/// Milliseconds since the unix epoch, now.
+pub fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+/// Milliseconds since the unix epoch.
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Why the store failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be used as configured (missing directory, not
+    /// writable, not a database, a newer schema): fix the config or file.
+    #[error("store.path {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    /// Another contactd holds the database.
+    #[error("store.path {path}: {reason}")]
+    Locked { path: PathBuf, reason: String },
+    /// The disk (or the database's size limit) is full.
+    #[error("the task store is full: {0}")]
+    Full(String),
+    /// Any other failure to read or write.
+    #[error("the task store failed: {0}")]
+    Failed(String),
+    /// The store was closed (the server is stopping).
+    #[error("the task store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether the config (the path, or the file it names) is at fault.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StoreError::Open { .. })
+    }
+}
+
+/// A change to keep, written behind or claimed.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Broadcast: the task was delivered for the first time.
+    Delivered { id: u64 },
+    /// Queue: attempt `attempt` of the task is held by `holder` until
+    /// `deadline_ms`.
+    Claimed {
+        id: u64,
+        attempt: u32,
+        holder: Arc<str>,
+        deadline_ms: i64,
+    },
+    /// Queue: the task is back in line (pending) or parked (dead).
+    State { id: u64, state: TaskState },
+    /// An agent's ack, `ok` false for a failure, with its result text.
+    Acked {
+        id: u64,
+        agent: Arc<str>,
+        ok: bool,
+        text: String,
+        at_ms: i64,
+    },
+    /// A broadcast cursor to keep.
+    Cursor(Saved),
+}
+
+/// What housekeeping deletes.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Tasks created before this are deleted once finished.
+    pub created_before_ms: i64,
+    /// At most this many finished tasks are kept.
+    pub retain_finished: usize,
+    /// Queue mode: unfinished tasks are never deleted. Broadcast mode:
+    /// every task counts as finished (it is delivered from the ring only).
+    pub queue_mode: bool,
+    /// Cursors of agents last seen before this are deleted.
+    pub forget_before_ms: i64,
+}
+
+/// What housekeeping deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: u64,
+    pub cursors: u64,
+}
+
+/// A task as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTask {
+    pub id: u64,
+    pub text: String,
+    pub target: Option<Arc<str>>,
+    pub created_ms: i64,
+    pub state: TaskState,
+    pub attempts: u32,
+    /// Queue mode: who holds the current attempt, and until when.
+    pub claim: Option<(Arc<str>, i64)>,
+    pub delivered: u32,
+    pub acked: u32,
+    pub failed: u32,
+    pub last_result: Option<(Arc<str>, String)>,
+}
+
+impl StoredTask {
+    /// The task as the hub keeps it.
+    pub fn to_task(&self) -> Task {
+        let created = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(self.created_ms).unwrap_or(0));
+        let mut task = Task::new(self.id, self.text.clone(), created, self.target.clone());
+        task.progress = crate::tasks::Progress::restored(
+            self.state,
+            [self.delivered, self.acked, self.failed],
+            self.last_result.clone(),
+        );
+        task
+    }
+}
+
+/// What a store holds at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Random, made when the database was: sent with every task
+    /// (`ServerMsg.epoch`), so agents dedupe across server restarts.
+    pub epoch: u64,
+    /// The id the next task gets: ids never repeat.
+    pub next_id: u64,
+    /// The last `ring` tasks by id, and every unfinished one in queue mode,
+    /// sorted by id.
+    pub tasks: Vec<StoredTask>,
+    pub cursors: Vec<Saved>,
+}
+
+/// What a backend does: blocking calls, all made from the writer thread.
+pub trait Backend: Send {
+    /// Reads what the server starts from: the last `ring` tasks, and every
+    /// unfinished one when `queue_mode`.
+    fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError>;
+    /// Applies `ops` in order, all or none.
+    fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError>;
+    /// Deletes what `retention` no longer keeps, a bounded amount per call.
+    fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError>;
+}
+
+/// One change in a group commit.
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// New tasks (their ids were given out in order).
+    Publish(&'a [Arc<Task>]),
+    Write(&'a Write),
+}
+
+/// Receives tasks once they are committed, in id order (the hub and the
+/// queue); void tasks stand for ids whose tasks could not be stored.
+pub type Sink = Arc<dyn Fn(&[Arc<Task>]) + Send + Sync>;
+
+/// Opens the store `config` names, reading what it holds.
+///
+/// # Errors
+/// [`StoreError::Open`] (exit 78: the path or file is wrong),
+/// [`StoreError::Locked`], [`StoreError::Failed`].
+pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opened, StoreError> {
+    match config.kind {
+        StoreKind::Memory => Ok(Opened {
+            snapshot: Snapshot {
+                // Never 0, which means "not said" in an ack.
+                epoch: u64::from_ne_bytes(crate::secret_random::<8>()).max(1),
+                next_id: 1,
+                ..Snapshot::default()
+            },
+            backend: None,
+            write_queue: config.write_queue,
+        }),
+        StoreKind::Sqlite => {
+            let mut backend = sqlite::Sqlite::open(&config.resolved_path(), config.sync)?;
+            let snapshot = backend.load(ring, queue_mode)?;
+            Ok(Opened {
+                snapshot,
+                backend: Some(Box::new(backend)),
+                write_queue: config.write_queue,
+            })
+        }
+    }
+}
+
+/// An opened store: what it holds, and the backend to start the writer on.
+pub struct Opened {
+    pub snapshot: Snapshot,
+    backend: Option<Box<dyn Backend>>,
+    write_queue: usize,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("durable", &self.backend.is_some())
+            .field("next_id", &self.snapshot.next_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opened {
+    /// Starts the writer (for a durable store), returning the store and
+    /// what it held; tasks published go to the sink set with
+    /// [`Store::set_sink`].
+    pub fn start(self) -> (Store, Snapshot) {
+        let sink: Arc<OnceLock<Sink>> = Arc::new(OnceLock::new());
+        let (committed_tx, committed) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            next_id: Mutex::new(SeqState {
+                next_id: self.snapshot.next_id.max(1),
+                next_seq: 1,
+            }),
+            queued: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            write_queue: self.write_queue as u64,
+            sink: Arc::clone(&sink),
+        });
+        let journal = self.backend.map(|backend| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let thread = {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name("contactd-store".into())
+                    .spawn(move || writer(backend, rx, &shared, &committed_tx))
+                    .expect("spawn the store's writer thread")
+            };
+            Journal {
+                tx,
+                thread: Mutex::new(Some(thread)),
+            }
+        });
+        let store = Store {
+            shared,
+            journal: journal.map(Arc::new),
+            committed,
+        };
+        (store, self.snapshot)
+    }
+}
+
+/// The handle every part of the server writes through. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    /// `None`: the memory store.
+    journal: Option<Arc<Journal>>,
+    /// The highest sequence number committed.
+    committed: watch::Receiver<u64>,
+}
+
+struct Shared {
+    /// Ids and sequence numbers are given out, and their messages queued,
+    /// under this lock, so the writer sees them in order.
+    next_id: Mutex<SeqState>,
+    /// Written-behind messages queued and not yet taken by the writer.
+    queued: AtomicU64,
+    /// Written-behind messages dropped because `write_queue` were queued.
+    dropped: AtomicU64,
+    write_queue: u64,
+    sink: Arc<OnceLock<Sink>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queued", &self.queued)
+            .field("dropped", &self.dropped)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct SeqState {
+    next_id: u64,
+    next_seq: u64,
+}
+
+#[derive(Debug)]
+struct Journal {
+    tx: mpsc::UnboundedSender<Envelope>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Envelope {
+    seq: u64,
+    msg: Msg,
+}
+
+enum Msg {
+    Publish(Vec<Arc<Task>>, oneshot::Sender<Result<(), StoreError>>),
+    /// Written behind: counted in `queued`.
+    Behind(Write),
+    Claim(Write),
+    Housekeep(Retention, oneshot::Sender<Result<Pruned, StoreError>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Messages one group commit takes at most.
+const MAX_GROUP: usize = 4096;
+
+impl Store {
+    /// A store that keeps nothing (`kind = "memory"`), numbering tasks from 1.
+    pub fn memory() -> Store {
+        open(
+            &StoreConfig {
+                kind: StoreKind::Memory,
+                ..StoreConfig::default()
+            },
+            1,
+            false,
+        )
+        .expect("the memory store opens")
+        .start()
+        .0
+    }
+
+    /// Sets where committed tasks go (once, before the first publish).
+    pub fn set_sink(&self, sink: Sink) {
+        if self.shared.sink.set(sink).is_err() {
+            tracing::error!("the task store's sink was set twice (a bug): keeping the first");
+        }
+    }
+
+    fn sink(&self, tasks: &[Arc<Task>]) {
+        if let Some(sink) = self.shared.sink.get() {
+            sink(tasks);
+        }
+    }
+
+    /// Whether what is written outlives the process.
+    pub fn is_durable(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Publishes `count` tasks, each made by `make` from its id (its text
+    /// and target), returning their ids once they are committed.
+    ///
+    /// # Errors
+    /// The store could not keep them ([`StoreError::Full`] for a full
+    /// disk): they are not delivered and their ids are not used again.
+    pub async fn publish(
+        &self,
+        count: usize,
+        mut make: impl FnMut(u64) -> (String, Option<Arc<str>>),
+    ) -> Result<Range<u64>, StoreError> {
+        let created = SystemTime::now();
+        let (ids, reply) = {
+            let mut seq = self.shared.next_id.lock();
+            let start = seq.next_id;
+            let tasks: Vec<Arc<Task>> = (start..start + count as u64)
+                .map(|id| {
+                    let (text, target) = make(id);
+                    Arc::new(Task::new(id, text, created, target))
+                })
+                .collect();
+            seq.next_id += count as u64;
+            let ids = start..seq.next_id;
+            let Some(journal) = &self.journal else {
+                self.sink(&tasks);
+                return Ok(ids);
+            };
+            let (tx, rx) = oneshot::channel();
+            let envelope = Envelope {
+                seq: seq.next_seq,
+                msg: Msg::Publish(tasks, tx),
+            };
+            seq.next_seq += 1;
+            if let Err(mpsc::error::SendError(envelope)) = journal.tx.send(envelope) {
+                if let Msg::Publish(tasks, _) = envelope.msg {
+                    self.sink(&voids(&tasks));
+                }
+                return Err(StoreError::Closed);
+            }
+            (ids, rx)
+        };
+        reply.await.map_err(|_| StoreError::Closed)??;
+        Ok(ids)
+    }
+
+    /// Writes `write` behind: never waits; dropped (and counted) when
+    /// `store.write_queue` writes are already waiting.
+    pub fn record(&self, write: Write) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if self.shared.queued.load(Ordering::Relaxed) >= self.shared.write_queue {
+            let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = dropped,
+                    write_queue = self.shared.write_queue,
+                    "the task store is behind: dropping writes (acks and cursors; their tasks \
+                     may be delivered again after a restart)"
+                );
+            }
+            return;
+        }
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        self.send(journal, Msg::Behind(write));
+    }
+
+    /// Writes a queue claim; its task may be sent once [`committed`]
+    /// reaches the returned number (0 for the memory store: at once).
+    ///
+    /// [`committed`]: Store::committed
+    pub fn claim(&self, write: Write) -> u64 {
+        match &self.journal {
+            None => 0,
+            Some(journal) => self.send(journal, Msg::Claim(write)),
+        }
+    }
+
+    fn send(&self, journal: &Journal, msg: Msg) -> u64 {
+        let mut seq = self.shared.next_id.lock();
+        let this = seq.next_seq;
+        seq.next_seq += 1;
+        // After close: nothing more is kept (the server is stopping).
+        let _ = journal.tx.send(Envelope { seq: this, msg });
+        this
+    }
+
+    /// The highest sequence number committed, to wait on.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Writes behind that were dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Deletes what `retention` no longer keeps (a bounded batch).
+    pub async fn housekeep(&self, retention: Retention) -> Result<Pruned, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(Pruned::default());
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(journal, Msg::Housekeep(retention, tx));
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Commits everything written so far and stops the writer.
+    pub async fn close(&self) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(journal, Msg::Close(tx));
+        let _ = rx.await;
+        let thread = journal.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn voids(tasks: &[Arc<Task>]) -> Vec<Arc<Task>> {
+    tasks.iter().map(|t| Arc::new(Task::void(t.id))).collect()
+}
+
+/// The writer thread: takes what has queued up, commits it as one
+/// transaction, then hands committed tasks to the sink and answers.
+fn writer(
+    mut backend: Box<dyn Backend>,
+    mut rx: mpsc::UnboundedReceiver<Envelope>,
+    shared: &Shared,
+    committed: &watch::Sender<u64>,
+) {
+    let mut group: Vec<Envelope> = Vec::new();
+    let mut failures = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(envelope) => group.push(envelope),
+                Err(_) => break,
+            }
+        }
+        let behind = group
+            .iter()
+            .filter(|e| matches!(e.msg, Msg::Behind(_)))
+            .count();
+        shared.queued.fetch_sub(behind as u64, Ordering::Relaxed);
+        let ops: Vec<Op<'_>> = group
+            .iter()
+            .filter_map(|e| match &e.msg {
+                Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
+                Msg::Behind(write) | Msg::Claim(write) => Some(Op::Write(write)),
+                Msg::Housekeep(..) | Msg::Close(_) => None,
+            })
+            .collect();
+        let result = if ops.is_empty() {
+            Ok(())
+        } else {
+            backend.apply(&ops)
+        };
+        drop(ops);
+        if let Err(e) = &result {
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::error!(failures, "the task store could not commit: {e}");
+            }
+        }
+        let last = group.last().map_or(0, |e| e.seq);
+        // A claim that failed to commit is sent all the same: holding
+        // deliveries back would not make the disk any less full.
+        committed.send_replace(last);
+        let mut close = None;
+        for envelope in group.drain(..) {
+            match envelope.msg {
+                Msg::Publish(tasks, reply) => {
+                    match &result {
+                        Ok(()) => sink(shared, &tasks),
+                        Err(_) => sink(shared, &voids(&tasks)),
+                    }
+                    let _ = reply.send(result.clone());
+                }
+                Msg::Housekeep(retention, reply) => {
+                    let _ = reply.send(backend.prune(&retention));
+                }
+                Msg::Close(reply) => close = Some(reply),
+                Msg::Behind(_) | Msg::Claim(_) => {}
+            }
+        }
+        if let Some(reply) = close {
+            drop(backend);
+            let _ = reply.send(());
+            return;
+        }
+    }
+}
+
+fn sink(shared: &Shared, tasks: &[Arc<Task>]) {
+    if let Some(sink) = shared.sink.get() {
+        sink(tasks);
+    }
+}
+
+/// A cursor as the store keeps it: the watermark and the acked ids above.
+pub fn cursor_parts(cursor: &AckCursor) -> (u64, Vec<u8>) {
+    let above: Vec<u8> = cursor.above().flat_map(u64::to_le_bytes).collect();
+    (cursor.watermark(), above)
+}
+
+/// The cursor [`cursor_parts`] made.
+pub fn cursor_from_parts(watermark: u64, above: &[u8]) -> AckCursor {
+    let ids = above
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    AckCursor::from_parts(watermark, ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreSync;
+
+    fn sqlite_config(path: PathBuf) -> StoreConfig {
+        StoreConfig {
+            path: Some(path),
+            sync: StoreSync::Normal,
+            ..StoreConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_are_committed_then_handed_on_in_id_order_and_claims_become_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sqlite_config(dir.path().join("c.db"));
+        let (store, _) = open(&config, 10, true).unwrap().start();
+        let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+        store.set_sink({
+            let seen = Arc::clone(&seen);
+            Arc::new(move |tasks| seen.lock().extend(tasks.iter().map(|t| t.id)))
+        });
+        let (a, b) = tokio::join!(
+            store.publish(2, |id| (format!("a{id}"), None)),
+            store.publish(1, |id| (format!("b{id}"), Some("web1".into()))),
+        );
+        let mut ranges = [a.unwrap(), b.unwrap()];
+        ranges.sort_by_key(|r| r.start);
+        assert_eq!(ranges[0].start, 1);
+        assert_eq!(ranges[1].end, 4);
+        assert_eq!(*seen.lock(), [1, 2, 3]);
+        let seq = store.claim(Write::Claimed {
+            id: 1,
+            attempt: 1,
+            holder: "web1".into(),
+            deadline_ms: now_ms() + 1000,
+        });
+        let mut committed = store.committed();
+        tokio::time::timeout(Duration::from_secs(10), committed.wait_for(|c| *c >= seq))
+            .await
+            .expect("the claim commits")
+            .unwrap();
+        store.close().await;
+
+        let mut opened = open(&config, 10, true).unwrap();
+        let snapshot = std::mem::take(&mut opened.snapshot);
+        assert_eq!(snapshot.next_id, 4);
+        let claims: Vec<_> = snapshot.tasks.iter().map(|t| t.claim.is_some()).collect();
+        assert_eq!(claims, [true, false, false]);
+        assert_eq!(snapshot.tasks[2].target.as_deref(), Some("web1"));
+    }
+}

@@ -1,0 +1,747 @@
+//! The SQLite backend: one database file in WAL mode, written by the store's
+//! writer thread only; `contactd store backup` reads it at the same time.
+//!
+//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`]
+//! brings a database from any earlier version to the latest, in one
+//! transaction; a database from a newer contactd is refused, never changed.
+//! A file that is not a contactd database is refused and left as it is.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+
+use super::{
+    Backend, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, Write, cursor_from_parts,
+    cursor_parts, now_ms,
+};
+use crate::{
+    config::StoreSync,
+    tasks::{TaskState, cursor::Saved},
+};
+
+/// `PRAGMA application_id` of a contactd database ("ctd1").
+const APPLICATION_ID: i32 = 0x6374_6431;
+
+/// Schema migrations: `MIGRATIONS[n]` brings version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks, per-agent results, broadcast cursors, counters.
+    "CREATE TABLE meta (
+         key TEXT PRIMARY KEY,
+         value INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE tasks (
+         id INTEGER PRIMARY KEY,
+         text TEXT NOT NULL,
+         target TEXT,
+         created_ms INTEGER NOT NULL,
+         state INTEGER NOT NULL DEFAULT 0,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         holder TEXT,
+         deadline_ms INTEGER,
+         delivered INTEGER NOT NULL DEFAULT 0,
+         acked INTEGER NOT NULL DEFAULT 0,
+         failed INTEGER NOT NULL DEFAULT 0,
+         last_agent TEXT,
+         last_result TEXT
+     );
+     CREATE INDEX tasks_unfinished ON tasks (id) WHERE state < 2;
+     CREATE INDEX tasks_finished ON tasks (id) WHERE state >= 2;
+     CREATE TABLE results (
+         task_id INTEGER NOT NULL,
+         agent TEXT NOT NULL,
+         ok INTEGER NOT NULL,
+         text TEXT NOT NULL,
+         at_ms INTEGER NOT NULL,
+         PRIMARY KEY (task_id, agent)
+     ) WITHOUT ROWID;
+     CREATE TABLE cursors (
+         agent TEXT PRIMARY KEY,
+         watermark INTEGER NOT NULL,
+         above BLOB NOT NULL,
+         sent_up_to INTEGER NOT NULL,
+         seen_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+];
+
+/// The schema version this contactd writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Rows one housekeeping call deletes at most (a short transaction).
+const PRUNE_BATCH: i64 = 2000;
+
+/// An open contactd database.
+pub struct Sqlite {
+    conn: Connection,
+    path: PathBuf,
+    /// Held for as long as the database is open: one server per file.
+    _lock: File,
+}
+
+fn open_error(path: &Path, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn failed(e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+        _ => StoreError::Failed(e.to_string()),
+    }
+}
+
+fn id(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn count(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Sqlite {
+    /// Opens (creating it if missing) the database at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when the file cannot be made a contactd
+    /// database of this version; [`StoreError::Locked`] when another
+    /// contactd has it open.
+    pub fn open(path: &Path, sync: StoreSync) -> Result<Sqlite, StoreError> {
+        let lock_path = {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".lock");
+            PathBuf::from(name)
+        };
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| open_error(path, format!("cannot create {}: {e}", lock_path.display())))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(StoreError::Locked {
+                path: path.to_owned(),
+                reason: format!("another contactd is using this database ({e})"),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(path, e))?;
+        let mut db = Sqlite {
+            conn,
+            path: path.to_owned(),
+            _lock: lock,
+        };
+        db.prepare(sync)?;
+        Ok(db)
+    }
+
+    fn prepare(&mut self, sync: StoreSync) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let bad = |e: rusqlite::Error| open_error(&path, e);
+        // Reading the header first: a file that is not a database fails
+        // here, before anything is written to it.
+        let (application_id, version): (i32, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT application_id FROM pragma_application_id), \
+                        (SELECT user_version FROM pragma_user_version)",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(bad)?;
+        let tables: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+            .map_err(bad)?;
+        if application_id != APPLICATION_ID && (application_id != 0 || tables > 0) {
+            return Err(open_error(
+                &path,
+                "is an SQLite database of another program: not opened (name another file)",
+            ));
+        }
+        if version > SCHEMA_VERSION {
+            return Err(open_error(
+                &path,
+                format!(
+                    "was written by a newer contactd (schema {version}; this one knows up to \
+                     {SCHEMA_VERSION}): not opened, run that version or a newer one"
+                ),
+            ));
+        }
+        self.conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(bad)?;
+        // WAL: readers (a backup) never block the writer. Incremental auto
+        // vacuum must be set before the first table exists.
+        if tables == 0 {
+            self.conn
+                .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(bad)?;
+        }
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(bad)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_error(
+                &path,
+                format!("cannot use WAL mode (got {mode})"),
+            ));
+        }
+        let synchronous = match sync {
+            StoreSync::Full => "FULL",
+            StoreSync::Normal => "NORMAL",
+        };
+        self.conn
+            .pragma_update(None, "synchronous", synchronous)
+            .map_err(bad)?;
+        self.migrate(version).map_err(|e| match e {
+            StoreError::Failed(reason) | StoreError::Full(reason) => open_error(&path, reason),
+            other => other,
+        })
+    }
+
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        if from == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
+        for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            tx.execute_batch(sql).map_err(|e| failed(&e))?;
+            tracing::info!(
+                path = %self.path.display(),
+                version = version + 1,
+                "task store schema migrated"
+            );
+        }
+        if from == 0 {
+            let epoch = u64::from_ne_bytes(crate::secret_random::<8>()).max(1);
+            // Stored as the i64 of the same bits.
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('next_id', 1)",
+                [i64::from_ne_bytes(epoch.to_ne_bytes())],
+            )
+            .map_err(|e| failed(&e))?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(|e| failed(&e))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| failed(&e))?;
+        tx.commit().map_err(|e| failed(&e))
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT user_version FROM pragma_user_version", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| failed(&e))
+    }
+}
+
+fn meta(tx: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+        row.get(0)
+    })
+    .optional()
+}
+
+const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
+                            delivered, acked, failed, last_agent, last_result";
+
+fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
+    let holder: Option<String> = row.get(6)?;
+    let deadline: Option<i64> = row.get(7)?;
+    let last_agent: Option<String> = row.get(11)?;
+    let last_result: Option<String> = row.get(12)?;
+    Ok(StoredTask {
+        id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        text: row.get(1)?,
+        target: row.get::<_, Option<String>>(2)?.map(Arc::from),
+        created_ms: row.get(3)?,
+        state: TaskState::from_u8(u8::try_from(row.get::<_, i64>(4)?).unwrap_or(0)),
+        attempts: count(row.get(5)?),
+        claim: holder.zip(deadline).map(|(h, d)| (Arc::from(h), d)),
+        delivered: count(row.get(8)?),
+        acked: count(row.get(9)?),
+        failed: count(row.get(10)?),
+        last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
+    })
+}
+
+impl Backend for Sqlite {
+    fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
+        let conn = &self.conn;
+        let f = |e: rusqlite::Error| failed(&e);
+        let epoch = meta(conn, "epoch").map_err(f)?.unwrap_or(1);
+        let stored_next = meta(conn, "next_id").map_err(f)?.unwrap_or(1);
+        let max_id: i64 = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM tasks", [], |row| {
+                row.get(0)
+            })
+            .map_err(f)?;
+        let next_id = u64::try_from(stored_next.max(max_id + 1)).unwrap_or(1);
+        let first = id(next_id.saturating_sub(ring as u64));
+        let mut tasks: Vec<StoredTask> = conn
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE id >= ?1 ORDER BY id"
+            ))
+            .and_then(|mut s| s.query_map([first], stored_task)?.collect())
+            .map_err(f)?;
+        if queue_mode {
+            let unfinished: Vec<StoredTask> = conn
+                .prepare(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE state < 2 AND id < ?1 ORDER BY id"
+                ))
+                .and_then(|mut s| s.query_map([first], stored_task)?.collect())
+                .map_err(f)?;
+            tasks.splice(0..0, unfinished);
+        }
+        let cursors = conn
+            .prepare("SELECT agent, watermark, above, sent_up_to, seen_ms FROM cursors")
+            .and_then(|mut s| {
+                s.query_map([], |row| {
+                    let agent: String = row.get(0)?;
+                    let watermark: i64 = row.get(1)?;
+                    let above: Vec<u8> = row.get(2)?;
+                    let sent_up_to: i64 = row.get(3)?;
+                    Ok(Saved {
+                        agent: Arc::from(agent),
+                        cursor: cursor_from_parts(u64::try_from(watermark).unwrap_or(0), &above),
+                        sent_up_to: u64::try_from(sent_up_to).unwrap_or(0),
+                        seen_ms: row.get(4)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(f)?;
+        Ok(Snapshot {
+            epoch: u64::from_ne_bytes(epoch.to_ne_bytes()).max(1),
+            next_id,
+            tasks,
+            cursors,
+        })
+    }
+
+    fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
+        apply(&tx, ops).map_err(|e| failed(&e))?;
+        tx.commit().map_err(|e| failed(&e))
+    }
+
+    fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
+        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
+        let pruned = prune(&tx, retention).map_err(|e| failed(&e))?;
+        tx.commit().map_err(|e| failed(&e))?;
+        if pruned.tasks > 0 {
+            // Gives the freed pages back to the file system.
+            self.conn
+                .execute_batch("PRAGMA incremental_vacuum")
+                .map_err(|e| failed(&e))?;
+        }
+        Ok(pruned)
+    }
+}
+
+fn apply(tx: &Transaction<'_>, ops: &[Op<'_>]) -> rusqlite::Result<()> {
+    let mut next_id = 0;
+    for op in ops {
+        match op {
+            Op::Publish(tasks) => {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO tasks (id, text, target, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for task in *tasks {
+                    insert.execute(params![
+                        id(task.id),
+                        task.text,
+                        task.target.as_deref(),
+                        super::unix_ms(task.created)
+                    ])?;
+                    next_id = next_id.max(task.id + 1);
+                }
+            }
+            Op::Write(write) => apply_write(tx, write)?,
+        }
+    }
+    if next_id > 0 {
+        tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'next_id'")?
+            .execute([id(next_id)])?;
+    }
+    Ok(())
+}
+
+fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::Delivered { id: task } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET delivered = delivered + 1, \
+                 state = CASE WHEN state = 0 THEN 1 ELSE state END WHERE id = ?1",
+            )?
+            .execute([id(*task)])?;
+        }
+        Write::Claimed {
+            id: task,
+            attempt,
+            holder,
+            deadline_ms,
+        } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET delivered = delivered + 1, attempts = ?2, holder = ?3, \
+                 deadline_ms = ?4, state = CASE WHEN state < 2 THEN 1 ELSE state END \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id(*task), attempt, &**holder, deadline_ms])?;
+        }
+        Write::State { id: task, state } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET state = ?2, holder = NULL, deadline_ms = NULL WHERE id = ?1",
+            )?
+            .execute(params![id(*task), *state as u8])?;
+        }
+        Write::Acked {
+            id: task,
+            agent,
+            ok,
+            text,
+            at_ms,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO results (task_id, agent, ok, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (task_id, agent) DO UPDATE SET \
+                 ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
+            )?
+            .execute(params![id(*task), &**agent, ok, text, at_ms])?;
+            let state = if *ok {
+                TaskState::Acked
+            } else {
+                TaskState::Failed
+            };
+            tx.prepare_cached(
+                "UPDATE tasks SET acked = acked + ?2, failed = failed + ?3, last_agent = ?4, \
+                 last_result = ?5, holder = NULL, deadline_ms = NULL, \
+                 state = CASE WHEN state < 2 THEN ?6 ELSE state END WHERE id = ?1",
+            )?
+            .execute(params![
+                id(*task),
+                i64::from(*ok),
+                i64::from(!*ok),
+                &**agent,
+                text,
+                state as u8
+            ])?;
+        }
+        Write::Cursor(saved) => {
+            let (watermark, above) = cursor_parts(&saved.cursor);
+            tx.prepare_cached(
+                "INSERT INTO cursors (agent, watermark, above, sent_up_to, seen_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (agent) DO UPDATE SET watermark = excluded.watermark, \
+                 above = excluded.above, sent_up_to = excluded.sent_up_to, \
+                 seen_ms = excluded.seen_ms",
+            )?
+            .execute(params![
+                &*saved.agent,
+                id(watermark),
+                above,
+                id(saved.sent_up_to),
+                saved.seen_ms
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
+    // Broadcast mode: every task is delivered from the ring only, so every
+    // task counts as finished here.
+    let finished = if r.queue_mode { "state >= 2" } else { "1" };
+    let mut ids: Vec<i64> = tx
+        .prepare(&format!(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE {finished} \
+             AND created_ms < ?1 ORDER BY id LIMIT ?2) RETURNING id"
+        ))?
+        .query_map(params![r.created_before_ms, PRUNE_BATCH], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let kept: i64 = tx.query_row(
+        &format!("SELECT count(*) FROM tasks WHERE {finished}"),
+        [],
+        |row| row.get(0),
+    )?;
+    let excess = (kept - i64::try_from(r.retain_finished).unwrap_or(i64::MAX))
+        .clamp(0, PRUNE_BATCH - ids.len() as i64);
+    if excess > 0 {
+        let more: Vec<i64> = tx
+            .prepare(&format!(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE {finished} \
+                 ORDER BY id LIMIT ?1) RETURNING id"
+            ))?
+            .query_map([excess], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        ids.extend(more);
+    }
+    let mut results = tx.prepare_cached("DELETE FROM results WHERE task_id = ?1")?;
+    for task in &ids {
+        results.execute([task])?;
+    }
+    let cursors = tx.execute(
+        "DELETE FROM cursors WHERE seen_ms < ?1",
+        [r.forget_before_ms],
+    )?;
+    Ok(Pruned {
+        tasks: ids.len() as u64,
+        cursors: cursors as u64,
+    })
+}
+
+/// Copies the database at `path` to `to` while a server may be writing it
+/// (SQLite's online backup: a consistent snapshot).
+///
+/// # Errors
+/// The database cannot be read or the copy cannot be written.
+pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
+    if to.exists() {
+        return Err(StoreError::Failed(format!(
+            "{} exists: not overwritten (remove it, or name another file)",
+            to.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| failed(&e))?;
+    let application_id: i32 = conn
+        .query_row(
+            "SELECT application_id FROM pragma_application_id",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| open_error(path, e))?;
+    if application_id != APPLICATION_ID {
+        return Err(open_error(path, "is not a contactd database"));
+    }
+    conn.backup(
+        rusqlite::MAIN_DB,
+        to,
+        None::<fn(rusqlite::backup::Progress)>,
+    )
+    .map_err(|e| StoreError::Failed(format!("backup to {}: {e}", to.display())))?;
+    tracing::debug!(from = %path.display(), to = %to.display(), at_ms = now_ms(), "store backed up");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::tasks::{AckCursor, Task};
+
+    fn task(id: u64, text: &str) -> Arc<Task> {
+        Arc::new(Task::new(id, text.into(), SystemTime::now(), None))
+    }
+
+    #[test]
+    fn tasks_acks_claims_and_cursors_outlive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let epoch = {
+            let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+            let snapshot = db.load(10, true).unwrap();
+            assert_eq!(snapshot.next_id, 1);
+            let tasks = [task(1, "a"), task(2, "b"), task(3, "c")];
+            let acked = Write::Acked {
+                id: 1,
+                agent: "web1".into(),
+                ok: true,
+                text: "done".into(),
+                at_ms: 5,
+            };
+            let claimed = Write::Claimed {
+                id: 2,
+                attempt: 1,
+                holder: "web2".into(),
+                deadline_ms: 99,
+            };
+            let cursor = Write::Cursor(Saved {
+                agent: "web1".into(),
+                cursor: AckCursor::from_parts(1, [3, 5]),
+                sent_up_to: 6,
+                seen_ms: 7,
+            });
+            db.apply(&[
+                Op::Publish(&tasks),
+                Op::Write(&acked),
+                Op::Write(&claimed),
+                Op::Write(&cursor),
+            ])
+            .unwrap();
+            snapshot.epoch
+        };
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let snapshot = db.load(10, true).unwrap();
+        assert_eq!((snapshot.epoch, snapshot.next_id), (epoch, 4));
+        let states: Vec<_> = snapshot.tasks.iter().map(|t| (t.id, t.state)).collect();
+        assert_eq!(
+            states,
+            [
+                (1, TaskState::Acked),
+                (2, TaskState::Delivered),
+                (3, TaskState::Pending)
+            ]
+        );
+        assert_eq!(snapshot.tasks[1].claim, Some(("web2".into(), 99)));
+        assert_eq!(
+            snapshot.tasks[0].last_result,
+            Some(("web1".into(), "done".into()))
+        );
+        let saved = &snapshot.cursors[0];
+        assert_eq!(
+            (
+                &*saved.agent,
+                saved.cursor.watermark(),
+                saved.sent_up_to,
+                saved.seen_ms
+            ),
+            ("web1", 1, 6, 7)
+        );
+        let cursor = &saved.cursor;
+        assert!(cursor.is_acked(3) && cursor.is_acked(5) && !cursor.is_acked(4));
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn ids_never_repeat_even_when_every_task_was_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+            db.apply(&[Op::Publish(&[task(1, "a"), task(2, "b")])])
+                .unwrap();
+            let pruned = db
+                .prune(&Retention {
+                    created_before_ms: i64::MAX,
+                    retain_finished: 1,
+                    queue_mode: false,
+                    forget_before_ms: 0,
+                })
+                .unwrap();
+            assert_eq!(pruned.tasks, 2);
+        }
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let snapshot = db.load(10, false).unwrap();
+        assert_eq!((snapshot.next_id, snapshot.tasks.len()), (3, 0));
+    }
+
+    #[test]
+    fn queue_mode_keeps_unfinished_tasks_and_bounds_finished_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let tasks: Vec<_> = (1..=10).map(|i| task(i, "t")).collect();
+        db.apply(&[Op::Publish(&tasks)]).unwrap();
+        let acks: Vec<Write> = (1..=6)
+            .map(|i| Write::Acked {
+                id: i,
+                agent: "a".into(),
+                ok: true,
+                text: String::new(),
+                at_ms: 0,
+            })
+            .collect();
+        let ops: Vec<Op<'_>> = acks.iter().map(Op::Write).collect();
+        db.apply(&ops).unwrap();
+        let retention = Retention {
+            created_before_ms: 0,
+            retain_finished: 2,
+            queue_mode: true,
+            forget_before_ms: 0,
+        };
+        assert_eq!(db.prune(&retention).unwrap().tasks, 4);
+        // The last 3 ids in the ring, plus every unfinished task.
+        let ids: Vec<u64> = db
+            .load(3, true)
+            .unwrap()
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, [7, 8, 9, 10]);
+        let ids: Vec<u64> = db
+            .load(6, true)
+            .unwrap()
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(ids, [5, 6, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_ours_or_is_newer_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        let bytes = b"this is not a database, and it must stay as it is\n".repeat(100);
+        std::fs::write(&garbage, &bytes).unwrap();
+        let e = Sqlite::open(&garbage, StoreSync::Full).err().unwrap();
+        assert!(
+            e.is_config() && e.to_string().contains("not a database"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&garbage).unwrap(), bytes);
+
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let e = Sqlite::open(&other, StoreSync::Full).err().unwrap();
+        assert!(e.to_string().contains("another program"), "{e}");
+
+        let newer = dir.path().join("newer.db");
+        drop(Sqlite::open(&newer, StoreSync::Full).unwrap());
+        Connection::open(&newer)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = Sqlite::open(&newer, StoreSync::Full).err().unwrap();
+        assert!(
+            e.is_config() && e.to_string().contains("newer contactd"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn one_server_per_database_and_a_backup_while_it_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut db = Sqlite::open(&path, StoreSync::Full).unwrap();
+        db.apply(&[Op::Publish(&[task(1, "kept")])]).unwrap();
+        let e = Sqlite::open(&path, StoreSync::Full).err().unwrap();
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        let copy = dir.path().join("copy.db");
+        backup(&path, &copy).unwrap();
+        assert!(
+            backup(&path, &copy).is_err(),
+            "an existing file is not overwritten"
+        );
+        drop(db);
+        let mut restored = Sqlite::open(&copy, StoreSync::Full).unwrap();
+        let snapshot = restored.load(10, false).unwrap();
+        assert_eq!(snapshot.tasks[0].text, "kept");
+    }
+}
