@@ -98,6 +98,7 @@ impl Source {
         let mut cursor = tracked.cursor.lock();
         let missed = cursor.skip_to(state.hub.first_id());
         if missed > 0 {
+            tracked.touch();
             caller.missed.fetch_add(missed, Relaxed);
             tracing::warn!(
                 agent = %caller.id,

@@ -683,7 +683,23 @@ mod configs {
             max_attempts: count(rng, r::MAX_ATTEMPTS) as u32,
             window: count(rng, r::WINDOW) as usize,
             max_pending: count(rng, r::MAX_PENDING) as usize,
+            keep_for: duration(rng, r::KEEP_FOR),
+            retain_finished: count(rng, r::RETAIN_FINISHED) as usize,
             ..config::TasksConfig::default()
+        }
+    }
+
+    fn store_section(rng: &mut fastrand::Rng) -> config::StoreConfig {
+        config::StoreConfig {
+            sync: if rng.bool() {
+                config::StoreSync::Full
+            } else {
+                config::StoreSync::Normal
+            },
+            write_queue: count(rng, r::WRITE_QUEUE) as usize,
+            forget_agents_after: duration(rng, r::FORGET_AGENTS_AFTER),
+            // TestServer puts the database in its temp dir.
+            ..config::StoreConfig::default()
         }
     }
 
@@ -727,6 +743,7 @@ mod configs {
             server: server_section(rng),
             tasks: tasks_section(rng),
             remote_cmd: remote_section(rng),
+            store: store_section(rng),
             log: log_section(rng),
             ..Config::default()
         }
