@@ -16,7 +16,10 @@ use std::{
 use common::{LIMIT, TestServer, daemon::Daemon, with_commands, within};
 use contactd::{
     config::Config,
-    proto::contact::{ClientMsg, CmdRequest, Result as ResultMsg},
+    proto::{
+        admin::ListTasksRequest,
+        contact::{ClientMsg, CmdRequest, Result as ResultMsg},
+    },
 };
 use nix::sys::signal::Signal;
 use tonic::{Code, transport::Channel};
@@ -538,7 +541,26 @@ async fn contactd_tasks_lists_thousands_and_stops_quietly_at_a_closed_pipe() {
     config.tasks.interval = Duration::from_secs(3600);
     config.tasks.template = format!("{}{{seq}}", "t".repeat(1024)).parse().unwrap();
     let server = TestServer::start(config).await;
-    drop(server.admin().await);
+    let mut admin = server.admin().await;
+    // The first batch is listed once the store has committed it.
+    within("the first batch committed", async {
+        loop {
+            let newest = admin
+                .list_tasks(ListTasksRequest {
+                    limit: 1,
+                    ..ListTasksRequest::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .tasks;
+            if newest.first().is_some_and(|t| t.id == 6000) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let socket = server.admin_socket();
     let socket_arg = socket.to_str().unwrap().to_owned();
     let out = tokio::task::spawn_blocking(move || {
