@@ -499,8 +499,10 @@ async fn a_server_that_drops_every_session_gets_backed_off_not_stormed() {
         delays.push(delay);
     }
     // Each session was up (connected) but for less than healthy_after, so
-    // the backoff kept growing: 50ms, 80ms, ... 327ms (±20%).
-    assert!(delays[0] <= Duration::from_millis(60), "{delays:?}");
+    // the backoff kept growing: 50ms, 80ms, ... 327ms (±20%). (On a slow
+    // machine a first connection attempt can fail before the first session
+    // counted here: then the first delay seen is the second step, 80ms.)
+    assert!(delays[0] <= Duration::from_millis(96), "{delays:?}");
     assert!(delays[5] >= Duration::from_millis(260), "{delays:?}");
     agent.stop().await;
     stop.cancel();
