@@ -5,6 +5,12 @@
 #
 #   packaging/test-in-systemd.sh --binary PATH/TO/contactd
 #   packaging/test-in-systemd.sh OLD.deb NEW.deb
+#   packaging/test-in-systemd.sh --prepare
+#
+# --prepare: only installs what is missing and builds the cached rootfs
+# (steps 0 and 2 below), then exits. .ci/run starts it in the background
+# while cargo builds: it is mostly downloading and unpacking, which a
+# compiling machine has room for.
 #
 # --binary: packages that binary twice with packaging/build-deb.sh (gzip,
 # for speed): as Cargo.toml's version, and with a higher version for the
@@ -441,30 +447,73 @@ fi
 # On the host.
 # ---------------------------------------------------------------------------
 usage() {
-    sed -n '6,7s/^# \{0,1\}//p' "$self" >&2
+    sed -n '6,8s/^# \{0,1\}//p' "$self" >&2
     exit 2
 }
 binary=
 debs=()
+prepare=
 case "${1:-}" in
 --binary) [ $# -eq 2 ] || usage; binary=$2 ;;
+--prepare) [ $# -eq 1 ] || usage; prepare=1 ;;
 -h | --help | "") usage ;;
 *) [ $# -eq 2 ] || usage; debs=("$(realpath "$1")" "$(realpath "$2")") ;;
 esac
 [ "$(id -u)" -eq 0 ] || die "needs root (systemd-nspawn, mounts, cgroups)"
 total_start=$(now_ns)
 
-missing=()
-command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v lintian >/dev/null || missing+=(lintian)
-if [ ${#missing[@]} -gt 0 ]; then
-    step=$(now_ns)
-    say "installing ${missing[*]}"
-    apt-get update -qq
-    # No recommends: libnss-mymachines would edit the host's nsswitch.conf.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    say "installed ${missing[*]} in $(since "$step")s"
+# --- 0. what is missing (systemd for check-units.sh too) ---------------------------
+install_missing() {
+    local missing=() step
+    command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v lintian >/dev/null || missing+=(lintian)
+    if [ ${#missing[@]} -gt 0 ]; then
+        step=$(now_ns)
+        say "installing ${missing[*]}"
+        apt-get update -qq
+        # No recommends: libnss-mymachines would edit the host's nsswitch.conf.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        say "installed ${missing[*]} in $(since "$step")s"
+    fi
+}
+
+# A debootstrapped rootfs, built once into the cache.
+build_rootfs() {
+    local mirror step tmp_rootfs
+    mirror=$(sed -nE 's/^URIs: *([^ ]+).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -v security | head -n 1 || true)
+    mirror=${mirror:-http://deb.debian.org/debian}
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    flock 9 # one rootfs builder at a time
+    if [ "$(cat "$ROOTFS/.contactd-ci-recipe" 2>/dev/null)" != "$RECIPE" ]; then
+        step=$(now_ns)
+        rm -rf "$CACHE/.rootfs-$SUITE".* # left by interrupted runs
+        tmp_rootfs=$(mktemp -d "$CACHE/.rootfs-$SUITE.XXXXXX")
+        say "building the $SUITE rootfs from $mirror: $RECIPE"
+        # shellcheck disable=SC2086 # the recipe is words
+        ${RECIPE%% *} ${RECIPE#* } "$tmp_rootfs/root" "$mirror" >"$tmp_rootfs/debootstrap.log" 2>&1 || {
+            tail -n 30 "$tmp_rootfs/debootstrap.log" >&2
+            rm -rf "$tmp_rootfs"
+            die "debootstrap failed"
+        }
+        echo "$RECIPE" >"$tmp_rootfs/root/.contactd-ci-recipe"
+        if [ -e "$ROOTFS" ]; then mv "$ROOTFS" "$tmp_rootfs/old"; fi
+        mv "$tmp_rootfs/root" "$ROOTFS"
+        rm -rf "$tmp_rootfs"
+        say "rootfs $ROOTFS built in $(since "$step")s"
+    else
+        say "reusing the cached rootfs $ROOTFS"
+    fi
+    flock -u 9
+}
+
+install_missing
+if [ -n "$prepare" ]; then
+    build_rootfs
+    say "prepared in $(since "$total_start")s"
+    exit 0
 fi
 
 scratch=$(mktemp -d /var/tmp/contactd-test-in-systemd.XXXXXX)
@@ -523,33 +572,8 @@ if [ "$lint_rc" -ne 0 ]; then
 fi
 say "lintian: no error or warning ($(since "$step")s)"
 
-# --- 2. the rootfs -------------------------------------------------------------------
-mirror=$(sed -nE 's/^URIs: *([^ ]+).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
-    grep -v security | head -n 1 || true)
-mirror=${mirror:-http://deb.debian.org/debian}
-mkdir -p "$CACHE"
-exec 9>"$CACHE/.lock"
-flock 9 # one rootfs builder at a time
-if [ "$(cat "$ROOTFS/.contactd-ci-recipe" 2>/dev/null)" != "$RECIPE" ]; then
-    step=$(now_ns)
-    rm -rf "$CACHE/.rootfs-$SUITE".* # left by interrupted runs
-    tmp_rootfs=$(mktemp -d "$CACHE/.rootfs-$SUITE.XXXXXX")
-    say "building the $SUITE rootfs from $mirror: $RECIPE"
-    # shellcheck disable=SC2086 # the recipe is words
-    ${RECIPE%% *} ${RECIPE#* } "$tmp_rootfs/root" "$mirror" >"$tmp_rootfs/debootstrap.log" 2>&1 || {
-        tail -n 30 "$tmp_rootfs/debootstrap.log" >&2
-        rm -rf "$tmp_rootfs"
-        die "debootstrap failed"
-    }
-    echo "$RECIPE" >"$tmp_rootfs/root/.contactd-ci-recipe"
-    if [ -e "$ROOTFS" ]; then mv "$ROOTFS" "$tmp_rootfs/old"; fi
-    mv "$tmp_rootfs/root" "$ROOTFS"
-    rm -rf "$tmp_rootfs"
-    say "rootfs $ROOTFS built in $(since "$step")s"
-else
-    say "reusing the cached rootfs $ROOTFS"
-fi
-flock -u 9
+# --- 2. the rootfs (usually built already by --prepare) ----------------------------
+build_rootfs
 
 # --- 3., 4. the container and the checks -----------------------------------------
 server_exposure=$(packaging/check-units.sh --exposure packaging/systemd/contactd.service)
