@@ -130,6 +130,8 @@ struct AgentRow {
     missed: u64,
     in_flight: u64,
     refused_acks: u64,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
 }
 
 /// `contactd agents`.
@@ -161,6 +163,8 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             missed: a.missed,
             in_flight: a.in_flight,
             refused_acks: a.refused_acks,
+            first_seen_ms: a.first_seen_ms,
+            last_seen_ms: a.last_seen_ms,
         })
         .collect();
     if json {
@@ -181,7 +185,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
                 if a.connected {
                     format!("up {}", ago(now, a.connected_since_ms))
                 } else {
-                    "down".to_owned()
+                    format!("down, seen {} ago", ago(now, a.last_seen_ms))
                 },
                 a.delivered.to_string(),
                 a.acked.to_string(),

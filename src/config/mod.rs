@@ -62,6 +62,11 @@ pub struct StoreConfig {
     /// Agents not seen for this long have their broadcast cursor forgotten.
     #[serde(with = "units::duration")]
     pub forget_agents_after: Duration,
+    /// Largest the database may grow (`"0"`: as large as the disk allows).
+    /// Full, `task submit` is refused with RESOURCE_EXHAUSTED and the
+    /// server goes on delivering what it holds, as on a full disk.
+    #[serde(with = "units::size")]
+    pub max_size: ByteSize,
 }
 
 /// `store.kind`.
@@ -88,6 +93,7 @@ impl Default for StoreConfig {
             sync: StoreSync::Normal,
             write_queue: 65_536,
             forget_agents_after: Duration::from_secs(30 * 86_400),
+            max_size: ByteSize(0),
         }
     }
 }
@@ -589,6 +595,8 @@ pub mod ranges {
     pub const WRITE_QUEUE: RangeInclusive<u64> = 1024..=4_194_304;
     pub const FORGET_AGENTS_AFTER: RangeInclusive<Duration> =
         HOUR..=Duration::from_secs(3650 * 86_400);
+    /// `store.max_size`, when not 0 (no limit).
+    pub const STORE_MAX_SIZE: RangeInclusive<u64> = MIB..=1024 * 1024 * GIB;
 
     pub const CMD_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
     pub const MAX_CONCURRENT: RangeInclusive<u64> = 1..=1024;
@@ -821,6 +829,9 @@ impl ConfigFile for Config {
             st.forget_agents_after,
             FORGET_AGENTS_AFTER,
         );
+        if st.max_size.as_u64() != 0 {
+            c.size("store.max_size", st.max_size, STORE_MAX_SIZE);
+        }
         c.check(
             st.kind != StoreKind::Sqlite
                 || st

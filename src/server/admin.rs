@@ -221,6 +221,8 @@ impl Admin for AdminService {
                     missed: caller.missed.load(Relaxed),
                     refused_acks: caller.refused_acks.load(Relaxed),
                     in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
+                    first_seen_ms: caller.first_seen_ms(),
+                    last_seen_ms: caller.last_seen_ms(),
                 }
             })
             .collect();

@@ -1,7 +1,10 @@
-//! Who is calling: one entry per caller (an agent by the name in its
-//! `x-contactd-agent` header, a seed client by its peer address), with its
-//! latest status and counters, bounded in number. Delivery state (ack
-//! cursors) is not kept here: an evicted entry loses nothing but counters.
+//! Who is calling: one entry per caller (an agent by its name, a seed client
+//! by its peer's IP address, so that reconnecting does not make new
+//! entries), with its latest status and counters, bounded in number.
+//! Delivery state (ack cursors) is not kept here: an evicted entry loses
+//! nothing but counters. Named agents are the roster: the store keeps when
+//! each was first and last seen and its counters
+//! ([`Callers::roster_changes`]), and a restarted server starts from them.
 //!
 //! Streams hold their caller's entry (`Arc<Caller>`) for as long as they are
 //! open, so per-message bookkeeping touches only that entry, never the map.
@@ -11,16 +14,24 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use super::listener::RateLimited;
-use crate::{tasks::Tracked, untrusted::Budget};
+use crate::{
+    store::{SavedAgent, now_ms, unix_ms},
+    tasks::Tracked,
+    untrusted::Budget,
+};
+
+/// A connected agent's roster entry is saved at least this often (its
+/// last-seen time), even when nothing else changed.
+const SEEN_EVERY_MS: i64 = 60_000;
 
 /// Refusal lines logged per caller, and for all callers together, per
 /// [`REFUSAL_WINDOW`]; the rest are counted in the next line let through.
@@ -47,6 +58,12 @@ pub struct Caller {
     connected_since: Mutex<SystemTime>,
     /// Calls open now; 0 means disconnected.
     open_calls: AtomicU32,
+    /// When it was first seen (unix ms; kept across restarts for agents).
+    first_seen_ms: i64,
+    /// When a call of it last began or ended (unix ms).
+    last_seen_ms: AtomicI64,
+    /// Named agents: the roster entry last handed to the store.
+    saved: Mutex<Option<SavedAgent>>,
     /// Latest status text (truncated) and when it was received.
     status: Mutex<Option<(String, SystemTime)>>,
     /// Longest status text kept.
@@ -111,6 +128,21 @@ impl Caller {
         *self.address.lock()
     }
 
+    /// When it was first seen (unix ms).
+    pub fn first_seen_ms(&self) -> i64 {
+        self.first_seen_ms
+    }
+
+    /// When it was last seen: now if connected, else when its last call
+    /// ended (unix ms).
+    pub fn last_seen_ms(&self) -> i64 {
+        if self.connected() {
+            now_ms()
+        } else {
+            self.last_seen_ms.load(Ordering::Relaxed)
+        }
+    }
+
     /// Counts an ack that changed nothing, and logs it now and then.
     pub fn refuse_ack(&self, task_id: u64, reason: &str) {
         self.refused_acks.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +195,7 @@ impl std::ops::Deref for CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         self.caller.open_calls.fetch_sub(1, Ordering::Relaxed);
+        self.caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -202,25 +235,7 @@ impl Callers {
         let caller = match map.get(id) {
             Some(caller) => Arc::clone(caller),
             None => {
-                let caller = Arc::new(Caller {
-                    id: Arc::from(id),
-                    named,
-                    address: Mutex::new(address),
-                    cursor: OnceLock::new(),
-                    missed: AtomicU64::new(0),
-                    connected_since: Mutex::new(SystemTime::now()),
-                    open_calls: AtomicU32::new(0),
-                    status: Mutex::new(None),
-                    max_status: limits.max_status,
-                    delivered: AtomicU64::new(0),
-                    acked: AtomicU64::new(0),
-                    failed: AtomicU64::new(0),
-                    sent_up_to: AtomicU64::new(0),
-                    refused_acks: AtomicU64::new(0),
-                    ack_refusals: RateLimited::default(),
-                    last_active: AtomicU64::new(tick),
-                    refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
-                });
+                let caller = Arc::new(Caller::new(id, named, address, limits.max_status, tick));
                 if map.len() >= limits.max_callers && !evict_one(&mut map) {
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
@@ -238,6 +253,7 @@ impl Callers {
         drop(map);
         if caller.open_calls.fetch_add(1, Ordering::Relaxed) == 0 {
             *caller.connected_since.lock() = SystemTime::now();
+            caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
         }
         caller.last_active.store(tick, Ordering::Relaxed);
         if address.is_some() {
@@ -278,6 +294,114 @@ impl Callers {
     /// The entry for `id`, if remembered.
     pub fn get(&self, id: &str) -> Option<Arc<Caller>> {
         self.map.lock().get(id).cloned()
+    }
+}
+
+impl Caller {
+    fn new(
+        id: &str,
+        named: bool,
+        address: Option<SocketAddr>,
+        max_status: usize,
+        tick: u64,
+    ) -> Caller {
+        let now = SystemTime::now();
+        Caller {
+            id: Arc::from(id),
+            named,
+            address: Mutex::new(address),
+            cursor: OnceLock::new(),
+            missed: AtomicU64::new(0),
+            connected_since: Mutex::new(now),
+            open_calls: AtomicU32::new(0),
+            first_seen_ms: unix_ms(now),
+            last_seen_ms: AtomicI64::new(unix_ms(now)),
+            saved: Mutex::new(None),
+            status: Mutex::new(None),
+            max_status,
+            delivered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            sent_up_to: AtomicU64::new(0),
+            refused_acks: AtomicU64::new(0),
+            ack_refusals: RateLimited::default(),
+            last_active: AtomicU64::new(tick),
+            refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
+        }
+    }
+
+    /// Its roster entry as of now.
+    fn roster_entry(&self) -> SavedAgent {
+        SavedAgent {
+            name: Arc::clone(&self.id),
+            first_ms: self.first_seen_ms,
+            last_ms: self.last_seen_ms.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Callers {
+    /// Adds the roster a store kept (most recently seen first), as
+    /// disconnected agents, up to `server.max_callers`.
+    pub fn restore(&self, agents: Vec<SavedAgent>) {
+        let limits = *self.limits.lock();
+        let mut map = self.map.lock();
+        for saved in agents {
+            if map.len() >= limits.max_callers {
+                break;
+            }
+            let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+            let mut caller = Caller::new(&saved.name, true, None, limits.max_status, tick);
+            let last = std::time::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(saved.last_ms).unwrap_or(0));
+            *caller.connected_since.get_mut() = last;
+            caller.first_seen_ms = saved.first_ms;
+            *caller.last_seen_ms.get_mut() = saved.last_ms;
+            *caller.delivered.get_mut() = saved.delivered;
+            *caller.acked.get_mut() = saved.acked;
+            *caller.failed.get_mut() = saved.failed;
+            *caller.saved.get_mut() = Some(saved);
+            map.insert(Arc::clone(&caller.id), Arc::new(caller));
+        }
+    }
+
+    /// Named agents whose roster entry changed since the last call (and
+    /// connected ones not saved for a minute, for their last-seen time).
+    pub fn roster_changes(&self) -> Vec<SavedAgent> {
+        let now = now_ms();
+        let mut changed = Vec::new();
+        for caller in self.list() {
+            if !caller.named {
+                continue;
+            }
+            let mut entry = caller.roster_entry();
+            let mut saved = caller.saved.lock();
+            if caller.connected() {
+                let last_saved = saved.as_ref().map_or(i64::MIN, |s| s.last_ms);
+                entry.last_ms = if now.saturating_sub(last_saved) >= SEEN_EVERY_MS {
+                    now
+                } else {
+                    last_saved.max(entry.last_ms)
+                };
+            }
+            if saved.as_ref() != Some(&entry) {
+                *saved = Some(entry.clone());
+                changed.push(entry);
+            }
+        }
+        changed
+    }
+
+    /// Forgets the disconnected agents last seen before `before_ms`;
+    /// returns how many.
+    pub fn forget_before(&self, before_ms: i64) -> usize {
+        let mut map = self.map.lock();
+        let len = map.len();
+        map.retain(|_, c| c.connected() || c.last_seen_ms.load(Ordering::Relaxed) >= before_ms);
+        len - map.len()
     }
 }
 

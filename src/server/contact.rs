@@ -60,8 +60,10 @@ impl ContactService {
             .and_then(|conn| conn.remote);
         Ok(match principal.who.name() {
             Some(name) => self.state.callers.enter(name, true, peer),
+            // By IP, not IP and port: each reconnect of a seed client comes
+            // from a new port, and would otherwise be a new entry.
             None => {
-                let id = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+                let id = peer.map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
                 self.state.callers.enter(&id, false, peer)
             }
         })

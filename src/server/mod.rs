@@ -203,10 +203,14 @@ pub async fn run_with(
         store,
         cursors: Cursors::restored(snapshot.cursors),
         epoch: snapshot.epoch,
-        callers: Callers::new(
-            initial.server.max_callers,
-            initial.server.max_status_size.as_u64() as usize,
-        ),
+        callers: {
+            let callers = Callers::new(
+                initial.server.max_callers,
+                initial.server.max_status_size.as_u64() as usize,
+            );
+            callers.restore(snapshot.agents);
+            callers
+        },
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
         auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
         tls: match &initial.server.tls {
@@ -307,6 +311,7 @@ pub async fn run_with(
     // After every stream ended: the last acks and cursors are committed.
     let _ = housekeeping.await;
     save_cursors(&state);
+    save_roster(&state);
     state.store.close().await;
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
@@ -403,6 +408,8 @@ async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let forget_before_ms = now.saturating_sub(ms(config.store.forget_agents_after));
         let forgotten = state.cursors.forget_before(forget_before_ms);
+        state.callers.forget_before(forget_before_ms);
+        save_roster(&state);
         let retention = store::Retention {
             created_before_ms: now.saturating_sub(ms(config.tasks.keep_for)),
             retain_finished: config.tasks.retain_finished,
@@ -417,11 +424,11 @@ async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
                         "deleted tasks past tasks.keep_for or tasks.retain_finished"
                     );
                 }
-                if forgotten > 0 || pruned.cursors > 0 {
+                if forgotten > 0 || pruned.cursors > 0 || pruned.agents > 0 {
                     tracing::info!(
-                        agents = forgotten.max(pruned.cursors as usize),
+                        agents = forgotten.max(pruned.cursors.max(pruned.agents) as usize),
                         after = %humantime::format_duration(config.store.forget_agents_after),
-                        "forgot the broadcast cursors of agents not seen for store.forget_agents_after"
+                        "forgot the agents (roster entries and broadcast cursors) not seen for store.forget_agents_after"
                     );
                 }
             }
@@ -436,6 +443,16 @@ fn save_cursors(state: &State) {
     }
     for saved in state.cursors.take_dirty() {
         state.store.record(store::Write::Cursor(saved));
+    }
+}
+
+/// Writes the named agents whose roster entry changed.
+fn save_roster(state: &State) {
+    if !state.store.is_durable() {
+        return;
+    }
+    for agent in state.callers.roster_changes() {
+        state.store.record(store::Write::Agent(agent));
     }
 }
 

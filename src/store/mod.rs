@@ -103,6 +103,21 @@ pub enum Write {
     },
     /// A broadcast cursor to keep.
     Cursor(Saved),
+    /// A named agent's roster entry to keep.
+    Agent(SavedAgent),
+}
+
+/// A named agent as the roster keeps it: when it was first and last seen,
+/// and its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedAgent {
+    pub name: Arc<str>,
+    /// Unix milliseconds.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub failed: u64,
 }
 
 /// What housekeeping deletes.
@@ -115,7 +130,8 @@ pub struct Retention {
     /// Queue mode: unfinished tasks are never deleted. Broadcast mode:
     /// every task counts as finished (it is delivered from the ring only).
     pub queue_mode: bool,
-    /// Cursors of agents last seen before this are deleted.
+    /// Cursors and roster entries of agents last seen before this are
+    /// deleted.
     pub forget_before_ms: i64,
 }
 
@@ -124,6 +140,7 @@ pub struct Retention {
 pub struct Pruned {
     pub tasks: u64,
     pub cursors: u64,
+    pub agents: u64,
 }
 
 /// A task as the store keeps it.
@@ -170,6 +187,8 @@ pub struct Snapshot {
     /// sorted by id.
     pub tasks: Vec<StoredTask>,
     pub cursors: Vec<Saved>,
+    /// The agent roster, most recently seen first.
+    pub agents: Vec<SavedAgent>,
 }
 
 /// What a backend does: blocking calls, all made from the writer thread.
@@ -214,6 +233,9 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
         }),
         StoreKind::Sqlite => {
             let mut backend = sqlite::Sqlite::open(&config.resolved_path(), config.sync)?;
+            if config.max_size.as_u64() > 0 {
+                backend.set_max_size(config.max_size.as_u64())?;
+            }
             let snapshot = backend.load(ring, queue_mode)?;
             Ok(Opened {
                 snapshot,

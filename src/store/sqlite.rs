@@ -16,8 +16,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    Backend, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, Write, cursor_from_parts,
-    cursor_parts, now_ms,
+    Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask, Write,
+    cursor_from_parts, cursor_parts, now_ms,
 };
 use crate::{
     config::StoreSync,
@@ -65,6 +65,15 @@ const MIGRATIONS: &[&str] = &[
          above BLOB NOT NULL,
          sent_up_to INTEGER NOT NULL,
          seen_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+    // 2: the agent roster.
+    "CREATE TABLE agents (
+         name TEXT PRIMARY KEY,
+         first_ms INTEGER NOT NULL,
+         last_ms INTEGER NOT NULL,
+         delivered INTEGER NOT NULL,
+         acked INTEGER NOT NULL,
+         failed INTEGER NOT NULL
      ) WITHOUT ROWID;",
 ];
 
@@ -240,6 +249,23 @@ impl Sqlite {
         tx.commit().map_err(|e| failed(&e))
     }
 
+    /// Limits the database to about `bytes` (`store.max_size`): beyond,
+    /// writes fail as on a full disk ([`StoreError::Full`]).
+    ///
+    /// # Errors
+    /// The limit cannot be set.
+    pub fn set_max_size(&mut self, bytes: u64) -> Result<(), StoreError> {
+        let page_size: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(|e| open_error(&self.path, e))?;
+        let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page_size.max(1);
+        // SQLite never sets the limit below the pages already in use.
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(|e| open_error(&self.path, e))
+    }
+
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         self.conn
@@ -326,11 +352,32 @@ impl Backend for Sqlite {
                 .collect()
             })
             .map_err(f)?;
+        let agents = conn
+            .prepare(
+                "SELECT name, first_ms, last_ms, delivered, acked, failed FROM agents \
+                 ORDER BY last_ms DESC",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |row| {
+                    let n = |i| row.get::<_, i64>(i).map(|n| u64::try_from(n).unwrap_or(0));
+                    Ok(SavedAgent {
+                        name: Arc::from(row.get::<_, String>(0)?),
+                        first_ms: row.get(1)?,
+                        last_ms: row.get(2)?,
+                        delivered: n(3)?,
+                        acked: n(4)?,
+                        failed: n(5)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(f)?;
         Ok(Snapshot {
             epoch: u64::from_ne_bytes(epoch.to_ne_bytes()).max(1),
             next_id,
             tasks,
             cursors,
+            agents,
         })
     }
 
@@ -459,6 +506,23 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
                 saved.seen_ms
             ])?;
         }
+        Write::Agent(agent) => {
+            tx.prepare_cached(
+                "INSERT INTO agents (name, first_ms, last_ms, delivered, acked, failed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (name) DO UPDATE SET first_ms = min(first_ms, excluded.first_ms), \
+                 last_ms = max(last_ms, excluded.last_ms), delivered = excluded.delivered, \
+                 acked = excluded.acked, failed = excluded.failed",
+            )?
+            .execute(params![
+                &*agent.name,
+                agent.first_ms,
+                agent.last_ms,
+                id(agent.delivered),
+                id(agent.acked),
+                id(agent.failed)
+            ])?;
+        }
     }
     Ok(())
 }
@@ -499,9 +563,14 @@ fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
         "DELETE FROM cursors WHERE seen_ms < ?1",
         [r.forget_before_ms],
     )?;
+    let agents = tx.execute(
+        "DELETE FROM agents WHERE last_ms < ?1",
+        [r.forget_before_ms],
+    )?;
     Ok(Pruned {
         tasks: ids.len() as u64,
         cursors: cursors as u64,
+        agents: agents as u64,
     })
 }
 
@@ -622,6 +691,62 @@ mod tests {
         let cursor = &saved.cursor;
         assert!(cursor.is_acked(3) && cursor.is_acked(5) && !cursor.is_acked(4));
         assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_migrated_and_keeps_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            // A database as the first contactd with a store left it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta (key, value) VALUES ('epoch', 42), ('next_id', 8);
+                 INSERT INTO tasks (id, text, created_ms, state) VALUES (7, 'old', 1, 2);",
+            )
+            .unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+        let agent = SavedAgent {
+            name: "web1".into(),
+            first_ms: 10,
+            last_ms: 20,
+            delivered: 3,
+            acked: 2,
+            failed: 1,
+        };
+        let later = Write::Agent(SavedAgent {
+            first_ms: 15,
+            last_ms: 30,
+            ..agent.clone()
+        });
+        db.apply(&[Op::Write(&Write::Agent(agent)), Op::Write(&later)])
+            .unwrap();
+        drop(db);
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let snapshot = db.load(10, false).unwrap();
+        assert_eq!((snapshot.epoch, snapshot.next_id), (42, 8));
+        assert_eq!(snapshot.tasks[0].text, "old");
+        let web1 = &snapshot.agents[0];
+        assert_eq!(
+            (web1.first_ms, web1.last_ms, web1.acked),
+            (10, 30, 2),
+            "the first sighting is kept, the last one moves on"
+        );
+        let pruned = db
+            .prune(&Retention {
+                created_before_ms: 0,
+                retain_finished: 100,
+                queue_mode: false,
+                forget_before_ms: 31,
+            })
+            .unwrap();
+        assert_eq!(pruned.agents, 1);
     }
 
     #[test]

@@ -25,11 +25,12 @@ pub async fn run(
     hub.set_retain(tasks.retain);
     let mut last = Instant::now();
     let mut next = last;
+    let mut failures = 0u64;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(next) => {
-                generate(&store, &tasks).await;
+                generate(&store, &tasks, &mut failures).await;
                 last = next;
                 // After a stall (a suspended host), resume the schedule
                 // instead of publishing the missed batches in a burst.
@@ -60,14 +61,33 @@ fn after(last: Instant, interval: std::time::Duration) -> Instant {
         .unwrap_or_else(|| last + std::time::Duration::from_secs(365 * 86_400))
 }
 
-async fn generate(store: &Store, tasks: &TasksConfig) {
+/// Publishes one batch; failures (a full store, every batch until it has
+/// room again) are logged at the 1st, 2nd, 4th, 8th … in a row.
+async fn generate(store: &Store, tasks: &TasksConfig, failures: &mut u64) {
     if tasks.batch == 0 {
         return;
     }
     let batch = store.publish(tasks.batch as usize, |id| (tasks.template.render(id), None));
     match batch.await {
-        Ok(ids) => tracing::debug!(first = ids.start, last = ids.end - 1, "generated tasks"),
-        Err(e) => tracing::error!("generated tasks not published: {e}"),
+        Ok(ids) => {
+            if *failures > 0 {
+                tracing::info!(
+                    failed_batches = *failures,
+                    "generated tasks published again"
+                );
+                *failures = 0;
+            }
+            tracing::debug!(first = ids.start, last = ids.end - 1, "generated tasks");
+        }
+        Err(e) => {
+            *failures += 1;
+            if failures.is_power_of_two() {
+                tracing::error!(
+                    failed_batches = *failures,
+                    "generated tasks not published: {e}"
+                );
+            }
+        }
     }
 }
 

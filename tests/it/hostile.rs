@@ -720,6 +720,13 @@ mod configs {
             },
             write_queue: count(rng, r::WRITE_QUEUE) as usize,
             forget_agents_after: duration(rng, r::FORGET_AGENTS_AFTER),
+            // 0 (no limit) or in its range; a small limit only makes
+            // submits fail, which this test does not make.
+            max_size: if rng.bool() {
+                ByteSize(0)
+            } else {
+                size(rng, r::STORE_MAX_SIZE)
+            },
             // TestServer puts the database in its temp dir.
             ..config::StoreConfig::default()
         }

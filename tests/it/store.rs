@@ -20,7 +20,10 @@ use common::{
 use contactd::{
     config::{Config, DeliveryMode},
     proto::{
-        admin::{ListTasksRequest, TaskState, admin_client::AdminClient},
+        admin::{
+            ListAgentsRequest, ListTasksRequest, SubmitTaskRequest, TaskState,
+            admin_client::AdminClient,
+        },
         contact::{ClientMsg, contact_client::ContactClient},
     },
 };
@@ -180,6 +183,27 @@ async fn a_broadcast_agent_away_across_a_restart_gets_what_it_missed_not_what_it
 
     let restarted = daemon(state.path(), addr.port(), "");
     let mut admin_client = admin(&restarted).await;
+    // The roster came back: web1, away, with what it did before.
+    let agents = admin_client
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let [web1] = &agents[..] else {
+        panic!("the roster is web1 alone: {agents:?}")
+    };
+    assert_eq!(
+        (
+            &*web1.name,
+            web1.named,
+            web1.connected,
+            web1.delivered,
+            web1.acked
+        ),
+        ("web1", true, false, 3, 3)
+    );
+    assert!(0 < web1.first_seen_ms && web1.first_seen_ms <= web1.last_seen_ms);
     assert_eq!(submit(&mut admin_client, "after 6", "").await, 6);
     // A new agent process under the same name: it remembers nothing, so
     // anything sent again would be handled again.
@@ -193,6 +217,12 @@ async fn a_broadcast_agent_away_across_a_restart_gets_what_it_missed_not_what_it
     assert_eq!(got, [4, 5, 6], "resumed after its acks (1..=3)");
     agent.stop().await;
 }
+
+/// Connections of seed clients in the churn test: 200 times its
+/// registry's bound (`server.max_callers = 10`), as 10,000 connections
+/// would be 200 times a registry of 50. (10,000 here took 14 s of a debug
+/// build on 2 cores, for nothing the bound does not already show.)
+const ANONYMOUS_CONNECTIONS: usize = 2_000;
 
 async fn anonymous_status(addr: SocketAddr) {
     // A new connection: a new caller (keyed by its address).
@@ -235,11 +265,31 @@ async fn anonymous_callers_do_not_evict_a_named_agents_acks() {
     })
     .await;
     agent.stop().await;
-    // Far more anonymous callers than the registry holds: web1's entry
-    // (disconnected, the longest idle) is evicted.
-    for _ in 0..50 {
-        anonymous_status(server.addr).await;
-    }
+    // 200 times more anonymous connections than the registry holds (each
+    // from a new port, as seed clients reconnect), 100 at a time.
+    let mut calls = tokio::task::JoinSet::new();
+    within_for(5 * LIMIT, "the anonymous connections", async {
+        for _ in 0..ANONYMOUS_CONNECTIONS {
+            if calls.len() >= 100 {
+                calls.join_next().await.unwrap().unwrap();
+            }
+            calls.spawn(anonymous_status(server.addr));
+        }
+        while let Some(call) = calls.join_next().await {
+            call.unwrap();
+        }
+    })
+    .await;
+    // Seed clients are known by IP: one entry for all of them, and web1's
+    // (disconnected, the longest idle) was not evicted to make room.
+    let agents = admin_client
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let names: Vec<(&str, bool)> = agents.iter().map(|a| (&*a.name, a.named)).collect();
+    assert_eq!(names, [("web1", true), ("127.0.0.1", false)]);
     submit(&mut admin_client, "three", "").await;
     let mut agent = TestAgent::start(agent_config(server.addr, "web1"));
     let (id, _) = agent.wait_for("a handled task", handled).await;
@@ -334,4 +384,59 @@ async fn a_backup_of_a_running_server_holds_its_tasks() {
     assert_eq!(submit(&mut copy_admin, "next", "").await, 21);
     from_copy.stop().await;
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_submits_with_resource_exhausted_and_delivers_what_it_holds() {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.store.max_size = bytesize::ByteSize::mib(1);
+    let server = TestServer::start(config).await;
+    let mut admin_client = server.admin().await;
+    let mut agent = TestAgent::start(agent_config(server.addr, "web1"));
+    agent.wait_for("connected", connected).await;
+    // 16 KiB tasks: a 1 MiB database holds fewer than 64 of them.
+    let text = "x".repeat(16 * 1024);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        assert!(accepted.len() < 200, "1 MiB never filled up");
+        let request = SubmitTaskRequest {
+            text: format!("{} {text}", accepted.len()),
+            agent: String::new(),
+        };
+        match admin_client.submit_task(request).await {
+            Ok(reply) => accepted.push(reply.into_inner().id),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert!(refusal.message().contains("full"), "{refusal:?}");
+    assert!(accepted.len() >= 10, "only {} tasks fit", accepted.len());
+    // Everything accepted is delivered and acked, and the server serves on.
+    let mut done = HashSet::new();
+    within_for(5 * LIMIT, "the accepted tasks handled", async {
+        while done.len() < accepted.len() {
+            done.insert(agent.wait_for("a handled task", handled).await.0);
+        }
+    })
+    .await;
+    assert_eq!(done, accepted.iter().copied().collect::<HashSet<_>>());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        serving,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    anonymous_status(server.addr).await;
+    agent.stop().await;
+    server.stop().await;
 }

@@ -17,7 +17,7 @@ pub struct SubmitTaskResponse {
 pub struct ListAgentsRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Agent {
-    /// The agent's name, or a seed client's peer address.
+    /// The agent's name, or a seed client's IP address.
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     /// Whether it identified itself with the x-contactd-agent header.
@@ -51,6 +51,12 @@ pub struct Agent {
     /// Acks it sent for tasks not delivered to it, which changed nothing.
     #[prost(uint64, tag = "13")]
     pub refused_acks: u64,
+    /// When it was first seen, and last seen (now while connected), Unix
+    /// milliseconds. Named agents' roster entries outlive a server restart.
+    #[prost(int64, tag = "14")]
+    pub first_seen_ms: i64,
+    #[prost(int64, tag = "15")]
+    pub last_seen_ms: i64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListAgentsResponse {
