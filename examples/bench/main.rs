@@ -23,6 +23,7 @@ mod load;
 mod report;
 mod scenarios;
 mod server;
+mod store;
 mod tls;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -111,6 +112,9 @@ struct RunArgs {
     startups: usize,
     #[arg(long, default_value_t = 32)]
     cmd_in_flight: usize,
+    /// Agents in the queue scenario.
+    #[arg(long, default_value_t = 100)]
+    queue_agents: usize,
     /// Agents connecting at once in fanout, hold and shutdown (the
     /// baseline's listen backlog is tokio's 1024).
     #[arg(long, default_value_t = 200)]
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
                 shutdown_streams: 50,
                 startups: 1,
                 cmd_in_flight: 4,
+                queue_agents: 10,
                 connect_parallel: 50,
             },
             true,
@@ -225,6 +230,7 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         shutdown_streams: args.shutdown_streams,
         startups: args.startups,
         cmd_in_flight: args.cmd_in_flight,
+        queue_agents: args.queue_agents,
         connect_parallel: args.connect_parallel,
     };
     let scenarios = if args.scenarios.is_empty() {
@@ -343,6 +349,9 @@ async fn run_all(
             if round % 2 == 1 {
                 order.reverse();
             }
+            if scenario.contactd_only() {
+                order = vec![Some(Kind::Contactd)];
+            }
             if scenario == Scenario::Cmd {
                 order.push(None);
             }
@@ -409,6 +418,18 @@ fn compare(scenario: Scenario, runs: &[(&str, usize, Outcome)]) -> Vec<String> {
         .unwrap_or("rate");
     let contactd = median_of(runs, "contactd", first);
     let baseline = median_of(runs, "baseline", first);
+    if scenario.contactd_only() {
+        lines.push(format!(
+            "FIGURE scenario={} figure={first} contactd={} server_cpu_ns_per_op={}",
+            scenario.name(),
+            number(contactd),
+            number(median_of(runs, "contactd", "server_cpu_ns_per_op")),
+        ));
+        for (figure, target) in scenario.absolute_targets() {
+            lines.push(target.line(scenario, median_of(runs, "contactd", figure)));
+        }
+        return lines;
+    }
     let ratio = paired_ratio(runs, "contactd", "baseline", first);
     let cpu = paired_ratio(runs, "contactd", "baseline", "server_cpu_ns_per_op");
     lines.push(format!(

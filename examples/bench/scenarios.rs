@@ -30,6 +30,7 @@ use crate::{
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
     server::{Kind, Launcher, Setup},
+    store,
     tls::{ClientTls, Mode, Pki},
 };
 
@@ -65,10 +66,16 @@ pub enum Scenario {
     HoldTls,
     HandshakesMtls,
     HandshakesTls,
+    // The durable store (issue 11), contactd only: `task submit` with one
+    // client and with 16 at once, and queue mode end to end.
+    Submit,
+    #[value(name = "submit-16")]
+    Submit16,
+    Queue,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 19] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -85,6 +92,9 @@ impl Scenario {
         Scenario::HoldTls,
         Scenario::HandshakesMtls,
         Scenario::HandshakesTls,
+        Scenario::Submit,
+        Scenario::Submit16,
+        Scenario::Queue,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,7 +115,19 @@ impl Scenario {
             Scenario::HoldTls => "hold-tls",
             Scenario::HandshakesMtls => "handshakes-mtls",
             Scenario::HandshakesTls => "handshakes-tls",
+            Scenario::Submit => "submit",
+            Scenario::Submit16 => "submit-16",
+            Scenario::Queue => "queue",
         }
+    }
+
+    /// Whether only contactd runs it (the baseline has no admin API and no
+    /// queue).
+    pub fn contactd_only(self) -> bool {
+        matches!(
+            self,
+            Scenario::Submit | Scenario::Submit16 | Scenario::Queue
+        )
     }
 
     /// The plaintext scenario whose load a TLS variant runs.
@@ -148,6 +170,20 @@ impl Scenario {
                 contactd_toml: "[remote_cmd]\nenabled = true\nallow = [\"true\"]\n".into(),
                 baseline_args: Vec::new(),
             },
+            // Only submitted tasks.
+            Scenario::Submit | Scenario::Submit16 => Setup {
+                contactd_toml: "[tasks]\nbatch = 0\n".into(),
+                baseline_args: Vec::new(),
+            },
+            // 50,000 tasks/s offered (batch 500 every 10 ms: more than it
+            // handles, so the figure is its capacity), at most 64 in flight
+            // per agent, the rest waiting in the queue.
+            Scenario::Queue => Setup {
+                contactd_toml: "[tasks]\nmode = \"queue\"\ninterval = \"10ms\"\nbatch = 500\n\
+                                window = 64\n"
+                    .into(),
+                baseline_args: Vec::new(),
+            },
             _ => Setup::default(),
         };
         if let Some(mode) = self.tls() {
@@ -184,6 +220,11 @@ impl Scenario {
             limit,
             at_least: false,
         };
+        let at_least = |what, limit| Target {
+            what,
+            limit,
+            at_least: true,
+        };
         match self {
             Scenario::Hold => vec![
                 ("rss_per_agent_kib", at_most("rss_per_agent_kib", 32.0)),
@@ -195,6 +236,9 @@ impl Scenario {
                 ("establish_s", at_most("establish_s", 10.0)),
             ],
             Scenario::Startup => vec![("ready_ms", at_most("ready_ms", 50.0))],
+            // Issue 11: durable submits with 16 clients, queue mode end to end.
+            Scenario::Submit16 => vec![("rate", at_least("rate", 20_000.0))],
+            Scenario::Queue => vec![("rate", at_least("rate", 10_000.0))],
             Scenario::Shutdown => vec![("exit_s", at_most("exit_s", 1.0))],
             _ => Vec::new(),
         }
@@ -210,6 +254,7 @@ pub struct Params {
     pub shutdown_streams: usize,
     pub startups: usize,
     pub cmd_in_flight: usize,
+    pub queue_agents: usize,
     /// Agents connecting at once.
     pub connect_parallel: usize,
 }
@@ -247,6 +292,9 @@ pub async fn run(
         }
         Scenario::Handshakes => handshakes(addr, tls, parallel, d).await,
         Scenario::Cmd => cmd::calls(addr, params.cmd_in_flight, d).await?,
+        Scenario::Submit => store::submits(&server.admin, 1, d).await?,
+        Scenario::Submit16 => store::submits(&server.admin, 16, d).await?,
+        Scenario::Queue => store::queue(addr, params.queue_agents, d).await?,
         Scenario::Shutdown => {
             let fleet = Fleet::connect(addr, params.shutdown_streams, parallel, None).await;
             let mut outcome = Outcome::default();

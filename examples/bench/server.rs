@@ -71,6 +71,8 @@ pub struct Server {
     /// When the process was spawned, and when it printed its address.
     pub spawned: Instant,
     pub listening: Instant,
+    /// contactd's admin socket (in its temp dir).
+    pub admin: PathBuf,
     log: Arc<Mutex<VecDeque<String>>>,
     /// Holds contactd's config file.
     _dir: tempfile::TempDir,
@@ -95,12 +97,15 @@ impl Launcher {
     /// Starts `kind` with `setup` and waits until it prints its address.
     pub async fn start(&self, kind: Kind, setup: &Setup) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
+        let admin = dir.path().join("admin.sock");
         let mut command = match kind {
             Kind::Contactd => {
                 let path = dir.path().join("contactd.toml");
-                // The default config, plus only what the scenario needs.
+                // The default config, plus only what the scenario needs (and
+                // the admin socket in the temp dir).
                 let toml = format!(
-                    "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+                    "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = {:?}\n{}",
+                    admin.to_str().context("a UTF-8 temp dir")?,
                     setup.contactd_toml
                 );
                 std::fs::write(&path, toml)?;
@@ -159,6 +164,7 @@ impl Launcher {
             addr,
             spawned,
             listening,
+            admin,
             log,
             _dir: dir,
         })

@@ -1,0 +1,174 @@
+//! The durable store's scenarios (issue 11), contactd only (the baseline
+//! has neither an admin API nor a queue): `task submit` through the admin
+//! socket, each returning once its task is committed to SQLite, and queue
+//! mode end to end (generated, committed, claimed, delivered, acked).
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use contactd::proto::{
+    admin::SubmitTaskRequest,
+    contact::{Empty, Outcome as TaskOutcome, Result as ResultMsg, contact_client::ContactClient},
+};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::{
+    load,
+    report::{Outcome, percentiles},
+};
+
+/// `clients` admin connections, each submitting one task at a time (the
+/// next once the last one's id came back, i.e. once it was committed).
+pub async fn submits(socket: &Path, clients: usize, duration: Duration) -> anyhow::Result<Outcome> {
+    let mut admins = Vec::new();
+    for _ in 0..clients {
+        admins.push(admin(socket).await?);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = JoinSet::new();
+    for (n, mut admin) in admins.into_iter().enumerate() {
+        set.spawn(async move {
+            let mut hist = load::histogram();
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let request = SubmitTaskRequest {
+                    text: format!("bench task {n}-{count}: uptime"),
+                    agent: String::new(),
+                };
+                admin.submit_task(request).await?;
+                load::record(&mut hist, sent);
+                count += 1;
+            }
+            Ok::<_, tonic::Status>((hist, count))
+        });
+    }
+    let mut hist = load::histogram();
+    let mut count = 0;
+    let mut outcome = Outcome::default();
+    while let Some(done) = set.join_next().await {
+        match done? {
+            Ok((h, n)) => {
+                hist.add(&h).context("merging histograms")?;
+                count += n;
+            }
+            Err(status) => outcome.errors.push(status.to_string()),
+        }
+    }
+    outcome
+        .figures
+        .push(("rate", count as f64 / started.elapsed().as_secs_f64()));
+    percentiles(&mut outcome, &hist);
+    outcome.figures.push(("count", count as f64));
+    Ok(outcome)
+}
+
+/// A client of the admin socket, once it accepts: the server binds it as it
+/// starts, in its own task (bounded: 10 s).
+async fn admin(
+    socket: &Path,
+) -> anyhow::Result<contactd::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
+    let started = Instant::now();
+    loop {
+        match contactd::ctl::connect(socket).await {
+            Ok(client) => return Ok(client),
+            Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                bail!("admin socket {}: {e}", socket.display())
+            }
+            // Polling a socket file that is not there yet: no event to wait on.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Queue mode end to end: `agents` named agents, one connection each, each
+/// acking every task as soon as it arrives (a handler that does nothing);
+/// the figure is acks per second during `duration`, after every agent got
+/// its first task.
+pub async fn queue(addr: SocketAddr, agents: usize, duration: Duration) -> anyhow::Result<Outcome> {
+    let acked = Arc::new(AtomicU64::new(0));
+    let (first_tx, mut first_rx) = mpsc::channel::<()>(agents);
+    let mut set = JoinSet::new();
+    for n in 0..agents {
+        let channel = load::connect(addr).await?;
+        let (acked, first_tx) = (Arc::clone(&acked), first_tx.clone());
+        set.spawn(async move {
+            let name = format!("bench-queue-{n:03}");
+            let mut client = ContactClient::new(channel);
+            let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+            let acks = {
+                let mut client = client.clone();
+                let mut request = tonic::Request::new(UnboundedReceiverStream::new(ack_rx));
+                request.metadata_mut().insert(
+                    "x-contactd-agent",
+                    name.parse().context("agent name as metadata")?,
+                );
+                tokio::spawn(async move { client.tell_result(request).await })
+            };
+            let mut request = tonic::Request::new(Empty {});
+            request.metadata_mut().insert(
+                "x-contactd-agent",
+                name.parse().context("agent name as metadata")?,
+            );
+            let mut tasks = client.get_task(request).await?.into_inner();
+            let mut first = Some(first_tx);
+            // Ends when the server does (at the end of the run).
+            while let Ok(Some(task)) = tasks.message().await {
+                if let Some(first) = first.take() {
+                    let _ = first.send(()).await;
+                }
+                let ack = ResultMsg {
+                    ret: "ok".into(),
+                    task_id: task.id,
+                    outcome: TaskOutcome::Ok.into(),
+                    epoch: task.epoch,
+                };
+                if ack_tx.send(ack).is_err() {
+                    break;
+                }
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(ack_tx);
+            acks.abort();
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    drop(first_tx);
+    // Every agent has had a task (bounded: a queue that feeds only some
+    // agents is an error, not a hang).
+    let mut ready = 0;
+    let limit = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(limit);
+    while ready < agents {
+        tokio::select! {
+            got = first_rx.recv() => match got {
+                Some(()) => ready += 1,
+                None => bail!("agents ended before each had a task ({ready} of {agents} had one)"),
+            },
+            () = &mut limit => bail!("only {ready} of {agents} agents got a task within 30 s"),
+        }
+    }
+    let before = acked.load(Ordering::Relaxed);
+    let started = Instant::now();
+    // The measurement window itself, not a synchronisation.
+    tokio::time::sleep(duration).await;
+    let count = acked.load(Ordering::Relaxed) - before;
+    let mut outcome = Outcome::default();
+    outcome
+        .figures
+        .push(("rate", count as f64 / started.elapsed().as_secs_f64()));
+    outcome.figures.push(("count", count as f64));
+    outcome.figures.push(("agents", agents as f64));
+    set.abort_all();
+    Ok(outcome)
+}
