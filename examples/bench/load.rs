@@ -28,6 +28,33 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::tls::ClientTls;
 
+/// Joins workers that each return their latency histogram and operation
+/// count (or an error) into one outcome: the rate since `started`, the
+/// latency percentiles and the count.
+pub async fn join_workers<E: std::fmt::Display + Send + 'static>(
+    mut set: JoinSet<Result<(Histogram<u64>, u64), E>>,
+    started: Instant,
+) -> anyhow::Result<crate::report::Outcome> {
+    let mut hist = histogram();
+    let mut count = 0u64;
+    let mut outcome = crate::report::Outcome::default();
+    while let Some(done) = set.join_next().await {
+        match done? {
+            Ok((h, n)) => {
+                hist.add(&h).context("merging histograms")?;
+                count += n;
+            }
+            Err(e) => outcome.errors.push(format!("{e:#}")),
+        }
+    }
+    outcome
+        .figures
+        .push(("rate", count as f64 / started.elapsed().as_secs_f64()));
+    crate::report::percentiles(&mut outcome, &hist);
+    outcome.figures.push(("count", count as f64));
+    Ok(outcome)
+}
+
 /// Longest one connection attempt may take.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 

@@ -364,23 +364,7 @@ async fn status(
             ));
         }
     }
-    let mut hist = load::histogram();
-    let mut count = 0u64;
-    let mut outcome = Outcome::default();
-    while let Some(done) = set.join_next().await {
-        match done? {
-            Ok((h, n)) => {
-                hist.add(&h).context("merging histograms")?;
-                count += n;
-            }
-            Err(e) => outcome.errors.push(format!("{e:#}")),
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    outcome.figures.push(("rate", count as f64 / elapsed));
-    percentiles(&mut outcome, &hist);
-    outcome.figures.push(("count", count as f64));
-    Ok(outcome)
+    load::join_workers(set, started).await
 }
 
 async fn status_stream(

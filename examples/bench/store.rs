@@ -21,10 +21,7 @@ use contactd::proto::{
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::{
-    load,
-    report::{Outcome, percentiles},
-};
+use crate::{load, report::Outcome};
 
 /// `clients` admin connections, each submitting one task at a time (the
 /// next once the last one's id came back, i.e. once it was committed).
@@ -53,24 +50,7 @@ pub async fn submits(socket: &Path, clients: usize, duration: Duration) -> anyho
             Ok::<_, tonic::Status>((hist, count))
         });
     }
-    let mut hist = load::histogram();
-    let mut count = 0;
-    let mut outcome = Outcome::default();
-    while let Some(done) = set.join_next().await {
-        match done? {
-            Ok((h, n)) => {
-                hist.add(&h).context("merging histograms")?;
-                count += n;
-            }
-            Err(status) => outcome.errors.push(status.to_string()),
-        }
-    }
-    outcome
-        .figures
-        .push(("rate", count as f64 / started.elapsed().as_secs_f64()));
-    percentiles(&mut outcome, &hist);
-    outcome.figures.push(("count", count as f64));
-    Ok(outcome)
+    load::join_workers(set, started).await
 }
 
 /// A client of the admin socket, once it accepts: the server binds it as it
