@@ -79,6 +79,19 @@ impl Budget {
         }
     }
 
+    /// A budget of one event every `window`.
+    pub fn every(window: Duration) -> Budget {
+        Budget::new(1, window)
+    }
+
+    /// Counts this event; when it may be logged, calls `log` with the
+    /// number of events since the last one logged, this one included.
+    pub fn hit(&self, log: impl FnOnce(u64)) {
+        if let Some(left_out) = self.admit() {
+            log(left_out + 1);
+        }
+    }
+
     /// `Some(n)` if this event may be logged, `n` being how many were left
     /// out before it; `None` if it is to be left out (and counted).
     pub fn admit(&self) -> Option<u64> {
@@ -147,5 +160,12 @@ mod tests {
         let budget = Budget::new(1, Duration::ZERO);
         assert_eq!(budget.admit(), Some(0));
         assert_eq!(budget.admit(), Some(0), "a new window");
+        let budget = Budget::every(Duration::from_secs(3600));
+        let mut logged = Vec::new();
+        for _ in 0..3 {
+            budget.hit(|count| logged.push(count));
+        }
+        assert_eq!(logged, [1], "the first, then none within the window");
+        assert_eq!(budget.take_suppressed(), 2);
     }
 }

@@ -22,7 +22,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use super::listener::RateLimited;
+use super::listener::WARN_EVERY;
 use crate::{
     store::{SavedAgent, now_ms, unix_ms},
     tasks::Tracked,
@@ -78,7 +78,7 @@ pub struct Caller {
     /// Acks that changed nothing because the task was not delivered to it.
     pub refused_acks: AtomicU64,
     /// Limits the log lines about refused acks.
-    ack_refusals: RateLimited,
+    ack_refusals: Budget,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
     /// Its refused calls that may reach the log (see
@@ -324,7 +324,7 @@ impl Caller {
             failed: AtomicU64::new(0),
             sent_up_to: AtomicU64::new(0),
             refused_acks: AtomicU64::new(0),
-            ack_refusals: RateLimited::default(),
+            ack_refusals: Budget::every(WARN_EVERY),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
         }

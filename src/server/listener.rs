@@ -19,13 +19,12 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
-use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
@@ -36,6 +35,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
+
+use crate::untrusted::Budget;
 
 /// Binds `addr` with a listen queue of `backlog` connections (the kernel
 /// caps it at `net.core.somaxconn`). An IPv6 wildcard also accepts IPv4.
@@ -178,39 +179,30 @@ pub type TlsConfig = Option<Arc<ArcSwap<rustls::ServerConfig>>>;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
 /// How often each kind of refusal is logged at most.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Connections accepted and through their handshake, waiting for the HTTP/2
 /// server to take them.
 const READY_QUEUE: usize = 256;
 
-/// A warning logged at most once per [`WARN_EVERY`], with the count of
-/// occurrences since the last one.
-#[derive(Debug, Default)]
-pub(crate) struct RateLimited {
-    state: Mutex<(u64, Option<Instant>)>,
+/// One budget of log lines per kind of refusal: one line per
+/// [`WARN_EVERY`], with the count of refusals since the last line.
+struct Warnings {
+    handshakes_full: Budget,
+    connections_full: Budget,
+    failed: Budget,
+    accept_errors: Budget,
 }
 
-impl RateLimited {
-    /// Counts one occurrence; calls `log` with the count when it is time.
-    pub(crate) fn hit(&self, log: impl FnOnce(u64)) {
-        let mut state = self.state.lock();
-        state.0 += 1;
-        if state.1.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            let count = std::mem::take(&mut state.0);
-            state.1 = Some(Instant::now());
-            drop(state);
-            log(count);
+impl Default for Warnings {
+    fn default() -> Self {
+        Warnings {
+            handshakes_full: Budget::every(WARN_EVERY),
+            connections_full: Budget::every(WARN_EVERY),
+            failed: Budget::every(WARN_EVERY),
+            accept_errors: Budget::every(WARN_EVERY),
         }
     }
-}
-
-#[derive(Default)]
-struct Warnings {
-    handshakes_full: RateLimited,
-    connections_full: RateLimited,
-    failed: RateLimited,
-    accept_errors: RateLimited,
 }
 
 struct Acceptor {
