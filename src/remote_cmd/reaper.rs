@@ -186,12 +186,11 @@ struct ChildProcess {
 
 /// The processes whose parent is `parent`, from /proc.
 fn children_of(parent: i32) -> Vec<ChildProcess> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+    let pids = match child_pids(parent) {
+        Some(pids) => pids,
+        None => all_pids(),
     };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+    pids.into_iter()
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             // "pid (comm) state ppid pgrp ...": comm may hold anything, so
@@ -209,6 +208,42 @@ fn children_of(parent: i32) -> Vec<ChildProcess> {
                 name,
             })
         })
+        .collect()
+}
+
+/// The children of `parent`'s threads, from their `children` files (a
+/// few short reads, where scanning /proc reads a file per process on the
+/// host, at every command's end); `None` without them (a kernel built
+/// without `CONFIG_PROC_CHILDREN`). Each child's stat is read again after.
+fn child_pids(parent: i32) -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{parent}/task"))
+        .ok()?
+        .flatten()
+    {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            ),
+            // The thread ended since the directory was read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None;
+            }
+            Err(_) => {}
+        }
+    }
+    Some(pids)
+}
+
+/// Every process id on the host.
+fn all_pids() -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .collect()
 }
 
