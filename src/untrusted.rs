@@ -14,7 +14,7 @@
 use std::{
     fmt,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use parking_lot::Mutex;
@@ -59,11 +59,16 @@ impl fmt::Debug for Shown<'_> {
 
 /// At most `per_window` events per `window`; the rest are counted, so the
 /// next allowed line can say how many were left out.
+///
+/// Timed with the coarse monotonic clock (a few milliseconds of
+/// resolution): a flood of refused calls reads it once per event, and the
+/// precise clock cost more than the rest of refusing a forged ack.
 #[derive(Debug)]
 pub struct Budget {
     per_window: u32,
     window: Duration,
-    state: Mutex<(Instant, u32)>,
+    /// Start of the current window (coarse clock), events in it.
+    state: Mutex<(Duration, u32)>,
     /// Events left out since the last one let through.
     suppressed: AtomicU64,
 }
@@ -74,7 +79,7 @@ impl Budget {
         Budget {
             per_window,
             window,
-            state: Mutex::new((Instant::now(), 0)),
+            state: Mutex::new((coarse_now(), 0)),
             suppressed: AtomicU64::new(0),
         }
     }
@@ -102,9 +107,9 @@ impl Budget {
     /// Whether this event may be logged; if not, it is counted, for
     /// [`take_suppressed`](Self::take_suppressed).
     pub fn allow(&self) -> bool {
-        let now = Instant::now();
+        let now = coarse_now();
         let mut state = self.state.lock();
-        if now.duration_since(state.0) >= self.window {
+        if now.saturating_sub(state.0) >= self.window {
             *state = (now, 0);
         }
         if state.1 < self.per_window {
@@ -125,6 +130,13 @@ impl Budget {
     pub fn take_suppressed(&self) -> u64 {
         self.suppressed.swap(0, Ordering::Relaxed)
     }
+}
+
+/// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: no hardware
+/// clock read, a few milliseconds of resolution).
+fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(Duration::ZERO, Duration::from)
 }
 
 #[cfg(test)]
