@@ -24,6 +24,8 @@ pub(super) struct Feed {
     source: Source,
     epoch: u64,
     store: crate::store::Store,
+    /// For `tasks.retain`, the bound of a cursor's out-of-order acks.
+    config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
 }
 
 enum Source {
@@ -38,6 +40,7 @@ impl Feed {
             source: Source::open(state, caller),
             epoch: state.epoch,
             store: state.store.clone(),
+            config: state.config.clone(),
         }
     }
 
@@ -46,7 +49,8 @@ impl Feed {
         let (task, attempt) = match &mut self.source {
             Source::Queue(slot) => slot.recv().await,
             Source::Broadcast(subscription) => {
-                let task = next_broadcast(subscription, caller).await;
+                let retain = self.config.borrow().tasks.retain;
+                let task = next_broadcast(subscription, caller, retain).await;
                 if task.progress.record_delivery() {
                     self.store.record(Write::Delivered { id: task.id });
                 }
@@ -110,23 +114,35 @@ impl Source {
     }
 }
 
-async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> Arc<Task> {
+async fn next_broadcast(
+    subscription: &mut Subscription,
+    caller: &CallGuard,
+    retain: usize,
+) -> Arc<Task> {
     loop {
         match subscription.recv().await {
             Delivery::Task(task) => {
-                if task.void
+                let not_for_it = task.void
                     || task
                         .target
                         .as_ref()
-                        .is_some_and(|target| *target != caller.id)
-                {
+                        .is_some_and(|target| *target != caller.id);
+                let Some(tracked) = caller.cursor.get() else {
+                    if not_for_it {
+                        continue;
+                    }
+                    return task;
+                };
+                let mut cursor = tracked.cursor.lock();
+                if cursor.is_acked(task.id) {
                     continue;
                 }
-                if caller
-                    .cursor
-                    .get()
-                    .is_some_and(|t| t.cursor.lock().is_acked(task.id))
-                {
+                if not_for_it {
+                    // Done with, as far as this agent goes: the watermark
+                    // moves past it rather than stopping below it until it
+                    // leaves retention (and then counting it as missed).
+                    cursor.ack(task.id, retain);
+                    tracked.touch();
                     continue;
                 }
                 return task;
