@@ -69,6 +69,7 @@ impl Feed {
             id: task.id,
             attempt,
             epoch: self.epoch,
+            retry: task.progress.retries(),
         }
     }
 }
@@ -122,11 +123,13 @@ async fn next_broadcast(
     loop {
         match subscription.recv().await {
             Delivery::Task(task) => {
+                // A cancelled task is not sent to anyone who has not had it.
                 let not_for_it = task.void
                     || task
                         .target
                         .as_ref()
-                        .is_some_and(|target| *target != caller.id);
+                        .is_some_and(|target| *target != caller.id)
+                    || task.progress.is_cancelled();
                 let Some(tracked) = caller.cursor.get() else {
                     if not_for_it {
                         continue;
@@ -198,11 +201,15 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
             // Late or repeated: not forged, already counted by the queue.
             Err(AckRefusal::NotInFlight) => return,
             Err(AckRefusal::NotTheHolder) => Err("the task is in flight at another agent"),
+            Err(AckRefusal::Cancelled) => return ignore_cancelled(state, result.task_id),
         }
     } else {
         broadcast_ack(state, caller, result.task_id)
     };
     match task {
+        // Sent before an operator cancelled it: the agent ran it, but its
+        // ack changes nothing (the cursor above still moved past it).
+        Ok(task) if task.progress.is_cancelled() => ignore_cancelled(state, task.id),
         Ok(task) => {
             let counter = if ok { &caller.acked } else { &caller.failed };
             counter.fetch_add(1, Relaxed);
@@ -218,6 +225,11 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         }
         Err(reason) => caller.refuse_ack(result.task_id, reason),
     }
+}
+
+fn ignore_cancelled(state: &State, task_id: u64) {
+    state.cancelled_acks.fetch_add(1, Relaxed);
+    tracing::debug!(task_id, "ack of a cancelled task: ignored");
 }
 
 /// Applies a broadcast ack to the caller's cursor, if the task was sent to it.
