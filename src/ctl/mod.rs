@@ -1,6 +1,11 @@
 //! The operator commands `contactd task submit`, `contactd agents` and
-//! `contactd tasks`: clients of the admin API on its unix socket, printing
-//! a table for people or JSON for scripts.
+//! `contactd tasks` (and, in [`history`], `contactd task show|cancel|retry`):
+//! clients of the admin API on its unix socket, printing a table for people
+//! or JSON for scripts.
+
+mod history;
+
+pub use history::{cancel, retry, show};
 
 use std::{
     fmt::Write as _,
