@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::{
-        AdminArgs, ConfigArgs, SubmitArgs, TasksArgs, TlsInitArgs, TlsIssueArgs, TokenCreateArgs,
+        AdminArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs, TlsIssueArgs,
+        TokenCreateArgs,
     },
     config::{self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source},
     ctl::{self, CtlError},
@@ -175,6 +176,35 @@ pub fn submit_task(args: &SubmitArgs) -> Result<(), AppError> {
         args.agent.as_deref(),
         args.admin.json,
     )?)
+}
+
+/// `task show`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal (an unknown id).
+pub fn show_task(args: &TaskIdArgs) -> Result<(), AppError> {
+    let socket = admin_socket(&args.admin)?;
+    Ok(ctl::show(&socket, args.id, args.admin.json)?)
+}
+
+/// `task cancel`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal (an unknown id, a
+/// finished task).
+pub fn cancel_task(args: &TaskIdArgs) -> Result<(), AppError> {
+    let socket = admin_socket(&args.admin)?;
+    Ok(ctl::cancel(&socket, args.id, args.admin.json)?)
+}
+
+/// `task retry`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal (an unknown id, a task
+/// that is not failed or dead).
+pub fn retry_task(args: &TaskIdArgs) -> Result<(), AppError> {
+    let socket = admin_socket(&args.admin)?;
+    Ok(ctl::retry(&socket, args.id, args.admin.json)?)
 }
 
 /// `agents`.

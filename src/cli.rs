@@ -18,6 +18,8 @@ use clap::{Args, Parser, Subcommand};
   contactd health --addr 127.0.0.1:55555
                                     exit 0 if the server is SERVING
   contactd task submit 'uptime' --agent web1
+  contactd task show 42             one task: each agent's state and latest result
+  contactd task retry 42            queue mode: run a failed or dead task again
   contactd agents                   the fleet: connected, last status, counts
   contactd tasks --state dead       tasks no agent acked
   contactd tls init /etc/contactd/tls --dns server.example
@@ -160,6 +162,24 @@ pub enum TaskCommand {
     /// Submit a task: to every agent (broadcast mode), to one agent of the
     /// queue (queue mode), or with --agent to one named agent.
     Submit(SubmitArgs),
+    /// Show one task and where it stands for each agent: owed, delivered,
+    /// acked, failed, missed or cancelled, with each agent's latest result.
+    Show(TaskIdArgs),
+    /// Cancel a pending or delivered task: it is not sent any more. An agent
+    /// that already has it still runs it; its ack is ignored.
+    Cancel(TaskIdArgs),
+    /// Queue mode: send a failed or dead task back to the queue (pending,
+    /// attempts reset); an agent runs it again.
+    Retry(TaskIdArgs),
+}
+
+/// `contactd task show|cancel|retry`.
+#[derive(Debug, Args)]
+pub struct TaskIdArgs {
+    /// The task's id (as `task submit` and `contactd tasks` print it)
+    pub id: u64,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `contactd task submit`.
@@ -177,7 +197,7 @@ pub struct SubmitArgs {
 /// `contactd tasks`.
 #[derive(Debug, Args)]
 pub struct TasksArgs {
-    /// Only tasks in this state: pending, delivered, acked, failed or dead
+    /// Only tasks in this state: pending, delivered, acked, failed, dead or cancelled
     #[arg(long, value_name = "STATE", value_parser = crate::ctl::parse_state)]
     pub state: Option<crate::proto::admin::TaskState>,
     /// At most this many (the newest); 0 = all

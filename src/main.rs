@@ -34,6 +34,9 @@ fn main() -> ExitCode {
             return probe::run(&args.addr, &args.service, args.timeout, tls.as_ref());
         }
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
+        Command::Task(TaskCommand::Show(args)) => app::show_task(args),
+        Command::Task(TaskCommand::Cancel(args)) => app::cancel_task(args),
+        Command::Task(TaskCommand::Retry(args)) => app::retry_task(args),
         Command::Agents(args) => app::list_agents(args),
         Command::Tasks(args) => app::list_tasks(args),
         Command::Tls(TlsCommand::Init(args)) => app::tls_init(args),

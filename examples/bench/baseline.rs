@@ -254,6 +254,7 @@ async fn generate(tasks: broadcast::Sender<ServerMsg>, interval: Duration, batch
                 id,
                 attempt: 1,
                 epoch: 1,
+                retry: 0,
             });
         }
     }

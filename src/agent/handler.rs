@@ -95,6 +95,7 @@ mod tests {
             id,
             attempt: 2,
             epoch: 7,
+            retry: 0,
         }
     }
 

@@ -13,12 +13,13 @@ use tokio::sync::Notify;
 
 use crate::proto::contact::Result as ResultMsg;
 
-/// A task's identity for deduplication: its id and a hash of its text and
-/// of the server run (epoch) that issued it.
+/// A task's identity for deduplication: its id and a hash of its text, of
+/// the server run (epoch) that issued it and of its operator retry count.
 ///
 /// Task ids start at 1 again when a server restarts; the epoch tells such a
 /// new task 1 from the old one (and the text does, for a server that sends
-/// no epoch).
+/// no epoch). A task an operator retried (`contactd task retry`) is a new
+/// run of the same task: it is run again, not acked from memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TaskKey {
     pub id: u64,
@@ -28,14 +29,15 @@ pub struct TaskKey {
 impl TaskKey {
     /// The key of the task with `id` and `text`.
     pub fn new(id: u64, text: &str) -> TaskKey {
-        TaskKey::with_epoch(0, id, text)
+        TaskKey::with_epoch(0, id, text, 0)
     }
 
-    /// The key of a task from the server run `epoch`.
-    pub fn with_epoch(epoch: u64, id: u64, text: &str) -> TaskKey {
+    /// The key of a task from the server run `epoch`, retried `retry` times.
+    pub fn with_epoch(epoch: u64, id: u64, text: &str, retry: u32) -> TaskKey {
         let mut hasher = DefaultHasher::new();
         text.hash(&mut hasher);
         epoch.hash(&mut hasher);
+        retry.hash(&mut hasher);
         TaskKey {
             id,
             text: hasher.finish(),
@@ -223,6 +225,9 @@ mod tests {
         assert_eq!(handled.check(key), Seen::Done(ack(1)));
         // A new server's task 1 with another text is another task.
         assert_eq!(handled.check(TaskKey::new(1, "other")), Seen::New);
+        // So is the same task once an operator retried it.
+        let retried = TaskKey::with_epoch(0, 1, "t", 1);
+        assert_eq!(handled.check(retried), Seen::New);
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl Shared {
     /// Takes a task from the session: queues it for a handler, or acks it
     /// again if it was handled before. Waits while the queue is full.
     async fn intake(&self, task: ServerMsg) {
-        let key = TaskKey::with_epoch(task.epoch, task.id, &task.task);
+        let key = TaskKey::with_epoch(task.epoch, task.id, &task.task, task.retry);
         // Id 0: a server that does not number its tasks; nothing to dedup by.
         if task.id != 0 {
             let seen = self.handled.lock().check(key);

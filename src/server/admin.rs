@@ -1,6 +1,7 @@
 //! The admin API (`contactd.admin.v1.Admin`): submit tasks, list agents and
-//! tasks. Served on a unix socket only (`[admin] socket`, mode 0660, so
-//! access is a matter of file permissions), never on the public port.
+//! tasks (showing, cancelling and retrying one task is in [`history`]).
+//! Served on a unix socket only (`[admin] socket`, mode 0660, so access is a
+//! matter of file permissions), never on the public port.
 
 use std::{
     collections::BTreeMap,
@@ -15,14 +16,14 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::State;
+use super::{State, history};
 use crate::{
     config::AdminConfig,
     proto::{
         ADMIN_DESCRIPTOR_SET,
         admin::{
             self as pb, ListAgentsRequest, ListAgentsResponse, ListTasksRequest, ListTasksResponse,
-            SubmitTaskRequest, SubmitTaskResponse,
+            ShowTaskResponse, SubmitTaskRequest, SubmitTaskResponse, TaskIdRequest,
             admin_server::{Admin, AdminServer},
         },
     },
@@ -155,6 +156,45 @@ fn state_of(task: &Task) -> pb::TaskState {
         TaskState::Acked => pb::TaskState::Acked,
         TaskState::Failed => pb::TaskState::Failed,
         TaskState::Dead => pb::TaskState::Dead,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+/// A task as the admin API shows it.
+pub(super) fn task_message(t: &Task) -> pb::Task {
+    let last = t.progress.last_result();
+    pb::Task {
+        id: t.id,
+        text: t.text.clone(),
+        state: state_of(t) as i32,
+        target: t.target.as_deref().unwrap_or_default().to_owned(),
+        created_ms: unix_ms(t.created),
+        delivered: t.progress.delivered.load(Relaxed),
+        acked: t.progress.acked.load(Relaxed),
+        failed: t.progress.failed.load(Relaxed),
+        last_agent: last
+            .as_ref()
+            .map(|(agent, _)| agent.to_string())
+            .unwrap_or_default(),
+        last_result: last.map(|(_, text)| text).unwrap_or_default(),
+    }
+}
+
+/// The delivery mode in force (not a reloaded one waiting for a restart).
+pub(super) fn mode(state: &State) -> &'static str {
+    if state.queue.is_some() {
+        "queue"
+    } else {
+        "broadcast"
+    }
+}
+
+/// A store failure as the admin API reports it.
+pub(super) fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
+        StoreError::Closed => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
     }
 }
 
@@ -178,11 +218,7 @@ impl Admin for AdminService {
             .await
             .map_err(|e| {
                 tracing::error!("task not accepted: {e}");
-                match e {
-                    StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
-                    StoreError::Closed => Status::unavailable(e.to_string()),
-                    _ => Status::internal(e.to_string()),
-                }
+                store_status(&e)
             })?;
         tracing::info!(task_id = ids.start, agent = %crate::untrusted::shown(&request.agent), "task submitted");
         Ok(Response::new(SubmitTaskResponse { id: ids.start }))
@@ -261,24 +297,7 @@ impl Admin for AdminService {
         let mut more = false;
         let mut listed = Vec::new();
         for t in matching.into_iter().filter(|t| t.id > request.after_id) {
-            let task = {
-                let last = t.progress.last_result();
-                pb::Task {
-                    id: t.id,
-                    text: t.text.clone(),
-                    state: state_of(t) as i32,
-                    target: t.target.as_deref().unwrap_or_default().to_owned(),
-                    created_ms: unix_ms(t.created),
-                    delivered: t.progress.delivered.load(Relaxed),
-                    acked: t.progress.acked.load(Relaxed),
-                    failed: t.progress.failed.load(Relaxed),
-                    last_agent: last
-                        .as_ref()
-                        .map(|(agent, _)| agent.to_string())
-                        .unwrap_or_default(),
-                    last_result: last.map(|(_, text)| text).unwrap_or_default(),
-                }
-            };
+            let task = task_message(t);
             bytes += prost::Message::encoded_len(&task);
             if bytes > PAGE_BYTES && !listed.is_empty() {
                 more = true;
@@ -286,21 +305,40 @@ impl Admin for AdminService {
             }
             listed.push(task);
         }
-        // The mode in force, not a reloaded one waiting for a restart.
-        let mode = if self.state.queue.is_some() {
-            "queue"
-        } else {
-            "broadcast"
-        };
         let counters = counters.unwrap_or_default();
         Ok(Response::new(ListTasksResponse {
             tasks: listed,
-            mode: mode.to_owned(),
+            mode: mode(&self.state).to_owned(),
             redelivered: counters.redelivered,
             dropped: counters.dropped,
             dead: counters.dead,
             duplicate_acks: counters.duplicate_acks,
             more,
+            cancelled_acks: self.state.cancelled_acks.load(Relaxed),
         }))
+    }
+
+    async fn show_task(
+        &self,
+        request: Request<TaskIdRequest>,
+    ) -> Result<Response<ShowTaskResponse>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(history::show(&self.state, id).await?))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<TaskIdRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(history::cancel(&self.state, id).await?))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<TaskIdRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(history::retry(&self.state, id).await?))
     }
 }

@@ -24,6 +24,8 @@ pub(super) struct Feed {
     source: Source,
     epoch: u64,
     store: crate::store::Store,
+    /// For `tasks.retain`, the bound of a cursor's out-of-order acks.
+    config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
 }
 
 enum Source {
@@ -38,6 +40,7 @@ impl Feed {
             source: Source::open(state, caller),
             epoch: state.epoch,
             store: state.store.clone(),
+            config: state.config.clone(),
         }
     }
 
@@ -46,7 +49,8 @@ impl Feed {
         let (task, attempt) = match &mut self.source {
             Source::Queue(slot) => slot.recv().await,
             Source::Broadcast(subscription) => {
-                let task = next_broadcast(subscription, caller).await;
+                let retain = self.config.borrow().tasks.retain;
+                let task = next_broadcast(subscription, caller, retain).await;
                 if task.progress.record_delivery() {
                     self.store.record(Write::Delivered { id: task.id });
                 }
@@ -65,6 +69,7 @@ impl Feed {
             id: task.id,
             attempt,
             epoch: self.epoch,
+            retry: task.progress.retries(),
         }
     }
 }
@@ -110,23 +115,37 @@ impl Source {
     }
 }
 
-async fn next_broadcast(subscription: &mut Subscription, caller: &CallGuard) -> Arc<Task> {
+async fn next_broadcast(
+    subscription: &mut Subscription,
+    caller: &CallGuard,
+    retain: usize,
+) -> Arc<Task> {
     loop {
         match subscription.recv().await {
             Delivery::Task(task) => {
-                if task.void
+                // A cancelled task is not sent to anyone who has not had it.
+                let not_for_it = task.void
                     || task
                         .target
                         .as_ref()
                         .is_some_and(|target| *target != caller.id)
-                {
+                    || task.progress.is_cancelled();
+                let Some(tracked) = caller.cursor.get() else {
+                    if not_for_it {
+                        continue;
+                    }
+                    return task;
+                };
+                let mut cursor = tracked.cursor.lock();
+                if cursor.is_acked(task.id) {
                     continue;
                 }
-                if caller
-                    .cursor
-                    .get()
-                    .is_some_and(|t| t.cursor.lock().is_acked(task.id))
-                {
+                if not_for_it {
+                    // Done with, as far as this agent goes: the watermark
+                    // moves past it rather than stopping below it until it
+                    // leaves retention (and then counting it as missed).
+                    cursor.ack(task.id, retain);
+                    tracked.touch();
                     continue;
                 }
                 return task;
@@ -182,11 +201,15 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
             // Late or repeated: not forged, already counted by the queue.
             Err(AckRefusal::NotInFlight) => return,
             Err(AckRefusal::NotTheHolder) => Err("the task is in flight at another agent"),
+            Err(AckRefusal::Cancelled) => return ignore_cancelled(state, result.task_id),
         }
     } else {
         broadcast_ack(state, caller, result.task_id)
     };
     match task {
+        // Sent before an operator cancelled it: the agent ran it, but its
+        // ack changes nothing (the cursor above still moved past it).
+        Ok(task) if task.progress.is_cancelled() => ignore_cancelled(state, task.id),
         Ok(task) => {
             let counter = if ok { &caller.acked } else { &caller.failed };
             counter.fetch_add(1, Relaxed);
@@ -202,6 +225,11 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         }
         Err(reason) => caller.refuse_ack(result.task_id, reason),
     }
+}
+
+fn ignore_cancelled(state: &State, task_id: u64) {
+    state.cancelled_acks.fetch_add(1, Relaxed);
+    tracing::debug!(task_id, "ack of a cancelled task: ignored");
 }
 
 /// Applies a broadcast ack to the caller's cursor, if the task was sent to it.

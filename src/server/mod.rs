@@ -15,6 +15,7 @@ mod contact;
 mod delivery;
 mod gate;
 mod health;
+mod history;
 mod listener;
 
 use std::{sync::Arc, time::Duration};
@@ -95,6 +96,8 @@ pub(crate) struct State {
     pub(crate) cursors: Cursors,
     /// Who is calling and what they last reported.
     pub(crate) callers: Callers,
+    /// Acks of cancelled tasks (from agents that had them), ignored.
+    pub(crate) cancelled_acks: std::sync::atomic::AtomicU64,
     /// Remote command rules; replaced whole on reload.
     runner: RwLock<Arc<Runner>>,
     /// The tokens Contact calls may carry; re-read on reload.
@@ -211,6 +214,7 @@ pub async fn run_with(
             callers.restore(snapshot.agents);
             callers
         },
+        cancelled_acks: std::sync::atomic::AtomicU64::new(0),
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
         auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
         tls: match &initial.server.tls {

@@ -93,6 +93,12 @@ pub enum Write {
     },
     /// Queue: the task is back in line (pending) or parked (dead).
     State { id: u64, state: TaskState },
+    /// An operator cancelled the task; `held`: an agent holds its current
+    /// attempt (kept, to show who may still run it).
+    Cancelled { id: u64, held: bool },
+    /// An operator sent the failed or dead task back to the queue: pending,
+    /// attempts 0, one more retry.
+    Retried { id: u64 },
     /// An agent's ack, `ok` false for a failure, with its result text.
     Acked {
         id: u64,
@@ -158,6 +164,25 @@ pub struct StoredTask {
     pub acked: u32,
     pub failed: u32,
     pub last_result: Option<(Arc<str>, String)>,
+    /// Times an operator retried it.
+    pub retries: u32,
+}
+
+/// One agent's latest result for a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentResult {
+    pub agent: Arc<str>,
+    pub ok: bool,
+    pub text: String,
+    pub at_ms: i64,
+}
+
+/// A task with every agent's latest result for it, as the store keeps them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub task: StoredTask,
+    /// By agent name.
+    pub results: Vec<AgentResult>,
 }
 
 impl StoredTask {
@@ -168,7 +193,7 @@ impl StoredTask {
         let mut task = Task::new(self.id, self.text.clone(), created, self.target.clone());
         task.progress = crate::tasks::Progress::restored(
             self.state,
-            [self.delivered, self.acked, self.failed],
+            [self.delivered, self.acked, self.failed, self.retries],
             self.last_result.clone(),
         );
         task
@@ -200,6 +225,8 @@ pub trait Backend: Send {
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError>;
     /// Deletes what `retention` no longer keeps, a bounded amount per call.
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError>;
+    /// Reads one task and its per-agent results; `None` if it is not kept.
+    fn task(&mut self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
 }
 
 /// One change in a group commit.
@@ -355,6 +382,10 @@ enum Msg {
     /// Written behind: counted in `queued`.
     Behind(Write),
     Claim(Write),
+    /// Written through: answered once committed.
+    Now(Write, oneshot::Sender<Result<(), StoreError>>),
+    /// Answered after everything sent before it is committed.
+    Read(u64, oneshot::Sender<Result<Option<TaskRecord>, StoreError>>),
     Housekeep(Retention, oneshot::Sender<Result<Pruned, StoreError>>),
     Close(oneshot::Sender<()>),
 }
@@ -483,6 +514,33 @@ impl Store {
         this
     }
 
+    /// Writes `write` in order with every other write (never dropped); the
+    /// returned [`Commit`] says when it is committed. For operator changes
+    /// (cancel, retry), which must not be lost once answered.
+    pub fn write_now(&self, write: Write) -> Commit {
+        let Some(journal) = &self.journal else {
+            return Commit(None);
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(journal, Msg::Now(write, tx));
+        Commit(Some(rx))
+    }
+
+    /// The task `id` with every agent's latest result for it, as committed
+    /// after everything written so far; `None` if the store does not keep
+    /// it (or is the memory store, which keeps nothing).
+    ///
+    /// # Errors
+    /// The store cannot be read, or is closed.
+    pub async fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(None);
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(journal, Msg::Read(id, tx));
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// The highest sequence number committed, to wait on.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
@@ -518,6 +576,24 @@ impl Store {
     }
 }
 
+/// A write made with [`Store::write_now`], on its way to the database.
+#[derive(Debug)]
+#[must_use = "a write is not known to be kept until it is committed"]
+pub struct Commit(Option<oneshot::Receiver<Result<(), StoreError>>>);
+
+impl Commit {
+    /// Waits until the write is committed.
+    ///
+    /// # Errors
+    /// The store could not keep it, or is closed.
+    pub async fn committed(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| StoreError::Closed)?,
+        }
+    }
+}
+
 fn voids(tasks: &[Arc<Task>]) -> Vec<Arc<Task>> {
     tasks.iter().map(|t| Arc::new(Task::void(t.id))).collect()
 }
@@ -549,8 +625,10 @@ fn writer(
             .iter()
             .filter_map(|e| match &e.msg {
                 Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
-                Msg::Behind(write) | Msg::Claim(write) => Some(Op::Write(write)),
-                Msg::Housekeep(..) | Msg::Close(_) => None,
+                Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
+                    Some(Op::Write(write))
+                }
+                Msg::Housekeep(..) | Msg::Read(..) | Msg::Close(_) => None,
             })
             .collect();
         let result = if ops.is_empty() {
@@ -578,6 +656,12 @@ fn writer(
                         Err(_) => sink(shared, &voids(&tasks)),
                     }
                     let _ = reply.send(result.clone());
+                }
+                Msg::Now(_, reply) => {
+                    let _ = reply.send(result.clone());
+                }
+                Msg::Read(id, reply) => {
+                    let _ = reply.send(backend.task(id));
                 }
                 Msg::Housekeep(retention, reply) => {
                     let _ = reply.send(backend.prune(&retention));
@@ -665,5 +749,58 @@ mod tests {
         let claims: Vec<_> = snapshot.tasks.iter().map(|t| t.claim.is_some()).collect();
         assert_eq!(claims, [true, false, false]);
         assert_eq!(snapshot.tasks[2].target.as_deref(), Some("web1"));
+    }
+
+    #[tokio::test]
+    async fn a_read_sees_every_write_sent_before_it_and_writes_through_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(&sqlite_config(dir.path().join("c.db")), 10, true)
+            .unwrap()
+            .start();
+        store
+            .publish(2, |id| (format!("t{id}"), None))
+            .await
+            .unwrap();
+        // Written behind: not waited for, yet the read after it sees it.
+        store.record(Write::Acked {
+            id: 1,
+            agent: "web1".into(),
+            ok: false,
+            text: "exit 1".into(),
+            at_ms: 5,
+        });
+        let record = store.task(1).await.unwrap().unwrap();
+        assert_eq!(record.task.state, TaskState::Failed);
+        assert_eq!(&*record.results[0].agent, "web1");
+        store
+            .write_now(Write::Retried { id: 1 })
+            .committed()
+            .await
+            .unwrap();
+        store
+            .write_now(Write::Cancelled { id: 2, held: false })
+            .committed()
+            .await
+            .unwrap();
+        let states = (
+            store.task(1).await.unwrap().unwrap().task.state,
+            store.task(2).await.unwrap().unwrap().task.state,
+        );
+        assert_eq!(states, (TaskState::Pending, TaskState::Cancelled));
+        assert_eq!(store.task(3).await.unwrap(), None);
+        store.close().await;
+        assert!(matches!(store.task(1).await, Err(StoreError::Closed)));
+
+        let memory = Store::memory();
+        assert_eq!(
+            memory.task(1).await.unwrap(),
+            None,
+            "the memory store keeps nothing"
+        );
+        memory
+            .write_now(Write::Retried { id: 1 })
+            .committed()
+            .await
+            .unwrap();
     }
 }

@@ -16,8 +16,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask, Write,
-    cursor_from_parts, cursor_parts, now_ms,
+    AgentResult, Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask,
+    TaskRecord, Write, cursor_from_parts, cursor_parts, now_ms,
 };
 use crate::{
     config::StoreSync,
@@ -66,8 +66,12 @@ const MIGRATIONS: &[&str] = &[
          sent_up_to INTEGER NOT NULL,
          seen_ms INTEGER NOT NULL
      ) WITHOUT ROWID;",
-    // 2: the agent roster.
-    "CREATE TABLE agents (
+    // 2: operator retries of a task (sent with it, so agents run it again);
+    // the first task id each broadcast cursor was owed (for `task show`);
+    // the agent roster.
+    "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE cursors ADD COLUMN since INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE agents (
          name TEXT PRIMARY KEY,
          first_ms INTEGER NOT NULL,
          last_ms INTEGER NOT NULL,
@@ -284,7 +288,7 @@ fn meta(tx: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
 }
 
 const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
-                            delivered, acked, failed, last_agent, last_result";
+                            delivered, acked, failed, last_agent, last_result, retries";
 
 fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
     let holder: Option<String> = row.get(6)?;
@@ -303,6 +307,7 @@ fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
         acked: count(row.get(9)?),
         failed: count(row.get(10)?),
         last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
+        retries: count(row.get(13)?),
     })
 }
 
@@ -335,7 +340,7 @@ impl Backend for Sqlite {
             tasks.splice(0..0, unfinished);
         }
         let cursors = conn
-            .prepare("SELECT agent, watermark, above, sent_up_to, seen_ms FROM cursors")
+            .prepare("SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors")
             .and_then(|mut s| {
                 s.query_map([], |row| {
                     let agent: String = row.get(0)?;
@@ -345,6 +350,7 @@ impl Backend for Sqlite {
                     Ok(Saved {
                         agent: Arc::from(agent),
                         cursor: cursor_from_parts(u64::try_from(watermark).unwrap_or(0), &above),
+                        since: u64::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
                         sent_up_to: u64::try_from(sent_up_to).unwrap_or(0),
                         seen_ms: row.get(4)?,
                     })
@@ -398,6 +404,39 @@ impl Backend for Sqlite {
                 .map_err(|e| failed(&e))?;
         }
         Ok(pruned)
+    }
+
+    fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
+        let f = |e: rusqlite::Error| failed(&e);
+        let Some(stored) = self
+            .conn
+            .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([id(task)], stored_task).optional())
+            .map_err(f)?
+        else {
+            return Ok(None);
+        };
+        let results = self
+            .conn
+            .prepare_cached(
+                "SELECT agent, ok, text, at_ms FROM results WHERE task_id = ?1 ORDER BY agent",
+            )
+            .and_then(|mut s| {
+                s.query_map([id(task)], |row| {
+                    Ok(AgentResult {
+                        agent: Arc::from(row.get::<_, String>(0)?),
+                        ok: row.get(1)?,
+                        text: row.get(2)?,
+                        at_ms: row.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(f)?;
+        Ok(Some(TaskRecord {
+            task: stored,
+            results,
+        }))
     }
 }
 
@@ -457,6 +496,21 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
             )?
             .execute(params![id(*task), *state as u8])?;
         }
+        Write::Cancelled { id: task, held } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET state = ?2, \
+                 holder = CASE WHEN ?3 THEN holder END, \
+                 deadline_ms = CASE WHEN ?3 THEN deadline_ms END WHERE id = ?1",
+            )?
+            .execute(params![id(*task), TaskState::Cancelled as u8, held])?;
+        }
+        Write::Retried { id: task } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET state = ?2, attempts = 0, holder = NULL, deadline_ms = NULL, \
+                 retries = retries + 1 WHERE id = ?1",
+            )?
+            .execute(params![id(*task), TaskState::Pending as u8])?;
+        }
         Write::Acked {
             id: task,
             agent,
@@ -492,18 +546,19 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
         Write::Cursor(saved) => {
             let (watermark, above) = cursor_parts(&saved.cursor);
             tx.prepare_cached(
-                "INSERT INTO cursors (agent, watermark, above, sent_up_to, seen_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                "INSERT INTO cursors (agent, watermark, above, sent_up_to, seen_ms, since) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (agent) DO UPDATE SET watermark = excluded.watermark, \
                  above = excluded.above, sent_up_to = excluded.sent_up_to, \
-                 seen_ms = excluded.seen_ms",
+                 seen_ms = excluded.seen_ms, since = excluded.since",
             )?
             .execute(params![
                 &*saved.agent,
                 id(watermark),
                 above,
                 id(saved.sent_up_to),
-                saved.seen_ms
+                saved.seen_ms,
+                id(saved.since)
             ])?;
         }
         Write::Agent(agent) => {
@@ -649,6 +704,7 @@ mod tests {
             let cursor = Write::Cursor(Saved {
                 agent: "web1".into(),
                 cursor: AckCursor::from_parts(1, [3, 5]),
+                since: 1,
                 sent_up_to: 6,
                 seen_ms: 7,
             });
@@ -691,6 +747,130 @@ mod tests {
         let cursor = &saved.cursor;
         assert!(cursor.is_acked(3) && cursor.is_acked(5) && !cursor.is_acked(4));
         assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn one_task_is_read_with_every_agents_latest_result_and_retry_and_cancel_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let ack = |agent: &str, ok, text: &str, at_ms| Write::Acked {
+            id: 1,
+            agent: agent.into(),
+            ok,
+            text: text.into(),
+            at_ms,
+        };
+        let claimed = Write::Claimed {
+            id: 2,
+            attempt: 1,
+            holder: "web2".into(),
+            deadline_ms: 99,
+        };
+        db.apply(&[
+            Op::Publish(&[task(1, "a"), task(2, "b"), task(3, "c")]),
+            Op::Write(&ack("web2", false, "exit 1", 5)),
+            Op::Write(&ack("web1", true, "first", 6)),
+            Op::Write(&ack("web1", true, "again", 7)),
+            Op::Write(&claimed),
+            Op::Write(&Write::Cancelled { id: 2, held: true }),
+            Op::Write(&Write::Cancelled { id: 3, held: false }),
+        ])
+        .unwrap();
+        assert_eq!(db.task(4).unwrap(), None);
+        let one = db.task(1).unwrap().unwrap();
+        assert_eq!(
+            (one.task.text.as_str(), one.task.acked, one.task.failed),
+            ("a", 2, 1)
+        );
+        let results: Vec<_> = one
+            .results
+            .iter()
+            .map(|r| (&*r.agent, r.ok, r.text.as_str(), r.at_ms))
+            .collect();
+        assert_eq!(
+            results,
+            [("web1", true, "again", 7), ("web2", false, "exit 1", 5)],
+            "one row per agent, its latest, by name"
+        );
+        let two = db.task(2).unwrap().unwrap();
+        assert_eq!(two.task.state, TaskState::Cancelled);
+        assert_eq!(
+            two.task.claim,
+            Some(("web2".into(), 99)),
+            "who may still run it"
+        );
+        assert!(two.results.is_empty());
+        assert_eq!(db.task(3).unwrap().unwrap().task.claim, None);
+        // An ack of a cancelled task leaves it cancelled.
+        db.apply(&[Op::Write(&Write::Acked {
+            id: 2,
+            agent: "web2".into(),
+            ok: true,
+            text: String::new(),
+            at_ms: 8,
+        })])
+        .unwrap();
+        assert_eq!(
+            db.task(2).unwrap().unwrap().task.state,
+            TaskState::Cancelled
+        );
+
+        let dead = Write::State {
+            id: 1,
+            state: TaskState::Dead,
+        };
+        db.apply(&[Op::Write(&dead), Op::Write(&Write::Retried { id: 1 })])
+            .unwrap();
+        drop(db);
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let one = db.task(1).unwrap().unwrap();
+        assert_eq!(
+            (one.task.state, one.task.attempts, one.task.retries),
+            (TaskState::Pending, 0, 1)
+        );
+        let unfinished: Vec<u64> = db
+            .load(0, true)
+            .unwrap()
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(
+            unfinished,
+            [1],
+            "a retried task is back in the queue; a cancelled one is not"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_keeping_its_tasks_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta (key, value) VALUES ('epoch', 5), ('next_id', 2);
+                 INSERT INTO tasks (id, text, created_ms, state) VALUES (1, 'old', 0, 3);
+                 INSERT INTO cursors VALUES ('web1', 1, x'', 1, 0);",
+            )
+            .unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+        let snapshot = db.load(10, false).unwrap();
+        assert_eq!(
+            (snapshot.tasks[0].state, snapshot.tasks[0].retries),
+            (TaskState::Failed, 0)
+        );
+        assert_eq!(
+            (&*snapshot.cursors[0].agent, snapshot.cursors[0].since),
+            ("web1", 0)
+        );
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct Cursors {
 #[derive(Debug)]
 pub struct Tracked {
     pub cursor: Mutex<AckCursor>,
+    /// The first task id meant for the agent: the cursor began just below
+    /// it, so earlier tasks were never owed to it (0: not known, for a
+    /// cursor saved by an older contactd).
+    pub since: u64,
     /// The highest task id sent to the agent: its acks up to this one are
     /// taken after a server restart too.
     pub sent_up_to: AtomicU64,
@@ -116,9 +120,10 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    fn new(cursor: AckCursor, sent_up_to: u64, seen_ms: i64) -> Arc<Tracked> {
+    fn new(cursor: AckCursor, since: u64, sent_up_to: u64, seen_ms: i64) -> Arc<Tracked> {
         Arc::new(Tracked {
             cursor: Mutex::new(cursor),
+            since,
             sent_up_to: AtomicU64::new(sent_up_to),
             dirty: AtomicBool::new(true),
             seen_ms: AtomicI64::new(seen_ms),
@@ -138,6 +143,8 @@ impl Tracked {
 pub struct Saved {
     pub agent: Arc<str>,
     pub cursor: AckCursor,
+    /// [`Tracked::since`].
+    pub since: u64,
     pub sent_up_to: u64,
     /// When the agent was last seen (unix ms).
     pub seen_ms: i64,
@@ -149,7 +156,8 @@ impl Cursors {
         let map = saved
             .into_iter()
             .map(|saved| {
-                let tracked = Tracked::new(saved.cursor, saved.sent_up_to, saved.seen_ms);
+                let tracked =
+                    Tracked::new(saved.cursor, saved.since, saved.sent_up_to, saved.seen_ms);
                 tracked.dirty.store(false, Ordering::Relaxed);
                 (saved.agent, tracked)
             })
@@ -159,14 +167,30 @@ impl Cursors {
         }
     }
 
-    /// `name`'s cursor, made by `make` if it has none.
+    /// `name`'s cursor, made by `make` if it has none (the agent is then
+    /// owed the tasks above the new cursor's watermark).
     pub fn get_or_insert(&self, name: &Arc<str>, make: impl FnOnce() -> AckCursor) -> Arc<Tracked> {
         let mut map = self.map.lock();
-        let tracked = map
-            .entry(Arc::clone(name))
-            .or_insert_with(|| Tracked::new(make(), 0, crate::store::now_ms()));
+        let tracked = map.entry(Arc::clone(name)).or_insert_with(|| {
+            let cursor = make();
+            let since = cursor.watermark() + 1;
+            Tracked::new(cursor, since, 0, crate::store::now_ms())
+        });
         tracked.touch();
         Arc::clone(tracked)
+    }
+
+    /// `name`'s cursor, if it has one.
+    pub fn get(&self, name: &str) -> Option<Arc<Tracked>> {
+        self.map.lock().get(name).cloned()
+    }
+
+    /// Every agent's cursor, by name (for `task show`).
+    pub fn all(&self) -> Vec<(Arc<str>, Arc<Tracked>)> {
+        let map = self.map.lock();
+        map.iter()
+            .map(|(name, t)| (Arc::clone(name), Arc::clone(t)))
+            .collect()
     }
 
     /// Notes that `name` is still around (connected), without a save.
@@ -189,6 +213,7 @@ impl Cursors {
             .map(|(name, t)| Saved {
                 agent: Arc::clone(name),
                 cursor: t.cursor.lock().clone(),
+                since: t.since,
                 sent_up_to: t.sent_up_to.load(Ordering::Relaxed),
                 seen_ms: t.seen_ms.load(Ordering::Relaxed),
             })

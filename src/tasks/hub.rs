@@ -13,7 +13,7 @@ use std::{
     ops::Range,
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::SystemTime,
 };
@@ -54,10 +54,13 @@ pub enum TaskState {
     Failed = 3,
     /// Queue mode: not acked after `max_attempts` deliveries; parked.
     Dead = 4,
+    /// Cancelled by an operator before it finished: not sent any more, and
+    /// acks of it are ignored.
+    Cancelled = 5,
 }
 
 impl TaskState {
-    /// Finished: acked, failed or dead.
+    /// Finished: acked, failed, dead or cancelled.
     pub fn is_finished(self) -> bool {
         self >= TaskState::Acked
     }
@@ -69,8 +72,27 @@ impl TaskState {
             2 => TaskState::Acked,
             3 => TaskState::Failed,
             4 => TaskState::Dead,
+            5 => TaskState::Cancelled,
             _ => TaskState::Pending,
         }
+    }
+
+    /// The state's name, as operators see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Delivered => "delivered",
+            TaskState::Acked => "acked",
+            TaskState::Failed => "failed",
+            TaskState::Dead => "dead",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -86,6 +108,12 @@ pub struct Progress {
     pub failed: AtomicU32,
     /// The latest ack's agent and text (truncated by the server).
     last_result: parking_lot::Mutex<Option<(Arc<str>, String)>>,
+    /// Whether the latest ack said the task was handled (for `task show`
+    /// with the memory store, which keeps no per-agent results).
+    last_ok: AtomicBool,
+    /// Times an operator sent it back to the queue (`task retry`): sent
+    /// with it, so that agents run it again rather than repeat their ack.
+    retries: AtomicU32,
 }
 
 impl Task {
@@ -114,7 +142,7 @@ impl Progress {
     /// Counters and state as a store kept them.
     pub fn restored(
         state: TaskState,
-        [delivered, acked, failed]: [u32; 3],
+        [delivered, acked, failed, retries]: [u32; 4],
         last_result: Option<(Arc<str>, String)>,
     ) -> Progress {
         Progress {
@@ -123,6 +151,9 @@ impl Progress {
             acked: AtomicU32::new(acked),
             failed: AtomicU32::new(failed),
             last_result: parking_lot::Mutex::new(last_result),
+            // Only read with the memory store, which restores nothing.
+            last_ok: AtomicBool::new(true),
+            retries: AtomicU32::new(retries),
         }
     }
 
@@ -148,7 +179,11 @@ impl Progress {
     /// Records an ack from `agent` with its text: `ok` false for a
     /// failure. The first ack decides the state.
     pub fn record_ack(&self, ok: bool, agent: &Arc<str>, text: String) {
-        *self.last_result.lock() = Some((Arc::clone(agent), text));
+        {
+            let mut last = self.last_result.lock();
+            *last = Some((Arc::clone(agent), text));
+            self.last_ok.store(ok, Ordering::Relaxed);
+        }
         let (counter, state) = if ok {
             (&self.acked, TaskState::Acked)
         } else {
@@ -162,9 +197,56 @@ impl Progress {
             });
     }
 
+    /// The latest ack's agent, whether it said handled, and its text.
+    pub fn last_outcome(&self) -> Option<(Arc<str>, bool, String)> {
+        let last = self.last_result.lock();
+        let ok = self.last_ok.load(Ordering::Relaxed);
+        last.as_ref()
+            .map(|(agent, text)| (Arc::clone(agent), ok, text.clone()))
+    }
+
     /// Sets the state (queue mode moves tasks back to pending and to dead).
     pub fn set_state(&self, state: TaskState) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Cancels the task if it is pending or delivered; otherwise returns
+    /// the state it is in (unchanged).
+    ///
+    /// # Errors
+    /// The task is finished already.
+    pub fn cancel(&self) -> Result<(), TaskState> {
+        self.state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < TaskState::Acked as u8).then_some(TaskState::Cancelled as u8)
+            })
+            .map(drop)
+            .map_err(TaskState::from_u8)
+    }
+
+    /// Whether an operator cancelled the task.
+    pub fn is_cancelled(&self) -> bool {
+        self.state() == TaskState::Cancelled
+    }
+
+    /// Times an operator retried the task.
+    pub fn retries(&self) -> u32 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Puts a failed or dead task back to pending, counting the retry;
+    /// otherwise returns the state it is in (unchanged).
+    ///
+    /// # Errors
+    /// The task is neither failed nor dead.
+    pub fn retry(&self) -> Result<u32, TaskState> {
+        self.state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                let s = TaskState::from_u8(s);
+                matches!(s, TaskState::Failed | TaskState::Dead).then_some(TaskState::Pending as u8)
+            })
+            .map_err(TaskState::from_u8)?;
+        Ok(self.retries.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Where the task stands.

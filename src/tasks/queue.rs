@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{Task, TaskState};
-use crate::store::{Store, Write};
+use crate::store::{Commit, Store, Write};
 
 /// The queue's limits; all change live on a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,34 @@ pub enum AckRefusal {
     NotInFlight,
     /// The task's current attempt is held by another agent.
     NotTheHolder,
+    /// An operator cancelled the task while the agent held it.
+    Cancelled,
+}
+
+/// Why [`Queue::cancel`] or [`Queue::retry`] changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The queue does not hold the task (finished and let go, or unknown).
+    NotHeld,
+    /// The task is in this state, which the change does not apply to.
+    State(TaskState),
+}
+
+/// Where the queue holds a task, for `task show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Waiting for any agent, or for the one it is for.
+    Waiting(Option<Arc<str>>),
+    /// Assigned to this agent, its claim not sent yet.
+    Assigned(Arc<str>),
+    /// Sent to this agent, whose ack is due by `deadline_ms` (unix ms).
+    InFlight {
+        holder: Arc<str>,
+        deadline_ms: i64,
+    },
+    Dead,
+    /// Cancelled; the agent that held it then, if one did.
+    Cancelled(Option<Arc<str>>),
 }
 
 /// A task waiting or in flight, with its delivery history.
@@ -125,6 +153,9 @@ struct State {
     by_load: BTreeSet<(usize, u64)>,
     next_slot: u64,
     dead: VecDeque<Arc<Task>>,
+    /// Tasks cancelled here, with the agent that held each (whose later
+    /// ack is then told apart from a forged one), the latest `max_dead`.
+    cancelled: VecDeque<(Arc<Task>, Option<Arc<str>>)>,
     counters: Counters,
     store: Store,
 }
@@ -178,6 +209,7 @@ impl Queue {
                 by_load: BTreeSet::new(),
                 next_slot: 1,
                 dead: VecDeque::new(),
+                cancelled: VecDeque::new(),
                 counters: Counters::default(),
                 store,
             }),
@@ -275,11 +307,19 @@ impl Queue {
     /// Records an ack of task `id` by the agent `by`, returning the task.
     ///
     /// # Errors
-    /// The task is not in flight (a late or repeated ack, counted), or it
-    /// is in flight at another agent (the ack changes nothing).
+    /// The task is not in flight (a late or repeated ack, counted), it is
+    /// in flight at another agent (the ack changes nothing), or it was
+    /// cancelled while `by` held it.
     pub fn ack(&self, id: u64, by: &str) -> Result<Arc<Task>, AckRefusal> {
         let mut state = self.state.lock();
         let Some(flight) = state.in_flight.get(&id) else {
+            let held_when_cancelled = state
+                .cancelled
+                .iter()
+                .any(|(t, holder)| t.id == id && holder.as_deref() == Some(by));
+            if held_when_cancelled {
+                return Err(AckRefusal::Cancelled);
+            }
             state.counters.duplicate_acks += 1;
             return Err(AckRefusal::NotInFlight);
         };
@@ -292,6 +332,69 @@ impl Queue {
         }
         state.dispatch();
         Ok(flight.entry.task)
+    }
+
+    /// Cancels task `id` if it waits or is in flight: it is not sent (again),
+    /// and an ack from the agent holding it is refused as
+    /// [`AckRefusal::Cancelled`]. Returns the task and the store's write.
+    ///
+    /// # Errors
+    /// The queue does not hold the task, or it is dead or cancelled.
+    pub fn cancel(&self, id: u64) -> Result<(Arc<Task>, Commit), Refusal> {
+        let mut state = self.state.lock();
+        let (entry, holder) = state.take(id)?;
+        entry
+            .task
+            .progress
+            .cancel()
+            .map_err(Refusal::State)
+            .inspect_err(|_| tracing::error!(task_id = id, "a finished task was queued (a bug)"))?;
+        let commit = state.store.write_now(Write::Cancelled {
+            id,
+            held: holder.is_some(),
+        });
+        state.cancelled.push_back((Arc::clone(&entry.task), holder));
+        while state.cancelled.len() > state.limits.max_dead {
+            state.cancelled.pop_front();
+        }
+        state.dispatch();
+        Ok((entry.task, commit))
+    }
+
+    /// Sends a failed or dead task back in line: pending, its attempts
+    /// reset, its retry count (sent with it, so agents run it again) one
+    /// higher. `task` is the queue's own if it holds it (dead), else the
+    /// hub's or the store's. Returns the store's write.
+    ///
+    /// # Errors
+    /// The task is not failed or dead (the queue holds it waiting or in
+    /// flight, or it is acked or cancelled).
+    pub fn retry(&self, task: &Arc<Task>) -> Result<Commit, Refusal> {
+        let mut state = self.state.lock();
+        if let Some((held, place)) = state.place(task.id)
+            && place != Place::Dead
+        {
+            return Err(Refusal::State(held.progress.state()));
+        }
+        let task = match state.dead.iter().position(|t| t.id == task.id) {
+            Some(at) => state.dead.remove(at).expect("found above"),
+            None => Arc::clone(task),
+        };
+        task.progress.retry().map_err(Refusal::State)?;
+        let commit = state.store.write_now(Write::Retried { id: task.id });
+        state.enqueue(Entry::new(task, 0));
+        state.dispatch();
+        Ok(commit)
+    }
+
+    /// The task `id` if the queue holds it (waiting, in flight, dead or
+    /// cancelled here), with where it is and its attempts so far.
+    pub fn find(&self, id: u64) -> Option<(Arc<Task>, Place, u32)> {
+        let state = self.state.lock();
+        let attempts = state.attempts(id);
+        state
+            .place(id)
+            .map(|(task, place)| (task, place, attempts.unwrap_or(0)))
     }
 
     /// Requeues or parks every task whose ack is overdue.
@@ -338,6 +441,7 @@ impl Queue {
             .map(|e| Arc::clone(&e.task))
             .chain(state.in_flight.values().map(|f| Arc::clone(&f.entry.task)))
             .chain(state.dead.iter().cloned())
+            .chain(state.cancelled.iter().map(|(t, _)| Arc::clone(t)))
             .collect()
     }
 
@@ -369,6 +473,93 @@ impl Queue {
 }
 
 impl State {
+    /// Where task `id` is held, if it is.
+    fn place(&self, id: u64) -> Option<(Arc<Task>, Place)> {
+        let is = |e: &&Entry| e.task.id == id;
+        if let Some(e) = self.pending.iter().find(is) {
+            return Some((Arc::clone(&e.task), Place::Waiting(None)));
+        }
+        for (name, queue) in &self.targeted {
+            if let Some(e) = queue.iter().find(is) {
+                return Some((Arc::clone(&e.task), Place::Waiting(Some(Arc::clone(name)))));
+            }
+        }
+        for slot in self.slots.values() {
+            if let Some(e) = slot.outbox.iter().find(is) {
+                return Some((Arc::clone(&e.task), Place::Assigned(Arc::clone(&slot.name))));
+            }
+        }
+        if let Some(f) = self.in_flight.get(&id) {
+            let left = f.deadline.saturating_duration_since(Instant::now());
+            let deadline_ms = crate::store::now_ms()
+                .saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX));
+            let place = Place::InFlight {
+                holder: Arc::clone(&f.holder),
+                deadline_ms,
+            };
+            return Some((Arc::clone(&f.entry.task), place));
+        }
+        if let Some(t) = self.dead.iter().find(|t| t.id == id) {
+            return Some((Arc::clone(t), Place::Dead));
+        }
+        self.cancelled
+            .iter()
+            .rev()
+            .find(|(t, _)| t.id == id)
+            .map(|(t, holder)| (Arc::clone(t), Place::Cancelled(holder.clone())))
+    }
+
+    /// The deliveries so far of task `id`, if it waits or is in flight.
+    fn attempts(&self, id: u64) -> Option<u32> {
+        let waiting = self
+            .pending
+            .iter()
+            .chain(self.targeted.values().flatten())
+            .chain(self.slots.values().flat_map(|s| s.outbox.iter()));
+        waiting
+            .chain(self.in_flight.values().map(|f| &f.entry))
+            .find(|e| e.task.id == id)
+            .map(|e| e.attempts)
+    }
+
+    /// Takes task `id` out of line or out of flight, with the agent that
+    /// held it (in flight).
+    fn take(&mut self, id: u64) -> Result<(Entry, Option<Arc<str>>), Refusal> {
+        if let Some(at) = self.pending.iter().position(|e| e.task.id == id) {
+            let entry = self.pending.remove(at).expect("found above");
+            return Ok((entry, None));
+        }
+        let targeted = self.targeted.iter_mut().find_map(|(name, queue)| {
+            let at = queue.iter().position(|e| e.task.id == id)?;
+            Some((Arc::clone(name), queue.remove(at).expect("found above")))
+        });
+        if let Some((name, entry)) = targeted {
+            if self.targeted.get(&name).is_some_and(VecDeque::is_empty) {
+                self.targeted.remove(&name);
+            }
+            return Ok((entry, None));
+        }
+        let assigned = self.slots.iter().find_map(|(slot, s)| {
+            let at = s.outbox.iter().position(|e| e.task.id == id)?;
+            Some((*slot, at))
+        });
+        if let Some((slot, at)) = assigned {
+            let mut entry = None;
+            self.change_load(slot, |s| entry = s.outbox.remove(at));
+            return Ok((entry.expect("found above"), None));
+        }
+        if let Some(flight) = self.in_flight.remove(&id) {
+            if let Some(slot) = flight.slot {
+                self.change_load(slot, |s| s.in_flight -= 1);
+            }
+            return Ok((flight.entry, Some(flight.holder)));
+        }
+        match self.place(id) {
+            Some((task, _)) => Err(Refusal::State(task.progress.state())),
+            None => Err(Refusal::NotHeld),
+        }
+    }
+
     fn change_load(&mut self, slot: u64, change: impl FnOnce(&mut SlotState)) {
         if let Some(s) = self.slots.get_mut(&slot) {
             self.by_load.remove(&(s.load(), slot));
@@ -741,6 +932,102 @@ mod tests {
         assert_eq!(a.recv().await.0.id, 2, "the untargeted task is not blocked");
         let mut b = queue.join("b".into());
         assert_eq!(b.recv().await.0.id, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_task_is_not_sent_and_its_holders_ack_is_told_apart() {
+        let hub = Hub::new(100);
+        let queue = new_queue(Limits {
+            window: 1,
+            ..limits()
+        });
+        publish(&hub, &queue, 3);
+        let (task, commit) = queue.cancel(2).unwrap();
+        commit.committed().await.unwrap();
+        assert_eq!(task.progress.state(), TaskState::Cancelled);
+        assert_eq!(
+            queue.cancel(2).unwrap_err(),
+            Refusal::State(TaskState::Cancelled)
+        );
+        assert_eq!(queue.cancel(99).unwrap_err(), Refusal::NotHeld);
+        let mut a = queue.join("a".into());
+        assert_eq!(a.recv().await.0.id, 1);
+        // In flight at a, with a window of one: cancelling it frees room.
+        let (_, commit) = queue.cancel(1).unwrap();
+        commit.committed().await.unwrap();
+        assert_eq!(a.recv().await.0.id, 3, "task 2 was cancelled while waiting");
+        assert_eq!(queue.ack(1, "a").unwrap_err(), AckRefusal::Cancelled);
+        assert_eq!(queue.ack(1, "b").unwrap_err(), AckRefusal::NotInFlight);
+        assert_eq!(
+            queue.counters().duplicate_acks,
+            1,
+            "only b's ack is a duplicate"
+        );
+        let (_, place, _) = queue.find(1).unwrap();
+        assert_eq!(place, Place::Cancelled(Some("a".into())));
+        assert!(queue.ack(3, "a").is_ok());
+        drop(a);
+        assert_eq!(queue.counters().redelivered, 0, "nothing handed back");
+        let listed: Vec<(u64, TaskState)> = {
+            let mut l: Vec<_> = queue
+                .tasks()
+                .iter()
+                .map(|t| (t.id, t.progress.state()))
+                .collect();
+            l.sort_unstable();
+            l
+        };
+        assert_eq!(
+            listed,
+            [(1, TaskState::Cancelled), (2, TaskState::Cancelled)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_or_failed_task_retried_is_delivered_anew_with_its_attempts_reset() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        let mut a = queue.join("a".into());
+        publish(&hub, &queue, 2);
+        assert_eq!(a.recv().await.0.id, 1);
+        assert_eq!(a.recv().await.0.id, 2);
+        // Task 2 fails: acked, and let go by the queue.
+        let failed = queue.ack(2, "a").unwrap();
+        failed
+            .progress
+            .record_ack(false, &"a".into(), "exit 1".into());
+        // Task 1 is never acked: dead after 3 attempts.
+        for attempt in 2..=3 {
+            tokio::time::advance(Duration::from_secs(31)).await;
+            queue.expire(Instant::now());
+            let (task, got) = a.recv().await;
+            assert_eq!((task.id, got), (1, attempt));
+        }
+        tokio::time::advance(Duration::from_secs(31)).await;
+        queue.expire(Instant::now());
+        let dead = hub.get(1).unwrap();
+        assert_eq!(dead.progress.state(), TaskState::Dead);
+        assert_eq!(queue.find(1).unwrap().1, Place::Dead);
+
+        queue.retry(&dead).unwrap().committed().await.unwrap();
+        assert_eq!(
+            queue.retry(&dead).unwrap_err(),
+            Refusal::State(TaskState::Pending),
+            "a pending task is not retried"
+        );
+        let (task, attempt) = a.recv().await;
+        assert_eq!((task.id, attempt, task.progress.retries()), (1, 1, 1));
+        assert!(queue.ack(1, "a").is_ok());
+
+        assert!(queue.find(2).is_none(), "a failed task is not held");
+        queue.retry(&failed).unwrap().committed().await.unwrap();
+        let (task, attempt) = a.recv().await;
+        assert_eq!((task.id, attempt, task.progress.retries()), (2, 1, 1));
+        assert_eq!(task.progress.state(), TaskState::Delivered);
+        assert_eq!(
+            queue.retry(&failed).unwrap_err(),
+            Refusal::State(TaskState::Delivered)
+        );
     }
 
     #[tokio::test]

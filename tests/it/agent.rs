@@ -274,6 +274,7 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
             id: 41,
             attempt: 1,
             epoch: 7,
+            retry: 0,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),
@@ -519,6 +520,7 @@ async fn handlers_run_at_most_handler_concurrency_at_once() {
                 id,
                 attempt: 1,
                 epoch: 7,
+                retry: 0,
             })
             .collect(),
         drop_sessions: false,
@@ -577,6 +579,7 @@ async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
             id: 7,
             attempt: 1,
             epoch: 7,
+            retry: 0,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),

@@ -189,6 +189,36 @@ async fn a_task_for_one_agent_reaches_only_that_agent() {
 }
 
 #[tokio::test]
+async fn a_task_for_another_agent_is_not_counted_as_missed_when_it_leaves_retention() {
+    let mut config = manual_tasks(DeliveryMode::Broadcast);
+    config.tasks.retain = 3;
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let mut a = Agent::connect(&server, "a").await;
+    submit(&mut admin, "only b", "b").await;
+    let all = submit(&mut admin, "everyone", "").await;
+    let task = a.next().await;
+    assert_eq!(task.id, all);
+    a.ack(&task, true).await;
+    a.finish().await;
+    for i in 0..3 {
+        submit(&mut admin, &format!("while away {i}"), "").await;
+    }
+    // Tasks 1 and 2 left retention: a acked one, the other was not for it.
+    let mut back = Agent::connect(&server, "a").await;
+    assert_eq!(back.next().await.id, all + 1);
+    let agents = admin
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let a = agents.iter().find(|a| a.name == "a").unwrap();
+    assert_eq!(a.missed, 0, "{a:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_bad_agent_header_is_invalid_argument() {
     let server = TestServer::start(Config::default()).await;
     let mut client =

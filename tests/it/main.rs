@@ -10,6 +10,7 @@ mod cli;
 mod contact;
 mod delivery;
 mod fleet;
+mod history;
 mod hostile;
 mod operations;
 mod serve;

@@ -121,6 +121,52 @@ pub struct ListTasksResponse {
     /// More tasks follow this page: ask again with after_id = the last id.
     #[prost(bool, tag = "7")]
     pub more: bool,
+    /// Acks of cancelled tasks (from agents that held them), ignored.
+    #[prost(uint64, tag = "8")]
+    pub cancelled_acks: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaskIdRequest {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaskAgent {
+    #[prost(string, tag = "1")]
+    pub agent: ::prost::alloc::string::String,
+    #[prost(enumeration = "AgentTaskState", tag = "2")]
+    pub state: i32,
+    /// Its latest result for the task (for a failure, the handler's exit
+    /// status and output tail), cut to server.max_status_size; empty when
+    /// it has none, or the memory store did not keep it.
+    #[prost(string, tag = "3")]
+    pub result: ::prost::alloc::string::String,
+    /// When that result arrived, Unix milliseconds; 0 = none.
+    #[prost(int64, tag = "4")]
+    pub result_ms: i64,
+    /// Queue mode, DELIVERED: when the attempt it holds expires (and the
+    /// task is redelivered), Unix milliseconds; 0 = not held.
+    #[prost(int64, tag = "5")]
+    pub deadline_ms: i64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ShowTaskResponse {
+    #[prost(message, optional, tag = "1")]
+    pub task: ::core::option::Option<Task>,
+    /// "broadcast" or "queue".
+    #[prost(string, tag = "2")]
+    pub mode: ::prost::alloc::string::String,
+    /// Queue mode: deliveries of the current try (reset by RetryTask).
+    #[prost(uint32, tag = "3")]
+    pub attempts: u32,
+    /// Operator retries (RetryTask) so far.
+    #[prost(uint32, tag = "4")]
+    pub retries: u32,
+    /// One row per agent the task concerns: in broadcast mode every named
+    /// agent the server knows (that was there when the task was published,
+    /// or the target agent), in queue mode the agents that held or acked it.
+    #[prost(message, repeated, tag = "5")]
+    pub agents: ::prost::alloc::vec::Vec<TaskAgent>,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -132,6 +178,8 @@ pub enum TaskState {
     Acked = 3,
     Failed = 4,
     Dead = 5,
+    /// Cancelled by an operator before it finished.
+    Cancelled = 6,
 }
 impl TaskState {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -146,6 +194,7 @@ impl TaskState {
             Self::Acked => "TASK_STATE_ACKED",
             Self::Failed => "TASK_STATE_FAILED",
             Self::Dead => "TASK_STATE_DEAD",
+            Self::Cancelled => "TASK_STATE_CANCELLED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -157,6 +206,56 @@ impl TaskState {
             "TASK_STATE_ACKED" => Some(Self::Acked),
             "TASK_STATE_FAILED" => Some(Self::Failed),
             "TASK_STATE_DEAD" => Some(Self::Dead),
+            "TASK_STATE_CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+/// Where a task stands for one agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AgentTaskState {
+    Unspecified = 0,
+    /// Not sent to it yet: it gets the task when it (re)connects.
+    Owed = 1,
+    /// Sent, not acked yet.
+    Delivered = 2,
+    /// Acked as handled.
+    Acked = 3,
+    /// Acked as failed.
+    Failed = 4,
+    /// Broadcast: never acked, and no longer retained (tasks.retain), so it
+    /// is not sent any more.
+    Missed = 5,
+    /// Not acked when the task was cancelled: not sent any more.
+    Cancelled = 6,
+}
+impl AgentTaskState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "AGENT_TASK_STATE_UNSPECIFIED",
+            Self::Owed => "AGENT_TASK_STATE_OWED",
+            Self::Delivered => "AGENT_TASK_STATE_DELIVERED",
+            Self::Acked => "AGENT_TASK_STATE_ACKED",
+            Self::Failed => "AGENT_TASK_STATE_FAILED",
+            Self::Missed => "AGENT_TASK_STATE_MISSED",
+            Self::Cancelled => "AGENT_TASK_STATE_CANCELLED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AGENT_TASK_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "AGENT_TASK_STATE_OWED" => Some(Self::Owed),
+            "AGENT_TASK_STATE_DELIVERED" => Some(Self::Delivered),
+            "AGENT_TASK_STATE_ACKED" => Some(Self::Acked),
+            "AGENT_TASK_STATE_FAILED" => Some(Self::Failed),
+            "AGENT_TASK_STATE_MISSED" => Some(Self::Missed),
+            "AGENT_TASK_STATE_CANCELLED" => Some(Self::Cancelled),
             _ => None,
         }
     }
@@ -328,6 +427,77 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ListTasks"));
             self.inner.unary(req, path, codec).await
         }
+        /// One task, with one row per agent it concerns (its history).
+        pub async fn show_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskIdRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowTaskResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/ShowTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ShowTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Stops a pending or delivered task from being sent (again). An agent
+        /// that already holds it still runs it; its ack is ignored.
+        pub async fn cancel_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/CancelTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "CancelTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Queue mode: sends a failed or dead task back to the queue (pending,
+        /// attempts reset); agents run it again.
+        pub async fn retry_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/RetryTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "RetryTask"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -368,6 +538,26 @@ pub mod admin_server {
             tonic::Response<super::ListTasksResponse>,
             tonic::Status,
         >;
+        /// One task, with one row per agent it concerns (its history).
+        async fn show_task(
+            &self,
+            request: tonic::Request<super::TaskIdRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowTaskResponse>,
+            tonic::Status,
+        >;
+        /// Stops a pending or delivered task from being sent (again). An agent
+        /// that already holds it still runs it; its ack is ignored.
+        async fn cancel_task(
+            &self,
+            request: tonic::Request<super::TaskIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        /// Queue mode: sends a failed or dead task back to the queue (pending,
+        /// attempts reset); agents run it again.
+        async fn retry_task(
+            &self,
+            request: tonic::Request<super::TaskIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -559,6 +749,135 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListTasksSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/ShowTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct ShowTaskSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::TaskIdRequest>
+                    for ShowTaskSvc<T> {
+                        type Response = super::ShowTaskResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::show_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ShowTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/CancelTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelTaskSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::TaskIdRequest>
+                    for CancelTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::cancel_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/RetryTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct RetryTaskSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::TaskIdRequest>
+                    for RetryTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::retry_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RetryTaskSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

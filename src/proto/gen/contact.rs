@@ -19,6 +19,11 @@ pub struct ServerMsg {
     /// of an old task must not be taken for a new task with the same id.
     #[prost(uint64, tag = "4")]
     pub epoch: u64,
+    /// contactd: how many times an operator sent the task back to the queue
+    /// (`contactd task retry`); 0 = never. A retried task is run again: an
+    /// agent that remembers handling it must not just repeat its ack.
+    #[prost(uint32, tag = "5")]
+    pub retry: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Empty {}

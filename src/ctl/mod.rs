@@ -1,6 +1,11 @@
 //! The operator commands `contactd task submit`, `contactd agents` and
-//! `contactd tasks`: clients of the admin API on its unix socket, printing
-//! a table for people or JSON for scripts.
+//! `contactd tasks` (and, in [`history`], `contactd task show|cancel|retry`):
+//! clients of the admin API on its unix socket, printing a table for people
+//! or JSON for scripts.
+
+mod history;
+
+pub use history::{cancel, retry, show};
 
 use std::{
     fmt::Write as _,
@@ -237,6 +242,7 @@ fn state_name(state: pb::TaskState) -> &'static str {
         pb::TaskState::Acked => "acked",
         pb::TaskState::Failed => "failed",
         pb::TaskState::Dead => "dead",
+        pb::TaskState::Cancelled => "cancelled",
     }
 }
 
@@ -251,11 +257,15 @@ pub fn parse_state(text: &str) -> Result<pb::TaskState, String> {
         pb::TaskState::Acked,
         pb::TaskState::Failed,
         pb::TaskState::Dead,
+        pb::TaskState::Cancelled,
     ];
     all.into_iter()
         .find(|s| state_name(*s) == text)
         .ok_or_else(|| {
-            format!("unknown state {text:?}: expected pending, delivered, acked, failed or dead")
+            format!(
+                "unknown state {text:?}: expected pending, delivered, acked, failed, dead or \
+                 cancelled"
+            )
         })
 }
 
@@ -293,10 +303,39 @@ pub fn tasks(
             }
         }
     })?;
-    let rows: Vec<TaskRow> = reply
-        .tasks
-        .iter()
-        .map(|t| TaskRow {
+    let rows: Vec<TaskRow> = reply.tasks.iter().map(TaskRow::from).collect();
+    if json {
+        let out = serde_json::json!({
+            "mode": reply.mode,
+            "redelivered": reply.redelivered,
+            "dropped": reply.dropped,
+            "dead": reply.dead,
+            "duplicate_acks": reply.duplicate_acks,
+            "cancelled_acks": reply.cancelled_acks,
+            "tasks": rows,
+        });
+        let text = serde_json::to_string_pretty(&out).expect("tasks serialize");
+        return print(&format!("{text}\n"));
+    }
+    let mut text = task_table(&rows, SystemTime::now());
+    let _ = writeln!(
+        text,
+        "mode {}: {} tasks listed, {} redelivered, {} dropped, {} dead, {} duplicate acks, \
+         {} acks of cancelled tasks",
+        reply.mode,
+        rows.len(),
+        reply.redelivered,
+        reply.dropped,
+        reply.dead,
+        reply.duplicate_acks,
+        reply.cancelled_acks
+    );
+    print(&text)
+}
+
+impl From<&pb::Task> for TaskRow {
+    fn from(t: &pb::Task) -> TaskRow {
+        TaskRow {
             id: t.id,
             state: state_name(t.state()),
             target: t.target.clone(),
@@ -307,21 +346,12 @@ pub fn tasks(
             text: t.text.clone(),
             last_agent: t.last_agent.clone(),
             last_result: t.last_result.clone(),
-        })
-        .collect();
-    if json {
-        let out = serde_json::json!({
-            "mode": reply.mode,
-            "redelivered": reply.redelivered,
-            "dropped": reply.dropped,
-            "dead": reply.dead,
-            "duplicate_acks": reply.duplicate_acks,
-            "tasks": rows,
-        });
-        let text = serde_json::to_string_pretty(&out).expect("tasks serialize");
-        return print(&format!("{text}\n"));
+        }
     }
-    let now = SystemTime::now();
+}
+
+/// Tasks as `contactd tasks` prints them, their ages as of `now`.
+fn task_table(rows: &[TaskRow], now: SystemTime) -> String {
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|t| {
@@ -342,7 +372,7 @@ pub fn tasks(
             ]
         })
         .collect();
-    let mut text = render(
+    render(
         &[
             "ID",
             "STATE",
@@ -355,37 +385,36 @@ pub fn tasks(
             "TEXT",
         ],
         &table,
-    );
-    let _ = writeln!(
-        text,
-        "mode {}: {} tasks listed, {} redelivered, {} dropped, {} dead, {} duplicate acks",
-        reply.mode,
-        rows.len(),
-        reply.redelivered,
-        reply.dropped,
-        reply.dead,
-        reply.duplicate_acks
-    );
-    print(&text)
+    )
 }
 
 /// The latest ack in one short line: `agent: last line of its text`.
 fn last_result(task: &TaskRow) -> String {
-    const WIDTH: usize = 40;
     if task.last_agent.is_empty() {
         return "-".to_owned();
     }
-    let line = task
-        .last_result
-        .lines()
+    short(
+        &format!("{}: {}", task.last_agent, last_line(&task.last_result)),
+        40,
+    )
+}
+
+/// The last line of `text` that is not blank, trimmed.
+fn last_line(text: &str) -> &str {
+    text.lines()
         .rev()
         .find(|l| !l.trim().is_empty())
-        .unwrap_or_default();
-    let mut text = format!("{}: {}", task.last_agent, line.trim());
-    if text.chars().count() > WIDTH {
-        text = text.chars().take(WIDTH - 1).chain(['…']).collect();
+        .unwrap_or_default()
+        .trim()
+}
+
+/// `text` cut to `width` characters, marked with `…` when cut.
+fn short(text: &str, width: usize) -> String {
+    if text.chars().count() > width {
+        text.chars().take(width - 1).chain(['…']).collect()
+    } else {
+        text.to_owned()
     }
-    text
 }
 
 /// How long before `now` a Unix-milliseconds time was, to the second.
