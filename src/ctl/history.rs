@@ -12,7 +12,9 @@ use serde::Serialize;
 use super::{
     CtlError, TaskRow, ago, block_on, connect, last_line, print, render, short, task_table,
 };
-use crate::proto::admin::{self as pb, AgentTaskState, TaskIdRequest};
+use tonic::transport::Channel;
+
+use crate::proto::admin::{self as pb, AgentTaskState, TaskIdRequest, admin_client::AdminClient};
 
 /// One agent's row, as `contactd task show --json` prints it.
 #[derive(Debug, Serialize)]
@@ -135,21 +137,13 @@ fn until(now: SystemTime, unix_ms: i64) -> String {
 /// The socket cannot be reached, or the server refuses (an unknown id, a
 /// finished task).
 pub fn cancel(socket: &Path, id: u64, json: bool) -> Result<(), CtlError> {
-    let task = block_on(async {
-        Ok(connect(socket)
-            .await?
-            .cancel_task(TaskIdRequest { id })
-            .await?
-            .into_inner())
-    })?;
-    changed(
-        &task,
-        json,
-        &format!(
-            "cancelled task {id}: it is not sent any more (an agent that already has it still \
-             runs it; its ack is ignored)"
-        ),
-    )
+    let what = format!(
+        "cancelled task {id}: it is not sent any more (an agent that already has it still runs \
+         it; its ack is ignored)"
+    );
+    change(socket, id, json, &what, |mut admin, request| async move {
+        admin.cancel_task(request).await
+    })
 }
 
 /// `contactd task retry`.
@@ -158,18 +152,25 @@ pub fn cancel(socket: &Path, id: u64, json: bool) -> Result<(), CtlError> {
 /// The socket cannot be reached, or the server refuses (an unknown id, a
 /// task that is not failed or dead, broadcast mode).
 pub fn retry(socket: &Path, id: u64, json: bool) -> Result<(), CtlError> {
+    let what = format!("task {id} is pending again: the queue delivers it anew");
+    change(socket, id, json, &what, |mut admin, request| async move {
+        admin.retry_task(request).await
+    })
+}
+
+/// Calls `call` with task `id` and prints the task it changed.
+fn change<F: Future<Output = Result<tonic::Response<pb::Task>, tonic::Status>>>(
+    socket: &Path,
+    id: u64,
+    json: bool,
+    what: &str,
+    call: impl FnOnce(AdminClient<Channel>, TaskIdRequest) -> F,
+) -> Result<(), CtlError> {
     let task = block_on(async {
-        Ok(connect(socket)
-            .await?
-            .retry_task(TaskIdRequest { id })
-            .await?
-            .into_inner())
+        let admin = connect(socket).await?;
+        Ok(call(admin, TaskIdRequest { id }).await?.into_inner())
     })?;
-    changed(
-        &task,
-        json,
-        &format!("task {id} is pending again: the queue delivers it anew"),
-    )
+    changed(&task, json, what)
 }
 
 /// Prints a task the server changed: JSON, or `what` and its table row.

@@ -871,27 +871,10 @@ mod tests {
             (&*snapshot.cursors[0].agent, snapshot.cursors[0].since),
             ("web1", 0)
         );
-    }
+        assert_eq!((snapshot.epoch, snapshot.next_id), (5, 2));
 
-    #[test]
-    fn a_database_of_the_first_schema_is_migrated_and_keeps_its_tasks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        {
-            // A database as the first contactd with a store left it.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
-            conn.execute_batch(
-                "INSERT INTO meta (key, value) VALUES ('epoch', 42), ('next_id', 8);
-                 INSERT INTO tasks (id, text, created_ms, state) VALUES (7, 'old', 1, 2);",
-            )
-            .unwrap();
-            conn.pragma_update(None, "application_id", APPLICATION_ID)
-                .unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
-        }
-        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
-        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+        // The roster (new in schema 2): the first sighting is kept, the
+        // last one moves on; agents long gone are forgotten.
         let agent = SavedAgent {
             name: "web1".into(),
             first_ms: 10,
@@ -909,24 +892,15 @@ mod tests {
             .unwrap();
         drop(db);
         let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
-        let snapshot = db.load(10, false).unwrap();
-        assert_eq!((snapshot.epoch, snapshot.next_id), (42, 8));
-        assert_eq!(snapshot.tasks[0].text, "old");
-        let web1 = &snapshot.agents[0];
-        assert_eq!(
-            (web1.first_ms, web1.last_ms, web1.acked),
-            (10, 30, 2),
-            "the first sighting is kept, the last one moves on"
-        );
-        let pruned = db
-            .prune(&Retention {
-                created_before_ms: 0,
-                retain_finished: 100,
-                queue_mode: false,
-                forget_before_ms: 31,
-            })
-            .unwrap();
-        assert_eq!(pruned.agents, 1);
+        let web1 = &db.load(10, false).unwrap().agents[0];
+        assert_eq!((web1.first_ms, web1.last_ms, web1.acked), (10, 30, 2));
+        let forget = Retention {
+            created_before_ms: 0,
+            retain_finished: 100,
+            queue_mode: false,
+            forget_before_ms: 31,
+        };
+        assert_eq!(db.prune(&forget).unwrap().agents, 1);
     }
 
     #[test]
