@@ -77,6 +77,10 @@ struct CommonArgs {
     /// directory, i.e. target/<profile>/contactd].
     #[arg(long)]
     contactd: Option<PathBuf>,
+    /// TOML appended to every contactd config, as `[store]\nkind = "memory"`
+    /// (a table no scenario sets: tables cannot be given twice).
+    #[arg(long, default_value = "")]
+    contactd_toml: String,
     /// Do not pin the servers and the load to separate CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -206,6 +210,7 @@ fn launcher(common: &CommonArgs) -> anyhow::Result<Launcher> {
     Ok(Launcher {
         contactd,
         bench,
+        contactd_toml: common.contactd_toml.clone(),
         cpu: pin.then_some(common.server_cpu),
     })
 }

@@ -50,6 +50,9 @@ pub struct Launcher {
     pub contactd: PathBuf,
     /// This binary, for `baseline-server` and `spawn-loop`.
     pub bench: PathBuf,
+    /// TOML appended to every contactd config (`--contactd-toml`), e.g. to
+    /// compare the store kinds.
+    pub contactd_toml: String,
     /// CPU the servers are pinned to (with taskset), if pinning.
     pub cpu: Option<usize>,
 }
@@ -104,9 +107,10 @@ impl Launcher {
                 // The default config, plus only what the scenario needs (and
                 // the admin socket in the temp dir).
                 let toml = format!(
-                    "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = {:?}\n{}",
+                    "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = {:?}\n{}\n{}",
                     admin.to_str().context("a UTF-8 temp dir")?,
-                    setup.contactd_toml
+                    setup.contactd_toml,
+                    self.contactd_toml
                 );
                 std::fs::write(&path, toml)?;
                 let mut c = self.command(&self.contactd);
