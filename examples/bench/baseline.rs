@@ -255,6 +255,7 @@ async fn generate(tasks: broadcast::Sender<ServerMsg>, interval: Duration, batch
                 attempt: 1,
                 epoch: 1,
                 retry: 0,
+                encoded: None,
             });
         }
     }

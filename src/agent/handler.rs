@@ -96,6 +96,7 @@ mod tests {
             attempt: 2,
             epoch: 7,
             retry: 0,
+            encoded: None,
         }
     }
 

@@ -115,13 +115,26 @@ impl Contact for ContactService {
         let feed = Feed::open(&self.state, &caller);
         tracing::debug!(parent: &span, "subscribed to tasks");
         let closing = self.state.closing.child_token();
-        let state = (feed, caller, span, closing);
+        if feed.is_broadcast() {
+            return Ok(Response::new(Box::pin(BroadcastTasks {
+                feed,
+                caller,
+                _span: span,
+                closing,
+                idle: None,
+                done: false,
+            })));
+        }
+        // Queue mode. Boxed: unfold moves its state into each message's
+        // future and out again.
+        let state = Box::new((feed, caller, span, closing));
         let tasks = stream::unfold(Some(state), |state| async move {
-            let (mut feed, caller, span, closing) = state?;
-            let Some(task) = unless_closing(&closing, feed.next(&caller)).await else {
+            let mut state = state?;
+            let (feed, caller, _, closing) = &mut *state;
+            let Some(task) = unless_closing(closing, feed.next(caller)).await else {
                 return Some((Err(shutting_down()), None));
             };
-            Some((Ok(task), Some((feed, caller, span, closing))))
+            Some((Ok(task), Some(state)))
         });
         Ok(Response::new(Box::pin(tasks)))
     }
@@ -193,6 +206,64 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A broadcast `getTask` stream, written by hand for fan-out's hot path:
+/// a task that is ready is taken and sent without building a future (an
+/// `unfold` built one per message and moved the stream's state through
+/// it); only an idle stream holds a future, waiting for the next publish
+/// or for the server to close.
+struct BroadcastTasks {
+    feed: Feed,
+    caller: CallGuard,
+    /// The call's span, kept for as long as the stream.
+    _span: tracing::Span,
+    closing: CancellationToken,
+    /// Set while no task is ready: resolves `true` on a publish, `false`
+    /// when the server closes.
+    idle: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+    done: bool,
+}
+
+impl Stream for BroadcastTasks {
+    type Item = Result<ServerMsg, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(idle) = &mut this.idle {
+                let published = std::task::ready!(idle.as_mut().poll(cx));
+                this.idle = None;
+                if !published {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(shutting_down())));
+                }
+            }
+            if this.closing.is_cancelled() {
+                this.done = true;
+                return Poll::Ready(Some(Err(shutting_down())));
+            }
+            if let Some(msg) = this.feed.try_next(&this.caller) {
+                return Poll::Ready(Some(Ok(msg)));
+            }
+            let Some(published) = this.feed.published() else {
+                // Not a broadcast feed (never made so): end, not spin.
+                this.done = true;
+                return Poll::Ready(None);
+            };
+            let closing = this.closing.clone();
+            this.idle = Some(Box::pin(async move {
+                tokio::select! {
+                    biased;
+                    () = closing.cancelled() => false,
+                    () = published => true,
+                }
+            }));
+        }
     }
 }
 

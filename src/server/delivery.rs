@@ -44,34 +44,80 @@ impl Feed {
         }
     }
 
+    /// Whether tasks come from the broadcast hub (else from the queue).
+    pub(super) fn is_broadcast(&self) -> bool {
+        matches!(self.source, Source::Broadcast(_))
+    }
+
     /// The next task to send to `caller`. Cancel-safe.
     pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
-        let (task, attempt) = match &mut self.source {
-            Source::Queue(slot) => slot.recv().await,
-            Source::Broadcast(subscription) => {
-                let retain = self.config.borrow().tasks.retain;
-                let task = next_broadcast(subscription, caller, retain).await;
-                if task.progress.record_delivery() {
-                    self.store.record(Write::Delivered { id: task.id });
-                }
-                (task, 1)
-            }
-        };
-        caller.delivered.fetch_add(1, Relaxed);
-        caller.sent_up_to.fetch_max(task.id, Relaxed);
-        if let Some(tracked) = caller.cursor.get() {
-            // Saved with the cursor, at the next ack.
-            tracked.sent_up_to.fetch_max(task.id, Relaxed);
+        if let Source::Queue(slot) = &mut self.source {
+            // Each delivery has its own attempt number: encoded for it.
+            let (task, attempt) = slot.recv().await;
+            let msg = message(&task, attempt, self.epoch);
+            return sent(caller, &task, attempt, msg);
         }
-        tracing::trace!(task_id = task.id, attempt, "task sent");
-        ServerMsg {
-            task: task.text.clone(),
-            id: task.id,
-            attempt,
-            epoch: self.epoch,
-            retry: task.progress.retries(),
+        loop {
+            if let Some(msg) = self.try_next(caller) {
+                return msg;
+            }
+            if let Some(published) = self.published() {
+                published.await;
+            }
         }
     }
+
+    /// Broadcast: the next task for `caller` if one is ready now (`None`
+    /// in queue mode). The stream's fast path: no future per message.
+    pub(super) fn try_next(&mut self, caller: &CallGuard) -> Option<ServerMsg> {
+        let Source::Broadcast(subscription) = &mut self.source else {
+            return None;
+        };
+        let retain = self.config.borrow().tasks.retain;
+        let task = ready_broadcast(subscription, caller, retain)?;
+        if task.progress.record_delivery() {
+            self.store.record(Write::Delivered { id: task.id });
+        }
+        // The same bytes for every agent: encoded once, shared.
+        let msg = task
+            .wire
+            .get_or_init(|| ServerMsg::pre_encoded(&message(&task, 1, self.epoch)))
+            .clone();
+        Some(sent(caller, &task, 1, msg))
+    }
+
+    /// Broadcast: resolves when [`try_next`](Self::try_next) may have a task
+    /// again, after it found none.
+    pub(super) fn published(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        match &self.source {
+            Source::Broadcast(subscription) => Some(subscription.published()),
+            Source::Queue(_) => None,
+        }
+    }
+}
+
+/// `task` as sent on attempt `attempt`.
+fn message(task: &Task, attempt: u32, epoch: u64) -> ServerMsg {
+    ServerMsg {
+        task: task.text.clone(),
+        id: task.id,
+        attempt,
+        epoch,
+        retry: task.progress.retries(),
+        encoded: None,
+    }
+}
+
+/// Counts `task` as sent to `caller`; returns `msg`.
+fn sent(caller: &CallGuard, task: &Task, attempt: u32, msg: ServerMsg) -> ServerMsg {
+    caller.delivered.fetch_add(1, Relaxed);
+    caller.sent_up_to.fetch_max(task.id, Relaxed);
+    if let Some(tracked) = caller.cursor.get() {
+        // Saved with the cursor, at the next ack.
+        tracked.sent_up_to.fetch_max(task.id, Relaxed);
+    }
+    tracing::trace!(task_id = task.id, attempt, "task sent");
+    msg
 }
 
 impl Source {
@@ -115,13 +161,14 @@ impl Source {
     }
 }
 
-async fn next_broadcast(
+/// The next task for `caller` that is ready now, without waiting.
+fn ready_broadcast(
     subscription: &mut Subscription,
     caller: &CallGuard,
     retain: usize,
-) -> Arc<Task> {
+) -> Option<Arc<Task>> {
     loop {
-        match subscription.recv().await {
+        match subscription.try_recv()? {
             Delivery::Task(task) => {
                 // A cancelled task is not sent to anyone who has not had it.
                 let not_for_it = task.void
@@ -134,7 +181,7 @@ async fn next_broadcast(
                     if not_for_it {
                         continue;
                     }
-                    return task;
+                    return Some(task);
                 };
                 let mut cursor = tracked.cursor.lock();
                 if cursor.is_acked(task.id) {
@@ -148,7 +195,7 @@ async fn next_broadcast(
                     tracked.touch();
                     continue;
                 }
-                return task;
+                return Some(task);
             }
             Delivery::Skipped(skipped) => {
                 let missed = match caller.cursor.get() {

@@ -38,6 +38,9 @@ pub struct Task {
     /// A placeholder for an id whose task could not be stored: it keeps
     /// the ring's ids contiguous and is never delivered or listed.
     pub void: bool,
+    /// Broadcast mode: the task as every agent receives it, encoded once
+    /// (at its first delivery) and shared by every stream.
+    pub wire: std::sync::OnceLock<crate::proto::contact::ServerMsg>,
 }
 
 /// Where a task stands.
@@ -126,6 +129,7 @@ impl Task {
             target,
             progress: Progress::default(),
             void: false,
+            wire: std::sync::OnceLock::new(),
         }
     }
 
@@ -505,20 +509,39 @@ impl Subscription {
     /// Cancel-safe: dropping the future loses nothing.
     pub async fn recv(&mut self) -> Delivery {
         loop {
-            if let Some(task) = self.ready.pop_front() {
-                return Delivery::Task(task);
+            if let Some(delivery) = self.try_recv() {
+                return delivery;
             }
-            // Mark the current publish count as seen *before* reading the
-            // ring, so a publish after the read always wakes `changed()`.
-            self.published.borrow_and_update();
-            if let Some(skipped) = self.fill() {
-                return Delivery::Skipped(skipped);
-            }
-            if self.ready.is_empty() {
-                // The sender lives in the hub, which this subscription keeps
-                // alive, so this cannot fail.
-                let _ = self.published.changed().await;
-            }
+            self.published().await;
+        }
+    }
+
+    /// The next delivery if there is one now, without waiting; `None`:
+    /// wait with [`published`](Self::published), then try again.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        if let Some(task) = self.ready.pop_front() {
+            return Some(Delivery::Task(task));
+        }
+        // Mark the current publish count as seen *before* reading the
+        // ring, so a publish after the read always wakes `published()`.
+        self.published.borrow_and_update();
+        if let Some(skipped) = self.fill() {
+            return Some(Delivery::Skipped(skipped));
+        }
+        self.ready.pop_front().map(Delivery::Task)
+    }
+
+    /// Resolves when tasks were published after the last
+    /// [`try_recv`](Self::try_recv) that found none. Owns what it waits on
+    /// (a stream keeps it while it is idle, without borrowing the
+    /// subscription).
+    pub fn published(&self) -> impl Future<Output = ()> + Send + 'static {
+        // A clone has seen what the original has seen.
+        let mut published = self.published.clone();
+        async move {
+            // The sender lives in the hub, which the subscription keeps
+            // alive (a dropped subscription's wait ends with it).
+            let _ = published.changed().await;
         }
     }
 

@@ -275,6 +275,7 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
             attempt: 1,
             epoch: 7,
             retry: 0,
+            encoded: None,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),
@@ -521,6 +522,7 @@ async fn handlers_run_at_most_handler_concurrency_at_once() {
                 attempt: 1,
                 epoch: 7,
                 retry: 0,
+                encoded: None,
             })
             .collect(),
         drop_sessions: false,
@@ -580,6 +582,7 @@ async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
             attempt: 1,
             epoch: 7,
             retry: 0,
+            encoded: None,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),

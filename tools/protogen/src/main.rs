@@ -27,6 +27,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let files: Vec<&str> = PROTOS.iter().map(|(file, ..)| *file).collect();
     let fds = protox::compile(&files, [&proto_dir])?;
     tonic_prost_build::configure()
+        // Hand-written (src/proto/server_msg.rs): a broadcast task is
+        // encoded once and its bytes sent to every agent.
+        .extern_path(".ServerMsg", "crate::proto::server_msg::ServerMsg")
         .out_dir(&scratch)
         .compile_fds(fds.clone())?;
 
