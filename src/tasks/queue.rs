@@ -156,6 +156,10 @@ struct State {
     /// Tasks cancelled here, with the agent that held each (whose later
     /// ack is then told apart from a forged one), the latest `max_dead`.
     cancelled: VecDeque<(Arc<Task>, Option<Arc<str>>)>,
+    /// The ids of `cancelled` whose task an agent held, with that agent:
+    /// an ack of a task not in flight is looked up here, not by a scan of
+    /// `cancelled` under the queue's lock.
+    cancelled_holders: HashMap<u64, Arc<str>>,
     counters: Counters,
     store: Store,
 }
@@ -210,6 +214,7 @@ impl Queue {
                 next_slot: 1,
                 dead: VecDeque::new(),
                 cancelled: VecDeque::new(),
+                cancelled_holders: HashMap::new(),
                 counters: Counters::default(),
                 store,
             }),
@@ -314,9 +319,9 @@ impl Queue {
         let mut state = self.state.lock();
         let Some(flight) = state.in_flight.get(&id) else {
             let held_when_cancelled = state
-                .cancelled
-                .iter()
-                .any(|(t, holder)| t.id == id && holder.as_deref() == Some(by));
+                .cancelled_holders
+                .get(&id)
+                .is_some_and(|holder| &**holder == by);
             if held_when_cancelled {
                 return Err(AckRefusal::Cancelled);
             }
@@ -353,9 +358,14 @@ impl Queue {
             id,
             held: holder.is_some(),
         });
+        if let Some(holder) = &holder {
+            state.cancelled_holders.insert(id, Arc::clone(holder));
+        }
         state.cancelled.push_back((Arc::clone(&entry.task), holder));
         while state.cancelled.len() > state.limits.max_dead {
-            state.cancelled.pop_front();
+            if let Some((gone, _)) = state.cancelled.pop_front() {
+                state.cancelled_holders.remove(&gone.id);
+            }
         }
         state.dispatch();
         Ok((entry.task, commit))
