@@ -212,26 +212,37 @@ fn children_of(parent: i32, skip: &[i32]) -> Vec<ChildProcess> {
         .collect()
 }
 
-/// The children of `parent`'s threads, from their `children` files (a
-/// few short reads, where scanning /proc reads a file per process on the
-/// host, at every command's end); `None` without them (a kernel built
-/// without `CONFIG_PROC_CHILDREN`). Each child's stat is read again after.
+/// The children of `parent`, from the `children` files of its threads
+/// (a few short reads, where scanning /proc reads a file per process on
+/// the host, at every command's end); `None` without them (a kernel built
+/// without `CONFIG_PROC_CHILDREN`). Each child's stat is read after.
+///
+/// Orphans are given to a subreaper's first live thread, its main thread
+/// in the daemon (which lives as long as the process), and commands are
+/// running leaders, skipped anyway: so the main thread's file is read, and
+/// every thread's only when the main thread is gone.
 fn child_pids(parent: i32) -> Option<Vec<i32>> {
+    let parse = |text: String| -> Vec<i32> {
+        text.split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .collect()
+    };
+    let main = format!("/proc/{parent}/task/{parent}/children");
+    match std::fs::read_to_string(&main) {
+        Ok(text) => return Some(parse(text)),
+        // No such file in a thread that exists: the kernel lacks them.
+        Err(_) if std::path::Path::new(&format!("/proc/{parent}/task/{parent}")).exists() => {
+            return None;
+        }
+        Err(_) => {}
+    }
     let mut pids = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{parent}/task"))
         .ok()?
         .flatten()
     {
-        match std::fs::read_to_string(task.path().join("children")) {
-            Ok(text) => pids.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            ),
-            // The thread ended since the directory was read.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
-                return None;
-            }
-            Err(_) => {}
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            pids.extend(parse(text));
         }
     }
     Some(pids)
