@@ -79,6 +79,8 @@ pub struct Caller {
     pub refused_acks: AtomicU64,
     /// Limits the log lines about refused acks.
     ack_refusals: Budget,
+    /// Limits the log lines about a second connection under its name.
+    name_clashes: Budget,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
     /// Its refused calls that may reach the log (see
@@ -201,9 +203,27 @@ impl std::ops::Deref for CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.caller.open_calls.fetch_sub(1, Ordering::Relaxed);
-        self.caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+        let caller = &self.caller;
+        caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+        if caller.open_calls.fetch_sub(1, Ordering::Relaxed) != 1 {
+            return;
+        }
+        // Its last call ended: a fleet event (seed clients' at debug: each
+        // of their calls is a connection).
+        let connected = caller.connected_since().elapsed().unwrap_or_default();
+        let connected_for = humantime::format_duration(Duration::from_secs(connected.as_secs()));
+        let address = shown_address(caller.address());
+        if caller.named {
+            tracing::info!(agent = %caller.id, %address, %connected_for, "agent disconnected");
+        } else {
+            tracing::debug!(caller = %caller.id, %address, %connected_for, "seed client disconnected");
+        }
     }
+}
+
+/// A peer address for a log line (`-`: unknown, as over a unix socket).
+pub fn shown_address(address: Option<SocketAddr>) -> String {
+    address.map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
 
 impl Callers {
@@ -258,13 +278,35 @@ impl Callers {
             }
         };
         drop(map);
-        if caller.open_calls.fetch_add(1, Ordering::Relaxed) == 0 {
+        let was_open = caller.open_calls.fetch_add(1, Ordering::Relaxed) > 0;
+        let previous = match address {
+            Some(_) => std::mem::replace(&mut *caller.address.lock(), address),
+            None => None,
+        };
+        caller.last_active.store(tick, Ordering::Relaxed);
+        if !was_open {
             *caller.connected_since.lock() = SystemTime::now();
             caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
-        }
-        caller.last_active.store(tick, Ordering::Relaxed);
-        if address.is_some() {
-            *caller.address.lock() = address;
+            let address = shown_address(address);
+            if named {
+                tracing::info!(agent = %caller.id, %address, "agent connected");
+            } else {
+                tracing::debug!(caller = %caller.id, %address, "seed client connected");
+            }
+        } else if named && previous.is_some() && address.is_some() && previous != address {
+            // One agent's calls share its connection (one address): this
+            // one came over another, while the first is open.
+            caller.name_clashes.hit(|clashes| {
+                tracing::warn!(
+                    agent = %caller.id,
+                    address = %shown_address(address),
+                    other_address = %shown_address(previous),
+                    clashes,
+                    "a second connection uses the name of a connected agent: two agents share \
+                     the name (their rows and counters merge), or it reconnected before its old \
+                     connection was found dead"
+                );
+            });
         }
         CallGuard {
             caller,
@@ -332,6 +374,7 @@ impl Caller {
             sent_up_to: AtomicU64::new(0),
             refused_acks: AtomicU64::new(0),
             ack_refusals: Budget::every(WARN_EVERY),
+            name_clashes: Budget::every(WARN_EVERY),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
         }

@@ -54,6 +54,15 @@ impl Feed {
         if let Source::Queue(slot) = &mut self.source {
             // Each delivery has its own attempt number: encoded for it.
             let (task, attempt) = slot.recv().await;
+            if attempt > 1 {
+                tracing::info!(
+                    agent = %caller.id,
+                    address = %super::callers::shown_address(caller.address()),
+                    task_id = task.id,
+                    attempt,
+                    "task redelivered"
+                );
+            }
             let msg = message(&task, attempt, self.epoch);
             return sent(caller, &task, attempt, msg);
         }

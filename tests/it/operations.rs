@@ -401,3 +401,74 @@ async fn json_lines_and_excluded_messages() {
         "excluded: {messages:?}"
     );
 }
+
+/// A getTask stream of the agent `name` on `channel`.
+async fn subscribe(
+    channel: Channel,
+    name: &str,
+) -> tonic::Streaming<contactd::proto::contact::ServerMsg> {
+    let mut request = tonic::Request::new(Empty {});
+    request
+        .metadata_mut()
+        .insert(contactd::proto::AGENT_HEADER, name.parse().unwrap());
+    let mut client = ContactClient::new(channel);
+    within("getTask", client.get_task(request))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_events_are_logged_at_info_with_the_agents_name_and_address() {
+    let mut daemon = Daemon::start("[tasks]\nbatch = 0\n");
+    let first = subscribe(channel(&daemon).await, "web1").await;
+    let connected = daemon.wait_for_line("agent connected");
+    assert!(connected.contains("INFO"), "{connected}");
+    assert_eq!(field(&connected, "agent"), "web1");
+    let address = field(&connected, "address");
+    assert!(address.starts_with("127.0.0.1:"), "{connected}");
+
+    // The same name over a second connection, while the first is open.
+    let second = subscribe(channel(&daemon).await, "web1").await;
+    let clash = daemon.wait_for_line("a second connection uses the name");
+    assert!(clash.contains("WARN"), "{clash}");
+    assert_eq!(field(&clash, "other_address"), address);
+    assert_ne!(field(&clash, "address"), address);
+
+    drop((first, second));
+    let gone = daemon.wait_for_line("agent disconnected");
+    assert!(gone.contains("INFO"), "{gone}");
+    assert_eq!(field(&gone, "agent"), "web1");
+    assert!(!field(&gone, "connected_for").is_empty(), "{gone}");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
+    let mut daemon = Daemon::start("[tasks]\nmode = \"queue\"\nbatch = 0\n");
+    let socket = daemon.dir.path().join("admin.sock");
+    let mut admin = within("admin", contactd::ctl::connect(&socket))
+        .await
+        .unwrap();
+    common::submit(&mut admin, "once", "").await;
+    let mut first = subscribe(channel(&daemon).await, "w1").await;
+    let task = within("the task", first.message()).await.unwrap().unwrap();
+    assert_eq!(task.attempt, 1);
+    // w1 goes away without acking: the task goes to w2, as attempt 2.
+    drop(first);
+    daemon.wait_for_line("agent disconnected");
+    let mut second = subscribe(channel(&daemon).await, "w2").await;
+    let again = within("the task again", second.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id, again.attempt), (task.id, 2));
+    let line = daemon.wait_for_line("task redelivered");
+    assert!(line.contains("INFO"), "{line}");
+    assert_eq!(field(&line, "agent"), "w2");
+    assert_eq!(field(&line, "attempt"), "2");
+    drop(second);
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
