@@ -435,6 +435,11 @@ fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Log
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");
     }
+    let changed = crate::config::changed_keys(&*old, &new);
     config_tx.send_replace(Arc::new(new));
-    tracing::info!(path = %source.path().display(), "config reloaded");
+    tracing::info!(
+        path = %source.path().display(),
+        changed = %crate::config::shown_keys(&changed),
+        "config reloaded"
+    );
 }

@@ -92,6 +92,14 @@ fn reload(source: &Source, config_tx: &watch::Sender<Arc<AgentConfig>>, logging:
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");
     }
+    let changed: Vec<String> = crate::config::changed_keys(&*old, &new.agent)
+        .into_iter()
+        .map(|key| format!("agent.{key}"))
+        .collect();
     config_tx.send_replace(Arc::new(new.agent));
-    tracing::info!(path = %source.path().display(), "config reloaded");
+    tracing::info!(
+        path = %source.path().display(),
+        changed = %crate::config::shown_keys(&changed),
+        "config reloaded"
+    );
 }

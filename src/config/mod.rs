@@ -985,6 +985,48 @@ impl Source {
     }
 }
 
+/// The dotted keys whose values differ between `old` and `new`, sorted
+/// (a key on one side only counts as changed): what a reload's log line
+/// names. Values are not shown (a token file path is harmless, but the
+/// line is about which settings moved).
+pub fn changed_keys<T: Serialize>(old: &T, new: &T) -> Vec<String> {
+    fn diff(prefix: &str, old: &toml::Value, new: &toml::Value, keys: &mut Vec<String>) {
+        match (old, new) {
+            (toml::Value::Table(a), toml::Value::Table(b)) => {
+                let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for name in names {
+                    let key = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    match (a.get(name), b.get(name)) {
+                        (Some(x), Some(y)) => diff(&key, x, y, keys),
+                        _ => keys.push(key),
+                    }
+                }
+            }
+            _ if old != new => keys.push(prefix.to_owned()),
+            _ => {}
+        }
+    }
+    let (Ok(old), Ok(new)) = (toml::Value::try_from(old), toml::Value::try_from(new)) else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    diff("", &old, &new, &mut keys);
+    keys
+}
+
+/// [`changed_keys`] for a log field: comma-separated, or `none`.
+pub fn shown_keys(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "none".to_owned()
+    } else {
+        keys.join(",")
+    }
+}
+
 /// A config as TOML, as `check-config` prints it.
 pub fn to_toml<T: Serialize>(config: &T) -> String {
     toml::to_string_pretty(config).expect("configs serialize to TOML")
@@ -993,6 +1035,25 @@ pub fn to_toml<T: Serialize>(config: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_keys_name_what_moved_and_nothing_else() {
+        let old = Config::default();
+        assert!(changed_keys(&old, &old).is_empty());
+        let mut new = old.clone();
+        new.tasks.batch += 1;
+        new.log.level = "debug".into();
+        new.store.path = Some("/tmp/x.db".into());
+        assert_eq!(
+            changed_keys(&old, &new),
+            ["log.level", "store.path", "tasks.batch"]
+        );
+        assert_eq!(
+            shown_keys(&changed_keys(&old, &new)),
+            "log.level,store.path,tasks.batch"
+        );
+        assert_eq!(shown_keys(&[]), "none");
+    }
 
     #[test]
     fn defaults_are_valid_and_round_trip() {

@@ -134,7 +134,8 @@ async fn sighup_applies_a_new_interval_and_level_without_dropping_streams() {
         .replace("\"info\"", "\"debug\"");
     std::fs::write(daemon.config_path(), faster).unwrap();
     daemon.signal(Signal::SIGHUP);
-    daemon.wait_for_line("config reloaded");
+    let reloaded = daemon.wait_for_line("config reloaded");
+    assert_eq!(field(&reloaded, "changed"), "log.level,tasks.interval");
     for id in 2..=4 {
         let task = within("a task at the new interval", tasks.message())
             .await
