@@ -7,6 +7,7 @@ mod common;
 
 mod agent;
 mod cli;
+mod cmd;
 mod contact;
 mod delivery;
 mod fleet;
