@@ -171,3 +171,27 @@ async fn no_commands_is_a_usage_error() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn results_into_a_closed_pipe_end_quietly_with_the_commands_exit_code() {
+    // And `health`'s SERVING line: its exit code is what counts.
+    let server = TestServer::start(with_commands(ALLOW)).await;
+    let addr = server.addr.to_string();
+    for (args, code) in [
+        (vec!["cmd", "--addr", &addr, "echo a", "echo b"], 0),
+        (vec!["cmd", "--addr", &addr, "--json", "false"], 1),
+        (vec!["health", "--addr", &addr], 0),
+    ] {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let out = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::cli::with_closed_stdout(&args, dir.path())
+        });
+        let out = within("contactd cmd", out).await.unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        assert!(stderr.is_empty(), "{stderr}");
+    }
+    server.stop().await;
+}
