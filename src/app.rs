@@ -154,14 +154,17 @@ pub fn start_daemon(
     Ok((logging, runtime))
 }
 
-/// The admin socket: `--socket`, else the server config's `[admin] socket`.
+/// The admin socket: `--socket`, else the server config's `[admin] socket`,
+/// the only key read: a problem elsewhere in the file (a key from a newer
+/// contactd, a value being edited) is the server's to report, not a reason
+/// to refuse an operator.
 fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
     if let Some(socket) = &args.socket {
         return Ok(socket.clone());
     }
     let source = Source::new(args.config.clone(), DEFAULT_PATH);
-    let (config, _) = source.load_or_default::<Config>()?;
-    Ok(config.admin.socket)
+    let (view, _) = source.load_or_default::<config::peek::AdminView>()?;
+    Ok(view.admin.socket)
 }
 
 /// `task submit`.

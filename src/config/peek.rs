@@ -3,11 +3,39 @@
 //! refuse for some unrelated key (one written for a newer contactd, or
 //! being edited), so only the keys asked for are checked.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
-use super::{ConfigFile, ServerConfig, units};
+use super::{AdminConfig, ConfigFile, ServerConfig, units};
+
+/// `[admin] socket` alone, for the operator commands (`contactd tasks -c`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AdminView {
+    pub admin: SocketOnly,
+}
+
+/// `[admin]`, only `socket`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct SocketOnly {
+    pub socket: PathBuf,
+}
+
+impl Default for SocketOnly {
+    fn default() -> Self {
+        SocketOnly {
+            socket: AdminConfig::default().socket,
+        }
+    }
+}
+
+impl ConfigFile for AdminView {
+    fn validate(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
 
 /// `[server] listen` alone, for `contactd cmd -c`.
 #[derive(Debug, Default, Deserialize)]
@@ -68,5 +96,19 @@ mod tests {
         assert_eq!(view.client_addr(), "[::1]:7000".parse().unwrap());
         let view: ListenView = parse("").unwrap();
         assert_eq!(view.client_addr(), "127.0.0.1:55555".parse().unwrap());
+    }
+
+    #[test]
+    fn only_the_admin_socket_is_read() {
+        let view: AdminView = parse(
+            "[server]\nlisten = \"nowhere\"\n[admin]\nsocket = \"/tmp/a.sock\"\nenabled = 3\n\
+             [newer]\nx = 1\n",
+        )
+        .unwrap();
+        assert_eq!(view.admin.socket, PathBuf::from("/tmp/a.sock"));
+        let view: AdminView = parse("").unwrap();
+        assert_eq!(view.admin.socket, AdminConfig::default().socket);
+        let problems = parse::<AdminView>("[admin]\nsocket = 3\n").unwrap_err();
+        assert_eq!(problems[0].key.as_deref(), Some("admin.socket"));
     }
 }

@@ -25,7 +25,7 @@ use crate::proto::admin::{
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("cannot reach the admin socket {}: {source} (is contactd running, and may you open the socket?)", .path.display())]
+    #[error("{}", connect_message(.path, .source))]
     Connect {
         path: PathBuf,
         #[source]
@@ -37,6 +37,35 @@ pub enum CtlError {
     Runtime(#[source] std::io::Error),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+}
+
+/// Why the admin socket could not be reached, with what to do about it.
+fn connect_message(path: &Path, error: &tonic::transport::Error) -> String {
+    use std::io::ErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut kind = None;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            kind = Some(io.kind());
+            break;
+        }
+        source = e.source();
+    }
+    match kind {
+        Some(ErrorKind::PermissionDenied) => format!(
+            "cannot open the admin socket {}: permission denied: add your user to group \
+             contactd (or run as root)",
+            path.display()
+        ),
+        Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            format!("no socket at {}: is contactd running?", path.display())
+        }
+        _ => format!(
+            "cannot reach the admin socket {}: {}",
+            path.display(),
+            crate::error_chain(error)
+        ),
+    }
 }
 
 /// Writes a command's output to stdout through a handle. A reader that went

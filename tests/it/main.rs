@@ -9,6 +9,7 @@ mod agent;
 mod cli;
 mod cmd;
 mod contact;
+mod ctl;
 mod delivery;
 mod fleet;
 mod history;
