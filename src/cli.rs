@@ -194,8 +194,12 @@ pub struct TaskIdArgs {
 /// `contactd task submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// The task's text, as agents receive it
-    pub text: String,
+    /// The task's text, as agents receive it; `-` reads it from stdin
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub text: Option<String>,
+    /// Read the task's text from this file (its final newlines are dropped, as from stdin)
+    #[arg(short, long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
     /// Only this agent receives the task
     #[arg(long, value_name = "NAME")]
     pub agent: Option<String>,

@@ -130,22 +130,38 @@ fn block_on<T>(future: impl Future<Output = Result<T, CtlError>>) -> Result<T, C
 /// The socket cannot be reached, or the server refuses.
 pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Result<(), CtlError> {
     let id = block_on(async {
+        let mut client = connect(socket).await?;
+        if let Some(agent) = agent {
+            warn_if_unknown(&mut client, agent).await?;
+        }
         let request = SubmitTaskRequest {
             text: text.to_owned(),
             agent: agent.unwrap_or_default().to_owned(),
         };
-        Ok(connect(socket)
-            .await?
-            .submit_task(request)
-            .await?
-            .into_inner()
-            .id)
+        Ok(client.submit_task(request).await?.into_inner().id)
     })?;
     if json {
         print(&format!("{}\n", serde_json::json!({ "id": id })))
     } else {
         print(&format!("submitted task {id}\n"))
     }
+}
+
+/// Warns on stderr when the server has never seen `agent`: a typo would
+/// otherwise leave the task waiting, unnoticed, for an agent that never comes.
+async fn warn_if_unknown(client: &mut AdminClient<Channel>, agent: &str) -> Result<(), CtlError> {
+    let agents = client
+        .list_agents(ListAgentsRequest {})
+        .await?
+        .into_inner()
+        .agents;
+    if !agents.iter().any(|a| a.name == agent) {
+        eprintln!(
+            "warning: no agent named {agent:?} has connected to this server: the task waits \
+             until one does (check the name with `contactd agents`)"
+        );
+    }
+    Ok(())
 }
 
 /// One agent, as `contactd agents --json` prints it.

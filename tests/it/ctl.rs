@@ -132,3 +132,128 @@ async fn a_socket_the_user_may_not_open_says_which_group_to_join() {
         )
     );
 }
+
+/// Runs `contactd task submit ARGS... --socket S` with `stdin` as input.
+async fn submit(server: &TestServer, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let socket = server.admin_socket();
+    let mut command = contactd(&["task", "submit"]);
+    command
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let stdin = stdin.to_owned();
+    within(
+        "contactd task submit",
+        tokio::task::spawn_blocking(move || {
+            let mut child = command.spawn().expect("run contactd");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+/// A config where only submitted tasks exist.
+fn manual_tasks() -> Config {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config
+}
+
+async fn task_texts(server: &TestServer) -> Vec<String> {
+    let mut admin = server.admin().await;
+    let request = contactd::proto::admin::ListTasksRequest::default();
+    let tasks = admin.list_tasks(request).await.unwrap().into_inner().tasks;
+    tasks.into_iter().map(|t| t.text).collect()
+}
+
+#[tokio::test]
+async fn task_text_comes_from_the_argument_stdin_or_a_file() {
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.txt");
+    std::fs::write(&file, "line one\nline two\n\n").unwrap();
+    for (args, stdin) in [
+        (&["from the argument"][..], ""),
+        (&["-"], "from stdin\n"),
+        (&["--file", file.to_str().unwrap()], ""),
+    ] {
+        let out = submit(&server, args, stdin).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    }
+    assert_eq!(
+        task_texts(&server).await,
+        ["from the argument", "from stdin", "line one\nline two"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn empty_task_text_is_a_usage_error() {
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.txt");
+    std::fs::write(&file, "\n\n").unwrap();
+    for (args, stdin, from) in [
+        (&[""][..], "", "the argument"),
+        (&["  "], "", "the argument"),
+        (&["-"], "", "stdin"),
+        (&["-"], "\n", "stdin"),
+        (&["--file", file.to_str().unwrap()], "", "the file"),
+    ] {
+        let out = submit(&server, args, stdin).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with(&format!("contactd: the task's text from {from} is empty")),
+            "{stderr}"
+        );
+    }
+    assert!(task_texts(&server).await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn submitting_to_an_agent_never_seen_warns() {
+    use contactd::proto::{AGENT_HEADER, contact::Empty, contact::contact_client::ContactClient};
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let out = submit(&server, &["uptime", "--agent", "web9"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("warning: no agent named \"web9\" has connected to this server"),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "submitted task 1\n");
+
+    // Once web1 has connected, no warning.
+    let mut client = ContactClient::new(server.channel().await);
+    let mut request = tonic::Request::new(Empty {});
+    request
+        .metadata_mut()
+        .insert(AGENT_HEADER, "web1".parse().unwrap());
+    let _stream = within("getTask", client.get_task(request)).await.unwrap();
+    let out = submit(&server, &["uptime", "--agent", "web1"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    server.stop().await;
+}
