@@ -62,6 +62,10 @@ pub enum AppError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The command line (or the input it names) cannot be used: exit 2, as
+    /// clap's own usage errors.
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -94,6 +98,7 @@ impl AppError {
             {
                 EX_CONFIG
             }
+            AppError::Usage(_) => 2,
             _ => 1,
         }
     }
@@ -154,14 +159,17 @@ pub fn start_daemon(
     Ok((logging, runtime))
 }
 
-/// The admin socket: `--socket`, else the server config's `[admin] socket`.
+/// The admin socket: `--socket`, else the server config's `[admin] socket`,
+/// the only key read: a problem elsewhere in the file (a key from a newer
+/// contactd, a value being edited) is the server's to report, not a reason
+/// to refuse an operator.
 fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
     if let Some(socket) = &args.socket {
         return Ok(socket.clone());
     }
     let source = Source::new(args.config.clone(), DEFAULT_PATH);
-    let (config, _) = source.load_or_default::<Config>()?;
-    Ok(config.admin.socket)
+    let (view, _) = source.load_or_default::<config::peek::AdminView>()?;
+    Ok(view.admin.socket)
 }
 
 /// `task submit`.
@@ -169,13 +177,42 @@ fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
 /// # Errors
 /// A bad config, an unreachable socket, or a refusal.
 pub fn submit_task(args: &SubmitArgs) -> Result<(), AppError> {
+    let text = task_text(args)?;
     let socket = admin_socket(&args.admin)?;
     Ok(ctl::submit(
         &socket,
-        &args.text,
+        &text,
         args.agent.as_deref(),
         args.admin.json,
     )?)
+}
+
+/// The text of `task submit`: the argument, stdin for `-`, or `--file`'s
+/// content, without the final newlines a file or `echo` adds.
+fn task_text(args: &SubmitArgs) -> Result<String, AppError> {
+    use std::io::Read;
+    let (text, from) = match (&args.text, &args.file) {
+        (Some(text), _) if text != "-" => (text.clone(), "the argument"),
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| AppError::Usage(format!("cannot read {}: {e}", path.display())))?;
+            (text, "the file")
+        }
+        _ => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| AppError::Usage(format!("cannot read stdin: {e}")))?;
+            (text, "stdin")
+        }
+    };
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.trim().is_empty() {
+        return Err(AppError::Usage(format!(
+            "the task's text from {from} is empty: give the text, `-` for stdin, or --file PATH"
+        )));
+    }
+    Ok(text.to_owned())
 }
 
 /// `task show`.

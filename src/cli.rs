@@ -17,6 +17,8 @@ use clap::{Args, Parser, Subcommand};
                                     check an agent config file
   contactd health --addr 127.0.0.1:55555
                                     exit 0 if the server is SERVING
+  contactd cmd 'ip link show' uptime
+                                    run allow-listed commands on the server
   contactd task submit 'uptime' --agent web1
   contactd task show 42             one task: each agent's state and latest result
   contactd task retry 42            queue mode: run a failed or dead task again
@@ -42,7 +44,14 @@ pub enum Command {
     Agent(AgentArgs),
     /// Probe a server's health, for monitoring: exit 0 SERVING, 1 bad arguments,
     /// 2 connection failure, 3 RPC failure or timeout, 4 not serving.
+    ///
+    /// Bad arguments exit 1 here, where every other command exits 2: these are
+    /// grpc_health_probe's codes, which monitoring checks rely on.
     Health(HealthArgs),
+    /// Run allow-listed commands on the server (remoteCMD), several at once,
+    /// printing each result as it comes: exit 0 all succeeded, 1 any failed
+    /// or was refused, 2 no connection or a usage error.
+    Cmd(CmdArgs),
     /// Operator commands on tasks (through the server's admin socket).
     #[command(subcommand)]
     Task(TaskCommand),
@@ -185,8 +194,12 @@ pub struct TaskIdArgs {
 /// `contactd task submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// The task's text, as agents receive it
-    pub text: String,
+    /// The task's text, as agents receive it; `-` reads it from stdin
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub text: Option<String>,
+    /// Read the task's text from this file (its final newlines are dropped, as from stdin)
+    #[arg(short, long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
     /// Only this agent receives the task
     #[arg(long, value_name = "NAME")]
     pub agent: Option<String>,
@@ -233,6 +246,13 @@ pub struct HealthArgs {
     /// How long to wait for the connection and for the answer
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How to reach the Contact port over TLS (`health`, `cmd`).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
     /// Use TLS (implied by the other --tls-* options)
     #[arg(long)]
     pub tls: bool,
@@ -253,9 +273,9 @@ pub struct HealthArgs {
     pub tls_no_verify: bool,
 }
 
-impl HealthArgs {
+impl TlsArgs {
     /// The TLS settings, if any --tls option is given.
-    pub fn tls(&self) -> Option<crate::tls::ClientTls> {
+    pub fn client(&self) -> Option<crate::tls::ClientTls> {
         let any = self.tls
             || self.tls_ca_cert.is_some()
             || self.tls_client_cert.is_some()
@@ -269,6 +289,52 @@ impl HealthArgs {
             no_verify: self.tls_no_verify,
         })
     }
+}
+
+/// `contactd cmd`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 every command succeeded, 1 one or more failed or were \
+refused, 2 no connection (or a usage error).
+
+Examples:
+  contactd cmd 'ip link show' 'uptime'
+  contactd cmd -f commands.txt --parallel 4 --json
+  echo uptime | contactd cmd -f - --token-file ~/.contactd-token"
+)]
+pub struct CmdArgs {
+    /// The commands, one argument each (quote them: `'ip link show'`); numbered from 1 in
+    /// this order (each call's index)
+    #[arg(
+        value_name = "COMMAND",
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    pub commands: Vec<String>,
+    /// Read the commands from FILE (`-` for stdin), one a line; empty lines are skipped
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Server address [default: the config's server.listen (a wildcard address means
+    /// loopback), else 127.0.0.1:55555]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "config")]
+    pub addr: Option<String>,
+    /// The server's config file, to find its address
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Commands in flight at once
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub parallel: u32,
+    /// How long to wait for the connection, and for each command's answer
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Send this file's token (`contactd token create --role operator`)
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Print one JSON object at the end, `{"results": [...]}`, for scripts
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

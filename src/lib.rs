@@ -21,6 +21,7 @@
 //! - [`remote_cmd`]: allow-list matching and bounded command execution.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
+//! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
 //! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
 //! - [`app`]: the commands behind the CLI, wiring the above.
 //! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod ctl;
 pub mod logging;

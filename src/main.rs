@@ -7,7 +7,7 @@ use clap::Parser;
 use contactd::{
     agent, app,
     cli::{Cli, Command, ConfigArgs, StoreCommand, TaskCommand, TlsCommand, TokenCommand},
-    probe,
+    cmd, probe,
 };
 
 fn main() -> ExitCode {
@@ -30,9 +30,10 @@ fn main() -> ExitCode {
         }),
         Command::Agent(args) => agent::command::agent(args.config.clone()),
         Command::Health(args) => {
-            let tls = args.tls();
+            let tls = args.tls.client();
             return probe::run(&args.addr, &args.service, args.timeout, tls.as_ref());
         }
+        Command::Cmd(args) => return cmd::run(args),
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
         Command::Task(TaskCommand::Show(args)) => app::show_task(args),
         Command::Task(TaskCommand::Cancel(args)) => app::cancel_task(args),

@@ -39,11 +39,55 @@ pub fn run(addr: &str, service: &str, timeout: Duration, tls: Option<&ClientTls>
     };
     let (code, message) = runtime.block_on(check(addr, service, timeout, tls));
     if code == exit::SERVING {
-        println!("{message}");
+        // A closed stdout is not the probe's failure: the code says it all.
+        let _ = crate::ctl::write_out(&format!("{message}\n"));
     } else {
         eprintln!("{message}");
     }
     ExitCode::from(code)
+}
+
+/// Why [`dial`] made no connection, in a line for the user.
+#[derive(Debug)]
+pub enum Dial {
+    /// The address or the TLS files cannot be used.
+    BadArguments(String),
+    /// The server could not be reached (or its TLS handshake failed).
+    Failed(String),
+}
+
+/// Connects to the Contact port at `addr` (over TLS with `tls`), within
+/// `timeout`; calls on the channel time out after `timeout` too.
+///
+/// # Errors
+/// A bad address or TLS file, or no connection.
+pub async fn dial(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<tonic::transport::Channel, Dial> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| Dial::BadArguments(format!("error: invalid address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let tls = match tls.map(|tls| crate::tls::for_url(endpoint.uri(), tls)) {
+        None => None,
+        Some(Ok(tls)) => tls,
+        Some(Err(e)) => return Err(Dial::BadArguments(format!("error: TLS: {e}"))),
+    };
+    let connect = crate::tls::connect(endpoint, tls);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(Dial::Failed(format!(
+            "error: failed to connect to {addr}: {}",
+            crate::error_chain(&e)
+        ))),
+        Err(_) => Err(Dial::Failed(format!(
+            "error: timed out connecting to {addr} after {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
 }
 
 async fn check(
@@ -52,42 +96,10 @@ async fn check(
     timeout: Duration,
     tls: Option<&ClientTls>,
 ) -> (u8, String) {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let endpoint = match Endpoint::from_shared(format!("{scheme}://{addr}")) {
-        Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
-        Err(e) => {
-            return (
-                exit::BAD_ARGUMENTS,
-                format!("error: invalid address {addr:?}: {e}"),
-            );
-        }
-    };
-    let tls = match tls.map(|tls| crate::tls::for_url(endpoint.uri(), tls)) {
-        None => None,
-        Some(Ok(tls)) => tls,
-        Some(Err(e)) => return (exit::BAD_ARGUMENTS, format!("error: TLS: {e}")),
-    };
-    let connect = crate::tls::connect(endpoint, tls);
-    let channel = match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => {
-            return (
-                exit::CONNECTION_FAILURE,
-                format!(
-                    "error: failed to connect to {addr}: {}",
-                    crate::error_chain(&e)
-                ),
-            );
-        }
-        Err(_) => {
-            return (
-                exit::CONNECTION_FAILURE,
-                format!(
-                    "error: timed out connecting to {addr} after {}",
-                    humantime::format_duration(timeout)
-                ),
-            );
-        }
+    let channel = match dial(addr, timeout, tls).await {
+        Ok(channel) => channel,
+        Err(Dial::BadArguments(message)) => return (exit::BAD_ARGUMENTS, message),
+        Err(Dial::Failed(message)) => return (exit::CONNECTION_FAILURE, message),
     };
     let request = HealthCheckRequest {
         service: service.to_owned(),

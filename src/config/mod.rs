@@ -7,6 +7,7 @@
 
 pub mod agent;
 mod load;
+pub mod peek;
 pub mod units;
 
 use std::{

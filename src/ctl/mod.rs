@@ -25,7 +25,7 @@ use crate::proto::admin::{
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("cannot reach the admin socket {}: {source} (is contactd running, and may you open the socket?)", .path.display())]
+    #[error("{}", connect_message(.path, .source))]
     Connect {
         path: PathBuf,
         #[source]
@@ -37,6 +37,35 @@ pub enum CtlError {
     Runtime(#[source] std::io::Error),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+}
+
+/// Why the admin socket could not be reached, with what to do about it.
+fn connect_message(path: &Path, error: &tonic::transport::Error) -> String {
+    use std::io::ErrorKind;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut kind = None;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            kind = Some(io.kind());
+            break;
+        }
+        source = e.source();
+    }
+    match kind {
+        Some(ErrorKind::PermissionDenied) => format!(
+            "cannot open the admin socket {}: permission denied: add your user to group \
+             contactd (or run as root)",
+            path.display()
+        ),
+        Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            format!("no socket at {}: is contactd running?", path.display())
+        }
+        _ => format!(
+            "cannot reach the admin socket {}: {}",
+            path.display(),
+            crate::error_chain(error)
+        ),
+    }
 }
 
 /// Writes a command's output to stdout through a handle. A reader that went
@@ -101,22 +130,38 @@ fn block_on<T>(future: impl Future<Output = Result<T, CtlError>>) -> Result<T, C
 /// The socket cannot be reached, or the server refuses.
 pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Result<(), CtlError> {
     let id = block_on(async {
+        let mut client = connect(socket).await?;
+        if let Some(agent) = agent {
+            warn_if_unknown(&mut client, agent).await?;
+        }
         let request = SubmitTaskRequest {
             text: text.to_owned(),
             agent: agent.unwrap_or_default().to_owned(),
         };
-        Ok(connect(socket)
-            .await?
-            .submit_task(request)
-            .await?
-            .into_inner()
-            .id)
+        Ok(client.submit_task(request).await?.into_inner().id)
     })?;
     if json {
         print(&format!("{}\n", serde_json::json!({ "id": id })))
     } else {
         print(&format!("submitted task {id}\n"))
     }
+}
+
+/// Warns on stderr when the server has never seen `agent`: a typo would
+/// otherwise leave the task waiting, unnoticed, for an agent that never comes.
+async fn warn_if_unknown(client: &mut AdminClient<Channel>, agent: &str) -> Result<(), CtlError> {
+    let agents = client
+        .list_agents(ListAgentsRequest {})
+        .await?
+        .into_inner()
+        .agents;
+    if !agents.iter().any(|a| a.name == agent) {
+        eprintln!(
+            "warning: no agent named {agent:?} has connected to this server: the task waits \
+             until one does (check the name with `contactd agents`)"
+        );
+    }
+    Ok(())
 }
 
 /// One agent, as `contactd agents --json` prints it.

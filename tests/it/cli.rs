@@ -146,3 +146,72 @@ fn an_unwritable_log_directory_is_a_clear_start_up_error_and_exits_78() {
         "{stderr}"
     );
 }
+
+#[test]
+fn usage_errors_exit_2_but_health_exits_1_as_grpc_health_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["serve", "--bogus"][..],
+        &["check-config", "--bogus"],
+        &["agent", "--bogus"],
+        &["cmd", "--bogus", "true"],
+        &["cmd"],
+        &["task", "submit"],
+        &["task", "show", "not-a-number"],
+        &["agents", "--bogus"],
+        &["tasks", "--state", "sleeping"],
+        &["tls", "issue", "web1"],
+        &["token", "create", "web1"],
+        &["store", "backup"],
+        &["no-such-command"],
+    ] {
+        let out = contactd(args, dir.path());
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = contactd(&["health", "--bogus"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = contactd(&["health", "--help"], dir.path());
+    assert!(
+        text(&out.stdout).contains("grpc_health_probe"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// Runs `contactd ARGS...` with its stdout a pipe whose reader is closed
+/// before it starts, as `| head` is once it has read enough: every write
+/// fails with EPIPE.
+pub fn with_closed_stdout(args: &[&str], dir: &Path) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CONTACTD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(writer)
+        .output()
+        .expect("run contactd")
+}
+
+#[test]
+fn help_and_version_into_a_closed_pipe_end_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["help", "tasks"],
+        &["health", "--help"],
+        &["check-config"],
+    ] {
+        let out = with_closed_stdout(args, dir.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

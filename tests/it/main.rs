@@ -7,7 +7,9 @@ mod common;
 
 mod agent;
 mod cli;
+mod cmd;
 mod contact;
+mod ctl;
 mod delivery;
 mod fleet;
 mod history;

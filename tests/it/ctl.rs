@@ -1,0 +1,259 @@
+//! The operator commands (`tasks`, `agents`, `task …`) as the real binary:
+//! how they find the admin socket, and what they say when they cannot
+//! reach it.
+
+use std::{
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        process::CommandExt,
+    },
+    process::{Command, Output},
+};
+
+use contactd::config::Config;
+
+use crate::common::{TestServer, within};
+
+fn contactd(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_contactd"));
+    command
+        .args(args)
+        .env_remove("CONTACTD_CONFIG")
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `command` off the test's runtime, within the tests' limit.
+async fn output(mut command: Command) -> Output {
+    within(
+        "contactd",
+        tokio::task::spawn_blocking(move || command.output().expect("run contactd")),
+    )
+    .await
+    .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn operator_commands_read_only_the_admin_socket_from_the_config() {
+    let server = TestServer::start(Config::default()).await;
+    server.admin().await; // bound and accepting
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("contactd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"not an address\"\nfrom_a_newer_contactd = true\n\
+             [tasks]\ninterval = -1\n[admin]\nsocket = \"{}\"\n",
+            server.admin_socket().display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for args in [
+        &["agents", "-c", config][..],
+        &["tasks", "-c", config],
+        &["task", "submit", "uptime", "-c", config],
+    ] {
+        let out = output(contactd(args)).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // `serve` and `check-config` still check every key.
+    let out = output(contactd(&["check-config", "-c", config])).await;
+    assert_eq!(out.status.code(), Some(78));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn no_socket_says_whether_contactd_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("admin.sock");
+    let out = output(contactd(&["tasks", "--socket", missing.to_str().unwrap()])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contactd: no socket at {}: is contactd running?\n",
+            missing.display()
+        )
+    );
+    // A socket file nobody listens on (a server that died): the same.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let out = output(contactd(&["agents", "--socket", stale.to_str().unwrap()])).await;
+    assert!(
+        text(&out.stderr).contains("is contactd running?"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_socket_the_user_may_not_open_says_which_group_to_join() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("admin.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut command = contactd(&["tasks", "--socket", socket.to_str().unwrap()]);
+    // The temp dir belongs to the effective user.
+    if std::fs::metadata(dir.path()).unwrap().uid() == 0 {
+        // Root opens any socket: run the command as nobody instead.
+        command.uid(65534).gid(65534);
+    }
+    let out = match within(
+        "contactd",
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .unwrap()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run contactd as an unprivileged user ({e})");
+            return;
+        }
+    };
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "contactd: cannot open the admin socket {}: permission denied: add your user to \
+             group contactd (or run as root)\n",
+            socket.display()
+        )
+    );
+}
+
+/// Runs `contactd task submit ARGS... --socket S` with `stdin` as input.
+async fn submit(server: &TestServer, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let socket = server.admin_socket();
+    let mut command = contactd(&["task", "submit"]);
+    command
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let stdin = stdin.to_owned();
+    within(
+        "contactd task submit",
+        tokio::task::spawn_blocking(move || {
+            let mut child = command.spawn().expect("run contactd");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+/// A config where only submitted tasks exist.
+fn manual_tasks() -> Config {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config
+}
+
+async fn task_texts(server: &TestServer) -> Vec<String> {
+    let mut admin = server.admin().await;
+    let request = contactd::proto::admin::ListTasksRequest::default();
+    let tasks = admin.list_tasks(request).await.unwrap().into_inner().tasks;
+    tasks.into_iter().map(|t| t.text).collect()
+}
+
+#[tokio::test]
+async fn task_text_comes_from_the_argument_stdin_or_a_file() {
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.txt");
+    std::fs::write(&file, "line one\nline two\n\n").unwrap();
+    for (args, stdin) in [
+        (&["from the argument"][..], ""),
+        (&["-"], "from stdin\n"),
+        (&["--file", file.to_str().unwrap()], ""),
+    ] {
+        let out = submit(&server, args, stdin).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    }
+    assert_eq!(
+        task_texts(&server).await,
+        ["from the argument", "from stdin", "line one\nline two"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn empty_task_text_is_a_usage_error() {
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.txt");
+    std::fs::write(&file, "\n\n").unwrap();
+    for (args, stdin, from) in [
+        (&[""][..], "", "the argument"),
+        (&["  "], "", "the argument"),
+        (&["-"], "", "stdin"),
+        (&["-"], "\n", "stdin"),
+        (&["--file", file.to_str().unwrap()], "", "the file"),
+    ] {
+        let out = submit(&server, args, stdin).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with(&format!("contactd: the task's text from {from} is empty")),
+            "{stderr}"
+        );
+    }
+    assert!(task_texts(&server).await.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn submitting_to_an_agent_never_seen_warns() {
+    use contactd::proto::{AGENT_HEADER, contact::Empty, contact::contact_client::ContactClient};
+    let server = TestServer::start(manual_tasks()).await;
+    server.admin().await;
+    let out = submit(&server, &["uptime", "--agent", "web9"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("warning: no agent named \"web9\" has connected to this server"),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "submitted task 1\n");
+
+    // Once web1 has connected, no warning.
+    let mut client = ContactClient::new(server.channel().await);
+    let mut request = tonic::Request::new(Empty {});
+    request
+        .metadata_mut()
+        .insert(AGENT_HEADER, "web1".parse().unwrap());
+    let _stream = within("getTask", client.get_task(request)).await.unwrap();
+    let out = submit(&server, &["uptime", "--agent", "web1"], "").await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    server.stop().await;
+}
