@@ -246,6 +246,10 @@ pub struct HealthArgs {
     /// How long to wait for the connection and for the answer
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Keep asking (every 100ms) until SERVING, for at most this long: for
+    /// scripts that start the server and then use it. 0: ask once
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub wait: Duration,
     #[command(flatten)]
     pub tls: TlsArgs,
 }

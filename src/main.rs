@@ -31,7 +31,14 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::command::agent(args.config.clone()),
         Command::Health(args) => {
             let tls = args.tls.client();
-            return probe::run(&args.addr, &args.service, args.timeout, tls.as_ref());
+            let ask = probe::Ask {
+                addr: &args.addr,
+                service: &args.service,
+                timeout: args.timeout,
+                wait: args.wait,
+                tls: tls.as_ref(),
+            };
+            return probe::run(&ask);
         }
         Command::Cmd(args) => return cmd::run(args),
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),

@@ -24,9 +24,27 @@ pub mod exit {
     pub const UNHEALTHY: u8 = 4;
 }
 
-/// Asks `addr` for the health of `service` (over TLS with `tls`), printing
-/// the outcome, and returns the exit code.
-pub fn run(addr: &str, service: &str, timeout: Duration, tls: Option<&ClientTls>) -> ExitCode {
+/// What `contactd health` asks.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub addr: &'a str,
+    /// "" for the whole server.
+    pub service: &'a str,
+    /// For the connection, and for the answer.
+    pub timeout: Duration,
+    /// Keep asking until SERVING for this long (0: once).
+    pub wait: Duration,
+    /// Over TLS with this.
+    pub tls: Option<&'a ClientTls>,
+}
+
+/// Between two questions of `--wait`.
+const WAIT_EVERY: Duration = Duration::from_millis(100);
+
+/// Asks for the health of the service, printing the outcome, and returns
+/// the exit code: with `--wait`, again every 100ms until SERVING or until
+/// the wait is over (then the last answer's code).
+pub fn run(ask: &Ask<'_>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -37,7 +55,18 @@ pub fn run(addr: &str, service: &str, timeout: Duration, tls: Option<&ClientTls>
             return ExitCode::from(exit::RPC_FAILURE);
         }
     };
-    let (code, message) = runtime.block_on(check(addr, service, timeout, tls));
+    let (code, message) = runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + ask.wait;
+        loop {
+            let (code, message) = check(ask.addr, ask.service, ask.timeout, ask.tls).await;
+            let now = tokio::time::Instant::now();
+            if code == exit::SERVING || code == exit::BAD_ARGUMENTS || now >= deadline {
+                return (code, message);
+            }
+            // Polling: a server that is not up yet has no event to wait on.
+            tokio::time::sleep(WAIT_EVERY.min(deadline - now)).await;
+        }
+    });
     if code == exit::SERVING {
         // A closed stdout is not the probe's failure: the code says it all.
         let _ = crate::ctl::write_out(&format!("{message}\n"));

@@ -473,3 +473,45 @@ async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
+
+#[test]
+fn health_wait_answers_once_the_server_serves_and_gives_up_after_the_wait() {
+    // A free loopback port: bound, read, released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let health = |wait: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_contactd"));
+        command.args([
+            "health",
+            "--addr",
+            &addr,
+            "--timeout",
+            "200ms",
+            "--wait",
+            wait,
+        ]);
+        command
+    };
+    // Nothing listens: asked again until the wait is over, then the last
+    // answer's code (grpc_health_probe's connection failure).
+    let started = Instant::now();
+    let out = health("300ms").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Started before the server: it answers once the server serves.
+    let probe = health("30s")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon::start(&format!("[server]\nlisten = \"{addr}\"\n"));
+    let out = probe.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "status: SERVING\n");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
