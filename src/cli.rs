@@ -4,10 +4,21 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+/// `contactd --version`: the version, the git commit it was built from and
+/// the build date (stamped by build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CONTACTD_COMMIT"),
+    ", built ",
+    env!("CONTACTD_BUILD_DATE"),
+    ")"
+);
+
 /// contactd: push tasks to a fleet of agents over gRPC, collect their status
 /// and results, and run allow-listed commands on request.
 #[derive(Debug, Parser)]
-#[command(name = "contactd", version, propagate_version = true)]
+#[command(name = "contactd", version = VERSION, propagate_version = true)]
 #[command(after_help = "Examples:
   contactd serve                    run on /etc/contactd.toml (built-in defaults if absent)
   contactd serve -c my.toml         run on another config file

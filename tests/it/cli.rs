@@ -116,9 +116,23 @@ fn serve_exits_78_on_a_bad_config() {
 fn version_and_help() {
     let dir = tempfile::tempdir().unwrap();
     let out = contactd(&["--version"], dir.path());
-    assert_eq!(
-        text(&out.stdout).trim(),
-        format!("contactd {}", env!("CARGO_PKG_VERSION"))
+    let version = text(&out.stdout);
+    let version = version.trim();
+    let rest = version
+        .strip_prefix(&format!("contactd {} (commit ", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| panic!("{version}"));
+    // The commit (12 hex digits; `unknown` outside git), then the build date.
+    let (commit, date) = rest.split_once(", built ").expect(version);
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{version}"
+    );
+    let date = date.strip_suffix(')').expect(version);
+    let parts: Vec<&str> = date.split('-').collect();
+    assert!(
+        parts.len() == 3 && parts[0].len() == 4 && date.len() == 10,
+        "{version}"
     );
     let out = contactd(&["--help"], dir.path());
     let help = text(&out.stdout);
