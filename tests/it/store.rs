@@ -267,7 +267,9 @@ async fn anonymous_callers_do_not_evict_a_named_agents_acks() {
     // 1,000 times more anonymous connections than the registry holds (each
     // from a new port, as seed clients reconnect), 100 at a time.
     let mut calls = tokio::task::JoinSet::new();
-    within_for(5 * LIMIT, "the anonymous connections", async {
+    // Bounded only against a hang (each connection has its own bound): a
+    // CI machine 50 times slower than a quiet one still gets through.
+    within_for(20 * LIMIT, "the anonymous connections", async {
         for _ in 0..ANONYMOUS_CONNECTIONS {
             if calls.len() >= 100 {
                 calls.join_next().await.unwrap().unwrap();
