@@ -51,6 +51,27 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
+/// `text` with the escaping of [`shown`] and none of its cutting: for a
+/// table cell an operator's terminal shows (an agent's status, a task's
+/// result), so a newline cannot forge a row and an escape sequence cannot
+/// rewrite the screen. Borrowed when nothing needs escaping.
+pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c == '"' || c == '\'' || c.escape_debug().len() == 1;
+    if text.chars().all(plain) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            use fmt::Write;
+            let _ = write!(out, "{}", c.escape_debug());
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl fmt::Debug for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
@@ -158,6 +179,16 @@ mod tests {
         assert!(out.ends_with("…[2000 bytes in all]"), "{out}");
         assert_eq!(out.matches('é').count(), SHOWN_BYTES / 2);
         assert_eq!(shown("").to_string(), "");
+    }
+
+    #[test]
+    fn escaped_text_is_shown_text_uncut() {
+        assert_eq!(escaped("plain é 'q' \"d\""), "plain é 'q' \"d\"");
+        assert!(matches!(escaped("plain"), std::borrow::Cow::Borrowed(_)));
+        let hostile = "ok\n2026 INFO forged\r\u{1b}[2J\\";
+        assert_eq!(escaped(hostile), shown(hostile).to_string());
+        let long = "\n".repeat(SHOWN_BYTES * 2);
+        assert_eq!(escaped(&long).len(), long.len() * 2, "not cut");
     }
 
     #[test]

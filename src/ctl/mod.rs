@@ -471,7 +471,20 @@ fn ago(now: SystemTime, unix_ms: i64) -> String {
 
 /// Left-aligned columns separated by two spaces. (Hand-written: a table
 /// crate would be a dependency for twenty lines.)
+///
+/// Cells are escaped ([`crate::untrusted::escaped`]): agents write status
+/// and result texts, and a newline or an escape sequence in one must not
+/// forge a row or rewrite the operator's terminal.
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|cell| crate::untrusted::escaped(cell).into_owned())
+                .collect()
+        })
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

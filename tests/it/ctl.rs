@@ -257,3 +257,58 @@ async fn submitting_to_an_agent_never_seen_warns() {
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_status_cannot_forge_a_row_or_drive_the_terminal() {
+    use contactd::proto::{
+        AGENT_HEADER,
+        admin::ListAgentsRequest,
+        contact::{ClientMsg, contact_client::ContactClient},
+    };
+    let server = TestServer::start(Config::default()).await;
+    let mut admin = server.admin().await;
+    let hostile = "fine\nweb9  127.0.0.1:1  up 1s  9  9  0  0  forged\u{1b}[2J";
+    let mut request = tonic::Request::new(tokio_stream::iter([ClientMsg {
+        msg: hostile.into(),
+    }]));
+    request
+        .metadata_mut()
+        .insert(AGENT_HEADER, "web1".parse().unwrap());
+    let mut client = ContactClient::new(server.channel().await);
+    let mut replies = within("sendStatus", client.send_status(request))
+        .await
+        .unwrap()
+        .into_inner();
+    within("the reply", replies.message()).await.unwrap();
+    within("the status kept", async {
+        loop {
+            let agents = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+            if agents
+                .into_inner()
+                .agents
+                .iter()
+                .any(|a| a.last_status == hostile)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let socket = server.admin_socket();
+    let out = output(contactd(&["agents", "--socket", socket.to_str().unwrap()])).await;
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        table.lines().count(),
+        2,
+        "a header and web1's row:\n{table}"
+    );
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+    assert!(
+        table.contains("fine\\nweb9") && table.contains("forged\\u{1b}[2J"),
+        "{table}"
+    );
+    drop(replies);
+    server.stop().await;
+}
