@@ -82,8 +82,7 @@ impl Feed {
         let Source::Broadcast(subscription) = &mut self.source else {
             return None;
         };
-        let retain = self.config.borrow().tasks.retain;
-        let task = ready_broadcast(subscription, caller, retain)?;
+        let task = ready_broadcast(subscription, caller, &self.config)?;
         if task.progress.record_delivery() {
             self.store.record(Write::Delivered { id: task.id });
         }
@@ -174,7 +173,7 @@ impl Source {
 fn ready_broadcast(
     subscription: &mut Subscription,
     caller: &CallGuard,
-    retain: usize,
+    config: &tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
 ) -> Option<Arc<Task>> {
     loop {
         match subscription.try_recv()? {
@@ -200,7 +199,8 @@ fn ready_broadcast(
                     // Done with, as far as this agent goes: the watermark
                     // moves past it rather than stopping below it until it
                     // leaves retention (and then counting it as missed).
-                    cursor.ack(task.id, retain);
+                    // The config is read here only: not per delivery.
+                    cursor.ack(task.id, config.borrow().tasks.retain);
                     tracked.touch();
                     continue;
                 }

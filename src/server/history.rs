@@ -72,6 +72,15 @@ fn row(agent: &Arc<str>, state: AgentTaskState) -> pb::TaskAgent {
     }
 }
 
+/// An agent's state for a task it acked: `ok` or failed.
+fn outcome(ok: bool) -> AgentTaskState {
+    if ok {
+        AgentTaskState::Acked
+    } else {
+        AgentTaskState::Failed
+    }
+}
+
 /// `ShowTask`.
 ///
 /// # Errors
@@ -79,26 +88,20 @@ fn row(agent: &Arc<str>, state: AgentTaskState) -> pb::TaskAgent {
 pub(super) async fn show(state: &State, id: u64) -> Result<pb::ShowTaskResponse, Status> {
     let record = stored(state, id).await?;
     let held = state.queue.as_ref().and_then(|q| q.find(id));
-    let task = match (held.as_ref().map(|(task, ..)| Arc::clone(task)), &record) {
-        (Some(task), _) => task,
-        (None, record) => match (live(state, id), record) {
-            (Some(task), _) => task,
-            (None, Some(record)) => Arc::new(record.task.to_task()),
-            (None, None) => return Err(not_found(id)),
-        },
-    };
+    // The queue's, the ring's, else the store's (the queue was asked once).
+    let task = held
+        .as_ref()
+        .map(|(task, ..)| Arc::clone(task))
+        .or_else(|| state.hub.get(id).filter(|t| !t.void))
+        .or_else(|| record.as_ref().map(|r| Arc::new(r.task.to_task())))
+        .ok_or_else(|| not_found(id))?;
     // Every agent's latest result: the store keeps them all; the memory
     // store only the latest ack's.
     let mut rows: BTreeMap<Arc<str>, pb::TaskAgent> = BTreeMap::new();
     match &record {
         Some(record) => {
             for result in &record.results {
-                let outcome = if result.ok {
-                    AgentTaskState::Acked
-                } else {
-                    AgentTaskState::Failed
-                };
-                let mut r = row(&result.agent, outcome);
+                let mut r = row(&result.agent, outcome(result.ok));
                 r.result.clone_from(&result.text);
                 r.result_ms = result.at_ms;
                 rows.insert(Arc::clone(&result.agent), r);
@@ -106,12 +109,7 @@ pub(super) async fn show(state: &State, id: u64) -> Result<pb::ShowTaskResponse,
         }
         None => {
             if let Some((agent, ok, text)) = task.progress.last_outcome() {
-                let outcome = if ok {
-                    AgentTaskState::Acked
-                } else {
-                    AgentTaskState::Failed
-                };
-                let mut r = row(&agent, outcome);
+                let mut r = row(&agent, outcome(ok));
                 r.result = text;
                 rows.insert(agent, r);
             }

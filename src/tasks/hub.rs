@@ -539,8 +539,8 @@ impl Subscription {
         // A clone has seen what the original has seen.
         let mut published = self.published.clone();
         async move {
-            // The sender lives in the hub, which the subscription keeps
-            // alive (a dropped subscription's wait ends with it).
+            // Fails only once the hub (its sender) is gone: the wait
+            // ends then too.
             let _ = published.changed().await;
         }
     }

@@ -10,7 +10,7 @@ use contactd::{
     config::{Config, DeliveryMode},
     proto::{
         AGENT_HEADER,
-        admin::{ListAgentsRequest, ListTasksRequest, TaskState},
+        admin::{ListTasksRequest, TaskState},
         contact::{Empty, Outcome, Result as ResultMsg, ServerMsg, contact_client::ContactClient},
     },
 };
@@ -162,13 +162,7 @@ async fn broadcast_counts_what_left_retention_while_an_agent_was_away() {
         first + 16,
         "resumes at the oldest retained"
     );
-    let agents = admin
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    let a1 = agents.iter().find(|a| a.name == "a1").unwrap();
+    let a1 = common::agent(&mut admin, "a1").await;
     assert!(a1.named && a1.connected);
     assert_eq!(a1.missed, 15, "{a1:?}");
     server.stop().await;
@@ -207,13 +201,7 @@ async fn a_task_for_another_agent_is_not_counted_as_missed_when_it_leaves_retent
     // Tasks 1 and 2 left retention: a acked one, the other was not for it.
     let mut back = Agent::connect(&server, "a").await;
     assert_eq!(back.next().await.id, all + 1);
-    let agents = admin
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    let a = agents.iter().find(|a| a.name == "a").unwrap();
+    let a = common::agent(&mut admin, "a").await;
     assert_eq!(a.missed, 0, "{a:?}");
     server.stop().await;
 }

@@ -14,7 +14,7 @@ use contactd::{
     agent::EventKind,
     config::{Config, DeliveryMode},
     proto::{
-        admin::{ListAgentsRequest, ListTasksRequest, TaskState},
+        admin::{ListTasksRequest, TaskState},
         contact::{Empty, Outcome, contact_client::ContactClient},
     },
 };
@@ -147,13 +147,7 @@ async fn queue_mode_tasks_over_3_agents_one_killed_mid_run() {
         reply.redelivered,
         reply.duplicate_acks
     );
-    let agents = admin
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    let c_row = agents.iter().find(|x| x.name == "c").unwrap();
+    let c_row = common::agent(&mut admin, "c").await;
     assert!(!c_row.connected && c_row.in_flight == 0, "{c_row:?}");
     a.stop().await;
     b.stop().await;

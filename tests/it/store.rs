@@ -20,10 +20,7 @@ use common::{
 use contactd::{
     config::{Config, DeliveryMode},
     proto::{
-        admin::{
-            ListAgentsRequest, ListTasksRequest, SubmitTaskRequest, TaskState,
-            admin_client::AdminClient,
-        },
+        admin::{ListTasksRequest, SubmitTaskRequest, TaskState, admin_client::AdminClient},
         contact::{ClientMsg, contact_client::ContactClient},
     },
 };
@@ -54,11 +51,6 @@ async fn list(
         after_id: 0,
     };
     admin.list_tasks(request).await.unwrap().into_inner().tasks
-}
-
-async fn agents(admin: &mut AdminClient<Channel>) -> Vec<contactd::proto::admin::Agent> {
-    let reply = admin.list_agents(ListAgentsRequest {}).await.unwrap();
-    reply.into_inner().agents
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -189,7 +181,7 @@ async fn a_broadcast_agent_away_across_a_restart_gets_what_it_missed_not_what_it
     let restarted = daemon(state.path(), addr.port(), "");
     let mut admin_client = admin(&restarted).await;
     // The roster came back: web1, away, with what it did before.
-    let agents = agents(&mut admin_client).await;
+    let agents = common::agents(&mut admin_client).await;
     let [web1] = &agents[..] else {
         panic!("the roster is web1 alone: {agents:?}")
     };
@@ -283,7 +275,7 @@ async fn anonymous_callers_do_not_evict_a_named_agents_acks() {
     .await;
     // Seed clients are known by IP: one entry for all of them, and web1's
     // (disconnected, the longest idle) was not evicted to make room.
-    let agents = agents(&mut admin_client).await;
+    let agents = common::agents(&mut admin_client).await;
     let names: Vec<(&str, bool)> = agents.iter().map(|a| (&*a.name, a.named)).collect();
     assert_eq!(names, [("web1", true), ("127.0.0.1", false)]);
     submit(&mut admin_client, "three", "").await;

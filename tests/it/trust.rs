@@ -17,7 +17,7 @@ use contactd::{
     config::{ClientAuth, Config, DeliveryMode, ServerTlsConfig},
     proto::{
         AGENT_HEADER,
-        admin::{ListAgentsRequest, ListTasksRequest, TaskState},
+        admin::{ListTasksRequest, TaskState},
         contact::{CmdRequest, Empty, Result as ResultMsg, contact_client::ContactClient},
     },
     tls::{ClientTls, pki},
@@ -143,12 +143,7 @@ async fn mtls_calls_pass_and_the_certificate_name_is_the_identity() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("\"web1\""), "{err:?}");
 
-    let agents = admin
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
+    let agents = common::agents(&mut admin).await;
     let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["web1"], "both streams are one agent");
     server.stop().await;
@@ -423,12 +418,7 @@ async fn an_agent_uses_its_replaced_certificate_at_the_next_reconnect() {
     let mut admin = server.admin().await;
     within("web1 in the roster", async {
         loop {
-            let agents = admin
-                .list_agents(ListAgentsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .agents;
+            let agents = common::agents(&mut admin).await;
             if agents.iter().any(|a| a.name == "web1" && a.connected) {
                 return;
             }
@@ -514,13 +504,7 @@ async fn forged_broadcast_acks_change_nothing_and_the_real_agent_still_gets_its_
     forge_acks(&server, Some("web2"), [next].into_iter()).await;
     let states = task_states(&server).await;
     assert!(states.contains(&(next, TaskState::Acked)), "{states:?}");
-    let agents = admin
-        .list_agents(ListAgentsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    let web2 = agents.iter().find(|a| a.name == "web2").unwrap();
+    let web2 = common::agent(&mut admin, "web2").await;
     assert_eq!(web2.refused_acks, 1001, "{web2:?}");
     server.stop().await;
 }

@@ -9,7 +9,7 @@ pub mod fleet;
 use contactd::{
     config::Config,
     proto::{
-        admin::{SubmitTaskRequest, admin_client::AdminClient},
+        admin::{Agent, ListAgentsRequest, SubmitTaskRequest, admin_client::AdminClient},
         contact::contact_client::ContactClient,
     },
     server,
@@ -130,6 +130,21 @@ pub async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -
         agent: agent.into(),
     };
     admin.submit_task(request).await.unwrap().into_inner().id
+}
+
+/// Every caller the server knows, as `contactd agents` lists them.
+pub async fn agents(admin: &mut AdminClient<Channel>) -> Vec<Agent> {
+    let reply = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+    reply.into_inner().agents
+}
+
+/// The caller `name`, which the server must know.
+pub async fn agent(admin: &mut AdminClient<Channel>, name: &str) -> Agent {
+    let agents = agents(admin).await;
+    agents
+        .into_iter()
+        .find(|a| a.name == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
 }
 
 /// Every task was acked exactly once (counted by the server), none failed.
