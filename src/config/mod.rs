@@ -44,8 +44,27 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite` (durable, the default) or `memory` (lost at exit).
+    /// `sqlite` (durable, the default), `postgres` (a PostgreSQL database
+    /// at `url`) or `memory` (lost at exit).
     pub kind: StoreKind,
+    /// `kind = "postgres"`: the database, as a libpq URL
+    /// (`postgres://contactd@db1/contactd?sslmode=require`). TLS only when
+    /// it says `sslmode=require` (or `verify-full`, `verify-ca`: the server's
+    /// certificate is always verified, against `ca_file` or the system's
+    /// roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `kind = "postgres"`: a file holding the URL (for a password kept out
+    /// of the config), instead of `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+    /// `kind = "postgres"` with TLS: the CA certificates (PEM) to verify the
+    /// database server with; unset: the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// `kind = "postgres"`: how long connecting to the database may take.
+    #[serde(with = "units::duration")]
+    pub connect_timeout: Duration,
     /// The SQLite database; unset: `$STATE_DIRECTORY/contactd.db`, else
     /// `contactd.db` in the working directory.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,6 +94,7 @@ pub struct StoreConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     Sqlite,
+    Postgres,
     Memory,
 }
 
@@ -91,6 +111,10 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Sqlite,
             path: None,
+            url: None,
+            url_file: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(10),
             sync: StoreSync::Normal,
             write_queue: 65_536,
             forget_agents_after: Duration::from_secs(30 * 86_400),
@@ -113,6 +137,24 @@ impl StoreConfig {
                 .filter(|d| !d.as_os_str().is_empty())
         });
         state.unwrap_or_default().join("contactd.db")
+    }
+
+    /// `kind = "postgres"`: the database URL, from `url` or read from
+    /// `url_file` (its first line).
+    ///
+    /// # Errors
+    /// Neither is set, or the file cannot be read.
+    pub fn postgres_url(&self) -> Result<String, String> {
+        match (&self.url, &self.url_file) {
+            (Some(url), None) => Ok(url.clone()),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| format!("store.url_file {}: {e}", file.display()))
+                .map(|text| text.lines().next().unwrap_or_default().trim().to_owned()),
+            (None, None) => {
+                Err("store.kind is \"postgres\": set store.url or store.url_file".into())
+            }
+            (Some(_), Some(_)) => Err("store.url and store.url_file are both set: keep one".into()),
+        }
     }
 }
 
@@ -598,6 +640,8 @@ pub mod ranges {
         HOUR..=Duration::from_secs(3650 * 86_400);
     /// `store.max_size`, when not 0 (no limit).
     pub const STORE_MAX_SIZE: RangeInclusive<u64> = MIB..=1024 * 1024 * GIB;
+    pub const STORE_CONNECT_TIMEOUT: RangeInclusive<Duration> =
+        Duration::from_secs(1)..=Duration::from_secs(300);
 
     pub const CMD_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
     pub const MAX_CONCURRENT: RangeInclusive<u64> = 1..=1024;
@@ -832,6 +876,40 @@ impl ConfigFile for Config {
         );
         if st.max_size.as_u64() != 0 {
             c.size("store.max_size", st.max_size, STORE_MAX_SIZE);
+        }
+        c.duration(
+            "store.connect_timeout",
+            st.connect_timeout,
+            STORE_CONNECT_TIMEOUT,
+        );
+        if st.kind == StoreKind::Postgres {
+            c.check(
+                st.url.is_some() != st.url_file.is_some(),
+                "store.url",
+                "set exactly one of store.url and store.url_file for kind = \"postgres\"",
+            );
+            if let Some(url) = &st.url
+                && let Err(problem) = crate::store::postgres::check_url(url)
+            {
+                c.check(false, "store.url", problem);
+            }
+            c.check(
+                st.path.is_none(),
+                "store.path",
+                "names an SQLite file, but store.kind is \"postgres\": remove it",
+            );
+            c.check(
+                st.max_size.as_u64() == 0,
+                "store.max_size",
+                "applies to SQLite only: limit the database in PostgreSQL (a tablespace \
+                 or quota) instead",
+            );
+        } else {
+            c.check(
+                st.url.is_none() && st.url_file.is_none() && st.ca_file.is_none(),
+                "store.url",
+                "store.url, url_file and ca_file are for kind = \"postgres\" only",
+            );
         }
         c.check(
             st.kind != StoreKind::Sqlite

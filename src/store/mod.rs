@@ -19,6 +19,7 @@
 //! Backends implement [`Backend`]: SQLite ([`sqlite`]) here; with `kind =
 //! "memory"` there is no writer at all and nothing outlives the process.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::{
@@ -57,8 +58,12 @@ pub enum StoreError {
     /// writable, not a database, a newer schema): fix the config or file.
     #[error("store.path {path}: {reason}")]
     Open { path: PathBuf, reason: String },
-    /// Another contactd holds the database.
-    #[error("store.path {path}: {reason}")]
+    /// The database named by `store.url` (or its CA file) cannot be used
+    /// as configured: the message names the key.
+    #[error("{0}")]
+    Unusable(String),
+    /// Another contactd holds the database (its file, or its name).
+    #[error("{path}: {reason}")]
     Locked { path: PathBuf, reason: String },
     /// The disk (or the database's size limit) is full.
     #[error("the task store is full: {0}")]
@@ -74,7 +79,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the config (the path, or the file it names) is at fault.
     pub fn is_config(&self) -> bool {
-        matches!(self, StoreError::Open { .. })
+        matches!(self, StoreError::Open { .. } | StoreError::Unusable(_))
     }
 }
 
@@ -258,6 +263,25 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
             backend: None,
             write_queue: config.write_queue,
         }),
+        StoreKind::Postgres => {
+            // On a thread of its own: connecting blocks (on a runtime of
+            // the backend's), and the server opens its store from async code.
+            let (backend, snapshot) = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        let mut backend = postgres::Postgres::open(config)?;
+                        let snapshot = backend.load(ring, queue_mode)?;
+                        Ok::<_, StoreError>((backend, snapshot))
+                    })
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })?;
+            Ok(Opened {
+                snapshot,
+                backend: Some(Box::new(backend)),
+                write_queue: config.write_queue,
+            })
+        }
         StoreKind::Sqlite => {
             let mut backend = sqlite::Sqlite::open(&config.resolved_path(), config.sync)?;
             if config.max_size.as_u64() > 0 {

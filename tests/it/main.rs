@@ -15,6 +15,7 @@ mod fleet;
 mod history;
 mod hostile;
 mod operations;
+mod postgres;
 mod serve;
 mod store;
 mod trust;

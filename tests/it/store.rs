@@ -28,9 +28,11 @@ use nix::sys::signal::Signal;
 use tonic::transport::Channel;
 
 /// A server on `port` (0: any) with its store in `state` (the same
-/// directory across restarts, as systemd's StateDirectory=).
-fn daemon(state: &Path, port: u16, tasks: &str) -> Daemon {
-    let config = format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[tasks]\nbatch = 0\n{tasks}");
+/// directory across restarts, as systemd's StateDirectory=), or as
+/// `store` says (a `[store]` section, or nothing for SQLite in `state`).
+fn daemon(state: &Path, port: u16, tasks: &str, store: &str) -> Daemon {
+    let config =
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[tasks]\nbatch = 0\n{tasks}\n{store}");
     Daemon::start_with(&config, &[("STATE_DIRECTORY", state.to_str().unwrap())])
 }
 
@@ -73,10 +75,16 @@ async fn wait_for_lines(path: &Path, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_mode_after_a_sigkill_every_task_is_handled_exactly_once() {
+    after_a_sigkill_every_task_is_handled_exactly_once("").await;
+}
+
+/// The queue-mode SIGKILL test with the store `store` names (a `[store]`
+/// section; empty: SQLite).
+pub async fn after_a_sigkill_every_task_is_handled_exactly_once(store: &str) {
     const TASKS: usize = 500;
     let state = tempfile::tempdir().unwrap();
     let queue = "mode = \"queue\"\nwindow = 4\nack_timeout = \"30s\"\n";
-    let mut server = daemon(state.path(), 0, queue);
+    let mut server = daemon(state.path(), 0, queue, store);
     let port = server.addr.port();
     let mut admin_client = admin(&server).await;
     for i in 0..TASKS {
@@ -113,7 +121,7 @@ async fn queue_mode_after_a_sigkill_every_task_is_handled_exactly_once() {
     let at_kill = lines(&record).len();
     assert!(at_kill < TASKS, "the kill came too late to test anything");
 
-    let restarted = daemon(state.path(), port, queue);
+    let restarted = daemon(state.path(), port, queue, store);
     let mut admin_client = admin(&restarted).await;
     let acked_after: HashSet<u64> = list(&mut admin_client, TaskState::Acked)
         .await
@@ -151,8 +159,13 @@ async fn queue_mode_after_a_sigkill_every_task_is_handled_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_agent_away_across_a_restart_gets_what_it_missed_not_what_it_acked() {
+    away_across_a_restart_gets_what_it_missed_not_what_it_acked("").await;
+}
+
+/// The broadcast restart test with the store `store` names.
+pub async fn away_across_a_restart_gets_what_it_missed_not_what_it_acked(store: &str) {
     let state = tempfile::tempdir().unwrap();
-    let mut server = daemon(state.path(), 0, "");
+    let mut server = daemon(state.path(), 0, "", store);
     let addr = server.addr;
     let mut admin_client = admin(&server).await;
     let mut agent = TestAgent::start(agent_config(addr, "web1"));
@@ -178,7 +191,7 @@ async fn a_broadcast_agent_away_across_a_restart_gets_what_it_missed_not_what_it
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(LIMIT).success());
 
-    let restarted = daemon(state.path(), addr.port(), "");
+    let restarted = daemon(state.path(), addr.port(), "", store);
     let mut admin_client = admin(&restarted).await;
     // The roster came back: web1, away, with what it did before.
     let agents = common::agents(&mut admin_client).await;
@@ -344,7 +357,7 @@ fn a_database_that_is_not_ours_stops_the_start_with_exit_78_and_is_left_alone() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_of_a_running_server_holds_its_tasks() {
     let state = tempfile::tempdir().unwrap();
-    let server = daemon(state.path(), 0, "");
+    let server = daemon(state.path(), 0, "", "");
     let mut admin_client = admin(&server).await;
     for i in 0..20 {
         submit(&mut admin_client, &format!("kept {i}"), "").await;

@@ -5,6 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 pub mod daemon;
 pub mod fleet;
+pub mod postgres;
 
 use contactd::{
     config::Config,

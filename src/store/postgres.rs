@@ -1,0 +1,1051 @@
+//! The PostgreSQL backend: the same tables and semantics as SQLite's, in a
+//! database that may live on another machine.
+//!
+//! It is driven from the store's writer thread, like SQLite, through a
+//! runtime of its own: every statement of a group commit (`BEGIN`, the
+//! writes, `COMMIT`) is sent down the connection before the first answer is
+//! read, so a group costs one network round trip however many writes it
+//! holds ([`pipeline`]).
+//!
+//! One server per database for now: the writer's connection holds a
+//! session advisory lock for as long as it is open, as SQLite's lock file
+//! does, so a second server on the same database is refused at start-up
+//! rather than allowed to give out the same task ids.
+//!
+//! The schema is versioned in `contactd_meta`; [`MIGRATIONS`] are applied
+//! under a transaction-scoped advisory lock, so servers starting together
+//! never race to migrate. A database with tables of another program (a
+//! `tasks` table but no `contactd_meta`) is refused and left as it is.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    str::FromStr,
+    sync::Arc,
+    task::Poll,
+    time::{Duration, Instant},
+};
+
+use tokio_postgres::{
+    Client, NoTls, Statement,
+    config::{Host, SslMode},
+    error::SqlState,
+    types::ToSql,
+};
+
+use super::{
+    AgentResult, Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask,
+    TaskRecord, Write, cursor_from_parts, cursor_parts,
+};
+use crate::{
+    config::StoreConfig,
+    tasks::{TaskState, cursor::Saved},
+};
+
+/// Schema migrations: `MIGRATIONS[n]` brings version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: what SQLite's schema 2 holds: tasks, per-agent results, broadcast
+    // cursors, the agent roster, counters.
+    "CREATE TABLE contactd_meta (
+         key TEXT PRIMARY KEY,
+         value BIGINT NOT NULL
+     );
+     CREATE TABLE tasks (
+         id BIGINT PRIMARY KEY,
+         text TEXT NOT NULL,
+         target TEXT,
+         created_ms BIGINT NOT NULL,
+         state SMALLINT NOT NULL DEFAULT 0,
+         attempts INTEGER NOT NULL DEFAULT 0,
+         holder TEXT,
+         deadline_ms BIGINT,
+         delivered INTEGER NOT NULL DEFAULT 0,
+         acked INTEGER NOT NULL DEFAULT 0,
+         failed INTEGER NOT NULL DEFAULT 0,
+         last_agent TEXT,
+         last_result TEXT,
+         retries INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX tasks_unfinished ON tasks (id) WHERE state < 2;
+     CREATE INDEX tasks_finished ON tasks (id) WHERE state >= 2;
+     CREATE TABLE results (
+         task_id BIGINT NOT NULL,
+         agent TEXT NOT NULL,
+         ok BOOLEAN NOT NULL,
+         text TEXT NOT NULL,
+         at_ms BIGINT NOT NULL,
+         PRIMARY KEY (task_id, agent)
+     );
+     CREATE TABLE cursors (
+         agent TEXT PRIMARY KEY,
+         watermark BIGINT NOT NULL,
+         above BYTEA NOT NULL,
+         sent_up_to BIGINT NOT NULL,
+         seen_ms BIGINT NOT NULL,
+         since BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE TABLE agents (
+         name TEXT PRIMARY KEY,
+         first_ms BIGINT NOT NULL,
+         last_ms BIGINT NOT NULL,
+         delivered BIGINT NOT NULL,
+         acked BIGINT NOT NULL,
+         failed BIGINT NOT NULL
+     );",
+];
+
+/// The schema version this contactd writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Advisory lock keys ("ctd1" and a number): migrating, and serving.
+const MIGRATE_LOCK: i64 = 0x6374_6431_0000_0001;
+const SERVE_LOCK: i64 = 0x6374_6431_0000_0002;
+
+/// Rows one housekeeping call deletes at most (a short transaction).
+const PRUNE_BATCH: i64 = 2000;
+
+/// How a URL is connected to: its parsed settings, whether with TLS, and
+/// a name for it fit for logs (no password).
+#[derive(Clone)]
+struct Target {
+    config: tokio_postgres::Config,
+    tls: bool,
+    name: String,
+}
+
+/// Checks a database URL as `check-config` does, without connecting.
+///
+/// # Errors
+/// What is wrong with it (never the URL itself: it may hold a password).
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse(url).map(|_| ())
+}
+
+fn parse(url: &str) -> Result<Target, String> {
+    // libpq's verifying modes: tokio-postgres knows only `require`, which
+    // here always verifies the certificate (rustls has no other way).
+    let mut explicit_prefer = false;
+    let mut text = String::with_capacity(url.len());
+    for (i, part) in url.split("sslmode=").enumerate() {
+        if i > 0 {
+            text.push_str("sslmode=");
+            let mode = part.split(['&', ' ']).next().unwrap_or_default();
+            explicit_prefer |= mode == "prefer" || mode == "allow";
+            if mode == "verify-full" || mode == "verify-ca" {
+                text.push_str("require");
+                text.push_str(&part[mode.len()..]);
+                continue;
+            }
+        }
+        text.push_str(part);
+    }
+    if explicit_prefer {
+        return Err(
+            "sslmode=prefer (or allow) falls back to plain text, which protects \
+                    nothing: say sslmode=require for TLS, or leave sslmode out for none"
+                .into(),
+        );
+    }
+    let mut config = tokio_postgres::Config::from_str(&text)
+        .map_err(|e| format!("is not a PostgreSQL URL ({e})"))?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host: say postgres://USER@HOST/DATABASE".into());
+    }
+    let tls = config.get_ssl_mode() == SslMode::Require;
+    if !tls {
+        config.ssl_mode(SslMode::Disable);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("contactd");
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(at, host)| {
+            let host = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for every host, or one each; 5432 when none.
+            match ports.get(at).or(ports.first()) {
+                Some(port) if *port != 5432 => format!("{host}:{port}"),
+                _ => host,
+            }
+        })
+        .collect();
+    let name = format!(
+        "{}@{}/{}",
+        config.get_user().unwrap_or("?"),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("?"),
+    );
+    Ok(Target { config, tls, name })
+}
+
+/// An open contactd database in PostgreSQL.
+pub struct Postgres {
+    runtime: Runtime,
+    client: Client,
+    statements: Statements,
+    target: Target,
+    connect: Connector,
+}
+
+/// The backend's own runtime, dropped without blocking: a backend opened
+/// but not started (another start-up check failed) is dropped in async
+/// code, where dropping a runtime the usual way panics.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Runtime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0
+            .as_ref()
+            .expect("the runtime lives as long as the backend")
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// What (re)connecting needs.
+#[derive(Clone)]
+struct Connector {
+    timeout: Duration,
+    ca_file: Option<PathBuf>,
+}
+
+fn failed(e: &tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(code) if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY => {
+            StoreError::Full(e.to_string())
+        }
+        _ => StoreError::Failed(describe(e)),
+    }
+}
+
+/// The error with its server-side message and detail, when there are.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn id(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn count(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+fn state_code(state: TaskState) -> i16 {
+    i16::from(state as u8)
+}
+
+impl Postgres {
+    /// Connects to the database `config` names, migrates its schema to
+    /// this version, and takes it for this server.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] for a URL or CA file that cannot be used, or a
+    /// database this contactd must not change; [`StoreError::Locked`] when
+    /// another server has it; [`StoreError::Failed`] when it cannot be
+    /// reached.
+    pub fn open(config: &StoreConfig) -> Result<Postgres, StoreError> {
+        let url = config.postgres_url().map_err(StoreError::Unusable)?;
+        let target =
+            parse(&url).map_err(|reason| StoreError::Unusable(format!("store.url {reason}")))?;
+        let connect = Connector {
+            timeout: config.connect_timeout,
+            ca_file: config.ca_file.clone(),
+        };
+        let runtime = Runtime(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    StoreError::Failed(format!("cannot start the store's runtime: {e}"))
+                })?,
+        ));
+        let client = runtime.block_on(connect.connect(&target))?;
+        let statements = runtime.block_on(async {
+            migrate(&client, &target.name).await?;
+            take(&client, &target.name).await?;
+            Statements::prepare(&client).await.map_err(|e| failed(&e))
+        })?;
+        tracing::info!(database = %target.name, tls = target.tls, "task store connected");
+        Ok(Postgres {
+            runtime,
+            client,
+            statements,
+            target,
+            connect,
+        })
+    }
+
+    /// Reconnects after the connection was lost, taking the database again.
+    fn reconnect(&mut self) -> Result<(), StoreError> {
+        let (target, connect) = (self.target.clone(), self.connect.clone());
+        let (client, statements) = self.runtime.block_on(async {
+            let client = connect.connect(&target).await?;
+            take(&client, &target.name).await?;
+            let statements = Statements::prepare(&client).await.map_err(|e| failed(&e))?;
+            Ok::<_, StoreError>((client, statements))
+        })?;
+        tracing::info!(database = %target.name, "task store reconnected");
+        self.client = client;
+        self.statements = statements;
+        Ok(())
+    }
+
+    /// Runs `work` on the connection, reconnecting first when it was lost.
+    fn with_client<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&Client, &Statements) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.client.is_closed() {
+            self.reconnect()?;
+        }
+        self.runtime.block_on(work(&self.client, &self.statements))
+    }
+}
+
+impl Connector {
+    async fn connect(&self, target: &Target) -> Result<Client, StoreError> {
+        let mut config = target.config.clone();
+        config.connect_timeout(self.timeout);
+        let unreachable = |e: &tokio_postgres::Error| {
+            StoreError::Failed(format!(
+                "cannot connect to the database {}: {}",
+                target.name,
+                describe(e)
+            ))
+        };
+        let started = Instant::now();
+        let client = if target.tls {
+            let tls = crate::tls::ClientTls {
+                ca: self.ca_file.clone(),
+                ..Default::default()
+            }
+            .config()
+            .map_err(|e| StoreError::Unusable(format!("store.ca_file: {e}")))?;
+            // No ALPN: the agents' "h2" means nothing to PostgreSQL (and
+            // PostgreSQL 17 refuses a protocol it does not know).
+            let mut tls = Arc::unwrap_or_clone(tls);
+            tls.alpn_protocols.clear();
+            let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            let (client, connection) = tokio::time::timeout(self.timeout, config.connect(make))
+                .await
+                .map_err(|_| timed_out(target, started))?
+                .map_err(|e| unreachable(&e))?;
+            tokio::spawn(drive(connection));
+            client
+        } else {
+            let (client, connection) = tokio::time::timeout(self.timeout, config.connect(NoTls))
+                .await
+                .map_err(|_| timed_out(target, started))?
+                .map_err(|e| unreachable(&e))?;
+            tokio::spawn(drive(connection));
+            client
+        };
+        Ok(client)
+    }
+}
+
+fn timed_out(target: &Target, started: Instant) -> StoreError {
+    StoreError::Failed(format!(
+        "cannot connect to the database {}: no answer in {}",
+        target.name,
+        humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64))
+    ))
+}
+
+/// Reads the connection until it closes (answers go to their queries).
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::warn!(
+            "the task store's database connection ended: {}",
+            describe(&e)
+        );
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one server at a time.
+async fn migrate(client: &Client, name: &str) -> Result<(), StoreError> {
+    let open = |reason: String| StoreError::Unusable(format!("store.url {name}: {reason}"));
+    let f = |e: tokio_postgres::Error| open(describe(&e));
+    client.batch_execute("BEGIN").await.map_err(f)?;
+    let result = async {
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(f)?;
+        let row = client
+            .query_one(
+                "SELECT to_regclass('contactd_meta') IS NOT NULL, \
+                        to_regclass('tasks') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(f)?;
+        let (ours, theirs): (bool, bool) = (row.get(0), row.get(1));
+        let version: i64 = if ours {
+            client
+                .query_opt("SELECT value FROM contactd_meta WHERE key = 'schema'", &[])
+                .await
+                .map_err(f)?
+                .map_or(0, |row| row.get(0))
+        } else if theirs {
+            return Err(open(
+                "has a tasks table but is not a contactd database: not changed (give \
+                 contactd a database of its own)"
+                    .into(),
+            ));
+        } else {
+            0
+        };
+        if version > SCHEMA_VERSION {
+            return Err(open(format!(
+                "was written by a newer contactd (schema {version}; this one knows up to \
+                 {SCHEMA_VERSION}): not changed, run that version or a newer one"
+            )));
+        }
+        for (at, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            client.batch_execute(sql).await.map_err(f)?;
+            tracing::info!(
+                database = name,
+                version = at + 1,
+                "task store schema migrated"
+            );
+        }
+        if version == 0 {
+            let epoch = u64::from_ne_bytes(crate::secret_random::<8>()).max(1);
+            client
+                .execute(
+                    "INSERT INTO contactd_meta (key, value) VALUES ('epoch', $1), ('next_id', 1)",
+                    &[&i64::from_ne_bytes(epoch.to_ne_bytes())],
+                )
+                .await
+                .map_err(f)?;
+        }
+        if version < SCHEMA_VERSION {
+            client
+                .execute(
+                    "INSERT INTO contactd_meta (key, value) VALUES ('schema', $1) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(f)?;
+        }
+        Ok(())
+    }
+    .await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    client.batch_execute(end).await.map_err(f)?;
+    result
+}
+
+/// Takes the database for this server (until the connection closes).
+async fn take(client: &Client, name: &str) -> Result<(), StoreError> {
+    let taken: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .await
+        .map_err(|e| failed(&e))?
+        .get(0);
+    if taken {
+        Ok(())
+    } else {
+        Err(StoreError::Locked {
+            path: name.into(),
+            reason: "another contactd is using this database (one server per database)".into(),
+        })
+    }
+}
+
+/// Every statement the writer runs, prepared once per connection.
+struct Statements {
+    insert_task: Statement,
+    next_id: Statement,
+    delivered: Statement,
+    claimed: Statement,
+    state: Statement,
+    cancelled: Statement,
+    retried: Statement,
+    result: Statement,
+    acked: Statement,
+    cursor: Statement,
+    agent: Statement,
+    task: Statement,
+    results: Statement,
+}
+
+const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
+                            delivered, acked, failed, last_agent, last_result, retries";
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            insert_task: client
+                .prepare(
+                    "INSERT INTO tasks (id, text, target, created_ms) \
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])",
+                )
+                .await?,
+            next_id: client
+                .prepare(
+                    "UPDATE contactd_meta SET value = greatest(value, $1) WHERE key = 'next_id'",
+                )
+                .await?,
+            delivered: client
+                .prepare(
+                    "UPDATE tasks SET delivered = delivered + 1, \
+                     state = CASE WHEN state = 0 THEN 1 ELSE state END WHERE id = $1",
+                )
+                .await?,
+            claimed: client
+                .prepare(
+                    "UPDATE tasks SET delivered = delivered + 1, attempts = $2, holder = $3, \
+                     deadline_ms = $4, state = CASE WHEN state < 2 THEN 1 ELSE state END \
+                     WHERE id = $1",
+                )
+                .await?,
+            state: client
+                .prepare(
+                    "UPDATE tasks SET state = $2, holder = NULL, deadline_ms = NULL WHERE id = $1",
+                )
+                .await?,
+            cancelled: client
+                .prepare(
+                    "UPDATE tasks SET state = $2, \
+                     holder = CASE WHEN $3 THEN holder END, \
+                     deadline_ms = CASE WHEN $3 THEN deadline_ms END WHERE id = $1",
+                )
+                .await?,
+            retried: client
+                .prepare(
+                    "UPDATE tasks SET state = $2, attempts = 0, holder = NULL, \
+                     deadline_ms = NULL, retries = retries + 1 WHERE id = $1",
+                )
+                .await?,
+            result: client
+                .prepare(
+                    "INSERT INTO results (task_id, agent, ok, text, at_ms) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (task_id, agent) DO UPDATE SET \
+                     ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
+                )
+                .await?,
+            acked: client
+                .prepare(
+                    "UPDATE tasks SET acked = acked + $2, failed = failed + $3, \
+                     last_agent = $4, last_result = $5, holder = NULL, deadline_ms = NULL, \
+                     state = CASE WHEN state < 2 THEN $6 ELSE state END WHERE id = $1",
+                )
+                .await?,
+            cursor: client
+                .prepare(
+                    "INSERT INTO cursors (agent, watermark, above, sent_up_to, seen_ms, since) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (agent) DO UPDATE SET watermark = excluded.watermark, \
+                     above = excluded.above, sent_up_to = excluded.sent_up_to, \
+                     seen_ms = excluded.seen_ms, since = excluded.since",
+                )
+                .await?,
+            agent: client
+                .prepare(
+                    "INSERT INTO agents (name, first_ms, last_ms, delivered, acked, failed) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (name) DO UPDATE SET \
+                     first_ms = least(agents.first_ms, excluded.first_ms), \
+                     last_ms = greatest(agents.last_ms, excluded.last_ms), \
+                     delivered = excluded.delivered, acked = excluded.acked, \
+                     failed = excluded.failed",
+                )
+                .await?,
+            task: client
+                .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+                .await?,
+            results: client
+                .prepare(
+                    "SELECT agent, ok, text, at_ms FROM results WHERE task_id = $1 \
+                     ORDER BY agent",
+                )
+                .await?,
+        })
+    }
+}
+
+fn stored_task(row: &tokio_postgres::Row) -> StoredTask {
+    let holder: Option<String> = row.get(6);
+    let deadline: Option<i64> = row.get(7);
+    let last_agent: Option<String> = row.get(11);
+    let last_result: Option<String> = row.get(12);
+    StoredTask {
+        id: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        text: row.get(1),
+        target: row.get::<_, Option<String>>(2).map(Arc::from),
+        created_ms: row.get(3),
+        state: TaskState::from_u8(u8::try_from(row.get::<_, i16>(4)).unwrap_or(0)),
+        attempts: count(row.get(5)),
+        claim: holder.zip(deadline).map(|(h, d)| (Arc::from(h), d)),
+        delivered: count(row.get(8)),
+        acked: count(row.get(9)),
+        failed: count(row.get(10)),
+        last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
+        retries: count(row.get(13)),
+    }
+}
+
+/// One statement with its parameters, owned until it has run.
+type Call<'a> = (&'a Statement, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// The statements that apply `ops`, in order.
+fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
+    let mut calls: Vec<Call<'a>> = Vec::with_capacity(ops.len() + 1);
+    let mut next_id = 0;
+    for op in ops {
+        match op {
+            Op::Publish(tasks) => {
+                let ids: Vec<i64> = tasks.iter().map(|t| id(t.id)).collect();
+                let texts: Vec<String> = tasks.iter().map(|t| t.text.to_string()).collect();
+                let targets: Vec<Option<String>> = tasks
+                    .iter()
+                    .map(|t| t.target.as_deref().map(str::to_owned))
+                    .collect();
+                let created: Vec<i64> = tasks.iter().map(|t| super::unix_ms(t.created)).collect();
+                next_id = tasks.iter().fold(next_id, |n, t| n.max(t.id + 1));
+                calls.push((
+                    &s.insert_task,
+                    vec![
+                        Box::new(ids),
+                        Box::new(texts),
+                        Box::new(targets),
+                        Box::new(created),
+                    ],
+                ));
+            }
+            Op::Write(write) => calls.extend(write_calls(s, write)),
+        }
+    }
+    if next_id > 0 {
+        calls.push((&s.next_id, vec![Box::new(id(next_id))]));
+    }
+    calls
+}
+
+fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
+    match write {
+        Write::Delivered { id: task } => vec![(&s.delivered, vec![Box::new(id(*task))])],
+        Write::Claimed {
+            id: task,
+            attempt,
+            holder,
+            deadline_ms,
+        } => vec![(
+            &s.claimed,
+            vec![
+                Box::new(id(*task)),
+                Box::new(i32::try_from(*attempt).unwrap_or(i32::MAX)),
+                Box::new(holder.to_string()),
+                Box::new(*deadline_ms),
+            ],
+        )],
+        Write::State { id: task, state } => vec![(
+            &s.state,
+            vec![Box::new(id(*task)), Box::new(state_code(*state))],
+        )],
+        Write::Cancelled { id: task, held } => vec![(
+            &s.cancelled,
+            vec![
+                Box::new(id(*task)),
+                Box::new(state_code(TaskState::Cancelled)),
+                Box::new(*held),
+            ],
+        )],
+        Write::Retried { id: task } => vec![(
+            &s.retried,
+            vec![
+                Box::new(id(*task)),
+                Box::new(state_code(TaskState::Pending)),
+            ],
+        )],
+        Write::Acked {
+            id: task,
+            agent,
+            ok,
+            text,
+            at_ms,
+        } => {
+            let state = if *ok {
+                TaskState::Acked
+            } else {
+                TaskState::Failed
+            };
+            vec![
+                (
+                    &s.result,
+                    vec![
+                        Box::new(id(*task)),
+                        Box::new(agent.to_string()),
+                        Box::new(*ok),
+                        Box::new(text.clone()),
+                        Box::new(*at_ms),
+                    ],
+                ),
+                (
+                    &s.acked,
+                    vec![
+                        Box::new(id(*task)),
+                        Box::new(i32::from(*ok)),
+                        Box::new(i32::from(!*ok)),
+                        Box::new(agent.to_string()),
+                        Box::new(text.clone()),
+                        Box::new(state_code(state)),
+                    ],
+                ),
+            ]
+        }
+        Write::Cursor(saved) => {
+            let (watermark, above) = cursor_parts(&saved.cursor);
+            vec![(
+                &s.cursor,
+                vec![
+                    Box::new(saved.agent.to_string()),
+                    Box::new(id(watermark)),
+                    Box::new(above),
+                    Box::new(id(saved.sent_up_to)),
+                    Box::new(saved.seen_ms),
+                    Box::new(id(saved.since)),
+                ],
+            )]
+        }
+        Write::Agent(agent) => vec![(
+            &s.agent,
+            vec![
+                Box::new(agent.name.to_string()),
+                Box::new(agent.first_ms),
+                Box::new(agent.last_ms),
+                Box::new(id(agent.delivered)),
+                Box::new(id(agent.acked)),
+                Box::new(id(agent.failed)),
+            ],
+        )],
+    }
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Runs `futures` to the end, first polling each once in order.
+///
+/// tokio-postgres sends a statement when its future is first polled and
+/// the connection answers in the order it was sent, so every statement
+/// goes out before the first answer is awaited: one round trip for all.
+/// (`join_all` would do the same for a few, but over 30 futures it does
+/// not promise the order it first polls them in.) After the first pass,
+/// each wake-up polls from the first unfinished future on and stops at
+/// the first still waiting: answers come in order.
+async fn pipeline(mut futures: Vec<Pending<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> =
+        std::iter::repeat_with(|| None)
+            .take(futures.len())
+            .collect();
+    let mut first_pass = true;
+    let mut done = 0;
+    std::future::poll_fn(|cx| {
+        for (at, future) in futures.iter_mut().enumerate().skip(done) {
+            if results[at].is_some() {
+                continue;
+            }
+            match future.as_mut().poll(cx) {
+                Poll::Ready(result) => results[at] = Some(result),
+                Poll::Pending if first_pass => {}
+                Poll::Pending => break,
+            }
+        }
+        first_pass = false;
+        while done < results.len() && results[done].is_some() {
+            done += 1;
+        }
+        if done == results.len() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().map(Option::unwrap).collect()
+}
+
+impl Backend for Postgres {
+    fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
+        self.with_client(async |client, _| {
+            let f = |e: tokio_postgres::Error| failed(&e);
+            let meta = client
+                .query(
+                    "SELECT (SELECT value FROM contactd_meta WHERE key = 'epoch'), \
+                            (SELECT value FROM contactd_meta WHERE key = 'next_id'), \
+                            (SELECT coalesce(max(id), 0) FROM tasks)",
+                    &[],
+                )
+                .await
+                .map_err(f)?;
+            let row = &meta[0];
+            let epoch: i64 = row.get::<_, Option<i64>>(0).unwrap_or(1);
+            let stored_next: i64 = row.get::<_, Option<i64>>(1).unwrap_or(1);
+            let max_id: i64 = row.get(2);
+            let next_id = u64::try_from(stored_next.max(max_id + 1)).unwrap_or(1);
+            let first = id(next_id.saturating_sub(ring as u64));
+            let mut tasks: Vec<StoredTask> = client
+                .query(
+                    &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id >= $1 ORDER BY id"),
+                    &[&first],
+                )
+                .await
+                .map_err(f)?
+                .iter()
+                .map(stored_task)
+                .collect();
+            if queue_mode {
+                let unfinished = client
+                    .query(
+                        &format!(
+                            "SELECT {TASK_COLUMNS} FROM tasks WHERE state < 2 AND id < $1 \
+                             ORDER BY id"
+                        ),
+                        &[&first],
+                    )
+                    .await
+                    .map_err(f)?;
+                tasks.splice(0..0, unfinished.iter().map(stored_task));
+            }
+            let cursors = client
+                .query(
+                    "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors",
+                    &[],
+                )
+                .await
+                .map_err(f)?
+                .iter()
+                .map(|row| Saved {
+                    agent: Arc::from(row.get::<_, String>(0)),
+                    cursor: cursor_from_parts(
+                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                        row.get::<_, &[u8]>(2),
+                    ),
+                    sent_up_to: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+                    seen_ms: row.get(4),
+                    since: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
+                })
+                .collect();
+            let agents = client
+                .query(
+                    "SELECT name, first_ms, last_ms, delivered, acked, failed FROM agents \
+                     ORDER BY last_ms DESC",
+                    &[],
+                )
+                .await
+                .map_err(f)?
+                .iter()
+                .map(|row| {
+                    let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+                    SavedAgent {
+                        name: Arc::from(row.get::<_, String>(0)),
+                        first_ms: row.get(1),
+                        last_ms: row.get(2),
+                        delivered: n(3),
+                        acked: n(4),
+                        failed: n(5),
+                    }
+                })
+                .collect();
+            Ok(Snapshot {
+                epoch: u64::from_ne_bytes(epoch.to_ne_bytes()).max(1),
+                next_id,
+                tasks,
+                cursors,
+                agents,
+            })
+        })
+    }
+
+    fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
+        self.with_client(async |client, statements| {
+            let calls = calls(statements, ops);
+            let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls
+                .iter()
+                .map(|(_, values)| values.iter().map(|v| &**v as &(dyn ToSql + Sync)).collect())
+                .collect();
+            let mut futures: Vec<Pending<'_>> = Vec::with_capacity(calls.len() + 2);
+            futures.push(Box::pin(async {
+                client.batch_execute("BEGIN").await.map(|()| 0)
+            }));
+            for ((statement, _), params) in calls.iter().zip(&params) {
+                futures.push(Box::pin(client.execute(*statement, params)));
+            }
+            futures.push(Box::pin(async {
+                client.batch_execute("COMMIT").await.map(|()| 0)
+            }));
+            // The first error is the cause; later statements only say the
+            // transaction was aborted (and COMMIT then rolls it back).
+            match pipeline(futures).await.into_iter().find_map(Result::err) {
+                None => Ok(()),
+                Some(e) => {
+                    // After an error COMMIT has rolled back; after a lost
+                    // connection there is nothing to roll back.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(failed(&e))
+                }
+            }
+        })
+    }
+
+    fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
+        let r = *retention;
+        self.with_client(async |client, _| {
+            let f = |e: tokio_postgres::Error| failed(&e);
+            // Broadcast mode: every task is delivered from the ring only,
+            // so every task counts as finished here.
+            let finished = if r.queue_mode { "state >= 2" } else { "TRUE" };
+            client.batch_execute("BEGIN").await.map_err(f)?;
+            let result = async {
+                let mut ids: Vec<i64> = client
+                    .query(
+                        &format!(
+                            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE \
+                             {finished} AND created_ms < $1 ORDER BY id LIMIT $2) RETURNING id"
+                        ),
+                        &[&r.created_before_ms, &PRUNE_BATCH],
+                    )
+                    .await
+                    .map_err(f)?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                let kept: i64 = client
+                    .query_one(&format!("SELECT count(*) FROM tasks WHERE {finished}"), &[])
+                    .await
+                    .map_err(f)?
+                    .get(0);
+                let excess = (kept - i64::try_from(r.retain_finished).unwrap_or(i64::MAX))
+                    .clamp(0, PRUNE_BATCH - ids.len() as i64);
+                if excess > 0 {
+                    let more = client
+                        .query(
+                            &format!(
+                                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE \
+                                 {finished} ORDER BY id LIMIT $1) RETURNING id"
+                            ),
+                            &[&excess],
+                        )
+                        .await
+                        .map_err(f)?;
+                    ids.extend(more.iter().map(|row| row.get::<_, i64>(0)));
+                }
+                client
+                    .execute("DELETE FROM results WHERE task_id = ANY($1)", &[&ids])
+                    .await
+                    .map_err(f)?;
+                let cursors = client
+                    .execute(
+                        "DELETE FROM cursors WHERE seen_ms < $1",
+                        &[&r.forget_before_ms],
+                    )
+                    .await
+                    .map_err(f)?;
+                let agents = client
+                    .execute(
+                        "DELETE FROM agents WHERE last_ms < $1",
+                        &[&r.forget_before_ms],
+                    )
+                    .await
+                    .map_err(f)?;
+                Ok(Pruned {
+                    tasks: ids.len() as u64,
+                    cursors,
+                    agents,
+                })
+            }
+            .await;
+            let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            client.batch_execute(end).await.map_err(f)?;
+            result
+        })
+    }
+
+    fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
+        self.with_client(async |client, s| {
+            let f = |e: tokio_postgres::Error| failed(&e);
+            let task = id(task);
+            let params: [&(dyn ToSql + Sync); 1] = [&task];
+            // Both sent at once: one round trip.
+            let (stored, results) = tokio::join!(
+                client.query_opt(&s.task, &params),
+                client.query(&s.results, &params),
+            );
+            let Some(stored) = stored.map_err(f)? else {
+                return Ok(None);
+            };
+            let results = results
+                .map_err(f)?
+                .iter()
+                .map(|row| AgentResult {
+                    agent: Arc::from(row.get::<_, String>(0)),
+                    ok: row.get(1),
+                    text: row.get(2),
+                    at_ms: row.get(3),
+                })
+                .collect();
+            Ok(Some(TaskRecord {
+                task: stored_task(&stored),
+                results,
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_echoing_them() {
+        let secret = "postgres://contactd:hunter2@db1/contactd?sslmode=prefer";
+        let error = check_url(secret).unwrap_err();
+        assert!(error.contains("sslmode=require"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+        let error = check_url("postgres://contactd:hunter2@db1/contactd?bogus=1").unwrap_err();
+        assert!(!error.contains("hunter2"), "{error}");
+
+        let plain = parse("postgres://contactd:hunter2@db1:5433/fleet").unwrap();
+        assert!(!plain.tls);
+        assert_eq!(plain.name, "contactd@db1:5433/fleet");
+        assert!(!plain.name.contains("hunter2"));
+        for mode in ["require", "verify-full", "verify-ca"] {
+            let tls = parse(&format!(
+                "postgres://c@db1/fleet?sslmode={mode}&connect_timeout=3"
+            ));
+            assert!(tls.unwrap().tls, "{mode}");
+        }
+        let words = parse("host=/run/postgresql user=contactd dbname=fleet").unwrap();
+        assert_eq!(words.name, "contactd@/run/postgresql/fleet");
+        assert!(check_url("postgres:///fleet").is_err(), "no host");
+    }
+}

@@ -1,0 +1,267 @@
+//! The PostgreSQL store (issue 12), against a real PostgreSQL: a throwaway
+//! cluster per test (common::postgres). Without PostgreSQL these tests say
+//! SKIPPED and pass; under CI=true they fail instead.
+
+use crate::common;
+
+use std::sync::Arc;
+
+use common::{LIMIT, daemon::Process, postgres::Cluster};
+use contactd::{
+    config::{StoreConfig, StoreKind},
+    store::{self, Retention, StoreError, Write, now_ms},
+    tasks::{AckCursor, TaskState, cursor::Saved},
+};
+
+fn config(url: &str) -> StoreConfig {
+    StoreConfig {
+        kind: StoreKind::Postgres,
+        url: Some(url.to_owned()),
+        ..StoreConfig::default()
+    }
+}
+
+/// Opens and starts the store off the test's runtime threads (connecting
+/// and migrating block).
+async fn open(
+    config: &StoreConfig,
+    queue_mode: bool,
+) -> Result<(store::Store, store::Snapshot), StoreError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        store::open(&config, 10, queue_mode).map(store::Opened::start)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
+    let Some(cluster) = Cluster::start("postgres store") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let config = config(&url);
+    let (store, snapshot) = open(&config, true).await.unwrap();
+    assert_eq!(snapshot.next_id, 1);
+    let epoch = snapshot.epoch;
+    assert_ne!(epoch, 0);
+
+    let seen: Arc<parking_lot::Mutex<Vec<u64>>> = Arc::default();
+    store.set_sink({
+        let seen = Arc::clone(&seen);
+        Arc::new(move |tasks| seen.lock().extend(tasks.iter().map(|t| t.id)))
+    });
+    let (a, b) = tokio::join!(
+        store.publish(3, |id| (format!("job {id}"), None)),
+        store.publish(1, |id| (format!("for web1 {id}"), Some("web1".into()))),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.count() + b.count(), 4);
+    assert_eq!(*seen.lock(), [1, 2, 3, 4], "handed on in id order");
+
+    let seq = store.claim(Write::Claimed {
+        id: 1,
+        attempt: 1,
+        holder: "web1".into(),
+        deadline_ms: now_ms() + 60_000,
+    });
+    let mut committed = store.committed();
+    common::within("the claim commits", committed.wait_for(|c| *c >= seq))
+        .await
+        .unwrap();
+    store.record(Write::Acked {
+        id: 2,
+        agent: "web2".into(),
+        ok: false,
+        text: "exit 1\nwith a second line".into(),
+        at_ms: 7,
+    });
+    let mut cursor = AckCursor::at(1);
+    cursor.ack(3, 64);
+    store.record(Write::Cursor(Saved {
+        agent: "web2".into(),
+        cursor,
+        since: 1,
+        sent_up_to: 3,
+        seen_ms: now_ms(),
+    }));
+    store.record(Write::Agent(store::SavedAgent {
+        name: "web2".into(),
+        first_ms: 5,
+        last_ms: now_ms(),
+        delivered: 3,
+        acked: 2,
+        failed: 1,
+    }));
+    // A read sees every write sent before it.
+    let record = store.task(2).await.unwrap().expect("task 2 is kept");
+    assert_eq!(record.task.state, TaskState::Failed);
+    assert_eq!(record.results.len(), 1);
+    assert_eq!(&*record.results[0].agent, "web2");
+    assert_eq!(record.results[0].text, "exit 1\nwith a second line");
+    store
+        .write_now(Write::Retried { id: 2 })
+        .committed()
+        .await
+        .unwrap();
+    store
+        .write_now(Write::Cancelled { id: 3, held: false })
+        .committed()
+        .await
+        .unwrap();
+    assert_eq!(store.task(99).await.unwrap(), None);
+
+    // One server per database: a second one is refused while this one runs.
+    let second = open(&config, true).await.map(|_| ());
+    assert!(
+        matches!(&second, Err(StoreError::Locked { .. })),
+        "{second:?}"
+    );
+    store.close().await;
+
+    let (store, snapshot) = open(&config, true).await.unwrap();
+    assert_eq!(snapshot.epoch, epoch, "the epoch is the database's");
+    assert_eq!(snapshot.next_id, 5, "ids never repeat");
+    let by_id = |id: u64| snapshot.tasks.iter().find(|t| t.id == id).unwrap();
+    assert_eq!(by_id(1).claim.as_ref().map(|c| &*c.0), Some("web1"));
+    assert_eq!(by_id(1).attempts, 1);
+    assert_eq!((by_id(2).state, by_id(2).retries), (TaskState::Pending, 1));
+    assert_eq!(by_id(3).state, TaskState::Cancelled);
+    assert_eq!(by_id(4).target.as_deref(), Some("web1"));
+    let [saved] = &snapshot.cursors[..] else {
+        panic!("one cursor: {:?}", snapshot.cursors)
+    };
+    assert_eq!(
+        (&*saved.agent, saved.cursor.watermark(), saved.sent_up_to),
+        ("web2", 1, 3)
+    );
+    assert!(saved.cursor.is_acked(3) && !saved.cursor.is_acked(2));
+    assert_eq!(snapshot.agents.len(), 1);
+    assert_eq!(
+        (snapshot.agents[0].first_ms, snapshot.agents[0].failed),
+        (5, 1)
+    );
+
+    // Housekeeping: finished tasks beyond `retain_finished` go, with
+    // their results; unfinished ones stay.
+    let pruned = store
+        .housekeep(Retention {
+            created_before_ms: 0,
+            retain_finished: 0,
+            queue_mode: true,
+            forget_before_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned.tasks, 1,
+        "task 3 (cancelled) is the only finished one"
+    );
+    assert_eq!(store.task(3).await.unwrap(), None);
+    assert!(store.task(2).await.unwrap().is_some());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_another_program_or_a_newer_contactd_is_refused_and_left_alone() {
+    let Some(cluster) = Cluster::start("postgres refusals") else {
+        return;
+    };
+    let theirs = cluster.database("theirs").await;
+    cluster
+        .execute("theirs", "CREATE TABLE tasks (what TEXT)")
+        .await;
+    let e = open(&config(&theirs), false).await.map(|_| ()).unwrap_err();
+    assert!(
+        e.is_config() && e.to_string().contains("not a contactd database"),
+        "{e}"
+    );
+    let newer = cluster.database("newer").await;
+    let (store, _) = open(&config(&newer), false).await.unwrap();
+    store.close().await;
+    cluster
+        .execute(
+            "newer",
+            "UPDATE contactd_meta SET value = 99 WHERE key = 'schema'",
+        )
+        .await;
+    let e = open(&config(&newer), false).await.map(|_| ()).unwrap_err();
+    assert!(
+        e.is_config() && e.to_string().contains("newer contactd"),
+        "{e}"
+    );
+    // Neither was changed.
+    let (client, connection) = tokio_postgres::connect(&theirs, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "only their own table");
+}
+
+/// No PostgreSQL needed: nothing listens on the port.
+#[test]
+fn an_unreachable_database_stops_the_start_with_exit_1_and_says_which() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("contactd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}/admin.sock\"\n\
+             [store]\nkind = \"postgres\"\nurl = \"postgres://contactd:hunter2@127.0.0.1:{port}/fleet\"\n\
+             connect_timeout = \"2s\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut server = Process::spawn(
+        &[
+            std::ffi::OsStr::new("serve"),
+            "-c".as_ref(),
+            path.as_os_str(),
+        ],
+        &[],
+    );
+    let status = server.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(1), "systemd restarts it");
+    let line = server.wait_for_line("cannot connect to the database");
+    assert!(
+        line.contains(&format!("contactd@127.0.0.1:{port}/fleet")),
+        "{line}"
+    );
+    assert!(!line.contains("hunter2"), "no password in logs: {line}");
+}
+
+fn store_section(url: &str) -> String {
+    format!("[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_on_postgres_after_a_sigkill_every_task_is_handled_exactly_once() {
+    let Some(cluster) = Cluster::start("postgres queue SIGKILL") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    crate::store::after_a_sigkill_every_task_is_handled_exactly_once(&store_section(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_agent_on_postgres_gets_what_it_missed_across_a_restart_not_what_it_acked() {
+    let Some(cluster) = Cluster::start("postgres broadcast restart") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    crate::store::away_across_a_restart_gets_what_it_missed_not_what_it_acked(&store_section(&url))
+        .await;
+}
