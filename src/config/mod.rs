@@ -65,6 +65,11 @@ pub struct StoreConfig {
     /// `kind = "postgres"`: how long connecting to the database may take.
     #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
+    /// `kind = "postgres"`: how often this server looks for tasks other
+    /// servers published (besides their notifications), beats its
+    /// heartbeat, and tries for the generator's lease.
+    #[serde(with = "units::duration")]
+    pub poll_interval: Duration,
     /// The SQLite database; unset: `$STATE_DIRECTORY/contactd.db`, else
     /// `contactd.db` in the working directory.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,6 +120,7 @@ impl Default for StoreConfig {
             url_file: None,
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
             sync: StoreSync::Normal,
             write_queue: 65_536,
             forget_agents_after: Duration::from_secs(30 * 86_400),
@@ -182,6 +188,9 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
+    /// This server's name among several sharing one PostgreSQL store
+    /// (the fleet view, logs); empty: the host's name.
+    pub name: String,
     /// Address the Contact service listens on.
     #[serde(with = "units::socket_addr")]
     pub listen: SocketAddr,
@@ -290,9 +299,23 @@ pub enum ClientAuth {
     Require,
 }
 
+impl ServerConfig {
+    /// `name`, or else the host's name.
+    pub fn resolved_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "contactd".into())
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            name: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 55555)),
             backlog: 4096,
             max_connections: 50_000,
@@ -642,6 +665,8 @@ pub mod ranges {
     pub const STORE_MAX_SIZE: RangeInclusive<u64> = MIB..=1024 * 1024 * GIB;
     pub const STORE_CONNECT_TIMEOUT: RangeInclusive<Duration> =
         Duration::from_secs(1)..=Duration::from_secs(300);
+    pub const STORE_POLL_INTERVAL: RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(60);
 
     pub const CMD_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(10)..=DAY;
     pub const MAX_CONCURRENT: RangeInclusive<u64> = 1..=1024;
@@ -739,6 +764,11 @@ impl ConfigFile for Config {
         use ranges::*;
         let mut c = Checks::default();
         let s = &self.server;
+        c.check(
+            s.name.len() <= 255 && !s.name.chars().any(char::is_control),
+            "server.name",
+            "is longer than 255 bytes or holds control characters",
+        );
         c.count("server.backlog", s.backlog.into(), BACKLOG);
         c.count(
             "server.max_connections",
@@ -882,6 +912,7 @@ impl ConfigFile for Config {
             st.connect_timeout,
             STORE_CONNECT_TIMEOUT,
         );
+        c.duration("store.poll_interval", st.poll_interval, STORE_POLL_INTERVAL);
         if st.kind == StoreKind::Postgres {
             c.check(
                 st.url.is_some() != st.url_file.is_some(),

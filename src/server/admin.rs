@@ -214,7 +214,9 @@ impl Admin for AdminService {
         let ids = self
             .state
             .store
-            .publish(1, |_| (text.take().unwrap_or_default(), target.clone()))
+            .publish(1, move |_| {
+                (text.take().unwrap_or_default(), target.clone())
+            })
             .await
             .map_err(|e| {
                 tracing::error!("task not accepted: {e}");

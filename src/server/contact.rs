@@ -112,6 +112,19 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::getTaskStream>, Status> {
         let caller = self.enter(&request)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
+        if caller.named && self.state.queue.is_none() && self.state.store.is_shared() {
+            // Several servers: the agent may have acked tasks through
+            // another one since it was last here.
+            match self.state.store.cursor(&caller.id).await {
+                Ok(Some(saved)) => self.state.cursors.merge(saved),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    agent = %caller.id,
+                    "cannot read the agent's acks from the task store (going on with this \
+                     server's; tasks it acked elsewhere may be sent again): {e}"
+                ),
+            }
+        }
         let feed = Feed::open(&self.state, &caller);
         tracing::debug!(parent: &span, "subscribed to tasks");
         let closing = self.state.closing.child_token();

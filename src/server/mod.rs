@@ -144,8 +144,13 @@ pub fn preflight(config: &Config) -> Result<(), ServerError> {
 /// [`ServerError::Store`].
 pub fn open_store(config: &Config) -> Result<store::Opened, ServerError> {
     let queue_mode = config.tasks.mode == DeliveryMode::Queue;
-    let opened =
-        store::open(&config.store, config.tasks.retain, queue_mode).map_err(ServerError::Store)?;
+    let opened = store::open(
+        &config.store,
+        &config.server.resolved_name(),
+        config.tasks.retain,
+        queue_mode,
+    )
+    .map_err(ServerError::Store)?;
     if opened.snapshot.next_id > 1 {
         tracing::info!(
             path = %config.store.resolved_path().display(),

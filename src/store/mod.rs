@@ -27,7 +27,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -232,7 +232,40 @@ pub trait Backend: Send {
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError>;
     /// Reads one task and its per-agent results; `None` if it is not kept.
     fn task(&mut self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Whether several servers may share this database: task ids are then
+    /// the database's ([`reserve`](Backend::reserve)), and what the other
+    /// servers publish is read back ([`tasks_after`](Backend::tasks_after)).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Shared: opens a transaction, reserving `count` task ids in it, and
+    /// returns the first; the next [`apply`](Backend::apply) commits it.
+    /// Reservations are taken one at a time across servers until their
+    /// commit, so tasks are committed in id order.
+    fn reserve(&mut self, count: u64) -> Result<u64, StoreError> {
+        let _ = count;
+        Err(StoreError::Failed("this store gives no task ids".into()))
+    }
+
+    /// Shared: the tasks with ids above `after`, lowest first, at most
+    /// `limit` of them.
+    fn tasks_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredTask>, StoreError> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+
+    /// Shared: a named agent's broadcast cursor as the database keeps it
+    /// (another server may have moved it since this one started).
+    fn cursor(&mut self, agent: &str) -> Result<Option<Saved>, StoreError> {
+        let _ = agent;
+        Ok(None)
+    }
 }
+
+/// Makes a task's text and target from its id.
+pub type Make = Box<dyn FnMut(u64) -> (String, Option<Arc<str>>) + Send>;
 
 /// One change in a group commit.
 #[derive(Debug)]
@@ -251,7 +284,12 @@ pub type Sink = Arc<dyn Fn(&[Arc<Task>]) + Send + Sync>;
 /// # Errors
 /// [`StoreError::Open`] (exit 78: the path or file is wrong),
 /// [`StoreError::Locked`], [`StoreError::Failed`].
-pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opened, StoreError> {
+pub fn open(
+    config: &StoreConfig,
+    server: &str,
+    ring: usize,
+    queue_mode: bool,
+) -> Result<Opened, StoreError> {
     match config.kind {
         StoreKind::Memory => Ok(Opened {
             snapshot: Snapshot {
@@ -261,6 +299,7 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
                 ..Snapshot::default()
             },
             backend: None,
+            watcher: None,
             write_queue: config.write_queue,
         }),
         StoreKind::Postgres => {
@@ -269,7 +308,7 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
             let (backend, snapshot) = std::thread::scope(|scope| {
                 scope
                     .spawn(|| {
-                        let mut backend = postgres::Postgres::open(config)?;
+                        let mut backend = postgres::Postgres::open(config, server)?;
                         let snapshot = backend.load(ring, queue_mode)?;
                         Ok::<_, StoreError>((backend, snapshot))
                     })
@@ -278,6 +317,7 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
             })?;
             Ok(Opened {
                 snapshot,
+                watcher: Some(backend.watcher()),
                 backend: Some(Box::new(backend)),
                 write_queue: config.write_queue,
             })
@@ -291,6 +331,7 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
             Ok(Opened {
                 snapshot,
                 backend: Some(Box::new(backend)),
+                watcher: None,
                 write_queue: config.write_queue,
             })
         }
@@ -301,6 +342,8 @@ pub fn open(config: &StoreConfig, ring: usize, queue_mode: bool) -> Result<Opene
 pub struct Opened {
     pub snapshot: Snapshot,
     backend: Option<Box<dyn Backend>>,
+    /// A shared database: what watches it for the other servers' tasks.
+    watcher: Option<postgres::Watcher>,
     write_queue: usize,
 }
 
@@ -320,6 +363,8 @@ impl Opened {
     pub fn start(self) -> (Store, Snapshot) {
         let sink: Arc<OnceLock<Sink>> = Arc::new(OnceLock::new());
         let (committed_tx, committed) = watch::channel(0);
+        let shared_db = self.backend.as_ref().is_some_and(|b| b.shared());
+        let (leader_tx, leader) = watch::channel(!shared_db);
         let shared = Arc::new(Shared {
             next_id: Mutex::new(SeqState {
                 next_id: self.snapshot.next_id.max(1),
@@ -329,26 +374,38 @@ impl Opened {
             dropped: AtomicU64::new(0),
             write_queue: self.write_queue as u64,
             sink: Arc::clone(&sink),
+            follow_asked: AtomicBool::new(false),
         });
+        let followed = self.snapshot.next_id.saturating_sub(1);
         let journal = self.backend.map(|backend| {
             let (tx, rx) = mpsc::unbounded_channel();
             let thread = {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name("contactd-store".into())
-                    .spawn(move || writer(backend, rx, &shared, &committed_tx))
+                    .spawn(move || writer(backend, rx, &shared, &committed_tx, followed))
                     .expect("spawn the store's writer thread")
             };
             Journal {
                 tx,
                 thread: Mutex::new(Some(thread)),
+                watcher: Mutex::new(None),
             }
         });
         let store = Store {
             shared,
             journal: journal.map(Arc::new),
             committed,
+            shared_db,
+            leader,
         };
+        if let (Some(watcher), Some(journal)) = (self.watcher, &store.journal) {
+            let follow = {
+                let store = store.clone();
+                Box::new(move || store.follow())
+            };
+            *journal.watcher.lock() = Some(watcher.start(follow, leader_tx));
+        }
         (store, self.snapshot)
     }
 }
@@ -361,6 +418,11 @@ pub struct Store {
     journal: Option<Arc<Journal>>,
     /// The highest sequence number committed.
     committed: watch::Receiver<u64>,
+    /// Several servers may share the database.
+    shared_db: bool,
+    /// Whether this server runs the fleet's task generator: always, but
+    /// for a shared database, where one server at a time holds the lease.
+    leader: watch::Receiver<bool>,
 }
 
 struct Shared {
@@ -373,6 +435,8 @@ struct Shared {
     dropped: AtomicU64,
     write_queue: u64,
     sink: Arc<OnceLock<Sink>>,
+    /// A [`Msg::Follow`] is on its way to the writer (one is enough).
+    follow_asked: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -394,6 +458,8 @@ struct SeqState {
 struct Journal {
     tx: mpsc::UnboundedSender<Envelope>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// A shared database's watcher, stopped at close.
+    watcher: Mutex<Option<postgres::Watching>>,
 }
 
 struct Envelope {
@@ -403,6 +469,13 @@ struct Envelope {
 
 enum Msg {
     Publish(Vec<Arc<Task>>, oneshot::Sender<Result<(), StoreError>>),
+    /// A shared database: `count` tasks made by `Make` from the ids the
+    /// database gives.
+    PublishShared(usize, Make, oneshot::Sender<Result<Range<u64>, StoreError>>),
+    /// A shared database: read what other servers published.
+    Follow,
+    /// A shared database: a named agent's cursor as it keeps it.
+    Cursor(Arc<str>, oneshot::Sender<Result<Option<Saved>, StoreError>>),
     /// Written behind: counted in `queued`.
     Behind(Write),
     Claim(Write),
@@ -425,6 +498,7 @@ impl Store {
                 kind: StoreKind::Memory,
                 ..StoreConfig::default()
             },
+            "memory",
             1,
             false,
         )
@@ -460,8 +534,17 @@ impl Store {
     pub async fn publish(
         &self,
         count: usize,
-        mut make: impl FnMut(u64) -> (String, Option<Arc<str>>),
+        mut make: impl FnMut(u64) -> (String, Option<Arc<str>>) + Send + 'static,
     ) -> Result<Range<u64>, StoreError> {
+        if self.shared_db
+            && let Some(journal) = &self.journal
+        {
+            // The database gives the ids, in the order tasks are committed
+            // across every server sharing it.
+            let (tx, rx) = oneshot::channel();
+            self.send(journal, Msg::PublishShared(count, Box::new(make), tx));
+            return rx.await.map_err(|_| StoreError::Closed)?;
+        }
         let created = SystemTime::now();
         let (ids, reply) = {
             let mut seq = self.shared.next_id.lock();
@@ -565,6 +648,41 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Whether several servers may share the database.
+    pub fn is_shared(&self) -> bool {
+        self.shared_db
+    }
+
+    /// Whether this server runs the fleet's task generator now (see
+    /// [`Store::leader`]).
+    pub fn leader(&self) -> watch::Receiver<bool> {
+        self.leader.clone()
+    }
+
+    /// A shared database: `agent`'s broadcast cursor as the database keeps
+    /// it, after everything written so far (`None` elsewhere).
+    ///
+    /// # Errors
+    /// The store cannot be read, or is closed.
+    pub async fn cursor(&self, agent: &Arc<str>) -> Result<Option<Saved>, StoreError> {
+        let Some(journal) = self.journal.as_ref().filter(|_| self.shared_db) else {
+            return Ok(None);
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(journal, Msg::Cursor(Arc::clone(agent), tx));
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Asks the writer to read what other servers published (one request
+    /// at a time is enough: it reads everything there is).
+    fn follow(&self) {
+        if let Some(journal) = &self.journal
+            && !self.shared.follow_asked.swap(true, Ordering::AcqRel)
+        {
+            self.send(journal, Msg::Follow);
+        }
+    }
+
     /// The highest sequence number committed, to wait on.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
@@ -590,6 +708,10 @@ impl Store {
         let Some(journal) = &self.journal else {
             return;
         };
+        let watching = journal.watcher.lock().take();
+        if let Some(watching) = watching {
+            watching.stop().await;
+        }
         let (tx, rx) = oneshot::channel();
         self.send(journal, Msg::Close(tx));
         let _ = rx.await;
@@ -624,11 +746,17 @@ fn voids(tasks: &[Arc<Task>]) -> Vec<Arc<Task>> {
 
 /// The writer thread: takes what has queued up, commits it as one
 /// transaction, then hands committed tasks to the sink and answers.
+///
+/// With a shared database, every task reaches the sink from here in id
+/// order, whichever server published it: `followed` is the highest id
+/// handed on, and the tasks other servers committed below this server's
+/// own are read before its own are handed on.
 fn writer(
     mut backend: Box<dyn Backend>,
     mut rx: mpsc::UnboundedReceiver<Envelope>,
     shared: &Shared,
     committed: &watch::Sender<u64>,
+    mut followed: u64,
 ) {
     let mut group: Vec<Envelope> = Vec::new();
     let mut failures = 0u64;
@@ -645,17 +773,27 @@ fn writer(
             .filter(|e| matches!(e.msg, Msg::Behind(_)))
             .count();
         shared.queued.fetch_sub(behind as u64, Ordering::Relaxed);
+        let (made, reserved) = make_shared(backend.as_mut(), &mut group);
+        let mut made_tasks = made.iter();
         let ops: Vec<Op<'_>> = group
             .iter()
             .filter_map(|e| match &e.msg {
                 Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
+                Msg::PublishShared(..) => made_tasks
+                    .next()
+                    .filter(|tasks| !tasks.is_empty())
+                    .map(|tasks| Op::Publish(tasks)),
                 Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
                     Some(Op::Write(write))
                 }
-                Msg::Housekeep(..) | Msg::Read(..) | Msg::Close(_) => None,
+                Msg::Housekeep(..)
+                | Msg::Read(..)
+                | Msg::Close(_)
+                | Msg::Follow
+                | Msg::Cursor(..) => None,
             })
             .collect();
-        let result = if ops.is_empty() {
+        let result = if ops.is_empty() && !matches!(reserved, Some(Ok(_))) {
             Ok(())
         } else {
             backend.apply(&ops)
@@ -667,11 +805,25 @@ fn writer(
                 tracing::error!(failures, "the task store could not commit: {e}");
             }
         }
+        if let (Ok(()), Some(Ok(ids))) = (&result, &reserved) {
+            // Others' tasks below ours first, then ours: in id order.
+            follow(backend.as_mut(), shared, &mut followed, ids.start - 1);
+            for tasks in &made {
+                sink(shared, tasks);
+            }
+            followed = followed.max(ids.end - 1);
+        }
         let last = group.last().map_or(0, |e| e.seq);
         // A claim that failed to commit is sent all the same: holding
         // deliveries back would not make the disk any less full.
         committed.send_replace(last);
         let mut close = None;
+        let mut made_ranges = made
+            .iter()
+            .map(|tasks| match (tasks.first(), tasks.last()) {
+                (Some(first), Some(last)) => first.id..last.id + 1,
+                _ => 0..0,
+            });
         for envelope in group.drain(..) {
             match envelope.msg {
                 Msg::Publish(tasks, reply) => {
@@ -680,6 +832,21 @@ fn writer(
                         Err(_) => sink(shared, &voids(&tasks)),
                     }
                     let _ = reply.send(result.clone());
+                }
+                Msg::PublishShared(_, _, reply) => {
+                    let ids = made_ranges.next().unwrap_or(0..0);
+                    let answer = match (&reserved, &result) {
+                        (Some(Err(e)), _) | (_, Err(e)) => Err(e.clone()),
+                        _ => Ok(ids),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Msg::Follow => {
+                    shared.follow_asked.store(false, Ordering::Release);
+                    follow(backend.as_mut(), shared, &mut followed, u64::MAX);
+                }
+                Msg::Cursor(agent, reply) => {
+                    let _ = reply.send(backend.cursor(&agent));
                 }
                 Msg::Now(_, reply) => {
                     let _ = reply.send(result.clone());
@@ -698,6 +865,84 @@ fn writer(
             drop(backend);
             let _ = reply.send(());
             return;
+        }
+    }
+}
+
+/// A shared database: reserves ids for the group's publishes and makes
+/// their tasks (one list per publish, in order), returning them and the
+/// ids reserved (`None`: the group publishes nothing this way).
+#[allow(clippy::type_complexity)]
+fn make_shared(
+    backend: &mut dyn Backend,
+    group: &mut [Envelope],
+) -> (Vec<Vec<Arc<Task>>>, Option<Result<Range<u64>, StoreError>>) {
+    let count: usize = group
+        .iter()
+        .map(|e| match &e.msg {
+            Msg::PublishShared(count, ..) => *count,
+            _ => 0,
+        })
+        .sum();
+    let publishes = group
+        .iter()
+        .filter(|e| matches!(e.msg, Msg::PublishShared(..)))
+        .count();
+    if publishes == 0 {
+        return (Vec::new(), None);
+    }
+    let first = match backend.reserve(count as u64) {
+        Ok(first) => first,
+        Err(e) => return (vec![Vec::new(); publishes], Some(Err(e))),
+    };
+    let created = SystemTime::now();
+    let mut next = first;
+    let made = group
+        .iter_mut()
+        .filter_map(|e| match &mut e.msg {
+            Msg::PublishShared(count, make, _) => {
+                let tasks: Vec<Arc<Task>> = (next..next + *count as u64)
+                    .map(|id| {
+                        let (text, target) = make(id);
+                        Arc::new(Task::new(id, text, created, target))
+                    })
+                    .collect();
+                next += *count as u64;
+                Some(tasks)
+            }
+            _ => None,
+        })
+        .collect();
+    (made, Some(Ok(first..next)))
+}
+
+/// Tasks read back per query when following a shared database.
+const FOLLOW_BATCH: usize = 1024;
+
+/// Hands on the tasks committed above `followed`, up to `until`, in id
+/// order. A failure is logged: the next notice or poll reads them.
+fn follow(backend: &mut dyn Backend, shared: &Shared, followed: &mut u64, until: u64) {
+    while *followed < until {
+        match backend.tasks_after(*followed, FOLLOW_BATCH) {
+            Ok(stored) => {
+                let tasks: Vec<Arc<Task>> = stored
+                    .iter()
+                    .filter(|t| t.id <= until)
+                    .map(|t| Arc::new(t.to_task()))
+                    .collect();
+                let Some(last) = tasks.last() else {
+                    return;
+                };
+                *followed = last.id;
+                sink(shared, &tasks);
+                if stored.len() < FOLLOW_BATCH {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot read the tasks other servers published: {e}");
+                return;
+            }
         }
     }
 }
@@ -739,7 +984,7 @@ mod tests {
     async fn publishes_are_committed_then_handed_on_in_id_order_and_claims_become_committed() {
         let dir = tempfile::tempdir().unwrap();
         let config = sqlite_config(dir.path().join("c.db"));
-        let (store, _) = open(&config, 10, true).unwrap().start();
+        let (store, _) = open(&config, "test", 10, true).unwrap().start();
         let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
         store.set_sink({
             let seen = Arc::clone(&seen);
@@ -767,7 +1012,7 @@ mod tests {
             .unwrap();
         store.close().await;
 
-        let mut opened = open(&config, 10, true).unwrap();
+        let mut opened = open(&config, "test", 10, true).unwrap();
         let snapshot = std::mem::take(&mut opened.snapshot);
         assert_eq!(snapshot.next_id, 4);
         let claims: Vec<_> = snapshot.tasks.iter().map(|t| t.claim.is_some()).collect();
@@ -778,7 +1023,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_sees_every_write_sent_before_it_and_writes_through_are_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = open(&sqlite_config(dir.path().join("c.db")), 10, true)
+        let (store, _) = open(&sqlite_config(dir.path().join("c.db")), "test", 10, true)
             .unwrap()
             .start();
         store

@@ -7,10 +7,15 @@
 //! read, so a group costs one network round trip however many writes it
 //! holds ([`pipeline`]).
 //!
-//! One server per database for now: the writer's connection holds a
-//! session advisory lock for as long as it is open, as SQLite's lock file
-//! does, so a second server on the same database is refused at start-up
-//! rather than allowed to give out the same task ids.
+//! Several servers may share one database ([`Backend::shared`]): task ids
+//! are the database's, reserved under a row lock held until commit, so
+//! tasks become visible in id order across servers; each publish notifies
+//! (`NOTIFY contactd_tasks`) and every server's [`Watcher`] listens, and
+//! polls as the fallback, so the writer reads what others published. The
+//! watcher also keeps this server's heartbeat in `servers` and holds the
+//! generator's lease (a session advisory lock: released the moment its
+//! connection dies). Each server's name is taken with an advisory lock
+//! held by the writer's connection: two servers of one name are refused.
 //!
 //! The schema is versioned in `contactd_meta`; [`MIGRATIONS`] are applied
 //! under a transaction-scoped advisory lock, so servers starting together
@@ -27,8 +32,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{
-    Client, NoTls, Statement,
+    AsyncMessage, Client, NoTls, Statement,
     config::{Host, SslMode},
     error::SqlState,
     types::ToSql,
@@ -92,15 +98,25 @@ const MIGRATIONS: &[&str] = &[
          delivered BIGINT NOT NULL,
          acked BIGINT NOT NULL,
          failed BIGINT NOT NULL
+     );
+     CREATE TABLE servers (
+         name TEXT PRIMARY KEY,
+         started_ms BIGINT NOT NULL,
+         heartbeat_ms BIGINT NOT NULL,
+         stopped BOOLEAN NOT NULL DEFAULT FALSE
      );",
 ];
 
 /// The schema version this contactd writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// Advisory lock keys ("ctd1" and a number): migrating, and serving.
+/// Advisory lock keys ("ctd1" and a number): migrating, and the task
+/// generator's lease. (A server's name is locked by its hash.)
 const MIGRATE_LOCK: i64 = 0x6374_6431_0000_0001;
-const SERVE_LOCK: i64 = 0x6374_6431_0000_0002;
+const GENERATOR_LOCK: i64 = 0x6374_6431_0000_0002;
+
+/// The channel publishes notify.
+const CHANNEL: &str = "contactd_tasks";
 
 /// Rows one housekeeping call deletes at most (a short transaction).
 const PRUNE_BATCH: i64 = 2000;
@@ -192,6 +208,10 @@ pub struct Postgres {
     statements: Statements,
     target: Target,
     connect: Connector,
+    /// This server's name among those sharing the database.
+    server: Arc<str>,
+    /// A transaction is open: [`Backend::reserve`] began it.
+    in_transaction: bool,
 }
 
 /// The backend's own runtime, dropped without blocking: a backend opened
@@ -221,6 +241,7 @@ impl Drop for Runtime {
 struct Connector {
     timeout: Duration,
     ca_file: Option<PathBuf>,
+    poll: Duration,
 }
 
 fn failed(e: &tokio_postgres::Error) -> StoreError {
@@ -264,13 +285,14 @@ impl Postgres {
     /// database this contactd must not change; [`StoreError::Locked`] when
     /// another server has it; [`StoreError::Failed`] when it cannot be
     /// reached.
-    pub fn open(config: &StoreConfig) -> Result<Postgres, StoreError> {
+    pub fn open(config: &StoreConfig, server: &str) -> Result<Postgres, StoreError> {
         let url = config.postgres_url().map_err(StoreError::Unusable)?;
         let target =
             parse(&url).map_err(|reason| StoreError::Unusable(format!("store.url {reason}")))?;
         let connect = Connector {
             timeout: config.connect_timeout,
             ca_file: config.ca_file.clone(),
+            poll: config.poll_interval,
         };
         let runtime = Runtime(Some(
             tokio::runtime::Builder::new_current_thread()
@@ -280,28 +302,41 @@ impl Postgres {
                     StoreError::Failed(format!("cannot start the store's runtime: {e}"))
                 })?,
         ));
-        let client = runtime.block_on(connect.connect(&target))?;
+        let client = runtime.block_on(connect.connect(&target, None))?;
         let statements = runtime.block_on(async {
             migrate(&client, &target.name).await?;
-            take(&client, &target.name).await?;
+            take(&client, &target.name, server).await?;
             Statements::prepare(&client).await.map_err(|e| failed(&e))
         })?;
-        tracing::info!(database = %target.name, tls = target.tls, "task store connected");
+        tracing::info!(database = %target.name, tls = target.tls, server, "task store connected");
         Ok(Postgres {
             runtime,
             client,
             statements,
             target,
             connect,
+            server: Arc::from(server),
+            in_transaction: false,
         })
+    }
+
+    /// What watches the database for this server (see [`Watcher`]).
+    pub fn watcher(&self) -> Watcher {
+        Watcher {
+            target: self.target.clone(),
+            connect: self.connect.clone(),
+            server: Arc::clone(&self.server),
+        }
     }
 
     /// Reconnects after the connection was lost, taking the database again.
     fn reconnect(&mut self) -> Result<(), StoreError> {
         let (target, connect) = (self.target.clone(), self.connect.clone());
+        let server = Arc::clone(&self.server);
+        self.in_transaction = false;
         let (client, statements) = self.runtime.block_on(async {
-            let client = connect.connect(&target).await?;
-            take(&client, &target.name).await?;
+            let client = connect.connect(&target, None).await?;
+            take(&client, &target.name, &server).await?;
             let statements = Statements::prepare(&client).await.map_err(|e| failed(&e))?;
             Ok::<_, StoreError>((client, statements))
         })?;
@@ -324,7 +359,12 @@ impl Postgres {
 }
 
 impl Connector {
-    async fn connect(&self, target: &Target) -> Result<Client, StoreError> {
+    /// Connects, sending a `()` on `notices` for each notification.
+    async fn connect(
+        &self,
+        target: &Target,
+        notices: Option<mpsc::UnboundedSender<()>>,
+    ) -> Result<Client, StoreError> {
         let mut config = target.config.clone();
         config.connect_timeout(self.timeout);
         let unreachable = |e: &tokio_postgres::Error| {
@@ -351,14 +391,14 @@ impl Connector {
                 .await
                 .map_err(|_| timed_out(target, started))?
                 .map_err(|e| unreachable(&e))?;
-            tokio::spawn(drive(connection));
+            tokio::spawn(drive(connection, notices));
             client
         } else {
             let (client, connection) = tokio::time::timeout(self.timeout, config.connect(NoTls))
                 .await
                 .map_err(|_| timed_out(target, started))?
                 .map_err(|e| unreachable(&e))?;
-            tokio::spawn(drive(connection));
+            tokio::spawn(drive(connection, notices));
             client
         };
         Ok(client)
@@ -373,13 +413,33 @@ fn timed_out(target: &Target, started: Instant) -> StoreError {
     ))
 }
 
-/// Reads the connection until it closes (answers go to their queries).
-async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
-where
+/// Reads the connection until it closes: answers go to their queries,
+/// notifications to `notices`.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notices: Option<mpsc::UnboundedSender<()>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(e) = connection.await {
+    let ended = std::future::poll_fn(|cx| {
+        loop {
+            match connection.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => {
+                    if let Some(notices) = &notices {
+                        let _ = notices.send(());
+                    }
+                }
+                // The server's notices (warnings): nothing to act on.
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = ended {
         tracing::warn!(
             "the task store's database connection ended: {}",
             describe(&e)
@@ -463,27 +523,47 @@ async fn migrate(client: &Client, name: &str) -> Result<(), StoreError> {
     result
 }
 
-/// Takes the database for this server (until the connection closes).
-async fn take(client: &Client, name: &str) -> Result<(), StoreError> {
+/// Takes this server's name (until the connection closes) and says it
+/// started: two servers of one name would mix up their agents' rows.
+async fn take(client: &Client, database: &str, server: &str) -> Result<(), StoreError> {
+    let f = |e: tokio_postgres::Error| failed(&e);
     let taken: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('contactd server ' || $1, 0))",
+            &[&server],
+        )
         .await
-        .map_err(|e| failed(&e))?
+        .map_err(f)?
         .get(0);
-    if taken {
-        Ok(())
-    } else {
-        Err(StoreError::Locked {
-            path: name.into(),
-            reason: "another contactd is using this database (one server per database)".into(),
-        })
+    if !taken {
+        return Err(StoreError::Locked {
+            path: database.into(),
+            reason: format!(
+                "a contactd server named {server:?} is already using this database: give \
+                 each server its own server.name"
+            ),
+        });
     }
+    let now = super::now_ms();
+    client
+        .execute(
+            "INSERT INTO servers (name, started_ms, heartbeat_ms) VALUES ($1, $2, $2) \
+             ON CONFLICT (name) DO UPDATE SET started_ms = $2, heartbeat_ms = $2, \
+             stopped = FALSE",
+            &[&server, &now],
+        )
+        .await
+        .map_err(f)?;
+    Ok(())
 }
 
 /// Every statement the writer runs, prepared once per connection.
 struct Statements {
     insert_task: Statement,
-    next_id: Statement,
+    notify: Statement,
+    reserve: Statement,
+    after: Statement,
+    cursor_of: Statement,
     delivered: Statement,
     claimed: Statement,
     state: Statement,
@@ -509,9 +589,26 @@ impl Statements {
                      SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])",
                 )
                 .await?,
-            next_id: client
+            notify: client
+                .prepare(&format!("SELECT pg_notify('{CHANNEL}', '')"))
+                .await?,
+            // The row stays locked until commit: the next server's
+            // reservation waits, so tasks are committed in id order.
+            reserve: client
                 .prepare(
-                    "UPDATE contactd_meta SET value = greatest(value, $1) WHERE key = 'next_id'",
+                    "UPDATE contactd_meta SET value = value + $1 WHERE key = 'next_id' \
+                     RETURNING value - $1",
+                )
+                .await?,
+            after: client
+                .prepare(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE id > $1 ORDER BY id LIMIT $2"
+                ))
+                .await?,
+            cursor_of: client
+                .prepare(
+                    "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors \
+                     WHERE agent = $1",
                 )
                 .await?,
             delivered: client
@@ -566,7 +663,8 @@ impl Statements {
                      VALUES ($1, $2, $3, $4, $5, $6) \
                      ON CONFLICT (agent) DO UPDATE SET watermark = excluded.watermark, \
                      above = excluded.above, sent_up_to = excluded.sent_up_to, \
-                     seen_ms = excluded.seen_ms, since = excluded.since",
+                     seen_ms = excluded.seen_ms, since = excluded.since \
+                     WHERE cursors.seen_ms <= excluded.seen_ms",
                 )
                 .await?,
             agent: client
@@ -614,13 +712,27 @@ fn stored_task(row: &tokio_postgres::Row) -> StoredTask {
     }
 }
 
+/// A cursor row (agent, watermark, above, sent_up_to, seen_ms, since).
+fn saved_cursor(row: &tokio_postgres::Row) -> Saved {
+    Saved {
+        agent: Arc::from(row.get::<_, String>(0)),
+        cursor: cursor_from_parts(
+            u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            row.get::<_, &[u8]>(2),
+        ),
+        sent_up_to: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        seen_ms: row.get(4),
+        since: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
+    }
+}
+
 /// One statement with its parameters, owned until it has run.
 type Call<'a> = (&'a Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
 /// The statements that apply `ops`, in order.
 fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
     let mut calls: Vec<Call<'a>> = Vec::with_capacity(ops.len() + 1);
-    let mut next_id = 0;
+    let mut published = false;
     for op in ops {
         match op {
             Op::Publish(tasks) => {
@@ -631,7 +743,7 @@ fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
                     .map(|t| t.target.as_deref().map(str::to_owned))
                     .collect();
                 let created: Vec<i64> = tasks.iter().map(|t| super::unix_ms(t.created)).collect();
-                next_id = tasks.iter().fold(next_id, |n, t| n.max(t.id + 1));
+                published = true;
                 calls.push((
                     &s.insert_task,
                     vec![
@@ -645,8 +757,9 @@ fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
             Op::Write(write) => calls.extend(write_calls(s, write)),
         }
     }
-    if next_id > 0 {
-        calls.push((&s.next_id, vec![Box::new(id(next_id))]));
+    if published {
+        // Sent at commit: every server reads the new tasks.
+        calls.push((&s.notify, Vec::new()));
     }
     calls
 }
@@ -844,16 +957,7 @@ impl Backend for Postgres {
                 .await
                 .map_err(f)?
                 .iter()
-                .map(|row| Saved {
-                    agent: Arc::from(row.get::<_, String>(0)),
-                    cursor: cursor_from_parts(
-                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                        row.get::<_, &[u8]>(2),
-                    ),
-                    sent_up_to: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
-                    seen_ms: row.get(4),
-                    since: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
-                })
+                .map(saved_cursor)
                 .collect();
             let agents = client
                 .query(
@@ -887,6 +991,12 @@ impl Backend for Postgres {
     }
 
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
+        let began = std::mem::take(&mut self.in_transaction);
+        if began && self.client.is_closed() {
+            return Err(StoreError::Failed(
+                "the database connection was lost before the commit".into(),
+            ));
+        }
         self.with_client(async |client, statements| {
             let calls = calls(statements, ops);
             let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls
@@ -990,6 +1100,52 @@ impl Backend for Postgres {
         })
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn reserve(&mut self, count: u64) -> Result<u64, StoreError> {
+        let count = id(count);
+        let first = self.with_client(async |client, s| {
+            let params: [&(dyn ToSql + Sync); 1] = [&count];
+            // One round trip for both.
+            let (begun, row) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.query_one(&s.reserve, &params),
+            );
+            match begun.and(row) {
+                Ok(row) => Ok(row.get::<_, i64>(0)),
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(failed(&e))
+                }
+            }
+        })?;
+        self.in_transaction = true;
+        Ok(u64::try_from(first).unwrap_or(0))
+    }
+
+    fn tasks_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredTask>, StoreError> {
+        let (after, limit) = (id(after), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.with_client(async |client, s| {
+            let rows = client
+                .query(&s.after, &[&after, &limit])
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(rows.iter().map(stored_task).collect())
+        })
+    }
+
+    fn cursor(&mut self, agent: &str) -> Result<Option<Saved>, StoreError> {
+        self.with_client(async |client, s| {
+            let row = client
+                .query_opt(&s.cursor_of, &[&agent])
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(row.as_ref().map(saved_cursor))
+        })
+    }
+
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
         self.with_client(async |client, s| {
             let f = |e: tokio_postgres::Error| failed(&e);
@@ -1018,6 +1174,169 @@ impl Backend for Postgres {
                 results,
             }))
         })
+    }
+}
+
+/// Watches a shared database for this server, on a thread of its own:
+/// listens for the other servers' publishes (and polls every
+/// `store.poll_interval`, in case a notification was lost while
+/// reconnecting), keeps this server's heartbeat, and holds the task
+/// generator's lease when it can.
+pub struct Watcher {
+    target: Target,
+    connect: Connector,
+    server: Arc<str>,
+}
+
+/// A running [`Watcher`].
+#[derive(Debug)]
+pub struct Watching {
+    stop: tokio_util::sync::CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watching {
+    /// Stops watching: the heartbeat says stopped, the lease is let go.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+impl Watcher {
+    /// Starts watching: `follow` is called on each notice or poll, and
+    /// `leader` says whether this server holds the generator's lease.
+    ///
+    /// # Panics
+    /// The thread cannot be started.
+    pub fn start(self, follow: Box<dyn Fn() + Send>, leader: watch::Sender<bool>) -> Watching {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("contactd-store-watch".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(self.run(&*follow, &leader, &stop)),
+                        Err(e) => tracing::error!("cannot watch the task store: {e}"),
+                    }
+                })
+                .expect("spawn the store's watcher thread")
+        };
+        Watching { stop, thread }
+    }
+
+    async fn run(
+        &self,
+        follow: &(dyn Fn() + Send),
+        leader: &watch::Sender<bool>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        let mut backoff = crate::agent::Backoff::new(crate::config::BackoffConfig {
+            initial: Duration::from_millis(100),
+            max: self.connect.poll.max(Duration::from_secs(5)),
+            ..crate::config::BackoffConfig::default()
+        });
+        let mut failures = 0u32;
+        loop {
+            let (notices, mut noticed) = mpsc::unbounded_channel();
+            let watched = match self.connect.connect(&self.target, Some(notices)).await {
+                Ok(client) => {
+                    if failures > 0 {
+                        tracing::info!(database = %self.target.name, "watching the task store again");
+                    }
+                    failures = 0;
+                    backoff.reset();
+                    self.watch(&client, &mut noticed, follow, leader, stop)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if leader.send_replace(false) {
+                tracing::warn!(server = %self.server, "this server no longer runs the task generator (its lease went with the database connection)");
+            }
+            match watched {
+                Ok(()) => return,
+                Err(e) => {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(
+                            failures,
+                            "cannot watch the task store for other servers' tasks: {e}"
+                        );
+                    }
+                }
+            }
+            let wait = backoff.next_delay();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Watches on `client` until stopped (`Ok`) or the connection fails.
+    async fn watch(
+        &self,
+        client: &Client,
+        noticed: &mut mpsc::UnboundedReceiver<()>,
+        follow: &(dyn Fn() + Send),
+        leader: &watch::Sender<bool>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), StoreError> {
+        let f = |e: tokio_postgres::Error| failed(&e);
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(f)?;
+        let server: &str = &self.server;
+        let mut tick = tokio::time::interval(self.connect.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    client
+                        .execute(
+                            "UPDATE servers SET heartbeat_ms = $2, stopped = TRUE WHERE name = $1",
+                            &[&server, &super::now_ms()],
+                        )
+                        .await
+                        .map_err(f)?;
+                    return Ok(());
+                }
+                notice = noticed.recv() => match notice {
+                    Some(()) => follow(),
+                    None => return Err(StoreError::Failed("the database connection ended".into())),
+                },
+                _ = tick.tick() => {
+                    // The fallback: a notification sent while this
+                    // connection was down is never received.
+                    follow();
+                    client
+                        .execute(
+                            "UPDATE servers SET heartbeat_ms = $2, stopped = FALSE WHERE name = $1",
+                            &[&server, &super::now_ms()],
+                        )
+                        .await
+                        .map_err(f)?;
+                    if !*leader.borrow() {
+                        let taken: bool = client
+                            .query_one("SELECT pg_try_advisory_lock($1)", &[&GENERATOR_LOCK])
+                            .await
+                            .map_err(f)?
+                            .get(0);
+                        if taken {
+                            tracing::info!(server, "this server runs the task generator (it took the lease)");
+                            leader.send_replace(true);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -66,6 +66,20 @@ impl AckCursor {
         }
     }
 
+    /// Takes in the acks `other` records too (the same agent's cursor as
+    /// another server kept it): acks only ever accumulate.
+    pub fn merge(&mut self, other: &AckCursor) {
+        if other.watermark > self.watermark {
+            self.watermark = other.watermark;
+            self.above = self.above.split_off(&(self.watermark + 1));
+        }
+        self.above
+            .extend(other.above.range(self.watermark + 1..).copied());
+        while self.above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
+
     /// Tasks before this id need no redelivery: resume after the watermark.
     pub fn watermark(&self) -> u64 {
         self.watermark
@@ -180,6 +194,26 @@ impl Cursors {
         Arc::clone(tracked)
     }
 
+    /// Takes in `saved`, the agent's cursor as a shared store keeps it
+    /// (another server may have moved it since this one last did).
+    pub fn merge(&self, saved: Saved) {
+        let mut map = self.map.lock();
+        match map.get(&saved.agent) {
+            Some(tracked) => {
+                tracked.cursor.lock().merge(&saved.cursor);
+                tracked
+                    .sent_up_to
+                    .fetch_max(saved.sent_up_to, Ordering::Relaxed);
+            }
+            None => {
+                let tracked =
+                    Tracked::new(saved.cursor, saved.since, saved.sent_up_to, saved.seen_ms);
+                tracked.dirty.store(false, Ordering::Relaxed);
+                map.insert(saved.agent, tracked);
+            }
+        }
+    }
+
     /// `name`'s cursor, if it has one.
     pub fn get(&self, name: &str) -> Option<Arc<Tracked>> {
         self.map.lock().get(name).cloned()
@@ -256,6 +290,25 @@ mod tests {
         assert_eq!(c.watermark(), 4);
         c.ack(2, 100);
         assert_eq!(c.watermark(), 4);
+    }
+
+    #[test]
+    fn merging_keeps_every_ack_of_both() {
+        let mut here = AckCursor::at(3);
+        here.ack(6, 100);
+        let mut there = AckCursor::at(4);
+        there.ack(7, 100);
+        there.ack(9, 100);
+        here.merge(&there);
+        // 1..=4 (there), 5 neither, 6 (here), 7 and 9 (there).
+        assert_eq!(here.watermark(), 4);
+        assert!(here.is_acked(6) && here.is_acked(7) && here.is_acked(9));
+        assert!(!here.is_acked(5) && !here.is_acked(8));
+        here.merge(&AckCursor::at(5));
+        assert_eq!(here.watermark(), 7, "5 closes the gap up to 7");
+        let before = here.clone();
+        here.merge(&AckCursor::default());
+        assert_eq!(here, before, "an older cursor takes nothing away");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The task generator: one for the whole server, publishing `tasks.batch`
 //! tasks every `tasks.interval` (the first batch at start-up), following
-//! config reloads.
+//! config reloads. With several servers sharing a PostgreSQL store, one
+//! for the fleet: only the server holding the lease
+//! ([`Store::leader`]) publishes; the others keep the schedule idle.
 
 use std::sync::Arc;
 
@@ -26,11 +28,14 @@ pub async fn run(
     let mut last = Instant::now();
     let mut next = last;
     let mut failures = 0u64;
+    let leader = store.leader();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(next) => {
-                generate(&store, &tasks, &mut failures).await;
+                if *leader.borrow() {
+                    generate(&store, &tasks, &mut failures).await;
+                }
                 last = next;
                 // After a stall (a suspended host), resume the schedule
                 // instead of publishing the missed batches in a burst.
@@ -67,7 +72,8 @@ async fn generate(store: &Store, tasks: &TasksConfig, failures: &mut u64) {
     if tasks.batch == 0 {
         return;
     }
-    let batch = store.publish(tasks.batch as usize, |id| (tasks.template.render(id), None));
+    let template = tasks.template.clone();
+    let batch = store.publish(tasks.batch as usize, move |id| (template.render(id), None));
     match batch.await {
         Ok(ids) => {
             if *failures > 0 {

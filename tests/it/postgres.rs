@@ -6,12 +6,20 @@ use crate::common;
 
 use std::sync::Arc;
 
-use common::{LIMIT, daemon::Process, postgres::Cluster};
+use common::{
+    LIMIT,
+    daemon::Process,
+    fleet::{TestAgent, agent_config, connected, handled},
+    postgres::Cluster,
+};
 use contactd::{
     config::{StoreConfig, StoreKind},
+    proto::admin::admin_client::AdminClient,
     store::{self, Retention, StoreError, Write, now_ms},
     tasks::{AckCursor, TaskState, cursor::Saved},
 };
+use nix::sys::signal::Signal;
+use tonic::transport::Channel;
 
 fn config(url: &str) -> StoreConfig {
     StoreConfig {
@@ -29,7 +37,7 @@ async fn open(
 ) -> Result<(store::Store, store::Snapshot), StoreError> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        store::open(&config, 10, queue_mode).map(store::Opened::start)
+        store::open(&config, "test", 10, queue_mode).map(store::Opened::start)
     })
     .await
     .unwrap()
@@ -264,4 +272,121 @@ async fn a_broadcast_agent_on_postgres_gets_what_it_missed_across_a_restart_not_
     let url = cluster.database("fleet").await;
     crate::store::away_across_a_restart_gets_what_it_missed_not_what_it_acked(&store_section(&url))
         .await;
+}
+
+/// A server named `name` on the shared database `url`.
+fn shared_server(name: &str, url: &str, tasks: &str) -> common::daemon::Daemon {
+    common::daemon::Daemon::start(&format!(
+        "[server]\nname = \"{name}\"\n[tasks]\n{tasks}\n{}poll_interval = \"200ms\"\n",
+        store_section(url)
+    ))
+}
+
+async fn admin(server: &common::daemon::Daemon) -> AdminClient<Channel> {
+    common::within(
+        "admin connect",
+        contactd::ctl::connect(&server.dir.path().join("admin.sock")),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits (bounded) until `agent`'s cursor in the database has acked
+/// every task up to `id`.
+async fn wait_for_cursor(url: &str, agent: &str, id: i64) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    common::within("the cursor in the database", async {
+        loop {
+            let row = client
+                .query_opt("SELECT watermark FROM cursors WHERE agent = $1", &[&agent])
+                .await
+                .unwrap();
+            if row.is_some_and(|row| row.get::<_, i64>(0) >= id) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn handled_ids(agent: &mut TestAgent, count: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(agent.wait_for("a handled task", handled).await.0);
+    }
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_tasks_published_on_either_server_reach_agents_on_both_and_an_agent_that_moves() {
+    let Some(cluster) = Cluster::start("postgres two servers, broadcast") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let a = shared_server("a", &url, "batch = 0");
+    let b = shared_server("b", &url, "batch = 0");
+    let (mut admin_a, mut admin_b) = (admin(&a).await, admin(&b).await);
+    let mut web1 = TestAgent::start(agent_config(a.addr, "web1"));
+    let mut web2 = TestAgent::start(agent_config(b.addr, "web2"));
+    web1.wait_for("web1 connected", connected).await;
+    web2.wait_for("web2 connected", connected).await;
+
+    // Ids are the database's: one sequence for the fleet.
+    let one = common::submit(&mut admin_a, "one", "").await;
+    let two = common::submit(&mut admin_b, "two", "").await;
+    let three = common::submit(&mut admin_a, "three", "").await;
+    assert_eq!([one, two, three], [1, 2, 3]);
+    assert_eq!(handled_ids(&mut web1, 3).await, [1, 2, 3]);
+    assert_eq!(handled_ids(&mut web2, 3).await, [1, 2, 3]);
+
+    // web1 moves to server b: it gets what it missed, not what it acked
+    // through a (a new agent process: anything sent again would run again).
+    wait_for_cursor(&url, "web1", 3).await;
+    web1.stop().await;
+    let four = common::submit(&mut admin_a, "four, while web1 moves", "").await;
+    let mut web1 = TestAgent::start(agent_config(b.addr, "web1"));
+    let five = common::submit(&mut admin_b, "five", "").await;
+    assert_eq!(handled_ids(&mut web1, 2).await, [four, five]);
+    assert_eq!(handled_ids(&mut web2, 2).await, [four, five]);
+    web1.stop().await;
+    web2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_generates_for_the_fleet_and_the_lease_moves_when_it_is_killed() {
+    let Some(cluster) = Cluster::start("postgres generator lease") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let tasks = "batch = 1\ninterval = \"100ms\"\ntemplate = \"tick {seq}\"";
+    let mut a = shared_server("a", &url, tasks);
+    a.wait_for_line("runs the task generator");
+    let mut b = shared_server("b", &url, tasks);
+    let mut web2 = TestAgent::start(agent_config(b.addr, "web2"));
+    web2.wait_for("web2 connected", connected).await;
+    let before = web2.wait_for("a generated task", handled).await.0;
+    assert!(
+        !b.log.iter().any(|l| l.contains("runs the task generator")),
+        "b took the lease while a holds it"
+    );
+
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(LIMIT);
+    // The lease went with a's connection: b takes it at its next poll.
+    b.wait_for_line("runs the task generator");
+    // And b's agent gets tasks b generates now.
+    common::within("tasks generated after the kill", async {
+        loop {
+            if web2.wait_for("a generated task", handled).await.0 > before + 20 {
+                return;
+            }
+        }
+    })
+    .await;
+    web2.stop().await;
 }
