@@ -255,7 +255,22 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
         match queue.ack(result.task_id, &caller.id) {
             Ok(task) => Ok(task),
             // Late or repeated: not forged, already counted by the queue.
-            Err(AckRefusal::NotInFlight) => return,
+            Err(AckRefusal::NotInFlight) => {
+                if state.store.is_shared() {
+                    // Perhaps sent through another server (the agent came
+                    // here with the ack): the store knows whether this
+                    // agent holds the task's claim, and keeps it only then.
+                    state.store.record(Write::Acked {
+                        id: result.task_id,
+                        agent: Arc::clone(&caller.id),
+                        ok,
+                        text: caller.kept(&result.ret).to_owned(),
+                        at_ms: crate::store::now_ms(),
+                        claimed: true,
+                    });
+                }
+                return;
+            }
             Err(AckRefusal::NotTheHolder) => Err("the task is in flight at another agent"),
             Err(AckRefusal::Cancelled) => return ignore_cancelled(state, result.task_id),
         }
@@ -276,6 +291,7 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
                 ok,
                 text: text.clone(),
                 at_ms: crate::store::now_ms(),
+                claimed: state.queue.is_some(),
             });
             task.progress.record_ack(ok, &caller.id, text);
         }

@@ -23,6 +23,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::{
+    collections::HashMap,
     ops::Range,
     path::PathBuf,
     sync::{
@@ -96,8 +97,15 @@ pub enum Write {
         holder: Arc<str>,
         deadline_ms: i64,
     },
-    /// Queue: the task is back in line (pending) or parked (dead).
-    State { id: u64, state: TaskState },
+    /// Queue: the task is back in line (pending) or parked (dead), by
+    /// the holder of its claim (`None`: it had none). A shared database
+    /// changes it only if that is still the holder: another server may
+    /// have claimed it since.
+    State {
+        id: u64,
+        state: TaskState,
+        holder: Option<Arc<str>>,
+    },
     /// An operator cancelled the task; `held`: an agent holds its current
     /// attempt (kept, to show who may still run it).
     Cancelled { id: u64, held: bool },
@@ -105,17 +113,29 @@ pub enum Write {
     /// attempts 0, one more retry.
     Retried { id: u64 },
     /// An agent's ack, `ok` false for a failure, with its result text.
+    /// `claimed` (queue mode): a shared database keeps it only if `agent`
+    /// holds the task's claim.
     Acked {
         id: u64,
         agent: Arc<str>,
         ok: bool,
         text: String,
         at_ms: i64,
+        claimed: bool,
     },
     /// A broadcast cursor to keep.
     Cursor(Saved),
     /// A named agent's roster entry to keep.
     Agent(SavedAgent),
+}
+
+/// A queue claim a shared database refused: another server's agent holds
+/// the task, or it is finished. What the database says of the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostClaim {
+    pub state: TaskState,
+    pub holder: Option<Arc<str>>,
+    pub deadline_ms: Option<i64>,
 }
 
 /// A named agent as the roster keeps it: when it was first and last seen,
@@ -256,6 +276,12 @@ pub trait Backend: Send {
         Ok(Vec::new())
     }
 
+    /// Shared: the claims among the last [`apply`](Backend::apply)'s ops
+    /// that the database refused, by their index in its `ops`.
+    fn lost_claims(&mut self) -> Vec<(usize, LostClaim)> {
+        Vec::new()
+    }
+
     /// Shared: a named agent's broadcast cursor as the database keeps it
     /// (another server may have moved it since this one started).
     fn cursor(&mut self, agent: &str) -> Result<Option<Saved>, StoreError> {
@@ -375,6 +401,7 @@ impl Opened {
             write_queue: self.write_queue as u64,
             sink: Arc::clone(&sink),
             follow_asked: AtomicBool::new(false),
+            lost: Mutex::new(HashMap::new()),
         });
         let followed = self.snapshot.next_id.saturating_sub(1);
         let journal = self.backend.map(|backend| {
@@ -437,6 +464,9 @@ struct Shared {
     sink: Arc<OnceLock<Sink>>,
     /// A [`Msg::Follow`] is on its way to the writer (one is enough).
     follow_asked: AtomicBool,
+    /// Claims a shared database refused, by sequence number, until the
+    /// queue takes them.
+    lost: Mutex<HashMap<u64, LostClaim>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -673,6 +703,15 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// A shared database: what it said of the claim numbered `seq`, if it
+    /// refused it (once committed: see [`Store::claim`]).
+    pub fn take_lost(&self, seq: u64) -> Option<LostClaim> {
+        if !self.shared_db {
+            return None;
+        }
+        self.shared.lost.lock().remove(&seq)
+    }
+
     /// Asks the writer to read what other servers published (one request
     /// at a time is enough: it reads everything there is).
     fn follow(&self) {
@@ -775,22 +814,26 @@ fn writer(
         shared.queued.fetch_sub(behind as u64, Ordering::Relaxed);
         let (made, reserved) = make_shared(backend.as_mut(), &mut group);
         let mut made_tasks = made.iter();
+        let mut op_seqs: Vec<u64> = Vec::new();
         let ops: Vec<Op<'_>> = group
             .iter()
-            .filter_map(|e| match &e.msg {
-                Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
-                Msg::PublishShared(..) => made_tasks
-                    .next()
-                    .filter(|tasks| !tasks.is_empty())
-                    .map(|tasks| Op::Publish(tasks)),
-                Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
-                    Some(Op::Write(write))
+            .filter_map(|e| {
+                match &e.msg {
+                    Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
+                    Msg::PublishShared(..) => made_tasks
+                        .next()
+                        .filter(|tasks| !tasks.is_empty())
+                        .map(|tasks| Op::Publish(tasks)),
+                    Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
+                        Some(Op::Write(write))
+                    }
+                    Msg::Housekeep(..)
+                    | Msg::Read(..)
+                    | Msg::Close(_)
+                    | Msg::Follow
+                    | Msg::Cursor(..) => None,
                 }
-                Msg::Housekeep(..)
-                | Msg::Read(..)
-                | Msg::Close(_)
-                | Msg::Follow
-                | Msg::Cursor(..) => None,
+                .inspect(|_| op_seqs.push(e.seq))
             })
             .collect();
         let result = if ops.is_empty() && !matches!(reserved, Some(Ok(_))) {
@@ -799,6 +842,15 @@ fn writer(
             backend.apply(&ops)
         };
         drop(ops);
+        if result.is_ok() {
+            let lost = backend.lost_claims();
+            if !lost.is_empty() {
+                let mut map = shared.lost.lock();
+                for (at, claim) in lost {
+                    map.insert(op_seqs[at], claim);
+                }
+            }
+        }
         if let Err(e) = &result {
             failures += 1;
             if failures.is_power_of_two() {
@@ -1037,6 +1089,7 @@ mod tests {
             ok: false,
             text: "exit 1".into(),
             at_ms: 5,
+            claimed: false,
         });
         let record = store.task(1).await.unwrap().unwrap();
         assert_eq!(record.task.state, TaskState::Failed);

@@ -23,6 +23,7 @@
 //! `tasks` table but no `contactd_meta`) is refused and left as it is.
 
 use std::{
+    collections::HashMap,
     future::Future,
     path::PathBuf,
     pin::Pin,
@@ -41,8 +42,8 @@ use tokio_postgres::{
 };
 
 use super::{
-    AgentResult, Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask,
-    TaskRecord, Write, cursor_from_parts, cursor_parts,
+    AgentResult, Backend, LostClaim, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError,
+    StoredTask, TaskRecord, Write, cursor_from_parts, cursor_parts,
 };
 use crate::{
     config::StoreConfig,
@@ -212,6 +213,8 @@ pub struct Postgres {
     server: Arc<str>,
     /// A transaction is open: [`Backend::reserve`] began it.
     in_transaction: bool,
+    /// The claims the last apply lost, for [`Backend::lost_claims`].
+    lost: Vec<(usize, LostClaim)>,
 }
 
 /// The backend's own runtime, dropped without blocking: a backend opened
@@ -317,6 +320,7 @@ impl Postgres {
             connect,
             server: Arc::from(server),
             in_transaction: false,
+            lost: Vec::new(),
         })
     }
 
@@ -571,6 +575,7 @@ struct Statements {
     retried: Statement,
     result: Statement,
     acked: Statement,
+    acked_claim: Statement,
     cursor: Statement,
     agent: Statement,
     task: Statement,
@@ -617,16 +622,21 @@ impl Statements {
                      state = CASE WHEN state = 0 THEN 1 ELSE state END WHERE id = $1",
                 )
                 .await?,
+            // Only if no other agent's claim is in force: servers sharing
+            // the database race for tasks, and exactly one wins each.
             claimed: client
                 .prepare(
-                    "UPDATE tasks SET delivered = delivered + 1, attempts = $2, holder = $3, \
-                     deadline_ms = $4, state = CASE WHEN state < 2 THEN 1 ELSE state END \
-                     WHERE id = $1",
+                    "UPDATE tasks SET delivered = delivered + 1, \
+                     attempts = greatest(attempts + 1, $2), holder = $3, deadline_ms = $4, \
+                     state = 1 \
+                     WHERE id = $1 AND state < 2 \
+                     AND (holder IS NULL OR holder = $3 OR deadline_ms < $5)",
                 )
                 .await?,
             state: client
                 .prepare(
-                    "UPDATE tasks SET state = $2, holder = NULL, deadline_ms = NULL WHERE id = $1",
+                    "UPDATE tasks SET state = $2, holder = NULL, deadline_ms = NULL \
+                     WHERE id = $1 AND holder IS NOT DISTINCT FROM $3",
                 )
                 .await?,
             cancelled: client
@@ -646,6 +656,19 @@ impl Statements {
                 .prepare(
                     "INSERT INTO results (task_id, agent, ok, text, at_ms) \
                      VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (task_id, agent) DO UPDATE SET \
+                     ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
+                )
+                .await?,
+            // Queue mode: only from the agent holding the claim, and only
+            // then its result is kept.
+            acked_claim: client
+                .prepare(
+                    "WITH task AS (UPDATE tasks SET acked = acked + $2, failed = failed + $3, \
+                     last_agent = $4, last_result = $5, holder = NULL, deadline_ms = NULL, \
+                     state = $6 WHERE id = $1 AND state < 2 AND holder = $4 RETURNING id) \
+                     INSERT INTO results (task_id, agent, ok, text, at_ms) \
+                     SELECT id, $4, $7, $5, $8 FROM task \
                      ON CONFLICT (task_id, agent) DO UPDATE SET \
                      ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
                 )
@@ -730,10 +753,13 @@ fn saved_cursor(row: &tokio_postgres::Row) -> Saved {
 type Call<'a> = (&'a Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
 /// The statements that apply `ops`, in order.
-fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
+/// The statements that apply `ops`, in order, and which of them are
+/// queue claims: (its index among the calls, the op's index, the task).
+fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> (Vec<Call<'a>>, Vec<(usize, usize, i64)>) {
     let mut calls: Vec<Call<'a>> = Vec::with_capacity(ops.len() + 1);
+    let mut claims = Vec::new();
     let mut published = false;
-    for op in ops {
+    for (at, op) in ops.iter().enumerate() {
         match op {
             Op::Publish(tasks) => {
                 let ids: Vec<i64> = tasks.iter().map(|t| id(t.id)).collect();
@@ -754,14 +780,19 @@ fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Vec<Call<'a>> {
                     ],
                 ));
             }
-            Op::Write(write) => calls.extend(write_calls(s, write)),
+            Op::Write(write) => {
+                if let Write::Claimed { id: task, .. } = write {
+                    claims.push((calls.len(), at, id(*task)));
+                }
+                calls.extend(write_calls(s, write));
+            }
         }
     }
     if published {
         // Sent at commit: every server reads the new tasks.
         calls.push((&s.notify, Vec::new()));
     }
-    calls
+    (calls, claims)
 }
 
 fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
@@ -779,11 +810,20 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 Box::new(i32::try_from(*attempt).unwrap_or(i32::MAX)),
                 Box::new(holder.to_string()),
                 Box::new(*deadline_ms),
+                Box::new(super::now_ms()),
             ],
         )],
-        Write::State { id: task, state } => vec![(
+        Write::State {
+            id: task,
+            state,
+            holder,
+        } => vec![(
             &s.state,
-            vec![Box::new(id(*task)), Box::new(state_code(*state))],
+            vec![
+                Box::new(id(*task)),
+                Box::new(state_code(*state)),
+                Box::new(holder.as_deref().map(str::to_owned)),
+            ],
         )],
         Write::Cancelled { id: task, held } => vec![(
             &s.cancelled,
@@ -806,12 +846,28 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
             ok,
             text,
             at_ms,
+            claimed,
         } => {
             let state = if *ok {
                 TaskState::Acked
             } else {
                 TaskState::Failed
             };
+            if *claimed {
+                return vec![(
+                    &s.acked_claim,
+                    vec![
+                        Box::new(id(*task)),
+                        Box::new(i32::from(*ok)),
+                        Box::new(i32::from(!*ok)),
+                        Box::new(agent.to_string()),
+                        Box::new(text.clone()),
+                        Box::new(state_code(state)),
+                        Box::new(*ok),
+                        Box::new(*at_ms),
+                    ],
+                )];
+            }
             vec![
                 (
                     &s.result,
@@ -997,34 +1053,82 @@ impl Backend for Postgres {
                 "the database connection was lost before the commit".into(),
             ));
         }
-        self.with_client(async |client, statements| {
-            let calls = calls(statements, ops);
+        let lost = self.with_client(async |client, statements| {
+            let (calls, claims) = calls(statements, ops);
             let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls
                 .iter()
                 .map(|(_, values)| values.iter().map(|v| &**v as &(dyn ToSql + Sync)).collect())
                 .collect();
             let mut futures: Vec<Pending<'_>> = Vec::with_capacity(calls.len() + 2);
-            futures.push(Box::pin(async {
-                client.batch_execute("BEGIN").await.map(|()| 0)
-            }));
+            if !began {
+                futures.push(Box::pin(async {
+                    client.batch_execute("BEGIN").await.map(|()| 0)
+                }));
+            }
+            let first_call = futures.len();
             for ((statement, _), params) in calls.iter().zip(&params) {
                 futures.push(Box::pin(client.execute(*statement, params)));
             }
             futures.push(Box::pin(async {
                 client.batch_execute("COMMIT").await.map(|()| 0)
             }));
+            let results = pipeline(futures).await;
             // The first error is the cause; later statements only say the
             // transaction was aborted (and COMMIT then rolls it back).
-            match pipeline(futures).await.into_iter().find_map(Result::err) {
-                None => Ok(()),
-                Some(e) => {
-                    // After an error COMMIT has rolled back; after a lost
-                    // connection there is nothing to roll back.
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    Err(failed(&e))
-                }
+            if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+                // After an error COMMIT has rolled back; after a lost
+                // connection there is nothing to roll back.
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(failed(e));
             }
-        })
+            // A claim that changed no row lost to another server's (or
+            // found the task finished): what the database says of it.
+            let lost: Vec<(usize, i64)> = claims
+                .iter()
+                .filter(|(call, _, _)| matches!(results[first_call + call], Ok(0)))
+                .map(|(_, op, task)| (*op, *task))
+                .collect();
+            if lost.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids: Vec<i64> = lost.iter().map(|(_, task)| *task).collect();
+            let rows = client
+                .query(
+                    "SELECT id, state, holder, deadline_ms FROM tasks WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .map_err(|e| failed(&e))?;
+            let said: HashMap<i64, LostClaim> = rows
+                .iter()
+                .map(|row| {
+                    let claim = LostClaim {
+                        state: TaskState::from_u8(u8::try_from(row.get::<_, i16>(1)).unwrap_or(0)),
+                        holder: row.get::<_, Option<String>>(2).map(Arc::from),
+                        deadline_ms: row.get(3),
+                    };
+                    (row.get::<_, i64>(0), claim)
+                })
+                .collect();
+            Ok(lost
+                .into_iter()
+                .map(|(op, task)| {
+                    // Deleted meanwhile: finished as far as anyone knows.
+                    let claim = said.get(&task).cloned().unwrap_or(LostClaim {
+                        state: TaskState::Cancelled,
+                        holder: None,
+                        deadline_ms: None,
+                    });
+                    (op, claim)
+                })
+                .collect())
+        })?;
+        self.lost = lost;
+        Ok(())
+    }
+
+    fn lost_claims(&mut self) -> Vec<(usize, LostClaim)> {
+        std::mem::take(&mut self.lost)
     }
 
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {

@@ -490,7 +490,9 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
             )?
             .execute(params![id(*task), attempt, &**holder, deadline_ms])?;
         }
-        Write::State { id: task, state } => {
+        Write::State {
+            id: task, state, ..
+        } => {
             tx.prepare_cached(
                 "UPDATE tasks SET state = ?2, holder = NULL, deadline_ms = NULL WHERE id = ?1",
             )?
@@ -517,6 +519,7 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
             ok,
             text,
             at_ms,
+            ..
         } => {
             tx.prepare_cached(
                 "INSERT INTO results (task_id, agent, ok, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
@@ -694,6 +697,7 @@ mod tests {
                 ok: true,
                 text: "done".into(),
                 at_ms: 5,
+                claimed: false,
             };
             let claimed = Write::Claimed {
                 id: 2,
@@ -760,6 +764,7 @@ mod tests {
             ok,
             text: text.into(),
             at_ms,
+            claimed: false,
         };
         let claimed = Write::Claimed {
             id: 2,
@@ -809,6 +814,7 @@ mod tests {
             ok: true,
             text: String::new(),
             at_ms: 8,
+            claimed: false,
         })])
         .unwrap();
         assert_eq!(
@@ -819,6 +825,7 @@ mod tests {
         let dead = Write::State {
             id: 1,
             state: TaskState::Dead,
+            holder: None,
         };
         db.apply(&[Op::Write(&dead), Op::Write(&Write::Retried { id: 1 })])
             .unwrap();
@@ -940,6 +947,7 @@ mod tests {
                 ok: true,
                 text: String::new(),
                 at_ms: 0,
+                claimed: false,
             })
             .collect();
         let ops: Vec<Op<'_>> = acks.iter().map(Op::Write).collect();

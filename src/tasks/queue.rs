@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{Task, TaskState};
-use crate::store::{Commit, Store, Write};
+use crate::store::{Commit, LostClaim, Store, Write};
 
 /// The queue's limits; all change live on a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +138,9 @@ struct Flight {
     /// The agent whose ack counts.
     holder: Arc<str>,
     deadline: Instant,
+    /// Claimed through another server sharing the store: at its deadline
+    /// it is only put back in line (this server had no attempt of it).
+    remote: bool,
 }
 
 #[derive(Debug)]
@@ -237,6 +240,7 @@ impl Queue {
                         slot: None,
                         holder,
                         deadline: now + Duration::from_millis(left),
+                        remote: false,
                     };
                     state.in_flight.insert(flight.entry.task.id, flight);
                 }
@@ -421,13 +425,18 @@ impl Queue {
                 if let Some(slot) = flight.slot {
                     state.change_load(slot, |s| s.in_flight -= 1);
                 }
+                if flight.remote {
+                    // Another server's claim lapsed: this one may try.
+                    state.requeue(flight.entry);
+                    continue;
+                }
                 tracing::debug!(
                     task_id = id,
                     attempts = flight.entry.attempts,
                     holder = %flight.holder,
                     "ack overdue"
                 );
-                state.retry(flight.entry);
+                state.retry(flight.entry, flight.holder);
             }
         }
         state.dispatch();
@@ -610,6 +619,7 @@ impl State {
             self.store.record(Write::State {
                 id: entry.task.id,
                 state: TaskState::Dead,
+                holder: None,
             });
             if self.counters.dropped.is_power_of_two() {
                 tracing::warn!(
@@ -622,14 +632,16 @@ impl State {
         }
     }
 
-    /// Puts a task that was not acked back in line, or parks it as dead.
-    fn retry(&mut self, entry: Entry) {
+    /// Puts a task that `holder` did not ack back in line, or parks it as
+    /// dead.
+    fn retry(&mut self, entry: Entry, holder: Arc<str>) {
         if entry.attempts >= self.limits.max_attempts {
             self.counters.dead += 1;
             entry.task.progress.set_state(TaskState::Dead);
             self.store.record(Write::State {
                 id: entry.task.id,
                 state: TaskState::Dead,
+                holder: Some(holder),
             });
             tracing::warn!(
                 task_id = entry.task.id,
@@ -647,11 +659,58 @@ impl State {
         self.store.record(Write::State {
             id: entry.task.id,
             state: TaskState::Pending,
+            holder: Some(holder),
         });
+        self.requeue(entry);
+    }
+
+    /// Puts a task back at the head of its line.
+    fn requeue(&mut self, entry: Entry) {
         match entry.task.target.clone() {
             Some(name) => self.targeted.entry(name).or_default().push_front(entry),
             None => self.pending.push_front(entry),
         }
+    }
+
+    /// A shared store refused `entry`'s claim: `lost` says what another
+    /// server did with it. Finished there, it is let go; held by another
+    /// server's agent, it waits for that claim's deadline (or for that
+    /// agent to connect here, which gets it first, as after a restart).
+    fn lost(&mut self, entry: Entry, lost: LostClaim) {
+        let id = entry.task.id;
+        if lost.state.is_finished() {
+            entry.task.progress.set_state(lost.state);
+            tracing::debug!(task_id = id, state = ?lost.state, "task finished through another server");
+            return;
+        }
+        let left = lost
+            .deadline_ms
+            .map_or(self.limits.ack_timeout, |deadline| {
+                Duration::from_millis(
+                    u64::try_from(deadline.saturating_sub(crate::store::now_ms())).unwrap_or(0),
+                )
+            });
+        if let Some(holder) = &lost.holder {
+            // Its holder moved here (its server stopped): it gets the task
+            // again now (and dedupes it), as after a restart.
+            let here = self.slots.iter().find(|(_, s)| s.name == *holder);
+            if let Some(slot) = here.map(|(slot, _)| *slot) {
+                self.assign(slot, entry);
+                return;
+            }
+        }
+        let holder = lost.holder.unwrap_or_else(|| Arc::from("(another server)"));
+        tracing::debug!(task_id = id, %holder, "task claimed through another server");
+        self.in_flight.insert(
+            id,
+            Flight {
+                entry,
+                slot: None,
+                holder,
+                deadline: Instant::now() + left,
+                remote: true,
+            },
+        );
     }
 
     /// Assigns waiting tasks to slots with room, least busy first.
@@ -728,35 +787,46 @@ impl Slot {
 
     fn take(&self) -> Take {
         let committed = *self.committed.borrow();
-        let mut state = self.queue.state.lock();
-        let ack_timeout = state.limits.ack_timeout;
-        let Some(slot) = state.slots.get_mut(&self.id) else {
-            return Take::Empty;
-        };
-        let Some(front) = slot.outbox.front() else {
-            return Take::Empty;
-        };
         let writer_gone = self.committed.has_changed().is_err();
-        if front.seq > committed && !writer_gone {
-            return Take::Uncommitted(front.seq);
+        let mut guard = self.queue.state.lock();
+        let state = &mut *guard;
+        let ack_timeout = state.limits.ack_timeout;
+        loop {
+            let Some(slot) = state.slots.get_mut(&self.id) else {
+                return Take::Empty;
+            };
+            let Some(front) = slot.outbox.front() else {
+                return Take::Empty;
+            };
+            if front.seq > committed && !writer_gone {
+                return Take::Uncommitted(front.seq);
+            }
+            if let Some(lost) = state.store.take_lost(front.seq) {
+                let mut entry = None;
+                state.change_load(self.id, |s| entry = s.outbox.pop_front());
+                state.lost(entry.expect("front exists"), lost);
+                state.dispatch();
+                continue;
+            }
+            let mut entry = slot.outbox.pop_front().expect("front exists");
+            slot.in_flight += 1;
+            let holder = Arc::clone(&slot.name);
+            entry.attempts += 1;
+            entry.last_slot = Some(self.id);
+            let next = Take::Task(Arc::clone(&entry.task), entry.attempts);
+            entry.task.progress.record_delivery();
+            state.in_flight.insert(
+                entry.task.id,
+                Flight {
+                    entry,
+                    slot: Some(self.id),
+                    holder,
+                    deadline: Instant::now() + ack_timeout,
+                    remote: false,
+                },
+            );
+            return next;
         }
-        let mut entry = slot.outbox.pop_front().expect("front exists");
-        slot.in_flight += 1;
-        let holder = Arc::clone(&slot.name);
-        entry.attempts += 1;
-        entry.last_slot = Some(self.id);
-        let next = Take::Task(Arc::clone(&entry.task), entry.attempts);
-        entry.task.progress.record_delivery();
-        state.in_flight.insert(
-            entry.task.id,
-            Flight {
-                entry,
-                slot: Some(self.id),
-                holder,
-                deadline: Instant::now() + ack_timeout,
-            },
-        );
-        next
     }
 }
 
@@ -783,7 +853,7 @@ impl Drop for Slot {
             .collect();
         for id in unacked {
             if let Some(flight) = state.in_flight.remove(&id) {
-                state.retry(flight.entry);
+                state.retry(flight.entry, flight.holder);
             }
         }
         state.dispatch();

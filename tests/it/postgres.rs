@@ -84,6 +84,7 @@ async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
         ok: false,
         text: "exit 1\nwith a second line".into(),
         at_ms: 7,
+        claimed: false,
     });
     let mut cursor = AckCursor::at(1);
     cursor.ack(3, 64);
@@ -389,4 +390,102 @@ async fn one_server_generates_for_the_fleet_and_the_lease_moves_when_it_is_kille
     })
     .await;
     web2.stop().await;
+}
+
+/// Lines of `path` (none if it does not exist yet).
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many tasks the database says are in `state`.
+async fn count_in_state(url: &str, state: TaskState) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query_one(
+            "SELECT count(*) FROM tasks WHERE state = $1",
+            &[&i16::from(state as u8)],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_tasks_submitted_to_two_servers_are_each_handled_once_when_one_is_killed() {
+    const TASKS: usize = 400;
+    let Some(cluster) = Cluster::start("postgres two servers, queue, SIGKILL") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let queue = "mode = \"queue\"\nwindow = 4\nack_timeout = \"10s\"\nbatch = 0";
+    let mut a = shared_server("a", &url, queue);
+    let b = shared_server("b", &url, queue);
+    let (mut admin_a, mut admin_b) = (admin(&a).await, admin(&b).await);
+    for i in 0..TASKS {
+        let admin = if i % 2 == 0 {
+            &mut admin_a
+        } else {
+            &mut admin_b
+        };
+        common::submit(admin, &format!("job-{i}"), "").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("handled.txt");
+    // Two agents on each server, each able to fail over to the other.
+    let agents: Vec<TestAgent> = [
+        ("a1", &a, &b),
+        ("a2", &a, &b),
+        ("b1", &b, &a),
+        ("b2", &b, &a),
+    ]
+    .into_iter()
+    .map(|(name, first, second)| {
+        let mut config = agent_config(first.addr, name);
+        config.servers.push(format!("http://{}", second.addr));
+        config.handler = vec![
+            "sh".into(),
+            "-c".into(),
+            "sleep 0.02; printf '%s\\n' \"$(cat)\" >> \"$0\"".into(),
+            record.to_str().unwrap().into(),
+        ];
+        config.handler_concurrency = 2;
+        TestAgent::start(config)
+    })
+    .collect();
+
+    common::within_for(5 * LIMIT, "a third of the tasks handled", async {
+        while lines(&record).len() < TASKS / 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(LIMIT);
+    let at_kill = lines(&record).len();
+    assert!(at_kill < TASKS, "the kill came too late to test anything");
+
+    common::within_for(5 * LIMIT, "every task acked in the database", async {
+        while count_in_state(&url, TaskState::Acked).await < TASKS as i64 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    for agent in agents {
+        agent.stop().await;
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in lines(&record) {
+        *counts.entry(line).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handled more than once: {twice:?}");
+    assert_eq!(counts.len(), TASKS, "every task handled");
+    drop(b);
 }
