@@ -198,6 +198,80 @@ pub(super) fn store_status(e: &StoreError) -> Status {
     }
 }
 
+impl AdminService {
+    /// Several servers sharing one store: adds the agents connected to the
+    /// others (and away ones this server never saw) to `agents`, marks each
+    /// named agent with its server, and lists the servers.
+    async fn fleet(&self, agents: &mut Vec<pb::Agent>) -> Vec<pb::Server> {
+        let fleet = match self.state.store.fleet().await {
+            Ok(Some(fleet)) => fleet,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the fleet from the task store (listing this server's agents): {e}"
+                );
+                return Vec::new();
+            }
+        };
+        let config = Arc::clone(&self.state.config.borrow());
+        let here = config.server.resolved_name();
+        let now = crate::store::now_ms();
+        // A server whose heartbeat is older than 3 polls is taken as gone.
+        let stale = i64::try_from(3 * config.store.poll_interval.as_millis()).unwrap_or(i64::MAX);
+        let alive = |s: &crate::store::ServerRow| !s.stopped && now - s.heartbeat_ms <= stale;
+        let servers: Vec<pb::Server> = fleet
+            .servers
+            .iter()
+            .map(|s| pb::Server {
+                name: s.name.clone(),
+                started_ms: s.started_ms,
+                heartbeat_ms: s.heartbeat_ms,
+                stopped: s.stopped,
+                alive: alive(s),
+                this: s.name == here,
+            })
+            .collect();
+        let live: std::collections::HashSet<&str> = fleet
+            .servers
+            .iter()
+            .filter(|s| alive(s))
+            .map(|s| s.name.as_str())
+            .collect();
+        for agent in agents.iter_mut().filter(|a| a.named && a.connected) {
+            agent.server.clone_from(&here);
+        }
+        for remote in fleet.agents {
+            let on = remote.server.clone().unwrap_or_default();
+            match agents
+                .iter_mut()
+                .find(|a| a.named && *a.name == *remote.saved.name)
+            {
+                // Connected here: this server knows it best.
+                Some(agent) if agent.connected => {}
+                Some(agent) => {
+                    agent.server = on.clone();
+                    agent.connected = remote.connected && live.contains(on.as_str());
+                    agent.last_seen_ms = agent.last_seen_ms.max(remote.saved.last_ms);
+                }
+                None => agents.push(pb::Agent {
+                    name: remote.saved.name.to_string(),
+                    named: true,
+                    address: remote.address.unwrap_or_default(),
+                    connected: remote.connected && live.contains(on.as_str()),
+                    server: on,
+                    delivered: remote.saved.delivered,
+                    acked: remote.saved.acked,
+                    failed: remote.saved.failed,
+                    first_seen_ms: remote.saved.first_ms,
+                    last_seen_ms: remote.saved.last_ms,
+                    ..pb::Agent::default()
+                }),
+            }
+        }
+        servers
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn submit_task(
@@ -261,11 +335,13 @@ impl Admin for AdminService {
                     in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
                     first_seen_ms: caller.first_seen_ms(),
                     last_seen_ms: caller.last_seen_ms(),
+                    server: String::new(),
                 }
             })
             .collect();
+        let servers = self.fleet(&mut agents).await;
         agents.sort_by(|a, b| (!a.named, &a.name).cmp(&(!b.named, &b.name)));
-        Ok(Response::new(ListAgentsResponse { agents }))
+        Ok(Response::new(ListAgentsResponse { agents, servers }))
     }
 
     async fn list_tasks(
@@ -285,6 +361,19 @@ impl Admin for AdminService {
             tasks.extend(q.tasks().into_iter().map(|t| (t.id, t)));
             q.counters()
         });
+        if self.state.store.is_shared() {
+            // Their progress through every server, as the store has it.
+            let ids = tasks.keys().copied().collect();
+            match self.state.store.tasks(ids).await {
+                Ok(stored) => {
+                    tasks.extend(stored.iter().map(|t| (t.id, Arc::new(t.to_task()))));
+                }
+                Err(e) => tracing::warn!(
+                    "cannot read the tasks' progress through the other servers (listing this \
+                     server's): {e}"
+                ),
+            }
+        }
         let mut matching: Vec<&Arc<Task>> = tasks
             .values()
             .filter(|t| wanted == pb::TaskState::Unspecified || state_of(t) == wanted)

@@ -179,6 +179,22 @@ pub struct Callers {
     /// Every open call holds a token, so shutdown can tell when the last
     /// one has ended.
     calls: TaskTracker,
+    /// Told when a named agent connects or its last call ends (several
+    /// servers sharing one store: the fleet view).
+    presence: std::sync::OnceLock<Presence>,
+}
+
+/// See [`Callers::set_presence`].
+#[derive(Clone)]
+pub struct Presence(pub Arc<PresenceFn>);
+
+/// Told a named agent and whether it just connected (else disconnected).
+pub type PresenceFn = dyn Fn(&Caller, bool) + Send + Sync;
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Presence")
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -192,6 +208,7 @@ struct Limits {
 pub struct CallGuard {
     caller: Arc<Caller>,
     _call: TaskTrackerToken,
+    presence: Option<Presence>,
 }
 
 impl std::ops::Deref for CallGuard {
@@ -215,6 +232,9 @@ impl Drop for CallGuard {
         let address = shown_address(caller.address());
         if caller.named {
             tracing::info!(agent = %caller.id, %address, %connected_for, "agent disconnected");
+            if let Some(presence) = &self.presence {
+                (presence.0)(caller, false);
+            }
         } else {
             tracing::debug!(caller = %caller.id, %address, %connected_for, "seed client disconnected");
         }
@@ -240,7 +260,13 @@ impl Callers {
             warned_full: AtomicBool::new(false),
             refusals: Budget::new(REFUSALS_OVERALL, REFUSAL_WINDOW),
             calls: TaskTracker::new(),
+            presence: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what is told of named agents' connects and disconnects (once).
+    pub fn set_presence(&self, presence: Presence) {
+        let _ = self.presence.set(presence);
     }
 
     /// Changes the bounds (on a config reload); they apply to new entries.
@@ -290,6 +316,9 @@ impl Callers {
             let address = shown_address(address);
             if named {
                 tracing::info!(agent = %caller.id, %address, "agent connected");
+                if let Some(presence) = self.presence.get() {
+                    (presence.0)(&caller, true);
+                }
             } else {
                 tracing::debug!(caller = %caller.id, %address, "seed client connected");
             }
@@ -311,6 +340,7 @@ impl Callers {
         CallGuard {
             caller,
             _call: self.calls.token(),
+            presence: self.presence.get().cloned(),
         }
     }
 

@@ -232,6 +232,24 @@ pub async fn run_with(
         closing: CancellationToken::new(),
         kill: CancellationToken::new(),
     });
+    if state.store.is_shared() {
+        // The fleet view of the other servers: who is connected here.
+        let (store, server) = (
+            state.store.clone(),
+            Arc::<str>::from(initial.server.resolved_name()),
+        );
+        state
+            .callers
+            .set_presence(callers::Presence(Arc::new(move |caller, connected| {
+                store.record(store::Write::Presence {
+                    name: Arc::clone(&caller.id),
+                    server: Arc::clone(&server),
+                    connected,
+                    address: caller.address().map(|a| a.to_string()),
+                    at_ms: store::now_ms(),
+                });
+            })));
+    }
     let tracker = TaskTracker::new();
     if let Some(queue) = queue {
         tracker.spawn(queue.reap(shutdown.clone()));

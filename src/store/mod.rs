@@ -127,6 +127,15 @@ pub enum Write {
     Cursor(Saved),
     /// A named agent's roster entry to keep.
     Agent(SavedAgent),
+    /// A shared database: a named agent connected to `server`, or its
+    /// last call there ended.
+    Presence {
+        name: Arc<str>,
+        server: Arc<str>,
+        connected: bool,
+        address: Option<String>,
+        at_ms: i64,
+    },
 }
 
 /// A queue claim a shared database refused: another server's agent holds
@@ -136,6 +145,36 @@ pub struct LostClaim {
     pub state: TaskState,
     pub holder: Option<Arc<str>>,
     pub deadline_ms: Option<i64>,
+}
+
+/// What a shared database knows of the fleet: every server sharing it and
+/// every named agent, with where each is connected.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fleet {
+    pub servers: Vec<ServerRow>,
+    pub agents: Vec<FleetAgent>,
+}
+
+/// A server sharing the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRow {
+    pub name: String,
+    pub started_ms: i64,
+    /// Its latest heartbeat (every `store.poll_interval`).
+    pub heartbeat_ms: i64,
+    /// It stopped cleanly.
+    pub stopped: bool,
+}
+
+/// A named agent as a shared database knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetAgent {
+    pub saved: SavedAgent,
+    /// The server it is (or was last) connected to.
+    pub server: Option<String>,
+    /// Connected, as that server last said.
+    pub connected: bool,
+    pub address: Option<String>,
 }
 
 /// A named agent as the roster keeps it: when it was first and last seen,
@@ -253,6 +292,9 @@ pub trait Backend: Send {
     /// Reads one task and its per-agent results; `None` if it is not kept.
     fn task(&mut self, id: u64) -> Result<Option<TaskRecord>, StoreError>;
 
+    /// Lets go of what the backend holds (at a clean stop).
+    fn close(&mut self) {}
+
     /// Whether several servers may share this database: task ids are then
     /// the database's ([`reserve`](Backend::reserve)), and what the other
     /// servers publish is read back ([`tasks_after`](Backend::tasks_after)).
@@ -280,6 +322,17 @@ pub trait Backend: Send {
     /// that the database refused, by their index in its `ops`.
     fn lost_claims(&mut self) -> Vec<(usize, LostClaim)> {
         Vec::new()
+    }
+
+    /// Shared: every agent and server the database knows of.
+    fn fleet(&mut self) -> Result<Fleet, StoreError> {
+        Ok(Fleet::default())
+    }
+
+    /// Shared: the tasks with these ids.
+    fn tasks(&mut self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
+        let _ = ids;
+        Ok(Vec::new())
     }
 
     /// Shared: a named agent's broadcast cursor as the database keeps it
@@ -504,18 +557,20 @@ enum Msg {
     PublishShared(usize, Make, oneshot::Sender<Result<Range<u64>, StoreError>>),
     /// A shared database: read what other servers published.
     Follow,
-    /// A shared database: a named agent's cursor as it keeps it.
-    Cursor(Arc<str>, oneshot::Sender<Result<Option<Saved>, StoreError>>),
+
     /// Written behind: counted in `queued`.
     Behind(Write),
     Claim(Write),
     /// Written through: answered once committed.
     Now(Write, oneshot::Sender<Result<(), StoreError>>),
     /// Answered after everything sent before it is committed.
-    Read(u64, oneshot::Sender<Result<Option<TaskRecord>, StoreError>>),
+    Query(Query),
     Housekeep(Retention, oneshot::Sender<Result<Pruned, StoreError>>),
     Close(oneshot::Sender<()>),
 }
+
+/// A read run on the writer thread (answering through its own channel).
+type Query = Box<dyn FnOnce(&mut dyn Backend) + Send>;
 
 /// Messages one group commit takes at most.
 const MAX_GROUP: usize = 4096;
@@ -670,11 +725,32 @@ impl Store {
     /// # Errors
     /// The store cannot be read, or is closed.
     pub async fn task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
-        let Some(journal) = &self.journal else {
+        if self.journal.is_none() {
             return Ok(None);
+        }
+        self.query(move |backend| backend.task(id)).await
+    }
+
+    /// Runs `read` on the writer thread once everything written before it
+    /// is committed, and returns what it gives.
+    ///
+    /// # Errors
+    /// `read`'s, or [`StoreError::Closed`]; the memory store has nothing
+    /// to read ([`StoreError::Closed`] too: callers ask durable stores).
+    async fn query<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&mut dyn Backend) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Err(StoreError::Closed);
         };
         let (tx, rx) = oneshot::channel();
-        self.send(journal, Msg::Read(id, tx));
+        self.send(
+            journal,
+            Msg::Query(Box::new(move |backend| {
+                let _ = tx.send(read(backend));
+            })),
+        );
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -695,12 +771,35 @@ impl Store {
     /// # Errors
     /// The store cannot be read, or is closed.
     pub async fn cursor(&self, agent: &Arc<str>) -> Result<Option<Saved>, StoreError> {
-        let Some(journal) = self.journal.as_ref().filter(|_| self.shared_db) else {
+        if !self.shared_db {
             return Ok(None);
-        };
-        let (tx, rx) = oneshot::channel();
-        self.send(journal, Msg::Cursor(Arc::clone(agent), tx));
-        rx.await.map_err(|_| StoreError::Closed)?
+        }
+        let agent = Arc::clone(agent);
+        self.query(move |backend| backend.cursor(&agent)).await
+    }
+
+    /// A shared database: every agent and server it knows of (`None`
+    /// elsewhere: this server knows its own fleet).
+    ///
+    /// # Errors
+    /// The store cannot be read, or is closed.
+    pub async fn fleet(&self) -> Result<Option<Fleet>, StoreError> {
+        if !self.shared_db {
+            return Ok(None);
+        }
+        self.query(|backend| backend.fleet().map(Some)).await
+    }
+
+    /// A shared database: the tasks with these ids as it keeps them (their
+    /// progress through every server), in no order.
+    ///
+    /// # Errors
+    /// The store cannot be read, or is closed.
+    pub async fn tasks(&self, ids: Vec<u64>) -> Result<Vec<StoredTask>, StoreError> {
+        if !self.shared_db {
+            return Ok(Vec::new());
+        }
+        self.query(move |backend| backend.tasks(&ids)).await
     }
 
     /// A shared database: what it said of the claim numbered `seq`, if it
@@ -827,11 +926,7 @@ fn writer(
                     Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
                         Some(Op::Write(write))
                     }
-                    Msg::Housekeep(..)
-                    | Msg::Read(..)
-                    | Msg::Close(_)
-                    | Msg::Follow
-                    | Msg::Cursor(..) => None,
+                    Msg::Housekeep(..) | Msg::Query(_) | Msg::Close(_) | Msg::Follow => None,
                 }
                 .inspect(|_| op_seqs.push(e.seq))
             })
@@ -897,15 +992,10 @@ fn writer(
                     shared.follow_asked.store(false, Ordering::Release);
                     follow(backend.as_mut(), shared, &mut followed, u64::MAX);
                 }
-                Msg::Cursor(agent, reply) => {
-                    let _ = reply.send(backend.cursor(&agent));
-                }
                 Msg::Now(_, reply) => {
                     let _ = reply.send(result.clone());
                 }
-                Msg::Read(id, reply) => {
-                    let _ = reply.send(backend.task(id));
-                }
+                Msg::Query(read) => read(backend.as_mut()),
                 Msg::Housekeep(retention, reply) => {
                     let _ = reply.send(backend.prune(&retention));
                 }
@@ -914,6 +1004,7 @@ fn writer(
             }
         }
         if let Some(reply) = close {
+            backend.close();
             drop(backend);
             let _ = reply.send(());
             return;

@@ -42,8 +42,9 @@ use tokio_postgres::{
 };
 
 use super::{
-    AgentResult, Backend, LostClaim, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError,
-    StoredTask, TaskRecord, Write, cursor_from_parts, cursor_parts,
+    AgentResult, Backend, Fleet, FleetAgent, LostClaim, Op, Pruned, Retention, SavedAgent,
+    ServerRow, Snapshot, StoreError, StoredTask, TaskRecord, Write, cursor_from_parts,
+    cursor_parts,
 };
 use crate::{
     config::StoreConfig,
@@ -98,7 +99,10 @@ const MIGRATIONS: &[&str] = &[
          last_ms BIGINT NOT NULL,
          delivered BIGINT NOT NULL,
          acked BIGINT NOT NULL,
-         failed BIGINT NOT NULL
+         failed BIGINT NOT NULL,
+         server TEXT,
+         connected BOOLEAN NOT NULL DEFAULT FALSE,
+         address TEXT
      );
      CREATE TABLE servers (
          name TEXT PRIMARY KEY,
@@ -115,6 +119,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// generator's lease. (A server's name is locked by its hash.)
 const MIGRATE_LOCK: i64 = 0x6374_6431_0000_0001;
 const GENERATOR_LOCK: i64 = 0x6374_6431_0000_0002;
+
+/// How long a server waits for its name to be free at start-up.
+const TAKE_TRIES: u32 = 50;
+const TAKE_WAIT: Duration = Duration::from_millis(100);
 
 /// The channel publishes notify.
 const CHANNEL: &str = "contactd_tasks";
@@ -531,14 +539,23 @@ async fn migrate(client: &Client, name: &str) -> Result<(), StoreError> {
 /// started: two servers of one name would mix up their agents' rows.
 async fn take(client: &Client, database: &str, server: &str) -> Result<(), StoreError> {
     let f = |e: tokio_postgres::Error| failed(&e);
-    let taken: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtextextended('contactd server ' || $1, 0))",
-            &[&server],
-        )
-        .await
-        .map_err(f)?
-        .get(0);
+    // A server of this name that was just killed holds the name until
+    // PostgreSQL sees its connection close: a restart waits that long.
+    let mut taken = false;
+    for _ in 0..TAKE_TRIES {
+        taken = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('contactd server ' || $1, 0))",
+                &[&server],
+            )
+            .await
+            .map_err(f)?
+            .get(0);
+        if taken {
+            break;
+        }
+        tokio::time::sleep(TAKE_WAIT).await;
+    }
     if !taken {
         return Err(StoreError::Locked {
             path: database.into(),
@@ -580,6 +597,8 @@ struct Statements {
     agent: Statement,
     task: Statement,
     results: Statement,
+    presence: Statement,
+    tasks: Statement,
 }
 
 const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
@@ -703,6 +722,26 @@ impl Statements {
                 .await?,
             task: client
                 .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+                .await?,
+            tasks: client
+                .prepare(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
+                ))
+                .await?,
+            // A disconnect seen late by the server the agent left must not
+            // undo its connect to another.
+            presence: client
+                .prepare(
+                    "INSERT INTO agents (name, first_ms, last_ms, delivered, acked, failed, \
+                     server, connected, address) VALUES ($1, $5, $5, 0, 0, 0, $2, $3, $4) \
+                     ON CONFLICT (name) DO UPDATE SET \
+                     last_ms = greatest(agents.last_ms, $5), \
+                     server = CASE WHEN $3 THEN $2 ELSE agents.server END, \
+                     address = CASE WHEN $3 THEN $4 ELSE agents.address END, \
+                     connected = CASE WHEN $3 THEN TRUE \
+                                      WHEN agents.server = $2 THEN FALSE \
+                                      ELSE agents.connected END",
+                )
                 .await?,
             results: client
                 .prepare(
@@ -906,6 +945,22 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 ],
             )]
         }
+        Write::Presence {
+            name,
+            server,
+            connected,
+            address,
+            at_ms,
+        } => vec![(
+            &s.presence,
+            vec![
+                Box::new(name.to_string()),
+                Box::new(server.to_string()),
+                Box::new(*connected),
+                Box::new(address.clone()),
+                Box::new(*at_ms),
+            ],
+        )],
         Write::Agent(agent) => vec![(
             &s.agent,
             vec![
@@ -1208,6 +1263,17 @@ impl Backend for Postgres {
         true
     }
 
+    fn close(&mut self) {
+        // Lets go of this server's name now, not when PostgreSQL notices
+        // the connection closed: a restart may take it at once.
+        let _ = self.with_client(async |client, _| {
+            client
+                .batch_execute("SELECT pg_advisory_unlock_all()")
+                .await
+                .map_err(|e| failed(&e))
+        });
+    }
+
     fn reserve(&mut self, count: u64) -> Result<u64, StoreError> {
         let count = id(count);
         let first = self.with_client(async |client, s| {
@@ -1234,6 +1300,65 @@ impl Backend for Postgres {
         self.with_client(async |client, s| {
             let rows = client
                 .query(&s.after, &[&after, &limit])
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(rows.iter().map(stored_task).collect())
+        })
+    }
+
+    fn fleet(&mut self) -> Result<Fleet, StoreError> {
+        self.with_client(async |client, _| {
+            let f = |e: tokio_postgres::Error| failed(&e);
+            let (servers, agents) = tokio::join!(
+                client.query(
+                    "SELECT name, started_ms, heartbeat_ms, stopped FROM servers ORDER BY name",
+                    &[],
+                ),
+                client.query(
+                    "SELECT name, first_ms, last_ms, delivered, acked, failed, server, \
+                     connected, address FROM agents ORDER BY name",
+                    &[],
+                ),
+            );
+            let servers = servers
+                .map_err(f)?
+                .iter()
+                .map(|row| ServerRow {
+                    name: row.get(0),
+                    started_ms: row.get(1),
+                    heartbeat_ms: row.get(2),
+                    stopped: row.get(3),
+                })
+                .collect();
+            let agents = agents
+                .map_err(f)?
+                .iter()
+                .map(|row| {
+                    let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+                    FleetAgent {
+                        saved: SavedAgent {
+                            name: Arc::from(row.get::<_, String>(0)),
+                            first_ms: row.get(1),
+                            last_ms: row.get(2),
+                            delivered: n(3),
+                            acked: n(4),
+                            failed: n(5),
+                        },
+                        server: row.get(6),
+                        connected: row.get(7),
+                        address: row.get(8),
+                    }
+                })
+                .collect();
+            Ok(Fleet { servers, agents })
+        })
+    }
+
+    fn tasks(&mut self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|n| id(*n)).collect();
+        self.with_client(async |client, s| {
+            let rows = client
+                .query(&s.tasks, &[&ids])
                 .await
                 .map_err(|e| failed(&e))?;
             Ok(rows.iter().map(stored_task).collect())
@@ -1408,6 +1533,12 @@ impl Watcher {
                             "UPDATE servers SET heartbeat_ms = $2, stopped = TRUE WHERE name = $1",
                             &[&server, &super::now_ms()],
                         )
+                        .await
+                        .map_err(f)?;
+                    // The lease goes now: another server takes it at its
+                    // next poll.
+                    client
+                        .batch_execute("SELECT pg_advisory_unlock_all()")
                         .await
                         .map_err(f)?;
                     return Ok(());

@@ -14,7 +14,7 @@ use common::{
 };
 use contactd::{
     config::{StoreConfig, StoreKind},
-    proto::admin::admin_client::AdminClient,
+    proto::admin::{ListAgentsRequest, ListTasksRequest, admin_client::AdminClient},
     store::{self, Retention, StoreError, Write, now_ms},
     tasks::{AckCursor, TaskState, cursor::Saved},
 };
@@ -344,6 +344,53 @@ async fn broadcast_tasks_published_on_either_server_reach_agents_on_both_and_an_
     assert_eq!([one, two, three], [1, 2, 3]);
     assert_eq!(handled_ids(&mut web1, 3).await, [1, 2, 3]);
     assert_eq!(handled_ids(&mut web2, 3).await, [1, 2, 3]);
+
+    // Either server shows the whole fleet: where each agent is, every
+    // server, and each task's acks through both.
+    common::within("the fleet view on a", async {
+        loop {
+            let fleet = admin_a
+                .list_agents(ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let at = |name: &str| {
+                fleet
+                    .agents
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| (a.server.clone(), a.connected))
+            };
+            let servers: Vec<_> = fleet
+                .servers
+                .iter()
+                .map(|s| (s.name.as_str(), s.alive, s.this))
+                .collect();
+            if at("web1") == Some(("a".into(), true))
+                && at("web2") == Some(("b".into(), true))
+                && servers == [("a", true, true), ("b", true, false)]
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    common::within("both acks of task 2 listed on a", async {
+        loop {
+            let tasks = admin_a
+                .list_tasks(ListTasksRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .tasks;
+            if tasks.iter().any(|t| t.id == 2 && t.acked == 2) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 
     // web1 moves to server b: it gets what it missed, not what it acked
     // through a (a new agent process: anything sent again would run again).

@@ -57,11 +57,38 @@ pub struct Agent {
     pub first_seen_ms: i64,
     #[prost(int64, tag = "15")]
     pub last_seen_ms: i64,
+    /// Several servers sharing one PostgreSQL store: the server it is (or
+    /// was last) connected to. Empty with one server.
+    #[prost(string, tag = "16")]
+    pub server: ::prost::alloc::string::String,
+}
+/// A server sharing the PostgreSQL store.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Server {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub started_ms: i64,
+    /// Its latest heartbeat, Unix milliseconds (every store.poll_interval).
+    #[prost(int64, tag = "3")]
+    pub heartbeat_ms: i64,
+    /// It stopped cleanly.
+    #[prost(bool, tag = "4")]
+    pub stopped: bool,
+    /// Its heartbeat is recent (within 3 poll intervals of this server's).
+    #[prost(bool, tag = "5")]
+    pub alive: bool,
+    /// The server that answered.
+    #[prost(bool, tag = "6")]
+    pub this: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListAgentsResponse {
     #[prost(message, repeated, tag = "1")]
     pub agents: ::prost::alloc::vec::Vec<Agent>,
+    /// Several servers sharing one PostgreSQL store: every one of them.
+    #[prost(message, repeated, tag = "2")]
+    pub servers: ::prost::alloc::vec::Vec<Server>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListTasksRequest {
