@@ -288,6 +288,32 @@ pub fn store_backup(args: &crate::cli::StoreBackupArgs) -> Result<(), AppError> 
     Ok(())
 }
 
+/// `completions SHELL`: the script on stdout.
+///
+/// # Errors
+/// stdout cannot be written (a closed pipe is not an error).
+pub fn completions(args: &crate::cli::CompletionsArgs) -> Result<(), AppError> {
+    ctl::write_out(&crate::manual::completions(args.shell)).map_err(AppError::Output)
+}
+
+/// `man DIR`: the pages written, one path a line on stdout.
+///
+/// # Errors
+/// DIR or a page cannot be written.
+pub fn man_pages(args: &crate::cli::ManArgs) -> Result<(), AppError> {
+    let written = crate::manual::man_pages(&args.dir).map_err(|e| {
+        AppError::Output(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", args.dir.display()),
+        ))
+    })?;
+    let list: String = written
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    ctl::write_out(&list).map_err(AppError::Output)
+}
+
 /// `tls init`.
 ///
 /// # Errors
