@@ -156,7 +156,7 @@ if [ "${1:-}" = --inside ]; then
     agent_connected() {
         c contactd agents --json | python3 -c '
 import json, sys
-rows = json.load(sys.stdin)
+rows = json.load(sys.stdin)["agents"]
 sys.exit(0 if any(r["name"] == sys.argv[1] and r["named"] and r["connected"] for r in rows) else 1)
 ' "$1"
     }

@@ -284,7 +284,8 @@ pub struct AdminArgs {
     /// The server's config file, to find its admin socket [default: /etc/contactd.toml]
     #[arg(short, long, value_name = "PATH", env = "CONTACTD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Print JSON, for scripts
+    /// Print one JSON object, for scripts (each time as NAME_ms, Unix milliseconds, and
+    /// NAME_at, RFC 3339)
     #[arg(long)]
     pub json: bool,
 }

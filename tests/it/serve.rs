@@ -127,7 +127,7 @@ fn operators_submit_and_list_through_the_admin_socket() {
     let agents = run(&["agents"]);
     assert!(agents.starts_with("AGENT"), "{agents}");
     let agents: serde_json::Value = serde_json::from_str(&run(&["agents", "--json"])).unwrap();
-    assert!(agents.as_array().unwrap().is_empty(), "{agents}");
+    assert!(agents["agents"].as_array().unwrap().is_empty(), "{agents}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
         .args(["agents", "--socket"])
