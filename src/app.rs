@@ -459,12 +459,21 @@ async fn serve_until_signalled(
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
     let mut server = tokio::spawn(server::run_with(
         listener,
         config_rx,
         shutdown.clone(),
         store,
+        started_tx,
     ));
+    // READY=1 once everything the server offers answers (the admin socket
+    // too), not as soon as the server task is spawned: units ordered after
+    // contactd, and scripts, must never have to poll for a socket.
+    if started.await.is_err() {
+        // It could not start: its error, logged by `serve`.
+        return Ok((&mut server).await??);
+    }
     let ready = format!("serving on {local}");
     systemd::ready(&ready);
     if let Some(interval) = systemd::watchdog_interval() {

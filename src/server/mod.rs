@@ -22,7 +22,10 @@ use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::Status;
 use tonic_health::ServingStatus;
@@ -169,10 +172,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let opened = open_store(&config.borrow())?;
-    run_with(listener, config, shutdown, opened).await
+    // Nobody waits for the start here: a caller of `run` has its listener
+    // bound already, and connections wait in its backlog until served.
+    let (started, _) = oneshot::channel();
+    run_with(listener, config, shutdown, opened, started).await
 }
 
-/// [`run`] with a store opened by [`open_store`].
+/// [`run`] with a store opened by [`open_store`], sending on `started` once
+/// everything the server offers is up: the admin socket bound, health
+/// SERVING, the listener served. `contactd serve` tells systemd READY=1
+/// then, and not before, so that whatever is ordered after the unit (or a
+/// script that waited for it) finds every socket answering. If serving
+/// cannot start, `started` is dropped unsent and the error returned.
 ///
 /// # Errors
 /// [`ServerError`] when serving cannot start or fails.
@@ -181,6 +192,7 @@ pub async fn run_with(
     config: watch::Receiver<Arc<Config>>,
     shutdown: CancellationToken,
     opened: store::Opened,
+    started: oneshot::Sender<()>,
 ) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
@@ -256,7 +268,6 @@ pub async fn run_with(
     tracker.close();
 
     let reporter = tonic_health::server::HealthReporter::new();
-    health::set_all(&reporter, ServingStatus::Serving).await;
     let router = router(&initial, &state, &reporter)?;
     let limits = listener::Limits {
         max_connections: initial.server.max_connections,
@@ -267,12 +278,19 @@ pub async fn run_with(
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
+    // Started: the admin socket is bound (above) and the Contact listener
+    // (bound by the caller) is served from the first poll of `serve` below,
+    // its early connections waiting in the backlog. Anything else the server
+    // comes to offer (a metrics listener) is bound before this point, so that
+    // health SERVING and READY=1 keep meaning "all of it answers".
+    health::set_all(&reporter, ServingStatus::Serving).await;
     tracing::info!(
         addr = %local,
         tls = state.tls.is_some(),
         identities = initial.has_identities(),
         "serving Contact, health and reflection"
     );
+    let _ = started.send(());
 
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::Serve),

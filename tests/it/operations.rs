@@ -362,6 +362,74 @@ fn sd_notify_messages_arrive_in_order_with_watchdog_pings() {
     );
 }
 
+/// READY=1 means everything the server offers is up (README, "Both units
+/// are Type=notify"): the moment it arrives, the admin socket is there and
+/// answers, and health says SERVING, each asked once, without a retry.
+#[test]
+fn ready_comes_when_the_admin_socket_and_health_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    let admin = dir.path().join("admin.sock");
+    let config = dir.path().join("contactd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}\"\n",
+            admin.display()
+        ),
+    )
+    .unwrap();
+    // Not `Daemon::start`: it waits for the log line that says the server
+    // serves, and READY=1 must be enough by itself.
+    let mut server = common::daemon::Process::spawn(
+        &[
+            std::ffi::OsStr::new("serve"),
+            "-c".as_ref(),
+            config.as_os_str(),
+        ],
+        &[
+            ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+            ("STATE_DIRECTORY", dir.path().to_str().unwrap()),
+        ],
+    );
+    let ready = expect_notify(&socket, "READY=1", &mut Vec::new());
+    // First, at once: a caller that checks for the socket file finds it.
+    let kind = std::fs::metadata(&admin).map(|m| m.file_type());
+    assert!(
+        kind.as_ref()
+            .is_ok_and(std::os::unix::fs::FileTypeExt::is_socket),
+        "no admin socket when READY=1 came: {kind:?}"
+    );
+    let addr = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=serving on "))
+        .unwrap_or_else(|| panic!("{ready}"))
+        .to_owned();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_contactd"))
+            .args(args)
+            .env_remove("CONTACTD_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let agents = run(&["agents", "--json", "--socket", admin.to_str().unwrap()]);
+    assert!(
+        agents.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agents.stderr)
+    );
+    let health = run(&["health", "--addr", &addr]);
+    assert_eq!(
+        health.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(LIMIT).code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_and_excluded_messages() {
     let mut daemon = Daemon::start(
