@@ -16,7 +16,9 @@ use crate::{
         AdminArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs, TlsIssueArgs,
         TokenCreateArgs,
     },
-    config::{self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source},
+    config::{
+        self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source, reload::Changes,
+    },
     ctl::{self, CtlError},
     logging::{self, LogError, Logging},
     server::{self, ServerError},
@@ -493,25 +495,19 @@ async fn serve_until_signalled(
     }
 }
 
-/// Re-reads the config and applies it; an invalid file leaves the current
-/// config in force.
+/// Re-reads the config and applies it: the log settings here, the rest by
+/// the server as `config_tx` changes (`server::follow_config`; the task
+/// generator reschedules itself). What changed, and what of it waits for a
+/// restart, is [`Changes`]'s to say, logged here once. An invalid file
+/// leaves the current config in force.
 fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Logging) {
     let Some(new) = source.reload::<Config>() else {
         return;
     };
-    let old = Arc::clone(&config_tx.borrow());
-    let restart = old.server.restart_needed(&new.server);
-    if !restart.is_empty() {
-        tracing::warn!(keys = ?restart, "these changes take effect after a restart; the rest applies now");
-    }
+    let changes = Changes::server(&config_tx.borrow(), &new);
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");
     }
-    let changed = crate::config::changed_keys(&*old, &new);
     config_tx.send_replace(Arc::new(new));
-    tracing::info!(
-        path = %source.path().display(),
-        changed = %crate::config::shown_keys(&changed),
-        "config reloaded"
-    );
+    changes.log(source.path());
 }

@@ -35,7 +35,7 @@ pub use listener::{ConnInfo, bind};
 
 use crate::{
     auth::{TokenError, Verifier},
-    config::{Config, DeliveryMode, ServerConfig, TasksConfig},
+    config::{Config, DeliveryMode, ServerConfig, TasksConfig, reload::Changes},
     proto::CONTACT_DESCRIPTOR_SET,
     remote_cmd::Runner,
     store::{self, Store, StoreError},
@@ -528,7 +528,11 @@ async fn follow_config(
             changed = config.changed() => if changed.is_err() { return },
         }
         let new = Arc::clone(&config.borrow_and_update());
-        if new.remote_cmd != current.remote_cmd {
+        // What waits for a restart is logged by whoever sent the config
+        // (`contactd serve`'s reload, once); here, the state that follows
+        // the config, changed only where the config did.
+        let changes = Changes::server(&current, &new);
+        if changes.touches("remote_cmd") {
             warn_if_widened(&current.remote_cmd, &new.remote_cmd);
             *state.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
             tracing::info!(
@@ -537,23 +541,21 @@ async fn follow_config(
                 "remote command rules updated"
             );
         }
-        state.callers.set_limits(
-            new.server.max_callers,
-            new.server.max_status_size.as_u64() as usize,
-        );
-        if let Some(queue) = &state.queue {
-            queue.set_limits(queue_limits(&new.tasks));
-        }
-        let store_changed = crate::config::StoreConfig {
-            forget_agents_after: current.store.forget_agents_after,
-            ..new.store.clone()
-        } != current.store;
-        if new.tasks.mode != current.tasks.mode || new.admin != current.admin || store_changed {
-            tracing::warn!(
-                "changes to tasks.mode, [admin] and [store] (but forget_agents_after) take \
-                 effect after a restart"
+        if changes.touches("server.max_callers") || changes.touches("server.max_status_size") {
+            state.callers.set_limits(
+                new.server.max_callers,
+                new.server.max_status_size.as_u64() as usize,
             );
         }
+        if changes.touches("tasks.retain") {
+            state.hub.set_retain(new.tasks.retain);
+        }
+        if let Some(queue) = &state.queue
+            && changes.touches("tasks")
+        {
+            queue.set_limits(queue_limits(&new.tasks));
+        }
+        // Unconditional: a rotated token or certificate file keeps its path.
         reload_credentials(&state, &current, &new);
         current = new;
     }

@@ -148,6 +148,51 @@ async fn sighup_applies_a_new_interval_and_level_without_dropping_streams() {
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
 
+/// A reload is logged once: every key that changed, and which of them
+/// wait for a restart; the rest applies (a task at the new interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_in_one_line_what_waits_for_a_restart() {
+    let mut daemon = Daemon::start("[tasks]\nbatch = 1\ninterval = \"1h\"\n");
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let mut tasks = contact.get_task(Empty {}).await.unwrap().into_inner();
+    assert!(within("task 1", tasks.message()).await.unwrap().is_some());
+
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let edited = config
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        .replace("interval = \"1h\"", "interval = \"50ms\"")
+        .replace(
+            "[admin]",
+            "[log]\nbackups = 3\n[store]\nsync = \"full\"\n[admin]",
+        );
+    std::fs::write(daemon.config_path(), edited).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    let line = daemon.wait_for_line("config reloaded");
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(
+        field(&line, "changed"),
+        "log.backups,server.listen,store.sync,tasks.interval"
+    );
+    assert_eq!(
+        field(&line, "restart"),
+        "log.backups,server.listen,store.sync"
+    );
+    assert!(
+        within("a task at the new interval", tasks.message())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    let restart_lines: Vec<&String> = daemon
+        .log
+        .iter()
+        .filter(|l| l.contains("restart"))
+        .collect();
+    assert_eq!(restart_lines, [&line], "said once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_a_broken_file_keeps_the_old_config_and_serves_on() {
     let mut daemon = Daemon::start("[tasks]\ninterval = \"1h\"\n");
