@@ -25,6 +25,9 @@
 #   /usr/lib/sysusers.d/contactd.conf             packaging/sysusers.d/
 #   /usr/lib/tmpfiles.d/contactd.conf             packaging/tmpfiles.d/
 #   /usr/share/doc/contactd/                      copyright, changelog.Debian.gz, README.md
+#   /usr/share/man/man1/contactd*.1.gz            `contactd man`: a page per command
+#   /usr/share/bash-completion/completions/contactd, /usr/share/zsh/vendor-completions/_contactd,
+#   /usr/share/fish/vendor_completions.d/contactd.fish   `contactd completions SHELL`
 #   /usr/share/lintian/overrides/contactd         packaging/debian/lintian-overrides
 #   DEBIAN/control                                packaging/debian/control, filled in
 #   DEBIAN/{conffiles,postinst,prerm,postrm}      packaging/debian/
@@ -98,6 +101,21 @@ install -m 0644 packaging/sysusers.d/contactd.conf "$root/usr/lib/sysusers.d/"
 install -m 0644 packaging/tmpfiles.d/contactd.conf "$root/usr/lib/tmpfiles.d/"
 install -m 0644 packaging/debian/copyright README.md "$root/usr/share/doc/contactd/"
 install -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/contactd"
+
+# Man pages and shell completions, written by the binary being packaged from
+# its own command line definitions: they cannot drift from its --help, and
+# nothing generated is kept in git. (So the binary must run here: a
+# cross-built one would need these made on its own architecture.)
+install -d "$root/usr/share/man/man1" "$root/usr/share/bash-completion/completions" \
+    "$root/usr/share/zsh/vendor-completions" "$root/usr/share/fish/vendor_completions.d"
+"$root/usr/bin/contactd" man "$root/usr/share/man/man1" >/dev/null
+gzip -9n "$root"/usr/share/man/man1/*.1
+"$root/usr/bin/contactd" completions bash >"$root/usr/share/bash-completion/completions/contactd"
+"$root/usr/bin/contactd" completions zsh >"$root/usr/share/zsh/vendor-completions/_contactd"
+"$root/usr/bin/contactd" completions fish >"$root/usr/share/fish/vendor_completions.d/contactd.fish"
+chmod 0644 "$root"/usr/share/man/man1/*.gz "$root/usr/share/bash-completion/completions/contactd" \
+    "$root/usr/share/zsh/vendor-completions/_contactd" \
+    "$root/usr/share/fish/vendor_completions.d/contactd.fish"
 
 # The Debian changelog; a version other than its latest entry's (an upgrade
 # test, a local rebuild) gets an entry of its own on top.

@@ -30,7 +30,7 @@
 #    with `systemd-nspawn --boot --private-network` (loopback only) from a
 #    cgroup this script creates; commands run inside with nsenter.
 # 4. The checks, in order: install (enabled, active, STATUS=, health over
-#    TLS, the TLS files), reload, invalid reload, watchdog, invalid config +
+#    TLS, the TLS files, man pages and completions), reload, invalid reload, watchdog, invalid config +
 #    restart, the agent with a certificate from `contactd tls issue` across a
 #    server restart, `systemd-analyze security` against
 #    packaging/check-units.sh's offline score, upgrade, stop, remove, purge.
@@ -156,7 +156,7 @@ if [ "${1:-}" = --inside ]; then
     agent_connected() {
         c contactd agents --json | python3 -c '
 import json, sys
-rows = json.load(sys.stdin)
+rows = json.load(sys.stdin)["agents"]
 sys.exit(0 if any(r["name"] == sys.argv[1] and r["named"] and r["connected"] for r in rows) else 1)
 ' "$1"
     }
@@ -243,6 +243,14 @@ print(max(seqs, default=-1))
     expect "contactd-agent.service not started after install" inactive "$(prop contactd-agent ActiveState)"
     c getent passwd contactd >/dev/null || fail "no user contactd after install"
     ok "user contactd: $(c getent passwd contactd)"
+    # The man pages and completions build-deb.sh generated (the minbase
+    # container has no man-db or shells to try them in: the files).
+    for f in /usr/share/man/man1/contactd.1.gz /usr/share/man/man1/contactd-task-submit.1.gz \
+        /usr/share/bash-completion/completions/contactd /usr/share/zsh/vendor-completions/_contactd \
+        /usr/share/fish/vendor_completions.d/contactd.fish; do
+        c test -s "$f" || fail "$f missing or empty after install"
+    done
+    ok "man pages ($(c sh -c 'ls /usr/share/man/man1/contactd*.1.gz | wc -l')) and bash, zsh, fish completions installed"
     expect "/var/log/contactd after install" "750 contactd contactd" "$(c stat -c '%a %U %G' /var/log/contactd)"
     expect "/var/lib/contactd after install" "750 contactd contactd" "$(c stat -c '%a %U %G' /var/lib/contactd)"
     expect "the task store after install" "contactd contactd" "$(c stat -c '%U %G' /var/lib/contactd/contactd.db)"

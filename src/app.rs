@@ -16,7 +16,9 @@ use crate::{
         AdminArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs, TlsIssueArgs,
         TokenCreateArgs,
     },
-    config::{self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source},
+    config::{
+        self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source, reload::Changes,
+    },
     ctl::{self, CtlError},
     logging::{self, LogError, Logging},
     server::{self, ServerError},
@@ -288,6 +290,32 @@ pub fn store_backup(args: &crate::cli::StoreBackupArgs) -> Result<(), AppError> 
     Ok(())
 }
 
+/// `completions SHELL`: the script on stdout.
+///
+/// # Errors
+/// stdout cannot be written (a closed pipe is not an error).
+pub fn completions(args: &crate::cli::CompletionsArgs) -> Result<(), AppError> {
+    ctl::write_out(&crate::manual::completions(args.shell)).map_err(AppError::Output)
+}
+
+/// `man DIR`: the pages written, one path a line on stdout.
+///
+/// # Errors
+/// DIR or a page cannot be written.
+pub fn man_pages(args: &crate::cli::ManArgs) -> Result<(), AppError> {
+    let written = crate::manual::man_pages(&args.dir).map_err(|e| {
+        AppError::Output(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", args.dir.display()),
+        ))
+    })?;
+    let list: String = written
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    ctl::write_out(&list).map_err(AppError::Output)
+}
+
 /// `tls init`.
 ///
 /// # Errors
@@ -433,12 +461,21 @@ async fn serve_until_signalled(
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
     let mut server = tokio::spawn(server::run_with(
         listener,
         config_rx,
         shutdown.clone(),
         store,
+        started_tx,
     ));
+    // READY=1 once everything the server offers answers (the admin socket
+    // too), not as soon as the server task is spawned: units ordered after
+    // contactd, and scripts, must never have to poll for a socket.
+    if started.await.is_err() {
+        // It could not start: its error, logged by `serve`.
+        return Ok((&mut server).await??);
+    }
     let ready = format!("serving on {local}");
     systemd::ready(&ready);
     if let Some(interval) = systemd::watchdog_interval() {
@@ -458,25 +495,19 @@ async fn serve_until_signalled(
     }
 }
 
-/// Re-reads the config and applies it; an invalid file leaves the current
-/// config in force.
+/// Re-reads the config and applies it: the log settings here, the rest by
+/// the server as `config_tx` changes (`server::follow_config`; the task
+/// generator reschedules itself). What changed, and what of it waits for a
+/// restart, is [`Changes`]'s to say, logged here once. An invalid file
+/// leaves the current config in force.
 fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Logging) {
     let Some(new) = source.reload::<Config>() else {
         return;
     };
-    let old = Arc::clone(&config_tx.borrow());
-    let restart = old.server.restart_needed(&new.server);
-    if !restart.is_empty() {
-        tracing::warn!(keys = ?restart, "these changes take effect after a restart; the rest applies now");
-    }
+    let changes = Changes::server(&config_tx.borrow(), &new);
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");
     }
-    let changed = crate::config::changed_keys(&*old, &new);
     config_tx.send_replace(Arc::new(new));
-    tracing::info!(
-        path = %source.path().display(),
-        changed = %crate::config::shown_keys(&changed),
-        "config reloaded"
-    );
+    changes.log(source.path());
 }

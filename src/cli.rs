@@ -81,6 +81,50 @@ pub enum Command {
     Store(StoreCommand),
 }
 
+/// The commands the package build runs, `contactd completions SHELL` and
+/// `contactd man DIR`: a parser of their own, so that neither `--help` nor
+/// the completions and man pages they write offer them to operators (clap's
+/// completion scripts list hidden subcommands too).
+#[derive(Debug, Parser)]
+#[command(name = "contactd", version = VERSION)]
+pub struct PackagingCli {
+    #[command(subcommand)]
+    pub command: PackagingCommand,
+}
+
+impl PackagingCli {
+    /// Whether `first`, the first argument, names one of these commands.
+    #[must_use]
+    pub fn handles(first: Option<&str>) -> bool {
+        matches!(first, Some("completions" | "man"))
+    }
+}
+
+/// `contactd completions|man`.
+#[derive(Debug, Subcommand)]
+pub enum PackagingCommand {
+    /// Print the completion script for SHELL
+    Completions(CompletionsArgs),
+    /// Write the man pages into DIR
+    Man(ManArgs),
+}
+
+/// `contactd completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish (or elvish, powershell)
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// `contactd man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory for contactd.1 and a contactd-COMMAND.1 per command (created if needed)
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
 /// `contactd store ...`
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
@@ -240,7 +284,8 @@ pub struct AdminArgs {
     /// The server's config file, to find its admin socket [default: /etc/contactd.toml]
     #[arg(short, long, value_name = "PATH", env = "CONTACTD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Print JSON, for scripts
+    /// Print one JSON object, for scripts (each time as NAME_ms, Unix milliseconds, and
+    /// NAME_at, RFC 3339)
     #[arg(long)]
     pub json: bool,
 }

@@ -23,6 +23,7 @@
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
 //! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
+//! - [`manual`]: shell completions and man pages from the clap definitions.
 //! - [`app`]: the commands behind the CLI, wiring the above.
 //! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
 //!   sessions, task handlers, dedup; and the `agent` command.
@@ -35,6 +36,7 @@ pub mod cmd;
 pub mod config;
 pub mod ctl;
 pub mod logging;
+pub mod manual;
 pub mod probe;
 pub mod proto;
 pub mod remote_cmd;

@@ -6,11 +6,20 @@ use std::process::ExitCode;
 use clap::Parser;
 use contactd::{
     agent, app,
-    cli::{Cli, Command, ConfigArgs, StoreCommand, TaskCommand, TlsCommand, TokenCommand},
+    cli::{
+        Cli, Command, ConfigArgs, PackagingCli, PackagingCommand, StoreCommand, TaskCommand,
+        TlsCommand, TokenCommand,
+    },
     cmd, probe,
 };
 
 fn main() -> ExitCode {
+    if PackagingCli::handles(std::env::args().nth(1).as_deref()) {
+        return finish(match PackagingCli::parse().command {
+            PackagingCommand::Completions(args) => app::completions(&args),
+            PackagingCommand::Man(args) => app::man_pages(&args),
+        });
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -52,6 +61,11 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Create(args)) => app::token_create(args),
         Command::Store(StoreCommand::Backup(args)) => app::store_backup(args),
     };
+    finish(result)
+}
+
+/// The exit code for a command's result, its error printed.
+fn finish(result: Result<(), app::AppError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

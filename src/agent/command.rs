@@ -1,8 +1,10 @@
 //! The `agent` and `check-config --agent` commands: load the agent config,
 //! set up logging, run the agent under the process's signals and systemd.
 //!
-//! SIGHUP reloads the config (log settings, handler, limits and intervals
-//! apply at once; `servers` and `name` at the next reconnection); SIGTERM or
+//! SIGHUP reloads the config (the log level, format and exclusions,
+//! handler, limits and intervals apply at once; what a session reads when it
+//! connects, such as `servers` and `name`, at the next connection: see
+//! [`config::reload`](crate::config::reload)); SIGTERM or
 //! SIGINT drain and stop (exit 0); a second one stops at once (exit 1),
 //! killing the handlers still running.
 
@@ -13,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{self, AppError},
-    config::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, Source},
+    config::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, LogConfig, Source, reload::Changes},
     logging::Logging,
     shutdown::{self, Signals},
     systemd,
@@ -55,6 +57,9 @@ async fn run_until_signalled(
     logging: Arc<Logging>,
 ) -> Result<(), AppError> {
     let mut signals = Signals::install().map_err(AppError::Signals)?;
+    // The log settings in force, for the next reload to compare with (the
+    // agent's own settings are in `config_tx`).
+    let mut log = config.log.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config.agent));
     let shutdown = CancellationToken::new();
     let mut agent = tokio::spawn(super::run_with(config_rx, shutdown.clone(), None));
@@ -70,7 +75,7 @@ async fn run_until_signalled(
         &shutdown,
         "config reloaded",
         || {
-            reload(&source, &config_tx, &logging);
+            reload(&source, &config_tx, &mut log, &logging);
         },
     );
     match stopped.await? {
@@ -79,27 +84,29 @@ async fn run_until_signalled(
     }
 }
 
-/// Re-reads the config and applies it; an invalid file leaves the current
-/// config in force.
-fn reload(source: &Source, config_tx: &watch::Sender<Arc<AgentConfig>>, logging: &Logging) {
+/// Re-reads the config and applies it: the log settings here, the rest by
+/// the agent as `config_tx` changes (what a session reads when it connects,
+/// at its next connection). What changed, and when each change applies, is
+/// [`Changes`]'s to say, logged here once. An invalid file leaves the
+/// current config in force.
+fn reload(
+    source: &Source,
+    config_tx: &watch::Sender<Arc<AgentConfig>>,
+    log: &mut LogConfig,
+    logging: &Logging,
+) {
     let Some(new) = source.reload::<AgentFile>() else {
         return;
     };
-    let old = Arc::clone(&config_tx.borrow());
-    if old.servers != new.agent.servers || old.name != new.agent.name {
-        tracing::info!("agent.servers and agent.name changes apply at the next reconnection");
-    }
+    let old = AgentFile {
+        agent: AgentConfig::clone(&config_tx.borrow()),
+        log: log.clone(),
+    };
+    let changes = Changes::agent(&old, &new);
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");
     }
-    let changed: Vec<String> = crate::config::changed_keys(&*old, &new.agent)
-        .into_iter()
-        .map(|key| format!("agent.{key}"))
-        .collect();
+    log.clone_from(&new.log);
     config_tx.send_replace(Arc::new(new.agent));
-    tracing::info!(
-        path = %source.path().display(),
-        changed = %crate::config::shown_keys(&changed),
-        "config reloaded"
-    );
+    changes.log(source.path());
 }

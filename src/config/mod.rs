@@ -8,6 +8,7 @@
 pub mod agent;
 mod load;
 pub mod peek;
+pub mod reload;
 pub mod units;
 
 use std::{
@@ -339,91 +340,6 @@ impl Default for ServerConfig {
             stream_window: ByteSize::kib(64),
             tls: None,
         }
-    }
-}
-
-impl ServerConfig {
-    /// The keys whose change only takes effect after a restart (they shape
-    /// the listener and its connections), that differ between `self` and `new`.
-    pub fn restart_needed(&self, new: &ServerConfig) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        let mut differs = |changed: bool, key| {
-            if changed {
-                keys.push(key);
-            }
-        };
-        differs(self.listen != new.listen, "server.listen");
-        differs(self.backlog != new.backlog, "server.backlog");
-        differs(
-            self.max_connections != new.max_connections,
-            "server.max_connections",
-        );
-        differs(
-            self.max_message_size != new.max_message_size,
-            "server.max_message_size",
-        );
-        differs(
-            self.max_concurrent_streams != new.max_concurrent_streams,
-            "server.max_concurrent_streams",
-        );
-        differs(
-            self.keepalive_interval != new.keepalive_interval,
-            "server.keepalive_interval",
-        );
-        differs(
-            self.keepalive_timeout != new.keepalive_timeout,
-            "server.keepalive_timeout",
-        );
-        differs(
-            self.handshake_timeout != new.handshake_timeout,
-            "server.handshake_timeout",
-        );
-        differs(
-            self.max_handshakes != new.max_handshakes,
-            "server.max_handshakes",
-        );
-        for (old, new, key) in [
-            (
-                self.max_status_message,
-                new.max_status_message,
-                "server.max_status_message",
-            ),
-            (
-                self.max_result_message,
-                new.max_result_message,
-                "server.max_result_message",
-            ),
-            (
-                self.max_command_message,
-                new.max_command_message,
-                "server.max_command_message",
-            ),
-            (
-                self.max_connection_buffer,
-                new.max_connection_buffer,
-                "server.max_connection_buffer",
-            ),
-            (self.max_buffered, new.max_buffered, "server.max_buffered"),
-            (
-                self.connection_window,
-                new.connection_window,
-                "server.connection_window",
-            ),
-            (
-                self.stream_window,
-                new.stream_window,
-                "server.stream_window",
-            ),
-        ] {
-            differs(old != new, key);
-        }
-        // TLS files are re-read on reload; turning TLS on or off changes
-        // what the port speaks.
-        differs(
-            self.tls.is_some() != new.tls.is_some(),
-            "server.tls (on or off)",
-        );
-        keys
     }
 }
 

@@ -10,7 +10,8 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    CtlError, TaskRow, ago, block_on, connect, last_line, print, render, short, task_table,
+    CtlError, TaskRow, ago, block_on, connect, last_line, print, print_json, render, rfc3339,
+    short, task_table,
 };
 use tonic::transport::Channel;
 
@@ -23,7 +24,9 @@ struct AgentRow {
     state: &'static str,
     result: String,
     result_ms: i64,
+    result_at: Option<String>,
     deadline_ms: i64,
+    deadline_at: Option<String>,
 }
 
 /// `contactd task show --json`.
@@ -70,7 +73,9 @@ pub fn show(socket: &Path, id: u64, json: bool) -> Result<(), CtlError> {
             state: agent_state_name(a.state()),
             result: a.result.clone(),
             result_ms: a.result_ms,
+            result_at: rfc3339(a.result_ms),
             deadline_ms: a.deadline_ms,
+            deadline_at: rfc3339(a.deadline_ms),
         })
         .collect();
     let shown = Shown {
@@ -81,8 +86,7 @@ pub fn show(socket: &Path, id: u64, json: bool) -> Result<(), CtlError> {
         agents,
     };
     if json {
-        let text = serde_json::to_string_pretty(&shown).expect("a task serializes");
-        return print(&format!("{text}\n"));
+        return print_json(&shown);
     }
     print(&show_text(&shown, SystemTime::now()))
 }
@@ -177,8 +181,7 @@ fn change<F: Future<Output = Result<tonic::Response<pb::Task>, tonic::Status>>>(
 fn changed(task: &pb::Task, json: bool, what: &str) -> Result<(), CtlError> {
     let row = TaskRow::from(task);
     if json {
-        let text = serde_json::to_string_pretty(&row).expect("a task serializes");
-        return print(&format!("{text}\n"));
+        return print_json(&serde_json::json!({ "task": row }));
     }
     print(&format!(
         "{what}\n{}",
@@ -212,14 +215,18 @@ mod tests {
                     state: "failed",
                     result: "exit status 1\nno disk\n".into(),
                     result_ms: 995_000,
+                    result_at: None,
                     deadline_ms: 0,
+                    deadline_at: None,
                 },
                 AgentRow {
                     agent: "web2".into(),
                     state: "delivered",
                     result: String::new(),
                     result_ms: 0,
+                    result_at: None,
                     deadline_ms: 1_030_000,
+                    deadline_at: None,
                 },
             ],
         };

@@ -87,6 +87,13 @@ fn print(text: &str) -> Result<(), CtlError> {
     write_out(text).map_err(CtlError::Output)
 }
 
+/// Prints `--json` output: one object per command (`{"agents": [...]}`,
+/// `{"task": {...}}`), so a field can be added without breaking a script.
+fn print_json(value: &impl Serialize) -> Result<(), CtlError> {
+    let text = serde_json::to_string_pretty(value).expect("JSON output serializes");
+    print(&format!("{text}\n"))
+}
+
 /// The largest admin response accepted: `tasks` pages its answers, but a
 /// single task (or the agents list) can be larger than gRPC's default 4 MiB.
 const MAX_RESPONSE: usize = 256 * 1024 * 1024;
@@ -141,7 +148,7 @@ pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Res
         Ok(client.submit_task(request).await?.into_inner().id)
     })?;
     if json {
-        print(&format!("{}\n", serde_json::json!({ "id": id })))
+        print_json(&serde_json::json!({ "id": id }))
     } else {
         print(&format!("submitted task {id}\n"))
     }
@@ -164,6 +171,16 @@ async fn warn_if_unknown(client: &mut AdminClient<Channel>, agent: &str) -> Resu
     Ok(())
 }
 
+/// A time of the admin API (Unix milliseconds) as RFC 3339, UTC, to the
+/// millisecond (`2026-12-04T20:41:02.123Z`), printed by `--json` beside the
+/// number as `NAME_at` next to `NAME_ms`: people and `jq` read it, scripts
+/// that compute keep the number. `None` (null) for 0, the API's "never".
+fn rfc3339(unix_ms: i64) -> Option<String> {
+    let ms = u64::try_from(unix_ms).ok().filter(|&ms| ms > 0)?;
+    let time = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    Some(humantime::format_rfc3339_millis(time).to_string())
+}
+
 /// One agent, as `contactd agents --json` prints it.
 #[derive(Debug, Serialize)]
 struct AgentRow {
@@ -172,8 +189,10 @@ struct AgentRow {
     address: String,
     connected: bool,
     connected_since_ms: i64,
+    connected_since_at: Option<String>,
     last_status: String,
     last_status_ms: i64,
+    last_status_at: Option<String>,
     delivered: u64,
     acked: u64,
     failed: u64,
@@ -181,7 +200,9 @@ struct AgentRow {
     in_flight: u64,
     refused_acks: u64,
     first_seen_ms: i64,
+    first_seen_at: Option<String>,
     last_seen_ms: i64,
+    last_seen_at: Option<String>,
 }
 
 /// `contactd agents`.
@@ -205,8 +226,10 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             address: a.address,
             connected: a.connected,
             connected_since_ms: a.connected_since_ms,
+            connected_since_at: rfc3339(a.connected_since_ms),
             last_status: a.last_status,
             last_status_ms: a.last_status_ms,
+            last_status_at: rfc3339(a.last_status_ms),
             delivered: a.delivered,
             acked: a.acked,
             failed: a.failed,
@@ -214,12 +237,13 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             in_flight: a.in_flight,
             refused_acks: a.refused_acks,
             first_seen_ms: a.first_seen_ms,
+            first_seen_at: rfc3339(a.first_seen_ms),
             last_seen_ms: a.last_seen_ms,
+            last_seen_at: rfc3339(a.last_seen_ms),
         })
         .collect();
     if json {
-        let text = serde_json::to_string_pretty(&rows).expect("rows serialize");
-        return print(&format!("{text}\n"));
+        return print_json(&serde_json::json!({ "agents": rows }));
     }
     let now = SystemTime::now();
     let table: Vec<Vec<String>> = rows
@@ -271,6 +295,7 @@ struct TaskRow {
     state: &'static str,
     target: String,
     created_ms: i64,
+    created_at: Option<String>,
     delivered: u32,
     acked: u32,
     failed: u32,
@@ -359,8 +384,7 @@ pub fn tasks(
             "cancelled_acks": reply.cancelled_acks,
             "tasks": rows,
         });
-        let text = serde_json::to_string_pretty(&out).expect("tasks serialize");
-        return print(&format!("{text}\n"));
+        return print_json(&out);
     }
     let mut text = task_table(&rows, SystemTime::now());
     let _ = writeln!(
@@ -385,6 +409,7 @@ impl From<&pb::Task> for TaskRow {
             state: state_name(t.state()),
             target: t.target.clone(),
             created_ms: t.created_ms,
+            created_at: rfc3339(t.created_ms),
             delivered: t.delivered,
             acked: t.acked,
             failed: t.failed,
@@ -511,6 +536,17 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_to_the_millisecond_and_never_is_null() {
+        assert_eq!(
+            rfc3339(1_796_416_862_123).as_deref(),
+            Some("2026-12-04T20:41:02.123Z")
+        );
+        assert_eq!(rfc3339(1_000).as_deref(), Some("1970-01-01T00:00:01.000Z"));
+        assert_eq!(rfc3339(0), None);
+        assert_eq!(rfc3339(-5), None);
+    }
 
     #[test]
     fn tables_align() {

@@ -58,18 +58,16 @@ pub struct Logging {
     filter: reload::Handle<Targets, WithExclude>,
     output: reload::Handle<Output, Registry>,
     exclude: Exclude,
+    /// Where lines go, fixed at start-up: a change of `log.stderr`,
+    /// `log.file` or the rotation needs a restart (`config::reload`).
     writers: Writers,
-    /// Where lines go, fixed at start-up; changes need a restart.
-    destinations: (bool, Option<PathBuf>),
     /// Dropping these flushes what the writer threads still hold.
     _guards: Vec<WorkerGuard>,
 }
 
 impl std::fmt::Debug for Logging {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Logging")
-            .field("destinations", &self.destinations)
-            .finish_non_exhaustive()
+        f.debug_struct("Logging").finish_non_exhaustive()
     }
 }
 
@@ -239,7 +237,6 @@ pub fn init(config: &LogConfig) -> Result<Logging, LogError> {
         output: output_handle,
         exclude,
         writers,
-        destinations: (config.stderr, config.file.clone()),
         _guards: guards,
     })
 }
@@ -299,8 +296,8 @@ fn output_layer(format: LogFormat, writers: &Writers) -> Output {
 
 impl Logging {
     /// Applies the settings of a reloaded config: filter, exclusions and
-    /// format change live; a change of destination is logged as needing a
-    /// restart.
+    /// format change live; the rest waits for a restart (the reload's log
+    /// line says so: `config::reload`).
     ///
     /// # Errors
     /// A bad filter; the old settings stay in force.
@@ -313,9 +310,6 @@ impl Logging {
         self.output
             .reload(output_layer(config.format, &self.writers))
             .map_err(|e| LogError::Install(e.to_string()))?;
-        if (config.stderr, config.file.clone()) != self.destinations {
-            tracing::warn!("changes to log.stderr and log.file take effect after a restart");
-        }
         Ok(())
     }
 

@@ -22,7 +22,10 @@ use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::Status;
 use tonic_health::ServingStatus;
@@ -32,7 +35,7 @@ pub use listener::{ConnInfo, bind};
 
 use crate::{
     auth::{TokenError, Verifier},
-    config::{Config, DeliveryMode, ServerConfig, TasksConfig},
+    config::{Config, DeliveryMode, ServerConfig, TasksConfig, reload::Changes},
     proto::CONTACT_DESCRIPTOR_SET,
     remote_cmd::Runner,
     store::{self, Store, StoreError},
@@ -174,10 +177,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let opened = open_store(&config.borrow())?;
-    run_with(listener, config, shutdown, opened).await
+    // Nobody waits for the start here: a caller of `run` has its listener
+    // bound already, and connections wait in its backlog until served.
+    let (started, _) = oneshot::channel();
+    run_with(listener, config, shutdown, opened, started).await
 }
 
-/// [`run`] with a store opened by [`open_store`].
+/// [`run`] with a store opened by [`open_store`], sending on `started` once
+/// everything the server offers is up: the admin socket bound, health
+/// SERVING, the listener served. `contactd serve` tells systemd READY=1
+/// then, and not before, so that whatever is ordered after the unit (or a
+/// script that waited for it) finds every socket answering. If serving
+/// cannot start, `started` is dropped unsent and the error returned.
 ///
 /// # Errors
 /// [`ServerError`] when serving cannot start or fails.
@@ -186,6 +197,7 @@ pub async fn run_with(
     config: watch::Receiver<Arc<Config>>,
     shutdown: CancellationToken,
     opened: store::Opened,
+    started: oneshot::Sender<()>,
 ) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
@@ -279,7 +291,6 @@ pub async fn run_with(
     tracker.close();
 
     let reporter = tonic_health::server::HealthReporter::new();
-    health::set_all(&reporter, ServingStatus::Serving).await;
     let router = router(&initial, &state, &reporter)?;
     let limits = listener::Limits {
         max_connections: initial.server.max_connections,
@@ -290,12 +301,19 @@ pub async fn run_with(
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
+    // Started: the admin socket is bound (above) and the Contact listener
+    // (bound by the caller) is served from the first poll of `serve` below,
+    // its early connections waiting in the backlog. Anything else the server
+    // comes to offer (a metrics listener) is bound before this point, so that
+    // health SERVING and READY=1 keep meaning "all of it answers".
+    health::set_all(&reporter, ServingStatus::Serving).await;
     tracing::info!(
         addr = %local,
         tls = state.tls.is_some(),
         identities = initial.has_identities(),
         "serving Contact, health and reflection"
     );
+    let _ = started.send(());
 
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::Serve),
@@ -533,7 +551,11 @@ async fn follow_config(
             changed = config.changed() => if changed.is_err() { return },
         }
         let new = Arc::clone(&config.borrow_and_update());
-        if new.remote_cmd != current.remote_cmd {
+        // What waits for a restart is logged by whoever sent the config
+        // (`contactd serve`'s reload, once); here, the state that follows
+        // the config, changed only where the config did.
+        let changes = Changes::server(&current, &new);
+        if changes.touches("remote_cmd") {
             warn_if_widened(&current.remote_cmd, &new.remote_cmd);
             *state.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
             tracing::info!(
@@ -542,23 +564,21 @@ async fn follow_config(
                 "remote command rules updated"
             );
         }
-        state.callers.set_limits(
-            new.server.max_callers,
-            new.server.max_status_size.as_u64() as usize,
-        );
-        if let Some(queue) = &state.queue {
-            queue.set_limits(queue_limits(&new.tasks));
-        }
-        let store_changed = crate::config::StoreConfig {
-            forget_agents_after: current.store.forget_agents_after,
-            ..new.store.clone()
-        } != current.store;
-        if new.tasks.mode != current.tasks.mode || new.admin != current.admin || store_changed {
-            tracing::warn!(
-                "changes to tasks.mode, [admin] and [store] (but forget_agents_after) take \
-                 effect after a restart"
+        if changes.touches("server.max_callers") || changes.touches("server.max_status_size") {
+            state.callers.set_limits(
+                new.server.max_callers,
+                new.server.max_status_size.as_u64() as usize,
             );
         }
+        if changes.touches("tasks.retain") {
+            state.hub.set_retain(new.tasks.retain);
+        }
+        if let Some(queue) = &state.queue
+            && changes.touches("tasks")
+        {
+            queue.set_limits(queue_limits(&new.tasks));
+        }
+        // Unconditional: a rotated token or certificate file keeps its path.
         reload_credentials(&state, &current, &new);
         current = new;
     }

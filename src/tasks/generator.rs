@@ -48,10 +48,11 @@ pub async fn run(
                     return;
                 }
                 let new = config.borrow_and_update().tasks.clone();
+                // (The server applies the rest of a reload, the hub's
+                // retention included: here, only this loop's schedule.)
                 if new.interval != tasks.interval {
                     next = after(last, new.interval).max(Instant::now());
                 }
-                hub.set_retain(new.retain);
                 tasks = new;
             }
         }

@@ -26,6 +26,7 @@ use contactd::{
     config::Config,
     proto::{
         AGENT_HEADER,
+        admin::{AgentTaskState, TaskIdRequest},
         contact::{
             ClientMsg, CmdRequest, CmdResponse, Empty, Outcome, Result as ResultMsg, ServerMsg,
             contact_server::{Contact, ContactServer},
@@ -113,9 +114,7 @@ async fn after_the_server_is_killed_and_restarted_the_agent_reconnects_and_work_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_handler_is_killed_at_its_timeout_and_acked_as_failed() {
-    let mut daemon = Daemon::start(
-        "[tasks]\ninterval = \"1h\"\nbatch = 1\n[log]\nlevel = \"info,contactd::server=debug\"\n",
-    );
+    let daemon = Daemon::start("[tasks]\ninterval = \"1h\"\nbatch = 1\n");
     let mut config = agent_config(daemon.addr, "hangs");
     config.handler = vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30".into()];
     config.handler_timeout = Duration::from_millis(300);
@@ -124,12 +123,29 @@ async fn a_hanging_handler_is_killed_at_its_timeout_and_acked_as_failed() {
     let (task_id, outcome) = agent.wait_for("the task handled", handled).await;
     assert_eq!(outcome, Outcome::Failed);
     assert!(started.elapsed() < Duration::from_secs(10));
-    let line = tokio::task::block_in_place(|| daemon.wait_for_line("result received"));
+    // The server recorded the failed ack, with the handler's fate as its result.
+    let admin = daemon.admin().await;
+    let shown = common::until(
+        "the failed ack recorded",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let request = TaskIdRequest { id: task_id };
+                admin.show_task(request).await.unwrap().into_inner()
+            }
+        },
+        |shown| {
+            shown
+                .agents
+                .iter()
+                .any(|a| a.agent == "hangs" && a.state() == AgentTaskState::Failed)
+        },
+    )
+    .await;
+    let row = shown.agents.iter().find(|a| a.agent == "hangs").unwrap();
     assert!(
-        line.contains(&format!("task_id={task_id}"))
-            && line.contains("outcome=Failed")
-            && line.contains("killed after the 300ms timeout"),
-        "{line}"
+        row.result.contains("killed after the 300ms timeout"),
+        "{row:?}"
     );
     agent.stop().await;
 }
@@ -345,9 +361,7 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
 
 #[test]
 fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
-    let mut daemon = Daemon::start(
-        "[tasks]\ninterval = \"1h\"\nbatch = 1\n[log]\nlevel = \"info,contactd::server=debug\"\n",
-    );
+    let daemon = Daemon::start("[tasks]\ninterval = \"1h\"\nbatch = 1\n");
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("started");
     assert!(
@@ -388,8 +402,9 @@ fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
         Signal::SIGTERM,
     )
     .unwrap();
-    let line = daemon.wait_for_line("result received");
-    assert!(line.contains("outcome=Ok"), "{line}");
+    let acked = runtime()
+        .block_on(daemon.agent_until("graceful", "the handler's ack", |a| a.acked + a.failed > 0));
+    assert_eq!((acked.acked, acked.failed), (1, 0), "{acked:?}");
     let status = agent.wait_exit(LIMIT);
     assert!(status.success(), "{status:?}");
     agent.wait_for_line("agent stopped");
@@ -445,9 +460,8 @@ fn check_config_agent_prints_the_example_and_reports_every_problem() {
 
 #[test]
 fn sighup_reloads_the_agent_config() {
-    let mut daemon = Daemon::start(
-        "[tasks]\ninterval = \"100ms\"\nbatch = 1\ntemplate = \"job-{seq}-{rand:1-1000000000}\"\n\
-         [log]\nlevel = \"info,contactd::server=debug\"\n",
+    let daemon = Daemon::start(
+        "[tasks]\ninterval = \"100ms\"\nbatch = 1\ntemplate = \"job-{seq}-{rand:1-1000000000}\"\n",
     );
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
@@ -467,7 +481,9 @@ fn sighup_reloads_the_agent_config() {
         &[],
     );
     agent.wait_for_line("connected to");
-    daemon.wait_for_line("outcome=Ok");
+    let runtime = runtime();
+    let before = runtime.block_on(daemon.agent_until("reloads", "an ok ack", |a| a.acked > 0));
+    assert_eq!(before.failed, 0, "{before:?}");
     write("false");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.child.id() as i32),
@@ -475,7 +491,15 @@ fn sighup_reloads_the_agent_config() {
     )
     .unwrap();
     agent.wait_for_line("config reloaded");
-    daemon.wait_for_line("outcome=Failed");
+    runtime.block_on(daemon.agent_until("reloads", "a failed ack", |a| a.failed > 0));
+}
+
+/// A runtime for the admin API calls of the tests that drive processes.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

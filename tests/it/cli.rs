@@ -229,3 +229,90 @@ fn help_and_version_into_a_closed_pipe_end_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// Every visible command as its man page names it: `contactd`,
+/// `contactd-serve`, `contactd-task-submit`, …
+fn command_pages(command: &clap::Command, prefix: &str, pages: &mut Vec<String>) {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        command_pages(sub, &format!("{prefix}-{}", sub.get_name()), pages);
+    }
+    pages.push(prefix.to_owned());
+}
+
+#[test]
+fn completions_name_every_command_for_bash_zsh_and_fish() {
+    use clap::CommandFactory;
+    let dir = tempfile::tempdir().unwrap();
+    let root = contactd::cli::Cli::command();
+    let commands: Vec<&str> = root
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(clap::Command::get_name)
+        .collect();
+    assert!(commands.contains(&"task") && commands.contains(&"serve"));
+    for shell in ["bash", "zsh", "fish"] {
+        let out = contactd(&["completions", shell], dir.path());
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for command in &commands {
+            assert!(script.contains(command), "{shell}: no {command}");
+        }
+        // Nested commands and options too.
+        for needle in ["submit", "socket", "json"] {
+            assert!(script.contains(needle), "{shell}: no {needle}");
+        }
+        // The packaging commands are not offered to operators.
+        assert!(!script.contains("completions"), "{shell}");
+    }
+    let out = contactd(&["completions", "bash"], dir.path());
+    let script = dir.path().join("contactd.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check.stderr));
+
+    let out = contactd(&["completions", "tcsh"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let help = text(&contactd(&["--help"], dir.path()).stdout);
+    assert!(
+        !help.contains("completions") && !help.contains(" man "),
+        "{help}"
+    );
+}
+
+#[test]
+fn man_pages_render_one_page_per_command() {
+    use clap::CommandFactory;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("man1");
+    let out = contactd(&["man", out_dir.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let mut expected = Vec::new();
+    command_pages(&contactd::cli::Cli::command(), "contactd", &mut expected);
+    let mut written: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    written.sort();
+    let mut names: Vec<String> = expected.iter().map(|p| format!("{p}.1")).collect();
+    names.sort();
+    assert_eq!(written, names);
+    assert_eq!(text(&out.stdout).lines().count(), names.len());
+    for page in &expected {
+        let roff = std::fs::read_to_string(out_dir.join(format!("{page}.1"))).unwrap();
+        let header = format!(".TH {page} 1 ");
+        assert!(
+            roff.lines().any(|l| l.starts_with(&header)),
+            "{page}: no {header:?} in\n{roff}"
+        );
+        for section in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS"] {
+            assert!(roff.contains(section), "{page}: no {section}");
+        }
+    }
+    let main = std::fs::read_to_string(out_dir.join("contactd.1")).unwrap();
+    assert!(main.contains("contactd\\-task(1)"), "{main}");
+}

@@ -57,6 +57,34 @@ fn ctl_json(socket: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
+/// Every `NAME_ms` of a `--json` object has `NAME_at` beside it: the same
+/// time in RFC 3339 (UTC, milliseconds), or null for 0 ("never").
+fn assert_times(object: &Value) {
+    let fields = object.as_object().expect("an object");
+    let mut times = 0;
+    for (key, ms) in fields {
+        let Some(name) = key.strip_suffix("_ms") else {
+            continue;
+        };
+        let at = &fields[&format!("{name}_at")];
+        let ms = ms.as_i64().expect("milliseconds");
+        times += 1;
+        if ms == 0 {
+            assert!(at.is_null(), "{key} = 0 but {name}_at = {at}");
+            continue;
+        }
+        let text = at.as_str().unwrap_or_else(|| panic!("{name}_at = {at}"));
+        assert!(text.ends_with('Z') && text.len() == 24, "{text}");
+        let parsed = humantime::parse_rfc3339(text).unwrap();
+        let parsed_ms = parsed
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert_eq!(i64::try_from(parsed_ms).unwrap(), ms, "{key} vs {text}");
+    }
+    assert!(times > 0, "no time in {object}");
+}
+
 /// `contactd ARGS --socket SOCKET`, which must fail (exit 1) saying `needle`.
 fn ctl_refused(socket: &Path, args: &[&str], needle: &str) {
     let out = ctl(socket, args);
@@ -231,7 +259,7 @@ async fn broadcast_show_has_a_row_per_agent_and_a_cancelled_task_is_never_sent()
     }
     let cancelled = submit(&mut admin, "never run", "").await;
     let reply = ctl_json(&socket, &["task", "cancel", &cancelled.to_string()]);
-    assert_eq!(reply["state"], "cancelled");
+    assert_eq!(reply["task"]["state"], "cancelled");
     ctl_refused(
         &socket,
         &["task", "cancel", &cancelled.to_string()],
@@ -252,6 +280,23 @@ async fn broadcast_show_has_a_row_per_agent_and_a_cancelled_task_is_never_sent()
     })
     .await;
     assert_eq!(shown.task.unwrap().acked, 1);
+    let shown = ctl_json(&socket, &["task", "show", &later.to_string()]);
+    assert_times(&shown["task"]);
+    for row in shown["agents"].as_array().unwrap() {
+        assert_times(row);
+        if row["agent"] == "away" {
+            assert!(row["result_at"].is_string(), "{row}");
+        }
+    }
+    let agents = ctl_json(&socket, &["agents"]);
+    let row = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "away")
+        .unwrap_or_else(|| panic!("no agent away in {agents}"));
+    assert_times(row);
+    assert!(row["connected_since_at"].is_string(), "{row}");
     let shown = ctl_json(&socket, &["task", "show", &cancelled.to_string()]);
     assert_eq!(shown["task"]["state"], "cancelled");
     let rows = agent_rows(&shown);
@@ -316,8 +361,8 @@ async fn queue_retry_runs_a_failed_task_again_and_cancels_survive_a_restart() {
     assert!(agent_rows(&shown)[0].2.contains("not yet"), "{shown}");
     std::fs::write(&fixed, "").unwrap();
     let reply = ctl_json(&socket, &["task", "retry", &id]);
-    assert_eq!(reply["id"], flaky);
-    assert_ne!(reply["state"], "failed");
+    assert_eq!(reply["task"]["id"], flaky);
+    assert_ne!(reply["task"]["state"], "failed");
     let ran_again = worker
         .wait_for("the retried task", |event| match event.kind {
             EventKind::Handled { task_id, outcome } if task_id == flaky => Some(outcome),
@@ -353,7 +398,7 @@ async fn queue_retry_runs_a_failed_task_again_and_cancels_survive_a_restart() {
     .await;
     assert!(shown.agents[0].deadline_ms > 0, "{shown:?}");
     let reply = ctl_json(&socket, &["task", "cancel", &held.to_string()]);
-    assert_eq!(reply["state"], "cancelled");
+    assert_eq!(reply["task"]["state"], "cancelled");
     std::fs::write(&release, "").unwrap();
     assert_eq!(handled_up_to(&mut worker, held).await.1, Outcome::Ok);
     within("the ignored ack counted", async {
@@ -375,7 +420,7 @@ async fn queue_retry_runs_a_failed_task_again_and_cancels_survive_a_restart() {
     // Cancelled while pending: never handled, though a later task is.
     let pending = submit(&mut admin, "pending", "").await;
     let reply = ctl_json(&socket, &["task", "cancel", &pending.to_string()]);
-    assert_eq!(reply["state"], "cancelled");
+    assert_eq!(reply["task"]["state"], "cancelled");
     let later = submit(&mut admin, "later", "").await;
     let mut worker = agent_running(daemon.addr, "w", script, &[&fixed, &release]);
     let (before, outcome) = handled_up_to(&mut worker, later).await;

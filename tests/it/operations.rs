@@ -148,6 +148,51 @@ async fn sighup_applies_a_new_interval_and_level_without_dropping_streams() {
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
 
+/// A reload is logged once: every key that changed, and which of them
+/// wait for a restart; the rest applies (a task at the new interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_in_one_line_what_waits_for_a_restart() {
+    let mut daemon = Daemon::start("[tasks]\nbatch = 1\ninterval = \"1h\"\n");
+    let mut contact = ContactClient::new(channel(&daemon).await);
+    let mut tasks = contact.get_task(Empty {}).await.unwrap().into_inner();
+    assert!(within("task 1", tasks.message()).await.unwrap().is_some());
+
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let edited = config
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        .replace("interval = \"1h\"", "interval = \"50ms\"")
+        .replace(
+            "[admin]",
+            "[log]\nbackups = 3\n[store]\nsync = \"full\"\n[admin]",
+        );
+    std::fs::write(daemon.config_path(), edited).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    let line = daemon.wait_for_line("config reloaded");
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(
+        field(&line, "changed"),
+        "log.backups,server.listen,store.sync,tasks.interval"
+    );
+    assert_eq!(
+        field(&line, "restart"),
+        "log.backups,server.listen,store.sync"
+    );
+    assert!(
+        within("a task at the new interval", tasks.message())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+    let restart_lines: Vec<&String> = daemon
+        .log
+        .iter()
+        .filter(|l| l.contains("restart"))
+        .collect();
+    assert_eq!(restart_lines, [&line], "said once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_a_broken_file_keeps_the_old_config_and_serves_on() {
     let mut daemon = Daemon::start("[tasks]\ninterval = \"1h\"\n");
@@ -360,6 +405,74 @@ fn sd_notify_messages_arrive_in_order_with_watchdog_pings() {
             .collect::<Vec<_>>(),
         ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
     );
+}
+
+/// READY=1 means everything the server offers is up (README, "Both units
+/// are Type=notify"): the moment it arrives, the admin socket is there and
+/// answers, and health says SERVING, each asked once, without a retry.
+#[test]
+fn ready_comes_when_the_admin_socket_and_health_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    let admin = dir.path().join("admin.sock");
+    let config = dir.path().join("contactd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}\"\n",
+            admin.display()
+        ),
+    )
+    .unwrap();
+    // Not `Daemon::start`: it waits for the log line that says the server
+    // serves, and READY=1 must be enough by itself.
+    let mut server = common::daemon::Process::spawn(
+        &[
+            std::ffi::OsStr::new("serve"),
+            "-c".as_ref(),
+            config.as_os_str(),
+        ],
+        &[
+            ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+            ("STATE_DIRECTORY", dir.path().to_str().unwrap()),
+        ],
+    );
+    let ready = expect_notify(&socket, "READY=1", &mut Vec::new());
+    // First, at once: a caller that checks for the socket file finds it.
+    let kind = std::fs::metadata(&admin).map(|m| m.file_type());
+    assert!(
+        kind.as_ref()
+            .is_ok_and(std::os::unix::fs::FileTypeExt::is_socket),
+        "no admin socket when READY=1 came: {kind:?}"
+    );
+    let addr = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS=serving on "))
+        .unwrap_or_else(|| panic!("{ready}"))
+        .to_owned();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_contactd"))
+            .args(args)
+            .env_remove("CONTACTD_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let agents = run(&["agents", "--json", "--socket", admin.to_str().unwrap()]);
+    assert!(
+        agents.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agents.stderr)
+    );
+    let health = run(&["health", "--addr", &addr]);
+    assert_eq!(
+        health.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait_exit(LIMIT).code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,10 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use super::LIMIT;
+use contactd::proto::admin::{Agent, admin_client::AdminClient};
+use tonic::transport::Channel;
+
+use super::{LIMIT, within};
 
 /// A `contactd` child process, its stderr lines read as they come.
 pub struct Process {
@@ -183,6 +186,38 @@ impl Daemon {
     /// The config file's path.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("contactd.toml")
+    }
+
+    /// A client of its admin API (on the socket [`start`](Self::start) configures).
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        let socket = self.dir.path().join("admin.sock");
+        within("admin connect", contactd::ctl::connect(&socket))
+            .await
+            .unwrap()
+    }
+
+    /// The agent `name` as the server lists it, once `done` holds for it
+    /// (bounded): its acked and failed counts are the oracle for acks.
+    pub async fn agent_until(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&Agent) -> bool,
+    ) -> Agent {
+        let admin = self.admin().await;
+        super::until(
+            what,
+            || {
+                let mut admin = admin.clone();
+                async move {
+                    let agents = super::agents(&mut admin).await;
+                    agents.into_iter().find(|a| a.name == name)
+                }
+            },
+            |agent| agent.as_ref().is_some_and(&done),
+        )
+        .await
+        .expect("found")
     }
 }
 

@@ -133,6 +133,27 @@ pub async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -
     admin.submit_task(request).await.unwrap().into_inner().id
 }
 
+/// Asks the server with `ask` until `done` holds for its answer, every
+/// 20 ms within [`LIMIT`], and returns that answer. The oracle for what a
+/// server records (acks, results) is its admin API, not its debug log lines:
+/// a reworded or re-levelled log line must not pass or break a test.
+pub async fn until<T, F: Future<Output = T>>(
+    what: &str,
+    mut ask: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    within(what, async {
+        loop {
+            let answer = ask().await;
+            if done(&answer) {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// Every caller the server knows, as `contactd agents` lists them.
 pub async fn agents(admin: &mut AdminClient<Channel>) -> Vec<Agent> {
     let reply = admin.list_agents(ListAgentsRequest {}).await.unwrap();
