@@ -203,6 +203,23 @@ struct AgentRow {
     first_seen_at: Option<String>,
     last_seen_ms: i64,
     last_seen_at: Option<String>,
+    /// Several servers sharing one store: the one it is (or was last)
+    /// connected to.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    server: String,
+}
+
+/// A server sharing the store, as `contactd agents --json` prints it.
+#[derive(Debug, Serialize)]
+struct ServerRow {
+    name: String,
+    alive: bool,
+    stopped: bool,
+    this: bool,
+    started_ms: i64,
+    started_at: Option<String>,
+    heartbeat_ms: i64,
+    heartbeat_at: Option<String>,
 }
 
 /// `contactd agents`.
@@ -210,15 +227,29 @@ struct AgentRow {
 /// # Errors
 /// The socket cannot be reached, or the server refuses.
 pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
-    let agents = block_on(async {
+    let listed = block_on(async {
         Ok(connect(socket)
             .await?
             .list_agents(ListAgentsRequest {})
             .await?
-            .into_inner()
-            .agents)
+            .into_inner())
     })?;
-    let rows: Vec<AgentRow> = agents
+    let servers: Vec<ServerRow> = listed
+        .servers
+        .into_iter()
+        .map(|s| ServerRow {
+            started_at: rfc3339(s.started_ms),
+            heartbeat_at: rfc3339(s.heartbeat_ms),
+            name: s.name,
+            alive: s.alive,
+            stopped: s.stopped,
+            this: s.this,
+            started_ms: s.started_ms,
+            heartbeat_ms: s.heartbeat_ms,
+        })
+        .collect();
+    let rows: Vec<AgentRow> = listed
+        .agents
         .into_iter()
         .map(|a| AgentRow {
             name: a.name,
@@ -240,11 +271,16 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             first_seen_at: rfc3339(a.first_seen_ms),
             last_seen_ms: a.last_seen_ms,
             last_seen_at: rfc3339(a.last_seen_ms),
+            server: a.server,
         })
         .collect();
     if json {
-        return print_json(&serde_json::json!({ "agents": rows }));
+        if servers.is_empty() {
+            return print_json(&serde_json::json!({ "agents": rows }));
+        }
+        return print_json(&serde_json::json!({ "agents": rows, "servers": servers }));
     }
+    let shared = !servers.is_empty();
     let now = SystemTime::now();
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -256,10 +292,18 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
                     format!("({})", a.name)
                 },
                 a.address.clone(),
-                if a.connected {
-                    format!("up {}", ago(now, a.connected_since_ms))
-                } else {
-                    format!("down, seen {} ago", ago(now, a.last_seen_ms))
+                match (a.connected, shared && !a.server.is_empty()) {
+                    (true, false) => format!("up {}", ago(now, a.connected_since_ms)),
+                    (true, true) if a.connected_since_ms == 0 => format!("up, on {}", a.server),
+                    (true, true) => {
+                        format!("up {}, on {}", ago(now, a.connected_since_ms), a.server)
+                    }
+                    (false, false) => format!("down, seen {} ago", ago(now, a.last_seen_ms)),
+                    (false, true) => format!(
+                        "down, seen {} ago on {}",
+                        ago(now, a.last_seen_ms),
+                        a.server
+                    ),
                 },
                 a.delivered.to_string(),
                 a.acked.to_string(),
@@ -273,7 +317,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             ]
         })
         .collect();
-    print(&render(
+    let mut text = render(
         &[
             "AGENT",
             "ADDRESS",
@@ -285,7 +329,36 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             "LAST STATUS",
         ],
         &table,
-    ))
+    );
+    if shared {
+        let table: Vec<Vec<String>> = servers
+            .iter()
+            .map(|s| {
+                let name = if s.this {
+                    format!("{} (this one)", s.name)
+                } else {
+                    s.name.clone()
+                };
+                let state = match (s.alive, s.stopped) {
+                    (true, _) => "up",
+                    (false, true) => "stopped",
+                    (false, false) => "NO HEARTBEAT",
+                };
+                vec![
+                    name,
+                    state.to_owned(),
+                    format!("{} ago", ago(now, s.heartbeat_ms)),
+                    format!("{} ago", ago(now, s.started_ms)),
+                ]
+            })
+            .collect();
+        text.push('\n');
+        text.push_str(&render(
+            &["SERVER", "STATE", "HEARTBEAT", "STARTED"],
+            &table,
+        ));
+    }
+    print(&text)
 }
 
 /// One task, as `contactd tasks --json` prints it.

@@ -376,6 +376,26 @@ async fn broadcast_tasks_published_on_either_server_reach_agents_on_both_and_an_
         }
     })
     .await;
+    // As an operator sees it on b.
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["agents", "--socket"])
+        .arg(b.dir.path().join("admin.sock"))
+        .env_remove("CONTACTD_CONFIG")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = |start: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} row in:\n{table}"))
+            .to_owned()
+    };
+    assert!(row("web1").contains("on a"), "{table}");
+    assert!(row("web2").contains("on b"), "{table}");
+    assert!(row("SERVER").contains("HEARTBEAT"), "{table}");
+    assert!(row("a ").contains(" up "), "{table}");
+    assert!(row("b (this one)").contains(" up "), "{table}");
     common::within("both acks of task 2 listed on a", async {
         loop {
             let tasks = admin_a
@@ -427,6 +447,26 @@ async fn one_server_generates_for_the_fleet_and_the_lease_moves_when_it_is_kille
     a.wait_exit(LIMIT);
     // The lease went with a's connection: b takes it at its next poll.
     b.wait_for_line("runs the task generator");
+    // And b shows a as a server whose heartbeat stopped (not a clean stop).
+    let mut admin_b = admin(&b).await;
+    common::within("a shown without a heartbeat", async {
+        loop {
+            let servers = admin_b
+                .list_agents(ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .servers;
+            if servers
+                .iter()
+                .any(|s| s.name == "a" && !s.alive && !s.stopped)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     // And b's agent gets tasks b generates now.
     common::within("tasks generated after the kill", async {
         loop {
