@@ -193,7 +193,7 @@ pub(super) fn mode(state: &State) -> &'static str {
 pub(super) fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
-        StoreError::Closed => Status::unavailable(e.to_string()),
+        StoreError::Closed | StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

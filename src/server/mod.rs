@@ -307,6 +307,13 @@ pub async fn run_with(
     // comes to offer (a metrics listener) is bound before this point, so that
     // health SERVING and READY=1 keep meaning "all of it answers".
     health::set_all(&reporter, ServingStatus::Serving).await;
+    if state.store.is_shared() {
+        tokio::spawn(follow_database(
+            Arc::clone(&state),
+            reporter.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         addr = %local,
         tls = state.tls.is_some(),
@@ -360,6 +367,52 @@ pub async fn run_with(
     state.store.close().await;
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
+}
+
+/// A shared store: follows whether its database answers, one log line per
+/// change. Queue mode cannot send a task without claiming it there, so its
+/// health is NOT_SERVING while it does not; broadcast mode goes on
+/// delivering the tasks it retains (new ones cannot be published).
+async fn follow_database(
+    state: Arc<State>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut reachable = state.store.reachable();
+    let mut was_up = *reachable.borrow_and_update();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = reachable.changed() => if changed.is_err() { return },
+        }
+        let up = *reachable.borrow_and_update();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if std::mem::replace(&mut was_up, up) == up {
+            continue;
+        }
+        match (state.queue.is_some(), up) {
+            (true, true) => {
+                health::set_all(&reporter, ServingStatus::Serving).await;
+                tracing::info!("the task store's database answers again: health is SERVING");
+            }
+            (true, false) => {
+                health::set_all(&reporter, ServingStatus::NotServing).await;
+                tracing::warn!(
+                    "the task store's database is unreachable: health is NOT_SERVING (queue mode \
+                     sends no task it cannot claim); reconnecting"
+                );
+            }
+            (false, true) => {
+                tracing::info!("the task store's database answers again: tasks can be published");
+            }
+            (false, false) => tracing::warn!(
+                "the task store's database is unreachable: delivering the tasks held in memory, \
+                 none can be published until it answers (health stays SERVING); reconnecting"
+            ),
+        }
+    }
 }
 
 /// Largest health or reflection request: a service or symbol name.

@@ -72,6 +72,9 @@ pub enum StoreError {
     /// Any other failure to read or write.
     #[error("the task store failed: {0}")]
     Failed(String),
+    /// The database cannot be reached now (reconnecting): try again later.
+    #[error("the task store is unavailable: {0}")]
+    Unavailable(String),
     /// The store was closed (the server is stopping).
     #[error("the task store is closed")]
     Closed,
@@ -444,6 +447,7 @@ impl Opened {
         let (committed_tx, committed) = watch::channel(0);
         let shared_db = self.backend.as_ref().is_some_and(|b| b.shared());
         let (leader_tx, leader) = watch::channel(!shared_db);
+        let (reachable_tx, reachable) = watch::channel(true);
         let shared = Arc::new(Shared {
             next_id: Mutex::new(SeqState {
                 next_id: self.snapshot.next_id.max(1),
@@ -478,13 +482,14 @@ impl Opened {
             committed,
             shared_db,
             leader,
+            reachable,
         };
         if let (Some(watcher), Some(journal)) = (self.watcher, &store.journal) {
             let follow = {
                 let store = store.clone();
                 Box::new(move || store.follow())
             };
-            *journal.watcher.lock() = Some(watcher.start(follow, leader_tx));
+            *journal.watcher.lock() = Some(watcher.start(follow, leader_tx, reachable_tx));
         }
         (store, self.snapshot)
     }
@@ -503,6 +508,9 @@ pub struct Store {
     /// Whether this server runs the fleet's task generator: always, but
     /// for a shared database, where one server at a time holds the lease.
     leader: watch::Receiver<bool>,
+    /// Whether the database answers (a shared database's watcher says;
+    /// always true otherwise).
+    reachable: watch::Receiver<bool>,
 }
 
 struct Shared {
@@ -765,6 +773,12 @@ impl Store {
         self.leader.clone()
     }
 
+    /// Whether the database answers now: a shared database's watcher
+    /// follows it (always true for the others).
+    pub fn reachable(&self) -> watch::Receiver<bool> {
+        self.reachable.clone()
+    }
+
     /// A shared database: `agent`'s broadcast cursor as the database keeps
     /// it, after everything written so far (`None` elsewhere).
     ///
@@ -936,6 +950,22 @@ fn writer(
         } else {
             backend.apply(&ops)
         };
+        if result.is_err() && backend.shared() {
+            // Whether these claims were committed is not known: another
+            // server may hold the tasks now. Not sent; tried again after
+            // an ack timeout, as claims lost to another server are.
+            let mut map = shared.lost.lock();
+            for (at, op) in ops.iter().enumerate() {
+                if let Op::Write(Write::Claimed { deadline_ms, .. }) = op {
+                    let claim = LostClaim {
+                        state: TaskState::Delivered,
+                        holder: None,
+                        deadline_ms: Some(*deadline_ms),
+                    };
+                    map.insert(op_seqs[at], claim);
+                }
+            }
+        }
         drop(ops);
         if result.is_ok() {
             let lost = backend.lost_claims();

@@ -223,6 +223,9 @@ pub struct Postgres {
     in_transaction: bool,
     /// The claims the last apply lost, for [`Backend::lost_claims`].
     lost: Vec<(usize, LostClaim)>,
+    /// After a failed reconnect: none is tried before this.
+    retry_at: Option<Instant>,
+    reconnects: crate::agent::Backoff,
 }
 
 /// The backend's own runtime, dropped without blocking: a backend opened
@@ -260,6 +263,17 @@ fn failed(e: &tokio_postgres::Error) -> StoreError {
         Some(code) if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY => {
             StoreError::Full(e.to_string())
         }
+        // The connection went (the database restarted or is unreachable);
+        // or the server is shutting down, or cannot take connections.
+        Some(code)
+            if *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS =>
+        {
+            StoreError::Unavailable(describe(e))
+        }
+        None if e.is_closed() => StoreError::Unavailable(describe(e)),
         _ => StoreError::Failed(describe(e)),
     }
 }
@@ -329,6 +343,12 @@ impl Postgres {
             server: Arc::from(server),
             in_transaction: false,
             lost: Vec::new(),
+            retry_at: None,
+            reconnects: crate::agent::Backoff::new(crate::config::BackoffConfig {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+                ..crate::config::BackoffConfig::default()
+            }),
         })
     }
 
@@ -364,7 +384,20 @@ impl Postgres {
         work: impl AsyncFnOnce(&Client, &Statements) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if self.client.is_closed() {
-            self.reconnect()?;
+            // With backoff: while the database is down, every group commit
+            // would otherwise try to connect.
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Err(StoreError::Unavailable(format!(
+                    "the database {} is unreachable (reconnecting)",
+                    self.target.name
+                )));
+            }
+            if let Err(e) = self.reconnect() {
+                self.retry_at = Some(Instant::now() + self.reconnects.next_delay());
+                return Err(e);
+            }
+            self.retry_at = None;
+            self.reconnects.reset();
         }
         self.runtime.block_on(work(&self.client, &self.statements))
     }
@@ -379,8 +412,14 @@ impl Connector {
     ) -> Result<Client, StoreError> {
         let mut config = target.config.clone();
         config.connect_timeout(self.timeout);
+        // A database host that vanished (no reset) is noticed in about a
+        // minute, not at the kernel's default of hours.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .tcp_user_timeout(Duration::from_secs(60));
         let unreachable = |e: &tokio_postgres::Error| {
-            StoreError::Failed(format!(
+            StoreError::Unavailable(format!(
                 "cannot connect to the database {}: {}",
                 target.name,
                 describe(e)
@@ -418,7 +457,7 @@ impl Connector {
 }
 
 fn timed_out(target: &Target, started: Instant) -> StoreError {
-    StoreError::Failed(format!(
+    StoreError::Unavailable(format!(
         "cannot connect to the database {}: no answer in {}",
         target.name,
         humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64))
@@ -452,7 +491,9 @@ async fn drive<S, T>(
     })
     .await;
     if let Err(e) = ended {
-        tracing::warn!(
+        // Its next use says what that means (the server logs the database
+        // unreachable once, and a failed write is logged where it failed).
+        tracing::debug!(
             "the task store's database connection ended: {}",
             describe(&e)
         );
@@ -1104,7 +1145,7 @@ impl Backend for Postgres {
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
         let began = std::mem::take(&mut self.in_transaction);
         if began && self.client.is_closed() {
-            return Err(StoreError::Failed(
+            return Err(StoreError::Unavailable(
                 "the database connection was lost before the commit".into(),
             ));
         }
@@ -1439,7 +1480,12 @@ impl Watcher {
     ///
     /// # Panics
     /// The thread cannot be started.
-    pub fn start(self, follow: Box<dyn Fn() + Send>, leader: watch::Sender<bool>) -> Watching {
+    pub fn start(
+        self,
+        follow: Box<dyn Fn() + Send>,
+        leader: watch::Sender<bool>,
+        reachable: watch::Sender<bool>,
+    ) -> Watching {
         let stop = tokio_util::sync::CancellationToken::new();
         let thread = {
             let stop = stop.clone();
@@ -1450,7 +1496,9 @@ impl Watcher {
                         .enable_all()
                         .build()
                     {
-                        Ok(runtime) => runtime.block_on(self.run(&*follow, &leader, &stop)),
+                        Ok(runtime) => {
+                            runtime.block_on(self.run(&*follow, &leader, &reachable, &stop));
+                        }
                         Err(e) => tracing::error!("cannot watch the task store: {e}"),
                     }
                 })
@@ -1463,6 +1511,7 @@ impl Watcher {
         &self,
         follow: &(dyn Fn() + Send),
         leader: &watch::Sender<bool>,
+        reachable: &watch::Sender<bool>,
         stop: &tokio_util::sync::CancellationToken,
     ) {
         let mut backoff = crate::agent::Backoff::new(crate::config::BackoffConfig {
@@ -1475,29 +1524,26 @@ impl Watcher {
             let (notices, mut noticed) = mpsc::unbounded_channel();
             let watched = match self.connect.connect(&self.target, Some(notices)).await {
                 Ok(client) => {
-                    if failures > 0 {
-                        tracing::info!(database = %self.target.name, "watching the task store again");
-                    }
                     failures = 0;
                     backoff.reset();
-                    self.watch(&client, &mut noticed, follow, leader, stop)
+                    self.watch(&client, &mut noticed, follow, leader, reachable, stop)
                         .await
                 }
                 Err(e) => Err(e),
             };
+            if watched.is_err() {
+                // The server logs the change (and what it does about it).
+                reachable.send_if_modified(|up| std::mem::replace(up, false));
+            }
             if leader.send_replace(false) {
                 tracing::warn!(server = %self.server, "this server no longer runs the task generator (its lease went with the database connection)");
             }
             match watched {
                 Ok(()) => return,
                 Err(e) => {
+                    // The server says the database is unreachable, once.
                     failures += 1;
-                    if failures.is_power_of_two() {
-                        tracing::warn!(
-                            failures,
-                            "cannot watch the task store for other servers' tasks: {e}"
-                        );
-                    }
+                    tracing::debug!(failures, "cannot watch the task store: {e}");
                 }
             }
             let wait = backoff.next_delay();
@@ -1515,6 +1561,7 @@ impl Watcher {
         noticed: &mut mpsc::UnboundedReceiver<()>,
         follow: &(dyn Fn() + Send),
         leader: &watch::Sender<bool>,
+        reachable: &watch::Sender<bool>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<(), StoreError> {
         let f = |e: tokio_postgres::Error| failed(&e);
@@ -1522,6 +1569,9 @@ impl Watcher {
             .batch_execute(&format!("LISTEN {CHANNEL}"))
             .await
             .map_err(f)?;
+        reachable.send_if_modified(|up| !std::mem::replace(up, true));
+        // What was published while not listening.
+        follow();
         let server: &str = &self.server;
         let mut tick = tokio::time::interval(self.connect.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -576,3 +576,69 @@ async fn queue_tasks_submitted_to_two_servers_are_each_handled_once_when_one_is_
     assert_eq!(counts.len(), TASKS, "every task handled");
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_say_unavailable() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Some(mut cluster) = Cluster::start("postgres lost database") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let mut server = shared_server("a", &url, "mode = \"queue\"\nbatch = 0");
+    let mut admin_a = admin(&server).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = async |health: &mut HealthClient<Channel>| {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        health.check(request).await.unwrap().into_inner().status()
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::Serving);
+    assert_eq!(common::submit(&mut admin_a, "before", "").await, 1);
+
+    cluster.stop();
+    server.wait_for_line("health is NOT_SERVING (queue mode");
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing);
+    let refused = admin_a
+        .submit_task(contactd::proto::admin::SubmitTaskRequest {
+            text: "while it is down".into(),
+            agent: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    cluster.start_again();
+    server.wait_for_line("answers again: health is SERVING");
+    assert_eq!(
+        status(&mut health).await,
+        ServingStatus::Serving,
+        "{:#?}",
+        server.log
+    );
+    // One line per change, not one per failed attempt.
+    let lines = |needle: &str| server.log.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(lines("is unreachable"), 1, "{:#?}", server.log);
+    // The writer reconnects (with backoff) on its own.
+    common::within("a submit after the database came back", async {
+        loop {
+            let request = contactd::proto::admin::SubmitTaskRequest {
+                text: "after".into(),
+                agent: String::new(),
+            };
+            match admin_a.submit_task(request).await {
+                Ok(reply) => return assert_eq!(reply.into_inner().id, 2),
+                Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -24,9 +24,11 @@ const START_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct Cluster {
     /// The data directory and the socket: removed after the server stops.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     server: Child,
     pub port: u16,
+    bin: PathBuf,
+    user: Option<User>,
 }
 
 /// Where PostgreSQL's server programs are: `$CONTACTD_TEST_PG_BIN`, else
@@ -121,9 +123,11 @@ impl Cluster {
             match wait_ready(&dir.path().join("postgres.log")) {
                 Ok(()) => {
                     return Some(Cluster {
-                        _dir: dir,
+                        dir,
                         server,
                         port,
+                        bin,
+                        user,
                     });
                 }
                 Err(log) if attempt < 3 && log.contains("could not bind") => {
@@ -183,6 +187,30 @@ fn wait_ready(log: &Path) -> Result<(), String> {
 }
 
 impl Cluster {
+    /// Stops the server (fast shutdown: sessions end at once).
+    pub fn stop(&mut self) {
+        let _ = kill(Pid::from_raw(self.server.id() as i32), Signal::SIGINT);
+        let _ = self.server.wait();
+    }
+
+    /// Starts the server again, on the same port and data.
+    ///
+    /// # Panics
+    /// It does not come up.
+    pub fn start_again(&mut self) {
+        let data = self.dir.path().join("data");
+        self.server = spawn(
+            &self.bin,
+            self.user.as_ref(),
+            self.dir.path(),
+            &data,
+            self.port,
+        );
+        if let Err(log) = wait_ready(&self.dir.path().join("postgres.log")) {
+            panic!("postgres did not start again:\n{log}");
+        }
+    }
+
     /// A URL for database `name` as the superuser.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
@@ -209,9 +237,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // SIGINT: PostgreSQL's fast shutdown (ends sessions, no wait).
-        let _ = kill(Pid::from_raw(self.server.id() as i32), Signal::SIGINT);
-        let _ = self.server.wait();
+        self.stop();
     }
 }
 
