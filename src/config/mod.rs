@@ -938,6 +938,19 @@ impl Config {
                 }
             ));
         }
+        if self.store.kind == StoreKind::Postgres
+            && self
+                .store
+                .url
+                .as_deref()
+                .is_some_and(crate::store::postgres::has_password)
+        {
+            warnings.push(
+                "store.url holds a password, readable by anyone who can read this file: put \
+                 the URL in store.url_file (mode 0600) instead"
+                    .to_owned(),
+            );
+        }
         warnings
     }
 }
@@ -1105,5 +1118,37 @@ mod tests {
             ],
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn a_postgres_store_needs_one_url_that_asks_for_tls_or_none_and_no_sqlite_keys() {
+        let keys = |store: &str| -> Vec<String> {
+            let text = format!("[store]\nkind = \"postgres\"\n{store}");
+            match parse::<Config>(&text) {
+                Ok(_) => Vec::new(),
+                Err(problems) => problems.iter().filter_map(|p| p.key.clone()).collect(),
+            }
+        };
+        assert!(keys("url = \"postgres://c@db1/fleet?sslmode=require\"").is_empty());
+        assert!(keys("url_file = \"/etc/contactd/db-url\"").is_empty());
+        assert_eq!(keys(""), ["store.url"]);
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\nurl_file = \"/x\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f?sslmode=prefer\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\npath = \"/x.db\"\nmax_size = \"1GiB\""),
+            ["store.path", "store.max_size"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\npoll_interval = \"10ms\""),
+            ["store.poll_interval"]
+        );
+        let sqlite = parse::<Config>("[store]\nurl = \"postgres://c@db1/f\"\n").unwrap_err();
+        assert_eq!(sqlite[0].key.as_deref(), Some("store.url"), "{sqlite:#?}");
     }
 }

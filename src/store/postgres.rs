@@ -147,6 +147,11 @@ pub fn check_url(url: &str) -> Result<(), String> {
     parse(url).map(|_| ())
 }
 
+/// Whether a database URL carries a password.
+pub fn has_password(url: &str) -> bool {
+    parse(url).is_ok_and(|target| target.config.get_password().is_some())
+}
+
 fn parse(url: &str) -> Result<Target, String> {
     // libpq's verifying modes: tokio-postgres knows only `require`, which
     // here always verifies the certificate (rustls has no other way).
@@ -1638,6 +1643,8 @@ mod tests {
         let error = check_url("postgres://contactd:hunter2@db1/contactd?bogus=1").unwrap_err();
         assert!(!error.contains("hunter2"), "{error}");
 
+        assert!(has_password("postgres://contactd:hunter2@db1/fleet"));
+        assert!(!has_password("postgres://contactd@db1/fleet"));
         let plain = parse("postgres://contactd:hunter2@db1:5433/fleet").unwrap();
         assert!(!plain.tls);
         assert_eq!(plain.name, "contactd@db1:5433/fleet");

@@ -642,3 +642,44 @@ async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_sa
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_ca_file_and_refused_without_it() {
+    let pki = tempfile::tempdir().unwrap();
+    contactd::tls::pki::init(pki.path(), &[], &[], 30, false).unwrap();
+    let Some(cluster) = Cluster::start_tls(
+        "postgres TLS",
+        &pki.path().join("server.pem"),
+        &pki.path().join("server.key"),
+    ) else {
+        return;
+    };
+    let url = format!("{}?sslmode=verify-full", cluster.database("fleet").await);
+    let mut tls = config(&url);
+    tls.ca_file = Some(pki.path().join("ca.pem"));
+    let (store, _) = open(&tls, false).await.unwrap();
+    // The store's connections are TLS ones.
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.url("fleet"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'contactd' AND ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "no TLS connection from contactd");
+    store.close().await;
+
+    // Without the CA, the system's roots do not vouch for this server.
+    let e = open(&config(&url), false).await.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Unavailable(_)) && e.to_string().contains("certificate"),
+        "{e}"
+    );
+}

@@ -29,6 +29,8 @@ pub struct Cluster {
     pub port: u16,
     bin: PathBuf,
     user: Option<User>,
+    /// Extra `-c` settings (TLS).
+    settings: Vec<String>,
 }
 
 /// Where PostgreSQL's server programs are: `$CONTACTD_TEST_PG_BIN`, else
@@ -80,6 +82,15 @@ impl Cluster {
     /// # Panics
     /// PostgreSQL is missing under CI, or the cluster does not come up.
     pub fn start(test: &str) -> Option<Cluster> {
+        Cluster::start_with(test, None)
+    }
+
+    /// A cluster that also takes TLS, with this certificate and key (PEM).
+    pub fn start_tls(test: &str, cert: &Path, key: &Path) -> Option<Cluster> {
+        Cluster::start_with(test, Some((cert, key)))
+    }
+
+    fn start_with(test: &str, tls: Option<(&Path, &Path)>) -> Option<Cluster> {
         let Some(bin) = bin_dir() else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -115,11 +126,30 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&initdb.stderr)
         );
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            // PostgreSQL wants its key its own and unreadable by others.
+            for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = dir.path().join(name);
+                std::fs::copy(from, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some(user) = &user {
+                    chown(&to, Some(user.uid), Some(user.gid)).unwrap();
+                }
+                let key = if name == "server.crt" {
+                    "ssl_cert_file"
+                } else {
+                    "ssl_key_file"
+                };
+                settings.push(format!("{key}={}", to.display()));
+            }
+            settings.push("ssl=on".to_owned());
+        }
         // The port is free when chosen and may be taken before postgres
         // binds it: then another one, a few times.
         for attempt in 1..=3 {
             let port = free_port();
-            let mut server = spawn(&bin, user.as_ref(), dir.path(), &data, port);
+            let mut server = spawn(&bin, user.as_ref(), dir.path(), &data, port, &settings);
             match wait_ready(&dir.path().join("postgres.log")) {
                 Ok(()) => {
                     return Some(Cluster {
@@ -128,6 +158,7 @@ impl Cluster {
                         port,
                         bin,
                         user,
+                        settings,
                     });
                 }
                 Err(log) if attempt < 3 && log.contains("could not bind") => {
@@ -143,7 +174,14 @@ impl Cluster {
     }
 }
 
-fn spawn(bin: &Path, user: Option<&User>, dir: &Path, data: &Path, port: u16) -> Child {
+fn spawn(
+    bin: &Path,
+    user: Option<&User>,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    settings: &[String],
+) -> Child {
     let log = dir.join("postgres.log");
     let log_file = std::fs::File::create(&log).unwrap();
     if let Some(user) = user {
@@ -160,6 +198,7 @@ fn spawn(bin: &Path, user: Option<&User>, dir: &Path, data: &Path, port: u16) ->
         .args(["-c", "listen_addresses=127.0.0.1"])
         .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
         .args(["-c", "max_connections=50"])
+        .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -205,6 +244,7 @@ impl Cluster {
             self.dir.path(),
             &data,
             self.port,
+            &self.settings,
         );
         if let Err(log) = wait_ready(&self.dir.path().join("postgres.log")) {
             panic!("postgres did not start again:\n{log}");
