@@ -20,6 +20,7 @@
 mod baseline;
 mod cmd;
 mod load;
+mod postgres;
 mod report;
 mod scenarios;
 mod server;
@@ -59,6 +60,9 @@ enum Command {
     /// CI smoke test: every scenario once, briefly, with few agents, against
     /// both servers; fails on any error, judges no figure.
     Smoke(CommonArgs),
+    /// The PostgreSQL store: queue mode on one and two servers, submits,
+    /// and what each task costs the database (contactd only).
+    Pg(postgres::Args),
     /// The bare baseline server (started by `run` as its own process).
     BaselineServer(baseline::Args),
     /// Spawn `true` in a loop and print the rate (started by `run` on the
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
             },
             true,
         ),
+        Command::Pg(args) => pg(&args),
         Command::BaselineServer(args) => baseline::serve(&args),
         Command::SpawnLoop {
             in_flight,
@@ -158,6 +163,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn pg(args: &postgres::Args) -> anyhow::Result<()> {
+    raise_nofile()?;
+    let launcher = launcher(&CommonArgs {
+        contactd: args.contactd.clone(),
+        contactd_toml: String::new(),
+        // The servers and the database share both cores: nothing to pin.
+        no_pin: true,
+        server_cpu: 1,
+        load_cpu: 0,
+    })?;
+    current_thread()?.block_on(postgres::run(args, &launcher))
 }
 
 fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {

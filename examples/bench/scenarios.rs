@@ -165,15 +165,18 @@ impl Scenario {
                 baseline_args: ["--interval", "10ms", "--batch", "100"]
                     .map(String::from)
                     .into(),
+                ..Setup::default()
             },
             Scenario::Cmd => Setup {
                 contactd_toml: "[remote_cmd]\nenabled = true\nallow = [\"true\"]\n".into(),
                 baseline_args: Vec::new(),
+                ..Setup::default()
             },
             // Only submitted tasks.
             Scenario::Submit | Scenario::Submit16 => Setup {
                 contactd_toml: "[tasks]\nbatch = 0\n".into(),
                 baseline_args: Vec::new(),
+                ..Setup::default()
             },
             // 50,000 tasks/s offered (batch 500 every 10 ms: more than it
             // handles, so the figure is its capacity), at most 64 in flight
@@ -183,6 +186,7 @@ impl Scenario {
                                 window = 64\n"
                     .into(),
                 baseline_args: Vec::new(),
+                ..Setup::default()
             },
             _ => Setup::default(),
         };

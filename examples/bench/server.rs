@@ -60,6 +60,8 @@ pub struct Launcher {
 /// What a scenario needs from the server beyond the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Setup {
+    /// Keys added to contactd's `[server]` table (such as its name).
+    pub server_toml: String,
     /// TOML appended to contactd's config (after `[server] listen`).
     pub contactd_toml: String,
     /// Arguments for `bench baseline-server`.
@@ -107,7 +109,8 @@ impl Launcher {
                 // The default config, plus only what the scenario needs (and
                 // the admin socket in the temp dir).
                 let toml = format!(
-                    "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = {:?}\n{}\n{}",
+                    "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[admin]\nsocket = {:?}\n{}\n{}",
+                    setup.server_toml,
                     admin.to_str().context("a UTF-8 temp dir")?,
                     setup.contactd_toml,
                     self.contactd_toml

@@ -76,11 +76,21 @@ async fn admin(
 /// the figure is acks per second during `duration`, after every agent got
 /// its first task.
 pub async fn queue(addr: SocketAddr, agents: usize, duration: Duration) -> anyhow::Result<Outcome> {
+    queue_on(&[addr], agents, duration).await
+}
+
+/// [`queue`] with the agents shared out among several servers (agent `n`
+/// on `addrs[n % len]`).
+pub async fn queue_on(
+    addrs: &[SocketAddr],
+    agents: usize,
+    duration: Duration,
+) -> anyhow::Result<Outcome> {
     let acked = Arc::new(AtomicU64::new(0));
     let (first_tx, mut first_rx) = mpsc::channel::<()>(agents);
     let mut set = JoinSet::new();
     for n in 0..agents {
-        let channel = load::connect(addr).await?;
+        let channel = load::connect(addrs[n % addrs.len()]).await?;
         let (acked, first_tx) = (Arc::clone(&acked), first_tx.clone());
         set.spawn(async move {
             let name = format!("bench-queue-{n:03}");

@@ -230,6 +230,10 @@ pub struct Postgres {
     lost: Vec<(usize, LostClaim)>,
     /// After a failed reconnect: none is tried before this.
     retry_at: Option<Instant>,
+    /// Round trips to the database and statements sent, over the
+    /// backend's life (logged at close: what each task costs it).
+    round_trips: u64,
+    sent: u64,
     reconnects: crate::agent::Backoff,
 }
 
@@ -349,6 +353,8 @@ impl Postgres {
             in_transaction: false,
             lost: Vec::new(),
             retry_at: None,
+            round_trips: 0,
+            sent: 0,
             reconnects: crate::agent::Backoff::new(crate::config::BackoffConfig {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
@@ -1154,8 +1160,10 @@ impl Backend for Postgres {
                 "the database connection was lost before the commit".into(),
             ));
         }
-        let lost = self.with_client(async |client, statements| {
+        let (lost, sent) = self.with_client(async |client, statements| {
             let (calls, claims) = calls(statements, ops);
+            // BEGIN (unless reserve began it), the calls, COMMIT.
+            let sent = calls.len() as u64 + 1 + u64::from(!began);
             let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls
                 .iter()
                 .map(|(_, values)| values.iter().map(|v| &**v as &(dyn ToSql + Sync)).collect())
@@ -1190,7 +1198,7 @@ impl Backend for Postgres {
                 .map(|(_, op, task)| (*op, *task))
                 .collect();
             if lost.is_empty() {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), sent));
             }
             let ids: Vec<i64> = lost.iter().map(|(_, task)| *task).collect();
             let rows = client
@@ -1211,7 +1219,7 @@ impl Backend for Postgres {
                     (row.get::<_, i64>(0), claim)
                 })
                 .collect();
-            Ok(lost
+            let lost = lost
                 .into_iter()
                 .map(|(op, task)| {
                     // Deleted meanwhile: finished as far as anyone knows.
@@ -1222,8 +1230,12 @@ impl Backend for Postgres {
                     });
                     (op, claim)
                 })
-                .collect())
+                .collect();
+            // And the query of the lost claims.
+            Ok((lost, sent + 1))
         })?;
+        self.round_trips += 1 + u64::from(!lost.is_empty());
+        self.sent += sent;
         self.lost = lost;
         Ok(())
     }
@@ -1310,6 +1322,11 @@ impl Backend for Postgres {
     }
 
     fn close(&mut self) {
+        tracing::debug!(
+            round_trips = self.round_trips,
+            statements = self.sent,
+            "task store closing"
+        );
         // Lets go of this server's name now, not when PostgreSQL notices
         // the connection closed: a restart may take it at once.
         let _ = self.with_client(async |client, _| {
@@ -1337,12 +1354,16 @@ impl Backend for Postgres {
                 }
             }
         })?;
+        self.round_trips += 1;
+        self.sent += 2;
         self.in_transaction = true;
         Ok(u64::try_from(first).unwrap_or(0))
     }
 
     fn tasks_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredTask>, StoreError> {
         let (after, limit) = (id(after), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.round_trips += 1;
+        self.sent += 1;
         self.with_client(async |client, s| {
             let rows = client
                 .query(&s.after, &[&after, &limit])
