@@ -83,7 +83,7 @@ pub async fn run(args: &Args, launcher: &Launcher) -> anyhow::Result<()> {
         }
         println!(
             "MEDIAN scenario=pg-queue servers={servers} rate={}",
-            number(median(&mut rates))
+            number(median(&rates))
         );
     }
     for clients in [1usize, 16] {
