@@ -100,14 +100,14 @@ pub enum Write {
         holder: Arc<str>,
         deadline_ms: i64,
     },
-    /// Queue: the task is back in line (pending) or parked (dead), by
-    /// the holder of its claim (`None`: it had none). A shared database
-    /// changes it only if that is still the holder: another server may
-    /// have claimed it since.
+    /// Queue: the task is back in line (pending) or parked (dead), ending
+    /// the claim `claim` (its holder and deadline; `None`: it had none).
+    /// A shared database changes it only if that claim is still the one
+    /// in force: another server may have claimed it since.
     State {
         id: u64,
         state: TaskState,
-        holder: Option<Arc<str>>,
+        claim: Option<(Arc<str>, i64)>,
     },
     /// An operator cancelled the task; `held`: an agent holds its current
     /// attempt (kept, to show who may still run it).

@@ -707,7 +707,8 @@ impl Statements {
             state: client
                 .prepare(
                     "UPDATE tasks SET state = $2, holder = NULL, deadline_ms = NULL \
-                     WHERE id = $1 AND holder IS NOT DISTINCT FROM $3",
+                     WHERE id = $1 AND holder IS NOT DISTINCT FROM $3 \
+                     AND deadline_ms IS NOT DISTINCT FROM $4",
                 )
                 .await?,
             cancelled: client
@@ -907,13 +908,14 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
         Write::State {
             id: task,
             state,
-            holder,
+            claim,
         } => vec![(
             &s.state,
             vec![
                 Box::new(id(*task)),
                 Box::new(state_code(*state)),
-                Box::new(holder.as_deref().map(str::to_owned)),
+                Box::new(claim.as_ref().map(|(holder, _)| holder.to_string())),
+                Box::new(claim.as_ref().map(|(_, deadline)| *deadline)),
             ],
         )],
         Write::Cancelled { id: task, held } => vec![(

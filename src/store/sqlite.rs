@@ -827,7 +827,7 @@ mod tests {
         let dead = Write::State {
             id: 1,
             state: TaskState::Dead,
-            holder: None,
+            claim: None,
         };
         db.apply(&[Op::Write(&dead), Op::Write(&Write::Retried { id: 1 })])
             .unwrap();

@@ -103,6 +103,9 @@ struct Entry {
     /// The store's sequence number of its current claim: it is sent once
     /// that is committed.
     seq: u64,
+    /// Its current claim's deadline as the store has it (unix ms; 0: none),
+    /// which with the holder names the claim a state change ends.
+    claim_deadline_ms: i64,
 }
 
 impl Entry {
@@ -112,6 +115,7 @@ impl Entry {
             attempts,
             last_slot: None,
             seq: 0,
+            claim_deadline_ms: 0,
         }
     }
 }
@@ -231,9 +235,10 @@ impl Queue {
         let (now, now_ms) = (Instant::now(), crate::store::now_ms());
         let mut waiting = Vec::new();
         for restored in tasks {
-            let entry = Entry::new(restored.task, restored.attempts);
+            let mut entry = Entry::new(restored.task, restored.attempts);
             match restored.claim {
                 Some((holder, deadline_ms)) => {
+                    entry.claim_deadline_ms = deadline_ms;
                     let left = u64::try_from(deadline_ms.saturating_sub(now_ms)).unwrap_or(0);
                     let flight = Flight {
                         entry,
@@ -619,7 +624,7 @@ impl State {
             self.store.record(Write::State {
                 id: entry.task.id,
                 state: TaskState::Dead,
-                holder: None,
+                claim: None,
             });
             if self.counters.dropped.is_power_of_two() {
                 tracing::warn!(
@@ -641,7 +646,7 @@ impl State {
             self.store.record(Write::State {
                 id: entry.task.id,
                 state: TaskState::Dead,
-                holder: Some(holder),
+                claim: Some((holder, entry.claim_deadline_ms)),
             });
             tracing::warn!(
                 task_id = entry.task.id,
@@ -659,7 +664,7 @@ impl State {
         self.store.record(Write::State {
             id: entry.task.id,
             state: TaskState::Pending,
-            holder: Some(holder),
+            claim: Some((holder, entry.claim_deadline_ms)),
         });
         self.requeue(entry);
     }
@@ -676,8 +681,9 @@ impl State {
     /// server did with it. Finished there, it is let go; held by another
     /// server's agent, it waits for that claim's deadline (or for that
     /// agent to connect here, which gets it first, as after a restart).
-    fn lost(&mut self, entry: Entry, lost: LostClaim) {
+    fn lost(&mut self, mut entry: Entry, lost: LostClaim) {
         let id = entry.task.id;
+        entry.claim_deadline_ms = lost.deadline_ms.unwrap_or(0);
         if lost.state.is_finished() {
             entry.task.progress.set_state(lost.state);
             tracing::debug!(task_id = id, state = ?lost.state, "task finished through another server");
@@ -755,6 +761,7 @@ impl State {
         };
         let deadline_ms = crate::store::now_ms()
             .saturating_add(i64::try_from(self.limits.ack_timeout.as_millis()).unwrap_or(i64::MAX));
+        entry.claim_deadline_ms = deadline_ms;
         entry.seq = self.store.claim(Write::Claimed {
             id: entry.task.id,
             attempt: entry.attempts + 1,
