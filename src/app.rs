@@ -430,11 +430,14 @@ async fn serve_until_signalled(
     let local = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
+    let reloads = crate::metrics::Reloads::default();
+    let metrics = metrics_endpoint(&config.metrics, "contactd", &logging, &reloads)?;
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
-    let mut server = tokio::spawn(server::run_with(
+    let mut server = tokio::spawn(server::run_with_metrics(
         listener,
+        metrics,
         config_rx,
         shutdown.clone(),
         store,
@@ -450,7 +453,7 @@ async fn serve_until_signalled(
         async move { logging.report_dropped(DROPPED_LOG_REPORT, stop).await }
     });
     let stopped = shutdown::supervise(&mut server, &mut signals, &shutdown, &ready, || {
-        reload(&source, &config_tx, &logging);
+        reload(&source, &config_tx, &logging, &reloads);
     });
     match stopped.await? {
         shutdown::Ended::Done(result) => Ok(result?),
@@ -458,12 +461,46 @@ async fn serve_until_signalled(
     }
 }
 
+/// Binds the metrics listener `config` names, if any, before the daemon
+/// says it is ready (a port that cannot be had stops the start), with the
+/// process' series registered under `prefix`.
+///
+/// # Errors
+/// [`AppError::Bind`].
+pub(crate) fn metrics_endpoint(
+    config: &crate::config::MetricsConfig,
+    prefix: &str,
+    logging: &Arc<Logging>,
+    reloads: &crate::metrics::Reloads,
+) -> Result<Option<crate::metrics::Endpoint>, AppError> {
+    let Some(addr) = config.listen else {
+        return Ok(None);
+    };
+    let bind = |addr| -> std::io::Result<_> {
+        let listener = crate::metrics::http::bind(addr)?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    let (listener, local) = bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+    tracing::info!(addr = %local, "serving metrics at /metrics");
+    let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
+    reloads.register(&mut registry);
+    Ok(Some(crate::metrics::Endpoint { listener, registry }))
+}
+
 /// Re-reads the config and applies it; an invalid file leaves the current
 /// config in force.
-fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Logging) {
+fn reload(
+    source: &Source,
+    config_tx: &watch::Sender<Arc<Config>>,
+    logging: &Logging,
+    reloads: &crate::metrics::Reloads,
+) {
     let Some(new) = source.reload::<Config>() else {
+        reloads.failed.inc();
         return;
     };
+    reloads.applied.inc();
     let old = Arc::clone(&config_tx.borrow());
     let restart = old.server.restart_needed(&new.server);
     if !restart.is_empty() {

@@ -54,10 +54,18 @@ async fn run_until_signalled(
     config: AgentFile,
     logging: Arc<Logging>,
 ) -> Result<(), AppError> {
+    let reloads = crate::metrics::Reloads::default();
+    let metrics =
+        app::metrics_endpoint(&config.agent.metrics, "contactd_agent", &logging, &reloads)?;
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config.agent));
     let shutdown = CancellationToken::new();
-    let mut agent = tokio::spawn(super::run_with(config_rx, shutdown.clone(), None));
+    let mut agent = tokio::spawn(super::run_with_metrics(
+        config_rx,
+        shutdown.clone(),
+        None,
+        metrics,
+    ));
     systemd::ready("starting");
     let stop_watchdog = CancellationToken::new();
     let _stop_watchdog = stop_watchdog.clone().drop_guard();
@@ -70,7 +78,7 @@ async fn run_until_signalled(
         &shutdown,
         "config reloaded",
         || {
-            reload(&source, &config_tx, &logging);
+            reload(&source, &config_tx, &logging, &reloads);
         },
     );
     match stopped.await? {
@@ -81,11 +89,21 @@ async fn run_until_signalled(
 
 /// Re-reads the config and applies it; an invalid file leaves the current
 /// config in force.
-fn reload(source: &Source, config_tx: &watch::Sender<Arc<AgentConfig>>, logging: &Logging) {
+fn reload(
+    source: &Source,
+    config_tx: &watch::Sender<Arc<AgentConfig>>,
+    logging: &Logging,
+    reloads: &crate::metrics::Reloads,
+) {
     let Some(new) = source.reload::<AgentFile>() else {
+        reloads.failed.inc();
         return;
     };
+    reloads.applied.inc();
     let old = Arc::clone(&config_tx.borrow());
+    if old.metrics != new.agent.metrics {
+        tracing::warn!("agent.metrics changes take effect after a restart");
+    }
     if old.servers != new.agent.servers || old.name != new.agent.name {
         tracing::info!("agent.servers and agent.name changes apply at the next reconnection");
     }

@@ -7,6 +7,7 @@
 
 pub mod agent;
 mod load;
+pub mod metrics;
 pub mod peek;
 pub mod units;
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
+pub use metrics::MetricsConfig;
 
 use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};
 
@@ -36,6 +38,7 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub remote_cmd: RemoteCmdConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
 }
@@ -879,6 +882,7 @@ impl ConfigFile for Config {
                 );
             }
         }
+        self.metrics.check("metrics", &mut c);
         c.log(&self.log);
         c.0
     }

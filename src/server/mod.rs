@@ -17,6 +17,7 @@ mod gate;
 mod health;
 mod history;
 mod listener;
+mod metrics;
 
 use std::{sync::Arc, time::Duration};
 
@@ -98,6 +99,8 @@ pub(crate) struct State {
     pub(crate) callers: Callers,
     /// Acks of cancelled tasks (from agents that had them), ignored.
     pub(crate) cancelled_acks: std::sync::atomic::AtomicU64,
+    /// Counts of rare events, for the metrics.
+    pub(crate) counters: metrics::Counters,
     /// Remote command rules; replaced whole on reload.
     runner: RwLock<Arc<Runner>>,
     /// The tokens Contact calls may carry; re-read on reload.
@@ -182,6 +185,20 @@ pub async fn run_with(
     shutdown: CancellationToken,
     opened: store::Opened,
 ) -> Result<(), ServerError> {
+    run_with_metrics(listener, None, config, shutdown, opened).await
+}
+
+/// [`run_with`], serving `GET /metrics` on `metrics` too.
+///
+/// # Errors
+/// [`ServerError`] when serving cannot start or fails.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    endpoint: Option<crate::metrics::Endpoint>,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+    opened: store::Opened,
+) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
     let (store, snapshot) = opened.start();
@@ -215,6 +232,7 @@ pub async fn run_with(
             callers
         },
         cancelled_acks: std::sync::atomic::AtomicU64::new(0),
+        counters: metrics::Counters::default(),
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
         auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
         tls: match &initial.server.tls {
@@ -232,6 +250,10 @@ pub async fn run_with(
         tracker.spawn(queue.reap(shutdown.clone()));
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
+    if let Some(endpoint) = endpoint {
+        let collector = metrics::ServerCollector::new(&state);
+        tracker.spawn(endpoint.serve(&initial.metrics, collector, shutdown.clone()));
+    }
     tracker.spawn(restart_on_panic("the task generator", {
         let (hub, store, config, shutdown) = (
             Arc::clone(&state.hub),
@@ -263,7 +285,13 @@ pub async fn run_with(
         max_handshakes: initial.server.max_handshakes,
         handshake_timeout: initial.server.handshake_timeout,
     };
-    let incoming = listener::incoming(listener, limits, state.tls.clone(), state.closing.clone());
+    let incoming = listener::incoming(
+        listener,
+        limits,
+        state.tls.clone(),
+        state.closing.clone(),
+        Arc::clone(&state),
+    );
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
@@ -530,10 +558,14 @@ async fn follow_config(
             forget_agents_after: current.store.forget_agents_after,
             ..new.store.clone()
         } != current.store;
-        if new.tasks.mode != current.tasks.mode || new.admin != current.admin || store_changed {
+        if new.tasks.mode != current.tasks.mode
+            || new.admin != current.admin
+            || new.metrics != current.metrics
+            || store_changed
+        {
             tracing::warn!(
-                "changes to tasks.mode, [admin] and [store] (but forget_agents_after) take \
-                 effect after a restart"
+                "changes to tasks.mode, [admin], [metrics] and [store] (but forget_agents_after) \
+                 take effect after a restart"
             );
         }
         reload_credentials(&state, &current, &new);
