@@ -25,6 +25,8 @@
 #   /usr/lib/sysusers.d/contactd.conf             packaging/sysusers.d/
 #   /usr/lib/tmpfiles.d/contactd.conf             packaging/tmpfiles.d/
 #   /usr/share/doc/contactd/                      copyright, changelog.Debian.gz, README.md
+#   /usr/share/contactd/monitoring/               packaging/monitoring/: Grafana dashboard,
+#                                                 Prometheus alert rules and their tests
 #   /usr/share/lintian/overrides/contactd         packaging/debian/lintian-overrides
 #   DEBIAN/control                                packaging/debian/control, filled in
 #   DEBIAN/{conffiles,postinst,prerm,postrm}      packaging/debian/
@@ -86,7 +88,7 @@ root=$stage/root
 # --- files -----------------------------------------------------------------------
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc" "$root/usr/lib/systemd/system" \
     "$root/usr/lib/sysusers.d" "$root/usr/lib/tmpfiles.d" "$root/usr/share/doc/contactd" \
-    "$root/usr/share/lintian/overrides"
+    "$root/usr/share/lintian/overrides" "$root/usr/share/contactd/monitoring"
 # As dh_strip does for executables.
 strip --remove-section=.comment --remove-section=.note -o "$root/usr/bin/contactd" "$binary"
 chmod 0755 "$root/usr/bin/contactd"
@@ -98,6 +100,8 @@ install -m 0644 packaging/sysusers.d/contactd.conf "$root/usr/lib/sysusers.d/"
 install -m 0644 packaging/tmpfiles.d/contactd.conf "$root/usr/lib/tmpfiles.d/"
 install -m 0644 packaging/debian/copyright README.md "$root/usr/share/doc/contactd/"
 install -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/contactd"
+install -m 0644 packaging/monitoring/contactd-dashboard.json packaging/monitoring/contactd-alerts.yml \
+    packaging/monitoring/contactd-alerts.test.yml "$root/usr/share/contactd/monitoring/"
 
 # The Debian changelog; a version other than its latest entry's (an upgrade
 # test, a local rebuild) gets an entry of its own on top.
