@@ -917,6 +917,15 @@ impl Config {
                 }
             ));
         }
+        if let Some(listen) = self.metrics.listen
+            && !listen.ip().is_loopback()
+        {
+            warnings.push(format!(
+                "metrics.listen = {listen} is beyond loopback: the metrics have no \
+                 authentication, so anyone who can reach the port reads them; keep it on a \
+                 management network"
+            ));
+        }
         warnings
     }
 }

@@ -230,3 +230,36 @@ pub(crate) fn labelled_gauge(
 pub fn duration_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 9)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::from_accept(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Prometheus);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Prometheus);
+        assert_eq!(Format::from_accept(None), Format::Prometheus);
+    }
+
+    #[test]
+    fn both_formats_encode_the_process_series() {
+        let mut registry = registry("contactd", None);
+        Reloads::default().register(&mut registry);
+        let text = render(&registry, Format::Prometheus).unwrap();
+        assert!(
+            text.contains("# TYPE contactd_config_reloads_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("contactd_config_reloads_total{result=\"failed\"} 0\n"),
+            "{text}"
+        );
+        let open = render(&registry, Format::OpenMetrics).unwrap();
+        assert!(open.contains("# TYPE contactd_build info\n"), "{open}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+    }
+}

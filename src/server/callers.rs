@@ -586,6 +586,42 @@ mod tests {
     }
 
     #[test]
+    fn totals_keep_what_evicted_and_forgotten_callers_counted() {
+        let callers = Callers::new(1, 8);
+        let a = callers.enter("a", true, None);
+        a.delivered.fetch_add(3, Ordering::Relaxed);
+        a.acked.fetch_add(2, Ordering::Relaxed);
+        drop(a);
+        // b takes a's place: a's counts stay in the totals.
+        let b = callers.enter("b", true, None);
+        b.delivered.fetch_add(1, Ordering::Relaxed);
+        let totals = callers.totals();
+        assert_eq!((totals.counts.delivered, totals.counts.acked), (4, 2));
+        assert_eq!((totals.connected_named, totals.connections), (1, [2, 0]));
+        drop(b);
+        assert_eq!(callers.forget_before(i64::MAX), 1);
+        let totals = callers.totals();
+        assert_eq!((totals.counts.delivered, totals.connected_named), (4, 0));
+    }
+
+    #[test]
+    fn restored_counts_are_not_this_process_work() {
+        let callers = Callers::new(4, 8);
+        callers.restore(vec![SavedAgent {
+            name: Arc::from("a"),
+            first_ms: 0,
+            last_ms: 0,
+            delivered: 100,
+            acked: 90,
+            failed: 10,
+        }]);
+        assert_eq!(callers.totals().counts, Counts::default());
+        let a = callers.enter("a", true, None);
+        a.acked.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(callers.totals().counts.acked, 1);
+    }
+
+    #[test]
     fn status_is_truncated_on_a_char_boundary() {
         let callers = Callers::new(10, 5);
         let a = callers.enter("a", true, None);

@@ -250,9 +250,13 @@ pub async fn run_with_metrics(
         tracker.spawn(queue.reap(shutdown.clone()));
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
+    // Served through the drain (contactd_serving says 0 then), stopped
+    // only before the last wait.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
     if let Some(endpoint) = endpoint {
         let collector = metrics::ServerCollector::new(&state);
-        tracker.spawn(endpoint.serve(&initial.metrics, collector, shutdown.clone()));
+        tracker.spawn(endpoint.serve(&initial.metrics, collector, metrics_stop.clone()));
     }
     tracker.spawn(restart_on_panic("the task generator", {
         let (hub, store, config, shutdown) = (
@@ -338,6 +342,7 @@ pub async fn run_with_metrics(
             }
         }
     };
+    metrics_stop.cancel();
     tracker.wait().await;
     admin::remove_socket(admin.as_ref());
     // After every stream ended: the last acks and cursors are committed.
