@@ -463,7 +463,9 @@ async fn serve_until_signalled(
 
 /// Binds the metrics listener `config` names, if any, before the daemon
 /// says it is ready (a port that cannot be had stops the start), with the
-/// process' series registered under `prefix`.
+/// process' series registered under `prefix`. Its address is logged by
+/// who serves it, after the daemon's main `serving … addr=` line (tools
+/// such as examples/bench take the first `addr=` they see).
 ///
 /// # Errors
 /// [`AppError::Bind`].
@@ -476,13 +478,8 @@ pub(crate) fn metrics_endpoint(
     let Some(addr) = config.listen else {
         return Ok(None);
     };
-    let bind = |addr| -> std::io::Result<_> {
-        let listener = crate::metrics::http::bind(addr)?;
-        let local = listener.local_addr()?;
-        Ok((listener, local))
-    };
-    let (listener, local) = bind(addr).map_err(|source| AppError::Bind { addr, source })?;
-    tracing::info!(addr = %local, "serving metrics at /metrics");
+    let listener =
+        crate::metrics::http::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
     let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
     reloads.register(&mut registry);
     Ok(Some(crate::metrics::Endpoint { listener, registry }))

@@ -110,6 +110,10 @@ impl Endpoint {
         stop: tokio_util::sync::CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.registry.register_collector(Box::new(collector));
+        match self.listener.local_addr() {
+            Ok(addr) => tracing::info!(%addr, "metrics endpoint listening: GET /metrics"),
+            Err(e) => tracing::warn!("metrics endpoint: cannot read its address: {e}"),
+        }
         let limits = http::Limits::from(config);
         http::serve(self.listener, limits, Arc::new(self.registry), stop)
     }

@@ -250,14 +250,6 @@ pub async fn run_with_metrics(
         tracker.spawn(queue.reap(shutdown.clone()));
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
-    // Served through the drain (contactd_serving says 0 then), stopped
-    // only before the last wait.
-    let metrics_stop = CancellationToken::new();
-    let _metrics_stop = metrics_stop.clone().drop_guard();
-    if let Some(endpoint) = endpoint {
-        let collector = metrics::ServerCollector::new(&state);
-        tracker.spawn(endpoint.serve(&initial.metrics, collector, metrics_stop.clone()));
-    }
     tracker.spawn(restart_on_panic("the task generator", {
         let (hub, store, config, shutdown) = (
             Arc::clone(&state.hub),
@@ -305,6 +297,15 @@ pub async fn run_with_metrics(
         identities = initial.has_identities(),
         "serving Contact, health and reflection"
     );
+    // After the line above (its addr= is the one tools look for). Served
+    // through the drain (contactd_serving says 0 then), stopped only
+    // before the last wait.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(endpoint) = endpoint {
+        let collector = metrics::ServerCollector::new(&state);
+        tracker.spawn(endpoint.serve(&initial.metrics, collector, metrics_stop.clone()));
+    }
 
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::Serve),

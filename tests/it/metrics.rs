@@ -518,10 +518,23 @@ async fn the_agent_counts_its_session_and_tasks() {
 
 #[test]
 fn the_daemon_logs_its_metrics_address_and_counts_reloads() {
-    let mut daemon = Daemon::start("[tasks]\nbatch = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let line = daemon.wait_for_line("serving metrics");
+    // Both listeners on free ports (a config naming a `listen` gets no
+    // [server] listen added by Daemon).
+    let mut daemon = Daemon::start(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[tasks]\nbatch = 0\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let line = daemon.wait_for_line("metrics endpoint listening");
     let addr: SocketAddr = field(&line, "addr").parse().unwrap();
     assert_ne!(addr.port(), 0, "the bound port is logged");
+    assert_ne!(addr, daemon.addr);
+    // Tools that take the first `addr=` line (examples/bench) find Contact's.
+    let position = |needle: &str| daemon.log.iter().position(|l| l.contains(needle));
+    assert!(
+        position("serving Contact") < position("metrics endpoint listening"),
+        "{:#?}",
+        daemon.log
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
