@@ -29,6 +29,8 @@ pub(super) struct Counters {
     pub(super) last_connected_ms: AtomicU64,
     /// Tasks delivered again and acked from memory, not run.
     pub(super) reacked: AtomicU64,
+    /// Acks dropped unsent, the oldest first, with the outbox full.
+    pub(super) acks_dropped: AtomicU64,
     /// How long handlers ran.
     pub(super) handler_seconds: Histogram,
 }
@@ -41,6 +43,7 @@ impl Default for Counters {
             failures: AtomicU64::new(0),
             last_connected_ms: AtomicU64::new(0),
             reacked: AtomicU64::new(0),
+            acks_dropped: AtomicU64::new(0),
             handler_seconds: Histogram::new(crate::metrics::duration_buckets()),
         }
     }
@@ -125,6 +128,12 @@ impl Collector for AgentCollector {
             "acks_unsent",
             "Acks waiting for a session to be sent",
             shared.outbox.len() as u64,
+        )?;
+        counter(
+            &mut e,
+            "acks_dropped",
+            "Acks dropped unsent because too many waited for a session (the server delivers their tasks again)",
+            c.acks_dropped.load(Relaxed),
         )?;
         Ok(())
     }

@@ -302,6 +302,7 @@ impl Shared {
 
     fn push_ack(&self, ack: crate::proto::contact::Result) {
         if let Some(dropped) = self.outbox.push(ack) {
+            self.counters.acks_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 task_id = dropped.task_id,
                 "too many unsent acks: dropped the oldest (the server will deliver its task again)"

@@ -518,6 +518,7 @@ async fn the_agent_counts_its_session_and_tasks() {
         Some(TASKS as f64)
     );
     assert_eq!(value(&text, "contactd_agent_tasks_queued"), Some(0.0));
+    assert_eq!(value(&text, "contactd_agent_acks_dropped_total"), Some(0.0));
     assert!(text.contains("contactd_agent_build_info{"), "{text}");
     save("agent.prom", &text);
 
