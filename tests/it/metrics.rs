@@ -563,11 +563,31 @@ fn the_daemon_logs_its_metrics_address_and_counts_reloads() {
     );
     assert!(value(&text, "contactd_start_time_seconds").unwrap() > 1.0e9);
     assert_eq!(value(&text, "contactd_log_lines_dropped_total"), Some(0.0));
+    // A changed [metrics] is applied at the next start, and says so.
+    let path = daemon.config_path();
+    let config = std::fs::read_to_string(&path).unwrap();
+    let changed = config.replace("[metrics]\n", "[metrics]\nmax_connections = 4\n");
+    std::fs::write(&path, &changed).unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let warning = daemon.wait_for_line("take effect after a restart");
+    assert!(warning.contains("[metrics]"), "{warning}");
     daemon.wait_for_line("config reloaded");
     runtime.block_on(scrape_until(
         addr,
         "contactd_config_reloads_total{result=\"applied\"}",
+        1.0,
+    ));
+    // An invalid file is counted as a failed reload.
+    std::fs::write(
+        &path,
+        changed.replace("max_connections = 4", "max_connections = 0"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_line("config reload failed");
+    runtime.block_on(scrape_until(
+        addr,
+        "contactd_config_reloads_total{result=\"failed\"}",
         1.0,
     ));
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
