@@ -53,12 +53,6 @@ impl Default for Counters {
 #[derive(Debug)]
 pub(super) struct AgentCollector(pub(super) Weak<Shared>);
 
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
-    }
-}
-
 impl AgentCollector {
     pub(super) fn new(shared: &Arc<Shared>) -> AgentCollector {
         AgentCollector(Arc::downgrade(shared))

@@ -230,6 +230,14 @@ struct Shared {
     finished: CancellationToken,
 }
 
+/// For the metrics collector, which holds a `Weak<Shared>` (collectors
+/// must be `Debug`).
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
 impl Shared {
     fn config(&self) -> Arc<AgentConfig> {
         Arc::clone(&self.config.borrow())

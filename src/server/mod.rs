@@ -188,7 +188,7 @@ pub async fn run_with(
     run_with_metrics(listener, None, config, shutdown, opened).await
 }
 
-/// [`run_with`], serving `GET /metrics` on `metrics` too.
+/// [`run_with`], serving `GET /metrics` on `endpoint` too (if given).
 ///
 /// # Errors
 /// [`ServerError`] when serving cannot start or fails.
