@@ -28,6 +28,8 @@
 #   /usr/share/man/man1/contactd*.1.gz            `contactd man`: a page per command
 #   /usr/share/bash-completion/completions/contactd, /usr/share/zsh/vendor-completions/_contactd,
 #   /usr/share/fish/vendor_completions.d/contactd.fish   `contactd completions SHELL`
+#   /usr/share/contactd/monitoring/               packaging/monitoring/: Grafana dashboard,
+#                                                 Prometheus alert rules and their tests
 #   /usr/share/lintian/overrides/contactd         packaging/debian/lintian-overrides
 #   DEBIAN/control                                packaging/debian/control, filled in
 #   DEBIAN/{conffiles,postinst,prerm,postrm}      packaging/debian/
@@ -89,7 +91,7 @@ root=$stage/root
 # --- files -----------------------------------------------------------------------
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/etc" "$root/usr/lib/systemd/system" \
     "$root/usr/lib/sysusers.d" "$root/usr/lib/tmpfiles.d" "$root/usr/share/doc/contactd" \
-    "$root/usr/share/lintian/overrides"
+    "$root/usr/share/lintian/overrides" "$root/usr/share/contactd/monitoring"
 # As dh_strip does for executables.
 strip --remove-section=.comment --remove-section=.note -o "$root/usr/bin/contactd" "$binary"
 chmod 0755 "$root/usr/bin/contactd"
@@ -101,6 +103,8 @@ install -m 0644 packaging/sysusers.d/contactd.conf "$root/usr/lib/sysusers.d/"
 install -m 0644 packaging/tmpfiles.d/contactd.conf "$root/usr/lib/tmpfiles.d/"
 install -m 0644 packaging/debian/copyright README.md "$root/usr/share/doc/contactd/"
 install -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/contactd"
+install -m 0644 packaging/monitoring/contactd-dashboard.json packaging/monitoring/contactd-alerts.yml \
+    packaging/monitoring/contactd-alerts.test.yml "$root/usr/share/contactd/monitoring/"
 
 # Man pages and shell completions, written by the binary being packaged from
 # its own command line definitions: they cannot drift from its --help, and

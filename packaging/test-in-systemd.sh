@@ -270,6 +270,22 @@ print(max(seqs, default=-1))
         fail "contactd health in plaintext answered: the packaged server does not use TLS"
     fi
     ok "a plaintext probe is refused (the packaged server speaks TLS only)"
+    # The packaged config serves metrics on loopback (README "Monitoring");
+    # the container has bash's /dev/tcp, not curl.
+    scrape() {
+        c bash -c 'exec 3<>/dev/tcp/127.0.0.1/9466 &&
+            printf "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" >&3 && cat <&3'
+    }
+    metrics=$(scrape) || fail "nothing answers GET /metrics on 127.0.0.1:9466"
+    printf '%s\n' "$metrics" | grep -F 'HTTP/1.1 200 OK' >/dev/null ||
+        fail "GET /metrics on 127.0.0.1:9466: $(printf '%s\n' "$metrics" | head -n 1)"
+    printf '%s\n' "$metrics" | grep -E '^contactd_serving 1$' >/dev/null ||
+        fail "GET /metrics does not say contactd_serving 1"
+    ok "GET /metrics on 127.0.0.1:9466: $(printf '%s\n' "$metrics" | grep -c '^contactd_') samples, contactd_serving 1"
+    for file in contactd-dashboard.json contactd-alerts.yml contactd-alerts.test.yml; do
+        c test -s "/usr/share/contactd/monitoring/$file" || fail "/usr/share/contactd/monitoring/$file is not installed"
+    done
+    ok "dashboard and alert rules in /usr/share/contactd/monitoring/"
     expect "NRestarts after install" 0 "$(prop contactd NRestarts)"
     say "install checks took $(since "$step")s"
 

@@ -458,12 +458,15 @@ async fn serve_until_signalled(
     let local = listener
         .local_addr()
         .map_err(|source| AppError::Bind { addr, source })?;
+    let reloads = crate::metrics::Reloads::default();
+    let metrics = metrics_endpoint(&config.metrics, "contactd", &logging, &reloads)?;
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
     let (started_tx, started) = tokio::sync::oneshot::channel();
-    let mut server = tokio::spawn(server::run_with(
+    let mut server = tokio::spawn(server::run_with_metrics(
         listener,
+        metrics,
         config_rx,
         shutdown.clone(),
         store,
@@ -487,7 +490,7 @@ async fn serve_until_signalled(
         async move { logging.report_dropped(DROPPED_LOG_REPORT, stop).await }
     });
     let stopped = shutdown::supervise(&mut server, &mut signals, &shutdown, &ready, || {
-        reload(&source, &config_tx, &logging);
+        reload(&source, &config_tx, &logging, &reloads);
     });
     match stopped.await? {
         shutdown::Ended::Done(result) => Ok(result?),
@@ -495,15 +498,46 @@ async fn serve_until_signalled(
     }
 }
 
+/// Binds the metrics listener `config` names, if any, before the daemon
+/// says it is ready (a port that cannot be had stops the start), with the
+/// process' series registered under `prefix`. Its address is logged by
+/// who serves it, after the daemon's main `serving … addr=` line (tools
+/// such as examples/bench take the first `addr=` they see).
+///
+/// # Errors
+/// [`AppError::Bind`].
+pub(crate) fn metrics_endpoint(
+    config: &crate::config::MetricsConfig,
+    prefix: &str,
+    logging: &Arc<Logging>,
+    reloads: &crate::metrics::Reloads,
+) -> Result<Option<crate::metrics::Endpoint>, AppError> {
+    let Some(addr) = config.listen else {
+        return Ok(None);
+    };
+    let listener =
+        crate::metrics::http::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+    let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
+    reloads.register(&mut registry);
+    Ok(Some(crate::metrics::Endpoint { listener, registry }))
+}
+
 /// Re-reads the config and applies it: the log settings here, the rest by
 /// the server as `config_tx` changes (`server::follow_config`; the task
 /// generator reschedules itself). What changed, and what of it waits for a
 /// restart, is [`Changes`]'s to say, logged here once. An invalid file
 /// leaves the current config in force.
-fn reload(source: &Source, config_tx: &watch::Sender<Arc<Config>>, logging: &Logging) {
+fn reload(
+    source: &Source,
+    config_tx: &watch::Sender<Arc<Config>>,
+    logging: &Logging,
+    reloads: &crate::metrics::Reloads,
+) {
     let Some(new) = source.reload::<Config>() else {
+        reloads.failed.inc();
         return;
     };
+    reloads.applied.inc();
     let changes = Changes::server(&config_tx.borrow(), &new);
     if let Err(e) = logging.apply(&new.log) {
         tracing::error!("config reload: {e}; keeping the current log settings");

@@ -6,6 +6,7 @@
 //! - [`cli`]: the command line (clap), no logic.
 //! - [`config`]: typed config, loading with every problem at once, defaults.
 //! - [`logging`]: the tracing subscriber, rotating log files, reload handle.
+//! - [`metrics`]: Prometheus metrics and the small HTTP server of `/metrics`.
 //! - [`shutdown`]: signals turned into shutdown and reload events.
 //! - [`proto`]: generated gRPC code and the reflection descriptors.
 //! - [`auth`]: tokens on Contact calls: a shared secret, or named tokens
@@ -37,6 +38,7 @@ pub mod config;
 pub mod ctl;
 pub mod logging;
 pub mod manual;
+pub mod metrics;
 pub mod probe;
 pub mod proto;
 pub mod remote_cmd;

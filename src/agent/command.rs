@@ -56,13 +56,21 @@ async fn run_until_signalled(
     config: AgentFile,
     logging: Arc<Logging>,
 ) -> Result<(), AppError> {
+    let reloads = crate::metrics::Reloads::default();
+    let metrics =
+        app::metrics_endpoint(&config.agent.metrics, "contactd_agent", &logging, &reloads)?;
     let mut signals = Signals::install().map_err(AppError::Signals)?;
     // The log settings in force, for the next reload to compare with (the
     // agent's own settings are in `config_tx`).
     let mut log = config.log.clone();
     let (config_tx, config_rx) = watch::channel(Arc::new(config.agent));
     let shutdown = CancellationToken::new();
-    let mut agent = tokio::spawn(super::run_with(config_rx, shutdown.clone(), None));
+    let mut agent = tokio::spawn(super::run_with_metrics(
+        config_rx,
+        shutdown.clone(),
+        None,
+        metrics,
+    ));
     systemd::ready("starting");
     let stop_watchdog = CancellationToken::new();
     let _stop_watchdog = stop_watchdog.clone().drop_guard();
@@ -75,7 +83,7 @@ async fn run_until_signalled(
         &shutdown,
         "config reloaded",
         || {
-            reload(&source, &config_tx, &mut log, &logging);
+            reload(&source, &config_tx, &mut log, &logging, &reloads);
         },
     );
     match stopped.await? {
@@ -94,10 +102,13 @@ fn reload(
     config_tx: &watch::Sender<Arc<AgentConfig>>,
     log: &mut LogConfig,
     logging: &Logging,
+    reloads: &crate::metrics::Reloads,
 ) {
     let Some(new) = source.reload::<AgentFile>() else {
+        reloads.failed.inc();
         return;
     };
+    reloads.applied.inc();
     let old = AgentFile {
         agent: AgentConfig::clone(&config_tx.borrow()),
         log: log.clone(),

@@ -84,8 +84,13 @@ async fn run_job(
     slot: OwnedSemaphorePermit,
     kill: CancellationToken,
 ) {
+    let started = std::time::Instant::now();
     let ack = handler.handle(&job.task, &kill).await;
     drop(slot);
+    shared
+        .counters
+        .handler_seconds
+        .observe(started.elapsed().as_secs_f64());
     let outcome = ack.outcome();
     let counter = if outcome == Outcome::Ok {
         &shared.succeeded

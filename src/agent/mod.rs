@@ -22,12 +22,16 @@ pub mod command;
 mod dispatch;
 mod handler;
 mod memory;
+mod metrics;
 mod reconnect;
 mod session;
 mod status;
 
 use std::{
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -111,6 +115,19 @@ pub async fn run_with(
     shutdown: CancellationToken,
     events: Option<broadcast::Sender<AgentEvent>>,
 ) -> Result<(), AgentError> {
+    run_with_metrics(config, shutdown, events, None).await
+}
+
+/// [`run_with`], serving `GET /metrics` on `endpoint` too.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    config: watch::Receiver<Arc<AgentConfig>>,
+    shutdown: CancellationToken,
+    events: Option<broadcast::Sender<AgentEvent>>,
+    endpoint: Option<crate::metrics::Endpoint>,
+) -> Result<(), AgentError> {
     let initial = Arc::clone(&config.borrow());
     if initial.servers.is_empty() {
         return Err(AgentError::NoServers);
@@ -122,6 +139,7 @@ pub async fn run_with(
         config,
         succeeded: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        counters: metrics::Counters::default(),
         events,
         queue: queue_tx,
         draining: CancellationToken::new(),
@@ -129,6 +147,13 @@ pub async fn run_with(
     });
     let tracker = TaskTracker::new();
     let kill = CancellationToken::new();
+    // Stopped with the agent (the server's is stopped by its shutdown).
+    let stop_metrics = CancellationToken::new();
+    let _stop_metrics = stop_metrics.clone().drop_guard();
+    if let Some(endpoint) = endpoint {
+        let collector = metrics::AgentCollector::new(&shared);
+        tokio::spawn(endpoint.serve(&initial.metrics, collector, stop_metrics));
+    }
     // If this future is dropped, stop the dispatcher and kill the handlers.
     let _stop = (
         shared.draining.clone().drop_guard(),
@@ -193,6 +218,8 @@ struct Shared {
     /// Tasks handled with an OK / a FAILED outcome, for the status line.
     succeeded: AtomicU64,
     failed: AtomicU64,
+    /// What only the metrics read.
+    counters: metrics::Counters,
     events: Option<broadcast::Sender<AgentEvent>>,
     /// Received tasks on their way to a handler.
     queue: mpsc::Sender<dispatch::Job>,
@@ -203,12 +230,39 @@ struct Shared {
     finished: CancellationToken,
 }
 
+/// For the metrics collector, which holds a `Weak<Shared>` (collectors
+/// must be `Debug`).
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
 impl Shared {
     fn config(&self) -> Arc<AgentConfig> {
         Arc::clone(&self.config.borrow())
     }
 
     fn emit(&self, kind: EventKind) {
+        let c = &self.counters;
+        match &kind {
+            EventKind::Connected { .. } => {
+                c.connected.store(true, Ordering::Relaxed);
+                c.connections.fetch_add(1, Ordering::Relaxed);
+                let now = crate::store::now_ms();
+                c.last_connected_ms
+                    .store(u64::try_from(now).unwrap_or(0), Ordering::Relaxed);
+            }
+            EventKind::Failed { .. } => {
+                c.connected.store(false, Ordering::Relaxed);
+                c.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            EventKind::Reacked { .. } => {
+                c.reacked.fetch_add(1, Ordering::Relaxed);
+            }
+            EventKind::Stopped => c.connected.store(false, Ordering::Relaxed),
+            _ => {}
+        }
         if let Some(events) = &self.events {
             // Nobody listening is fine.
             let _ = events.send(AgentEvent {
@@ -256,6 +310,7 @@ impl Shared {
 
     fn push_ack(&self, ack: crate::proto::contact::Result) {
         if let Some(dropped) = self.outbox.push(ack) {
+            self.counters.acks_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 task_id = dropped.task_id,
                 "too many unsent acks: dropped the oldest (the server will deliver its task again)"

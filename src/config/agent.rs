@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// TLS to `https://` servers; files are read at every connection.
     pub tls: AgentTlsConfig,
+    /// `[agent.metrics]`: the agent's Prometheus endpoint (off by default).
+    pub metrics: super::MetricsConfig,
 }
 
 /// `[agent.tls]`: what the agent trusts and presents on `https://` servers.
@@ -124,6 +126,7 @@ impl Default for AgentConfig {
             token_file: None,
             backoff: BackoffConfig::default(),
             tls: AgentTlsConfig::default(),
+            metrics: super::MetricsConfig::default(),
         }
     }
 }
@@ -286,6 +289,7 @@ fn agent_ranges(a: &AgentConfig) -> Vec<(String, String)> {
             humantime::format_duration(b.initial)
         ),
     );
+    a.metrics.check("agent.metrics", &mut c);
     c.check(
         b.multiplier.is_finite() && MULTIPLIER.contains(&b.multiplier),
         "agent.backoff.multiplier",

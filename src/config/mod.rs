@@ -7,6 +7,7 @@
 
 pub mod agent;
 mod load;
+pub mod metrics;
 pub mod peek;
 pub mod reload;
 pub mod units;
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
+pub use metrics::MetricsConfig;
 
 use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};
 
@@ -37,6 +39,7 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub remote_cmd: RemoteCmdConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
 }
@@ -904,6 +907,7 @@ impl ConfigFile for Config {
                 );
             }
         }
+        self.metrics.check("metrics", &mut c);
         c.log(&self.log);
         c.0
     }
@@ -950,6 +954,15 @@ impl Config {
                  the URL in store.url_file (mode 0600) instead"
                     .to_owned(),
             );
+        }
+        if let Some(listen) = self.metrics.listen
+            && !listen.ip().is_loopback()
+        {
+            warnings.push(format!(
+                "metrics.listen = {listen} is beyond loopback: the metrics have no \
+                 authentication, so anyone who can reach the port reads them; keep it on a \
+                 management network"
+            ));
         }
         warnings
     }

@@ -31,9 +31,11 @@ type Rules = &'static [(&'static str, Takes)];
 /// The server's keys that do not apply at once, with [`LOG_RULES`]. (A
 /// listener of its own, such as `[metrics]`, adds its keys here.)
 pub const SERVER_RULES: Rules = &[
-    // The listener and its connections' HTTP/2 settings.
     // The name a server is known by in a shared store (taken at start).
     ("server.name", Takes::Restart),
+    // Its own listener, bound at start.
+    ("metrics", Takes::Restart),
+    // The listener and its connections' HTTP/2 settings.
     ("server.listen", Takes::Restart),
     ("server.backlog", Takes::Restart),
     ("server.max_connections", Takes::Restart),
@@ -65,6 +67,8 @@ pub const SERVER_RULES: Rules = &[
 
 /// The agent's keys that do not apply at once, with [`LOG_RULES`].
 pub const AGENT_RULES: Rules = &[
+    // Its own listener, bound at start.
+    ("agent.metrics", Takes::Restart),
     // Read when a session connects (agent::session).
     ("agent.servers", Takes::Reconnect),
     ("agent.name", Takes::Reconnect),

@@ -54,6 +54,24 @@ pub mod socket_addr {
     }
 }
 
+/// An optional [`socket_addr`]: absent means off.
+pub mod optional_socket_addr {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        super::socket_addr::deserialize(d).map(Some)
+    }
+}
+
 /// A byte size as `"64KiB"`, `"10MiB"` or a plain number of bytes.
 pub mod size {
     use super::*;

@@ -23,6 +23,8 @@ use super::reaper;
 pub struct CmdOutput {
     /// True only when the command ran and exited with status 0.
     pub success: bool,
+    /// Killed because it ran past its timeout (for the metrics' outcome).
+    pub timed_out: bool,
     /// Combined stdout and stderr (at most the configured bound), followed by
     /// a `[contactd: ...]` line when the command failed, was killed or its
     /// output was cut.
@@ -103,6 +105,7 @@ pub(crate) async fn execute_with(
         Err(e) => {
             return CmdOutput {
                 success: false,
+                timed_out: false,
                 output: format!("[contactd: cannot start {:?}: {e}]", argv[0]),
             };
         }
@@ -138,6 +141,7 @@ pub(crate) async fn execute_with(
         end
     };
     group.finish().await;
+    let timed_out = matches!(end, End::TimedOut);
     let (success, note) = match end {
         End::Exited(Ok(status)) if status.success() => (true, None),
         End::Exited(Ok(status)) => (false, Some(describe(status))),
@@ -153,6 +157,7 @@ pub(crate) async fn execute_with(
     };
     CmdOutput {
         success,
+        timed_out,
         output: capture.finish(note),
     }
 }
@@ -345,6 +350,7 @@ mod tests {
             ok,
             CmdOutput {
                 success: true,
+                timed_out: false,
                 output: "hello\n".into()
             }
         );

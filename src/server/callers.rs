@@ -86,6 +86,9 @@ pub struct Caller {
     /// Its refused calls that may reach the log (see
     /// [`Callers::admit_refusal`]).
     refusals: Budget,
+    /// `delivered`, `acked` and `failed` as the store gave them at start:
+    /// the metrics count from there (this process' work only).
+    base: [u64; 3],
 }
 
 impl Caller {
@@ -182,6 +185,45 @@ pub struct Callers {
     /// Told when a named agent connects or its last call ends (several
     /// servers sharing one store: the fleet view).
     presence: std::sync::OnceLock<Presence>,
+    /// Times a caller went from no open call to one: named, anonymous.
+    connections: [AtomicU64; 2],
+    /// The counts of entries no longer in the map (evicted, forgotten),
+    /// changed and read under the map's lock, so that the totals the
+    /// metrics read never go down.
+    retired: Mutex<Counts>,
+}
+
+/// Per-task counts of one caller, or of many added up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub delivered: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub missed: u64,
+    pub refused_acks: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.failed += other.failed;
+        self.missed += other.missed;
+        self.refused_acks += other.refused_acks;
+    }
+}
+
+/// What the metrics read of the registry at a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Counts since the start, of every caller remembered now or before
+    /// (a caller served but never remembered, with the registry full of
+    /// connected ones, is not counted).
+    pub counts: Counts,
+    pub connected_named: u64,
+    pub connected_anonymous: u64,
+    /// Connections so far (calls, for anonymous callers): named, anonymous.
+    pub connections: [u64; 2],
 }
 
 /// See [`Callers::set_presence`].
@@ -261,6 +303,8 @@ impl Callers {
             refusals: Budget::new(REFUSALS_OVERALL, REFUSAL_WINDOW),
             calls: TaskTracker::new(),
             presence: std::sync::OnceLock::new(),
+            connections: Default::default(),
+            retired: Mutex::new(Counts::default()),
         }
     }
 
@@ -289,7 +333,7 @@ impl Callers {
             Some(caller) => Arc::clone(caller),
             None => {
                 let caller = Arc::new(Caller::new(id, named, address, limits.max_status, tick));
-                if map.len() >= limits.max_callers && !evict_one(&mut map) {
+                if map.len() >= limits.max_callers && !self.evict_one(&mut map) {
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             max_callers = limits.max_callers,
@@ -311,6 +355,7 @@ impl Callers {
         };
         caller.last_active.store(tick, Ordering::Relaxed);
         if !was_open {
+            self.connections[usize::from(!named)].fetch_add(1, Ordering::Relaxed);
             *caller.connected_since.lock() = SystemTime::now();
             caller.last_seen_ms.store(now_ms(), Ordering::Relaxed);
             let address = shown_address(address);
@@ -365,6 +410,32 @@ impl Callers {
         self.calls.wait().await;
     }
 
+    /// Counts and connections of all callers, for the metrics: a pass
+    /// over the entries (the per-task counters are theirs; nothing is
+    /// counted twice on the hot path).
+    pub fn totals(&self) -> Totals {
+        let map = self.map.lock();
+        let mut totals = Totals {
+            counts: *self.retired.lock(),
+            connections: [
+                self.connections[0].load(Ordering::Relaxed),
+                self.connections[1].load(Ordering::Relaxed),
+            ],
+            ..Totals::default()
+        };
+        for caller in map.values() {
+            totals.counts += caller.counts();
+            if caller.connected() {
+                if caller.named {
+                    totals.connected_named += 1;
+                } else {
+                    totals.connected_anonymous += 1;
+                }
+            }
+        }
+        totals
+    }
+
     /// Every remembered caller.
     pub fn list(&self) -> Vec<Arc<Caller>> {
         self.map.lock().values().cloned().collect()
@@ -407,6 +478,19 @@ impl Caller {
             name_clashes: Budget::every(WARN_EVERY),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
+            base: [0; 3],
+        }
+    }
+
+    /// Its counts since this process started, for the metrics.
+    fn counts(&self) -> Counts {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        Counts {
+            delivered: load(&self.delivered).saturating_sub(self.base[0]),
+            acked: load(&self.acked).saturating_sub(self.base[1]),
+            failed: load(&self.failed).saturating_sub(self.base[2]),
+            missed: load(&self.missed),
+            refused_acks: load(&self.refused_acks),
         }
     }
 
@@ -443,6 +527,7 @@ impl Callers {
             *caller.delivered.get_mut() = saved.delivered;
             *caller.acked.get_mut() = saved.acked;
             *caller.failed.get_mut() = saved.failed;
+            caller.base = [saved.delivered, saved.acked, saved.failed];
             *caller.saved.get_mut() = Some(saved);
             map.insert(Arc::clone(&caller.id), Arc::new(caller));
         }
@@ -480,19 +565,32 @@ impl Callers {
     pub fn forget_before(&self, before_ms: i64) -> usize {
         let mut map = self.map.lock();
         let len = map.len();
-        map.retain(|_, c| c.connected() || c.last_seen_ms.load(Ordering::Relaxed) >= before_ms);
+        let mut retired = self.retired.lock();
+        map.retain(|_, c| {
+            let keep = c.connected() || c.last_seen_ms.load(Ordering::Relaxed) >= before_ms;
+            if !keep {
+                *retired += c.counts();
+            }
+            keep
+        });
         len - map.len()
     }
-}
 
-/// Removes the longest-idle disconnected entry; false if all are connected.
-fn evict_one(map: &mut HashMap<Arc<str>, Arc<Caller>>) -> bool {
-    let oldest = map
-        .values()
-        .filter(|c| !c.connected())
-        .min_by_key(|c| c.last_active.load(Ordering::Relaxed))
-        .map(|c| Arc::clone(&c.id));
-    oldest.is_some_and(|id| map.remove(&id).is_some())
+    /// Removes the longest-idle disconnected entry; false if all are connected.
+    fn evict_one(&self, map: &mut HashMap<Arc<str>, Arc<Caller>>) -> bool {
+        let oldest = map
+            .values()
+            .filter(|c| !c.connected())
+            .min_by_key(|c| c.last_active.load(Ordering::Relaxed))
+            .map(|c| Arc::clone(&c.id));
+        match oldest.and_then(|id| map.remove(&id)) {
+            Some(evicted) => {
+                *self.retired.lock() += evicted.counts();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -515,6 +613,42 @@ mod tests {
             "all connected: e is served, not remembered"
         );
         drop((a, d, e));
+    }
+
+    #[test]
+    fn totals_keep_what_evicted_and_forgotten_callers_counted() {
+        let callers = Callers::new(1, 8);
+        let a = callers.enter("a", true, None);
+        a.delivered.fetch_add(3, Ordering::Relaxed);
+        a.acked.fetch_add(2, Ordering::Relaxed);
+        drop(a);
+        // b takes a's place: a's counts stay in the totals.
+        let b = callers.enter("b", true, None);
+        b.delivered.fetch_add(1, Ordering::Relaxed);
+        let totals = callers.totals();
+        assert_eq!((totals.counts.delivered, totals.counts.acked), (4, 2));
+        assert_eq!((totals.connected_named, totals.connections), (1, [2, 0]));
+        drop(b);
+        assert_eq!(callers.forget_before(i64::MAX), 1);
+        let totals = callers.totals();
+        assert_eq!((totals.counts.delivered, totals.connected_named), (4, 0));
+    }
+
+    #[test]
+    fn restored_counts_are_not_this_process_work() {
+        let callers = Callers::new(4, 8);
+        callers.restore(vec![SavedAgent {
+            name: Arc::from("a"),
+            first_ms: 0,
+            last_ms: 0,
+            delivered: 100,
+            acked: 90,
+            failed: 10,
+        }]);
+        assert_eq!(callers.totals().counts, Counts::default());
+        let a = callers.enter("a", true, None);
+        a.acked.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(callers.totals().counts.acked, 1);
     }
 
     #[test]

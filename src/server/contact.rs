@@ -24,6 +24,7 @@ use super::{
     delivery::{self, Feed},
     gate::Principal,
     listener::ConnInfo,
+    metrics::CmdOutcome,
     shutting_down,
 };
 use crate::{
@@ -188,6 +189,9 @@ impl Contact for ContactService {
             let runner = self.state.runner();
             let started = std::time::Instant::now();
             let outcome = runner.run(&request.cmd_str, &self.state.kill).await;
+            self.state
+                .counters
+                .command(cmd_outcome(&outcome), started.elapsed());
             match &outcome {
                 Ok(out) => tracing::info!(
                     cmd = %shown(&request.cmd_str),
@@ -219,6 +223,19 @@ impl Contact for ContactService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// How a remote command ended, for the metrics.
+fn cmd_outcome(outcome: &Result<crate::remote_cmd::CmdOutput, Refusal>) -> CmdOutcome {
+    match outcome {
+        Ok(out) if out.success => CmdOutcome::Ok,
+        Ok(out) if out.timed_out => CmdOutcome::Timeout,
+        Ok(_) => CmdOutcome::Failed,
+        Err(Refusal::Busy { .. }) => CmdOutcome::Exhausted,
+        Err(Refusal::Disabled | Refusal::NotAllowed(_) | Refusal::BadCommand(_)) => {
+            CmdOutcome::Denied
+        }
     }
 }
 

@@ -67,14 +67,19 @@ impl Who {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
-    SendStatus,
-    GetTask,
-    TellResult,
-    RemoteCmd,
-    Other,
+    SendStatus = 0,
+    GetTask = 1,
+    TellResult = 2,
+    RemoteCmd = 3,
+    Other = 4,
 }
 
 impl Method {
+    /// Its index in the metrics' `method` label ([`super::metrics::METHODS`]).
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn of(path: &str) -> Method {
         match path {
             "/Contact/sendStatus" => Method::SendStatus,
@@ -157,7 +162,10 @@ impl Service<http::Request<Body>> for Gate {
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let principal = match authorize(&self.state, request.headers(), conn.as_ref(), method) {
             Ok(principal) => principal,
-            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                self.state.counters.call_refused(status.code());
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
         };
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(principal);
@@ -166,7 +174,7 @@ impl Service<http::Request<Body>> for Gate {
             None => body,
         };
         let request = http::Request::from_parts(parts, body);
-        match method {
+        let call = match method {
             Method::SendStatus => self.servers[0].call(request),
             Method::TellResult => self.servers[1].call(request),
             // A unary call's request is decoded before the handler runs, so
@@ -180,7 +188,103 @@ impl Service<http::Request<Body>> for Gate {
                 })
             }
             Method::GetTask | Method::Other => self.servers[3].call(request),
+        };
+        let (state, started) = (Arc::clone(&self.state), std::time::Instant::now());
+        Box::pin(async move {
+            let response = call.await?;
+            Ok(counted(response, state, method, started))
+        })
+    }
+}
+
+/// Counts a Contact call by its status code: an error before any message
+/// (trailers-only) at once; a unary call's outcome from its trailers, with
+/// its duration. A stream is counted as it opens (code OK) rather than by
+/// its end: its messages pass through no counting wrapper, which would
+/// cost fan-out a poll per message.
+fn counted(
+    response: http::Response<Body>,
+    state: Arc<State>,
+    method: Method,
+    started: std::time::Instant,
+) -> http::Response<Body> {
+    let unary = method == Method::RemoteCmd;
+    if let Some(code) = response.headers().get("grpc-status") {
+        let took = unary.then(|| started.elapsed());
+        let code = tonic::Code::from_bytes(code.as_bytes());
+        state.counters.call_ended(method.index(), code, took);
+        return response;
+    }
+    if !unary {
+        state
+            .counters
+            .call_ended(method.index(), tonic::Code::Ok, None);
+        return response;
+    }
+    response.map(|inner| {
+        Body::new(CountedBody {
+            inner,
+            state: Some(state),
+            method,
+            started,
+        })
+    })
+}
+
+/// A unary response's body, counted once its trailers (or its end) pass.
+struct CountedBody {
+    inner: Body,
+    /// Taken when counted.
+    state: Option<Arc<State>>,
+    method: Method,
+    started: std::time::Instant,
+}
+
+impl CountedBody {
+    fn count(&mut self, code: tonic::Code) {
+        if let Some(state) = self.state.take() {
+            let took = self.started.elapsed();
+            state
+                .counters
+                .call_ended(self.method.index(), code, Some(took));
         }
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        // Dropped before its trailers: the client went away.
+        self.count(tonic::Code::Cancelled);
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    self.count(tonic::Code::from_bytes(code.as_bytes()));
+                }
+            }
+            Some(Err(status)) => self.count(status.code()),
+            None => self.count(tonic::Code::Unknown),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

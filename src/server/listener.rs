@@ -36,6 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
+use super::metrics::Refusal;
 use crate::untrusted::Budget;
 
 /// Binds `addr` with a listen queue of `backlog` connections (the kernel
@@ -214,6 +215,8 @@ struct Acceptor {
     warnings: Arc<Warnings>,
     ready: mpsc::Sender<Conn>,
     stop: CancellationToken,
+    /// Where refusals are counted.
+    state: Arc<super::State>,
 }
 
 /// The connections `listener` accepts, through their handshake, at most
@@ -225,6 +228,7 @@ pub fn incoming(
     limits: Limits,
     tls: TlsConfig,
     stop: CancellationToken,
+    state: Arc<super::State>,
 ) -> impl Stream<Item = io::Result<Conn>> {
     let (ready, rx) = mpsc::channel(READY_QUEUE);
     let acceptor = Acceptor {
@@ -236,6 +240,7 @@ pub fn incoming(
         warnings: Arc::default(),
         ready,
         stop,
+        state,
     };
     tokio::spawn(acceptor.run());
     futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
@@ -269,6 +274,7 @@ impl Acceptor {
     /// Starts the handshake of a new connection, if a handshake slot is free.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
+            self.state.counters.connection_refused(Refusal::Handshakes);
             let max = self.limits.max_handshakes;
             self.warnings.handshakes_full.hit(|n| {
                 tracing::warn!(
@@ -281,12 +287,13 @@ impl Acceptor {
         };
         let _ = stream.set_nodelay(true);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
-        let (limits, connections, warnings, ready, stop) = (
+        let (limits, connections, warnings, ready, stop, state) = (
             self.limits,
             Arc::clone(&self.connections),
             Arc::clone(&self.warnings),
             self.ready.clone(),
             self.stop.clone(),
+            Arc::clone(&self.state),
         );
         tokio::spawn(async move {
             let handshake = tokio::select! {
@@ -297,12 +304,14 @@ impl Acceptor {
             let conn = match handshake {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
+                    state.counters.connection_refused(Refusal::Handshake);
                     warnings.failed.hit(|n| {
                         tracing::warn!(%peer, failed = n, "connection handshake failed: {e}");
                     });
                     return;
                 }
                 Err(_) => {
+                    state.counters.connection_refused(Refusal::HandshakeTimeout);
                     warnings.failed.hit(|n| {
                         tracing::warn!(%peer, failed = n, timeout = ?limits.handshake_timeout,
                             "connection closed: no TLS handshake and HTTP/2 preface within server.handshake_timeout");
@@ -311,6 +320,7 @@ impl Acceptor {
                 }
             };
             let Ok(slot) = connections.try_acquire_owned() else {
+                state.counters.connection_refused(Refusal::Connections);
                 warnings.connections_full.hit(|n| {
                     tracing::warn!(
                         refused = n,

@@ -17,6 +17,7 @@ mod gate;
 mod health;
 mod history;
 mod listener;
+mod metrics;
 
 use std::{sync::Arc, time::Duration};
 
@@ -101,6 +102,8 @@ pub(crate) struct State {
     pub(crate) callers: Callers,
     /// Acks of cancelled tasks (from agents that had them), ignored.
     pub(crate) cancelled_acks: std::sync::atomic::AtomicU64,
+    /// Counts of rare events, for the metrics.
+    pub(crate) counters: metrics::Counters,
     /// Remote command rules; replaced whole on reload.
     runner: RwLock<Arc<Runner>>,
     /// The tokens Contact calls may carry; re-read on reload.
@@ -199,6 +202,21 @@ pub async fn run_with(
     opened: store::Opened,
     started: oneshot::Sender<()>,
 ) -> Result<(), ServerError> {
+    run_with_metrics(listener, None, config, shutdown, opened, started).await
+}
+
+/// [`run_with`], serving `GET /metrics` on `endpoint` too (if given).
+///
+/// # Errors
+/// [`ServerError`] when serving cannot start or fails.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    endpoint: Option<crate::metrics::Endpoint>,
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: CancellationToken,
+    opened: store::Opened,
+    started: oneshot::Sender<()>,
+) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
     let (store, snapshot) = opened.start();
@@ -232,6 +250,7 @@ pub async fn run_with(
             callers
         },
         cancelled_acks: std::sync::atomic::AtomicU64::new(0),
+        counters: metrics::Counters::default(),
         runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
         auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
         tls: match &initial.server.tls {
@@ -297,7 +316,13 @@ pub async fn run_with(
         max_handshakes: initial.server.max_handshakes,
         handshake_timeout: initial.server.handshake_timeout,
     };
-    let incoming = listener::incoming(listener, limits, state.tls.clone(), state.closing.clone());
+    let incoming = listener::incoming(
+        listener,
+        limits,
+        state.tls.clone(),
+        state.closing.clone(),
+        Arc::clone(&state),
+    );
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
     tokio::pin!(serve);
@@ -320,6 +345,15 @@ pub async fn run_with(
         identities = initial.has_identities(),
         "serving Contact, health and reflection"
     );
+    // After the line above (its addr= is the one tools look for). Served
+    // through the drain (contactd_serving says 0 then), stopped only
+    // before the last wait.
+    let metrics_stop = CancellationToken::new();
+    let _metrics_stop = metrics_stop.clone().drop_guard();
+    if let Some(endpoint) = endpoint {
+        let collector = metrics::ServerCollector::new(&state);
+        tracker.spawn(endpoint.serve(&initial.metrics, collector, metrics_stop.clone()));
+    }
     let _ = started.send(());
 
     tokio::select! {
@@ -358,6 +392,7 @@ pub async fn run_with(
             }
         }
     };
+    metrics_stop.cancel();
     tracker.wait().await;
     admin::remove_socket(admin.as_ref());
     // After every stream ended: the last acks and cursors are committed.

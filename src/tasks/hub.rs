@@ -454,6 +454,11 @@ impl Hub {
         ring.tasks.iter().filter(|t| !t.void).cloned().collect()
     }
 
+    /// The id the next published task gets, without the lock (for metrics).
+    pub fn next_id(&self) -> u64 {
+        self.bounds.next.load(Ordering::Acquire)
+    }
+
     /// The id of the oldest retained task (the next id when none is).
     pub fn first_id(&self) -> u64 {
         self.ring.read().first_id()

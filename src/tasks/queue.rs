@@ -55,6 +55,17 @@ pub struct Counters {
     pub duplicate_acks: u64,
 }
 
+/// How many tasks the queue holds now, by place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depths {
+    /// Not sent yet: waiting for an agent, or in an agent's outbox.
+    pub waiting: usize,
+    /// Sent, waiting for the ack.
+    pub in_flight: usize,
+    /// Parked as dead (the latest `max_dead`).
+    pub dead: usize,
+}
+
 /// Why an ack changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckRefusal {
@@ -450,6 +461,18 @@ impl Queue {
     /// Counters so far.
     pub fn counters(&self) -> Counters {
         self.state.lock().counters
+    }
+
+    /// How many tasks are where, now.
+    pub fn depths(&self) -> Depths {
+        let state = self.state.lock();
+        let targeted: usize = state.targeted.values().map(VecDeque::len).sum();
+        let outboxes: usize = state.slots.values().map(|s| s.outbox.len()).sum();
+        Depths {
+            waiting: state.pending.len() + targeted + outboxes,
+            in_flight: state.in_flight.len(),
+            dead: state.dead.len(),
+        }
     }
 
     /// Every task the queue holds (waiting, in flight, dead), for listing.

@@ -14,6 +14,7 @@ mod delivery;
 mod fleet;
 mod history;
 mod hostile;
+mod metrics;
 mod operations;
 mod postgres;
 mod serve;

@@ -65,6 +65,21 @@ impl TestAgent {
         }
     }
 
+    /// An agent started by the caller (with `agent::run_with_metrics`).
+    pub fn from_parts(
+        events: broadcast::Receiver<AgentEvent>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
+        config: watch::Sender<Arc<AgentConfig>>,
+    ) -> TestAgent {
+        TestAgent {
+            events,
+            shutdown,
+            task,
+            _config: config,
+        }
+    }
+
     /// Waits for the first event that `pick` accepts.
     pub async fn wait_for<T>(
         &mut self,
