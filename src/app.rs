@@ -276,11 +276,18 @@ pub fn store_backup(args: &crate::cli::StoreBackupArgs) -> Result<(), AppError> 
         Some(db) => db.clone(),
         None => {
             let (config, _) = server_source(&args.config).load_or_default::<Config>()?;
-            if config.store.kind != crate::config::StoreKind::Sqlite {
-                return Err(crate::store::StoreError::Failed(
-                    "store.kind is \"memory\": there is nothing to back up".into(),
-                )
-                .into());
+            let not_sqlite = match config.store.kind {
+                crate::config::StoreKind::Sqlite => None,
+                crate::config::StoreKind::Memory => {
+                    Some("store.kind is \"memory\": there is nothing to back up")
+                }
+                crate::config::StoreKind::Postgres => Some(
+                    "store.kind is \"postgres\": back the database up with PostgreSQL's own \
+                     tools (pg_dump)",
+                ),
+            };
+            if let Some(reason) = not_sqlite {
+                return Err(crate::store::StoreError::Failed(reason.into()).into());
             }
             config.store.resolved_path()
         }

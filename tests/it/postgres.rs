@@ -683,3 +683,26 @@ async fn tls_to_the_database_is_verified_against_ca_file_and_refused_without_it(
         "{e}"
     );
 }
+
+/// No PostgreSQL needed: `store backup` is SQLite's, and says what to use.
+#[test]
+fn store_backup_of_a_postgres_store_points_to_pg_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("contactd.toml");
+    std::fs::write(
+        &config,
+        "[store]\nkind = \"postgres\"\nurl = \"postgres://contactd@127.0.0.1/fleet\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+        .args(["store", "backup", "-c"])
+        .arg(&config)
+        .arg(dir.path().join("copy.db"))
+        .env_remove("CONTACTD_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pg_dump"), "{stderr}");
+    assert!(!dir.path().join("copy.db").exists());
+}
