@@ -565,7 +565,6 @@ enum Msg {
     PublishShared(usize, Make, oneshot::Sender<Result<Range<u64>, StoreError>>),
     /// A shared database: read what other servers published.
     Follow,
-
     /// Written behind: counted in `queued`.
     Behind(Write),
     Claim(Write),
