@@ -8,7 +8,6 @@
 //! at most `max_output` bytes of their combined output are kept.
 
 pub(crate) mod exec;
-mod pattern;
 pub mod reaper;
 
 use std::sync::Arc;
@@ -17,7 +16,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use exec::CmdOutput;
-pub use pattern::{CommandPattern, split_words};
+// Parsed with the config, which owns the type; re-exported where it is used.
+pub use crate::config::pattern::{CommandPattern, split_words};
 
 use crate::{config::RemoteCmdConfig, untrusted::shown};
 
