@@ -383,7 +383,7 @@ pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
 /// Makes the daemon the child subreaper of the commands it runs, so what
 /// they leave outside their process group can still be killed.
 fn adopt_orphans() {
-    if let Err(e) = crate::remote_cmd::reaper::become_subreaper() {
+    if let Err(e) = crate::process::reaper::become_subreaper() {
         tracing::warn!(
             "cannot become a child subreaper ({e}): processes a command starts outside \
              its process group may outlive it"
@@ -402,7 +402,7 @@ pub(crate) fn stop_runtime(runtime: Runtime, result: &Result<(), AppError>) {
         // releases it all at once when the process exits.
         runtime.shutdown_background();
     }
-    crate::remote_cmd::reaper::sweep_all();
+    crate::process::reaper::sweep_all();
 }
 
 /// Every agent holds a connection: raise the soft limit on open files to

@@ -19,7 +19,10 @@
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
 //! - [`untrusted`]: caller input escaped and cut for logs and statuses;
 //!   log budgets.
-//! - [`remote_cmd`]: allow-list matching and bounded command execution.
+//! - [`remote_cmd`]: remoteCMD's allow-list and limits.
+//! - [`process`]: running a command bounded (own process group, output
+//!   cap, timeout, kill) and reaping what it leaves; for remoteCMD and the
+//!   agent's handlers.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
@@ -40,6 +43,7 @@ pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod probe;
+pub mod process;
 pub mod proto;
 pub mod remote_cmd;
 pub mod server;
