@@ -28,6 +28,8 @@
 //! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
 //! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
 //! - [`manual`]: shell completions and man pages from the clap definitions.
+//! - [`daemon`]: the harness `serve` and `agent` share: start-up, signals,
+//!   systemd readiness and watchdog, reloads, the metrics endpoint, exit.
 //! - [`app`]: the commands behind the CLI, wiring the above.
 //! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
 //!   sessions, task handlers, dedup; and the `agent` command.
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod ctl;
+pub mod daemon;
 pub mod logging;
 pub mod manual;
 pub mod metrics;

@@ -4,8 +4,8 @@
 //! group ([`reaper`]), is killed too: nothing outlives it.
 //!
 //! Neither the server's nor the agent's: remoteCMD (`remote_cmd`, after its
-//! allow-list) uses [`execute`]; the agent's task handlers and its status
-//! command use [`execute_with`], which adds stdin, environment variables
+//! allow-list) uses `execute`; the agent's task handlers and its status
+//! command use `execute_with`, which adds stdin, environment variables
 //! and keeping the *end* of the output.
 
 pub mod reaper;
