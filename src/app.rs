@@ -1,15 +1,14 @@
 //! The commands behind the CLI: `serve`, `check-config` and the operator
-//! commands; start-up pieces shared with the `agent` command.
+//! commands.
 //!
 //! `serve` follows the lifecycle in DESIGN.md: load the config, set up
 //! logging, bind, serve; SIGHUP reloads, SIGTERM/SIGINT drain and stop, and
-//! a second such signal during the drain exits at once.
+//! a second such signal during the drain exits at once. What it shares
+//! with the `agent` command (start-up, signals, systemd, reloads, exit) is
+//! [`daemon`]'s; the server's own part is its preflight,
+//! store and listener, and saying it is ready only once they all answer.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
-
-use serde::Serialize;
-use tokio::{runtime::Runtime, sync::watch};
-use tokio_util::sync::CancellationToken;
+use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     cli::{
@@ -17,49 +16,31 @@ use crate::{
         TokenCreateArgs,
     },
     config::{
-        self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, Source, reload::Changes,
+        self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, MetricsConfig, Source,
+        reload::Changes,
     },
     ctl::{self, CtlError},
-    logging::{self, LogError, Logging},
+    daemon::{self, DaemonConfig, DaemonError},
     server::{self, ServerError},
-    shutdown::{self, Signals},
-    systemd,
 };
 
-/// sysexits' EX_CONFIG: the config is wrong; restarting will not help.
-pub const EX_CONFIG: u8 = 78;
+pub use crate::daemon::EX_CONFIG;
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// The config, logging, a port, signals, the runtime, or a forced stop
+    /// (shared with the `agent` command).
     #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Logging(#[from] LogError),
-    #[error("cannot listen on {addr}: {source}{}", bind_hint(.source))]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start the runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] std::io::Error),
+    Daemon(#[from] DaemonError),
     #[error(transparent)]
     Serve(#[from] ServerError),
-    #[error("the server task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Ctl(#[from] CtlError),
-    #[error(transparent)]
-    Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
     Pki(#[from] crate::tls::pki::PkiError),
     #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
-    #[error("a second {0} stopped the drain short: what still ran was killed")]
-    Forced(&'static str),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
     #[error(transparent)]
@@ -70,39 +51,57 @@ pub enum AppError {
     Usage(String),
 }
 
-fn bind_hint(e: &std::io::Error) -> &'static str {
-    match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
-            " (another process holds this port: is contactd already running?)"
-        }
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
-        std::io::ErrorKind::AddrNotAvailable => " (no local interface has this address)",
-        _ => "",
+impl From<ConfigError> for AppError {
+    fn from(e: ConfigError) -> AppError {
+        AppError::Daemon(e.into())
     }
 }
 
-impl AppError {
-    /// The process exit code for this error.
-    pub fn exit_code(&self) -> u8 {
+impl From<tokio::task::JoinError> for AppError {
+    fn from(e: tokio::task::JoinError) -> AppError {
+        AppError::Daemon(e.into())
+    }
+}
+
+impl daemon::Failure for AppError {
+    fn daemon(&self) -> Option<&DaemonError> {
         match self {
-            // Restarting will not help with these: systemd's
-            // RestartPreventExitStatus=78 stops the restart loop.
-            AppError::Config(_)
-            | AppError::Agent(_)
-            | AppError::Logging(LogError::Filter { .. } | LogError::File { .. }) => EX_CONFIG,
+            AppError::Daemon(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Daemon(e) => e.exit_code(),
             // A token or TLS file named by the config that cannot be used.
             AppError::Serve(e) if e.is_config() => EX_CONFIG,
             AppError::Store(e) if e.is_config() => EX_CONFIG,
-            // A port the daemon may never bind (below 1024 without the
-            // capability) is the config's to change.
-            AppError::Bind { source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                EX_CONFIG
-            }
             AppError::Usage(_) => 2,
             _ => 1,
         }
+    }
+}
+
+/// The server's config, as the daemon harness sees it: the server follows
+/// the whole file.
+impl DaemonConfig for Config {
+    type Live = Config;
+
+    fn log(&self) -> &LogConfig {
+        &self.log
+    }
+
+    fn metrics(&self) -> &MetricsConfig {
+        &self.metrics
+    }
+
+    fn live(&self) -> Config {
+        self.clone()
+    }
+
+    fn changes(old: &Config, new: &Config) -> Changes {
+        Changes::server(old, new)
     }
 }
 
@@ -111,54 +110,12 @@ fn server_source(args: &ConfigArgs) -> Source {
     Source::new(args.config.clone(), DEFAULT_PATH)
 }
 
-/// `check-config`: prints the effective config of type `T` to stdout.
-///
-/// # Errors
-/// Every problem in the file, as [`AppError::Config`].
-pub fn check<T: ConfigFile + Serialize>(source: &Source) -> Result<(), AppError> {
-    let (config, found) = source.load_or_default::<T>()?;
-    if !found {
-        eprintln!(
-            "no config file at {}: these are the built-in defaults",
-            source.path().display()
-        );
-    }
-    for warning in config.warnings() {
-        eprintln!("warning: {warning}");
-    }
-    ctl::write_out(&config::to_toml(&config)).map_err(AppError::Output)
-}
-
 /// `check-config` for the server's config.
 ///
 /// # Errors
-/// Every problem in the file, as [`AppError::Config`].
+/// Every problem in the file, as [`DaemonError::Config`].
 pub fn check_config(args: &ConfigArgs) -> Result<(), AppError> {
-    check::<Config>(&server_source(args))
-}
-
-/// A daemon's start: logging as its config says, a line saying where that
-/// config came from, and the runtime to run on.
-///
-/// # Errors
-/// A logging or runtime failure.
-pub fn start_daemon(
-    source: &Source,
-    log: &LogConfig,
-    found: bool,
-) -> Result<(Arc<Logging>, Runtime), AppError> {
-    let logging = Arc::new(logging::init(log)?);
-    if found {
-        tracing::info!(path = %source.path().display(), "loaded config");
-    } else {
-        tracing::info!(path = %source.path().display(), "no config file: using built-in defaults");
-    }
-    adopt_orphans();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(AppError::Runtime)?;
-    Ok((logging, runtime))
+    Ok(daemon::check::<Config>(&server_source(args))?)
 }
 
 /// The admin socket: `--socket`, else the server config's `[admin] socket`,
@@ -374,42 +331,9 @@ pub fn token_create(args: &TokenCreateArgs) -> Result<(), AppError> {
 /// # Errors
 /// A bad config, logging or bind failure, or a server error.
 pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
-    let source = server_source(args);
-    let (config, found) = source.load_or_default::<Config>()?;
-    let (logging, runtime) = start_daemon(&source, &config.log, found)?;
+    let (config, daemon) = daemon::start::<Config>(server_source(args))?;
     raise_fd_limit(config.server.max_connections);
-    let result = runtime.block_on(serve_until_signalled(source, config, Arc::clone(&logging)));
-    if let Err(e) = &result {
-        tracing::error!("{e}");
-    }
-    stop_runtime(runtime, &result);
-    // Logs are flushed after this, when `logging` is dropped.
-    result
-}
-
-/// Makes the daemon the child subreaper of the commands it runs, so what
-/// they leave outside their process group can still be killed.
-fn adopt_orphans() {
-    if let Err(e) = crate::remote_cmd::reaper::become_subreaper() {
-        tracing::warn!(
-            "cannot become a child subreaper ({e}): processes a command starts outside \
-             its process group may outlive it"
-        );
-    }
-}
-
-/// Ends the runtime at exit, then kills any process a command left behind.
-pub(crate) fn stop_runtime(runtime: Runtime, result: &Result<(), AppError>) {
-    if let Err(AppError::Forced(_)) = result {
-        // Drops every task now, so the commands' guards kill their groups.
-        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    } else {
-        // Dropping thousands of closed connections one by one (freeing
-        // their buffers) took 0.4 s at exit with 5,000 agents; the kernel
-        // releases it all at once when the process exits.
-        runtime.shutdown_background();
-    }
-    crate::remote_cmd::reaper::sweep_all();
+    daemon.run(|context| serve_until_signalled(context, config))
 }
 
 /// Every agent holds a connection: raise the soft limit on open files to
@@ -447,11 +371,7 @@ fn raise_fd_limit(max_connections: usize) {
 /// How often dropped log lines are reported.
 const DROPPED_LOG_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn serve_until_signalled(
-    source: Source,
-    config: Config,
-    logging: Arc<Logging>,
-) -> Result<(), AppError> {
+async fn serve_until_signalled(context: daemon::Context, config: Config) -> Result<(), AppError> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -461,21 +381,21 @@ async fn serve_until_signalled(
     let store = server::open_store(&config)?;
     let addr = config.server.listen;
     let listener = server::bind(addr, config.server.backlog)
-        .map_err(|source| AppError::Bind { addr, source })?;
+        .map_err(|source| DaemonError::Bind { addr, source })?;
     let local = listener
         .local_addr()
-        .map_err(|source| AppError::Bind { addr, source })?;
-    let reloads = crate::metrics::Reloads::default();
-    let metrics = metrics_endpoint(&config.metrics, "contactd", &logging, &reloads)?;
-    let mut signals = Signals::install().map_err(AppError::Signals)?;
-    let (config_tx, config_rx) = watch::channel(Arc::new(config));
-    let shutdown = CancellationToken::new();
+        .map_err(|source| DaemonError::Bind { addr, source })?;
+    // The harness's `reload` applies the log settings; the rest the server
+    // applies as its config channel changes (`server::follow_config`; the
+    // task generator reschedules itself).
+    let (harness, launch) = context.harness(config, "contactd")?;
+    let shutdown = launch.shutdown.clone();
     let (started_tx, started) = tokio::sync::oneshot::channel();
     let mut server = tokio::spawn(server::run_with_metrics(
         listener,
-        metrics,
-        config_rx,
-        shutdown.clone(),
+        launch.metrics,
+        launch.config,
+        launch.shutdown,
         store,
         started_tx,
     ));
@@ -483,72 +403,14 @@ async fn serve_until_signalled(
     // too), not as soon as the server task is spawned: units ordered after
     // contactd, and scripts, must never have to poll for a socket.
     if started.await.is_err() {
-        // It could not start: its error, logged by `serve`.
+        // It could not start: its error, logged by `daemon::Daemon::run`.
         return Ok((&mut server).await??);
     }
     let ready = format!("serving on {local}");
-    systemd::ready(&ready);
-    if let Some(interval) = systemd::watchdog_interval() {
-        tracing::info!(interval = %humantime::format_duration(interval), "systemd watchdog enabled");
-        tokio::spawn(systemd::watchdog(interval, shutdown.clone()));
-    }
+    harness.ready(&ready);
     tokio::spawn({
-        let (logging, stop) = (Arc::clone(&logging), shutdown.clone());
+        let (logging, stop) = (Arc::clone(harness.logging()), shutdown);
         async move { logging.report_dropped(DROPPED_LOG_REPORT, stop).await }
     });
-    let stopped = shutdown::supervise(&mut server, &mut signals, &shutdown, &ready, || {
-        reload(&source, &config_tx, &logging, &reloads);
-    });
-    match stopped.await? {
-        shutdown::Ended::Done(result) => Ok(result?),
-        shutdown::Ended::Forced(signal) => Err(AppError::Forced(signal)),
-    }
-}
-
-/// Binds the metrics listener `config` names, if any, before the daemon
-/// says it is ready (a port that cannot be had stops the start), with the
-/// process' series registered under `prefix`. Its address is logged by
-/// who serves it, after the daemon's main `serving … addr=` line (tools
-/// such as examples/bench take the first `addr=` they see).
-///
-/// # Errors
-/// [`AppError::Bind`].
-pub(crate) fn metrics_endpoint(
-    config: &crate::config::MetricsConfig,
-    prefix: &str,
-    logging: &Arc<Logging>,
-    reloads: &crate::metrics::Reloads,
-) -> Result<Option<crate::metrics::Endpoint>, AppError> {
-    let Some(addr) = config.listen else {
-        return Ok(None);
-    };
-    let listener =
-        crate::metrics::http::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
-    let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
-    reloads.register(&mut registry);
-    Ok(Some(crate::metrics::Endpoint { listener, registry }))
-}
-
-/// Re-reads the config and applies it: the log settings here, the rest by
-/// the server as `config_tx` changes (`server::follow_config`; the task
-/// generator reschedules itself). What changed, and what of it waits for a
-/// restart, is [`Changes`]'s to say, logged here once. An invalid file
-/// leaves the current config in force.
-fn reload(
-    source: &Source,
-    config_tx: &watch::Sender<Arc<Config>>,
-    logging: &Logging,
-    reloads: &crate::metrics::Reloads,
-) {
-    let Some(new) = source.reload::<Config>() else {
-        reloads.failed.inc();
-        return;
-    };
-    reloads.applied.inc();
-    let changes = Changes::server(&config_tx.borrow(), &new);
-    if let Err(e) = logging.apply(&new.log) {
-        tracing::error!("config reload: {e}; keeping the current log settings");
-    }
-    config_tx.send_replace(Arc::new(new));
-    changes.log(source.path());
+    Ok(harness.supervise(&mut server, &ready).await??)
 }

@@ -19,12 +19,17 @@
 //! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
 //! - [`untrusted`]: caller input escaped and cut for logs and statuses;
 //!   log budgets.
-//! - [`remote_cmd`]: allow-list matching and bounded command execution.
+//! - [`remote_cmd`]: remoteCMD's allow-list and limits.
+//! - [`process`]: running a command bounded (own process group, output
+//!   cap, timeout, kill) and reaping what it leaves; for remoteCMD and the
+//!   agent's handlers.
 //! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
 //! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
 //! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
 //! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
 //! - [`manual`]: shell completions and man pages from the clap definitions.
+//! - [`daemon`]: the harness `serve` and `agent` share: start-up, signals,
+//!   systemd readiness and watchdog, reloads, the metrics endpoint, exit.
 //! - [`app`]: the commands behind the CLI, wiring the above.
 //! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
 //!   sessions, task handlers, dedup; and the `agent` command.
@@ -36,10 +41,12 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod ctl;
+pub mod daemon;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod probe;
+pub mod process;
 pub mod proto;
 pub mod remote_cmd;
 pub mod server;

@@ -10,7 +10,9 @@ use contactd::{
         Cli, Command, ConfigArgs, PackagingCli, PackagingCommand, StoreCommand, TaskCommand,
         TlsCommand, TokenCommand,
     },
-    cmd, probe,
+    cmd,
+    daemon::Failure,
+    probe,
 };
 
 fn main() -> ExitCode {
@@ -33,11 +35,13 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Serve(args) => app::serve(args),
-        Command::CheckConfig(args) if args.agent => agent::command::check_config(args.path()),
+        Command::CheckConfig(args) if args.agent => {
+            return finish(agent::command::check_config(args.path()));
+        }
         Command::CheckConfig(args) => app::check_config(&ConfigArgs {
             config: args.path(),
         }),
-        Command::Agent(args) => agent::command::agent(args.config.clone()),
+        Command::Agent(args) => return finish(agent::command::agent(args.config.clone())),
         Command::Health(args) => {
             let tls = args.tls.client();
             let ask = probe::Ask {
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
 }
 
 /// The exit code for a command's result, its error printed.
-fn finish(result: Result<(), app::AppError>) -> ExitCode {
+fn finish(result: Result<(), impl Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,14 +1,14 @@
 //! Running the configured handler for one task, and turning how it ended
 //! into the task's ack. The process work (own process group, bounded
-//! output, group kill on timeout) is remote_cmd's executor.
+//! output, group kill on timeout) is [`process`](crate::process)'s.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    process::{Input, execute_with},
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
-    remote_cmd::exec::{Input, execute_with},
     untrusted::shown,
 };
 

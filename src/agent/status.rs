@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::remote_cmd::exec::{Input, execute_with};
+use crate::process::{Input, execute_with};
 
 /// The longest a status command may run.
 const STATUS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

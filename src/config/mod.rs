@@ -8,8 +8,10 @@
 pub mod agent;
 mod load;
 pub mod metrics;
+pub mod pattern;
 pub mod peek;
 pub mod reload;
+pub mod template;
 pub mod units;
 
 use std::{
@@ -25,8 +27,8 @@ use serde::{Deserialize, Serialize};
 pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
 pub use metrics::MetricsConfig;
-
-use crate::{remote_cmd::CommandPattern, tasks::TaskTemplate};
+pub use pattern::CommandPattern;
+pub use template::TaskTemplate;
 
 /// Where `serve` and `check-config` look when no path is given.
 pub const DEFAULT_PATH: &str = "/etc/contactd.toml";

@@ -1,4 +1,5 @@
-//! Remote commands: allow-list matching and bounded execution.
+//! Remote commands: allow-list matching and bounded execution (the
+//! process work is [`process`](crate::process)'s).
 //!
 //! A command line is split into words shell-style and run directly, never
 //! through a shell, only if an allow-list pattern matches it. Each command
@@ -7,17 +8,14 @@
 //! `max_concurrent` run at once, at most `max_queued` wait for a slot, and
 //! at most `max_output` bytes of their combined output are kept.
 
-pub(crate) mod exec;
-mod pattern;
-pub mod reaper;
-
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-pub use exec::CmdOutput;
-pub use pattern::{CommandPattern, split_words};
+pub use crate::process::CmdOutput;
+// Parsed with the config, which owns the type; re-exported where it is used.
+pub use crate::config::pattern::{CommandPattern, split_words};
 
 use crate::{config::RemoteCmdConfig, untrusted::shown};
 
@@ -107,7 +105,7 @@ impl Runner {
             })?;
         // The semaphore is never closed, so acquiring only waits.
         let _slot = Arc::clone(&self.slots).acquire_owned().await.ok();
-        Ok(exec::execute(
+        Ok(crate::process::execute(
             &argv,
             self.config.timeout,
             self.config.max_output.as_u64() as usize,

@@ -5,8 +5,8 @@ pub mod cursor;
 pub mod generator;
 pub mod hub;
 pub mod queue;
-pub mod template;
 
 pub use cursor::{AckCursor, Cursors, Tracked};
 pub use hub::{Delivery, Hub, Progress, Start, Subscription, Task, TaskState};
-pub use template::TaskTemplate;
+// Parsed with the config, which owns the type; re-exported where it is used.
+pub use crate::config::template::{self, TaskTemplate};

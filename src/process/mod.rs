@@ -1,11 +1,14 @@
 //! Running one command: no shell, its own process group, combined output
 //! captured up to a bound, killed as a group on timeout or on request; when
 //! it ends, whatever is left of its group, and what it started outside the
-//! group ([`reaper`](super::reaper)), is killed too: nothing outlives it.
+//! group ([`reaper`]), is killed too: nothing outlives it.
 //!
-//! remoteCMD uses [`execute`]; the agent's task handlers use
-//! [`execute_with`], which adds stdin, environment variables and keeping
-//! the *end* of the output.
+//! Neither the server's nor the agent's: remoteCMD (`remote_cmd`, after its
+//! allow-list) uses `execute`; the agent's task handlers and its status
+//! command use `execute_with`, which adds stdin, environment variables
+//! and keeping the *end* of the output.
+
+pub mod reaper;
 
 use std::{pin::pin, process::Stdio, time::Duration};
 
@@ -15,8 +18,6 @@ use tokio::{
     process::Command,
 };
 use tokio_util::sync::CancellationToken;
-
-use super::reaper;
 
 /// How a command ended, as remoteCMD reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +65,9 @@ impl Default for Input<'_> {
     }
 }
 
-pub(super) async fn execute(
+/// Runs `argv` with no input, keeping the start of its output, as
+/// [`execute_with`].
+pub(crate) async fn execute(
     argv: &[String],
     timeout: Duration,
     max_output: usize,
@@ -324,7 +327,7 @@ mod tests {
     use super::*;
 
     fn argv(line: &str) -> Vec<String> {
-        super::super::split_words(line).unwrap()
+        crate::config::pattern::split_words(line).unwrap()
     }
 
     async fn run(line: &str, timeout: Duration, max: usize) -> CmdOutput {

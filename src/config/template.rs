@@ -1,5 +1,6 @@
 //! Task templates: the text of a generated task, with placeholders filled in
-//! per task. Parsed once when the config is loaded, rendered per task.
+//! per task. Parsed once when the config is loaded (hence here, in
+//! `config`), rendered per task by `tasks` (which re-exports it).
 //!
 //! Placeholders: `{seq}` (the task id), `{rand}` (a random integer in
 //! 100..=200, as the seed's tasks), `{rand:LO-HI}` (a random integer in

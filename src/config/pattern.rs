@@ -1,4 +1,6 @@
-//! Allow-list patterns for remote commands.
+//! Allow-list patterns for remote commands (`remote_cmd.allow`). They live
+//! with the config, which parses them when it is loaded; `remote_cmd`
+//! matches command lines against them (and re-exports them).
 //!
 //! A pattern is a command line split into words shell-style, like the
 //! command it matches. Each word matches one word of the command, literally
