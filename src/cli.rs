@@ -278,7 +278,7 @@ pub struct TasksArgs {
 /// How to reach the admin API.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// The server's admin socket [default: [admin] socket of the server's config]
+    /// The server's admin socket [default: `[admin] socket` of the server's config]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// The server's config file, to find its admin socket [default: /etc/contactd.toml]

@@ -1,5 +1,5 @@
 //! The operator commands `contactd task submit`, `contactd agents` and
-//! `contactd tasks` (and, in [`history`], `contactd task show|cancel|retry`):
+//! `contactd tasks` (and, in `history`, `contactd task show|cancel|retry`):
 //! clients of the admin API on its unix socket, printing a table for people
 //! or JSON for scripts.
 

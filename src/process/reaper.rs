@@ -6,7 +6,7 @@
 //! subreaper ([`become_subreaper`]), so such a process, once its parent has
 //! died, becomes the daemon's child instead of init's. Every command runs
 //! with [`ENV_RUN`] set to an id of its own; when the command ends (exits,
-//! times out, is killed or dropped), [`sweep`] kills the daemon's children
+//! times out, is killed or dropped), `sweep` kills the daemon's children
 //! that carry that id, and those that are not a running command's leader
 //! once no command runs, and reaps them. At exit, [`sweep_all`] kills every
 //! child left. (Under systemd, the unit's cgroup is the last net: it also

@@ -27,7 +27,7 @@ pub enum Refusal {
          allowed command lines in `allow` under [remote_cmd] in its config, then reload it"
     )]
     Disabled,
-    /// The command line, already [`shown`](crate::untrusted::shown).
+    /// The command line, already [`crate::untrusted::shown`].
     #[error("command not allowed: \"{0}\" matches no pattern in remote_cmd.allow")]
     NotAllowed(String),
     #[error("bad command line: {0}")]

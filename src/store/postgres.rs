@@ -5,7 +5,7 @@
 //! runtime of its own: every statement of a group commit (`BEGIN`, the
 //! writes, `COMMIT`) is sent down the connection before the first answer is
 //! read, so a group costs one network round trip however many writes it
-//! holds ([`pipeline`]).
+//! holds (`pipeline`).
 //!
 //! Several servers may share one database ([`Backend::shared`]): task ids
 //! are the database's, reserved under a row lock held until commit, so
@@ -17,7 +17,7 @@
 //! connection dies). Each server's name is taken with an advisory lock
 //! held by the writer's connection: two servers of one name are refused.
 //!
-//! The schema is versioned in `contactd_meta`; [`MIGRATIONS`] are applied
+//! The schema is versioned in `contactd_meta`; `MIGRATIONS` are applied
 //! under a transaction-scoped advisory lock, so servers starting together
 //! never race to migrate. A database with tables of another program (a
 //! `tasks` table but no `contactd_meta`) is refused and left as it is.

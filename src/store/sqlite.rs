@@ -1,7 +1,7 @@
 //! The SQLite backend: one database file in WAL mode, written by the store's
 //! writer thread only; `contactd store backup` reads it at the same time.
 //!
-//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`]
+//! The schema is versioned with `PRAGMA user_version`: `MIGRATIONS`
 //! brings a database from any earlier version to the latest, in one
 //! transaction; a database from a newer contactd is refused, never changed.
 //! A file that is not a contactd database is refused and left as it is.
