@@ -76,6 +76,10 @@ pub struct StoreConfig {
     /// heartbeat, and tries for the generator's lease.
     #[serde(with = "units::duration")]
     pub poll_interval: Duration,
+    /// `kind = "postgres"`: connections for reads (the fleet view, `task
+    /// show`, an agent's acks when it connects), besides the writer's and
+    /// the watcher's: a server holds at most `pool_size + 2`.
+    pub pool_size: usize,
     /// The SQLite database; unset: `$STATE_DIRECTORY/contactd.db`, else
     /// `contactd.db` in the working directory.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +131,7 @@ impl Default for StoreConfig {
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
+            pool_size: 4,
             sync: StoreSync::Normal,
             write_queue: 65_536,
             forget_agents_after: Duration::from_secs(30 * 86_400),
@@ -586,6 +591,7 @@ pub mod ranges {
     pub const STORE_MAX_SIZE: RangeInclusive<u64> = MIB..=1024 * 1024 * GIB;
     pub const STORE_CONNECT_TIMEOUT: RangeInclusive<Duration> =
         Duration::from_secs(1)..=Duration::from_secs(300);
+    pub const STORE_POOL_SIZE: RangeInclusive<u64> = 1..=64;
     pub const STORE_POLL_INTERVAL: RangeInclusive<Duration> =
         Duration::from_millis(100)..=Duration::from_secs(60);
 

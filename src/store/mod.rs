@@ -326,24 +326,6 @@ pub trait Backend: Send {
     fn lost_claims(&mut self) -> Vec<(usize, LostClaim)> {
         Vec::new()
     }
-
-    /// Shared: every agent and server the database knows of.
-    fn fleet(&mut self) -> Result<Fleet, StoreError> {
-        Ok(Fleet::default())
-    }
-
-    /// Shared: the tasks with these ids.
-    fn tasks(&mut self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
-        let _ = ids;
-        Ok(Vec::new())
-    }
-
-    /// Shared: a named agent's broadcast cursor as the database keeps it
-    /// (another server may have moved it since this one started).
-    fn cursor(&mut self, agent: &str) -> Result<Option<Saved>, StoreError> {
-        let _ = agent;
-        Ok(None)
-    }
 }
 
 /// Makes a task's text and target from its id.
@@ -382,6 +364,7 @@ pub fn open(
             },
             backend: None,
             watcher: None,
+            reader: None,
             write_queue: config.write_queue,
         }),
         StoreKind::Postgres => {
@@ -400,6 +383,7 @@ pub fn open(
             Ok(Opened {
                 snapshot,
                 watcher: Some(backend.watcher()),
+                reader: Some(Arc::new(backend.reader(config.pool_size)?)),
                 backend: Some(Box::new(backend)),
                 write_queue: config.write_queue,
             })
@@ -414,6 +398,7 @@ pub fn open(
                 snapshot,
                 backend: Some(Box::new(backend)),
                 watcher: None,
+                reader: None,
                 write_queue: config.write_queue,
             })
         }
@@ -426,6 +411,8 @@ pub struct Opened {
     backend: Option<Box<dyn Backend>>,
     /// A shared database: what watches it for the other servers' tasks.
     watcher: Option<postgres::Watcher>,
+    /// A shared database: the pool its reads use.
+    reader: Option<Arc<postgres::Reader>>,
     write_queue: usize,
 }
 
@@ -483,6 +470,7 @@ impl Opened {
             shared_db,
             leader,
             reachable,
+            reader: self.reader,
         };
         if let (Some(watcher), Some(journal)) = (self.watcher, &store.journal) {
             let follow = {
@@ -511,6 +499,8 @@ pub struct Store {
     /// Whether the database answers (a shared database's watcher says;
     /// always true otherwise).
     reachable: watch::Receiver<bool>,
+    /// A shared database: its reads, on a pool of their own.
+    reader: Option<Arc<postgres::Reader>>,
 }
 
 struct Shared {
@@ -735,7 +725,26 @@ impl Store {
         if self.journal.is_none() {
             return Ok(None);
         }
+        if let Some(reader) = self.reader().await? {
+            return reader.task(id).await;
+        }
         self.query(move |backend| backend.task(id)).await
+    }
+
+    /// A shared database's reader, once everything written so far is
+    /// committed (so a read sees it); `None` for the others.
+    async fn reader(&self) -> Result<Option<&postgres::Reader>, StoreError> {
+        let (Some(reader), Some(journal)) = (&self.reader, &self.journal) else {
+            return Ok(None);
+        };
+        // A barrier: the writer commits what came before it first.
+        let seq = self.send(journal, Msg::Query(Box::new(|_| ())));
+        let mut committed = self.committed.clone();
+        committed
+            .wait_for(|c| *c >= seq)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Some(reader))
     }
 
     /// Runs `read` on the writer thread once everything written before it
@@ -784,11 +793,10 @@ impl Store {
     /// # Errors
     /// The store cannot be read, or is closed.
     pub async fn cursor(&self, agent: &Arc<str>) -> Result<Option<Saved>, StoreError> {
-        if !self.shared_db {
-            return Ok(None);
+        match self.reader().await? {
+            Some(reader) => reader.cursor(agent).await,
+            None => Ok(None),
         }
-        let agent = Arc::clone(agent);
-        self.query(move |backend| backend.cursor(&agent)).await
     }
 
     /// A shared database: every agent and server it knows of (`None`
@@ -797,10 +805,10 @@ impl Store {
     /// # Errors
     /// The store cannot be read, or is closed.
     pub async fn fleet(&self) -> Result<Option<Fleet>, StoreError> {
-        if !self.shared_db {
-            return Ok(None);
+        match self.reader().await? {
+            Some(reader) => reader.fleet().await.map(Some),
+            None => Ok(None),
         }
-        self.query(|backend| backend.fleet().map(Some)).await
     }
 
     /// A shared database: the tasks with these ids as it keeps them (their
@@ -809,10 +817,10 @@ impl Store {
     /// # Errors
     /// The store cannot be read, or is closed.
     pub async fn tasks(&self, ids: Vec<u64>) -> Result<Vec<StoredTask>, StoreError> {
-        if !self.shared_db {
-            return Ok(Vec::new());
+        match self.reader().await? {
+            Some(reader) => reader.tasks(&ids).await,
+            None => Ok(Vec::new()),
         }
-        self.query(move |backend| backend.tasks(&ids)).await
     }
 
     /// A shared database: what it said of the claim numbered `seq`, if it
@@ -862,6 +870,9 @@ impl Store {
         let watching = journal.watcher.lock().take();
         if let Some(watching) = watching {
             watching.stop().await;
+        }
+        if let Some(reader) = &self.reader {
+            reader.close();
         }
         let (tx, rx) = oneshot::channel();
         self.send(journal, Msg::Close(tx));

@@ -363,6 +363,32 @@ impl Postgres {
         })
     }
 
+    /// A pool of at most `size` connections for reads (see [`Reader`]).
+    ///
+    /// # Errors
+    /// The CA file cannot be used.
+    pub fn reader(&self, size: usize) -> Result<Reader, StoreError> {
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let config = self.connect.config(&self.target);
+        let manager = match self.connect.tls(&self.target)? {
+            Some(make) => deadpool_postgres::Manager::from_config(config, make, manager_config),
+            None => deadpool_postgres::Manager::from_config(config, NoTls, manager_config),
+        };
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(self.connect.timeout))
+            .create_timeout(Some(self.connect.timeout))
+            .build()
+            .map_err(|e| StoreError::Failed(format!("cannot make the read pool: {e}")))?;
+        Ok(Reader {
+            pool,
+            name: self.target.name.clone(),
+        })
+    }
+
     /// What watches the database for this server (see [`Watcher`]).
     pub fn watcher(&self) -> Watcher {
         Watcher {
@@ -415,12 +441,8 @@ impl Postgres {
 }
 
 impl Connector {
-    /// Connects, sending a `()` on `notices` for each notification.
-    async fn connect(
-        &self,
-        target: &Target,
-        notices: Option<mpsc::UnboundedSender<()>>,
-    ) -> Result<Client, StoreError> {
+    /// `target`'s settings with this server's timeouts.
+    fn config(&self, target: &Target) -> tokio_postgres::Config {
         let mut config = target.config.clone();
         config.connect_timeout(self.timeout);
         // A database host that vanished (no reset) is noticed in about a
@@ -429,6 +451,37 @@ impl Connector {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(15))
             .tcp_user_timeout(Duration::from_secs(60));
+        config
+    }
+
+    /// The TLS connector when `target` asks for TLS.
+    fn tls(
+        &self,
+        target: &Target,
+    ) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+        if !target.tls {
+            return Ok(None);
+        }
+        let tls = crate::tls::ClientTls {
+            ca: self.ca_file.clone(),
+            ..Default::default()
+        }
+        .config()
+        .map_err(|e| StoreError::Unusable(format!("store.ca_file: {e}")))?;
+        // No ALPN: the agents' "h2" means nothing to PostgreSQL (and
+        // PostgreSQL 17 refuses a protocol it does not know).
+        let mut tls = Arc::unwrap_or_clone(tls);
+        tls.alpn_protocols.clear();
+        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)))
+    }
+
+    /// Connects, sending a `()` on `notices` for each notification.
+    async fn connect(
+        &self,
+        target: &Target,
+        notices: Option<mpsc::UnboundedSender<()>>,
+    ) -> Result<Client, StoreError> {
+        let config = self.config(target);
         let unreachable = |e: &tokio_postgres::Error| {
             StoreError::Unavailable(format!(
                 "cannot connect to the database {}: {}",
@@ -437,18 +490,7 @@ impl Connector {
             ))
         };
         let started = Instant::now();
-        let client = if target.tls {
-            let tls = crate::tls::ClientTls {
-                ca: self.ca_file.clone(),
-                ..Default::default()
-            }
-            .config()
-            .map_err(|e| StoreError::Unusable(format!("store.ca_file: {e}")))?;
-            // No ALPN: the agents' "h2" means nothing to PostgreSQL (and
-            // PostgreSQL 17 refuses a protocol it does not know).
-            let mut tls = Arc::unwrap_or_clone(tls);
-            tls.alpn_protocols.clear();
-            let make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+        let client = if let Some(make) = self.tls(target)? {
             let (client, connection) = tokio::time::timeout(self.timeout, config.connect(make))
                 .await
                 .map_err(|_| timed_out(target, started))?
@@ -464,6 +506,80 @@ impl Connector {
             client
         };
         Ok(client)
+    }
+}
+
+/// Reads for the server's async code (the fleet view, `task show`, an
+/// agent's acks when it connects) on a bounded pool of connections of
+/// their own: they neither wait behind the writer's group commits nor hold
+/// it up. [`Store`](super::Store) asks the writer for a barrier first, so a
+/// read still sees every write sent before it.
+pub struct Reader {
+    pool: deadpool_postgres::Pool,
+    name: String,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("database", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Closes the pool's connections (at a clean stop).
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    /// A client from the pool (waiting for one at most `connect_timeout`).
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => failed(&e),
+            other => StoreError::Unavailable(format!(
+                "no connection to the database {} for a read: {other}",
+                self.name
+            )),
+        })
+    }
+
+    /// A named agent's broadcast cursor.
+    pub async fn cursor(&self, agent: &str) -> Result<Option<Saved>, StoreError> {
+        let client = self.client().await?;
+        let f = |e: tokio_postgres::Error| failed(&e);
+        let statement = client.prepare_cached(CURSOR_OF).await.map_err(f)?;
+        let row = client.query_opt(&statement, &[&agent]).await.map_err(f)?;
+        Ok(row.as_ref().map(saved_cursor))
+    }
+
+    /// Every agent and server the database knows of.
+    pub async fn fleet(&self) -> Result<Fleet, StoreError> {
+        let client = self.client().await?;
+        fleet(&client).await
+    }
+
+    /// The tasks with these ids.
+    pub async fn tasks(&self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
+        let client = self.client().await?;
+        let f = |e: tokio_postgres::Error| failed(&e);
+        let ids: Vec<i64> = ids.iter().map(|n| id(*n)).collect();
+        let by_ids = tasks_by_ids();
+        let statement = client.prepare_cached(&by_ids).await.map_err(f)?;
+        let rows = client.query(&statement, &[&ids]).await.map_err(f)?;
+        Ok(rows.iter().map(stored_task).collect())
+    }
+
+    /// One task and its per-agent results.
+    pub async fn task(&self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
+        let client = self.client().await?;
+        let f = |e: tokio_postgres::Error| failed(&e);
+        let by_id = task_by_id();
+        let (one, results) = tokio::join!(
+            client.prepare_cached(&by_id),
+            client.prepare_cached(RESULTS_OF),
+        );
+        task_record(&client, &one.map_err(f)?, &results.map_err(f)?, task).await
     }
 }
 
@@ -636,7 +752,6 @@ struct Statements {
     notify: Statement,
     reserve: Statement,
     after: Statement,
-    cursor_of: Statement,
     delivered: Statement,
     claimed: Statement,
     state: Statement,
@@ -650,7 +765,6 @@ struct Statements {
     task: Statement,
     results: Statement,
     presence: Statement,
-    tasks: Statement,
 }
 
 const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
@@ -680,12 +794,6 @@ impl Statements {
                 .prepare(&format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE id > $1 ORDER BY id LIMIT $2"
                 ))
-                .await?,
-            cursor_of: client
-                .prepare(
-                    "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors \
-                     WHERE agent = $1",
-                )
                 .await?,
             delivered: client
                 .prepare(
@@ -773,14 +881,7 @@ impl Statements {
                      failed = excluded.failed",
                 )
                 .await?,
-            task: client
-                .prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
-                .await?,
-            tasks: client
-                .prepare(&format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
-                ))
-                .await?,
+            task: client.prepare(&task_by_id()).await?,
             // A disconnect seen late by the server the agent left must not
             // undo its connect to another.
             presence: client
@@ -796,12 +897,7 @@ impl Statements {
                                       ELSE agents.connected END",
                 )
                 .await?,
-            results: client
-                .prepare(
-                    "SELECT agent, ok, text, at_ms FROM results WHERE task_id = $1 \
-                     ORDER BY agent",
-                )
-                .await?,
+            results: client.prepare(RESULTS_OF).await?,
         })
     }
 }
@@ -1375,104 +1471,104 @@ impl Backend for Postgres {
         })
     }
 
-    fn fleet(&mut self) -> Result<Fleet, StoreError> {
-        self.with_client(async |client, _| {
-            let f = |e: tokio_postgres::Error| failed(&e);
-            let (servers, agents) = tokio::join!(
-                client.query(
-                    "SELECT name, started_ms, heartbeat_ms, stopped FROM servers ORDER BY name",
-                    &[],
-                ),
-                client.query(
-                    "SELECT name, first_ms, last_ms, delivered, acked, failed, server, \
-                     connected, address FROM agents ORDER BY name",
-                    &[],
-                ),
-            );
-            let servers = servers
-                .map_err(f)?
-                .iter()
-                .map(|row| ServerRow {
-                    name: row.get(0),
-                    started_ms: row.get(1),
-                    heartbeat_ms: row.get(2),
-                    stopped: row.get(3),
-                })
-                .collect();
-            let agents = agents
-                .map_err(f)?
-                .iter()
-                .map(|row| {
-                    let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-                    FleetAgent {
-                        saved: SavedAgent {
-                            name: Arc::from(row.get::<_, String>(0)),
-                            first_ms: row.get(1),
-                            last_ms: row.get(2),
-                            delivered: n(3),
-                            acked: n(4),
-                            failed: n(5),
-                        },
-                        server: row.get(6),
-                        connected: row.get(7),
-                        address: row.get(8),
-                    }
-                })
-                .collect();
-            Ok(Fleet { servers, agents })
-        })
-    }
-
-    fn tasks(&mut self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
-        let ids: Vec<i64> = ids.iter().map(|n| id(*n)).collect();
-        self.with_client(async |client, s| {
-            let rows = client
-                .query(&s.tasks, &[&ids])
-                .await
-                .map_err(|e| failed(&e))?;
-            Ok(rows.iter().map(stored_task).collect())
-        })
-    }
-
-    fn cursor(&mut self, agent: &str) -> Result<Option<Saved>, StoreError> {
-        self.with_client(async |client, s| {
-            let row = client
-                .query_opt(&s.cursor_of, &[&agent])
-                .await
-                .map_err(|e| failed(&e))?;
-            Ok(row.as_ref().map(saved_cursor))
-        })
-    }
-
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
-        self.with_client(async |client, s| {
-            let f = |e: tokio_postgres::Error| failed(&e);
-            let task = id(task);
-            let params: [&(dyn ToSql + Sync); 1] = [&task];
-            // Both sent at once: one round trip.
-            let (stored, results) = tokio::join!(
-                client.query_opt(&s.task, &params),
-                client.query(&s.results, &params),
-            );
-            let Some(stored) = stored.map_err(f)? else {
-                return Ok(None);
-            };
-            let results = results
-                .map_err(f)?
-                .iter()
-                .map(|row| AgentResult {
-                    agent: Arc::from(row.get::<_, String>(0)),
-                    ok: row.get(1),
-                    text: row.get(2),
-                    at_ms: row.get(3),
-                })
-                .collect();
-            Ok(Some(TaskRecord {
-                task: stored_task(&stored),
-                results,
-            }))
-        })
+        self.with_client(async |client, s| task_record(client, &s.task, &s.results, task).await)
     }
+}
+
+const CURSOR_OF: &str = "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors \
+                         WHERE agent = $1";
+const RESULTS_OF: &str =
+    "SELECT agent, ok, text, at_ms FROM results WHERE task_id = $1 ORDER BY agent";
+
+fn task_by_id() -> String {
+    format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1")
+}
+
+fn tasks_by_ids() -> String {
+    format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)")
+}
+
+/// One task and its per-agent results, with the statements `by_id` and
+/// `results` ([`task_by_id`], [`RESULTS_OF`]).
+async fn task_record(
+    client: &Client,
+    by_id: &Statement,
+    results: &Statement,
+    task: u64,
+) -> Result<Option<TaskRecord>, StoreError> {
+    let f = |e: tokio_postgres::Error| failed(&e);
+    let task = id(task);
+    let params: [&(dyn ToSql + Sync); 1] = [&task];
+    // Both sent at once: one round trip.
+    let (stored, results) = tokio::join!(
+        client.query_opt(by_id, &params),
+        client.query(results, &params),
+    );
+    let Some(stored) = stored.map_err(f)? else {
+        return Ok(None);
+    };
+    let results = results
+        .map_err(f)?
+        .iter()
+        .map(|row| AgentResult {
+            agent: Arc::from(row.get::<_, String>(0)),
+            ok: row.get(1),
+            text: row.get(2),
+            at_ms: row.get(3),
+        })
+        .collect();
+    Ok(Some(TaskRecord {
+        task: stored_task(&stored),
+        results,
+    }))
+}
+
+/// Every server sharing the database and every named agent it knows of.
+async fn fleet(client: &Client) -> Result<Fleet, StoreError> {
+    let f = |e: tokio_postgres::Error| failed(&e);
+    let (servers, agents) = tokio::join!(
+        client.query(
+            "SELECT name, started_ms, heartbeat_ms, stopped FROM servers ORDER BY name",
+            &[],
+        ),
+        client.query(
+            "SELECT name, first_ms, last_ms, delivered, acked, failed, server, connected, \
+             address FROM agents ORDER BY name",
+            &[],
+        ),
+    );
+    let servers = servers
+        .map_err(f)?
+        .iter()
+        .map(|row| ServerRow {
+            name: row.get(0),
+            started_ms: row.get(1),
+            heartbeat_ms: row.get(2),
+            stopped: row.get(3),
+        })
+        .collect();
+    let agents = agents
+        .map_err(f)?
+        .iter()
+        .map(|row| {
+            let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+            FleetAgent {
+                saved: SavedAgent {
+                    name: Arc::from(row.get::<_, String>(0)),
+                    first_ms: row.get(1),
+                    last_ms: row.get(2),
+                    delivered: n(3),
+                    acked: n(4),
+                    failed: n(5),
+                },
+                server: row.get(6),
+                connected: row.get(7),
+                address: row.get(8),
+            }
+        })
+        .collect();
+    Ok(Fleet { servers, agents })
 }
 
 /// Watches a shared database for this server, on a thread of its own:

@@ -706,3 +706,49 @@ fn store_backup_of_a_postgres_store_points_to_pg_dump() {
     assert!(stderr.contains("pg_dump"), "{stderr}");
     assert!(!dir.path().join("copy.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_share_a_bounded_pool_and_a_server_holds_at_most_pool_size_plus_two_connections() {
+    let Some(cluster) = Cluster::start("postgres read pool") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let server = common::daemon::Daemon::start(&format!(
+        "[server]\nname = \"a\"\n[tasks]\nbatch = 0\n{}pool_size = 2\n",
+        store_section(&url)
+    ));
+    let admin_a = admin(&server).await;
+    common::submit(&mut admin_a.clone(), "one", "").await;
+    // 32 fleet views at once: they wait for one of the 2 read connections.
+    let mut views = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let mut admin = admin_a.clone();
+        views.spawn(async move {
+            let agents = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+            let tasks = admin.list_tasks(ListTasksRequest::default()).await.unwrap();
+            (
+                agents.into_inner().servers.len(),
+                tasks.into_inner().tasks.len(),
+            )
+        });
+    }
+    while let Some(view) = common::within("32 fleet views", views.join_next()).await {
+        assert_eq!(view.unwrap(), (1, 1));
+    }
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'contactd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (3..=4).contains(&held),
+        "the writer, the watcher and 1 or 2 readers: {held}"
+    );
+}
