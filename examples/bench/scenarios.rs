@@ -288,7 +288,15 @@ pub async fn run(
         Scenario::StatusPingpong => status(addr, tls, 1, 1, 1, d).await?,
         Scenario::StatusPipelined => status(addr, tls, 4, 16, 64, d).await?,
         Scenario::Ingest => ingest(addr, 4, d).await?,
-        Scenario::Fanout => fanout(addr, tls, params.fanout_agents, parallel, d).await,
+        Scenario::Fanout => {
+            let before = server.rss()?;
+            let mut outcome = fanout(addr, tls, params.fanout_agents, parallel, d, || {
+                server.rss()
+            })
+            .await;
+            memory_growth(&mut outcome, before, params.fanout_agents);
+            outcome
+        }
         Scenario::Hold => {
             let before = server.rss()?;
             let fleet = Fleet::connect(addr, params.hold_agents, parallel, tls).await;
@@ -469,15 +477,21 @@ async fn fanout(
     agents: usize,
     parallel: usize,
     duration: Duration,
+    rss: impl Fn() -> anyhow::Result<u64>,
 ) -> Outcome {
     let fleet = Fleet::connect(addr, agents, parallel, tls).await;
     let mut outcome = Outcome::default();
     fleet_errors(&fleet, &mut outcome);
+    let connected = rss().unwrap_or(0);
     let before = fleet.snapshot();
     let started = Instant::now();
     // The measurement window itself, not a synchronisation.
     tokio::time::sleep(duration).await;
     let after = fleet.snapshot();
+    let finished = rss().unwrap_or(0);
+    // Figures named here, computed by memory_growth once the rate is first.
+    outcome.figures.push(("rss_connected", connected as f64));
+    outcome.figures.push(("rss_finished", finished as f64));
     let elapsed = started.elapsed().as_secs_f64();
     let delivered: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
     let receiving = before.iter().zip(&after).filter(|(b, a)| a > b).count();
@@ -494,6 +508,26 @@ async fn fanout(
     });
     fleet.close().await;
     outcome
+}
+
+/// Replaces fanout's raw RSS readings with the server's memory growth per
+/// agent: from before the agents connected to the end of the run (issue
+/// 15's figure), and during the run alone (what delivering added).
+fn memory_growth(outcome: &mut Outcome, before: u64, agents: usize) {
+    let connected = outcome.figure("rss_connected").unwrap_or(0.0);
+    let finished = outcome.figure("rss_finished").unwrap_or(0.0);
+    outcome
+        .figures
+        .retain(|(name, _)| *name != "rss_connected" && *name != "rss_finished");
+    let per_agent_kib = |bytes: f64| bytes.max(0.0) / 1024.0 / agents.max(1) as f64;
+    outcome.figures.push((
+        "rss_growth_per_agent_kib",
+        per_agent_kib(finished - before as f64),
+    ));
+    outcome.figures.push((
+        "rss_growth_in_run_per_agent_kib",
+        per_agent_kib(finished - connected),
+    ));
 }
 
 /// Idle getTask agents, one connection each (`fleet`, just connected): time
