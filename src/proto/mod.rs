@@ -14,6 +14,7 @@ pub mod contact {
     include!("gen/contact.rs");
 }
 
+pub mod codec;
 pub mod server_msg;
 
 /// contactd's operator API (`proto/contactd/admin/v1/admin.proto`).

@@ -219,6 +219,7 @@ pub async fn run_with_metrics(
 ) -> Result<(), ServerError> {
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
+    crate::proto::codec::use_small_buffers();
     let (store, snapshot) = opened.start();
     let queue = (initial.tasks.mode == DeliveryMode::Queue)
         .then(|| Queue::new(queue_limits(&initial.tasks), store.clone()));

@@ -177,7 +177,7 @@ pub mod contact_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::codec::ContactCodec::default();
             let path = http::uri::PathAndQuery::from_static("/Contact/sendStatus");
             let mut req = request.into_streaming_request();
             req.extensions_mut().insert(GrpcMethod::new("Contact", "sendStatus"));
@@ -201,7 +201,7 @@ pub mod contact_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::codec::ContactCodec::default();
             let path = http::uri::PathAndQuery::from_static("/Contact/getTask");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("Contact", "getTask"));
@@ -220,7 +220,7 @@ pub mod contact_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::codec::ContactCodec::default();
             let path = http::uri::PathAndQuery::from_static("/Contact/tellResult");
             let mut req = request.into_streaming_request();
             req.extensions_mut().insert(GrpcMethod::new("Contact", "tellResult"));
@@ -239,7 +239,7 @@ pub mod contact_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::codec::ContactCodec::default();
             let path = http::uri::PathAndQuery::from_static("/Contact/remoteCMD");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("Contact", "remoteCMD"));
@@ -401,7 +401,7 @@ pub mod contact_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = sendStatusSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -445,7 +445,7 @@ pub mod contact_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = getTaskSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -488,7 +488,7 @@ pub mod contact_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = tellResultSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -531,7 +531,7 @@ pub mod contact_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = remoteCMDSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,

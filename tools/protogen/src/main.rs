@@ -30,6 +30,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Hand-written (src/proto/server_msg.rs): a broadcast task is
         // encoded once and its bytes sent to every agent.
         .extern_path(".ServerMsg", "crate::proto::server_msg::ServerMsg")
+        // Prost's codec, with buffers the server makes smaller
+        // (src/proto/codec.rs): a fan-out stream kept tonic's 32 KiB of
+        // encode buffer for its life.
+        .codec_path("crate::proto::codec::ContactCodec")
         .out_dir(&scratch)
         .compile_fds(fds.clone())?;
 
