@@ -256,7 +256,9 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
             Ok(task) => Ok(task),
             // Late or repeated: not forged, already counted by the queue.
             Err(AckRefusal::NotInFlight) => {
-                if state.store.is_shared() {
+                // Only for a task that exists: an agent acking made-up ids
+                // costs a counter, not a database statement each.
+                if state.store.is_shared() && result.task_id < state.hub.next_id() {
                     // Perhaps sent through another server (the agent came
                     // here with the ack): the store knows whether this
                     // agent holds the task's claim, and keeps it only then.

@@ -52,6 +52,22 @@ pub fn unix_ms(time: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A new database's epoch: random, never 0 (which means "not said" in an
+/// ack).
+pub(crate) fn new_epoch() -> u64 {
+    u64::from_ne_bytes(crate::secret_random::<8>()).max(1)
+}
+
+/// An epoch as a database column keeps it (the i64 of the same bits).
+pub(crate) fn epoch_column(epoch: u64) -> i64 {
+    i64::from_ne_bytes(epoch.to_ne_bytes())
+}
+
+/// The epoch a database column holds.
+pub(crate) fn epoch_from_column(column: i64) -> u64 {
+    u64::from_ne_bytes(column.to_ne_bytes()).max(1)
+}
+
 /// Why the store failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -357,8 +373,7 @@ pub fn open(
     match config.kind {
         StoreKind::Memory => Ok(Opened {
             snapshot: Snapshot {
-                // Never 0, which means "not said" in an ack.
-                epoch: u64::from_ne_bytes(crate::secret_random::<8>()).max(1),
+                epoch: new_epoch(),
                 next_id: 1,
                 ..Snapshot::default()
             },

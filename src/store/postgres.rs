@@ -676,11 +676,11 @@ async fn migrate(client: &Client, name: &str) -> Result<(), StoreError> {
             );
         }
         if version == 0 {
-            let epoch = u64::from_ne_bytes(crate::secret_random::<8>()).max(1);
+            let epoch = super::new_epoch();
             client
                 .execute(
                     "INSERT INTO contactd_meta (key, value) VALUES ('epoch', $1), ('next_id', 1)",
-                    &[&i64::from_ne_bytes(epoch.to_ne_bytes())],
+                    &[&super::epoch_column(epoch)],
                 )
                 .await
                 .map_err(f)?;
@@ -762,8 +762,6 @@ struct Statements {
     acked_claim: Statement,
     cursor: Statement,
     agent: Statement,
-    task: Statement,
-    results: Statement,
     presence: Statement,
 }
 
@@ -881,7 +879,7 @@ impl Statements {
                      failed = excluded.failed",
                 )
                 .await?,
-            task: client.prepare(&task_by_id()).await?,
+
             // A disconnect seen late by the server the agent left must not
             // undo its connect to another.
             presence: client
@@ -897,7 +895,6 @@ impl Statements {
                                       ELSE agents.connected END",
                 )
                 .await?,
-            results: client.prepare(RESULTS_OF).await?,
         })
     }
 }
@@ -1242,7 +1239,7 @@ impl Backend for Postgres {
                 })
                 .collect();
             Ok(Snapshot {
-                epoch: u64::from_ne_bytes(epoch.to_ne_bytes()).max(1),
+                epoch: super::epoch_from_column(epoch),
                 next_id,
                 tasks,
                 cursors,
@@ -1471,8 +1468,14 @@ impl Backend for Postgres {
         })
     }
 
+    /// Not used while the server runs (its reads go through [`Reader`]).
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
-        self.with_client(async |client, s| task_record(client, &s.task, &s.results, task).await)
+        self.with_client(async |client, _| {
+            let f = |e: tokio_postgres::Error| failed(&e);
+            let (by_id, results) = (task_by_id(), RESULTS_OF);
+            let (by_id, results) = tokio::join!(client.prepare(&by_id), client.prepare(results));
+            task_record(client, &by_id.map_err(f)?, &results.map_err(f)?, task).await
+        })
     }
 }
 

@@ -238,11 +238,11 @@ impl Sqlite {
             );
         }
         if from == 0 {
-            let epoch = u64::from_ne_bytes(crate::secret_random::<8>()).max(1);
+            let epoch = super::new_epoch();
             // Stored as the i64 of the same bits.
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('next_id', 1)",
-                [i64::from_ne_bytes(epoch.to_ne_bytes())],
+                [super::epoch_column(epoch)],
             )
             .map_err(|e| failed(&e))?;
             tx.pragma_update(None, "application_id", APPLICATION_ID)
@@ -379,7 +379,7 @@ impl Backend for Sqlite {
             })
             .map_err(f)?;
         Ok(Snapshot {
-            epoch: u64::from_ne_bytes(epoch.to_ne_bytes()).max(1),
+            epoch: super::epoch_from_column(epoch),
             next_id,
             tasks,
             cursors,

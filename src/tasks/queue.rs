@@ -593,7 +593,9 @@ impl State {
         if let Some((slot, at)) = assigned {
             let mut entry = None;
             self.change_load(slot, |s| entry = s.outbox.remove(at));
-            return Ok((entry.expect("found above"), None));
+            let entry = entry.expect("found above");
+            let _ = self.store.take_lost(entry.seq);
+            return Ok((entry, None));
         }
         if let Some(flight) = self.in_flight.remove(&id) {
             if let Some(slot) = flight.slot {
@@ -867,8 +869,11 @@ impl Drop for Slot {
             return;
         };
         state.by_load.remove(&(slot.load(), self.id));
-        // Assigned but never sent: back in line, no attempt used.
+        // Assigned but never sent: back in line, no attempt used (and what
+        // a shared store said of its claim, if anything, is let go: the
+        // next assignment makes a new claim).
         for entry in slot.outbox.into_iter().rev() {
+            let _ = state.store.take_lost(entry.seq);
             match entry.task.target.clone() {
                 Some(name) => state.targeted.entry(name).or_default().push_front(entry),
                 None => state.pending.push_front(entry),
