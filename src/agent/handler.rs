@@ -96,7 +96,6 @@ mod tests {
             attempt: 2,
             epoch: 7,
             retry: 0,
-            encoded: None,
         }
     }
 

@@ -10,12 +10,11 @@
 /// The seed's method names are camelCase, so the generated stream types are too.
 #[allow(non_camel_case_types)]
 pub mod contact {
-    pub use super::server_msg::ServerMsg;
     include!("gen/contact.rs");
 }
 
 pub mod codec;
-pub mod server_msg;
+pub mod wire;
 
 /// contactd's operator API (`proto/contactd/admin/v1/admin.proto`).
 pub mod admin {

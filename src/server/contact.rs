@@ -13,7 +13,9 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use futures_util::{Stream, stream};
+use http_body::Frame;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -130,14 +132,20 @@ impl Contact for ContactService {
         tracing::debug!(parent: &span, "subscribed to tasks");
         let closing = self.state.closing.child_token();
         if feed.is_broadcast() {
-            return Ok(Response::new(Box::pin(BroadcastTasks {
+            let body = TaskFrames {
                 feed,
                 caller,
                 _span: span,
                 closing,
                 idle: None,
                 done: false,
-            })));
+            };
+            // The stream tonic gets is empty: the gate sends `body` instead.
+            let mut response = Response::new(Box::pin(stream::empty()) as Self::getTaskStream);
+            response
+                .extensions_mut()
+                .insert(Handoff(Arc::new(parking_lot::Mutex::new(Some(body)))));
+            return Ok(response);
         }
         // Queue mode. Boxed: unfold moves its state into each message's
         // future and out again.
@@ -239,12 +247,17 @@ fn cmd_outcome(outcome: &Result<crate::remote_cmd::CmdOutput, Refusal>) -> CmdOu
     }
 }
 
-/// A broadcast `getTask` stream, written by hand for fan-out's hot path:
-/// a task that is ready is taken and sent without building a future (an
-/// `unfold` built one per message and moved the stream's state through
-/// it); only an idle stream holds a future, waiting for the next publish
-/// or for the server to close.
-struct BroadcastTasks {
+/// The most a broadcast stream sends in one DATA frame: HTTP/2's smallest
+/// allowed `SETTINGS_MAX_FRAME_SIZE`, so a run is never split by framing.
+const MAX_RUN: usize = 16 * 1024;
+
+/// A broadcast `getTask` response body: the feed's runs of shared bytes
+/// ([`crate::proto::wire`]) as DATA frames, as they become ready; trailers
+/// with UNAVAILABLE when the server closes. It is what tonic's encoder
+/// would send for the same messages, without a stream of messages, an
+/// encode buffer or a copy per agent. No future is made while tasks are
+/// ready; only an idle stream holds one.
+pub(super) struct TaskFrames {
     feed: Feed,
     caller: CallGuard,
     /// The call's span, kept for as long as the stream.
@@ -256,10 +269,25 @@ struct BroadcastTasks {
     done: bool,
 }
 
-impl Stream for BroadcastTasks {
-    type Item = Result<ServerMsg, Status>;
+impl TaskFrames {
+    /// Ends the stream with `status` in its trailers.
+    fn end(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        // Fails only for a message that cannot be a header; ours can.
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+impl http_body::Body for TaskFrames {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
         loop {
             if this.done {
@@ -269,21 +297,18 @@ impl Stream for BroadcastTasks {
                 let published = std::task::ready!(idle.as_mut().poll(cx));
                 this.idle = None;
                 if !published {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(shutting_down())));
+                    return this.end(&shutting_down());
                 }
             }
             if this.closing.is_cancelled() {
-                this.done = true;
-                return Poll::Ready(Some(Err(shutting_down())));
+                return this.end(&shutting_down());
             }
-            if let Some(msg) = this.feed.try_next(&this.caller) {
-                return Poll::Ready(Some(Ok(msg)));
+            if let Some(run) = this.feed.try_next_run(&this.caller, MAX_RUN) {
+                return Poll::Ready(Some(Ok(Frame::data(run))));
             }
             let Some(published) = this.feed.published() else {
                 // Not a broadcast feed (never made so): end, not spin.
-                this.done = true;
-                return Poll::Ready(None);
+                return this.end(&Status::internal("not a broadcast stream"));
             };
             let closing = this.closing.clone();
             this.idle = Some(Box::pin(async move {
@@ -294,6 +319,24 @@ impl Stream for BroadcastTasks {
                 }
             }));
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// A broadcast `getTask` stream's body, handed from the handler to the
+/// gate in the response's extensions. The generated code can only send a
+/// stream of messages, each encoded into the stream's own buffer; the gate
+/// sends this body in its place, with the headers tonic made.
+#[derive(Clone)]
+pub(super) struct Handoff(Arc<parking_lot::Mutex<Option<TaskFrames>>>);
+
+impl Handoff {
+    /// The body, once.
+    pub(super) fn take(&self) -> Option<TaskFrames> {
+        self.0.lock().take()
     }
 }
 

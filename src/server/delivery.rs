@@ -9,9 +9,14 @@
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
+use bytes::Bytes;
+
 use super::{State, callers::CallGuard};
 use crate::{
-    proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
+    proto::{
+        contact::{Outcome, Result as ResultMsg, ServerMsg},
+        wire::{self, Framed, Run, TaskMsg},
+    },
     store::Write,
     tasks::{
         AckCursor, Delivery, Start, Subscription, Task,
@@ -22,6 +27,9 @@ use crate::{
 /// Where a `getTask` stream's tasks come from.
 pub(super) struct Feed {
     source: Source,
+    /// Broadcast: a ready task taken from the subscription that did not
+    /// join the last run; the next run's first.
+    held: Option<Arc<Task>>,
     epoch: u64,
     store: crate::store::Store,
     /// For `tasks.retain`, the bound of a cursor's out-of-order acks.
@@ -38,6 +46,7 @@ impl Feed {
     pub(super) fn open(state: &State, caller: &CallGuard) -> Feed {
         Feed {
             source: Source::open(state, caller),
+            held: None,
             epoch: state.epoch,
             store: state.store.clone(),
             config: state.config.clone(),
@@ -49,58 +58,111 @@ impl Feed {
         matches!(self.source, Source::Broadcast(_))
     }
 
-    /// The next task to send to `caller`. Cancel-safe.
+    /// Queue mode: the next task to send to `caller`, as its own message
+    /// (each delivery has its own attempt number). Cancel-safe. Pending
+    /// for ever on a broadcast feed, which sends [`Run`]s instead.
     pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
-        if let Source::Queue(slot) = &mut self.source {
-            // Each delivery has its own attempt number: encoded for it.
-            let (task, attempt) = slot.recv().await;
-            if attempt > 1 {
-                tracing::info!(
-                    agent = %caller.id,
-                    address = %super::callers::shown_address(caller.address()),
-                    task_id = task.id,
-                    attempt,
-                    "task redelivered"
-                );
-            }
-            let msg = message(&task, attempt, self.epoch);
-            return sent(caller, &task, attempt, msg);
+        let Source::Queue(slot) = &mut self.source else {
+            return std::future::pending().await;
+        };
+        let (task, attempt) = slot.recv().await;
+        if attempt > 1 {
+            tracing::info!(
+                agent = %caller.id,
+                address = %super::callers::shown_address(caller.address()),
+                task_id = task.id,
+                attempt,
+                "task redelivered"
+            );
         }
-        loop {
-            if let Some(msg) = self.try_next(caller) {
-                return msg;
-            }
-            if let Some(published) = self.published() {
-                published.await;
-            }
-        }
+        sent(caller, 1, task.id);
+        tracing::trace!(task_id = task.id, attempt, "task sent");
+        message(&task, attempt, self.epoch)
     }
 
-    /// Broadcast: the next task for `caller` if one is ready now (`None`
-    /// in queue mode). The stream's fast path: no future per message.
-    pub(super) fn try_next(&mut self, caller: &CallGuard) -> Option<ServerMsg> {
+    /// Broadcast: the tasks for `caller` that are ready now, as the bytes
+    /// of their gRPC messages: consecutive tasks of one encoded batch, at
+    /// most `max` bytes (more than one task only if they fit), shared with
+    /// every other stream. `None` when none is ready (or in queue mode).
+    /// The stream's fast path: no future, no encoding, no copy.
+    pub(super) fn try_next_run(&mut self, caller: &CallGuard, max: usize) -> Option<Bytes> {
         let Source::Broadcast(subscription) = &mut self.source else {
             return None;
         };
-        let task = ready_broadcast(subscription, caller, &self.config)?;
-        if task.progress.record_delivery() {
-            self.store.record(Write::Delivered { id: task.id });
+        let mut run: Option<Run> = None;
+        let (mut count, mut last) = (0, 0);
+        loop {
+            let Some(task) = self
+                .held
+                .take()
+                .or_else(|| ready_broadcast(subscription, caller, &self.config))
+            else {
+                break;
+            };
+            let framed = task
+                .wire
+                .get_or_init(|| encode_broadcast_one(&task, self.epoch));
+            match &mut run {
+                None => run = Some(Run::new(framed)),
+                Some(run) => {
+                    if !run.extend(framed, max) {
+                        // The next run's first.
+                        self.held = Some(task);
+                        break;
+                    }
+                }
+            }
+            if task.progress.record_delivery() {
+                self.store.record(Write::Delivered { id: task.id });
+            }
+            tracing::trace!(task_id = task.id, attempt = 1, "task sent");
+            count += 1;
+            last = task.id;
         }
-        // The same bytes for every agent: encoded once, shared.
-        let msg = task
-            .wire
-            .get_or_init(|| ServerMsg::pre_encoded(&message(&task, 1, self.epoch)))
-            .clone();
-        Some(sent(caller, &task, 1, msg))
+        // Once per run, before its bytes go: the agent may ack any of them.
+        if count > 0 {
+            sent(caller, count, last);
+        }
+        run.map(Run::into_bytes)
     }
 
-    /// Broadcast: resolves when [`try_next`](Self::try_next) may have a task
-    /// again, after it found none.
+    /// Broadcast: resolves when [`try_next_run`](Self::try_next_run) may
+    /// have tasks again, after it found none.
     pub(super) fn published(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         match &self.source {
             Source::Broadcast(subscription) => Some(subscription.published()),
             Source::Queue(_) => None,
         }
+    }
+}
+
+/// Broadcast: encodes newly published tasks once, as one block every
+/// stream sends slices of (see [`crate::proto::wire`]).
+pub(super) fn encode_broadcast(tasks: &[Arc<Task>], epoch: u64) {
+    let msgs: Vec<TaskMsg<'_>> = tasks.iter().map(|task| wire_msg(task, epoch)).collect();
+    for (task, framed) in tasks.iter().zip(wire::encode_block(&msgs)) {
+        // Set already only for a task published twice (the ring ignores
+        // the second): its first encoding stands.
+        let _ = task.wire.set(framed);
+    }
+}
+
+/// A task that was not encoded with its batch (none is, but the stream
+/// does not depend on it), encoded alone.
+fn encode_broadcast_one(task: &Task, epoch: u64) -> Framed {
+    wire::encode_block(&[wire_msg(task, epoch)])
+        .pop()
+        .expect("one message encoded")
+}
+
+/// A broadcast task's message: always a first attempt.
+fn wire_msg(task: &Task, epoch: u64) -> TaskMsg<'_> {
+    TaskMsg {
+        task: &task.text,
+        id: task.id,
+        attempt: 1,
+        epoch,
+        retry: task.progress.retries(),
     }
 }
 
@@ -112,20 +174,17 @@ fn message(task: &Task, attempt: u32, epoch: u64) -> ServerMsg {
         attempt,
         epoch,
         retry: task.progress.retries(),
-        encoded: None,
     }
 }
 
-/// Counts `task` as sent to `caller`; returns `msg`.
-fn sent(caller: &CallGuard, task: &Task, attempt: u32, msg: ServerMsg) -> ServerMsg {
-    caller.delivered.fetch_add(1, Relaxed);
-    caller.sent_up_to.fetch_max(task.id, Relaxed);
+/// Counts `count` tasks as sent to `caller`, the last (the highest id) `last`.
+fn sent(caller: &CallGuard, count: u64, last: u64) {
+    caller.delivered.fetch_add(count, Relaxed);
+    caller.sent_up_to.fetch_max(last, Relaxed);
     if let Some(tracked) = caller.cursor.get() {
         // Saved with the cursor, at the next ack.
-        tracked.sent_up_to.fetch_max(task.id, Relaxed);
+        tracked.sent_up_to.fetch_max(last, Relaxed);
     }
-    tracing::trace!(task_id = task.id, attempt, "task sent");
-    msg
 }
 
 impl Source {

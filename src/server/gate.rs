@@ -28,7 +28,11 @@ use http_body::Frame;
 use tonic::{Status, body::Body, server::NamedService};
 use tower::Service;
 
-use super::{State, contact::ContactService, listener::ConnInfo};
+use super::{
+    State,
+    contact::{ContactService, Handoff},
+    listener::ConnInfo,
+};
 use crate::{
     auth::{Credential, HEADER, Role},
     proto::{AGENT_HEADER, contact::contact_server::ContactServer},
@@ -191,7 +195,12 @@ impl Service<http::Request<Body>> for Gate {
         };
         let (state, started) = (Arc::clone(&self.state), std::time::Instant::now());
         Box::pin(async move {
-            let response = call.await?;
+            let mut response = call.await?;
+            if let Some(handoff) = response.extensions_mut().remove::<Handoff>()
+                && let Some(frames) = handoff.take()
+            {
+                response = response.map(|_empty| Body::new(frames));
+            }
             Ok(counted(response, state, method, started))
         })
     }

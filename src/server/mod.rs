@@ -227,9 +227,17 @@ pub async fn run_with_metrics(
     if let Some(queue) = &queue {
         queue.restore(restored);
     }
+    let epoch = snapshot.epoch;
+    if queue.is_none() {
+        delivery::encode_broadcast(&hub.retained_tasks(), epoch);
+    }
     store.set_sink({
         let (hub, queue) = (Arc::clone(&hub), queue.clone());
         Arc::new(move |tasks| {
+            if queue.is_none() {
+                // Encoded once, here on the store's thread, for every stream.
+                delivery::encode_broadcast(tasks, epoch);
+            }
             hub.append_tasks(tasks);
             if let Some(queue) = &queue {
                 queue.push_all(tasks);

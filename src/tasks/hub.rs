@@ -39,8 +39,8 @@ pub struct Task {
     /// the ring's ids contiguous and is never delivered or listed.
     pub void: bool,
     /// Broadcast mode: the task as every agent receives it, encoded once
-    /// (at its first delivery) and shared by every stream.
-    pub wire: std::sync::OnceLock<crate::proto::contact::ServerMsg>,
+    /// (with the batch it was published in) and shared by every stream.
+    pub wire: std::sync::OnceLock<crate::proto::wire::Framed>,
 }
 
 /// Where a task stands.

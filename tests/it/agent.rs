@@ -291,7 +291,6 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
             attempt: 1,
             epoch: 7,
             retry: 0,
-            encoded: None,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),
@@ -546,7 +545,6 @@ async fn handlers_run_at_most_handler_concurrency_at_once() {
                 attempt: 1,
                 epoch: 7,
                 retry: 0,
-                encoded: None,
             })
             .collect(),
         drop_sessions: false,
@@ -606,7 +604,6 @@ async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
             attempt: 1,
             epoch: 7,
             retry: 0,
-            encoded: None,
         }],
         drop_sessions: false,
         cut: Arc::clone(&cut),

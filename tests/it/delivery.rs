@@ -377,3 +377,123 @@ async fn queue_limits_follow_a_reload() {
     assert_eq!(agent.next().await.id, 3);
     server.stop().await;
 }
+
+/// Opens getTask as `name` on a raw HTTP/2 connection and reads DATA
+/// frames until `count` tasks came; returns each frame's tasks (a frame
+/// holds whole messages only) and the bytes of all.
+async fn task_frames(
+    server: &TestServer,
+    name: &str,
+    count: usize,
+) -> (Vec<Vec<ServerMsg>>, Vec<u8>) {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = within("stream capacity", sender.ready()).await.unwrap();
+    let request = http::Request::post(format!("http://{}/Contact/getTask", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(AGENT_HEADER, name)
+        .body(())
+        .unwrap();
+    let (response, mut body) = sender.send_request(request, false).unwrap();
+    // The request: one empty message.
+    body.send_data(vec![0u8; 5].into(), true).unwrap();
+    let response = within("getTask's headers", response).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let mut data = response.into_body();
+    let (mut frames, mut all, mut tasks) = (Vec::new(), Vec::new(), 0);
+    while tasks < count {
+        let frame = within("a DATA frame", data.data()).await.unwrap().unwrap();
+        let _ = data.flow_control().release_capacity(frame.len());
+        all.extend_from_slice(&frame);
+        let mut rest = &frame[..];
+        let mut messages = Vec::new();
+        while !rest.is_empty() {
+            assert_eq!(rest[0], 0, "uncompressed");
+            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            messages.push(ServerMsg::decode(&rest[5..5 + len]).unwrap());
+            rest = &rest[5 + len..];
+        }
+        tasks += messages.len();
+        frames.push(messages);
+    }
+    (frames, all)
+}
+
+#[tokio::test]
+async fn ready_tasks_go_out_encoded_once_as_whole_messages_in_few_data_frames() {
+    let store = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.store.path = Some(store.path().join("contactd.db"));
+    // One batch of 300 at once, and no other for the test's length.
+    config.tasks.batch = 300;
+    config.tasks.interval = Duration::from_secs(3600);
+    let server = TestServer::start(config.clone()).await;
+    let mut admin = server.admin().await;
+    let ids_of = |frames: &[Vec<ServerMsg>]| -> Vec<Vec<u64>> {
+        frames
+            .iter()
+            .map(|f| f.iter().map(|t| t.id).collect())
+            .collect()
+    };
+    common::until(
+        "the batch",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let request = ListTasksRequest {
+                    state: 0,
+                    limit: 0,
+                    after_id: 0,
+                };
+                admin
+                    .list_tasks(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .tasks
+                    .len()
+            }
+        },
+        |n| *n == 300,
+    )
+    .await;
+    // The batch is one block: ~9 KiB, so one run, one DATA frame.
+    let (frames, first_bytes) = task_frames(&server, "a", 300).await;
+    assert_eq!(ids_of(&frames), vec![(1..=300).collect::<Vec<u64>>()]);
+    let epoch = frames[0][0].epoch;
+    assert_ne!(epoch, 0);
+    assert!(
+        frames[0]
+            .iter()
+            .all(|t| t.attempt == 1 && t.epoch == epoch && t.task.starts_with("task:"))
+    );
+    // Another agent gets the same bytes.
+    let (_, again) = task_frames(&server, "b", 300).await;
+    assert_eq!(again, first_bytes);
+    // The same tasks through tonic's client, as an agent sees them.
+    let mut agent = Agent::connect(&server, "c").await;
+    for id in 1..=300 {
+        assert_eq!(agent.next().await, frames[0][id - 1]);
+    }
+
+    // A task for another agent between two for all: the stream skips it,
+    // and the tasks either side do not share a frame. After a restart the
+    // retained tasks are one block.
+    assert_eq!(submit(&mut admin, "for z", "z").await, 301);
+    assert_eq!(submit(&mut admin, "for all", "").await, 302);
+    server.stop().await;
+    config.tasks.batch = 0;
+    let server = TestServer::start(config).await;
+    let (frames, _) = task_frames(&server, "d", 301).await;
+    let mut expected: Vec<Vec<u64>> = vec![(1..=300).collect()];
+    expected.push(vec![302]);
+    assert_eq!(ids_of(&frames), expected);
+    assert_eq!(frames[1][0].task, "for all");
+    let (frames, _) = task_frames(&server, "z", 302).await;
+    assert_eq!(ids_of(&frames), vec![(1..=302).collect::<Vec<u64>>()]);
+    server.stop().await;
+}

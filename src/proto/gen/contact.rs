@@ -4,6 +4,27 @@ pub struct ClientMsg {
     #[prost(string, tag = "1")]
     pub msg: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServerMsg {
+    #[prost(string, tag = "1")]
+    pub task: ::prost::alloc::string::String,
+    /// contactd: the task's id (starts at 1), to be echoed in Result.task_id.
+    #[prost(uint64, tag = "2")]
+    pub id: u64,
+    /// contactd: 1 for a first delivery, higher when the task is redelivered.
+    #[prost(uint32, tag = "3")]
+    pub attempt: u32,
+    /// contactd: the server run that issued the task (random per start), to
+    /// be echoed in Result.epoch: ids start again after a restart, and an ack
+    /// of an old task must not be taken for a new task with the same id.
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    /// contactd: how many times an operator sent the task back to the queue
+    /// (`contactd task retry`); 0 = never. A retried task is run again: an
+    /// agent that remembers handling it must not just repeat its ack.
+    #[prost(uint32, tag = "5")]
+    pub retry: u32,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Empty {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -188,9 +209,7 @@ pub mod contact_client {
             &mut self,
             request: impl tonic::IntoRequest<super::Empty>,
         ) -> std::result::Result<
-            tonic::Response<
-                tonic::codec::Streaming<crate::proto::server_msg::ServerMsg>,
-            >,
+            tonic::Response<tonic::codec::Streaming<super::ServerMsg>>,
             tonic::Status,
         > {
             self.inner
@@ -273,10 +292,7 @@ pub mod contact_server {
         ) -> std::result::Result<tonic::Response<Self::sendStatusStream>, tonic::Status>;
         /// Server streaming response type for the getTask method.
         type getTaskStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<
-                    crate::proto::server_msg::ServerMsg,
-                    tonic::Status,
-                >,
+                Item = std::result::Result<super::ServerMsg, tonic::Status>,
             >
             + std::marker::Send
             + 'static;
@@ -421,7 +437,7 @@ pub mod contact_server {
                     struct getTaskSvc<T: Contact>(pub Arc<T>);
                     impl<T: Contact> tonic::server::ServerStreamingService<super::Empty>
                     for getTaskSvc<T> {
-                        type Response = crate::proto::server_msg::ServerMsg;
+                        type Response = super::ServerMsg;
                         type ResponseStream = T::getTaskStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,

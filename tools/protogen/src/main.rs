@@ -27,9 +27,6 @@ fn main() -> Result<(), Box<dyn Error>> {
     let files: Vec<&str> = PROTOS.iter().map(|(file, ..)| *file).collect();
     let fds = protox::compile(&files, [&proto_dir])?;
     tonic_prost_build::configure()
-        // Hand-written (src/proto/server_msg.rs): a broadcast task is
-        // encoded once and its bytes sent to every agent.
-        .extern_path(".ServerMsg", "crate::proto::server_msg::ServerMsg")
         // Prost's codec, with buffers the server makes smaller
         // (src/proto/codec.rs): a fan-out stream kept tonic's 32 KiB of
         // encode buffer for its life.
