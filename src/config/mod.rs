@@ -209,7 +209,8 @@ pub struct ServerConfig {
     pub backlog: u32,
     /// Connections open at once; beyond, new ones are closed at once.
     pub max_connections: usize,
-    /// Largest message accepted from a client.
+    /// Largest message accepted from a client, and sent to one: a task
+    /// whose message would be larger is refused at submit.
     #[serde(with = "units::size")]
     pub max_message_size: ByteSize,
     /// HTTP/2 streams one connection may have open at once.

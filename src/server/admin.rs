@@ -272,6 +272,10 @@ impl AdminService {
     }
 }
 
+/// Room a task's message needs besides its text: the text's tag and length
+/// and the other fields, at their largest.
+const TASK_FIELDS: u64 = 64;
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn submit_task(
@@ -281,6 +285,17 @@ impl Admin for AdminService {
         let request = request.into_inner();
         if request.text.is_empty() {
             return Err(Status::invalid_argument("the task text is empty"));
+        }
+        // What agents are sent is bounded like what they send: a larger
+        // task could never be delivered.
+        let max = self.state.config.borrow().server.max_message_size;
+        if request.text.len() as u64 + TASK_FIELDS > max.as_u64() {
+            return Err(Status::invalid_argument(format!(
+                "the task text is too large: {} bytes, and a task's message may be at most \
+                 server.max_message_size ({}) with {TASK_FIELDS} bytes of it for its other fields",
+                request.text.len(),
+                crate::config::units::size::format(max),
+            )));
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
         let mut text = Some(request.text);

@@ -20,6 +20,7 @@ use crate::{
     store::Write,
     tasks::{
         AckCursor, Delivery, Start, Subscription, Task,
+        cursor::Tracked,
         queue::{AckRefusal, Slot},
     },
 };
@@ -91,12 +92,14 @@ impl Feed {
         };
         let mut run: Option<Run> = None;
         let (mut count, mut last) = (0, 0);
+        // A named agent's cursor, locked once per run rather than per task.
+        let tracked = caller.cursor.get();
+        let mut cursor = tracked.map(|tracked| tracked.cursor.lock());
         loop {
-            let Some(task) = self
-                .held
-                .take()
-                .or_else(|| ready_broadcast(subscription, caller, &self.config))
-            else {
+            let Some(task) = self.held.take().or_else(|| {
+                let cursor = tracked.zip(cursor.as_deref_mut());
+                ready_broadcast(subscription, caller, cursor, &self.config)
+            }) else {
                 break;
             };
             let framed = task
@@ -228,10 +231,12 @@ impl Source {
     }
 }
 
-/// The next task for `caller` that is ready now, without waiting.
+/// The next task for `caller` that is ready now, without waiting; a named
+/// caller's `cursor` is locked by the caller of this function.
 fn ready_broadcast(
     subscription: &mut Subscription,
     caller: &CallGuard,
+    mut cursor: Option<(&Arc<Tracked>, &mut AckCursor)>,
     config: &tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
 ) -> Option<Arc<Task>> {
     loop {
@@ -244,13 +249,12 @@ fn ready_broadcast(
                         .as_ref()
                         .is_some_and(|target| *target != caller.id)
                     || task.progress.is_cancelled();
-                let Some(tracked) = caller.cursor.get() else {
+                let Some((tracked, cursor)) = cursor.as_mut() else {
                     if not_for_it {
                         continue;
                     }
                     return Some(task);
                 };
-                let mut cursor = tracked.cursor.lock();
                 if cursor.is_acked(task.id) {
                     continue;
                 }
@@ -266,10 +270,10 @@ fn ready_broadcast(
                 return Some(task);
             }
             Delivery::Skipped(skipped) => {
-                let missed = match caller.cursor.get() {
-                    Some(tracked) => {
+                let missed = match cursor.as_mut() {
+                    Some((tracked, cursor)) => {
                         tracked.touch();
-                        tracked.cursor.lock().skip_to(subscription.position())
+                        cursor.skip_to(subscription.position())
                     }
                     None => skipped,
                 };

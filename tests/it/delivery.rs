@@ -497,3 +497,29 @@ async fn ready_tasks_go_out_encoded_once_as_whole_messages_in_few_data_frames() 
     assert_eq!(ids_of(&frames), vec![(1..=302).collect::<Vec<u64>>()]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_too_large_to_send_is_refused_at_submit() {
+    let mut config = manual_tasks(DeliveryMode::Broadcast);
+    config.server.max_message_size = bytesize::ByteSize::kib(1);
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let refused = admin
+        .submit_task(contactd::proto::admin::SubmitTaskRequest {
+            text: "x".repeat(961),
+            agent: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("server.max_message_size (1KiB)"),
+        "{refused:?}"
+    );
+    // The largest that fits goes through, and out to an agent.
+    let text = "x".repeat(960);
+    assert_eq!(submit(&mut admin, &text, "").await, 1);
+    let mut agent = Agent::connect(&server, "a").await;
+    assert_eq!(agent.next().await.task, text);
+    server.stop().await;
+}
