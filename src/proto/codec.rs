@@ -3,12 +3,14 @@
 //!
 //! tonic's defaults give every stream an 8 KiB encode buffer at its start
 //! and let a busy one grow to its 32 KiB yield threshold, then keep that
-//! capacity for the stream's life. A fan-out stream is busy by design (a
-//! broadcast stream is ready whenever tasks wait): with 1,000 agents that
-//! was about 55 KiB held per agent, against half a KiB for a bare tonic
-//! server. Contact's messages are small (a task, a status, an ack), so the
-//! server's streams start at 1 KiB and yield at 8 KiB, which still carries
-//! hundreds of tasks per frame ([`use_small_buffers`]).
+//! capacity for the stream's life. A stream that is ready whenever tasks
+//! wait (a queue-mode getTask, a busy sendStatus) fills it: when broadcast
+//! streams still went through here, 1,000 fan-out agents held about 55 KiB
+//! each, against half a KiB for a bare tonic server. Contact's messages are
+//! small (a task, a status, an ack), so the server's streams start at 1 KiB
+//! and yield at 8 KiB, which still carries hundreds of tasks per frame
+//! ([`use_small_buffers`]). Broadcast getTask streams no longer encode at
+//! all: they send shared bytes ([`super::wire`]).
 //!
 //! A process-wide setting, not a per-service one, because the generated
 //! code makes its codec with `Default`. Whoever does not ask (the agent,

@@ -248,11 +248,11 @@ fn cmd_outcome(outcome: &Result<crate::remote_cmd::CmdOutput, Refusal>) -> CmdOu
 }
 
 /// The most a broadcast stream sends in one DATA frame: HTTP/2's smallest
-/// allowed `SETTINGS_MAX_FRAME_SIZE`, so a run is never split by framing.
-const MAX_RUN: usize = 16 * 1024;
+/// allowed `SETTINGS_MAX_FRAME_SIZE`, so h2 never splits one for its size.
+const MAX_FRAME: usize = 16 * 1024;
 
-/// A broadcast `getTask` response body: the feed's runs of shared bytes
-/// ([`crate::proto::wire`]) as DATA frames, as they become ready; trailers
+/// A broadcast `getTask` response body: the feed's ready tasks as DATA
+/// frames of shared bytes ([`crate::proto::wire`]); trailers
 /// with UNAVAILABLE when the server closes. It is what tonic's encoder
 /// would send for the same messages, without a stream of messages, an
 /// encode buffer or a copy per agent. No future is made while tasks are
@@ -303,8 +303,8 @@ impl http_body::Body for TaskFrames {
             if this.closing.is_cancelled() {
                 return this.end(&shutting_down());
             }
-            if let Some(run) = this.feed.try_next_run(&this.caller, MAX_RUN) {
-                return Poll::Ready(Some(Ok(Frame::data(run))));
+            if let Some(data) = this.feed.try_next_frame(&this.caller, MAX_FRAME) {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             let Some(published) = this.feed.published() else {
                 // Not a broadcast feed (never made so): end, not spin.

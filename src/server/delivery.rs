@@ -29,8 +29,11 @@ use crate::{
 pub(super) struct Feed {
     source: Source,
     /// Broadcast: a ready task taken from the subscription that did not
-    /// join the last run; the next run's first.
+    /// fit the last frame; the next frame's first.
     held: Option<Arc<Task>>,
+    /// Broadcast: the frame being made, as runs of shared blocks (kept
+    /// for its allocation; empty between frames).
+    runs: Vec<Run>,
     epoch: u64,
     store: crate::store::Store,
     /// For `tasks.retain`, the bound of a cursor's out-of-order acks.
@@ -48,6 +51,7 @@ impl Feed {
         Feed {
             source: Source::open(state, caller),
             held: None,
+            runs: Vec::new(),
             epoch: state.epoch,
             store: state.store.clone(),
             config: state.config.clone(),
@@ -61,7 +65,8 @@ impl Feed {
 
     /// Queue mode: the next task to send to `caller`, as its own message
     /// (each delivery has its own attempt number). Cancel-safe. Pending
-    /// for ever on a broadcast feed, which sends [`Run`]s instead.
+    /// for ever on a broadcast feed, which sends frames of shared bytes
+    /// instead ([`try_next_frame`](Self::try_next_frame)).
     pub(super) async fn next(&mut self, caller: &CallGuard) -> ServerMsg {
         let Source::Queue(slot) = &mut self.source else {
             return std::future::pending().await;
@@ -81,18 +86,20 @@ impl Feed {
         message(&task, attempt, self.epoch)
     }
 
-    /// Broadcast: the tasks for `caller` that are ready now, as the bytes
-    /// of their gRPC messages: consecutive tasks of one encoded batch, at
-    /// most `max` bytes (more than one task only if they fit), shared with
-    /// every other stream. `None` when none is ready (or in queue mode).
-    /// The stream's fast path: no future, no encoding, no copy.
-    pub(super) fn try_next_run(&mut self, caller: &CallGuard, max: usize) -> Option<Bytes> {
+    /// Broadcast: the tasks for `caller` that are ready now, up to `max`
+    /// bytes (more than one task only if they fit), as the bytes of their
+    /// gRPC messages for one DATA frame. Consecutive tasks of one encoded
+    /// batch are a slice of the block every stream shares; a stream behind
+    /// by more than one batch gets them copied into one buffer, one socket
+    /// write rather than one per batch ([`wire::join`]). `None` when none
+    /// is ready (or in queue mode). The stream's fast path: no future and
+    /// no encoding.
+    pub(super) fn try_next_frame(&mut self, caller: &CallGuard, max: usize) -> Option<Bytes> {
         let Source::Broadcast(subscription) = &mut self.source else {
             return None;
         };
-        let mut run: Option<Run> = None;
-        let (mut count, mut last) = (0, 0);
-        // A named agent's cursor, locked once per run rather than per task.
+        let (mut size, mut count, mut last) = (0, 0, 0);
+        // A named agent's cursor, locked once per frame rather than per task.
         let tracked = caller.cursor.get();
         let mut cursor = tracked.map(|tracked| tracked.cursor.lock());
         loop {
@@ -105,15 +112,14 @@ impl Feed {
             let framed = task
                 .wire
                 .get_or_init(|| encode_broadcast_one(&task, self.epoch));
-            match &mut run {
-                None => run = Some(Run::new(framed)),
-                Some(run) => {
-                    if !run.extend(framed, max) {
-                        // The next run's first.
-                        self.held = Some(task);
-                        break;
-                    }
-                }
+            if size > 0 && size + framed.len() > max {
+                // The next frame's first.
+                self.held = Some(task);
+                break;
+            }
+            size += framed.len();
+            if !self.runs.last_mut().is_some_and(|run| run.extend(framed)) {
+                self.runs.push(Run::new(framed));
             }
             if task.progress.record_delivery() {
                 self.store.record(Write::Delivered { id: task.id });
@@ -122,15 +128,16 @@ impl Feed {
             count += 1;
             last = task.id;
         }
-        // Once per run, before its bytes go: the agent may ack any of them.
-        if count > 0 {
-            sent(caller, count, last);
+        if count == 0 {
+            return None;
         }
-        run.map(Run::into_bytes)
+        // Before its bytes go: the agent may ack any of them.
+        sent(caller, count, last);
+        Some(wire::join(&mut self.runs))
     }
 
-    /// Broadcast: resolves when [`try_next_run`](Self::try_next_run) may
-    /// have tasks again, after it found none.
+    /// Broadcast: resolves when [`try_next_frame`](Self::try_next_frame)
+    /// may have tasks again, after it found none.
     pub(super) fn published(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         match &self.source {
             Source::Broadcast(subscription) => Some(subscription.published()),
