@@ -165,14 +165,18 @@ impl Progress {
     pub fn record_delivery(&self) -> bool {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         // Only a pending task becomes delivered; an acked one stays acked.
-        self.state
-            .compare_exchange(
-                TaskState::Pending as u8,
-                TaskState::Delivered as u8,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            )
-            .is_ok()
+        // (Read first: fan-out asks once per agent, and only the first
+        // finds it pending; a read is cheaper than a failed exchange.)
+        self.state.load(Ordering::Relaxed) == TaskState::Pending as u8
+            && self
+                .state
+                .compare_exchange(
+                    TaskState::Pending as u8,
+                    TaskState::Delivered as u8,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// The latest ack's agent and text.
