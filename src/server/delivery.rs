@@ -99,6 +99,9 @@ impl Feed {
             return None;
         };
         let (mut size, mut count, mut last) = (0, 0, 0);
+        // Tasks this frame delivers for the first time: one store write
+        // for them all (each write wakes the store's thread).
+        let mut first = Vec::new();
         // A named agent's cursor, locked once per frame rather than per task.
         let tracked = caller.cursor.get();
         let mut cursor = tracked.map(|tracked| tracked.cursor.lock());
@@ -122,11 +125,14 @@ impl Feed {
                 self.runs.push(Run::new(framed));
             }
             if task.progress.record_delivery() {
-                self.store.record(Write::Delivered { id: task.id });
+                first.push(task.id);
             }
             tracing::trace!(task_id = task.id, attempt = 1, "task sent");
             count += 1;
             last = task.id;
+        }
+        if !first.is_empty() {
+            self.store.record(Write::Delivered { ids: first });
         }
         if count == 0 {
             return None;

@@ -106,8 +106,9 @@ impl StoreError {
 /// A change to keep, written behind or claimed.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// Broadcast: the task was delivered for the first time.
-    Delivered { id: u64 },
+    /// Broadcast: these tasks were delivered for the first time (the ones
+    /// of one frame: one write for them all).
+    Delivered { ids: Vec<u64> },
     /// Queue: attempt `attempt` of the task is held by `holder` until
     /// `deadline_ms`.
     Claimed {

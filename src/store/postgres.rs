@@ -982,7 +982,10 @@ fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> (Vec<Call<'a>>, Vec<(usize, u
 
 fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
     match write {
-        Write::Delivered { id: task } => vec![(&s.delivered, vec![Box::new(id(*task))])],
+        Write::Delivered { ids } => ids
+            .iter()
+            .map(|task| -> Call<'a> { (&s.delivered, vec![Box::new(id(*task))]) })
+            .collect(),
         Write::Claimed {
             id: task,
             attempt,

@@ -472,12 +472,14 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
     match write {
         // One server per SQLite file: its own registry is the fleet view.
         Write::Presence { .. } => {}
-        Write::Delivered { id: task } => {
-            tx.prepare_cached(
+        Write::Delivered { ids } => {
+            let mut update = tx.prepare_cached(
                 "UPDATE tasks SET delivered = delivered + 1, \
                  state = CASE WHEN state = 0 THEN 1 ELSE state END WHERE id = ?1",
-            )?
-            .execute([id(*task)])?;
+            )?;
+            for task in ids {
+                update.execute([id(*task)])?;
+            }
         }
         Write::Claimed {
             id: task,
