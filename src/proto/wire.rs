@@ -8,9 +8,9 @@
 //! HTTP/2 DATA frame's payload is the shared block itself, with no copy and
 //! no per-stream encode buffer. tonic's encoder would copy every message
 //! into a buffer of each stream's own, which is what a fan-out stream's
-//! memory was (BENCHMARKS.md, issue 15). A stream that is behind by several
-//! blocks sends them in one frame ([`join`]): one copy, of exactly their
-//! size, for one socket write instead of one per block.
+//! memory was (BENCHMARKS.md, issue 15). Nor does a stream that is behind
+//! copy several blocks into one frame: an agent that reads slowly would then
+//! make the server hold up to HTTP/2's send buffer of its own per stream.
 //!
 //! The bytes are exactly what tonic sends for the generated `ServerMsg`
 //! (the tests compare them).
@@ -171,21 +171,6 @@ impl Run {
     }
 }
 
-/// The bytes of `runs` as one buffer: the run itself when there is one (no
-/// copy), else a copy of them all, back to back, in a buffer of exactly
-/// their size. Empty for no runs.
-pub fn join(runs: &mut Vec<Run>) -> Bytes {
-    if runs.len() <= 1 {
-        return runs.pop().map(Run::into_bytes).unwrap_or_default();
-    }
-    let size = runs.iter().map(|run| run.end - run.start).sum();
-    let mut buf = BytesMut::with_capacity(size);
-    for run in runs.drain(..) {
-        buf.put_slice(run.as_slice());
-    }
-    buf.freeze()
-}
-
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -258,7 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn a_run_takes_only_the_next_message_of_its_block_and_runs_join_in_order() {
+    fn a_run_takes_only_the_next_message_of_its_block_and_shares_its_bytes() {
         let msgs = cases();
         let borrowed: Vec<TaskMsg<'_>> = msgs.iter().map(borrowed).collect();
         let (a, b) = (encode_block(&borrowed), encode_block(&borrowed));
@@ -271,18 +256,9 @@ mod tests {
         assert!(run.extend(&a[1]));
         let first_two = [a[0].bytes(), a[1].bytes()].concat();
         assert_eq!(run.as_slice(), &first_two[..]);
-        // One run: its own bytes, shared with the block.
-        let mut runs = vec![run];
-        let joined = join(&mut runs);
-        assert_eq!(joined, first_two);
-        assert_eq!(joined.as_ptr(), a[0].bytes().as_ptr());
-        // Runs of two blocks: copied, back to back, in order.
-        let mut runs = vec![Run::new(&a[2]), Run::new(&b[0]), Run::new(&b[1])];
-        runs[1].extend(&b[1]);
-        runs.pop();
-        let joined = join(&mut runs);
-        assert!(runs.is_empty());
-        assert_eq!(joined, [a[2].bytes(), b[0].bytes(), b[1].bytes()].concat());
-        assert_eq!(join(&mut runs), Bytes::new());
+        // Its bytes are the block's, not a copy.
+        let bytes = run.into_bytes();
+        assert_eq!(bytes, first_two);
+        assert_eq!(bytes.as_ptr(), a[0].bytes().as_ptr());
     }
 }

@@ -31,9 +31,6 @@ pub(super) struct Feed {
     /// Broadcast: a ready task taken from the subscription that did not
     /// fit the last frame; the next frame's first.
     held: Option<Arc<Task>>,
-    /// Broadcast: the frame being made, as runs of shared blocks (kept
-    /// for its allocation; empty between frames).
-    runs: Vec<Run>,
     epoch: u64,
     store: crate::store::Store,
     /// For `tasks.retain`, the bound of a cursor's out-of-order acks.
@@ -51,7 +48,6 @@ impl Feed {
         Feed {
             source: Source::open(state, caller),
             held: None,
-            runs: Vec::new(),
             epoch: state.epoch,
             store: state.store.clone(),
             config: state.config.clone(),
@@ -86,18 +82,19 @@ impl Feed {
         message(&task, attempt, self.epoch)
     }
 
-    /// Broadcast: the tasks for `caller` that are ready now, up to `max`
-    /// bytes (more than one task only if they fit), as the bytes of their
-    /// gRPC messages for one DATA frame. Consecutive tasks of one encoded
-    /// batch are a slice of the block every stream shares; a stream behind
-    /// by more than one batch gets them copied into one buffer, one socket
-    /// write rather than one per batch ([`wire::join`]). `None` when none
-    /// is ready (or in queue mode). The stream's fast path: no future and
-    /// no encoding.
+    /// Broadcast: the tasks for `caller` that are ready now and were
+    /// published together, up to `max` bytes (more than one task only if
+    /// they fit), as the bytes of their gRPC messages for one DATA frame: a
+    /// slice of the block every stream shares, never a copy. A copy per
+    /// stream would let an agent that reads slowly make the server hold up
+    /// to HTTP/2's send buffer (400 KiB) of its own for each of its
+    /// streams. `None` when none is ready (or in queue mode). The stream's
+    /// fast path: no future and no encoding.
     pub(super) fn try_next_frame(&mut self, caller: &CallGuard, max: usize) -> Option<Bytes> {
         let Source::Broadcast(subscription) = &mut self.source else {
             return None;
         };
+        let mut run: Option<Run> = None;
         let (mut size, mut count, mut last) = (0, 0, 0);
         // Tasks this frame delivers for the first time: one store write
         // for them all (each write wakes the store's thread).
@@ -115,15 +112,17 @@ impl Feed {
             let framed = task
                 .wire
                 .get_or_init(|| encode_broadcast_one(&task, self.epoch));
-            if size > 0 && size + framed.len() > max {
-                // The next frame's first.
-                self.held = Some(task);
-                break;
+            match &mut run {
+                None => run = Some(Run::new(framed)),
+                Some(run) => {
+                    if size + framed.len() > max || !run.extend(framed) {
+                        // The next frame's first.
+                        self.held = Some(task);
+                        break;
+                    }
+                }
             }
             size += framed.len();
-            if !self.runs.last_mut().is_some_and(|run| run.extend(framed)) {
-                self.runs.push(Run::new(framed));
-            }
             if task.progress.record_delivery() {
                 first.push(task.id);
             }
@@ -134,12 +133,10 @@ impl Feed {
         if !first.is_empty() {
             self.store.record(Write::Delivered { ids: first });
         }
-        if count == 0 {
-            return None;
-        }
+        let run = run?;
         // Before its bytes go: the agent may ack any of them.
         sent(caller, count, last);
-        Some(wire::join(&mut self.runs))
+        Some(run.into_bytes())
     }
 
     /// Broadcast: resolves when [`try_next_frame`](Self::try_next_frame)
