@@ -160,11 +160,6 @@ impl Run {
         joins
     }
 
-    /// The run's bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.block[self.start..self.end]
-    }
-
     /// The run's bytes (a slice of the block: no copy).
     pub fn into_bytes(self) -> Bytes {
         self.block.slice(self.start..self.end)
@@ -235,7 +230,6 @@ mod tests {
         for next in &framed[1..] {
             assert!(run.extend(next));
         }
-        assert_eq!(run.as_slice(), &all[..]);
         assert_eq!(run.into_bytes(), all);
         // And the client decodes each as the message it was.
         let decoded = ServerMsg::decode(&framed[2].bytes()[PREFIX..]).unwrap();
@@ -255,7 +249,6 @@ mod tests {
         assert!(!run.extend(&b[1]));
         assert!(run.extend(&a[1]));
         let first_two = [a[0].bytes(), a[1].bytes()].concat();
-        assert_eq!(run.as_slice(), &first_two[..]);
         // Its bytes are the block's, not a copy.
         let bytes = run.into_bytes();
         assert_eq!(bytes, first_two);
