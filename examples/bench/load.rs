@@ -76,8 +76,9 @@ pub async fn connect_with(addr: SocketAddr, tls: Option<&ClientTls>) -> anyhow::
 
 /// An agent's own HTTP/2 connection, without tonic's `Channel`: its buffer
 /// task and reconnect machinery made the single loader CPU, not the server,
-/// the limit on how fast 10,000 agents connect. Still the generated client
-/// and tonic's codec, over hyper's HTTP/2 client, one connection per agent.
+/// the limit on how fast 10,000 agents connect. Still tonic's client (the
+/// generated one, or the fleet's counting one), over hyper's HTTP/2 client,
+/// one connection per agent.
 #[derive(Debug, Clone)]
 pub struct Conn(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
@@ -162,12 +163,12 @@ fn h2_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
 }
 
 /// An agent of a fleet: its own connection (its client, kept for as long as
-/// the stream) and a getTask stream on it
-/// whose messages are counted, not decoded. tonic reads each message's
-/// gRPC frame as for any client; its bytes are then skipped. Real agents
-/// decode on hosts of their own, while here one load CPU reads for 1,000
-/// or 10,000 agents, and decoding (prost, a `String` per task) was most of
-/// its work: what the fan-out figures measured was that CPU.
+/// the stream) and a getTask stream on it whose messages are counted, not
+/// decoded. tonic reads each message's gRPC frame as for any client; its
+/// bytes are then skipped. Real agents decode on hosts of their own, while
+/// here one load CPU reads for 1,000 or 10,000 agents, and decoding (prost,
+/// a `String` per task) was most of its work: what the fan-out figures
+/// measured was that CPU.
 async fn subscribe_counting(
     addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
