@@ -12,71 +12,17 @@
 //! copy several blocks into one frame: an agent that reads slowly would then
 //! make the server hold up to HTTP/2's send buffer of its own per stream.
 //!
-//! The bytes are exactly what tonic sends for the generated `ServerMsg`
-//! (the tests compare them).
+//! The bytes are exactly what tonic sends for the generated `ServerMsg`:
+//! the prefix, then prost's encoding.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::Message;
+
+use super::contact::ServerMsg;
 
 /// gRPC's message prefix: the compression flag and the length (u32, big
 /// endian).
 const PREFIX: usize = 5;
-
-/// A task's fields as a `ServerMsg` carries them, borrowed.
-#[derive(Debug, Clone, Copy)]
-pub struct TaskMsg<'a> {
-    pub task: &'a str,
-    pub id: u64,
-    pub attempt: u32,
-    pub epoch: u64,
-    pub retry: u32,
-}
-
-impl TaskMsg<'_> {
-    /// The `ServerMsg` fields in tag order; proto3 writes no default value.
-    fn fields(&self) -> [(u32, u64); 4] {
-        [
-            (2, self.id),
-            (3, u64::from(self.attempt)),
-            (4, self.epoch),
-            (5, u64::from(self.retry)),
-        ]
-    }
-
-    fn encoded_len(&self) -> usize {
-        let text = if self.task.is_empty() {
-            0
-        } else {
-            1 + encoded_len_varint(self.task.len() as u64) + self.task.len()
-        };
-        let numbers: usize = self
-            .fields()
-            .iter()
-            .filter(|(_, value)| *value != 0)
-            .map(|(_, value)| 1 + encoded_len_varint(*value))
-            .sum();
-        text + numbers
-    }
-
-    /// Writes the gRPC message: prefix, then the `ServerMsg`.
-    fn write(&self, buf: &mut BytesMut) {
-        let len = self.encoded_len();
-        buf.put_u8(0);
-        // A task is far below 4 GiB: the config bounds its text.
-        buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        if !self.task.is_empty() {
-            encode_key(1, WireType::LengthDelimited, buf);
-            encode_varint(self.task.len() as u64, buf);
-            buf.put_slice(self.task.as_bytes());
-        }
-        for (tag, value) in self.fields() {
-            if value != 0 {
-                encode_key(tag, WireType::Varint, buf);
-                encode_varint(value, buf);
-            }
-        }
-    }
-}
 
 /// One task's gRPC message, as a place in a block shared with the other
 /// tasks encoded with it.
@@ -105,13 +51,19 @@ impl Framed {
 }
 
 /// Encodes `msgs` back to back in one block (one allocation of exactly
-/// their size) and returns each one's place in it, in order.
-pub fn encode_block<'a>(msgs: &[TaskMsg<'a>]) -> Vec<Framed> {
+/// their size), each as a gRPC message (prost's bytes after the prefix),
+/// and returns each one's place in it, in order.
+pub fn encode_block(msgs: &[ServerMsg]) -> Vec<Framed> {
     let size = msgs.iter().map(|m| PREFIX + m.encoded_len()).sum();
     let mut buf = BytesMut::with_capacity(size);
     let mut ends = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        msg.write(&mut buf);
+        buf.put_u8(0);
+        // A task is far below 4 GiB: submit bounds it by
+        // server.max_message_size.
+        buf.put_u32(u32::try_from(msg.encoded_len()).unwrap_or(u32::MAX));
+        // Cannot fail: the buffer was sized for every message.
+        let _ = msg.encode(&mut buf);
         ends.push(buf.len());
     }
     let block = buf.freeze();
@@ -160,6 +112,16 @@ impl Run {
         joins
     }
 
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Never: a run has at least one message.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
     /// The run's bytes (a slice of the block: no copy).
     pub fn into_bytes(self) -> Bytes {
         self.block.slice(self.start..self.end)
@@ -168,10 +130,7 @@ impl Run {
 
 #[cfg(test)]
 mod tests {
-    use prost::Message;
-
     use super::*;
-    use crate::proto::contact::ServerMsg;
 
     /// What tonic sends for `msg`: its prefix, then prost's bytes.
     fn tonic_frame(msg: &ServerMsg) -> Vec<u8> {
@@ -202,21 +161,10 @@ mod tests {
         ]
     }
 
-    fn borrowed(msg: &ServerMsg) -> TaskMsg<'_> {
-        TaskMsg {
-            task: &msg.task,
-            id: msg.id,
-            attempt: msg.attempt,
-            epoch: msg.epoch,
-            retry: msg.retry,
-        }
-    }
-
     #[test]
     fn a_block_holds_what_tonic_would_send_for_each_message() {
         let msgs = cases();
-        let borrowed: Vec<TaskMsg<'_>> = msgs.iter().map(borrowed).collect();
-        let framed = encode_block(&borrowed);
+        let framed = encode_block(&msgs);
         assert_eq!(framed.len(), msgs.len());
         let mut all = Vec::new();
         for (msg, framed) in msgs.iter().zip(&framed) {
@@ -239,8 +187,7 @@ mod tests {
     #[test]
     fn a_run_takes_only_the_next_message_of_its_block_and_shares_its_bytes() {
         let msgs = cases();
-        let borrowed: Vec<TaskMsg<'_>> = msgs.iter().map(borrowed).collect();
-        let (a, b) = (encode_block(&borrowed), encode_block(&borrowed));
+        let (a, b) = (encode_block(&msgs), encode_block(&msgs));
         // Not the one after next, nor the same message again.
         let mut run = Run::new(&a[0]);
         assert!(!run.extend(&a[2]));

@@ -15,7 +15,7 @@ use super::{State, callers::CallGuard};
 use crate::{
     proto::{
         contact::{Outcome, Result as ResultMsg, ServerMsg},
-        wire::{self, Framed, Run, TaskMsg},
+        wire::{self, Framed, Run},
     },
     store::Write,
     tasks::{
@@ -95,7 +95,7 @@ impl Feed {
             return None;
         };
         let mut run: Option<Run> = None;
-        let (mut size, mut count, mut last) = (0, 0, 0);
+        let (mut count, mut last) = (0, 0);
         // Tasks this frame delivers for the first time: one store write
         // for them all (each write wakes the store's thread).
         let mut first = Vec::new();
@@ -115,14 +115,13 @@ impl Feed {
             match &mut run {
                 None => run = Some(Run::new(framed)),
                 Some(run) => {
-                    if size + framed.len() > max || !run.extend(framed) {
+                    if run.len() + framed.len() > max || !run.extend(framed) {
                         // The next frame's first.
                         self.held = Some(task);
                         break;
                     }
                 }
             }
-            size += framed.len();
             if task.progress.record_delivery() {
                 first.push(task.id);
             }
@@ -152,7 +151,8 @@ impl Feed {
 /// Broadcast: encodes newly published tasks once, as one block every
 /// stream sends slices of (see [`crate::proto::wire`]).
 pub(super) fn encode_broadcast(tasks: &[Arc<Task>], epoch: u64) {
-    let msgs: Vec<TaskMsg<'_>> = tasks.iter().map(|task| wire_msg(task, epoch)).collect();
+    // A broadcast delivery is always a first attempt.
+    let msgs: Vec<ServerMsg> = tasks.iter().map(|task| message(task, 1, epoch)).collect();
     for (task, framed) in tasks.iter().zip(wire::encode_block(&msgs)) {
         // Set already only for a task published twice (the ring ignores
         // the second): its first encoding stands.
@@ -163,20 +163,9 @@ pub(super) fn encode_broadcast(tasks: &[Arc<Task>], epoch: u64) {
 /// A task that was not encoded with its batch (none is, but the stream
 /// does not depend on it), encoded alone.
 fn encode_broadcast_one(task: &Task, epoch: u64) -> Framed {
-    wire::encode_block(&[wire_msg(task, epoch)])
+    wire::encode_block(&[message(task, 1, epoch)])
         .pop()
         .expect("one message encoded")
-}
-
-/// A broadcast task's message: always a first attempt.
-fn wire_msg(task: &Task, epoch: u64) -> TaskMsg<'_> {
-    TaskMsg {
-        task: &task.text,
-        id: task.id,
-        attempt: 1,
-        epoch,
-        retry: task.progress.retries(),
-    }
 }
 
 /// `task` as sent on attempt `attempt`.

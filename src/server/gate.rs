@@ -196,7 +196,8 @@ impl Service<http::Request<Body>> for Gate {
         let (state, started) = (Arc::clone(&self.state), std::time::Instant::now());
         Box::pin(async move {
             let mut response = call.await?;
-            if let Some(handoff) = response.extensions_mut().remove::<Handoff>()
+            if method == Method::GetTask
+                && let Some(handoff) = response.extensions_mut().remove::<Handoff>()
                 && let Some(frames) = handoff.take()
             {
                 response = response.map(|_empty| Body::new(frames));
