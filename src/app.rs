@@ -380,7 +380,7 @@ async fn serve_until_signalled(context: daemon::Context, config: Config) -> Resu
     // nothing is served without what it holds.
     let store = server::open_store(&config)?;
     let addr = config.server.listen;
-    let listener = server::bind(addr, config.server.backlog)
+    let listener = crate::net::bind(addr, config.server.backlog)
         .map_err(|source| DaemonError::Bind { addr, source })?;
     let local = listener
         .local_addr()

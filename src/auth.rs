@@ -386,6 +386,37 @@ impl Verifier {
     }
 }
 
+/// Who is calling, as established by the server's gate; in every Contact request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub who: Who,
+    /// May receive tasks, report status and ack (as itself).
+    pub agent: bool,
+    /// May run remote commands.
+    pub operator: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// Proved by a client certificate or a named token.
+    Verified(Arc<str>),
+    /// Taken from the header, with no identity mechanism configured.
+    Label(Arc<str>),
+    /// Nobody in particular.
+    Anonymous,
+}
+
+impl Who {
+    /// The name acks and delivery state are kept under, if any.
+    pub fn name(&self) -> Option<&Arc<str>> {
+        match self {
+            Who::Verified(name) | Who::Label(name) => Some(name),
+            Who::Anonymous => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

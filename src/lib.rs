@@ -37,7 +37,9 @@
 pub mod agent;
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod cmd;
 pub mod config;
 pub mod ctl;
@@ -45,6 +47,8 @@ pub mod daemon;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
+pub mod model;
+pub mod net;
 pub mod probe;
 pub mod process;
 pub mod proto;

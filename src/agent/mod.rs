@@ -7,7 +7,6 @@
 //! - `reconnect`: sessions one after another, with backoff, forever.
 //! - `session`: one connection: getTask, tellResult, sendStatus.
 //! - `dispatch`: the bounded task queue and the handler slots.
-//! - [`Backoff`]: reconnection delays as a pure value.
 //! - `handler`: running the handler for one task and making its ack.
 //! - `memory`: handled tasks (dedup) and unsent acks, both bounded.
 //! - [`command`]: the `agent` command: config, logging, signals, systemd.
@@ -17,7 +16,6 @@
 //! finish within `shutdown_grace` (then kills them), sends their acks over
 //! the current session if there is one, and returns.
 
-mod backoff;
 pub mod command;
 mod dispatch;
 mod handler;
@@ -39,7 +37,6 @@ use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use backoff::Backoff;
 pub use handler::{ENV_AGENT, ENV_TASK_ATTEMPT, ENV_TASK_ID, Handler};
 pub use memory::{Handled, Outbox, Seen, TaskKey};
 pub use session::SessionError;
@@ -249,7 +246,7 @@ impl Shared {
             EventKind::Connected { .. } => {
                 c.connected.store(true, Ordering::Relaxed);
                 c.connections.fetch_add(1, Ordering::Relaxed);
-                let now = crate::store::now_ms();
+                let now = crate::clock::now_ms();
                 c.last_connected_ms
                     .store(u64::try_from(now).unwrap_or(0), Ordering::Relaxed);
             }

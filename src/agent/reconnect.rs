@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{AgentError, Backoff, EventKind, Shared, session};
-use crate::systemd;
+use super::{AgentError, EventKind, Shared, session};
+use crate::{backoff::Backoff, systemd};
 
 /// Connects, runs a session, and after any failure waits (with backoff) and
 /// connects again to the next server, until the agent drains.

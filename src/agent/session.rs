@@ -106,7 +106,7 @@ pub(super) async fn run(
         reason: crate::error_chain(&e),
     })?;
     // Read at every connection, so rotated files are picked up.
-    let tls = crate::tls::for_url(endpoint.uri(), &config.tls.client())?;
+    let tls = crate::tls::for_url(endpoint.uri(), &(&config.tls).into())?;
     let endpoint = endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)

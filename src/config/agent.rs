@@ -95,19 +95,6 @@ pub struct AgentTlsConfig {
     pub server_name: Option<String>,
 }
 
-impl AgentTlsConfig {
-    /// As the TLS client settings shared with the probe.
-    pub fn client(&self) -> crate::tls::ClientTls {
-        crate::tls::ClientTls {
-            ca: self.ca.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            server_name: self.server_name.clone(),
-            no_verify: false,
-        }
-    }
-}
-
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {

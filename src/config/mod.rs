@@ -7,10 +7,12 @@
 
 pub mod agent;
 mod load;
+pub mod log;
 pub mod metrics;
 pub mod pattern;
 pub mod peek;
 pub mod reload;
+pub mod store;
 pub mod template;
 pub mod units;
 
@@ -26,8 +28,10 @@ use serde::{Deserialize, Serialize};
 
 pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
+pub use log::{LogConfig, LogFormat, Rotation};
 pub use metrics::MetricsConfig;
 pub use pattern::CommandPattern;
+pub use store::{StoreConfig, StoreKind, StoreSync};
 pub use template::TaskTemplate;
 
 /// Where `serve` and `check-config` look when no path is given.
@@ -44,135 +48,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
-}
-
-/// `[store]`: where tasks, queue claims and ack cursors are kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `sqlite` (durable, the default), `postgres` (a PostgreSQL database
-    /// at `url`) or `memory` (lost at exit).
-    pub kind: StoreKind,
-    /// `kind = "postgres"`: the database, as a libpq URL
-    /// (`postgres://contactd@db1/contactd?sslmode=require`). TLS only when
-    /// it says `sslmode=require` (or `verify-full`, `verify-ca`: the server's
-    /// certificate is always verified, against `ca_file` or the system's
-    /// roots).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// `kind = "postgres"`: a file holding the URL (for a password kept out
-    /// of the config), instead of `url`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url_file: Option<PathBuf>,
-    /// `kind = "postgres"` with TLS: the CA certificates (PEM) to verify the
-    /// database server with; unset: the system's roots.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// `kind = "postgres"`: how long connecting to the database may take.
-    #[serde(with = "units::duration")]
-    pub connect_timeout: Duration,
-    /// `kind = "postgres"`: how often this server looks for tasks other
-    /// servers published (besides their notifications), beats its
-    /// heartbeat, and tries for the generator's lease.
-    #[serde(with = "units::duration")]
-    pub poll_interval: Duration,
-    /// `kind = "postgres"`: connections for reads (the fleet view, `task
-    /// show`, an agent's acks when it connects), besides the writer's and
-    /// the watcher's: a server holds at most `pool_size + 2`.
-    pub pool_size: usize,
-    /// The SQLite database; unset: `$STATE_DIRECTORY/contactd.db`, else
-    /// `contactd.db` in the working directory.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathBuf>,
-    /// `normal` (the default): a committed task survives a crash or kill of
-    /// contactd; a power loss or kernel crash may lose the last moments of
-    /// commits (the database stays consistent). `full`: it survives those
-    /// too, at the cost of an fsync per group commit (milliseconds each on
-    /// virtual disks: fewer, larger commits).
-    pub sync: StoreSync,
-    /// Writes (acks, deliveries, cursors) waiting for the store; beyond,
-    /// new ones are dropped and counted (their tasks may be delivered again
-    /// after a restart; agents dedupe them).
-    pub write_queue: usize,
-    /// Agents not seen for this long have their broadcast cursor forgotten.
-    #[serde(with = "units::duration")]
-    pub forget_agents_after: Duration,
-    /// Largest the database may grow (`"0"`: as large as the disk allows).
-    /// Full, `task submit` is refused with RESOURCE_EXHAUSTED and the
-    /// server goes on delivering what it holds, as on a full disk.
-    #[serde(with = "units::size")]
-    pub max_size: ByteSize,
-}
-
-/// `store.kind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    Sqlite,
-    Postgres,
-    Memory,
-}
-
-/// `store.sync`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreSync {
-    Full,
-    Normal,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            kind: StoreKind::Sqlite,
-            path: None,
-            url: None,
-            url_file: None,
-            ca_file: None,
-            connect_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_secs(1),
-            pool_size: 4,
-            sync: StoreSync::Normal,
-            write_queue: 65_536,
-            forget_agents_after: Duration::from_secs(30 * 86_400),
-            max_size: ByteSize(0),
-        }
-    }
-}
-
-impl StoreConfig {
-    /// The database file: `path`, else `$STATE_DIRECTORY/contactd.db`
-    /// (systemd's `StateDirectory=`; the first one when it lists several),
-    /// else `contactd.db` in the working directory.
-    pub fn resolved_path(&self) -> PathBuf {
-        if let Some(path) = &self.path {
-            return path.clone();
-        }
-        let state = std::env::var_os("STATE_DIRECTORY").and_then(|dirs| {
-            std::env::split_paths(&dirs)
-                .next()
-                .filter(|d| !d.as_os_str().is_empty())
-        });
-        state.unwrap_or_default().join("contactd.db")
-    }
-
-    /// `kind = "postgres"`: the database URL, from `url` or read from
-    /// `url_file` (its first line).
-    ///
-    /// # Errors
-    /// Neither is set, or the file cannot be read.
-    pub fn postgres_url(&self) -> Result<String, String> {
-        match (&self.url, &self.url_file) {
-            (Some(url), None) => Ok(url.clone()),
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .map_err(|e| format!("store.url_file {}: {e}", file.display()))
-                .map(|text| text.lines().next().unwrap_or_default().trim().to_owned()),
-            (None, None) => {
-                Err("store.kind is \"postgres\": set store.url or store.url_file".into())
-            }
-            (Some(_), Some(_)) => Err("store.url and store.url_file are both set: keep one".into()),
-        }
-    }
 }
 
 /// `[admin]`: the operators' API (submit tasks, list agents and tasks), on
@@ -460,75 +335,6 @@ impl Default for RemoteCmdConfig {
     }
 }
 
-/// `[log]`: what is logged and where.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// A level and `target=level` directives (`"info"`, `"info,contactd::server=debug"`);
-    /// `RUST_LOG` overrides it.
-    pub level: String,
-    /// Line format.
-    pub format: LogFormat,
-    /// Whether to log to stderr (the journal, under systemd).
-    pub stderr: bool,
-    /// A log file, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<PathBuf>,
-    /// How the file rotates.
-    pub rotation: Rotation,
-    /// With `rotation = "size"`: the size at which the file rotates.
-    #[serde(with = "units::size")]
-    pub max_size: ByteSize,
-    /// With `rotation = "size"`: rotated files kept (`.1` … `.N`).
-    pub backups: usize,
-    /// With `rotation = "daily"` or `"hourly"`: rotated files kept.
-    pub keep: usize,
-    /// Events whose message contains one of these substrings are dropped.
-    pub exclude: Vec<String>,
-    /// Lines each writer buffers; beyond, lines are dropped and counted
-    /// rather than slowing the server down.
-    pub buffer_lines: usize,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".to_owned(),
-            format: LogFormat::Text,
-            stderr: true,
-            file: None,
-            rotation: Rotation::Size,
-            max_size: ByteSize::mib(10),
-            backups: 2,
-            keep: 7,
-            exclude: Vec::new(),
-            buffer_lines: 16_384,
-        }
-    }
-}
-
-/// `log.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// `log.rotation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Rotation {
-    /// By size: `max_size`, `backups`.
-    Size,
-    /// At every UTC midnight: `keep`.
-    Daily,
-    /// At every UTC hour: `keep`.
-    Hourly,
-}
-
 /// The largest response the seed's clients accept by default (gRPC's 4 MiB).
 const CLIENT_MAX_MESSAGE: u64 = 4 * 1024 * 1024;
 
@@ -677,7 +483,7 @@ impl Checks {
         self.count("log.backups", l.backups as u64, LOG_BACKUPS);
         self.count("log.keep", l.keep as u64, LOG_KEEP);
         self.count("log.buffer_lines", l.buffer_lines as u64, BUFFER_LINES);
-        if let Some(problem) = crate::logging::filter_problem(&l.level) {
+        if let Some(problem) = log::filter_problem(&l.level) {
             self.check(false, "log.level", problem);
         }
     }
@@ -848,7 +654,7 @@ impl ConfigFile for Config {
                 "set exactly one of store.url and store.url_file for kind = \"postgres\"",
             );
             if let Some(url) = &st.url
-                && let Err(problem) = crate::store::postgres::check_url(url)
+                && let Err(problem) = store::check_url(url)
             {
                 c.check(false, "store.url", problem);
             }
@@ -952,11 +758,7 @@ impl Config {
             ));
         }
         if self.store.kind == StoreKind::Postgres
-            && self
-                .store
-                .url
-                .as_deref()
-                .is_some_and(crate::store::postgres::has_password)
+            && self.store.url.as_deref().is_some_and(store::has_password)
         {
             warnings.push(
                 "store.url holds a password, readable by anyone who can read this file: put \

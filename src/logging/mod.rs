@@ -83,106 +83,10 @@ struct Writers {
 /// `RUST_LOG` if set, else the configured level.
 fn filter(config: &LogConfig) -> Result<Targets, LogError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.level.clone());
-    parse_filter(&directives).map_err(|message| LogError::Filter {
+    crate::config::log::parse_filter(&directives).map_err(|message| LogError::Filter {
         message,
         directives,
     })
-}
-
-/// Filter directives: a default level and `target=level` pairs, as in
-/// `"info"` or `"warn,contactd=debug"`. (tracing-subscriber's `Targets`: the
-/// span and field filters of its `EnvFilter` would bring a regex engine into
-/// every build, for directives an operator of a daemon does not need.)
-///
-/// # Errors
-/// Words that are not such directives, or no directive at all.
-pub fn parse_filter(directives: &str) -> Result<Targets, String> {
-    // `Targets` itself lets odd text through (`"="` parses), so each
-    // directive is checked first.
-    let mut any = false;
-    for directive in directives
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-    {
-        any = true;
-        let (target, level) = match directive.split_once('=') {
-            Some((target, level)) => (Some(target), level),
-            None => (None, directive),
-        };
-        if let Some(target) = target {
-            let ok = target.split("::").all(|part| {
-                !part.is_empty()
-                    && part
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-            });
-            if !ok {
-                return Err(format!("bad target {target:?} in {directive:?}"));
-            }
-        }
-        // (LevelFilter reads an empty level as ERROR.)
-        if level.is_empty()
-            || level
-                .parse::<tracing_subscriber::filter::LevelFilter>()
-                .is_err()
-        {
-            return Err(format!(
-                "bad level {level:?} in {directive:?}: expected off, error, warn, info, debug or trace"
-            ));
-        }
-    }
-    if !any {
-        return Err("no directive: expected a level such as \"info\"".to_owned());
-    }
-    directives.parse::<Targets>().map_err(|e| e.to_string())
-}
-
-/// Why `directives` is not a usable `log.level`, or `None` if it is.
-///
-/// Stricter than [`parse_filter`] (`Targets`), which takes any word for a
-/// target: a level misspelt (`"chatty!!"`, `"inf"`) would parse as a target
-/// nobody logs to, and the server would then log nothing at all. So each
-/// directive must be a level (`info`), or `target=level` with a module path
-/// for a target (`contactd::server=debug`, `h2=warn`), possibly with field
-/// names (`target[{field}]=level`).
-pub fn filter_problem(directives: &str) -> Option<String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let expected = "expected directives such as \"info\" or \"warn,contactd=debug\"";
-    if directives.trim().is_empty() {
-        return Some(format!("is empty: {expected}"));
-    }
-    if let Err(e) = parse_filter(directives) {
-        return Some(format!("invalid filter {directives:?} ({e}): {expected}"));
-    }
-    let is_level = |word: &str| LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
-    let is_path = |target: &str| {
-        target.split("::").all(|part| {
-            part.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        })
-    };
-    for directive in directives.split(',').map(str::trim) {
-        let ok = match directive.rsplit_once('=') {
-            None => is_level(directive),
-            Some((target, level)) => {
-                // The field part (`target[{field}]`) is `Targets`' to check.
-                let target = target.split('[').next().unwrap_or_default();
-                is_level(level) && (target.is_empty() || is_path(target))
-            }
-        };
-        if !ok {
-            return Some(format!(
-                "{directive:?} in {directives:?} is neither a level (off, error, warn, info, \
-                 debug, trace) nor TARGET=LEVEL with a module path for TARGET: {expected}"
-            ));
-        }
-    }
-    None
 }
 
 /// Installs the global subscriber.
@@ -430,35 +334,6 @@ impl Visit for MessageText {
         if field.name() == "message" {
             use std::fmt::Write;
             let _ = write!(self.0, "{value:?}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_filter;
-
-    #[test]
-    fn filter_directives() {
-        for good in [
-            "info",
-            "warn,contactd=debug",
-            "info,contactd::server=trace,h2=off",
-            "DEBUG",
-        ] {
-            assert!(parse_filter(good).is_ok(), "{good}");
-        }
-        for (bad, says) in [
-            ("", "no directive"),
-            (" , ", "no directive"),
-            ("=", "bad target"),
-            ("loud", "bad level"),
-            ("contactd=", "bad level"),
-            ("contactd::server[remoteCMD]=trace", "bad target"),
-            ("a::=info", "bad target"),
-        ] {
-            let err = parse_filter(bad).unwrap_err();
-            assert!(err.contains(says), "{bad:?}: {err}");
         }
     }
 }

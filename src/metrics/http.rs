@@ -171,5 +171,5 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full> {
 /// # Errors
 /// The bind's error.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    crate::server::bind(addr, 128)
+    crate::net::bind(addr, 128)
 }

@@ -44,9 +44,11 @@ mod tests {
         let mut protos = 0;
         for line in recorded.lines() {
             let (digest, file) = line.split_once("  ").unwrap();
-            let now = crate::auth::hex(&crate::auth::digest(
+            let sha = ring::digest::digest(
+                &ring::digest::SHA256,
                 &std::fs::read(root.join(file)).unwrap(),
-            ));
+            );
+            let now: String = sha.as_ref().iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(
                 now, digest,
                 "{file} changed since src/proto/gen/ was generated: run `cargo run --manifest-path tools/protogen/Cargo.toml`"

@@ -8,7 +8,6 @@ use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering::Relaxed},
-    time::SystemTime,
 };
 
 use tokio::net::UnixListener;
@@ -18,7 +17,9 @@ use tonic::{Request, Response, Status};
 
 use super::{State, history};
 use crate::{
+    clock::unix_ms,
     config::AdminConfig,
+    model::{Task, TaskState},
     proto::{
         ADMIN_DESCRIPTOR_SET,
         admin::{
@@ -28,7 +29,6 @@ use crate::{
         },
     },
     store::StoreError,
-    tasks::{Task, TaskState},
 };
 
 /// The socket file this server created, to remove at exit.
@@ -144,11 +144,6 @@ struct AdminService {
     state: Arc<State>,
 }
 
-fn unix_ms(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn state_of(task: &Task) -> pb::TaskState {
     match task.progress.state() {
         TaskState::Pending => pb::TaskState::Pending,
@@ -215,7 +210,7 @@ impl AdminService {
         };
         let config = Arc::clone(&self.state.config.borrow());
         let here = config.server.resolved_name();
-        let now = crate::store::now_ms();
+        let now = crate::clock::now_ms();
         // A server whose heartbeat is older than 3 polls is taken as gone.
         let stale = i64::try_from(3 * config.store.poll_interval.as_millis()).unwrap_or(i64::MAX);
         let alive = |s: &crate::store::ServerRow| !s.stopped && now - s.heartbeat_ms <= stale;

@@ -24,7 +24,8 @@ use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use super::listener::WARN_EVERY;
 use crate::{
-    store::{SavedAgent, now_ms, unix_ms},
+    clock::{now_ms, unix_ms},
+    model::SavedAgent,
     tasks::Tracked,
     untrusted::Budget,
 };

@@ -24,12 +24,12 @@ use super::{
     State,
     callers::CallGuard,
     delivery::{self, Feed},
-    gate::Principal,
     listener::ConnInfo,
     metrics::CmdOutcome,
     shutting_down,
 };
 use crate::{
+    auth::Principal,
     proto::contact::{
         ClientMsg, CmdRequest, CmdResponse, Empty, Result as ResultMsg, ServerMsg,
         contact_server::Contact,

@@ -13,13 +13,14 @@ use bytes::Bytes;
 
 use super::{State, callers::CallGuard};
 use crate::{
+    model::{AckCursor, Task},
     proto::{
         contact::{Outcome, Result as ResultMsg, ServerMsg},
         wire::{self, Framed, Run},
     },
     store::Write,
     tasks::{
-        AckCursor, Delivery, Start, Subscription, Task,
+        Delivery, Start, Subscription,
         cursor::Tracked,
         queue::{AckRefusal, Slot},
     },
@@ -329,7 +330,7 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
                         agent: Arc::clone(&caller.id),
                         ok,
                         text: caller.kept(&result.ret).to_owned(),
-                        at_ms: crate::store::now_ms(),
+                        at_ms: crate::clock::now_ms(),
                         claimed: true,
                     });
                 }
@@ -354,7 +355,7 @@ pub(super) fn record_result(state: &State, caller: &CallGuard, result: &ResultMs
                 agent: Arc::clone(&caller.id),
                 ok,
                 text: text.clone(),
-                at_ms: crate::store::now_ms(),
+                at_ms: crate::clock::now_ms(),
                 claimed: state.queue.is_some(),
             });
             task.progress.record_ack(ok, &caller.id, text);

@@ -34,40 +34,9 @@ use super::{
     listener::ConnInfo,
 };
 use crate::{
-    auth::{Credential, HEADER, Role},
+    auth::{Credential, HEADER, Principal, Role, Who},
     proto::{AGENT_HEADER, contact::contact_server::ContactServer},
 };
-
-/// Who is calling, as established by [`Gate`]; in every Contact request's
-/// extensions.
-#[derive(Debug, Clone)]
-pub(crate) struct Principal {
-    pub(crate) who: Who,
-    /// May receive tasks, report status and ack (as itself).
-    pub(crate) agent: bool,
-    /// May run remote commands.
-    pub(crate) operator: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Who {
-    /// Proved by a client certificate or a named token.
-    Verified(Arc<str>),
-    /// Taken from the header, with no identity mechanism configured.
-    Label(Arc<str>),
-    /// Nobody in particular.
-    Anonymous,
-}
-
-impl Who {
-    /// The name acks and delivery state are kept under, if any.
-    pub(crate) fn name(&self) -> Option<&Arc<str>> {
-        match self {
-            Who::Verified(name) | Who::Label(name) => Some(name),
-            Who::Anonymous => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {

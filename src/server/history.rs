@@ -16,12 +16,10 @@ use super::{
     admin::{mode, store_status, task_message},
 };
 use crate::{
+    model::{Task, TaskState},
     proto::admin::{self as pb, AgentTaskState},
     store::{TaskRecord, Write},
-    tasks::{
-        Task, TaskState,
-        queue::{Place, Refusal},
-    },
+    tasks::queue::{Place, Refusal},
 };
 
 fn not_found(id: u64) -> Status {

@@ -25,7 +25,6 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::Stream;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -38,26 +37,6 @@ use tonic::transport::server::Connected;
 
 use super::metrics::Refusal;
 use crate::untrusted::Budget;
-
-/// Binds `addr` with a listen queue of `backlog` connections (the kernel
-/// caps it at `net.core.somaxconn`). An IPv6 wildcard also accepts IPv4.
-///
-/// Must be called inside a tokio runtime.
-///
-/// # Errors
-/// The socket calls' errors, such as `AddrInUse`.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Lets a restarted server bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
-}
 
 /// What the handlers learn about a connection (tonic puts it in every
 /// request's extensions).

@@ -32,7 +32,7 @@ use tonic::Status;
 use tonic_health::ServingStatus;
 
 pub use callers::{CallGuard, Caller, Callers};
-pub use listener::{ConnInfo, bind};
+pub use listener::ConnInfo;
 
 use crate::{
     auth::{TokenError, Verifier},
@@ -286,7 +286,7 @@ pub async fn run_with_metrics(
                     server: Arc::clone(&server),
                     connected,
                     address: caller.address().map(|a| a.to_string()),
-                    at_ms: store::now_ms(),
+                    at_ms: crate::clock::now_ms(),
                 });
             })));
     }
@@ -546,7 +546,7 @@ async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
                 state.cursors.seen(&caller.id);
             }
         }
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let forget_before_ms = now.saturating_sub(ms(config.store.forget_agents_after));
         let forgotten = state.cursors.forget_before(forget_before_ms);

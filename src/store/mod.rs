@@ -38,19 +38,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     config::{StoreConfig, StoreKind},
-    tasks::{AckCursor, Task, TaskState, cursor::Saved},
+    model::{AckCursor, Saved, SavedAgent, Task, TaskState},
 };
-
-/// Milliseconds since the unix epoch, now.
-pub fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
-}
-
-/// Milliseconds since the unix epoch.
-pub fn unix_ms(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 /// A new database's epoch: random, never 0 (which means "not said" in an
 /// ack).
@@ -197,19 +186,6 @@ pub struct FleetAgent {
     pub address: Option<String>,
 }
 
-/// A named agent as the roster keeps it: when it was first and last seen,
-/// and its counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SavedAgent {
-    pub name: Arc<str>,
-    /// Unix milliseconds.
-    pub first_ms: i64,
-    pub last_ms: i64,
-    pub delivered: u64,
-    pub acked: u64,
-    pub failed: u64,
-}
-
 /// What housekeeping deletes.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -275,7 +251,7 @@ impl StoredTask {
         let created = SystemTime::UNIX_EPOCH
             + Duration::from_millis(u64::try_from(self.created_ms).unwrap_or(0));
         let mut task = Task::new(self.id, self.text.clone(), created, self.target.clone());
-        task.progress = crate::tasks::Progress::restored(
+        task.progress = crate::model::Progress::restored(
             self.state,
             [self.delivered, self.acked, self.failed, self.retries],
             self.last_result.clone(),
@@ -1202,7 +1178,7 @@ mod tests {
             id: 1,
             attempt: 1,
             holder: "web1".into(),
-            deadline_ms: now_ms() + 1000,
+            deadline_ms: crate::clock::now_ms() + 1000,
         });
         let mut committed = store.committed();
         tokio::time::timeout(Duration::from_secs(10), committed.wait_for(|c| *c >= seq))

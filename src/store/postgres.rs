@@ -27,28 +27,24 @@ use std::{
     future::Future,
     path::PathBuf,
     pin::Pin,
-    str::FromStr,
     sync::Arc,
     task::Poll,
     time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{
-    AsyncMessage, Client, NoTls, Statement,
-    config::{Host, SslMode},
-    error::SqlState,
-    types::ToSql,
-};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement, error::SqlState, types::ToSql};
 
 use super::{
-    AgentResult, Backend, Fleet, FleetAgent, LostClaim, Op, Pruned, Retention, SavedAgent,
-    ServerRow, Snapshot, StoreError, StoredTask, TaskRecord, Write, cursor_from_parts,
-    cursor_parts,
+    AgentResult, Backend, Fleet, FleetAgent, LostClaim, Op, Pruned, Retention, ServerRow, Snapshot,
+    StoreError, StoredTask, TaskRecord, Write, cursor_from_parts, cursor_parts,
 };
 use crate::{
-    config::StoreConfig,
-    tasks::{TaskState, cursor::Saved},
+    config::{
+        StoreConfig,
+        store::{Target, parse},
+    },
+    model::{Saved, SavedAgent, TaskState},
 };
 
 /// Schema migrations: `MIGRATIONS[n]` brings version `n` to `n + 1`.
@@ -130,91 +126,6 @@ const CHANNEL: &str = "contactd_tasks";
 /// Rows one housekeeping call deletes at most (a short transaction).
 const PRUNE_BATCH: i64 = 2000;
 
-/// How a URL is connected to: its parsed settings, whether with TLS, and
-/// a name for it fit for logs (no password).
-#[derive(Clone)]
-struct Target {
-    config: tokio_postgres::Config,
-    tls: bool,
-    name: String,
-}
-
-/// Checks a database URL as `check-config` does, without connecting.
-///
-/// # Errors
-/// What is wrong with it (never the URL itself: it may hold a password).
-pub fn check_url(url: &str) -> Result<(), String> {
-    parse(url).map(|_| ())
-}
-
-/// Whether a database URL carries a password.
-pub fn has_password(url: &str) -> bool {
-    parse(url).is_ok_and(|target| target.config.get_password().is_some())
-}
-
-fn parse(url: &str) -> Result<Target, String> {
-    // libpq's verifying modes: tokio-postgres knows only `require`, which
-    // here always verifies the certificate (rustls has no other way).
-    let mut explicit_prefer = false;
-    let mut text = String::with_capacity(url.len());
-    for (i, part) in url.split("sslmode=").enumerate() {
-        if i > 0 {
-            text.push_str("sslmode=");
-            let mode = part.split(['&', ' ']).next().unwrap_or_default();
-            explicit_prefer |= mode == "prefer" || mode == "allow";
-            if mode == "verify-full" || mode == "verify-ca" {
-                text.push_str("require");
-                text.push_str(&part[mode.len()..]);
-                continue;
-            }
-        }
-        text.push_str(part);
-    }
-    if explicit_prefer {
-        return Err(
-            "sslmode=prefer (or allow) falls back to plain text, which protects \
-                    nothing: say sslmode=require for TLS, or leave sslmode out for none"
-                .into(),
-        );
-    }
-    let mut config = tokio_postgres::Config::from_str(&text)
-        .map_err(|e| format!("is not a PostgreSQL URL ({e})"))?;
-    if config.get_hosts().is_empty() {
-        return Err("names no host: say postgres://USER@HOST/DATABASE".into());
-    }
-    let tls = config.get_ssl_mode() == SslMode::Require;
-    if !tls {
-        config.ssl_mode(SslMode::Disable);
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("contactd");
-    }
-    let ports = config.get_ports();
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(at, host)| {
-            let host = match host {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            };
-            // One port for every host, or one each; 5432 when none.
-            match ports.get(at).or(ports.first()) {
-                Some(port) if *port != 5432 => format!("{host}:{port}"),
-                _ => host,
-            }
-        })
-        .collect();
-    let name = format!(
-        "{}@{}/{}",
-        config.get_user().unwrap_or("?"),
-        hosts.join(","),
-        config.get_dbname().unwrap_or("?"),
-    );
-    Ok(Target { config, tls, name })
-}
-
 /// An open contactd database in PostgreSQL.
 pub struct Postgres {
     runtime: Runtime,
@@ -234,7 +145,7 @@ pub struct Postgres {
     /// backend's life (logged at close: what each task costs it).
     round_trips: u64,
     sent: u64,
-    reconnects: crate::agent::Backoff,
+    reconnects: crate::backoff::Backoff,
 }
 
 /// The backend's own runtime, dropped without blocking: a backend opened
@@ -355,7 +266,7 @@ impl Postgres {
             retry_at: None,
             round_trips: 0,
             sent: 0,
-            reconnects: crate::agent::Backoff::new(crate::config::BackoffConfig {
+            reconnects: crate::backoff::Backoff::new(crate::config::BackoffConfig {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
                 ..crate::config::BackoffConfig::default()
@@ -733,7 +644,7 @@ async fn take(client: &Client, database: &str, server: &str) -> Result<(), Store
             ),
         });
     }
-    let now = super::now_ms();
+    let now = crate::clock::now_ms();
     client
         .execute(
             "INSERT INTO servers (name, started_ms, heartbeat_ms) VALUES ($1, $2, $2) \
@@ -953,7 +864,10 @@ fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> (Vec<Call<'a>>, Vec<(usize, u
                     .iter()
                     .map(|t| t.target.as_deref().map(str::to_owned))
                     .collect();
-                let created: Vec<i64> = tasks.iter().map(|t| super::unix_ms(t.created)).collect();
+                let created: Vec<i64> = tasks
+                    .iter()
+                    .map(|t| crate::clock::unix_ms(t.created))
+                    .collect();
                 published = true;
                 calls.push((
                     &s.insert_task,
@@ -998,7 +912,7 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 Box::new(i32::try_from(*attempt).unwrap_or(i32::MAX)),
                 Box::new(holder.to_string()),
                 Box::new(*deadline_ms),
-                Box::new(super::now_ms()),
+                Box::new(crate::clock::now_ms()),
             ],
         )],
         Write::State {
@@ -1644,7 +1558,7 @@ impl Watcher {
         reachable: &watch::Sender<bool>,
         stop: &tokio_util::sync::CancellationToken,
     ) {
-        let mut backoff = crate::agent::Backoff::new(crate::config::BackoffConfig {
+        let mut backoff = crate::backoff::Backoff::new(crate::config::BackoffConfig {
             initial: Duration::from_millis(100),
             max: self.connect.poll.max(Duration::from_secs(5)),
             ..crate::config::BackoffConfig::default()
@@ -1711,7 +1625,7 @@ impl Watcher {
                     client
                         .execute(
                             "UPDATE servers SET heartbeat_ms = $2, stopped = TRUE WHERE name = $1",
-                            &[&server, &super::now_ms()],
+                            &[&server, &crate::clock::now_ms()],
                         )
                         .await
                         .map_err(f)?;
@@ -1734,7 +1648,7 @@ impl Watcher {
                     client
                         .execute(
                             "UPDATE servers SET heartbeat_ms = $2, stopped = FALSE WHERE name = $1",
-                            &[&server, &super::now_ms()],
+                            &[&server, &crate::clock::now_ms()],
                         )
                         .await
                         .map_err(f)?;
@@ -1752,36 +1666,5 @@ impl Watcher {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_checked_without_echoing_them() {
-        let secret = "postgres://contactd:hunter2@db1/contactd?sslmode=prefer";
-        let error = check_url(secret).unwrap_err();
-        assert!(error.contains("sslmode=require"), "{error}");
-        assert!(!error.contains("hunter2"), "{error}");
-        let error = check_url("postgres://contactd:hunter2@db1/contactd?bogus=1").unwrap_err();
-        assert!(!error.contains("hunter2"), "{error}");
-
-        assert!(has_password("postgres://contactd:hunter2@db1/fleet"));
-        assert!(!has_password("postgres://contactd@db1/fleet"));
-        let plain = parse("postgres://contactd:hunter2@db1:5433/fleet").unwrap();
-        assert!(!plain.tls);
-        assert_eq!(plain.name, "contactd@db1:5433/fleet");
-        assert!(!plain.name.contains("hunter2"));
-        for mode in ["require", "verify-full", "verify-ca"] {
-            let tls = parse(&format!(
-                "postgres://c@db1/fleet?sslmode={mode}&connect_timeout=3"
-            ));
-            assert!(tls.unwrap().tls, "{mode}");
-        }
-        let words = parse("host=/run/postgresql user=contactd dbname=fleet").unwrap();
-        assert_eq!(words.name, "contactd@/run/postgresql/fleet");
-        assert!(check_url("postgres:///fleet").is_err(), "no host");
     }
 }

@@ -16,12 +16,12 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    AgentResult, Backend, Op, Pruned, Retention, SavedAgent, Snapshot, StoreError, StoredTask,
-    TaskRecord, Write, cursor_from_parts, cursor_parts, now_ms,
+    AgentResult, Backend, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, TaskRecord,
+    Write, cursor_from_parts, cursor_parts,
 };
 use crate::{
     config::StoreSync,
-    tasks::{TaskState, cursor::Saved},
+    model::{Saved, SavedAgent, TaskState},
 };
 
 /// `PRAGMA application_id` of a contactd database ("ctd1").
@@ -453,7 +453,7 @@ fn apply(tx: &Transaction<'_>, ops: &[Op<'_>]) -> rusqlite::Result<()> {
                         id(task.id),
                         task.text,
                         task.target.as_deref(),
-                        super::unix_ms(task.created)
+                        crate::clock::unix_ms(task.created)
                     ])?;
                     next_id = next_id.max(task.id + 1);
                 }
@@ -671,7 +671,7 @@ pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
         None::<fn(rusqlite::backup::Progress)>,
     )
     .map_err(|e| StoreError::Failed(format!("backup to {}: {e}", to.display())))?;
-    tracing::debug!(from = %path.display(), to = %to.display(), at_ms = now_ms(), "store backed up");
+    tracing::debug!(from = %path.display(), to = %to.display(), at_ms = crate::clock::now_ms(), "store backed up");
     Ok(())
 }
 
@@ -680,7 +680,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::tasks::{AckCursor, Task};
+    use crate::model::{AckCursor, Task};
 
     fn task(id: u64, text: &str) -> Arc<Task> {
         Arc::new(Task::new(id, text.into(), SystemTime::now(), None))

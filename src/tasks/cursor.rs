@@ -8,7 +8,7 @@
 //! forgotten (those tasks may be sent again; the agent dedups them).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
@@ -17,95 +17,7 @@ use std::{
 
 use parking_lot::Mutex;
 
-/// Acks of one agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AckCursor {
-    /// Every task id up to this one is acked (0: none yet).
-    watermark: u64,
-    /// Acked ids above `watermark + 1`.
-    above: BTreeSet<u64>,
-}
-
-impl AckCursor {
-    /// A cursor for an agent that has seen every task up to `id`.
-    pub fn at(id: u64) -> AckCursor {
-        AckCursor {
-            watermark: id,
-            above: BTreeSet::new(),
-        }
-    }
-
-    /// A cursor as a store kept it.
-    pub fn from_parts(watermark: u64, above: impl IntoIterator<Item = u64>) -> AckCursor {
-        AckCursor {
-            watermark,
-            above: above.into_iter().filter(|id| *id > watermark).collect(),
-        }
-    }
-
-    /// The acked ids above the watermark, lowest first.
-    pub fn above(&self) -> impl Iterator<Item = u64> + '_ {
-        self.above.iter().copied()
-    }
-
-    /// Records an ack of task `id`, keeping at most `bound` out-of-order ids.
-    pub fn ack(&mut self, id: u64, bound: usize) {
-        if id <= self.watermark {
-            return;
-        }
-        if id == self.watermark + 1 {
-            self.watermark = id;
-            while self.above.remove(&(self.watermark + 1)) {
-                self.watermark += 1;
-            }
-            return;
-        }
-        self.above.insert(id);
-        while self.above.len() > bound.max(1) {
-            self.above.pop_first();
-        }
-    }
-
-    /// Takes in the acks `other` records too (the same agent's cursor as
-    /// another server kept it): acks only ever accumulate.
-    pub fn merge(&mut self, other: &AckCursor) {
-        if other.watermark > self.watermark {
-            self.watermark = other.watermark;
-            self.above = self.above.split_off(&(self.watermark + 1));
-        }
-        self.above
-            .extend(other.above.range(self.watermark + 1..).copied());
-        while self.above.remove(&(self.watermark + 1)) {
-            self.watermark += 1;
-        }
-    }
-
-    /// Tasks before this id need no redelivery: resume after the watermark.
-    pub fn watermark(&self) -> u64 {
-        self.watermark
-    }
-
-    /// Whether task `id` was acked.
-    pub fn is_acked(&self, id: u64) -> bool {
-        id <= self.watermark || self.above.contains(&id)
-    }
-
-    /// Skips the watermark past tasks that can no longer be delivered (they
-    /// left retention): returns how many unacked ones that drops.
-    pub fn skip_to(&mut self, first_retained: u64) -> u64 {
-        if first_retained <= self.watermark + 1 {
-            return 0;
-        }
-        let acked_gone = self.above.range(..first_retained).count() as u64;
-        let missed = first_retained - 1 - self.watermark - acked_gone;
-        self.above = self.above.split_off(&first_retained);
-        self.watermark = first_retained - 1;
-        while self.above.remove(&(self.watermark + 1)) {
-            self.watermark += 1;
-        }
-        missed
-    }
-}
+use crate::model::{AckCursor, Saved};
 
 /// Every named agent's broadcast cursor, by name: owned here, not by the
 /// caller registry (whose entries come and go with connections), and kept
@@ -148,20 +60,8 @@ impl Tracked {
     pub fn touch(&self) {
         self.dirty.store(true, Ordering::Relaxed);
         self.seen_ms
-            .store(crate::store::now_ms(), Ordering::Relaxed);
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
     }
-}
-
-/// A cursor as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Saved {
-    pub agent: Arc<str>,
-    pub cursor: AckCursor,
-    /// [`Tracked::since`].
-    pub since: u64,
-    pub sent_up_to: u64,
-    /// When the agent was last seen (unix ms).
-    pub seen_ms: i64,
 }
 
 impl Cursors {
@@ -188,7 +88,7 @@ impl Cursors {
         let tracked = map.entry(Arc::clone(name)).or_insert_with(|| {
             let cursor = make();
             let since = cursor.watermark() + 1;
-            Tracked::new(cursor, since, 0, crate::store::now_ms())
+            Tracked::new(cursor, since, 0, crate::clock::now_ms())
         });
         tracked.touch();
         Arc::clone(tracked)
@@ -230,7 +130,7 @@ impl Cursors {
     /// Notes that `name` is still around (connected), without a save.
     pub fn seen(&self, name: &str) {
         if let Some(t) = self.map.lock().get(name) {
-            t.seen_ms.store(crate::store::now_ms(), Ordering::Relaxed);
+            t.seen_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         }
     }
 

@@ -6,7 +6,7 @@ pub mod generator;
 pub mod hub;
 pub mod queue;
 
-pub use cursor::{AckCursor, Cursors, Tracked};
-pub use hub::{Delivery, Hub, Progress, Start, Subscription, Task, TaskState};
+pub use cursor::{Cursors, Tracked};
+pub use hub::{Delivery, Hub, Start, Subscription};
 // Parsed with the config, which owns the type; re-exported where it is used.
 pub use crate::config::template::{self, TaskTemplate};

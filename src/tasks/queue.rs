@@ -29,7 +29,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Task, TaskState};
+use crate::model::{Task, TaskState};
 use crate::store::{Commit, LostClaim, Store, Write};
 
 /// The queue's limits; all change live on a reload.
@@ -243,7 +243,7 @@ impl Queue {
     /// their holder or their deadline, the others are in line.
     pub fn restore(&self, tasks: Vec<Restored>) {
         let mut state = self.state.lock();
-        let (now, now_ms) = (Instant::now(), crate::store::now_ms());
+        let (now, now_ms) = (Instant::now(), crate::clock::now_ms());
         let mut waiting = Vec::new();
         for restored in tasks {
             let mut entry = Entry::new(restored.task, restored.attempts);
@@ -538,7 +538,7 @@ impl State {
         }
         if let Some(f) = self.in_flight.get(&id) {
             let left = f.deadline.saturating_duration_since(Instant::now());
-            let deadline_ms = crate::store::now_ms()
+            let deadline_ms = crate::clock::now_ms()
                 .saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX));
             let place = Place::InFlight {
                 holder: Arc::clone(&f.holder),
@@ -718,7 +718,7 @@ impl State {
             .deadline_ms
             .map_or(self.limits.ack_timeout, |deadline| {
                 Duration::from_millis(
-                    u64::try_from(deadline.saturating_sub(crate::store::now_ms())).unwrap_or(0),
+                    u64::try_from(deadline.saturating_sub(crate::clock::now_ms())).unwrap_or(0),
                 )
             });
         if let Some(holder) = &lost.holder {
@@ -784,7 +784,7 @@ impl State {
         let Some(holder) = self.slots.get(&slot).map(|s| Arc::clone(&s.name)) else {
             return;
         };
-        let deadline_ms = crate::store::now_ms()
+        let deadline_ms = crate::clock::now_ms()
             .saturating_add(i64::try_from(self.limits.ack_timeout.as_millis()).unwrap_or(i64::MAX));
         entry.claim_deadline_ms = deadline_ms;
         entry.seq = self.store.claim(Write::Claimed {
@@ -987,7 +987,7 @@ mod tests {
             hub.publish("two".into(), None),
             hub.publish("three".into(), None),
         );
-        let later = crate::store::now_ms() + 30_000;
+        let later = crate::clock::now_ms() + 30_000;
         queue.restore(vec![
             Restored {
                 task: one,
@@ -1022,7 +1022,7 @@ mod tests {
     async fn a_restored_claim_is_redelivered_to_another_agent_at_its_deadline() {
         let hub = Hub::new(100);
         let queue = new_queue(limits());
-        let soon = crate::store::now_ms() + 1000;
+        let soon = crate::clock::now_ms() + 1000;
         queue.restore(vec![Restored {
             task: hub.publish("one".into(), None),
             attempts: 1,

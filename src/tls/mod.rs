@@ -27,7 +27,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use crate::config::{ClientAuth, ServerTlsConfig};
+use crate::config::{AgentTlsConfig, ClientAuth, ServerTlsConfig};
 
 /// The one crypto provider contactd uses (ring: builds with a C compiler
 /// only, no cmake or assembler).
@@ -206,6 +206,19 @@ pub struct ClientTls {
     pub server_name: Option<String>,
     /// Accept any server certificate (the probe's `--tls-no-verify`).
     pub no_verify: bool,
+}
+
+/// The agent's `[agent.tls]` as the TLS client settings shared with the probe.
+impl From<&AgentTlsConfig> for ClientTls {
+    fn from(config: &AgentTlsConfig) -> ClientTls {
+        ClientTls {
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            server_name: config.server_name.clone(),
+            no_verify: false,
+        }
+    }
 }
 
 impl ClientTls {

@@ -22,7 +22,7 @@ use common::{
     within,
 };
 use contactd::{
-    agent::{self, EventKind},
+    agent::EventKind,
     config::Config,
     proto::{
         AGENT_HEADER,
@@ -60,7 +60,7 @@ async fn an_agent_started_before_its_server_connects_once_it_comes_up() {
     agent.wait_for("a failed attempt", failed).await;
     agent.wait_for("a second failed attempt", failed).await;
 
-    let listener = server::bind(addr, 128).expect("bind the reserved port");
+    let listener = contactd::net::bind(addr, 128).expect("bind the reserved port");
     let (_config, rx) = watch::channel(Arc::new(busy_server()));
     let stop = CancellationToken::new();
     let server = tokio::spawn(server::run(listener, rx, stop.clone()));
@@ -86,7 +86,7 @@ async fn after_the_server_is_killed_and_restarted_the_agent_reconnects_and_work_
     let mut daemon = Daemon::start(server_config);
     let addr = daemon.addr;
     let config = agent_config(addr, "survivor");
-    let bound = agent::Backoff::new(config.backoff.clone()).bound();
+    let bound = contactd::backoff::Backoff::new(config.backoff.clone()).bound();
     let mut agent = TestAgent::start(config);
     agent.wait_for("connected", connected).await;
     agent.wait_for("a handled task", handled).await;

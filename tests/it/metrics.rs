@@ -137,7 +137,7 @@ async fn start_server(mut config: Config) -> (TestServer, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     config.admin.socket = dir.path().join("admin.sock");
     config.store.path = Some(dir.path().join("contactd.db"));
-    let listener = server::bind(config.server.listen, 128).unwrap();
+    let listener = contactd::net::bind(config.server.listen, 128).unwrap();
     let addr = listener.local_addr().unwrap();
     let (endpoint, metrics) = endpoint("contactd");
     let (config, rx) = watch::channel(Arc::new(config));

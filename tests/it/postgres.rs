@@ -13,10 +13,11 @@ use common::{
     postgres::Cluster,
 };
 use contactd::{
+    clock::now_ms,
     config::{StoreConfig, StoreKind},
+    model::{AckCursor, Saved, TaskState},
     proto::admin::{ListAgentsRequest, ListTasksRequest, admin_client::AdminClient},
-    store::{self, Retention, StoreError, Write, now_ms},
-    tasks::{AckCursor, TaskState, cursor::Saved},
+    store::{self, Retention, StoreError, Write},
 };
 use nix::sys::signal::Signal;
 use tonic::transport::Channel;
@@ -95,7 +96,7 @@ async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
         sent_up_to: 3,
         seen_ms: now_ms(),
     }));
-    store.record(Write::Agent(store::SavedAgent {
+    store.record(Write::Agent(contactd::model::SavedAgent {
         name: "web2".into(),
         first_ms: 5,
         last_ms: now_ms(),

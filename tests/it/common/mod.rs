@@ -60,7 +60,7 @@ impl TestServer {
         if config.store.path.is_none() {
             config.store.path = Some(dir.path().join("contactd.db"));
         }
-        let listener = server::bind(config.server.listen, 128).expect("bind 127.0.0.1:0");
+        let listener = contactd::net::bind(config.server.listen, 128).expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let (config, rx) = watch::channel(Arc::new(config));
         let shutdown = CancellationToken::new();

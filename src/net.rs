@@ -1,0 +1,28 @@
+//! Listening sockets bound by contactd itself, so that the listen backlog
+//! is ours to choose: the standard library's 128 overflows when thousands of
+//! agents reconnect at once after a restart.
+
+use std::{io, net::SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+/// Binds `addr` with a listen queue of `backlog` connections (the kernel
+/// caps it at `net.core.somaxconn`). An IPv6 wildcard also accepts IPv4.
+///
+/// Must be called inside a tokio runtime.
+///
+/// # Errors
+/// The socket calls' errors, such as `AddrInUse`.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Lets a restarted server bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
