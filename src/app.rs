@@ -375,7 +375,7 @@ async fn serve_until_signalled(context: daemon::Context, config: Config) -> Resu
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    server::preflight(&config)?;
+    let policy = server::preflight(&config)?;
     // Before binding: a store that cannot be used stops the start, and
     // nothing is served without what it holds.
     let store = server::open_store(&config)?;
@@ -391,14 +391,13 @@ async fn serve_until_signalled(context: daemon::Context, config: Config) -> Resu
     let (harness, launch) = context.harness(config, "contactd")?;
     let shutdown = launch.shutdown.clone();
     let (started_tx, started) = tokio::sync::oneshot::channel();
-    let mut server = tokio::spawn(server::run_with_metrics(
-        listener,
-        launch.metrics,
-        launch.config,
-        launch.shutdown,
-        store,
-        started_tx,
-    ));
+    let mut server = tokio::spawn(server::run(server::Serve {
+        store: Some(store),
+        policy: Some(policy),
+        metrics: launch.metrics,
+        started: Some(started_tx),
+        ..server::Serve::new(listener, launch.config, launch.shutdown)
+    }));
     // READY=1 once everything the server offers answers (the admin socket
     // too), not as soon as the server task is spawned: units ordered after
     // contactd, and scripts, must never have to poll for a socket.

@@ -26,3 +26,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
 }
+
+/// A peer address for a log line (`-`: unknown, as over a unix socket).
+#[must_use]
+pub fn shown_address(address: Option<SocketAddr>) -> String {
+    address.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}

@@ -78,6 +78,10 @@ impl fmt::Debug for Shown<'_> {
     }
 }
 
+/// How often each kind of refusal (of a connection, a call, an ack) is
+/// logged at most.
+pub const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// At most `per_window` events per `window`; the rest are counted, so the
 /// next allowed line can say how many were left out.
 ///

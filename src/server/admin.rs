@@ -1,10 +1,9 @@
 //! The admin API (`contactd.admin.v1.Admin`): submit tasks, list agents and
-//! tasks (showing, cancelling and retrying one task is in [`history`]).
-//! Served on a unix socket only (`[admin] socket`, mode 0660, so access is a
+//! tasks, show, cancel and retry one task. A translation: the broker
+//! decides, this file turns requests and answers into protobuf. Served on a unix socket only (`[admin] socket`, mode 0660, so access is a
 //! matter of file permissions), never on the public port.
 
 use std::{
-    collections::BTreeMap,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering::Relaxed},
@@ -15,7 +14,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::{State, history};
+use super::state::State;
 use crate::{
     clock::unix_ms,
     config::AdminConfig,
@@ -23,12 +22,14 @@ use crate::{
     proto::{
         ADMIN_DESCRIPTOR_SET,
         admin::{
-            self as pb, ListAgentsRequest, ListAgentsResponse, ListTasksRequest, ListTasksResponse,
-            ShowTaskResponse, SubmitTaskRequest, SubmitTaskResponse, TaskIdRequest,
+            self as pb, AgentTaskState, ListAgentsRequest, ListAgentsResponse, ListTasksRequest,
+            ListTasksResponse, ShowTaskResponse, SubmitTaskRequest, SubmitTaskResponse,
+            TaskIdRequest,
             admin_server::{Admin, AdminServer},
         },
     },
     store::StoreError,
+    tasks::{AgentRow, AgentState, Refused, TaskView},
 };
 
 /// The socket file this server created, to remove at exit.
@@ -175,21 +176,56 @@ pub(super) fn task_message(t: &Task) -> pb::Task {
     }
 }
 
-/// The delivery mode in force (not a reloaded one waiting for a restart).
-pub(super) fn mode(state: &State) -> &'static str {
-    if state.queue.is_some() {
-        "queue"
-    } else {
-        "broadcast"
-    }
-}
-
 /// A store failure as the admin API reports it.
-pub(super) fn store_status(e: &StoreError) -> Status {
+fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Closed | StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
+    }
+}
+
+/// A refusal of the broker's as the admin API reports it.
+fn refused_status(refused: Refused) -> Status {
+    match refused {
+        Refused::NotFound(_) => Status::not_found(refused.to_string()),
+        Refused::Store(e) => store_status(&e),
+        Refused::CannotCancel(..)
+        | Refused::NotRetained(_)
+        | Refused::CannotRetry(..)
+        | Refused::Broadcast(..) => Status::failed_precondition(refused.to_string()),
+    }
+}
+
+fn agent_state(state: AgentState) -> AgentTaskState {
+    match state {
+        AgentState::Owed => AgentTaskState::Owed,
+        AgentState::Delivered => AgentTaskState::Delivered,
+        AgentState::Acked => AgentTaskState::Acked,
+        AgentState::Failed => AgentTaskState::Failed,
+        AgentState::Missed => AgentTaskState::Missed,
+        AgentState::Cancelled => AgentTaskState::Cancelled,
+    }
+}
+
+fn agent_row(row: AgentRow) -> pb::TaskAgent {
+    pb::TaskAgent {
+        agent: row.agent.to_string(),
+        state: agent_state(row.state) as i32,
+        result: row.result,
+        result_ms: row.result_ms,
+        deadline_ms: row.deadline_ms,
+    }
+}
+
+/// `task show`'s answer.
+fn shown(view: TaskView, mode: &str) -> ShowTaskResponse {
+    ShowTaskResponse {
+        task: Some(task_message(&view.task)),
+        mode: mode.to_owned(),
+        attempts: view.attempts,
+        retries: view.task.progress.retries(),
+        agents: view.agents.into_iter().map(agent_row).collect(),
     }
 }
 
@@ -198,7 +234,7 @@ impl AdminService {
     /// others (and away ones this server never saw) to `agents`, marks each
     /// named agent with its server, and lists the servers.
     async fn fleet(&self, agents: &mut Vec<pb::Agent>) -> Vec<pb::Server> {
-        let fleet = match self.state.store.fleet().await {
+        let fleet = match self.state.broker.fleet().await {
             Ok(Some(fleet)) => fleet,
             Ok(None) => return Vec::new(),
             Err(e) => {
@@ -293,33 +329,25 @@ impl Admin for AdminService {
             )));
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
-        let mut text = Some(request.text);
         // Returns once the task is committed to the store.
-        let ids = self
+        let id = self
             .state
-            .store
-            .publish(1, move |_| {
-                (text.take().unwrap_or_default(), target.clone())
-            })
+            .broker
+            .submit(request.text, target)
             .await
             .map_err(|e| {
                 tracing::error!("task not accepted: {e}");
                 store_status(&e)
             })?;
-        tracing::info!(task_id = ids.start, agent = %crate::untrusted::shown(&request.agent), "task submitted");
-        Ok(Response::new(SubmitTaskResponse { id: ids.start }))
+        tracing::info!(task_id = id, agent = %crate::untrusted::shown(&request.agent), "task submitted");
+        Ok(Response::new(SubmitTaskResponse { id }))
     }
 
     async fn list_agents(
         &self,
         _: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        let loads = self
-            .state
-            .queue
-            .as_ref()
-            .map(|q| q.load_by_agent())
-            .unwrap_or_default();
+        let loads = self.state.broker.in_flight_by_agent();
         let mut agents: Vec<pb::Agent> = self
             .state
             .callers
@@ -359,35 +387,16 @@ impl Admin for AdminService {
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
         let request = request.into_inner();
-        let wanted = request.state();
-        let mut tasks: BTreeMap<u64, Arc<Task>> = self
-            .state
-            .hub
-            .retained_tasks()
-            .into_iter()
-            .map(|t| (t.id, t))
-            .collect();
-        let counters = self.state.queue.as_ref().map(|q| {
-            tasks.extend(q.tasks().into_iter().map(|t| (t.id, t)));
-            q.counters()
-        });
-        if self.state.store.is_shared() {
-            // Their progress through every server, as the store has it.
-            let ids = tasks.keys().copied().collect();
-            match self.state.store.tasks(ids).await {
-                Ok(stored) => {
-                    tasks.extend(stored.iter().map(|t| (t.id, Arc::new(t.to_task()))));
-                }
-                Err(e) => tracing::warn!(
-                    "cannot read the tasks' progress through the other servers (listing this \
-                     server's): {e}"
-                ),
-            }
-        }
-        let mut matching: Vec<&Arc<Task>> = tasks
-            .values()
-            .filter(|t| wanted == pb::TaskState::Unspecified || state_of(t) == wanted)
-            .collect();
+        let wanted = match request.state() {
+            pb::TaskState::Unspecified => None,
+            pb::TaskState::Pending => Some(TaskState::Pending),
+            pb::TaskState::Delivered => Some(TaskState::Delivered),
+            pb::TaskState::Acked => Some(TaskState::Acked),
+            pb::TaskState::Failed => Some(TaskState::Failed),
+            pb::TaskState::Dead => Some(TaskState::Dead),
+            pb::TaskState::Cancelled => Some(TaskState::Cancelled),
+        };
+        let (mut matching, counters) = self.state.broker.list(wanted).await;
         if request.limit > 0 {
             let excess = matching.len().saturating_sub(request.limit as usize);
             matching.drain(..excess);
@@ -398,7 +407,7 @@ impl Admin for AdminService {
         let mut more = false;
         let mut listed = Vec::new();
         for t in matching.into_iter().filter(|t| t.id > request.after_id) {
-            let task = task_message(t);
+            let task = task_message(&t);
             bytes += prost::Message::encoded_len(&task);
             if bytes > PAGE_BYTES && !listed.is_empty() {
                 more = true;
@@ -406,16 +415,15 @@ impl Admin for AdminService {
             }
             listed.push(task);
         }
-        let counters = counters.unwrap_or_default();
         Ok(Response::new(ListTasksResponse {
             tasks: listed,
-            mode: mode(&self.state).to_owned(),
+            mode: self.state.broker.mode_name().to_owned(),
             redelivered: counters.redelivered,
             dropped: counters.dropped,
             dead: counters.dead,
             duplicate_acks: counters.duplicate_acks,
             more,
-            cancelled_acks: self.state.cancelled_acks.load(Relaxed),
+            cancelled_acks: self.state.broker.stats().cancelled_acks,
         }))
     }
 
@@ -424,7 +432,9 @@ impl Admin for AdminService {
         request: Request<TaskIdRequest>,
     ) -> Result<Response<ShowTaskResponse>, Status> {
         let id = request.into_inner().id;
-        Ok(Response::new(history::show(&self.state, id).await?))
+        let broker = &self.state.broker;
+        let view = broker.show(id).await.map_err(refused_status)?;
+        Ok(Response::new(shown(view, broker.mode_name())))
     }
 
     async fn cancel_task(
@@ -432,7 +442,8 @@ impl Admin for AdminService {
         request: Request<TaskIdRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         let id = request.into_inner().id;
-        Ok(Response::new(history::cancel(&self.state, id).await?))
+        let task = self.state.broker.cancel(id).await.map_err(refused_status)?;
+        Ok(Response::new(task_message(&task)))
     }
 
     async fn retry_task(
@@ -440,6 +451,7 @@ impl Admin for AdminService {
         request: Request<TaskIdRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         let id = request.into_inner().id;
-        Ok(Response::new(history::retry(&self.state, id).await?))
+        let task = self.state.broker.retry(id).await.map_err(refused_status)?;
+        Ok(Response::new(task_message(&task)))
     }
 }

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -22,12 +22,12 @@ use std::{
 use parking_lot::Mutex;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use super::listener::WARN_EVERY;
 use crate::{
     clock::{now_ms, unix_ms},
     model::SavedAgent,
-    tasks::Tracked,
-    untrusted::Budget,
+    net::shown_address,
+    tasks::Agent,
+    untrusted::{Budget, WARN_EVERY},
 };
 
 /// A connected agent's roster entry is saved at least this often (its
@@ -49,9 +49,6 @@ pub struct Caller {
     pub named: bool,
     /// Peer address of its latest call.
     address: Mutex<Option<SocketAddr>>,
-    /// Broadcast mode: which tasks it acked (named agents only; the
-    /// cursor belongs to the store's [`Cursors`](crate::tasks::Cursors), by name).
-    pub cursor: OnceLock<Arc<Tracked>>,
     /// Broadcast mode: tasks it never got because they left retention.
     pub missed: AtomicU64,
     /// When its first open call began (reset when it reconnects after
@@ -73,9 +70,6 @@ pub struct Caller {
     pub delivered: AtomicU64,
     pub acked: AtomicU64,
     pub failed: AtomicU64,
-    /// Broadcast mode: the highest task id sent on its streams; acks above
-    /// it are refused.
-    pub sent_up_to: AtomicU64,
     /// Acks that changed nothing because the task was not delivered to it.
     pub refused_acks: AtomicU64,
     /// Limits the log lines about refused acks.
@@ -93,6 +87,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller as the broker sees it.
+    pub fn agent(&self) -> Agent {
+        Agent {
+            name: Arc::clone(&self.id),
+            named: self.named,
+            address: self.address(),
+        }
+    }
+
     /// `text` cut to what is kept of this caller's reports
     /// (`server.max_status_size`), on a character boundary.
     pub fn kept<'a>(&self, text: &'a str) -> &'a str {
@@ -284,11 +287,6 @@ impl Drop for CallGuard {
     }
 }
 
-/// A peer address for a log line (`-`: unknown, as over a unix socket).
-pub fn shown_address(address: Option<SocketAddr>) -> String {
-    address.map_or_else(|| "-".to_owned(), |a| a.to_string())
-}
-
 impl Callers {
     /// A registry keeping at most `max_callers` entries and `max_status`
     /// bytes of status per entry.
@@ -461,7 +459,6 @@ impl Caller {
             id: Arc::from(id),
             named,
             address: Mutex::new(address),
-            cursor: OnceLock::new(),
             missed: AtomicU64::new(0),
             connected_since: Mutex::new(now),
             open_calls: AtomicU32::new(0),
@@ -473,7 +470,6 @@ impl Caller {
             delivered: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            sent_up_to: AtomicU64::new(0),
             refused_acks: AtomicU64::new(0),
             ack_refusals: Budget::every(WARN_EVERY),
             name_clashes: Budget::every(WARN_EVERY),

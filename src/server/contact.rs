@@ -9,7 +9,7 @@
 use std::{
     future::{self, Future},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering::Relaxed},
     task::{Context, Poll},
 };
 
@@ -21,12 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{
-    State,
-    callers::CallGuard,
-    delivery::{self, Feed},
-    listener::ConnInfo,
-    metrics::CmdOutcome,
-    shutting_down,
+    callers::CallGuard, counters::CmdOutcome, listener::ConnInfo, shutting_down, state::State,
 };
 use crate::{
     auth::Principal,
@@ -35,6 +30,7 @@ use crate::{
         contact_server::Contact,
     },
     remote_cmd::Refusal,
+    tasks::{Acked, Feed},
     untrusted::shown,
 };
 
@@ -115,20 +111,8 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::getTaskStream>, Status> {
         let caller = self.enter(&request)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
-        if caller.named && self.state.queue.is_none() && self.state.store.is_shared() {
-            // Several servers: the agent may have acked tasks through
-            // another one since it was last here.
-            match self.state.store.cursor(&caller.id).await {
-                Ok(Some(saved)) => self.state.cursors.merge(saved),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    agent = %caller.id,
-                    "cannot read the agent's acks from the task store (going on with this \
-                     server's; tasks it acked elsewhere may be sent again): {e}"
-                ),
-            }
-        }
-        let feed = Feed::open(&self.state, &caller);
+        let (feed, missed) = self.state.broker.subscribe(caller.agent()).await;
+        caller.missed.fetch_add(missed, Relaxed);
         tracing::debug!(parent: &span, "subscribed to tasks");
         let closing = self.state.closing.child_token();
         if feed.is_broadcast() {
@@ -153,9 +137,10 @@ impl Contact for ContactService {
         let tasks = stream::unfold(Some(state), |state| async move {
             let mut state = state?;
             let (feed, caller, _, closing) = &mut *state;
-            let Some(task) = unless_closing(closing, feed.next(caller)).await else {
+            let Some(task) = unless_closing(closing, feed.next()).await else {
                 return Some((Err(shutting_down()), None));
             };
+            caller.delivered.fetch_add(1, Relaxed);
             Some((Ok(task), Some(state)))
         });
         Ok(Response::new(Box::pin(tasks)))
@@ -169,6 +154,7 @@ impl Contact for ContactService {
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
         let closing = self.state.closing.child_token();
+        let agent = caller.agent();
         async {
             loop {
                 let Some(next) = unless_closing(&closing, inbound.message()).await else {
@@ -179,7 +165,16 @@ impl Contact for ContactService {
                 else {
                     return Ok(Response::new(Empty {}));
                 };
-                delivery::record_result(&self.state, &caller, &result);
+                let kept = caller.kept(&result.ret);
+                match self.state.broker.ack(&agent, &result, kept) {
+                    Acked::Counted { ok: true } => caller.acked.fetch_add(1, Relaxed),
+                    Acked::Counted { ok: false } => caller.failed.fetch_add(1, Relaxed),
+                    Acked::Refused(reason) => {
+                        caller.refuse_ack(result.task_id, reason);
+                        0
+                    }
+                    Acked::Ignored => 0,
+                };
             }
         }
         .instrument(span)
@@ -194,7 +189,7 @@ impl Contact for ContactService {
         let request = request.into_inner();
         let span = tracing::info_span!("remoteCMD", peer = %caller.id, index = request.index);
         async {
-            let runner = self.state.runner();
+            let runner = self.state.policy.runner();
             let started = std::time::Instant::now();
             let outcome = runner.run(&request.cmd_str, &self.state.kill).await;
             self.state
@@ -303,7 +298,13 @@ impl http_body::Body for TaskFrames {
             if this.closing.is_cancelled() {
                 return this.end(&shutting_down());
             }
-            if let Some(data) = this.feed.try_next_frame(&this.caller, MAX_FRAME) {
+            let frame = this.feed.try_next_frame(MAX_FRAME);
+            let missed = this.feed.take_missed();
+            if missed > 0 {
+                this.caller.missed.fetch_add(missed, Relaxed);
+            }
+            if let Some((data, count)) = frame {
+                this.caller.delivered.fetch_add(count, Relaxed);
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             let Some(published) = this.feed.published() else {

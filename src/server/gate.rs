@@ -29,9 +29,9 @@ use tonic::{Status, body::Body, server::NamedService};
 use tower::Service;
 
 use super::{
-    State,
     contact::{ContactService, Handoff},
     listener::ConnInfo,
+    state::State,
 };
 use crate::{
     auth::{Credential, HEADER, Principal, Role, Who},
@@ -288,7 +288,7 @@ fn authorize(
     conn: Option<&ConnInfo>,
     method: Method,
 ) -> Result<Principal, Status> {
-    let verifier = state.auth.read();
+    let verifier = state.policy.auth.read();
     let credential = verifier.credential(headers.get(HEADER).map(|v| v.as_bytes()))?;
     if verifier.requires_shared() && credential == Credential::None {
         return Err(Status::unauthenticated(

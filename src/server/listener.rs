@@ -35,8 +35,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::metrics::Refusal;
-use crate::untrusted::Budget;
+use super::counters::{Counters, Refusal};
+use crate::untrusted::{Budget, WARN_EVERY};
 
 /// What the handlers learn about a connection (tonic puts it in every
 /// request's extensions).
@@ -158,9 +158,6 @@ pub type TlsConfig = Option<Arc<ArcSwap<rustls::ServerConfig>>>;
 /// accept (retrying at once would spin while the condition lasts).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
-/// How often each kind of refusal is logged at most.
-pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// Connections accepted and through their handshake, waiting for the HTTP/2
 /// server to take them.
 const READY_QUEUE: usize = 256;
@@ -195,7 +192,7 @@ struct Acceptor {
     ready: mpsc::Sender<Conn>,
     stop: CancellationToken,
     /// Where refusals are counted.
-    state: Arc<super::State>,
+    counters: Arc<Counters>,
 }
 
 /// The connections `listener` accepts, through their handshake, at most
@@ -207,7 +204,7 @@ pub fn incoming(
     limits: Limits,
     tls: TlsConfig,
     stop: CancellationToken,
-    state: Arc<super::State>,
+    counters: Arc<Counters>,
 ) -> impl Stream<Item = io::Result<Conn>> {
     let (ready, rx) = mpsc::channel(READY_QUEUE);
     let acceptor = Acceptor {
@@ -219,7 +216,7 @@ pub fn incoming(
         warnings: Arc::default(),
         ready,
         stop,
-        state,
+        counters,
     };
     tokio::spawn(acceptor.run());
     futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
@@ -253,7 +250,7 @@ impl Acceptor {
     /// Starts the handshake of a new connection, if a handshake slot is free.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
-            self.state.counters.connection_refused(Refusal::Handshakes);
+            self.counters.connection_refused(Refusal::Handshakes);
             let max = self.limits.max_handshakes;
             self.warnings.handshakes_full.hit(|n| {
                 tracing::warn!(
@@ -266,13 +263,13 @@ impl Acceptor {
         };
         let _ = stream.set_nodelay(true);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
-        let (limits, connections, warnings, ready, stop, state) = (
+        let (limits, connections, warnings, ready, stop, counters) = (
             self.limits,
             Arc::clone(&self.connections),
             Arc::clone(&self.warnings),
             self.ready.clone(),
             self.stop.clone(),
-            Arc::clone(&self.state),
+            Arc::clone(&self.counters),
         );
         tokio::spawn(async move {
             let handshake = tokio::select! {
@@ -283,14 +280,14 @@ impl Acceptor {
             let conn = match handshake {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
-                    state.counters.connection_refused(Refusal::Handshake);
+                    counters.connection_refused(Refusal::Handshake);
                     warnings.failed.hit(|n| {
                         tracing::warn!(%peer, failed = n, "connection handshake failed: {e}");
                     });
                     return;
                 }
                 Err(_) => {
-                    state.counters.connection_refused(Refusal::HandshakeTimeout);
+                    counters.connection_refused(Refusal::HandshakeTimeout);
                     warnings.failed.hit(|n| {
                         tracing::warn!(%peer, failed = n, timeout = ?limits.handshake_timeout,
                             "connection closed: no TLS handshake and HTTP/2 preface within server.handshake_timeout");
@@ -299,7 +296,7 @@ impl Acceptor {
                 }
             };
             let Ok(slot) = connections.try_acquire_owned() else {
-                state.counters.connection_refused(Refusal::Connections);
+                counters.connection_refused(Refusal::Connections);
                 warnings.connections_full.hit(|n| {
                     tracing::warn!(
                         refused = n,

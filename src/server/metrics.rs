@@ -5,137 +5,21 @@
 //! have counters here, all plain atomics indexed by a fixed label set, so
 //! no label is looked up while serving.
 
-use std::{
-    sync::{
-        Arc, Weak,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
-    time::Duration,
-};
+use std::sync::{Arc, Weak, atomic::Ordering::Relaxed};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, histogram::Histogram},
+    metrics::{MetricType, counter::ConstCounter},
 };
-use tonic::Code;
 
-use super::State;
+use super::{
+    counters::{CMD_OUTCOMES, CODES, Counters, METHODS, REFUSALS},
+    state::State,
+};
 use crate::metrics::{counter, gauge, labelled_counter, labelled_gauge};
 
-/// The Contact methods, as the `method` label names them.
-pub(super) const METHODS: [&str; 5] = ["sendStatus", "getTask", "tellResult", "remoteCMD", "other"];
-
-/// gRPC status codes 0 to 16, as the `code` label names them.
-const CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// How a remote command ended, as the `outcome` label names it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum CmdOutcome {
-    /// Ran and exited with status 0.
-    Ok = 0,
-    /// Ran and failed (or was killed at shutdown).
-    Failed = 1,
-    /// Refused: commands off, not allowed, or not a valid command.
-    Denied = 2,
-    /// Killed at `remote_cmd.timeout`.
-    Timeout = 3,
-    /// Refused: `remote_cmd.max_concurrent` running and the queue full.
-    Exhausted = 4,
-}
-
-const CMD_OUTCOMES: [&str; 5] = ["ok", "failed", "denied", "timeout", "exhausted"];
-
-/// Why a connection was closed before it was served.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Refusal {
-    /// `server.max_handshakes` connections were in their handshake.
-    Handshakes = 0,
-    /// `server.max_connections` were open.
-    Connections = 1,
-    /// Its TLS handshake or HTTP/2 preface failed.
-    Handshake = 2,
-    /// No handshake within `server.handshake_timeout`.
-    HandshakeTimeout = 3,
-}
-
-const REFUSALS: [&str; 4] = [
-    "max_handshakes",
-    "max_connections",
-    "handshake_failed",
-    "handshake_timeout",
-];
-
-/// The server's own counters: events that are rare next to task traffic.
-#[derive(Debug)]
-pub(crate) struct Counters {
-    /// Contact calls ended, by method and status code.
-    calls: [[AtomicU64; CODES.len()]; METHODS.len()],
-    /// Contact calls the gate refused before any handler ran, by code.
-    refused_calls: [AtomicU64; CODES.len()],
-    /// Connections closed before they were served, by [`Refusal`].
-    refused_connections: [AtomicU64; REFUSALS.len()],
-    /// Remote commands, by [`CmdOutcome`].
-    commands: [AtomicU64; CMD_OUTCOMES.len()],
-    /// How long remote commands took (run, or refused).
-    command_seconds: Histogram,
-    /// How long unary Contact calls (remoteCMD) took, headers to trailers.
-    unary_seconds: Histogram,
-}
-
-impl Default for Counters {
-    fn default() -> Self {
-        Counters {
-            calls: Default::default(),
-            refused_calls: Default::default(),
-            refused_connections: Default::default(),
-            commands: Default::default(),
-            command_seconds: Histogram::new(crate::metrics::duration_buckets()),
-            unary_seconds: Histogram::new(crate::metrics::duration_buckets()),
-        }
-    }
-}
-
 impl Counters {
-    /// Counts a Contact call that ended with `code`; `took` is given for
-    /// unary calls.
-    pub(crate) fn call_ended(&self, method: usize, code: Code, took: Option<Duration>) {
-        let code = (code as usize).min(CODES.len() - 1);
-        self.calls[method][code].fetch_add(1, Relaxed);
-        if let Some(took) = took {
-            self.unary_seconds.observe(took.as_secs_f64());
-        }
-    }
-
-    /// Counts a call the gate refused.
-    pub(crate) fn call_refused(&self, code: Code) {
-        let code = (code as usize).min(CODES.len() - 1);
-        self.refused_calls[code].fetch_add(1, Relaxed);
-    }
-
-    /// Counts a connection closed before it was served.
-    pub(crate) fn connection_refused(&self, why: Refusal) {
-        self.refused_connections[why as usize].fetch_add(1, Relaxed);
-    }
-
     /// `grpc_requests_total`: the codes seen, and OK for every method.
     fn encode_calls(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut m = e.encode_descriptor(
@@ -157,12 +41,6 @@ impl Counters {
         }
         Ok(())
     }
-
-    /// Counts a remote command.
-    pub(crate) fn command(&self, outcome: CmdOutcome, took: Duration) {
-        self.commands[outcome as usize].fetch_add(1, Relaxed);
-        self.command_seconds.observe(took.as_secs_f64());
-    }
 }
 
 /// Reads the server's state at each scrape. Weak: the registry outlives
@@ -179,7 +57,7 @@ impl ServerCollector {
     pub(super) fn new(state: &Arc<State>) -> ServerCollector {
         ServerCollector {
             state: Arc::downgrade(state),
-            first_id: state.hub.next_id(),
+            first_id: state.broker.stats().next_id,
         }
     }
 }
@@ -197,6 +75,7 @@ impl Collector for ServerCollector {
             u64::from(!closing),
         )?;
         let callers = state.callers.totals();
+        let stats = state.broker.stats();
         labelled_gauge(
             &mut e,
             "agents_connected",
@@ -222,7 +101,7 @@ impl Collector for ServerCollector {
             &mut e,
             "tasks_published",
             "Tasks published (generated or submitted) since the start",
-            state.hub.next_id().saturating_sub(self.first_id),
+            stats.next_id.saturating_sub(self.first_id),
         )?;
         counter(
             &mut e,
@@ -246,8 +125,7 @@ impl Collector for ServerCollector {
             "Broadcast: tasks an agent never got because they left retention first (a slow or absent subscriber)",
             callers.counts.missed,
         )?;
-        let queue = state.queue.as_ref().map(|q| (q.counters(), q.depths()));
-        let (counters, depths) = queue.unwrap_or_default();
+        let (counters, depths) = (stats.queue, stats.depths);
         counter(
             &mut e,
             "tasks_redelivered",
@@ -293,7 +171,7 @@ impl Collector for ServerCollector {
             "reason",
             &[
                 ("not_delivered", callers.counts.refused_acks),
-                ("cancelled", state.cancelled_acks.load(Relaxed)),
+                ("cancelled", stats.cancelled_acks),
                 ("duplicate", counters.duplicate_acks),
             ],
         )?;

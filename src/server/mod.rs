@@ -12,17 +12,16 @@
 mod admin;
 mod callers;
 mod contact;
-mod delivery;
+mod counters;
 mod gate;
 mod health;
-mod history;
 mod listener;
 mod metrics;
+mod reload;
+mod state;
 
 use std::{sync::Arc, time::Duration};
 
-use arc_swap::ArcSwap;
-use parking_lot::RwLock;
 use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
@@ -33,17 +32,15 @@ use tonic_health::ServingStatus;
 
 pub use callers::{CallGuard, Caller, Callers};
 pub use listener::ConnInfo;
+pub use reload::Policy;
 
+use self::state::State;
 use crate::{
-    auth::{TokenError, Verifier},
-    config::{Config, DeliveryMode, ServerConfig, TasksConfig, reload::Changes},
+    auth::TokenError,
+    config::Config,
     proto::CONTACT_DESCRIPTOR_SET,
-    remote_cmd::Runner,
-    store::{self, Store, StoreError},
-    tasks::{
-        Cursors, Hub, generator,
-        queue::{self, Queue},
-    },
+    store::{self, StoreError},
+    tasks::Broker,
 };
 
 /// After the grace period, how long killed commands get to answer before
@@ -83,47 +80,6 @@ impl ServerError {
     }
 }
 
-/// What every handler shares.
-#[derive(Debug)]
-pub(crate) struct State {
-    /// The tasks agents receive.
-    pub(crate) hub: Arc<Hub>,
-    /// The store's random id (kept across restarts by a durable store; new
-    /// at each start with the memory store), sent with every task (`ServerMsg.epoch`)
-    /// so acks of tasks from an earlier run can be told apart.
-    pub(crate) epoch: u64,
-    /// Queue mode's dispatcher; `None` in broadcast mode.
-    pub(crate) queue: Option<Arc<Queue>>,
-    /// Where tasks, claims, acks and cursors are kept.
-    pub(crate) store: Store,
-    /// Broadcast mode: every named agent's ack cursor.
-    pub(crate) cursors: Cursors,
-    /// Who is calling and what they last reported.
-    pub(crate) callers: Callers,
-    /// Acks of cancelled tasks (from agents that had them), ignored.
-    pub(crate) cancelled_acks: std::sync::atomic::AtomicU64,
-    /// Counts of rare events, for the metrics.
-    pub(crate) counters: metrics::Counters,
-    /// Remote command rules; replaced whole on reload.
-    runner: RwLock<Arc<Runner>>,
-    /// The tokens Contact calls may carry; re-read on reload.
-    pub(crate) auth: RwLock<Verifier>,
-    /// The TLS config new connections get; re-read on reload.
-    tls: listener::TlsConfig,
-    /// The config in force.
-    pub(crate) config: watch::Receiver<Arc<Config>>,
-    /// Cancelled once health says NOT_SERVING: streams end, accepting stops.
-    pub(crate) closing: CancellationToken,
-    /// Cancelled when the grace period is over: running commands are killed.
-    pub(crate) kill: CancellationToken,
-}
-
-impl State {
-    fn runner(&self) -> Arc<Runner> {
-        Arc::clone(&self.runner.read())
-    }
-}
-
 /// The status every stream ends with at shutdown.
 fn shutting_down() -> Status {
     Status::unavailable("server shutting down")
@@ -131,16 +87,13 @@ fn shutting_down() -> Status {
 
 /// Reads the credentials `config` names (token files, TLS files) as `run`
 /// will, so that a problem with them stops the start before the server
-/// says it is ready.
+/// says it is ready; hand the policy to [`run`] in [`Serve::policy`] so
+/// that the files are read once.
 ///
 /// # Errors
 /// [`ServerError::Token`] or [`ServerError::Tls`].
-pub fn preflight(config: &Config) -> Result<(), ServerError> {
-    verifier(&config.server).map_err(ServerError::Token)?;
-    if let Some(tls) = &config.server.tls {
-        crate::tls::server_config(tls).map_err(ServerError::Tls)?;
-    }
-    Ok(())
+pub fn preflight(config: &Config) -> Result<Policy, ServerError> {
+    Policy::load(config)
 }
 
 /// Opens the task store `config` names and reads what it holds (before
@@ -149,172 +102,120 @@ pub fn preflight(config: &Config) -> Result<(), ServerError> {
 /// # Errors
 /// [`ServerError::Store`].
 pub fn open_store(config: &Config) -> Result<store::Opened, ServerError> {
-    let queue_mode = config.tasks.mode == DeliveryMode::Queue;
-    let opened = store::open(
-        &config.store,
-        &config.server.resolved_name(),
-        config.tasks.retain,
-        queue_mode,
-    )
-    .map_err(ServerError::Store)?;
-    if opened.snapshot.next_id > 1 {
-        tracing::info!(
-            path = %config.store.resolved_path().display(),
-            tasks = opened.snapshot.tasks.len(),
-            next_id = opened.snapshot.next_id,
-            cursors = opened.snapshot.cursors.len(),
-            "task store opened"
-        );
+    Broker::open_store(config).map_err(ServerError::Store)
+}
+
+/// What [`run`] serves with. [`Serve::new`] gives the three a server
+/// cannot do without; the rest it makes itself when they are `None`.
+#[derive(Debug)]
+pub struct Serve {
+    /// The Contact port, bound by the caller (tests bind 127.0.0.1:0).
+    pub listener: TcpListener,
+    /// The config in force, and every reloaded one after it.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Cancelled to shut down (SIGTERM).
+    pub shutdown: CancellationToken,
+    /// The task store, opened by [`open_store`] (`None`: `run` opens it).
+    pub store: Option<store::Opened>,
+    /// The policy read by [`preflight`] (`None`: `run` reads it).
+    pub policy: Option<Policy>,
+    /// Serves `GET /metrics` too.
+    pub metrics: Option<crate::metrics::Endpoint>,
+    /// Sent once everything the server offers is up: the admin socket
+    /// bound, health SERVING, the listener served. `contactd serve` tells
+    /// systemd READY=1 then, and not before, so that whatever is ordered
+    /// after the unit (or a script that waited for it) finds every socket
+    /// answering. If serving cannot start, it is dropped unsent and the
+    /// error returned. Nobody needs to wait for it: connections wait in
+    /// the listener's backlog until served.
+    pub started: Option<oneshot::Sender<()>>,
+}
+
+impl Serve {
+    /// Serving on `listener` with `config` until `shutdown`; the store
+    /// opened and the policy read by `run`.
+    pub fn new(
+        listener: TcpListener,
+        config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> Serve {
+        Serve {
+            listener,
+            config,
+            shutdown,
+            store: None,
+            policy: None,
+            metrics: None,
+            started: None,
+        }
     }
-    Ok(opened)
 }
 
-/// Serves on `listener` until `shutdown` is cancelled, following the config
-/// sent on `config`, with the task store the config names.
+/// Serves until `serve.shutdown` is cancelled, following the config sent
+/// on `serve.config`, with the task store the config names.
 ///
 /// # Errors
 /// [`ServerError`] when serving cannot start or fails.
-pub async fn run(
-    listener: TcpListener,
-    config: watch::Receiver<Arc<Config>>,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
-    let opened = open_store(&config.borrow())?;
-    // Nobody waits for the start here: a caller of `run` has its listener
-    // bound already, and connections wait in its backlog until served.
-    let (started, _) = oneshot::channel();
-    run_with(listener, config, shutdown, opened, started).await
-}
-
-/// [`run`] with a store opened by [`open_store`], sending on `started` once
-/// everything the server offers is up: the admin socket bound, health
-/// SERVING, the listener served. `contactd serve` tells systemd READY=1
-/// then, and not before, so that whatever is ordered after the unit (or a
-/// script that waited for it) finds every socket answering. If serving
-/// cannot start, `started` is dropped unsent and the error returned.
-///
-/// # Errors
-/// [`ServerError`] when serving cannot start or fails.
-pub async fn run_with(
-    listener: TcpListener,
-    config: watch::Receiver<Arc<Config>>,
-    shutdown: CancellationToken,
-    opened: store::Opened,
-    started: oneshot::Sender<()>,
-) -> Result<(), ServerError> {
-    run_with_metrics(listener, None, config, shutdown, opened, started).await
-}
-
-/// [`run_with`], serving `GET /metrics` on `endpoint` too (if given).
-///
-/// # Errors
-/// [`ServerError`] when serving cannot start or fails.
-pub async fn run_with_metrics(
-    listener: TcpListener,
-    endpoint: Option<crate::metrics::Endpoint>,
-    config: watch::Receiver<Arc<Config>>,
-    shutdown: CancellationToken,
-    opened: store::Opened,
-    started: oneshot::Sender<()>,
-) -> Result<(), ServerError> {
+pub async fn run(serve: Serve) -> Result<(), ServerError> {
+    let Serve {
+        listener,
+        config,
+        shutdown,
+        store,
+        policy,
+        metrics: endpoint,
+        started,
+    } = serve;
     let initial = Arc::clone(&config.borrow());
     let local = listener.local_addr().map_err(ServerError::Listener)?;
+    let policy = match policy {
+        Some(policy) => policy,
+        None => Policy::load(&initial)?,
+    };
+    let opened = match store {
+        Some(opened) => opened,
+        None => open_store(&initial)?,
+    };
     crate::proto::codec::use_small_buffers();
-    let (store, snapshot) = opened.start();
-    let queue = (initial.tasks.mode == DeliveryMode::Queue)
-        .then(|| Queue::new(queue_limits(&initial.tasks), store.clone()));
-    let (hub, restored) = restore(&initial, snapshot.next_id, snapshot.tasks);
-    if let Some(queue) = &queue {
-        queue.restore(restored);
-    }
-    let epoch = snapshot.epoch;
-    if queue.is_none() {
-        delivery::encode_broadcast(&hub.retained_tasks(), epoch);
-    }
-    store.set_sink({
-        let (hub, queue) = (Arc::clone(&hub), queue.clone());
-        Arc::new(move |tasks| {
-            if queue.is_none() {
-                // Encoded once, here on the store's thread, for every stream.
-                delivery::encode_broadcast(tasks, epoch);
-            }
-            hub.append_tasks(tasks);
-            if let Some(queue) = &queue {
-                queue.push_all(tasks);
-            }
-        })
-    });
+    let (broker, roster) = Broker::open(&initial, opened);
     let state = Arc::new(State {
-        hub,
-        queue: queue.clone(),
-        store,
-        cursors: Cursors::restored(snapshot.cursors),
-        epoch: snapshot.epoch,
+        broker: Arc::clone(&broker),
         callers: {
             let callers = Callers::new(
                 initial.server.max_callers,
                 initial.server.max_status_size.as_u64() as usize,
             );
-            callers.restore(snapshot.agents);
+            callers.restore(roster);
             callers
         },
-        cancelled_acks: std::sync::atomic::AtomicU64::new(0),
-        counters: metrics::Counters::default(),
-        runner: RwLock::new(Arc::new(Runner::new(initial.remote_cmd.clone()))),
-        auth: RwLock::new(verifier(&initial.server).map_err(ServerError::Token)?),
-        tls: match &initial.server.tls {
-            Some(tls) => Some(Arc::new(ArcSwap::new(
-                crate::tls::server_config(tls).map_err(ServerError::Tls)?,
-            ))),
-            None => None,
-        },
+        policy,
         config: config.clone(),
         closing: CancellationToken::new(),
         kill: CancellationToken::new(),
+        counters: Arc::default(),
     });
-    if state.store.is_shared() {
+    if broker.is_shared() {
         // The fleet view of the other servers: who is connected here.
-        let (store, server) = (
-            state.store.clone(),
-            Arc::<str>::from(initial.server.resolved_name()),
-        );
+        let broker = Arc::clone(&broker);
         state
             .callers
             .set_presence(callers::Presence(Arc::new(move |caller, connected| {
-                store.record(store::Write::Presence {
-                    name: Arc::clone(&caller.id),
-                    server: Arc::clone(&server),
-                    connected,
-                    address: caller.address().map(|a| a.to_string()),
-                    at_ms: crate::clock::now_ms(),
-                });
+                broker.record_presence(&caller.agent(), connected);
             })));
     }
     let tracker = TaskTracker::new();
-    if let Some(queue) = queue {
-        tracker.spawn(queue.reap(shutdown.clone()));
+    if let Some(reap) = broker.reap(shutdown.clone()) {
+        tracker.spawn(reap);
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
     tracker.spawn(restart_on_panic("the task generator", {
-        let (hub, store, config, shutdown) = (
-            Arc::clone(&state.hub),
-            state.store.clone(),
-            config.clone(),
-            shutdown.clone(),
-        );
-        move || {
-            generator::run(
-                Arc::clone(&hub),
-                store.clone(),
-                config.clone(),
-                shutdown.clone(),
-            )
-        }
+        let (broker, config, shutdown) = (Arc::clone(&broker), config.clone(), shutdown.clone());
+        move || broker.generate(config.clone(), shutdown.clone())
     }));
     let housekeeping = tokio::spawn(housekeep(Arc::clone(&state), shutdown.clone()));
     tracker.spawn(restart_on_panic("applying config reloads", {
         let (state, config, shutdown) = (Arc::clone(&state), config.clone(), shutdown.clone());
-        move || follow_config(Arc::clone(&state), config.clone(), shutdown.clone())
+        move || reload::follow_config(Arc::clone(&state), config.clone(), shutdown.clone())
     }));
     tracker.close();
 
@@ -328,9 +229,9 @@ pub async fn run_with_metrics(
     let incoming = listener::incoming(
         listener,
         limits,
-        state.tls.clone(),
+        state.policy.tls.clone(),
         state.closing.clone(),
-        Arc::clone(&state),
+        Arc::clone(&state.counters),
     );
     let serve =
         router.serve_with_incoming_shutdown(incoming, state.closing.clone().cancelled_owned());
@@ -341,16 +242,16 @@ pub async fn run_with_metrics(
     // comes to offer (a metrics listener) is bound before this point, so that
     // health SERVING and READY=1 keep meaning "all of it answers".
     health::set_all(&reporter, ServingStatus::Serving).await;
-    if state.store.is_shared() {
+    if broker.is_shared() {
         tokio::spawn(follow_database(
-            Arc::clone(&state),
+            Arc::clone(&broker),
             reporter.clone(),
             shutdown.clone(),
         ));
     }
     tracing::info!(
         addr = %local,
-        tls = state.tls.is_some(),
+        tls = state.policy.tls.is_some(),
         identities = initial.has_identities(),
         "serving Contact, health and reflection"
     );
@@ -363,8 +264,9 @@ pub async fn run_with_metrics(
         let collector = metrics::ServerCollector::new(&state);
         tracker.spawn(endpoint.serve(&initial.metrics, collector, metrics_stop.clone()));
     }
-    let _ = started.send(());
-
+    if let Some(started) = started {
+        let _ = started.send(());
+    }
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::Serve),
         () = shutdown.cancelled() => {}
@@ -406,9 +308,7 @@ pub async fn run_with_metrics(
     admin::remove_socket(admin.as_ref());
     // After every stream ended: the last acks and cursors are committed.
     let _ = housekeeping.await;
-    save_cursors(&state);
-    save_roster(&state);
-    state.store.close().await;
+    state.broker.close(state.callers.roster_changes()).await;
     tracing::info!("server stopped");
     result.map_err(ServerError::Serve)
 }
@@ -418,11 +318,11 @@ pub async fn run_with_metrics(
 /// health is NOT_SERVING while it does not; broadcast mode goes on
 /// delivering the tasks it retains (new ones cannot be published).
 async fn follow_database(
-    state: Arc<State>,
+    broker: Arc<Broker>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
 ) {
-    let mut reachable = state.store.reachable();
+    let mut reachable = broker.reachable();
     let mut was_up = *reachable.borrow_and_update();
     loop {
         tokio::select! {
@@ -436,7 +336,7 @@ async fn follow_database(
         if std::mem::replace(&mut was_up, up) == up {
             continue;
         }
-        match (state.queue.is_some(), up) {
+        match (broker.is_queue(), up) {
             (true, true) => {
                 health::set_all(&reporter, ServingStatus::Serving).await;
                 tracing::info!("the task store's database answers again: health is SERVING");
@@ -497,33 +397,6 @@ fn router(
         .add_service(reflection_v1alpha))
 }
 
-/// The hub (the last `tasks.retain` tasks) and, in queue mode, the
-/// unfinished tasks for the queue, from what the store kept.
-fn restore(
-    config: &Config,
-    next_id: u64,
-    stored: Vec<store::StoredTask>,
-) -> (Arc<Hub>, Vec<queue::Restored>) {
-    let retain = config.tasks.retain;
-    let first_in_ring = next_id.saturating_sub(retain as u64);
-    let mut ring = Vec::new();
-    let mut queued = Vec::new();
-    for stored in stored {
-        let task = Arc::new(stored.to_task());
-        if config.tasks.mode == DeliveryMode::Queue && !stored.state.is_finished() {
-            queued.push(queue::Restored {
-                task: Arc::clone(&task),
-                attempts: stored.attempts,
-                claim: stored.claim.clone(),
-            });
-        }
-        if task.id >= first_in_ring {
-            ring.push(task);
-        }
-    }
-    (Hub::restored(retain, next_id, ring), queued)
-}
-
 /// Saves changed cursors every second; deletes what retention no longer
 /// keeps, and forgets agents long gone, every ten.
 async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
@@ -535,83 +408,25 @@ async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
         .await
         .is_some()
     {
-        save_cursors(&state);
+        state.broker.save_cursors();
         ticks += 1;
         if !ticks.is_multiple_of(PRUNE_EVERY) {
             continue;
         }
-        let config = Arc::clone(&state.config.borrow());
-        for caller in state.callers.list() {
-            if caller.named && caller.connected() {
-                state.cursors.seen(&caller.id);
-            }
-        }
-        let now = crate::clock::now_ms();
-        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let forget_before_ms = now.saturating_sub(ms(config.store.forget_agents_after));
-        let forgotten = state.cursors.forget_before(forget_before_ms);
+        let connected: Vec<Arc<str>> = state
+            .callers
+            .list()
+            .into_iter()
+            .filter(|caller| caller.named && caller.connected())
+            .map(|caller| Arc::clone(&caller.id))
+            .collect();
+        let forget_before_ms = state.broker.forget_before_ms();
         state.callers.forget_before(forget_before_ms);
-        save_roster(&state);
-        let retention = store::Retention {
-            created_before_ms: now.saturating_sub(ms(config.tasks.keep_for)),
-            retain_finished: config.tasks.retain_finished,
-            queue_mode: state.queue.is_some(),
-            forget_before_ms,
-        };
-        match state.store.housekeep(retention).await {
-            Ok(pruned) => {
-                if pruned.tasks > 0 {
-                    tracing::debug!(
-                        tasks = pruned.tasks,
-                        "deleted tasks past tasks.keep_for or tasks.retain_finished"
-                    );
-                }
-                if forgotten > 0 || pruned.cursors > 0 || pruned.agents > 0 {
-                    tracing::info!(
-                        agents = forgotten.max(pruned.cursors.max(pruned.agents) as usize),
-                        after = %humantime::format_duration(config.store.forget_agents_after),
-                        "forgot the agents (roster entries and broadcast cursors) not seen for store.forget_agents_after"
-                    );
-                }
-            }
-            Err(e) => tracing::warn!("task store housekeeping failed: {e}"),
-        }
-    }
-}
-
-fn save_cursors(state: &State) {
-    if !state.store.is_durable() {
-        return;
-    }
-    for saved in state.cursors.take_dirty() {
-        state.store.record(store::Write::Cursor(saved));
-    }
-}
-
-/// Writes the named agents whose roster entry changed.
-fn save_roster(state: &State) {
-    if !state.store.is_durable() {
-        return;
-    }
-    for agent in state.callers.roster_changes() {
-        state.store.record(store::Write::Agent(agent));
-    }
-}
-
-fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
-    Verifier::load(
-        server.auth_token_file.as_deref(),
-        server.tokens_file.as_deref(),
-    )
-}
-
-fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
-    queue::Limits {
-        ack_timeout: tasks.ack_timeout,
-        max_attempts: tasks.max_attempts,
-        window: tasks.window,
-        max_pending: tasks.max_pending,
-        max_dead: tasks.retain,
+        let roster = state.callers.roster_changes();
+        state
+            .broker
+            .housekeep(&connected, roster, forget_before_ms)
+            .await;
     }
 }
 
@@ -632,119 +447,5 @@ where
             }
             _ => return,
         }
-    }
-}
-
-/// Applies reloaded settings that can change live.
-async fn follow_config(
-    state: Arc<State>,
-    mut config: watch::Receiver<Arc<Config>>,
-    shutdown: CancellationToken,
-) {
-    let mut current = Arc::clone(&config.borrow_and_update());
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = config.changed() => if changed.is_err() { return },
-        }
-        let new = Arc::clone(&config.borrow_and_update());
-        // What waits for a restart is logged by whoever sent the config
-        // (`contactd serve`'s reload, once); here, the state that follows
-        // the config, changed only where the config did.
-        let changes = Changes::server(&current, &new);
-        if changes.touches("remote_cmd") {
-            warn_if_widened(&current.remote_cmd, &new.remote_cmd);
-            *state.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
-            tracing::info!(
-                enabled = new.remote_cmd.enabled,
-                patterns = new.remote_cmd.allow.len(),
-                "remote command rules updated"
-            );
-        }
-        if changes.touches("server.max_callers") || changes.touches("server.max_status_size") {
-            state.callers.set_limits(
-                new.server.max_callers,
-                new.server.max_status_size.as_u64() as usize,
-            );
-        }
-        if changes.touches("tasks.retain") {
-            state.hub.set_retain(new.tasks.retain);
-        }
-        if let Some(queue) = &state.queue
-            && changes.touches("tasks")
-        {
-            queue.set_limits(queue_limits(&new.tasks));
-        }
-        // Unconditional: a rotated token or certificate file keeps its path.
-        reload_credentials(&state, &current, &new);
-        current = new;
-    }
-}
-
-/// Re-reads the token files and TLS files (so rotated ones apply on SIGHUP).
-/// Fails closed: a file that cannot be used keeps the credentials in force;
-/// a change that turns authentication off is applied, with a WARN naming it.
-fn reload_credentials(state: &State, old: &Config, new: &Config) {
-    match verifier(&new.server) {
-        Ok(verifier) => {
-            let was = state.auth.read().requires_shared() || state.auth.read().has_tokens();
-            if was && !verifier.requires_shared() && !verifier.has_tokens() {
-                tracing::warn!(
-                    "config reload turns token authentication OFF: server.auth_token_file and \
-                     server.tokens_file are no longer set; Contact calls need no token now"
-                );
-            }
-            *state.auth.write() = verifier;
-        }
-        Err(e) => tracing::error!("{}; keeping the tokens in force", ServerError::Token(e)),
-    }
-    if old.has_identities() && !new.has_identities() {
-        tracing::warn!(
-            "config reload turns caller identities OFF: agent names are now taken from a header"
-        );
-    }
-    if let (Some(swap), Some(tls)) = (&state.tls, &new.server.tls) {
-        match crate::tls::server_config(tls) {
-            Ok(config) => {
-                swap.store(config);
-                tracing::info!(cert = %tls.cert.display(), "TLS certificate and keys re-read: new connections use them");
-            }
-            Err(e) => tracing::error!(
-                "{}; new connections keep the certificate in force",
-                ServerError::Tls(e)
-            ),
-        }
-    } else if state.tls.is_some() {
-        tracing::warn!(
-            "config reload removes [server.tls]: the port stays TLS with the certificate in \
-             force until a restart"
-        );
-    }
-}
-
-/// Warns when a reload lets more commands run.
-fn warn_if_widened(old: &crate::config::RemoteCmdConfig, new: &crate::config::RemoteCmdConfig) {
-    let before: std::collections::HashSet<String> =
-        old.allow.iter().map(ToString::to_string).collect();
-    let added: Vec<String> = new
-        .allow
-        .iter()
-        .map(ToString::to_string)
-        .filter(|p| !before.contains(p))
-        .collect();
-    if new.enabled && (!old.enabled || !added.is_empty()) {
-        tracing::warn!(
-            turned_on = !old.enabled,
-            added = ?added,
-            "config reload widens remote_cmd: more commands may run now"
-        );
-    }
-    let callers: Vec<&String> = new
-        .callers
-        .iter()
-        .filter(|c| !old.callers.contains(c))
-        .collect();
-    if !callers.is_empty() {
-        tracing::warn!(added = ?callers, "config reload gives more certificate names the operator role (remote_cmd.callers)");
     }
 }

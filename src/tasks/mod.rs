@@ -1,12 +1,16 @@
-//! Tasks: their templates, the hub that retains and fans them out, and the
-//! generator that feeds it on a schedule.
+//! Tasks: the broker that owns their state, the hub that retains and fans
+//! them out, the queue that hands each to one agent, the cursors of named
+//! agents, the feed of one stream, and the generator that publishes them on
+//! a schedule.
 
+pub mod broker;
 pub mod cursor;
+pub mod feed;
 pub mod generator;
 pub mod hub;
 pub mod queue;
 
+pub use broker::{Acked, Agent, AgentRow, AgentState, Broker, Refused, Stats, TaskView};
 pub use cursor::{Cursors, Tracked};
+pub use feed::Feed;
 pub use hub::{Delivery, Hub, Start, Subscription};
-// Parsed with the config, which owns the type; re-exported where it is used.
-pub use crate::config::template::{self, TaskTemplate};

@@ -63,7 +63,7 @@ async fn an_agent_started_before_its_server_connects_once_it_comes_up() {
     let listener = contactd::net::bind(addr, 128).expect("bind the reserved port");
     let (_config, rx) = watch::channel(Arc::new(busy_server()));
     let stop = CancellationToken::new();
-    let server = tokio::spawn(server::run(listener, rx, stop.clone()));
+    let server = tokio::spawn(server::run(server::Serve::new(listener, rx, stop.clone())));
     let up = Instant::now();
     let at = agent.wait_for("connected", connected).await;
     // The backoff is at most 500ms + 20%, plus connecting.

@@ -146,14 +146,12 @@ async fn start_server(mut config: Config) -> (TestServer, SocketAddr) {
     // Started: the metrics listener answers once it says so (a scrape
     // sooner would only wait in its backlog).
     let (started_tx, started) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(server::run_with_metrics(
-        listener,
-        Some(endpoint),
-        rx,
-        shutdown.clone(),
-        opened,
-        started_tx,
-    ));
+    let task = tokio::spawn(server::run(server::Serve {
+        store: Some(opened),
+        metrics: Some(endpoint),
+        started: Some(started_tx),
+        ..server::Serve::new(listener, rx, shutdown.clone())
+    }));
     started.await.expect("the server started");
     let server = TestServer {
         addr,

@@ -64,7 +64,11 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let (config, rx) = watch::channel(Arc::new(config));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::run(listener, rx, shutdown.clone()));
+        let task = tokio::spawn(server::run(server::Serve::new(
+            listener,
+            rx,
+            shutdown.clone(),
+        )));
         TestServer {
             addr,
             config,
