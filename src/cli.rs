@@ -266,7 +266,7 @@ pub struct SubmitArgs {
 #[derive(Debug, Args)]
 pub struct TasksArgs {
     /// Only tasks in this state: pending, delivered, acked, failed, dead or cancelled
-    #[arg(long, value_name = "STATE", value_parser = crate::ctl::parse_state)]
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<crate::proto::admin::TaskState>,
     /// At most this many (the newest); 0 = all
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -444,4 +444,29 @@ pub struct ConfigArgs {
     /// Config file [default: /etc/contactd.toml, or built-in defaults if it does not exist]
     #[arg(short, long, value_name = "PATH", env = "CONTACTD_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// Parses a task state as given to `--state`.
+///
+/// # Errors
+/// An unknown state name.
+fn parse_state(text: &str) -> Result<crate::proto::admin::TaskState, String> {
+    use crate::{model::TaskState, proto::admin::TaskState as Pb};
+    let all = [
+        (TaskState::Pending, Pb::Pending),
+        (TaskState::Delivered, Pb::Delivered),
+        (TaskState::Acked, Pb::Acked),
+        (TaskState::Failed, Pb::Failed),
+        (TaskState::Dead, Pb::Dead),
+        (TaskState::Cancelled, Pb::Cancelled),
+    ];
+    all.into_iter()
+        .find(|(state, _)| state.name() == text)
+        .map(|(_, pb)| pb)
+        .ok_or_else(|| {
+            format!(
+                "unknown state {text:?}: expected pending, delivered, acked, failed, dead or \
+                 cancelled"
+            )
+        })
 }

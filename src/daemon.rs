@@ -128,7 +128,7 @@ pub fn check<T: ConfigFile + serde::Serialize>(source: &Source) -> Result<(), Da
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
-    crate::ctl::write_out(&config::to_toml(&config)).map_err(DaemonError::Output)
+    crate::client::write_out(&config::to_toml(&config)).map_err(DaemonError::Output)
 }
 
 /// A daemon started: its logging and its runtime.

@@ -1,55 +1,49 @@
 //! contactd: a gRPC daemon that pushes tasks to a fleet of agents and
 //! collects their status and results.
 //!
-//! Map of the modules:
+//! The modules, in layers: each imports only from its own layer and the
+//! ones below it, never in a circle (`tests/it/layers.rs` fences this, and
+//! README's "How the code is laid out" says the same).
 //!
-//! - [`cli`]: the command line (clap), no logic.
-//! - [`config`]: typed config, loading with every problem at once, defaults.
-//! - [`logging`]: the tracing subscriber, rotating log files, reload handle.
-//! - [`metrics`]: Prometheus metrics and the small HTTP server of `/metrics`.
-//! - [`shutdown`]: signals turned into shutdown and reload events.
-//! - [`proto`]: generated gRPC code and the reflection descriptors.
-//! - [`auth`]: tokens on Contact calls: a shared secret, or named tokens
-//!   that give an identity and a role.
-//! - [`tls`]: TLS configs from PEM files, certificate identities, and the
-//!   `tls init`/`tls issue` PKI.
-//! - [`server`]: `run(listener, config, shutdown)`: the Contact service,
-//!   health, reflection, the caller registry, and the gate that identifies
-//!   callers before any body is read.
-//! - [`tasks`]: task templates, the hub that fans tasks out, the generator.
-//! - [`untrusted`]: caller input escaped and cut for logs and statuses;
-//!   log budgets.
-//! - [`remote_cmd`]: remoteCMD's allow-list and limits.
-//! - [`process`]: running a command bounded (own process group, output
-//!   cap, timeout, kill) and reaping what it leaves; for remoteCMD and the
-//!   agent's handlers.
-//! - [`systemd`]: sd-notify readiness, reload, stopping, watchdog.
-//! - [`probe`]: the `health` command (grpc_health_probe's exit codes).
-//! - [`cmd`]: the `cmd` command: remoteCMD calls, several at once.
-//! - [`ctl`]: `task submit`, `agents`, `tasks`: admin API clients.
-//! - [`manual`]: shell completions and man pages from the clap definitions.
-//! - [`daemon`]: the harness `serve` and `agent` share: start-up, signals,
-//!   systemd readiness and watchdog, reloads, the metrics endpoint, exit.
-//! - [`app`]: the commands behind the CLI, wiring the above.
-//! - [`agent`]: `run(config, shutdown)`: the agent's reconnect loop,
-//!   sessions, task handlers, dedup; and the `agent` command.
+//! 0. **Leaves**, importing nothing of ours:
+//!    [`clock`] (unix milliseconds), [`net`] (listening sockets with our
+//!    backlog), [`proto`] (generated gRPC code, the broadcast wire frames),
+//!    [`untrusted`] (caller input escaped and cut; log budgets),
+//!    [`systemd`] (sd-notify), [`model`] (a task and its state, ack
+//!    cursors, the records the store keeps).
+//! 1. **Settings and identities**: [`config`] (typed config, every problem
+//!    at once, the reload rule table), [`auth`] (tokens, who is calling).
+//! 2. **Infrastructure**: [`backoff`] (reconnect delays), [`tls`] (configs
+//!    from PEM files, identities, the `tls` PKI), [`logging`] (rotating
+//!    files, reloadable filter), [`metrics`] (Prometheus and `/metrics`),
+//!    [`process`] (bounded child processes), [`remote_cmd`] (remoteCMD's
+//!    allow-list), [`shutdown`] (signals as events).
+//! 3. **Durable state**: [`store`] (SQLite, PostgreSQL or memory, behind
+//!    one trait; group commit on a writer thread).
+//! 4. **The core, and the agent**: [`tasks`] (the [`Broker`](tasks::Broker)
+//!    that owns task state, the hub, the queue, cursors, a stream's feed,
+//!    the generator); [`agent`] (the reconnect loop, sessions, handlers).
+//! 5. **Transport**: [`server`] (the Contact service behind its gate,
+//!    health, reflection, the admin API, callers, listener, metrics).
+//! 6. **Commands**: [`cli`] (clap, no logic), [`client`] (`cmd`, `health`
+//!    and the admin commands), [`daemon`] (the harness `serve` and `agent`
+//!    share), [`app`] (the commands behind the CLI), [`manual`]
+//!    (completions and man pages).
 
 pub mod agent;
 pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod cli;
+pub mod client;
 pub mod clock;
-pub mod cmd;
 pub mod config;
-pub mod ctl;
 pub mod daemon;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod net;
-pub mod probe;
 pub mod process;
 pub mod proto;
 pub mod remote_cmd;

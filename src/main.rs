@@ -5,14 +5,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use contactd::{
-    agent, app,
+    app,
     cli::{
         Cli, Command, ConfigArgs, PackagingCli, PackagingCommand, StoreCommand, TaskCommand,
         TlsCommand, TokenCommand,
     },
-    cmd,
+    client::{health as probe, remote},
     daemon::Failure,
-    probe,
 };
 
 fn main() -> ExitCode {
@@ -36,12 +35,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(args) => app::serve(args),
         Command::CheckConfig(args) if args.agent => {
-            return finish(agent::command::check_config(args.path()));
+            return finish(app::agent::check_config(args.path()));
         }
         Command::CheckConfig(args) => app::check_config(&ConfigArgs {
             config: args.path(),
         }),
-        Command::Agent(args) => return finish(agent::command::agent(args.config.clone())),
+        Command::Agent(args) => return finish(app::agent::agent(args.config.clone())),
         Command::Health(args) => {
             let tls = args.tls.client();
             let ask = probe::Ask {
@@ -53,7 +52,7 @@ fn main() -> ExitCode {
             };
             return probe::run(&ask);
         }
-        Command::Cmd(args) => return cmd::run(args),
+        Command::Cmd(args) => return remote::run(args),
         Command::Task(TaskCommand::Submit(args)) => app::submit_task(args),
         Command::Task(TaskCommand::Show(args)) => app::show_task(args),
         Command::Task(TaskCommand::Cancel(args)) => app::cancel_task(args),

@@ -60,7 +60,7 @@ async fn admin(
 ) -> anyhow::Result<contactd::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
     let started = Instant::now();
     loop {
-        match contactd::ctl::connect(socket).await {
+        match contactd::client::admin::connect(socket).await {
             Ok(client) => return Ok(client),
             Err(e) if started.elapsed() > Duration::from_secs(10) => {
                 bail!("admin socket {}: {e}", socket.display())

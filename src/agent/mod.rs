@@ -2,21 +2,19 @@
 //! restarts and network failures, runs the configured handler for each task
 //! it receives, acks the result, and reports its status.
 //!
-//! - [`run`] / [`run_with`]: the whole agent, until a shutdown token is
-//!   cancelled; many can run in one process (tests do).
+//! - [`run`]: the whole agent, until a shutdown token is cancelled; many
+//!   can run in one process (tests do).
 //! - `reconnect`: sessions one after another, with backoff, forever.
 //! - `session`: one connection: getTask, tellResult, sendStatus.
 //! - `dispatch`: the bounded task queue and the handler slots.
 //! - `handler`: running the handler for one task and making its ack.
 //! - `memory`: handled tasks (dedup) and unsent acks, both bounded.
-//! - [`command`]: the `agent` command: config, logging, signals, systemd.
 //!
 //! Shutdown: cancelling the token stops taking tasks (queued ones are
 //! dropped unacked, so the server redelivers them), lets running handlers
 //! finish within `shutdown_grace` (then kills them), sends their acks over
 //! the current session if there is one, and returns.
 
-pub mod command;
 mod dispatch;
 mod handler;
 mod memory;
@@ -92,39 +90,46 @@ pub enum EventKind {
     Stopped,
 }
 
-/// Runs an agent with a fixed config until `shutdown` is cancelled.
+/// What [`run`] runs with. [`Run::new`] gives the two an agent cannot do
+/// without.
+#[derive(Debug)]
+pub struct Run {
+    /// The config in force, and every reloaded one after it.
+    pub config: watch::Receiver<Arc<AgentConfig>>,
+    /// Cancelled to drain and stop (SIGTERM).
+    pub shutdown: CancellationToken,
+    /// Where what the agent does is reported (tests watch it).
+    pub events: Option<broadcast::Sender<AgentEvent>>,
+    /// Serves `GET /metrics` too.
+    pub metrics: Option<crate::metrics::Endpoint>,
+}
+
+impl Run {
+    /// An agent following `config` until `shutdown`.
+    pub fn new(config: watch::Receiver<Arc<AgentConfig>>, shutdown: CancellationToken) -> Run {
+        Run {
+            config,
+            shutdown,
+            events: None,
+            metrics: None,
+        }
+    }
+}
+
+/// Runs an agent until `run.shutdown` is cancelled, following config
+/// changes sent on `run.config`, reporting what it does on `run.events` and
+/// serving metrics on `run.metrics` if given.
 ///
 /// # Errors
 /// Only what retrying cannot fix ([`AgentError`]); connection failures are
 /// retried forever.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let (_keep, config) = watch::channel(Arc::new(config));
-    run_with(config, shutdown, None).await
-}
-
-/// Runs an agent until `shutdown` is cancelled, following config changes
-/// sent on `config`, and reporting what it does on `events` if given.
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_with(
-    config: watch::Receiver<Arc<AgentConfig>>,
-    shutdown: CancellationToken,
-    events: Option<broadcast::Sender<AgentEvent>>,
-) -> Result<(), AgentError> {
-    run_with_metrics(config, shutdown, events, None).await
-}
-
-/// [`run_with`], serving `GET /metrics` on `endpoint` too.
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_with_metrics(
-    config: watch::Receiver<Arc<AgentConfig>>,
-    shutdown: CancellationToken,
-    events: Option<broadcast::Sender<AgentEvent>>,
-    endpoint: Option<crate::metrics::Endpoint>,
-) -> Result<(), AgentError> {
+pub async fn run(run: Run) -> Result<(), AgentError> {
+    let Run {
+        config,
+        shutdown,
+        events,
+        metrics: endpoint,
+    } = run;
     let initial = Arc::clone(&config.borrow());
     if initial.servers.is_empty() {
         return Err(AgentError::NoServers);

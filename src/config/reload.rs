@@ -2,7 +2,7 @@
 //! the one just read, naming every key whose value moved and when each
 //! takes effect. Each daemon's reload logs it in one line (`config reloaded
 //! changed=… restart=…`), and what applies a reload asks it what changed
-//! (the server's state in `server::follow_config`). Whether a key waits for
+//! (the server's state in `server::reload::follow_config`). Whether a key waits for
 //! a restart (or an agent's next connection) is decided here, in
 //! [`SERVER_RULES`], [`AGENT_RULES`] and [`LOG_RULES`], and nowhere else.
 

@@ -17,6 +17,7 @@ mod gate;
 mod health;
 mod listener;
 mod metrics;
+mod policy;
 mod reload;
 mod state;
 
@@ -32,7 +33,7 @@ use tonic_health::ServingStatus;
 
 pub use callers::{CallGuard, Caller, Callers};
 pub use listener::ConnInfo;
-pub use reload::Policy;
+pub use policy::Policy;
 
 use self::state::State;
 use crate::{

@@ -1,68 +1,23 @@
-//! What a reload changes in the server, and the policy read at start and
-//! re-read at every reload: remote command rules, tokens, TLS files.
-//!
-//! One path for both: [`Policy::load`] reads the files at start (after
-//! `preflight` read them once to refuse a bad start before READY=1), and a
-//! reload builds what it can and swaps it in, keeping what is in force for
-//! what cannot be read (fail closed). [`follow_config`] applies each new
-//! config to the broker, the callers and the policy.
+//! What a reload changes in the server: [`follow_config`] applies each new
+//! config to the broker, the callers and the policy. The policy's files are
+//! read by the same code at start ([`Policy::load`]) and at a reload, which
+//! swaps in what it could read and keeps what is in force for what it
+//! could not (fail closed).
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{ServerError, listener::TlsConfig, state::State};
+use super::{
+    ServerError,
+    policy::{Policy, verifier},
+    state::State,
+};
 use crate::{
-    auth::{TokenError, Verifier},
-    config::{Config, RemoteCmdConfig, ServerConfig, reload::Changes},
+    config::{Config, RemoteCmdConfig, reload::Changes},
     remote_cmd::Runner,
 };
-
-/// Who may do what: read from the config's files at start, swapped on
-/// reload.
-#[derive(Debug)]
-pub struct Policy {
-    /// Remote command rules; replaced whole on reload.
-    runner: RwLock<Arc<Runner>>,
-    /// The tokens Contact calls may carry.
-    pub(crate) auth: RwLock<Verifier>,
-    /// The TLS config new connections get.
-    pub(crate) tls: TlsConfig,
-}
-
-impl Policy {
-    /// Reads the files `config` names (token files, TLS files).
-    ///
-    /// # Errors
-    /// [`ServerError::Token`] or [`ServerError::Tls`].
-    pub fn load(config: &Config) -> Result<Policy, ServerError> {
-        Ok(Policy {
-            runner: RwLock::new(Arc::new(Runner::new(config.remote_cmd.clone()))),
-            auth: RwLock::new(verifier(&config.server).map_err(ServerError::Token)?),
-            tls: match &config.server.tls {
-                Some(tls) => Some(Arc::new(ArcSwap::new(
-                    crate::tls::server_config(tls).map_err(ServerError::Tls)?,
-                ))),
-                None => None,
-            },
-        })
-    }
-
-    /// The remote command rules in force.
-    pub(crate) fn runner(&self) -> Arc<Runner> {
-        Arc::clone(&self.runner.read())
-    }
-}
-
-fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
-    Verifier::load(
-        server.auth_token_file.as_deref(),
-        server.tokens_file.as_deref(),
-    )
-}
 
 /// Applies reloaded settings that can change live, until `shutdown`.
 pub(super) async fn follow_config(
@@ -83,7 +38,7 @@ pub(super) async fn follow_config(
         let changes = Changes::server(&current, &new);
         if changes.touches("remote_cmd") {
             warn_if_widened(&current.remote_cmd, &new.remote_cmd);
-            *state.policy.runner.write() = Arc::new(Runner::new(new.remote_cmd.clone()));
+            state.policy.set_runner(Runner::new(new.remote_cmd.clone()));
             tracing::info!(
                 enabled = new.remote_cmd.enabled,
                 patterns = new.remote_cmd.allow.len(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{callers::Callers, counters::Counters, reload::Policy};
+use super::{callers::Callers, counters::Counters, policy::Policy};
 use crate::{config::Config, tasks::Broker};
 
 /// What every handler shares.

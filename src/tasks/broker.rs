@@ -26,15 +26,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Cursors, Hub,
-    feed::{self, Feed},
-    generator,
+    Cursors, Hub, generator,
     queue::{self, AckRefusal, Place, Queue, Refusal},
 };
 use crate::{
     config::{Config, DeliveryMode, TasksConfig},
     model::{SavedAgent, Task, TaskState},
-    proto::contact::{Outcome, Result as ResultMsg},
+    proto::{
+        contact::{Outcome, Result as ResultMsg, ServerMsg},
+        wire::{self, Framed},
+    },
     store::{self, Fleet, Store, StoreError, TaskRecord, Write},
 };
 
@@ -226,7 +227,7 @@ impl Broker {
             queue.restore(restored);
             Mode::Queue { queue }
         } else {
-            feed::encode_broadcast(&hub.retained_tasks(), epoch);
+            encode_broadcast(&hub.retained_tasks(), epoch);
             Mode::Broadcast {
                 cursors: Cursors::restored(snapshot.cursors),
             }
@@ -240,7 +241,7 @@ impl Broker {
             Arc::new(move |tasks| {
                 if queue.is_none() {
                     // Encoded once, here on the store's thread, for every stream.
-                    feed::encode_broadcast(tasks, epoch);
+                    encode_broadcast(tasks, epoch);
                 }
                 hub.append_tasks(tasks);
                 if let Some(queue) = &queue {
@@ -323,28 +324,6 @@ impl Broker {
     /// Whether several servers share the store.
     pub fn is_shared(&self) -> bool {
         self.store.is_shared()
-    }
-
-    /// The feed of a new `getTask` stream of `agent`, and how many tasks it
-    /// missed (they left retention) while it was away.
-    pub async fn subscribe(self: &Arc<Self>, agent: Agent) -> (Feed, u64) {
-        if agent.named
-            && let Mode::Broadcast { cursors } = &self.mode
-            && self.store.is_shared()
-        {
-            // Several servers: the agent may have acked tasks through
-            // another one since it was last here.
-            match self.store.cursor(&agent.name).await {
-                Ok(Some(saved)) => cursors.merge(saved),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    agent = %agent.name,
-                    "cannot read the agent's acks from the task store (going on with this \
-                     server's; tasks it acked elsewhere may be sent again): {e}"
-                ),
-            }
-        }
-        Feed::open(self, agent)
     }
 
     /// Records a result from `agent` (its text `kept` as the server keeps
@@ -958,5 +937,36 @@ fn queue_limits(tasks: &TasksConfig) -> queue::Limits {
         window: tasks.window,
         max_pending: tasks.max_pending,
         max_dead: tasks.retain,
+    }
+}
+
+/// Broadcast: encodes newly published tasks once, as one block every
+/// stream sends slices of (see [`crate::proto::wire`]).
+pub(super) fn encode_broadcast(tasks: &[Arc<Task>], epoch: u64) {
+    // A broadcast delivery is always a first attempt.
+    let msgs: Vec<ServerMsg> = tasks.iter().map(|task| message(task, 1, epoch)).collect();
+    for (task, framed) in tasks.iter().zip(wire::encode_block(&msgs)) {
+        // Set already only for a task published twice (the ring ignores
+        // the second): its first encoding stands.
+        let _ = task.wire.set(framed);
+    }
+}
+
+/// A task that was not encoded with its batch (none is, but the stream
+/// does not depend on it), encoded alone.
+pub(super) fn encode_broadcast_one(task: &Task, epoch: u64) -> Framed {
+    wire::encode_block(&[message(task, 1, epoch)])
+        .pop()
+        .expect("one message encoded")
+}
+
+/// `task` as sent on attempt `attempt`.
+pub(super) fn message(task: &Task, attempt: u32, epoch: u64) -> ServerMsg {
+    ServerMsg {
+        task: task.text.clone(),
+        id: task.id,
+        attempt,
+        epoch,
+        retry: task.progress.retries(),
     }
 }

@@ -13,17 +13,14 @@ use bytes::Bytes;
 
 use super::{
     Delivery, Start, Subscription,
-    broker::{Agent, Broker},
+    broker::{self, Agent, Broker, Mode},
     cursor::Tracked,
     queue::Slot,
 };
 use crate::{
     model::{AckCursor, Task},
     net::shown_address,
-    proto::{
-        contact::ServerMsg,
-        wire::{self, Framed, Run},
-    },
+    proto::{contact::ServerMsg, wire::Run},
     store::Write,
 };
 
@@ -90,7 +87,7 @@ impl Feed {
             );
         }
         tracing::trace!(task_id = task.id, attempt, "task sent");
-        message(&task, attempt, self.broker.epoch())
+        broker::message(&task, attempt, self.broker.epoch())
     }
 
     /// Broadcast: the tasks for this stream's agent that are ready now and
@@ -128,7 +125,9 @@ impl Feed {
             }) else {
                 break;
             };
-            let framed = task.wire.get_or_init(|| encode_broadcast_one(&task, epoch));
+            let framed = task
+                .wire
+                .get_or_init(|| broker::encode_broadcast_one(&task, epoch));
             match &mut run {
                 None => run = Some(Run::new(framed)),
                 Some(run) => {
@@ -175,34 +174,28 @@ impl Feed {
     }
 }
 
-/// Broadcast: encodes newly published tasks once, as one block every
-/// stream sends slices of (see [`crate::proto::wire`]).
-pub(super) fn encode_broadcast(tasks: &[Arc<Task>], epoch: u64) {
-    // A broadcast delivery is always a first attempt.
-    let msgs: Vec<ServerMsg> = tasks.iter().map(|task| message(task, 1, epoch)).collect();
-    for (task, framed) in tasks.iter().zip(wire::encode_block(&msgs)) {
-        // Set already only for a task published twice (the ring ignores
-        // the second): its first encoding stands.
-        let _ = task.wire.set(framed);
-    }
-}
-
-/// A task that was not encoded with its batch (none is, but the stream
-/// does not depend on it), encoded alone.
-fn encode_broadcast_one(task: &Task, epoch: u64) -> Framed {
-    wire::encode_block(&[message(task, 1, epoch)])
-        .pop()
-        .expect("one message encoded")
-}
-
-/// `task` as sent on attempt `attempt`.
-pub(super) fn message(task: &Task, attempt: u32, epoch: u64) -> ServerMsg {
-    ServerMsg {
-        task: task.text.clone(),
-        id: task.id,
-        attempt,
-        epoch,
-        retry: task.progress.retries(),
+/// What a stream is sent is decided here, with the stream's feed.
+impl Broker {
+    /// The feed of a new `getTask` stream of `agent`, and how many tasks it
+    /// missed (they left retention) while it was away.
+    pub async fn subscribe(self: &Arc<Self>, agent: Agent) -> (Feed, u64) {
+        if agent.named
+            && let Mode::Broadcast { cursors } = self.mode()
+            && self.store().is_shared()
+        {
+            // Several servers: the agent may have acked tasks through
+            // another one since it was last here.
+            match self.store().cursor(&agent.name).await {
+                Ok(Some(saved)) => cursors.merge(saved),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    agent = %agent.name,
+                    "cannot read the agent's acks from the task store (going on with this \
+                     server's; tasks it acked elsewhere may be sent again): {e}"
+                ),
+            }
+        }
+        Feed::open(self, agent)
     }
 }
 
@@ -211,10 +204,10 @@ impl Source {
     /// how many tasks it missed while away.
     fn open(broker: &Broker, agent: &Agent) -> (Source, Option<Arc<Tracked>>, u64) {
         let (hub, cursors) = match broker.mode() {
-            super::broker::Mode::Queue { queue } => {
+            Mode::Queue { queue } => {
                 return (Source::Queue(queue.join(Arc::clone(&agent.name))), None, 0);
             }
-            super::broker::Mode::Broadcast { cursors } => (broker.hub(), cursors),
+            Mode::Broadcast { cursors } => (broker.hub(), cursors),
         };
         let fresh = if broker.replay() {
             Start::Oldest

@@ -1,4 +1,4 @@
-//! Agents and server together: real in-process agents (`agent::run_with`)
+//! Agents and server together: real in-process agents (`agent::run`)
 //! against a real in-process server, through faults.
 
 use crate::common;

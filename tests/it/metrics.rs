@@ -170,12 +170,11 @@ fn start_agent(mut config: AgentConfig) -> (TestAgent, SocketAddr) {
     let (tx, events) = broadcast::channel(4096);
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(contactd::agent::run_with_metrics(
-        config_rx,
-        shutdown.clone(),
-        Some(tx),
-        Some(endpoint),
-    ));
+    let task = tokio::spawn(contactd::agent::run(contactd::agent::Run {
+        events: Some(tx),
+        metrics: Some(endpoint),
+        ..contactd::agent::Run::new(config_rx, shutdown.clone())
+    }));
     (
         TestAgent::from_parts(events, shutdown, task, config_tx),
         metrics,

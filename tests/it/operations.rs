@@ -562,7 +562,7 @@ async fn fleet_events_are_logged_at_info_with_the_agents_name_and_address() {
 async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
     let mut daemon = Daemon::start("[tasks]\nmode = \"queue\"\nbatch = 0\n");
     let socket = daemon.dir.path().join("admin.sock");
-    let mut admin = within("admin", contactd::ctl::connect(&socket))
+    let mut admin = within("admin", contactd::client::admin::connect(&socket))
         .await
         .unwrap();
     common::submit(&mut admin, "once", "").await;

@@ -287,7 +287,7 @@ fn shared_server(name: &str, url: &str, tasks: &str) -> common::daemon::Daemon {
 async fn admin(server: &common::daemon::Daemon) -> AdminClient<Channel> {
     common::within(
         "admin connect",
-        contactd::ctl::connect(&server.dir.path().join("admin.sock")),
+        contactd::client::admin::connect(&server.dir.path().join("admin.sock")),
     )
     .await
     .unwrap()

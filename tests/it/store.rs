@@ -38,7 +38,7 @@ fn daemon(state: &Path, port: u16, tasks: &str, store: &str) -> Daemon {
 
 async fn admin(daemon: &Daemon) -> AdminClient<Channel> {
     let socket = daemon.dir.path().join("admin.sock");
-    within("admin connect", contactd::ctl::connect(&socket))
+    within("admin connect", contactd::client::admin::connect(&socket))
         .await
         .unwrap()
 }

@@ -191,7 +191,7 @@ impl Daemon {
     /// A client of its admin API (on the socket [`start`](Self::start) configures).
     pub async fn admin(&self) -> AdminClient<Channel> {
         let socket = self.dir.path().join("admin.sock");
-        within("admin connect", contactd::ctl::connect(&socket))
+        within("admin connect", contactd::client::admin::connect(&socket))
             .await
             .unwrap()
     }

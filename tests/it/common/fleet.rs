@@ -1,4 +1,4 @@
-//! In-process agents for tests: started with `agent::run_with`, observed
+//! In-process agents for tests: started with `agent::run`, observed
 //! through their events.
 
 use std::{
@@ -56,7 +56,10 @@ impl TestAgent {
         let (tx, events) = broadcast::channel(4096);
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(agent::run_with(config_rx, shutdown.clone(), Some(tx)));
+        let task = tokio::spawn(agent::run(agent::Run {
+            events: Some(tx),
+            ..agent::Run::new(config_rx, shutdown.clone())
+        }));
         TestAgent {
             events,
             shutdown,
@@ -65,7 +68,7 @@ impl TestAgent {
         }
     }
 
-    /// An agent started by the caller (with `agent::run_with_metrics`).
+    /// An agent started by the caller (with `agent::run` and a metrics endpoint).
     pub fn from_parts(
         events: broadcast::Receiver<AgentEvent>,
         shutdown: CancellationToken,

@@ -97,9 +97,9 @@ impl TestServer {
         within("the admin socket accepting", async {
             loop {
                 if path.exists() {
-                    match contactd::ctl::connect(&path).await {
+                    match contactd::client::admin::connect(&path).await {
                         Ok(client) => return client,
-                        Err(contactd::ctl::CtlError::Connect { .. }) => {}
+                        Err(contactd::client::admin::CtlError::Connect { .. }) => {}
                         Err(e) => panic!("admin connect: {e}"),
                     }
                 }

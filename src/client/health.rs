@@ -69,7 +69,7 @@ pub fn run(ask: &Ask<'_>) -> ExitCode {
     });
     if code == exit::SERVING {
         // A closed stdout is not the probe's failure: the code says it all.
-        let _ = crate::ctl::write_out(&format!("{message}\n"));
+        let _ = crate::client::write_out(&format!("{message}\n"));
     } else {
         eprintln!("{message}");
     }

@@ -13,8 +13,8 @@ use tonic::{Code, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     cli::CmdArgs,
+    client::health::{Dial, dial},
     config::{Source, peek::ListenView},
-    probe::{Dial, dial},
     proto::contact::{CmdRequest, contact_client::ContactClient},
 };
 
@@ -174,7 +174,7 @@ fn execute(plan: Plan, args: &CmdArgs) -> u8 {
         outcomes.sort_by_key(|o| o.index);
         let json = serde_json::json!({ "results": outcomes });
         let text = serde_json::to_string_pretty(&json).expect("outcomes serialize");
-        if let Err(e) = crate::ctl::write_out(&format!("{text}\n")) {
+        if let Err(e) = crate::client::write_out(&format!("{text}\n")) {
             eprintln!("contactd: cannot write the output: {e}");
             return exit::FAILED;
         }
@@ -211,7 +211,7 @@ async fn run_all(
         if !quiet {
             // A reader that went away (`| head`) ends the printing, not
             // the commands: they were asked for, and their exit code counts.
-            let _ = crate::ctl::write_out(&outcome.text());
+            let _ = crate::client::write_out(&outcome.text());
         }
         outcomes.push(outcome);
     }

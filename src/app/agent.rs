@@ -11,8 +11,8 @@
 
 use std::path::PathBuf;
 
-use super::AgentError;
 use crate::{
+    agent::{self, AgentError},
     config::{
         AGENT_DEFAULT_PATH, AgentConfig, AgentFile, LogConfig, MetricsConfig, Source,
         reload::Changes,
@@ -110,12 +110,10 @@ async fn run_until_signalled(
     config: AgentFile,
 ) -> Result<(), CommandError> {
     let (harness, launch) = context.harness(config, "contactd_agent")?;
-    let mut agent = tokio::spawn(super::run_with_metrics(
-        launch.config,
-        launch.shutdown,
-        None,
-        launch.metrics,
-    ));
+    let mut agent = tokio::spawn(agent::run(agent::Run {
+        metrics: launch.metrics,
+        ..agent::Run::new(launch.config, launch.shutdown)
+    }));
     harness.ready("starting");
     Ok(harness.supervise(&mut agent, "config reloaded").await??)
 }

@@ -1,11 +1,11 @@
 //! The operator commands `contactd task submit`, `contactd agents` and
-//! `contactd tasks` (and, in `history`, `contactd task show|cancel|retry`):
+//! `contactd tasks` (and, in `task`, `contactd task show|cancel|retry`):
 //! clients of the admin API on its unix socket, printing a table for people
 //! or JSON for scripts.
 
-mod history;
+mod task;
 
-pub use history::{cancel, retry, show};
+pub use task::{cancel, retry, show};
 
 use std::{
     fmt::Write as _,
@@ -68,23 +68,8 @@ fn connect_message(path: &Path, error: &tonic::transport::Error) -> String {
     }
 }
 
-/// Writes a command's output to stdout through a handle. A reader that went
-/// away (`contactd tasks | head`) ends the command quietly, as other CLIs
-/// do, where `print!` would panic ("failed printing to stdout").
-///
-/// # Errors
-/// Any write error but a broken pipe.
-pub fn write_out(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
-    }
-}
-
 fn print(text: &str) -> Result<(), CtlError> {
-    write_out(text).map_err(CtlError::Output)
+    super::write_out(text).map_err(CtlError::Output)
 }
 
 /// Prints `--json` output: one object per command (`{"agents": [...]}`,
@@ -387,29 +372,6 @@ fn state_name(state: pb::TaskState) -> &'static str {
         pb::TaskState::Dead => "dead",
         pb::TaskState::Cancelled => "cancelled",
     }
-}
-
-/// Parses a task state as given to `--state`.
-///
-/// # Errors
-/// An unknown state name.
-pub fn parse_state(text: &str) -> Result<pb::TaskState, String> {
-    let all = [
-        pb::TaskState::Pending,
-        pb::TaskState::Delivered,
-        pb::TaskState::Acked,
-        pb::TaskState::Failed,
-        pb::TaskState::Dead,
-        pb::TaskState::Cancelled,
-    ];
-    all.into_iter()
-        .find(|s| state_name(*s) == text)
-        .ok_or_else(|| {
-            format!(
-                "unknown state {text:?}: expected pending, delivered, acked, failed, dead or \
-                 cancelled"
-            )
-        })
 }
 
 /// `contactd tasks`.

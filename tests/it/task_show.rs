@@ -327,7 +327,7 @@ fn queue_daemon(state: &Path, port: u16) -> Daemon {
 async fn admin_of(daemon: &Daemon) -> AdminClient<Channel> {
     within(
         "admin connect",
-        contactd::ctl::connect(&daemon.dir.path().join("admin.sock")),
+        contactd::client::admin::connect(&daemon.dir.path().join("admin.sock")),
     )
     .await
     .unwrap()

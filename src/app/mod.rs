@@ -8,6 +8,8 @@
 //! [`daemon`]'s; the server's own part is its preflight,
 //! store and listener, and saying it is ready only once they all answer.
 
+pub mod agent;
+
 use std::{path::PathBuf, sync::Arc};
 
 use crate::{
@@ -15,11 +17,11 @@ use crate::{
         AdminArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs, TlsIssueArgs,
         TokenCreateArgs,
     },
+    client::admin::{self as ctl, CtlError},
     config::{
         self, Config, ConfigError, ConfigFile, DEFAULT_PATH, LogConfig, MetricsConfig, Source,
         reload::Changes,
     },
-    ctl::{self, CtlError},
     daemon::{self, DaemonConfig, DaemonError},
     server::{self, ServerError},
 };
@@ -259,7 +261,7 @@ pub fn store_backup(args: &crate::cli::StoreBackupArgs) -> Result<(), AppError> 
 /// # Errors
 /// stdout cannot be written (a closed pipe is not an error).
 pub fn completions(args: &crate::cli::CompletionsArgs) -> Result<(), AppError> {
-    ctl::write_out(&crate::manual::completions(args.shell)).map_err(AppError::Output)
+    crate::client::write_out(&crate::manual::completions(args.shell)).map_err(AppError::Output)
 }
 
 /// `man DIR`: the pages written, one path a line on stdout.
@@ -277,7 +279,7 @@ pub fn man_pages(args: &crate::cli::ManArgs) -> Result<(), AppError> {
         .iter()
         .map(|p| format!("{}\n", p.display()))
         .collect();
-    ctl::write_out(&list).map_err(AppError::Output)
+    crate::client::write_out(&list).map_err(AppError::Output)
 }
 
 /// `tls init`.
@@ -291,7 +293,7 @@ pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
         .iter()
         .map(|file| format!("wrote {}\n", file.display()))
         .collect();
-    ctl::write_out(&wrote).map_err(AppError::Output)
+    crate::client::write_out(&wrote).map_err(AppError::Output)
 }
 
 /// `tls issue`.
@@ -305,7 +307,7 @@ pub fn tls_issue(args: &TlsIssueArgs) -> Result<(), AppError> {
         .iter()
         .map(|file| format!("wrote {}\n", file.display()))
         .collect();
-    ctl::write_out(&wrote).map_err(AppError::Output)
+    crate::client::write_out(&wrote).map_err(AppError::Output)
 }
 
 /// `token create`: prints the new token on stdout, the rest on stderr.
@@ -320,7 +322,7 @@ pub fn token_create(args: &TokenCreateArgs) -> Result<(), AppError> {
         args.role,
         args.file.display()
     );
-    // Not through `ctl::write_out`: a token nobody could read must not be
+    // Not through `client::write_out`: a token nobody could read must not be
     // a quiet success.
     use std::io::Write;
     writeln!(std::io::stdout(), "{token}").map_err(AppError::Output)
@@ -386,7 +388,7 @@ async fn serve_until_signalled(context: daemon::Context, config: Config) -> Resu
         .local_addr()
         .map_err(|source| DaemonError::Bind { addr, source })?;
     // The harness's `reload` applies the log settings; the rest the server
-    // applies as its config channel changes (`server::follow_config`; the
+    // applies as its config channel changes (`server::reload::follow_config`; the
     // task generator reschedules itself).
     let (harness, launch) = context.harness(config, "contactd")?;
     let shutdown = launch.shutdown.clone();

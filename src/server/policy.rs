@@ -1,0 +1,65 @@
+//! Who may do what: the remote command rules, the tokens Contact calls may
+//! carry and the TLS config of new connections. Read from the config's
+//! files at start (`preflight` reads them once, so that a bad file stops
+//! the start before READY=1, and hands them to `run`), and re-read at every
+//! reload by `reload.rs`.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
+
+use super::{ServerError, listener::TlsConfig};
+use crate::{
+    auth::{TokenError, Verifier},
+    config::{Config, ServerConfig},
+    remote_cmd::Runner,
+};
+
+/// Who may do what: read from the config's files at start, swapped on
+/// reload.
+#[derive(Debug)]
+pub struct Policy {
+    /// Remote command rules; replaced whole on reload.
+    runner: RwLock<Arc<Runner>>,
+    /// The tokens Contact calls may carry.
+    pub(crate) auth: RwLock<Verifier>,
+    /// The TLS config new connections get.
+    pub(crate) tls: TlsConfig,
+}
+
+impl Policy {
+    /// Reads the files `config` names (token files, TLS files).
+    ///
+    /// # Errors
+    /// [`ServerError::Token`] or [`ServerError::Tls`].
+    pub fn load(config: &Config) -> Result<Policy, ServerError> {
+        Ok(Policy {
+            runner: RwLock::new(Arc::new(Runner::new(config.remote_cmd.clone()))),
+            auth: RwLock::new(verifier(&config.server).map_err(ServerError::Token)?),
+            tls: match &config.server.tls {
+                Some(tls) => Some(Arc::new(ArcSwap::new(
+                    crate::tls::server_config(tls).map_err(ServerError::Tls)?,
+                ))),
+                None => None,
+            },
+        })
+    }
+
+    /// The remote command rules in force.
+    pub(crate) fn runner(&self) -> Arc<Runner> {
+        Arc::clone(&self.runner.read())
+    }
+
+    /// Replaces the remote command rules (a reload).
+    pub(super) fn set_runner(&self, runner: Runner) {
+        *self.runner.write() = Arc::new(runner);
+    }
+}
+
+pub(super) fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
+    Verifier::load(
+        server.auth_token_file.as_deref(),
+        server.tokens_file.as_deref(),
+    )
+}
