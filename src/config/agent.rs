@@ -11,7 +11,7 @@ use std::{path::PathBuf, time::Duration};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigFile, LogConfig, units};
+use super::{Checks, ConfigFile, LogConfig, units};
 
 /// Where `agent` and `check-config --agent` look when no path is given.
 pub const AGENT_DEFAULT_PATH: &str = "/etc/contactd-agent.toml";
@@ -171,57 +171,11 @@ fn url_problem(url: &str) -> Option<String> {
 
 impl ConfigFile for AgentFile {
     fn validate(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
-        let mut check = |ok: bool, key: &str, message: String| {
-            if !ok {
-                problems.push((key.to_owned(), message));
-            }
-        };
-        let a = &self.agent;
-        check(
-            !a.servers.is_empty(),
-            "agent.servers",
-            "is empty: list at least one server, such as [\"http://127.0.0.1:55555\"]".into(),
-        );
-        for url in &a.servers {
-            if let Some(message) = url_problem(url) {
-                check(false, "agent.servers", message);
-            }
-        }
-        check(
-            !a.name.is_empty()
-                && a.name.len() <= 253
-                && a.name.bytes().all(|b| b.is_ascii_graphic()),
-            "agent.name",
-            format!(
-                "invalid name {:?}: expected 1 to 253 visible ASCII characters without spaces \
-                 (it is sent in a gRPC header)",
-                a.name
-            ),
-        );
-        for (argv, key) in [
-            (&a.handler, "agent.handler"),
-            (&a.status_command, "agent.status_command"),
-        ] {
-            check(
-                argv.first().is_none_or(|program| !program.is_empty()),
-                key,
-                "the program (first word) is empty: give a program and its arguments, \
-                 such as [\"/usr/local/bin/handle-task\", \"--verbose\"], or [] for none"
-                    .into(),
-            );
-        }
-        check(
-            a.tls.cert.is_some() == a.tls.key.is_some(),
-            "agent.tls.cert",
-            "agent.tls.cert and agent.tls.key go together: set both, or neither".into(),
-        );
-        problems.extend(agent_ranges(a));
+        let mut c = Checks::default();
+        self.agent.check(&mut c);
         // The [log] section is checked as the server's.
-        let mut log = super::Checks::default();
-        log.log(&self.log);
-        problems.extend(log.0);
-        problems
+        self.log.check(&mut c);
+        c.0
     }
 }
 
@@ -249,51 +203,107 @@ pub mod ranges {
     pub const JITTER_BELOW: f64 = 1.0;
 }
 
-fn agent_ranges(a: &AgentConfig) -> Vec<(String, String)> {
-    use ranges::*;
-    let mut c = super::Checks::default();
-    c.duration("agent.status_interval", a.status_interval, STATUS_INTERVAL);
-    c.duration("agent.handler_timeout", a.handler_timeout, HANDLER_TIMEOUT);
-    c.count(
-        "agent.handler_concurrency",
-        a.handler_concurrency as u64,
-        HANDLER_CONCURRENCY,
-    );
-    c.size("agent.max_output", a.max_output, MAX_OUTPUT);
-    c.count("agent.remember", a.remember as u64, REMEMBER);
-    c.duration("agent.healthy_after", a.healthy_after, HEALTHY_AFTER);
-    c.duration("agent.connect_timeout", a.connect_timeout, CONNECT_TIMEOUT);
-    c.duration("agent.shutdown_grace", a.shutdown_grace, SHUTDOWN_GRACE);
-    let b = &a.backoff;
-    c.duration("agent.backoff.initial", b.initial, BACKOFF_INITIAL);
-    c.duration("agent.backoff.max", b.max, BACKOFF_MAX);
-    c.check(
-        b.max >= b.initial,
-        "agent.backoff.max",
-        format!(
-            "{} is less than agent.backoff.initial ({})",
-            humantime::format_duration(b.max),
-            humantime::format_duration(b.initial)
-        ),
-    );
-    a.metrics.check("agent.metrics", &mut c);
-    c.check(
-        b.multiplier.is_finite() && MULTIPLIER.contains(&b.multiplier),
-        "agent.backoff.multiplier",
-        format!(
-            "{} is out of range: expected from 1.0 to 100.0 (gRPC uses 1.6)",
-            b.multiplier
-        ),
-    );
-    c.check(
-        b.jitter.is_finite() && (0.0..JITTER_BELOW).contains(&b.jitter),
-        "agent.backoff.jitter",
-        format!(
-            "{} is out of range: expected from 0.0 to below 1.0 (gRPC uses 0.2)",
-            b.jitter
-        ),
-    );
-    c.0
+impl AgentConfig {
+    /// The servers, the name and the programs, then the ranges (in this
+    /// order, which is the order problems are reported in).
+    pub(crate) fn check(&self, c: &mut Checks) {
+        use ranges::*;
+        c.check(
+            !self.servers.is_empty(),
+            "agent.servers",
+            "is empty: list at least one server, such as [\"http://127.0.0.1:55555\"]",
+        );
+        for url in &self.servers {
+            if let Some(message) = url_problem(url) {
+                c.check(false, "agent.servers", message);
+            }
+        }
+        c.check(
+            !self.name.is_empty()
+                && self.name.len() <= 253
+                && self.name.bytes().all(|b| b.is_ascii_graphic()),
+            "agent.name",
+            format!(
+                "invalid name {:?}: expected 1 to 253 visible ASCII characters without spaces \
+                 (it is sent in a gRPC header)",
+                self.name
+            ),
+        );
+        for (argv, key) in [
+            (&self.handler, "agent.handler"),
+            (&self.status_command, "agent.status_command"),
+        ] {
+            c.check(
+                argv.first().is_none_or(|program| !program.is_empty()),
+                key,
+                "the program (first word) is empty: give a program and its arguments, \
+                 such as [\"/usr/local/bin/handle-task\", \"--verbose\"], or [] for none",
+            );
+        }
+        c.check(
+            self.tls.cert.is_some() == self.tls.key.is_some(),
+            "agent.tls.cert",
+            "agent.tls.cert and agent.tls.key go together: set both, or neither",
+        );
+        c.duration(
+            "agent.status_interval",
+            self.status_interval,
+            STATUS_INTERVAL,
+        );
+        c.duration(
+            "agent.handler_timeout",
+            self.handler_timeout,
+            HANDLER_TIMEOUT,
+        );
+        c.count(
+            "agent.handler_concurrency",
+            self.handler_concurrency as u64,
+            HANDLER_CONCURRENCY,
+        );
+        c.size("agent.max_output", self.max_output, MAX_OUTPUT);
+        c.count("agent.remember", self.remember as u64, REMEMBER);
+        c.duration("agent.healthy_after", self.healthy_after, HEALTHY_AFTER);
+        c.duration(
+            "agent.connect_timeout",
+            self.connect_timeout,
+            CONNECT_TIMEOUT,
+        );
+        c.duration("agent.shutdown_grace", self.shutdown_grace, SHUTDOWN_GRACE);
+        let b = &self.backoff;
+        c.duration("agent.backoff.initial", b.initial, BACKOFF_INITIAL);
+        c.duration("agent.backoff.max", b.max, BACKOFF_MAX);
+        c.check(
+            b.max >= b.initial,
+            "agent.backoff.max",
+            format!(
+                "{} is less than agent.backoff.initial ({})",
+                humantime::format_duration(b.max),
+                humantime::format_duration(b.initial)
+            ),
+        );
+        // Between the backoff's durations and its factors: the order
+        // problems have always been reported in.
+        self.metrics.check("agent.metrics", c);
+        // `{:?}` prints a whole f64 as "1.0", as the messages always said.
+        c.check(
+            b.multiplier.is_finite() && MULTIPLIER.contains(&b.multiplier),
+            "agent.backoff.multiplier",
+            format!(
+                "{} is out of range: expected from {:?} to {:?} (gRPC uses 1.6)",
+                b.multiplier,
+                MULTIPLIER.start(),
+                MULTIPLIER.end()
+            ),
+        );
+        c.check(
+            b.jitter.is_finite() && (0.0..JITTER_BELOW).contains(&b.jitter),
+            "agent.backoff.jitter",
+            format!(
+                "{} is out of range: expected from 0.0 to below {JITTER_BELOW:?} (gRPC uses 0.2)",
+                b.jitter
+            ),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `[log]`: what is logged and where, and the filter directives of
+//! `[log]`: what is logged and where, with its checks (shared by the
+//! server's file and the agent's), and the filter directives of
 //! `log.level` (and `RUST_LOG`), checked here so that `check-config` and the
 //! logger read them the same way.
 
@@ -8,7 +9,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::Targets;
 
-use super::units;
+use super::{Checks, ranges, units};
 
 /// `[log]`: what is logged and where.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,26 @@ impl Default for LogConfig {
             keep: 7,
             exclude: Vec::new(),
             buffer_lines: 16_384,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Range checks, something to log to, and a usable `level`; the same
+    /// for the server's file and the agent's.
+    pub(crate) fn check(&self, c: &mut Checks) {
+        use ranges::*;
+        c.check(
+            self.stderr || self.file.is_some(),
+            "log.stderr",
+            "is false and no log.file is set: nothing would be logged",
+        );
+        c.size("log.max_size", self.max_size, LOG_MAX_SIZE);
+        c.count("log.backups", self.backups as u64, LOG_BACKUPS);
+        c.count("log.keep", self.keep as u64, LOG_KEEP);
+        c.count("log.buffer_lines", self.buffer_lines as u64, BUFFER_LINES);
+        if let Some(problem) = filter_problem(&self.level) {
+            c.check(false, "log.level", problem);
         }
     }
 }

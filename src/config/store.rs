@@ -1,6 +1,7 @@
-//! `[store]`: where tasks, queue claims and ack cursors are kept, and the
-//! PostgreSQL URL as config checks it (parsed here, without connecting, so
-//! that `check-config` and the store read it the same way).
+//! `[store]`: where tasks, queue claims and ack cursors are kept, with its
+//! defaults and checks, and the PostgreSQL URL as config checks it (parsed
+//! here, without connecting, so that `check-config` and the store read it
+//! the same way).
 
 use std::{path::PathBuf, str::FromStr, time::Duration};
 
@@ -8,7 +9,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::config::{Host, SslMode};
 
-use super::units;
+use super::{Checks, ranges, units};
 
 /// `[store]`: where tasks, queue claims and ack cursors are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +138,69 @@ impl StoreConfig {
             (Some(_), Some(_)) => Err("store.url and store.url_file are both set: keep one".into()),
         }
     }
+
+    /// Range checks, and the keys that belong to one kind of store only.
+    pub(crate) fn check(&self, c: &mut Checks) {
+        use ranges::*;
+        c.count("store.write_queue", self.write_queue as u64, WRITE_QUEUE);
+        c.duration(
+            "store.forget_agents_after",
+            self.forget_agents_after,
+            FORGET_AGENTS_AFTER,
+        );
+        // 0 means no limit, so only other values are held to the range.
+        if self.max_size.as_u64() != 0 {
+            c.size("store.max_size", self.max_size, STORE_MAX_SIZE);
+        }
+        c.duration(
+            "store.connect_timeout",
+            self.connect_timeout,
+            STORE_CONNECT_TIMEOUT,
+        );
+        c.duration(
+            "store.poll_interval",
+            self.poll_interval,
+            STORE_POLL_INTERVAL,
+        );
+        if self.kind == StoreKind::Postgres {
+            c.check(
+                self.url.is_some() != self.url_file.is_some(),
+                "store.url",
+                "set exactly one of store.url and store.url_file for kind = \"postgres\"",
+            );
+            if let Some(url) = &self.url
+                && let Err(problem) = check_url(url)
+            {
+                c.check(false, "store.url", problem);
+            }
+            c.check(
+                self.path.is_none(),
+                "store.path",
+                "names an SQLite file, but store.kind is \"postgres\": remove it",
+            );
+            c.check(
+                self.max_size.as_u64() == 0,
+                "store.max_size",
+                "applies to SQLite only: limit the database in PostgreSQL (a tablespace \
+                 or quota) instead",
+            );
+        } else {
+            c.check(
+                self.url.is_none() && self.url_file.is_none() && self.ca_file.is_none(),
+                "store.url",
+                "store.url, url_file and ca_file are for kind = \"postgres\" only",
+            );
+        }
+        c.check(
+            self.kind != StoreKind::Sqlite
+                || self
+                    .path
+                    .as_ref()
+                    .is_none_or(|p| !p.as_os_str().is_empty() && p.file_name().is_some()),
+            "store.path",
+            "is not a file path: name the database file, such as \"/var/lib/contactd/contactd.db\"",
+        );
+    }
 }
 
 /// How a URL is connected to: its parsed settings, whether with TLS, and
@@ -232,6 +296,8 @@ pub fn parse(url: &str) -> Result<Target, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // `parse` here is the URL's; the config file's is `parse_config`.
+    use crate::config::{Config, parse as parse_config};
 
     #[test]
     fn urls_are_checked_without_echoing_them() {
@@ -257,5 +323,37 @@ mod tests {
         let words = parse("host=/run/postgresql user=contactd dbname=fleet").unwrap();
         assert_eq!(words.name, "contactd@/run/postgresql/fleet");
         assert!(check_url("postgres:///fleet").is_err(), "no host");
+    }
+
+    #[test]
+    fn a_postgres_store_needs_one_url_that_asks_for_tls_or_none_and_no_sqlite_keys() {
+        let keys = |store: &str| -> Vec<String> {
+            let text = format!("[store]\nkind = \"postgres\"\n{store}");
+            match parse_config::<Config>(&text) {
+                Ok(_) => Vec::new(),
+                Err(problems) => problems.iter().filter_map(|p| p.key.clone()).collect(),
+            }
+        };
+        assert!(keys("url = \"postgres://c@db1/fleet?sslmode=require\"").is_empty());
+        assert!(keys("url_file = \"/etc/contactd/db-url\"").is_empty());
+        assert_eq!(keys(""), ["store.url"]);
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\nurl_file = \"/x\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f?sslmode=prefer\""),
+            ["store.url"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\npath = \"/x.db\"\nmax_size = \"1GiB\""),
+            ["store.path", "store.max_size"]
+        );
+        assert_eq!(
+            keys("url = \"postgres://c@db1/f\"\npoll_interval = \"10ms\""),
+            ["store.poll_interval"]
+        );
+        let sqlite = parse_config::<Config>("[store]\nurl = \"postgres://c@db1/f\"\n").unwrap_err();
+        assert_eq!(sqlite[0].key.as_deref(), Some("store.url"), "{sqlite:#?}");
     }
 }

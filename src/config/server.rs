@@ -1,0 +1,302 @@
+//! `[server]` and `[server.tls]`: the Contact listener, its per-connection
+//! limits and its TLS, with their defaults and their checks.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use super::{Checks, ranges, units};
+
+/// `[server]`: the listener and per-connection limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This server's name among several sharing one PostgreSQL store
+    /// (the fleet view, logs); empty: the host's name.
+    pub name: String,
+    /// Address the Contact service listens on.
+    #[serde(with = "units::socket_addr")]
+    pub listen: SocketAddr,
+    /// Listen backlog: connections the kernel queues before `accept`.
+    pub backlog: u32,
+    /// Connections open at once; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Largest message accepted from a client, and sent to one: a task
+    /// whose message would be larger is refused at submit.
+    #[serde(with = "units::size")]
+    pub max_message_size: ByteSize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 pings that detect dead peers.
+    #[serde(with = "units::duration")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(with = "units::duration")]
+    pub keepalive_timeout: Duration,
+    /// How long in-flight calls may run on after shutdown starts.
+    #[serde(with = "units::duration")]
+    pub grace_period: Duration,
+    /// Callers (agents and seed clients) whose last status is remembered.
+    pub max_callers: usize,
+    /// Longest status text kept per caller; longer ones are truncated.
+    #[serde(with = "units::size")]
+    pub max_status_size: ByteSize,
+    /// A file holding the token every Contact call must carry
+    /// (`authorization: Bearer <token>`); absent: no token is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Named tokens (`contactd token create`): each gives its holder an
+    /// identity and a role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// A connection must finish its TLS handshake and the HTTP/2 preface
+    /// within this long, or it is closed.
+    #[serde(with = "units::duration")]
+    pub handshake_timeout: Duration,
+    /// Connections still in their handshake at once; they do not count
+    /// against `max_connections`, so they cannot lock out agents.
+    pub max_handshakes: usize,
+    /// Largest sendStatus message (one status report).
+    #[serde(with = "units::size")]
+    pub max_status_message: ByteSize,
+    /// Largest tellResult message (one result).
+    #[serde(with = "units::size")]
+    pub max_result_message: ByteSize,
+    /// Largest remoteCMD request (a command line and its note).
+    #[serde(with = "units::size")]
+    pub max_command_message: ByteSize,
+    /// Bytes of unfinished messages one connection may make the server hold.
+    #[serde(with = "units::size")]
+    pub max_connection_buffer: ByteSize,
+    /// Bytes of unfinished messages all connections together may make the
+    /// server hold; beyond, the calls adding to it are refused.
+    #[serde(with = "units::size")]
+    pub max_buffered: ByteSize,
+    /// HTTP/2 flow-control window of one connection and of one stream: how
+    /// much a peer may send before the server reads it.
+    #[serde(with = "units::size")]
+    pub connection_window: ByteSize,
+    #[serde(with = "units::size")]
+    pub stream_window: ByteSize,
+    /// TLS on the Contact port; absent: plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Whether clients must present a certificate; default `require` with
+    /// a `client_ca`, else `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_auth: Option<ClientAuth>,
+}
+
+impl ServerTlsConfig {
+    /// `client_auth`, with its default.
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or(if self.client_ca.is_some() {
+            ClientAuth::Require
+        } else {
+            ClientAuth::None
+        })
+    }
+}
+
+/// `server.tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates are asked for.
+    None,
+    /// Asked for and verified when given; callers without one are anonymous.
+    Request,
+    /// Every connection needs a certificate signed by `client_ca`.
+    Require,
+}
+
+impl ServerConfig {
+    /// `name`, or else the host's name.
+    pub fn resolved_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "contactd".into())
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            name: String::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 55555)),
+            backlog: 4096,
+            max_connections: 50_000,
+            max_message_size: ByteSize::mib(4),
+            max_concurrent_streams: 256,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            grace_period: Duration::from_secs(10),
+            max_callers: 10_000,
+            max_status_size: ByteSize::kib(4),
+            auth_token_file: None,
+            tokens_file: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+            max_status_message: ByteSize::kib(64),
+            max_result_message: ByteSize::kib(256),
+            max_command_message: ByteSize::kib(64),
+            max_connection_buffer: ByteSize::mib(4),
+            max_buffered: ByteSize::mib(128),
+            connection_window: ByteSize::kib(256),
+            stream_window: ByteSize::kib(64),
+            tls: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Range checks, and the limits bounded by other `[server]` keys.
+    pub(crate) fn check(&self, c: &mut Checks) {
+        use ranges::*;
+        c.check(
+            self.name.len() <= 255 && !self.name.chars().any(char::is_control),
+            "server.name",
+            "is longer than 255 bytes or holds control characters",
+        );
+        c.count("server.backlog", self.backlog.into(), BACKLOG);
+        c.count(
+            "server.max_connections",
+            self.max_connections as u64,
+            MAX_CONNECTIONS,
+        );
+        c.size(
+            "server.max_message_size",
+            self.max_message_size,
+            MAX_MESSAGE_SIZE,
+        );
+        c.count(
+            "server.max_concurrent_streams",
+            self.max_concurrent_streams.into(),
+            MAX_CONCURRENT_STREAMS,
+        );
+        c.duration(
+            "server.keepalive_interval",
+            self.keepalive_interval,
+            KEEPALIVE_INTERVAL,
+        );
+        c.duration(
+            "server.keepalive_timeout",
+            self.keepalive_timeout,
+            KEEPALIVE_TIMEOUT,
+        );
+        c.duration("server.grace_period", self.grace_period, GRACE_PERIOD);
+        c.count("server.max_callers", self.max_callers as u64, MAX_CALLERS);
+        c.size(
+            "server.max_status_size",
+            self.max_status_size,
+            MAX_STATUS_SIZE,
+        );
+        // Unlike `Checks::duration` and `Checks::count`, these two messages
+        // do not show the value: `check-config`'s output stays what
+        // operators (and scripts) already see.
+        let f = humantime::format_duration;
+        c.check(
+            HANDSHAKE_TIMEOUT.contains(&self.handshake_timeout),
+            "server.handshake_timeout",
+            format!(
+                "is out of range: expected from \"{}\" to \"{}\"",
+                f(*HANDSHAKE_TIMEOUT.start()),
+                f(*HANDSHAKE_TIMEOUT.end())
+            ),
+        );
+        c.check(
+            MAX_HANDSHAKES.contains(&(self.max_handshakes as u64)),
+            "server.max_handshakes",
+            format!(
+                "is out of range: expected from {} to {}",
+                MAX_HANDSHAKES.start(),
+                MAX_HANDSHAKES.end()
+            ),
+        );
+        for (size, key) in [
+            (self.max_status_message, "server.max_status_message"),
+            (self.max_result_message, "server.max_result_message"),
+            (self.max_command_message, "server.max_command_message"),
+        ] {
+            c.size_between(
+                key,
+                size,
+                CALL_MESSAGE_MIN,
+                "server.max_message_size",
+                self.max_message_size,
+            );
+        }
+        c.size_between(
+            "server.max_connection_buffer",
+            self.max_connection_buffer,
+            CONNECTION_BUFFER_MIN,
+            "server.max_buffered",
+            self.max_buffered,
+        );
+        // Unlike `Checks::size`, these messages show the value unquoted,
+        // so they are written out here to keep `check-config`'s output as it is.
+        let f = units::size::format;
+        for (size, key, range) in [
+            (self.max_buffered, "server.max_buffered", MAX_BUFFERED),
+            (
+                self.connection_window,
+                "server.connection_window",
+                FLOW_WINDOW,
+            ),
+            (self.stream_window, "server.stream_window", FLOW_WINDOW),
+        ] {
+            c.check(
+                range.contains(&size.as_u64()),
+                key,
+                format!(
+                    "{} is out of range: expected from \"{}\" to \"{}\"",
+                    f(size),
+                    f(ByteSize(*range.start())),
+                    f(ByteSize(*range.end()))
+                ),
+            );
+        }
+        c.check(
+            self.stream_window <= self.connection_window,
+            "server.stream_window",
+            "is larger than server.connection_window, which bounds every stream",
+        );
+        if let Some(tls) = &self.tls {
+            tls.check(c);
+        }
+    }
+}
+
+impl ServerTlsConfig {
+    /// `client_ca` and `client_auth` must agree.
+    pub(crate) fn check(&self, c: &mut Checks) {
+        c.check(
+            self.client_ca.is_some() || self.client_auth() == ClientAuth::None,
+            "server.tls.client_auth",
+            "needs server.tls.client_ca, the CA that signs client certificates",
+        );
+        c.check(
+            self.client_ca.is_none() || self.client_auth() != ClientAuth::None,
+            "server.tls.client_ca",
+            "is set but client_auth = \"none\": remove it, or set client_auth = \"request\" or \"require\"",
+        );
+    }
+}
