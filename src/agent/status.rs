@@ -33,7 +33,7 @@ pub async fn text(command: &[String], name: &str, handled: u64, failed: u64) -> 
 
 /// `agent=web-01 host=web-01 uptime=3d4h load=0.10,0.20,0.30 handled=12 failed=1`.
 pub fn builtin(name: &str, handled: u64, failed: u64) -> String {
-    let host = crate::config::agent::host_name();
+    let host = crate::config::host_name().unwrap_or_else(|| "localhost".to_owned());
     let uptime = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|text| text.split_whitespace().next()?.parse::<f64>().ok())

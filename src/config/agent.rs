@@ -99,7 +99,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             servers: vec!["http://127.0.0.1:55555".to_owned()],
-            name: host_name(),
+            name: super::host_name().unwrap_or_else(|| "localhost".to_owned()),
             status_interval: Duration::from_secs(60),
             status_command: Vec::new(),
             handler: Vec::new(),
@@ -143,15 +143,6 @@ impl Default for BackoffConfig {
             jitter: 0.2,
         }
     }
-}
-
-/// This machine's host name, or `"localhost"` when it cannot be read.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Why a server URL is unusable, or `None` if it is fine.

@@ -56,6 +56,17 @@ pub use template::TaskTemplate;
 pub(crate) use validate::Checks;
 pub use validate::ranges;
 
+/// This machine's host name, if it can be read and is not empty. Each
+/// caller says what stands in for it: `"localhost"` for an agent's name,
+/// `"contactd"` for a server's.
+#[must_use]
+pub fn host_name() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+}
+
 /// Where `serve` and `check-config` look when no path is given.
 pub const DEFAULT_PATH: &str = "/etc/contactd.toml";
 

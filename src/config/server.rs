@@ -130,10 +130,7 @@ impl ServerConfig {
         if !self.name.is_empty() {
             return self.name.clone();
         }
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "contactd".into())
+        super::host_name().unwrap_or_else(|| "contactd".into())
     }
 }
 

@@ -216,7 +216,15 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
     let housekeeping = tokio::spawn(housekeep(Arc::clone(&state), shutdown.clone()));
     tracker.spawn(restart_on_panic("applying config reloads", {
         let (state, config, shutdown) = (Arc::clone(&state), config.clone(), shutdown.clone());
-        move || reload::follow_config(Arc::clone(&state), config.clone(), shutdown.clone())
+        let built_from = Arc::clone(&initial);
+        move || {
+            reload::follow_config(
+                Arc::clone(&state),
+                config.clone(),
+                Arc::clone(&built_from),
+                shutdown.clone(),
+            )
+        }
     }));
     tracker.close();
 

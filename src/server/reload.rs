@@ -15,49 +15,55 @@ use super::{
     state::State,
 };
 use crate::{
-    config::{Config, RemoteCmdConfig, reload::Changes},
+    config::{Config, RemoteCmdConfig},
     remote_cmd::Runner,
 };
 
-/// Applies reloaded settings that can change live, until `shutdown`.
+/// Applies every config sent on `config` after `built_from` (the one the
+/// server's state was built from), until `shutdown`. A config sent before
+/// this task first ran is applied at once, not missed.
 pub(super) async fn follow_config(
     state: Arc<State>,
     mut config: watch::Receiver<Arc<Config>>,
+    built_from: Arc<Config>,
     shutdown: CancellationToken,
 ) {
-    let mut current = Arc::clone(&config.borrow_and_update());
+    let mut current = built_from;
     loop {
+        let new = Arc::clone(&config.borrow_and_update());
+        if !Arc::ptr_eq(&new, &current) {
+            apply(&state, &current, &new);
+            current = new;
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = config.changed() => if changed.is_err() { return },
         }
-        let new = Arc::clone(&config.borrow_and_update());
-        // What waits for a restart is logged by whoever sent the config
-        // (`contactd serve`'s reload, once); here, the state that follows
-        // the config, changed only where the config did.
-        let changes = Changes::server(&current, &new);
-        if changes.touches("remote_cmd") {
-            warn_if_widened(&current.remote_cmd, &new.remote_cmd);
-            state.policy.set_runner(Runner::new(new.remote_cmd.clone()));
-            tracing::info!(
-                enabled = new.remote_cmd.enabled,
-                patterns = new.remote_cmd.allow.len(),
-                "remote command rules updated"
-            );
-        }
-        if changes.touches("server.max_callers") || changes.touches("server.max_status_size") {
-            state.callers.set_limits(
-                new.server.max_callers,
-                new.server.max_status_size.as_u64() as usize,
-            );
-        }
-        if changes.touches("tasks") || changes.touches("store") {
-            state.broker.apply(&new);
-        }
-        // Unconditional: a rotated token or certificate file keeps its path.
-        reload_credentials(&state.policy, &current, &new);
-        current = new;
     }
+}
+
+/// Applies `new` where the server follows its config live, `old` being the
+/// config in force. What changed, and what waits for a restart, is decided
+/// and logged once, by whoever sent the config (`contactd serve`'s reload:
+/// [`Changes`](crate::config::reload::Changes)); every part here is cheap and
+/// idempotent, so it is applied whole rather than by a second diff.
+fn apply(state: &State, old: &Config, new: &Config) {
+    if old.remote_cmd != new.remote_cmd {
+        warn_if_widened(&old.remote_cmd, &new.remote_cmd);
+        state.policy.set_runner(Runner::new(new.remote_cmd.clone()));
+        tracing::info!(
+            enabled = new.remote_cmd.enabled,
+            patterns = new.remote_cmd.allow.len(),
+            "remote command rules updated"
+        );
+    }
+    state.callers.set_limits(
+        new.server.max_callers,
+        new.server.max_status_size.as_u64() as usize,
+    );
+    state.broker.apply(new);
+    // Every time: a rotated token or certificate file keeps its path.
+    reload_credentials(&state.policy, old, new);
 }
 
 /// Re-reads the token files and TLS files (so rotated ones apply on SIGHUP).
