@@ -360,14 +360,7 @@ impl Broker {
                         // came here with the ack): the store knows whether
                         // this agent holds the task's claim, and keeps it
                         // only then.
-                        self.store.record(Write::Acked {
-                            id: result.task_id,
-                            agent: Arc::clone(&agent.name),
-                            ok,
-                            text: kept.to_owned(),
-                            at_ms: crate::clock::now_ms(),
-                            claimed: true,
-                        });
+                        self.record_ack(result.task_id, agent, ok, kept);
                     }
                     return Acked::Ignored;
                 }
@@ -388,16 +381,22 @@ impl Broker {
             // its ack changes nothing (the cursor above still moved past it).
             return self.ignore_cancelled(task.id);
         }
+        self.record_ack(task.id, agent, ok, kept);
+        task.progress.record_ack(ok, &agent.name, kept.to_owned());
+        Acked::Counted { ok }
+    }
+
+    /// Writes an ack behind. In queue mode the store keeps it only if the
+    /// agent holds the task's claim (`claimed`).
+    fn record_ack(&self, id: u64, agent: &Agent, ok: bool, kept: &str) {
         self.store.record(Write::Acked {
-            id: task.id,
+            id,
             agent: Arc::clone(&agent.name),
             ok,
             text: kept.to_owned(),
             at_ms: crate::clock::now_ms(),
             claimed: self.is_queue(),
         });
-        task.progress.record_ack(ok, &agent.name, kept.to_owned());
-        Acked::Counted { ok }
     }
 
     fn ignore_cancelled(&self, task_id: u64) -> Acked {

@@ -1,5 +1,6 @@
-//! What a `getTask` stream sends and what an ack changes, in both delivery
-//! modes.
+//! What a `getTask` stream sends, in both delivery modes: the broker's
+//! [`subscribe`](Broker::subscribe) and the [`Feed`] it returns. (What an
+//! ack changes is the broker's [`ack`](Broker::ack).)
 //!
 //! Broadcast: every subscriber reads the shared hub. A named agent resumes
 //! after the tasks it acked (its [`AckCursor`]), so it gets what it missed
