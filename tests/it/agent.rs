@@ -1,7 +1,10 @@
 //! The agent against real servers: in-process agents observed through their
 //! events, `contactd agent` as a process, a real `contactd serve` killed and
 //! restarted, and a scripted Contact server for what the real one does not
-//! (yet) do on demand, such as delivering a task again.
+//! (yet) do on demand, such as delivering a task again. It covers connecting
+//! (before the server is up, after a restart, backing off), running handlers
+//! (timeouts, concurrency), a task delivered again or running across a
+//! reconnect, and the process's signals and config check.
 
 use crate::common;
 
@@ -50,104 +53,6 @@ fn busy_server() -> Config {
     config.tasks.batch = 1;
     config.tasks.template = "job-{seq}-{rand:1-1000000000}".parse().unwrap();
     config
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_started_before_its_server_connects_once_it_comes_up() {
-    let addr = reserve_port();
-    let mut agent = TestAgent::start(agent_config(addr, "early"));
-    // It tries and fails while nothing listens.
-    agent.wait_for("a failed attempt", failed).await;
-    agent.wait_for("a second failed attempt", failed).await;
-
-    let listener = contactd::net::bind(addr, 128).expect("bind the reserved port");
-    let (_config, rx) = watch::channel(Arc::new(busy_server()));
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(server::run(server::Serve::new(listener, rx, stop.clone())));
-    let up = Instant::now();
-    let at = agent.wait_for("connected", connected).await;
-    // The backoff is at most 500ms + 20%, plus connecting.
-    assert!(
-        at.duration_since(up) < Duration::from_secs(5),
-        "{:?}",
-        at - up
-    );
-    let (_, outcome) = agent.wait_for("a handled task", handled).await;
-    assert_eq!(outcome, Outcome::Ok);
-    agent.stop().await;
-    stop.cancel();
-    within("server exit", server).await.unwrap().unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_the_server_is_killed_and_restarted_the_agent_reconnects_and_work_continues() {
-    let server_config = "[tasks]\ninterval = \"100ms\"\nbatch = 1\n\
-                         template = \"job-{seq}-{rand:1-1000000000}\"\n";
-    let mut daemon = Daemon::start(server_config);
-    let addr = daemon.addr;
-    let config = agent_config(addr, "survivor");
-    let bound = contactd::backoff::Backoff::new(config.backoff.clone()).bound();
-    let mut agent = TestAgent::start(config);
-    agent.wait_for("connected", connected).await;
-    agent.wait_for("a handled task", handled).await;
-
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(LIMIT);
-    agent.wait_for("the session to fail", failed).await;
-    // Several attempts fail while the server is down.
-    agent.wait_for("a failed attempt", failed).await;
-
-    let restarted = Daemon::start(&format!("[server]\nlisten = \"{addr}\"\n{server_config}"));
-    let up = Instant::now();
-    let at = agent.wait_for("reconnected", connected).await;
-    let took = at.saturating_duration_since(up);
-    // Connecting on loopback takes milliseconds; allow for a loaded machine.
-    assert!(
-        took <= bound + Duration::from_secs(3),
-        "reconnected {took:?} after the restart; the backoff bound is {bound:?}"
-    );
-    let (_, outcome) = agent.wait_for("a task from the new server", handled).await;
-    assert_eq!(outcome, Outcome::Ok);
-    agent.stop().await;
-    drop(restarted);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_handler_is_killed_at_its_timeout_and_acked_as_failed() {
-    let daemon = Daemon::start("[tasks]\ninterval = \"1h\"\nbatch = 1\n");
-    let mut config = agent_config(daemon.addr, "hangs");
-    config.handler = vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30".into()];
-    config.handler_timeout = Duration::from_millis(300);
-    let mut agent = TestAgent::start(config);
-    let started = Instant::now();
-    let (task_id, outcome) = agent.wait_for("the task handled", handled).await;
-    assert_eq!(outcome, Outcome::Failed);
-    assert!(started.elapsed() < Duration::from_secs(10));
-    // The server recorded the failed ack, with the handler's fate as its result.
-    let admin = daemon.admin().await;
-    let shown = common::until(
-        "the failed ack recorded",
-        || {
-            let mut admin = admin.clone();
-            async move {
-                let request = TaskIdRequest { id: task_id };
-                admin.show_task(request).await.unwrap().into_inner()
-            }
-        },
-        |shown| {
-            shown
-                .agents
-                .iter()
-                .any(|a| a.agent == "hangs" && a.state() == AgentTaskState::Failed)
-        },
-    )
-    .await;
-    let row = shown.agents.iter().find(|a| a.agent == "hangs").unwrap();
-    assert!(
-        row.result.contains("killed after the 300ms timeout"),
-        "{row:?}"
-    );
-    agent.stop().await;
 }
 
 /// A Contact server that delivers a fixed list of tasks on each getTask
@@ -278,6 +183,187 @@ async fn next_ack(
     .await
 }
 
+// ---- connecting: before the server is up, after a restart, backing off ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_its_server_connects_once_it_comes_up() {
+    let addr = reserve_port();
+    let mut agent = TestAgent::start(agent_config(addr, "early"));
+    // It tries and fails while nothing listens.
+    agent.wait_for("a failed attempt", failed).await;
+    agent.wait_for("a second failed attempt", failed).await;
+
+    let listener = contactd::net::bind(addr, 128).expect("bind the reserved port");
+    let (_config, rx) = watch::channel(Arc::new(busy_server()));
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(server::run(server::Serve::new(listener, rx, stop.clone())));
+    let up = Instant::now();
+    let at = agent.wait_for("connected", connected).await;
+    // The backoff is at most 500ms + 20%, plus connecting.
+    assert!(
+        at.duration_since(up) < Duration::from_secs(5),
+        "{:?}",
+        at - up
+    );
+    let (_, outcome) = agent.wait_for("a handled task", handled).await;
+    assert_eq!(outcome, Outcome::Ok);
+    agent.stop().await;
+    stop.cancel();
+    within("server exit", server).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_server_is_killed_and_restarted_the_agent_reconnects_and_work_continues() {
+    let server_config = "[tasks]\ninterval = \"100ms\"\nbatch = 1\n\
+                         template = \"job-{seq}-{rand:1-1000000000}\"\n";
+    let mut daemon = Daemon::start(server_config);
+    let addr = daemon.addr;
+    let config = agent_config(addr, "survivor");
+    let bound = contactd::backoff::Backoff::new(config.backoff.clone()).bound();
+    let mut agent = TestAgent::start(config);
+    agent.wait_for("connected", connected).await;
+    agent.wait_for("a handled task", handled).await;
+
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(LIMIT);
+    agent.wait_for("the session to fail", failed).await;
+    // Several attempts fail while the server is down.
+    agent.wait_for("a failed attempt", failed).await;
+
+    let restarted = Daemon::start(&format!("[server]\nlisten = \"{addr}\"\n{server_config}"));
+    let up = Instant::now();
+    let at = agent.wait_for("reconnected", connected).await;
+    let took = at.saturating_duration_since(up);
+    // Connecting on loopback takes milliseconds; allow for a loaded machine.
+    assert!(
+        took <= bound + Duration::from_secs(3),
+        "reconnected {took:?} after the restart; the backoff bound is {bound:?}"
+    );
+    let (_, outcome) = agent.wait_for("a task from the new server", handled).await;
+    assert_eq!(outcome, Outcome::Ok);
+    agent.stop().await;
+    drop(restarted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_drops_every_session_gets_backed_off_not_stormed() {
+    let (seen, _seen) = mpsc::unbounded_channel();
+    let scripted = Scripted {
+        tasks: Vec::new(),
+        drop_sessions: true,
+        cut: Arc::new(Notify::new()),
+        seen,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut agent = TestAgent::start(agent_config(addr, "stormy"));
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        agent.wait_for("a session", connected).await;
+        let delay = agent
+            .wait_for("a delay", |e| match e.kind {
+                EventKind::Waiting { delay } => Some(delay),
+                _ => None,
+            })
+            .await;
+        delays.push(delay);
+    }
+    // Each session was up (connected) but for less than healthy_after, so
+    // the backoff kept growing: 50ms, 80ms, ... 327ms (±20%). (On a slow
+    // machine a first connection attempt can fail before the first session
+    // counted here: then the first delay seen is the second step, 80ms.)
+    assert!(delays[0] <= Duration::from_millis(96), "{delays:?}");
+    assert!(delays[5] >= Duration::from_millis(260), "{delays:?}");
+    agent.stop().await;
+    stop.cancel();
+}
+
+// ---- handlers: killed at their timeout, at most handler_concurrency at once ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_handler_is_killed_at_its_timeout_and_acked_as_failed() {
+    let daemon = Daemon::start("[tasks]\ninterval = \"1h\"\nbatch = 1\n");
+    let mut config = agent_config(daemon.addr, "hangs");
+    config.handler = vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30".into()];
+    config.handler_timeout = Duration::from_millis(300);
+    let mut agent = TestAgent::start(config);
+    let started = Instant::now();
+    let (task_id, outcome) = agent.wait_for("the task handled", handled).await;
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The server recorded the failed ack, with the handler's fate as its result.
+    let admin = daemon.admin().await;
+    let shown = common::until(
+        "the failed ack recorded",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let request = TaskIdRequest { id: task_id };
+                admin.show_task(request).await.unwrap().into_inner()
+            }
+        },
+        |shown| {
+            shown
+                .agents
+                .iter()
+                .any(|a| a.agent == "hangs" && a.state() == AgentTaskState::Failed)
+        },
+    )
+    .await;
+    let row = shown.agents.iter().find(|a| a.agent == "hangs").unwrap();
+    assert!(
+        row.result.contains("killed after the 300ms timeout"),
+        "{row:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_run_at_most_handler_concurrency_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let scripted = Scripted {
+        tasks: (1..=6)
+            .map(|id| ServerMsg {
+                task: format!("task {id}"),
+                id,
+                attempt: 1,
+                epoch: 7,
+                retry: 0,
+            })
+            .collect(),
+        drop_sessions: false,
+        cut: Arc::new(Notify::new()),
+        seen: seen_tx,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut config = agent_config(addr, "limited");
+    config.handler_concurrency = 2;
+    // Each handler counts the handlers running (itself included) while it runs.
+    let script = format!(
+        "cd {}; touch running.$CONTACTD_TASK_ID; ls | grep -c running >> counts; sleep 0.2; rm running.$CONTACTD_TASK_ID",
+        dir.path().display()
+    );
+    config.handler = vec!["sh".into(), "-c".into(), script];
+    let agent = TestAgent::start(config);
+    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
+    let mut acked = Vec::new();
+    for _ in 0..6 {
+        let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
+        assert_eq!(ack.outcome(), Outcome::Ok, "{ack:?}");
+        acked.push(ack.task_id);
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, [1, 2, 3, 4, 5, 6]);
+    let counts = std::fs::read_to_string(dir.path().join("counts")).unwrap();
+    let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(counts.len(), 6);
+    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "{counts:?}");
+    agent.stop().await;
+    stop.cancel();
+}
+
+// ---- a task delivered again is not run twice; across a reconnect, acked once ----
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -358,6 +444,73 @@ async fn a_redelivered_task_is_acked_again_but_not_run_twice() {
     );
 }
 
+/// Reads a fifo in a thread, failing the test if nothing comes within [`LIMIT`].
+async fn read_fifo(path: &Path) -> String {
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path).unwrap());
+    within("the fifo", read).await.unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (started, release) = (dir.path().join("started"), dir.path().join("release"));
+    mkfifo(&started);
+    mkfifo(&release);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let cut = Arc::new(Notify::new());
+    let scripted = Scripted {
+        tasks: vec![ServerMsg {
+            task: "slow".into(),
+            id: 7,
+            attempt: 1,
+            epoch: 7,
+            retry: 0,
+        }],
+        drop_sessions: false,
+        cut: Arc::clone(&cut),
+        seen: seen_tx,
+    };
+    let (addr, stop) = serve_scripted(scripted).await;
+    let mut config = agent_config(addr, "patient");
+    // The handler says it started, then waits for the test to release it.
+    let runs = dir.path().join("runs");
+    let script = format!(
+        "echo started > {}; read line < {}; echo run >> {}",
+        started.display(),
+        release.display(),
+        runs.display()
+    );
+    config.handler = vec!["sh".into(), "-c".into(), script];
+    let mut agent = TestAgent::start(config);
+    assert_eq!(read_fifo(&started).await, "started\n");
+    // The session ends while the handler runs; the next one delivers task 7
+    // again: in flight, or (if the handler was quicker) handled, so it is
+    // not run twice, and any second ack is the same.
+    cut.notify_waiters();
+    agent.wait_for("the session to end", failed).await;
+    agent.wait_for("reconnected", connected).await;
+    let release = release.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(release, "go\n").unwrap());
+    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
+    let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
+    assert_eq!((ack.task_id, ack.outcome()), (7, Outcome::Ok));
+    agent.stop().await;
+    stop.cancel();
+    for event in std::iter::from_fn(|| seen.try_recv().ok()) {
+        if let Seen::Ack(again) = event {
+            assert_eq!(again, ack);
+        }
+    }
+    assert_eq!(std::fs::read_to_string(runs).unwrap(), "run\n");
+}
+
+// ---- `contactd agent` as a process: SIGTERM, check-config --agent, SIGHUP ----
+
 #[test]
 fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
     let daemon = Daemon::start("[tasks]\ninterval = \"1h\"\nbatch = 1\n");
@@ -410,10 +563,8 @@ fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
 }
 
 fn contactd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    common::contactd()
         .args(args)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("CONTACTD_AGENT_CONFIG")
         .output()
         .expect("run contactd")
 }
@@ -499,146 +650,4 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_drops_every_session_gets_backed_off_not_stormed() {
-    let (seen, _seen) = mpsc::unbounded_channel();
-    let scripted = Scripted {
-        tasks: Vec::new(),
-        drop_sessions: true,
-        cut: Arc::new(Notify::new()),
-        seen,
-    };
-    let (addr, stop) = serve_scripted(scripted).await;
-    let mut agent = TestAgent::start(agent_config(addr, "stormy"));
-    let mut delays = Vec::new();
-    for _ in 0..6 {
-        agent.wait_for("a session", connected).await;
-        let delay = agent
-            .wait_for("a delay", |e| match e.kind {
-                EventKind::Waiting { delay } => Some(delay),
-                _ => None,
-            })
-            .await;
-        delays.push(delay);
-    }
-    // Each session was up (connected) but for less than healthy_after, so
-    // the backoff kept growing: 50ms, 80ms, ... 327ms (±20%). (On a slow
-    // machine a first connection attempt can fail before the first session
-    // counted here: then the first delay seen is the second step, 80ms.)
-    assert!(delays[0] <= Duration::from_millis(96), "{delays:?}");
-    assert!(delays[5] >= Duration::from_millis(260), "{delays:?}");
-    agent.stop().await;
-    stop.cancel();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handlers_run_at_most_handler_concurrency_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let scripted = Scripted {
-        tasks: (1..=6)
-            .map(|id| ServerMsg {
-                task: format!("task {id}"),
-                id,
-                attempt: 1,
-                epoch: 7,
-                retry: 0,
-            })
-            .collect(),
-        drop_sessions: false,
-        cut: Arc::new(Notify::new()),
-        seen: seen_tx,
-    };
-    let (addr, stop) = serve_scripted(scripted).await;
-    let mut config = agent_config(addr, "limited");
-    config.handler_concurrency = 2;
-    // Each handler counts the handlers running (itself included) while it runs.
-    let script = format!(
-        "cd {}; touch running.$CONTACTD_TASK_ID; ls | grep -c running >> counts; sleep 0.2; rm running.$CONTACTD_TASK_ID",
-        dir.path().display()
-    );
-    config.handler = vec!["sh".into(), "-c".into(), script];
-    let agent = TestAgent::start(config);
-    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
-    let mut acked = Vec::new();
-    for _ in 0..6 {
-        let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
-        assert_eq!(ack.outcome(), Outcome::Ok, "{ack:?}");
-        acked.push(ack.task_id);
-    }
-    acked.sort_unstable();
-    assert_eq!(acked, [1, 2, 3, 4, 5, 6]);
-    let counts = std::fs::read_to_string(dir.path().join("counts")).unwrap();
-    let counts: Vec<u32> = counts.lines().map(|l| l.trim().parse().unwrap()).collect();
-    assert_eq!(counts.len(), 6);
-    assert!(counts.iter().all(|&n| (1..=2).contains(&n)), "{counts:?}");
-    agent.stop().await;
-    stop.cancel();
-}
-
-/// Reads a fifo in a thread, failing the test if nothing comes within [`LIMIT`].
-async fn read_fifo(path: &Path) -> String {
-    let path = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path).unwrap());
-    within("the fifo", read).await.unwrap()
-}
-
-fn mkfifo(path: &Path) {
-    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_running_across_a_reconnect_is_acked_once_on_the_new_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let (started, release) = (dir.path().join("started"), dir.path().join("release"));
-    mkfifo(&started);
-    mkfifo(&release);
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let cut = Arc::new(Notify::new());
-    let scripted = Scripted {
-        tasks: vec![ServerMsg {
-            task: "slow".into(),
-            id: 7,
-            attempt: 1,
-            epoch: 7,
-            retry: 0,
-        }],
-        drop_sessions: false,
-        cut: Arc::clone(&cut),
-        seen: seen_tx,
-    };
-    let (addr, stop) = serve_scripted(scripted).await;
-    let mut config = agent_config(addr, "patient");
-    // The handler says it started, then waits for the test to release it.
-    let runs = dir.path().join("runs");
-    let script = format!(
-        "echo started > {}; read line < {}; echo run >> {}",
-        started.display(),
-        release.display(),
-        runs.display()
-    );
-    config.handler = vec!["sh".into(), "-c".into(), script];
-    let mut agent = TestAgent::start(config);
-    assert_eq!(read_fifo(&started).await, "started\n");
-    // The session ends while the handler runs; the next one delivers task 7
-    // again: in flight, or (if the handler was quicker) handled, so it is
-    // not run twice, and any second ack is the same.
-    cut.notify_waiters();
-    agent.wait_for("the session to end", failed).await;
-    agent.wait_for("reconnected", connected).await;
-    let release = release.clone();
-    tokio::task::spawn_blocking(move || std::fs::write(release, "go\n").unwrap());
-    let (mut calls, mut statuses) = (Vec::new(), Vec::new());
-    let ack = next_ack(&mut seen, &mut calls, &mut statuses).await;
-    assert_eq!((ack.task_id, ack.outcome()), (7, Outcome::Ok));
-    agent.stop().await;
-    stop.cancel();
-    for event in std::iter::from_fn(|| seen.try_recv().ok()) {
-        if let Seen::Ack(again) = event {
-            assert_eq!(again, ack);
-        }
-    }
-    assert_eq!(std::fs::read_to_string(runs).unwrap(), "run\n");
 }

@@ -6,11 +6,9 @@ use std::{
 };
 
 fn contactd(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    crate::common::contactd()
         .args(args)
         .current_dir(dir)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("RUST_LOG")
         .output()
         .expect("run contactd")
 }
@@ -66,7 +64,7 @@ fn a_missing_explicit_config_is_an_error_but_a_missing_default_is_not() {
         text(&out.stderr)
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = crate::common::contactd()
         .args(["check-config"])
         .env("CONTACTD_CONFIG", dir.path().join("also-missing.toml"))
         .output()
@@ -203,11 +201,9 @@ fn usage_errors_exit_2_but_health_exits_1_as_grpc_health_probe() {
 pub fn with_closed_stdout(args: &[&str], dir: &Path) -> Output {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    crate::common::contactd()
         .args(args)
         .current_dir(dir)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("RUST_LOG")
         .stdout(writer)
         .output()
         .expect("run contactd")

@@ -10,11 +10,9 @@ const ALLOW: &[&str] = &["echo *", "true", "false"];
 
 /// Runs `contactd cmd ARGS...` with `stdin` as its input.
 async fn cmd(args: &[&str], stdin: &str) -> Output {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let mut child = tokio::process::Command::from(crate::common::contactd())
         .arg("cmd")
         .args(args)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

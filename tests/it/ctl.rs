@@ -15,11 +15,8 @@ use contactd::config::Config;
 use crate::common::{TestServer, within};
 
 fn contactd(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_contactd"));
-    command
-        .args(args)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("RUST_LOG");
+    let mut command = crate::common::contactd();
+    command.args(args);
     command
 }
 

@@ -1,5 +1,8 @@
 //! Delivery modes, agent identity and the admin API against a real
-//! in-process server, with agents played by real gRPC clients.
+//! in-process server, with agents played by real gRPC clients: broadcast
+//! (what an agent missed, not what it acked), tasks for one agent and the
+//! agent header, queue mode (each task acked once, limits on reload), acks
+//! from an earlier server run, and how tasks go out on the wire.
 
 use crate::common;
 
@@ -96,6 +99,8 @@ fn manual_tasks(mode: DeliveryMode) -> Config {
     config
 }
 
+// ---- broadcast: what an agent missed while away, not what it acked ----
+
 #[tokio::test]
 async fn broadcast_agents_get_what_they_missed_and_not_what_they_acked() {
     let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
@@ -168,6 +173,8 @@ async fn broadcast_counts_what_left_retention_while_an_agent_was_away() {
     server.stop().await;
 }
 
+// ---- tasks for one agent, and the agent header ----
+
 #[tokio::test]
 async fn a_task_for_one_agent_reaches_only_that_agent() {
     let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
@@ -216,6 +223,8 @@ async fn a_bad_agent_header_is_invalid_argument() {
     assert!(err.message().contains(AGENT_HEADER), "{}", err.message());
     server.stop().await;
 }
+
+// ---- queue mode: each task acked once though an agent dies; limits follow reloads ----
 
 #[tokio::test]
 async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
@@ -324,31 +333,6 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
 }
 
 #[tokio::test]
-async fn an_ack_from_an_earlier_server_run_is_ignored() {
-    let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
-    let mut admin = server.admin().await;
-    let mut agent = Agent::connect(&server, "a1").await;
-    submit(&mut admin, "one", "").await;
-    submit(&mut admin, "two", "").await;
-    let (one, two) = (agent.next().await, agent.next().await);
-    assert_ne!(one.epoch, 0);
-    let mut stale = two.clone();
-    stale.epoch = one.epoch.wrapping_add(1).max(1);
-    agent.ack(&one, true).await;
-    agent.ack(&stale, true).await;
-    agent.finish().await;
-    let tasks = admin
-        .list_tasks(ListTasksRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks;
-    let acked: Vec<u32> = tasks.iter().map(|t| t.acked).collect();
-    assert_eq!(acked, [1, 0], "{tasks:?}");
-    server.stop().await;
-}
-
-#[tokio::test]
 async fn queue_limits_follow_a_reload() {
     let mut config = manual_tasks(DeliveryMode::Queue);
     config.tasks.window = 1;
@@ -377,6 +361,35 @@ async fn queue_limits_follow_a_reload() {
     assert_eq!(agent.next().await.id, 3);
     server.stop().await;
 }
+
+// ---- acks from an earlier server run are ignored ----
+
+#[tokio::test]
+async fn an_ack_from_an_earlier_server_run_is_ignored() {
+    let server = TestServer::start(manual_tasks(DeliveryMode::Broadcast)).await;
+    let mut admin = server.admin().await;
+    let mut agent = Agent::connect(&server, "a1").await;
+    submit(&mut admin, "one", "").await;
+    submit(&mut admin, "two", "").await;
+    let (one, two) = (agent.next().await, agent.next().await);
+    assert_ne!(one.epoch, 0);
+    let mut stale = two.clone();
+    stale.epoch = one.epoch.wrapping_add(1).max(1);
+    agent.ack(&one, true).await;
+    agent.ack(&stale, true).await;
+    agent.finish().await;
+    let tasks = admin
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let acked: Vec<u32> = tasks.iter().map(|t| t.acked).collect();
+    assert_eq!(acked, [1, 0], "{tasks:?}");
+    server.stop().await;
+}
+
+// ---- on the wire: tasks encoded once, in few DATA frames; too large, refused ----
 
 /// Opens getTask as `name` on a raw HTTP/2 connection and reads DATA
 /// frames until `count` tasks came; returns each frame's tasks (a frame

@@ -1,6 +1,8 @@
-//! Hostile input (issue 9): caller text escaped and cut, config values the
-//! server survives, globs that do not climb, nothing outliving a command,
-//! start-up config failures exiting 78, and the operator commands' edges.
+//! Hostile input: caller text escaped and cut, messages over their limits,
+//! config values the server survives (at the ends of every range, and
+//! generated within them), reloads that fail closed, start-up config
+//! failures exiting 78, globs that do not climb, nothing outliving a
+//! command, and the operator commands' edges.
 //! Real servers (in-process on 127.0.0.1:0) and the real binary, in the
 //! seed's plaintext setup without identities (remoteCMD governed by
 //! remote_cmd alone), as trust.rs covers the setups with them.
@@ -9,7 +11,7 @@ use crate::common;
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -33,10 +35,8 @@ fn cmd(line: &str, note: &str) -> CmdRequest {
 }
 
 fn contactd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    common::contactd()
         .args(args)
-        .env_remove("CONTACTD_CONFIG")
-        .env_remove("RUST_LOG")
         .output()
         .expect("run contactd")
 }
@@ -45,7 +45,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-// ---- item 3: caller input is data, never format ----
+// ---- caller input is data, never format; messages over their limit are refused ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_command_lines_are_escaped_cut_and_rate_limited() {
@@ -193,7 +193,7 @@ async fn each_call_refuses_a_message_over_its_own_limit_with_resource_exhausted(
     server.stop().await;
 }
 
-// ---- item 4: config values serve survives ----
+// ---- config values serve survives: every range's ends ----
 
 #[test]
 fn check_config_enforces_every_range_with_line_and_column() {
@@ -295,7 +295,7 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
     );
 }
 
-// ---- item 5: reloads fail closed, and say what they open ----
+// ---- reloads fail closed, and say what they open ----
 
 /// getTask's answer to a call with `token` (none: no header).
 async fn get_task_with(addr: std::net::SocketAddr, token: Option<&str>) -> Result<(), Code> {
@@ -365,7 +365,7 @@ async fn reloads_keep_credentials_they_cannot_read_and_warn_when_opening_up() {
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
 
-// ---- item 6: start-up config failures exit 78 ----
+// ---- start-up config failures exit 78 ----
 
 #[test]
 fn an_unreadable_or_empty_token_file_at_start_up_exits_78() {
@@ -393,7 +393,7 @@ fn an_unreadable_or_empty_token_file_at_start_up_exits_78() {
     }
 }
 
-// ---- item 7: globs do not climb ----
+// ---- globs do not climb ----
 
 #[tokio::test]
 async fn a_glob_in_the_allow_list_does_not_climb() {
@@ -406,7 +406,7 @@ async fn a_glob_in_the_allow_list_does_not_climb() {
     server.stop().await;
 }
 
-// ---- item 8: nothing outlives a command ----
+// ---- nothing outlives a command ----
 
 /// Whether a process runs `sleep SECONDS` (with this exact argument).
 fn sleeping(seconds: &str) -> bool {
@@ -489,7 +489,7 @@ async fn a_second_sigterm_still_kills_what_commands_left_outside_their_group() {
     let _ = within("the call to end", call).await;
 }
 
-// ---- item 9: the smaller ones ----
+// ---- the operator's edges: a replaced admin socket, a closed pipe ----
 
 #[tokio::test]
 async fn at_exit_the_server_leaves_an_admin_socket_that_is_not_its_own() {
@@ -586,7 +586,7 @@ async fn contactd_tasks_lists_thousands_and_stops_quietly_at_a_closed_pipe() {
 /// like `| head -1`.
 fn closed_pipe(socket: &Path) -> (Option<i32>, String) {
     use std::io::{BufRead, BufReader, Read};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let mut child = common::contactd()
         .args(["tasks", "--socket"])
         .arg(socket)
         .stdout(Stdio::piped())
@@ -616,7 +616,7 @@ fn closed_pipe(socket: &Path) -> (Option<i32>, String) {
     (status.code(), stderr)
 }
 
-// ---- item 4: the property: within the documented ranges, serve survives ----
+// ---- config values serve survives: any config within the documented ranges ----
 
 /// Generated configs within the documented ranges, from a fixed seed (so a
 /// failing case repeats), a few cases only: each starts a real server.

@@ -1,8 +1,9 @@
 //! The metrics endpoints (README "Monitoring"): a real server and real
 //! agents move tasks, and the values are read back over real HTTP from
 //! the listener on 127.0.0.1:0; the listener's bounds are tried with raw
-//! sockets. With `CONTACTD_METRICS_OUT=DIR` set, the scrapes are written
-//! there for `promtool check metrics` (.ci/run).
+//! sockets; the real binary logs the address, counts reloads and checks
+//! the bounds in check-config. With `CONTACTD_METRICS_OUT=DIR` set, the
+//! scrapes are written there for `promtool check metrics` (.ci/run).
 
 use crate::common;
 
@@ -180,6 +181,8 @@ fn start_agent(mut config: AgentConfig) -> (TestAgent, SocketAddr) {
         metrics,
     )
 }
+
+// ---- the server's series: agents, tasks, calls, commands, queue mode ----
 
 fn manual() -> Config {
     let mut config = with_commands(&["true", "sleep *"]);
@@ -381,6 +384,8 @@ async fn queue_mode_counts_pending_redelivered_and_dead_tasks() {
     server.stop().await;
 }
 
+// ---- the listener's bounds: connections, slow and large headers, bodies ----
+
 /// A raw connection that has read everything until the server closed it;
 /// what it read.
 async fn read_to_close(stream: &mut TcpStream) -> String {
@@ -485,6 +490,8 @@ async fn the_listener_bounds_connections_slow_headers_large_headers_and_bodies()
     within("the metrics server to stop", serving).await.unwrap();
 }
 
+// ---- the agent's series: its session and tasks ----
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_counts_its_session_and_tasks() {
     const TASKS: usize = 4;
@@ -533,6 +540,8 @@ async fn the_agent_counts_its_session_and_tasks() {
     );
     agent.stop().await;
 }
+
+// ---- the real binary: its address logged, reloads counted, bounds checked ----
 
 #[test]
 fn the_daemon_logs_its_metrics_address_and_counts_reloads() {
@@ -609,7 +618,7 @@ fn check_config_names_every_metrics_bound_out_of_range() {
          [agent.metrics]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = common::contactd()
         .args(["check-config", "-c", path.to_str().unwrap()])
         .current_dir(dir.path())
         .output()

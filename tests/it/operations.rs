@@ -1,11 +1,11 @@
-//! Operating the real binary: signals, reload, health, log rotation and the
-//! systemd notify protocol, in temp dirs.
+//! Operating the real binary, in temp dirs: shutdown on SIGTERM, reload on
+//! SIGHUP, the health probe, log file rotation, the systemd notify protocol,
+//! and what the log lines say.
 
 use crate::common;
 
 use std::{
     os::unix::net::UnixDatagram,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -31,6 +31,8 @@ async fn channel(daemon: &Daemon) -> Channel {
     .await
     .unwrap()
 }
+
+// ---- shutdown: SIGTERM drains streams, a running command finishes ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_streams_and_lets_a_running_command_finish() {
@@ -114,6 +116,8 @@ async fn sigterm_drains_streams_and_lets_a_running_command_finish() {
         started.elapsed()
     );
 }
+
+// ---- reload: SIGHUP applies, says what waits, survives a broken file ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_new_interval_and_level_without_dropping_streams() {
@@ -213,8 +217,10 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_serves_on() {
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
 
+// ---- health: grpc_health_probe's exit codes, and --wait ----
+
 fn probe(addr: &str, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    common::contactd()
         .args(["health", "--addr", addr, "--timeout", "5s"])
         .args(extra)
         .output()
@@ -279,6 +285,50 @@ async fn the_health_probe_uses_grpc_health_probe_exit_codes() {
     );
     server.abort();
 }
+
+#[test]
+fn health_wait_answers_once_the_server_serves_and_gives_up_after_the_wait() {
+    // A free loopback port: bound, read, released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let health = |wait: &str| {
+        let mut command = common::contactd();
+        command.args([
+            "health",
+            "--addr",
+            &addr,
+            "--timeout",
+            "200ms",
+            "--wait",
+            wait,
+        ]);
+        command
+    };
+    // Nothing listens: asked again until the wait is over, then the last
+    // answer's code (grpc_health_probe's connection failure).
+    let started = Instant::now();
+    let out = health("300ms").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Started before the server: it answers once the server serves.
+    let probe = health("30s")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon::start(&format!("[server]\nlisten = \"{addr}\"\n"));
+    let out = probe.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "status: SERVING\n");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+// ---- log files: rotation by size ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_rotation_keeps_backups_plus_one_files_none_over_the_limit() {
@@ -347,6 +397,8 @@ async fn size_rotation_keeps_backups_plus_one_files_none_over_the_limit() {
         + &std::fs::read_to_string(logs.path().join("contactd.log.1")).unwrap();
     assert!(newest.contains("server stopped"));
 }
+
+// ---- systemd: the notify protocol, READY once the server answers ----
 
 /// Receives notify datagrams until one contains `needle`, returning it.
 fn expect_notify(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
@@ -451,13 +503,7 @@ fn ready_comes_when_the_admin_socket_and_health_answer() {
         .find_map(|l| l.strip_prefix("STATUS=serving on "))
         .unwrap_or_else(|| panic!("{ready}"))
         .to_owned();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_contactd"))
-            .args(args)
-            .env_remove("CONTACTD_CONFIG")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| common::contactd().args(args).output().unwrap();
     let agents = run(&["agents", "--json", "--socket", admin.to_str().unwrap()]);
     assert!(
         agents.status.success(),
@@ -474,6 +520,8 @@ fn ready_comes_when_the_admin_socket_and_health_answer() {
     server.signal(Signal::SIGTERM);
     assert_eq!(server.wait_exit(LIMIT).code(), Some(0));
 }
+
+// ---- log lines: JSON, excluded messages, fleet events, redeliveries ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_and_excluded_messages() {
@@ -583,48 +631,6 @@ async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
     assert_eq!(field(&line, "agent"), "w2");
     assert_eq!(field(&line, "attempt"), "2");
     drop(second);
-    daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
-}
-
-#[test]
-fn health_wait_answers_once_the_server_serves_and_gives_up_after_the_wait() {
-    // A free loopback port: bound, read, released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let health = |wait: &str| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_contactd"));
-        command.args([
-            "health",
-            "--addr",
-            &addr,
-            "--timeout",
-            "200ms",
-            "--wait",
-            wait,
-        ]);
-        command
-    };
-    // Nothing listens: asked again until the wait is over, then the last
-    // answer's code (grpc_health_probe's connection failure).
-    let started = Instant::now();
-    let out = health("300ms").output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    // Started before the server: it answers once the server serves.
-    let probe = health("30s")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon::start(&format!("[server]\nlisten = \"{addr}\"\n"));
-    let out = probe.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "status: SERVING\n");
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }

@@ -1,6 +1,9 @@
-//! The PostgreSQL store (issue 12), against a real PostgreSQL: a throwaway
-//! cluster per test (common::postgres). Without PostgreSQL these tests say
-//! SKIPPED and pass; under CI=true they fail instead.
+//! The PostgreSQL store, for several servers sharing one fleet, against a
+//! real PostgreSQL: a throwaway cluster per test (common::postgres). What
+//! the store keeps, the databases it refuses or cannot reach, store.rs's
+//! restart scenarios on it, servers sharing one fleet, a lost database, TLS
+//! to the database, backups and the bounded read pool. Without PostgreSQL
+//! these tests say SKIPPED and pass; under CI=true they fail instead.
 
 use crate::common;
 
@@ -43,6 +46,8 @@ async fn open(
     .await
     .unwrap()
 }
+
+// ---- what the store keeps: tasks, claims, acks, cursors, the roster ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
@@ -173,6 +178,8 @@ async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
     store.close().await;
 }
 
+// ---- databases it must not use or cannot reach ----
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_of_another_program_or_a_newer_contactd_is_refused_and_left_alone() {
     let Some(cluster) = Cluster::start("postgres refusals") else {
@@ -253,6 +260,8 @@ fn an_unreachable_database_stops_the_start_with_exit_1_and_says_which() {
     assert!(!line.contains("hunter2"), "no password in logs: {line}");
 }
 
+// ---- store.rs's restart scenarios, on PostgreSQL ----
+
 fn store_section(url: &str) -> String {
     format!("[store]\nkind = \"postgres\"\nurl = \"{url}\"\n")
 }
@@ -275,6 +284,8 @@ async fn a_broadcast_agent_on_postgres_gets_what_it_missed_across_a_restart_not_
     crate::store::away_across_a_restart_gets_what_it_missed_not_what_it_acked(&store_section(&url))
         .await;
 }
+
+// ---- several servers, one fleet: broadcast, one generator, queue tasks once ----
 
 /// A server named `name` on the shared database `url`.
 fn shared_server(name: &str, url: &str, tasks: &str) -> common::daemon::Daemon {
@@ -378,10 +389,9 @@ async fn broadcast_tasks_published_on_either_server_reach_agents_on_both_and_an_
     })
     .await;
     // As an operator sees it on b.
-    let table = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let table = common::contactd()
         .args(["agents", "--socket"])
         .arg(b.dir.path().join("admin.sock"))
-        .env_remove("CONTACTD_CONFIG")
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
@@ -578,6 +588,8 @@ async fn queue_tasks_submitted_to_two_servers_are_each_handled_once_when_one_is_
     drop(b);
 }
 
+// ---- a lost database: queue mode stops serving, submits say unavailable ----
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_say_unavailable() {
     use tonic_health::pb::{
@@ -651,6 +663,8 @@ async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_sa
     .await;
 }
 
+// ---- TLS to the database, verified against ca_file ----
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_database_is_verified_against_ca_file_and_refused_without_it() {
     let pki = tempfile::tempdir().unwrap();
@@ -692,6 +706,8 @@ async fn tls_to_the_database_is_verified_against_ca_file_and_refused_without_it(
     );
 }
 
+// ---- `store backup` points to pg_dump ----
+
 /// No PostgreSQL needed: `store backup` is SQLite's, and says what to use.
 #[test]
 fn store_backup_of_a_postgres_store_points_to_pg_dump() {
@@ -702,11 +718,10 @@ fn store_backup_of_a_postgres_store_points_to_pg_dump() {
         "[store]\nkind = \"postgres\"\nurl = \"postgres://contactd@127.0.0.1/fleet\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = common::contactd()
         .args(["store", "backup", "-c"])
         .arg(&config)
         .arg(dir.path().join("copy.db"))
-        .env_remove("CONTACTD_CONFIG")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -714,6 +729,8 @@ fn store_backup_of_a_postgres_store_points_to_pg_dump() {
     assert!(stderr.contains("pg_dump"), "{stderr}");
     assert!(!dir.path().join("copy.db").exists());
 }
+
+// ---- connections: reads on a bounded pool ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_share_a_bounded_pool_and_a_server_holds_at_most_pool_size_plus_two_connections() {

@@ -105,7 +105,7 @@ fn operators_submit_and_list_through_the_admin_socket() {
     let daemon = Daemon::start("[tasks]\nbatch = 0\n");
     let config = daemon.config_path();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+        let out = common::contactd()
             .args(args)
             .arg("-c")
             .arg(&config)
@@ -141,7 +141,7 @@ fn operators_submit_and_list_through_the_admin_socket() {
     let agents: serde_json::Value = serde_json::from_str(&run(&["agents", "--json"])).unwrap();
     assert!(agents["agents"].as_array().unwrap().is_empty(), "{agents}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = common::contactd()
         .args(["agents", "--socket"])
         .arg(daemon.dir.path().join("nope.sock"))
         .output()

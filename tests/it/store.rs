@@ -1,4 +1,4 @@
-//! The task store (issue 11): what the real server keeps across a SIGKILL,
+//! The task store: what the real server keeps across a SIGKILL,
 //! a restart, churn of anonymous callers, and files it must not touch.
 
 use crate::common;
@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -338,10 +337,9 @@ fn a_database_that_is_not_ours_stops_the_start_with_exit_78_and_is_left_alone() 
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nenabled = false\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = common::contactd()
         .args(["serve", "-c", config.to_str().unwrap()])
         .env("STATE_DIRECTORY", dir.path())
-        .env_remove("RUST_LOG")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -363,7 +361,7 @@ async fn a_backup_of_a_running_server_holds_its_tasks() {
         submit(&mut admin_client, &format!("kept {i}"), "").await;
     }
     let copy = state.path().join("backup.db");
-    let out = Command::new(env!("CARGO_BIN_EXE_contactd"))
+    let out = common::contactd()
         .args(["store", "backup", copy.to_str().unwrap(), "--db"])
         .arg(state.path().join("contactd.db"))
         .output()

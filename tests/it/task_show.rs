@@ -1,14 +1,14 @@
-//! Operator commands that need history (issue 11): `contactd task show`,
-//! `task cancel` and `task retry`, run as the real binary against a real
-//! server with real agents running real handlers, and read again after a
-//! restart on the same SQLite store.
+//! Operator commands that need the task store's history: `contactd task
+//! show`, `task cancel` and `task retry`, run as the real binary against a
+//! real server with real agents running real handlers, and read again after
+//! a restart on the same SQLite store.
 
 use crate::common;
 
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Output,
     time::Duration,
 };
 
@@ -35,11 +35,10 @@ use tonic::transport::Channel;
 
 /// `contactd ARGS --socket SOCKET`.
 fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
+    common::contactd()
         .args(args)
         .arg("--socket")
         .arg(socket)
-        .env_remove("CONTACTD_CONFIG")
         .output()
         .expect("run contactd")
 }

@@ -1,7 +1,10 @@
 //! Trust on a hostile network, against the real server on 127.0.0.1:0 with
 //! real certificates (made by `contactd tls init/issue` and by openssl):
-//! TLS and mTLS, certificate reload, identities nobody can forge, roles,
-//! acks only from whom a task went to, handshake budgets.
+//! TLS and mTLS (the certificate's name as an identity nobody can forge,
+//! openssl-made certificates, a grpcio client), certificate reload, acks only from whom a
+//! task went to, named tokens and their roles, the `tls` and `token`
+//! commands, and the budgets that keep half-open connections and unfinished
+//! messages from locking agents out.
 
 use crate::common;
 
@@ -106,6 +109,8 @@ async fn can_call(addr: SocketAddr, tls: &ClientTls) -> bool {
         Err(_) => false,
     }
 }
+
+// ---- mTLS: the certificate's name is the identity; no valid one, no handshake ----
 
 #[tokio::test]
 async fn mtls_calls_pass_and_the_certificate_name_is_the_identity() {
@@ -218,6 +223,8 @@ fn issue_expired(dir: &Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
 }
 
+// ---- certificates made by openssl work too ----
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
@@ -319,6 +326,8 @@ async fn certificates_made_by_openssl_work_too() {
     assert_eq!(err.code(), Code::PermissionDenied);
     server.stop().await;
 }
+
+// ---- certificate reload: new handshakes get it, open streams carry on ----
 
 #[tokio::test]
 async fn a_reloaded_certificate_serves_new_handshakes_while_open_streams_flow() {
@@ -430,6 +439,8 @@ async fn an_agent_uses_its_replaced_certificate_at_the_next_reconnect() {
     server.stop().await;
 }
 
+// ---- acks: only from the agent a task was delivered to ----
+
 /// Acks for `ids` as `name` (or anonymously), on their own connection.
 async fn forge_acks(server: &TestServer, name: Option<&str>, ids: impl Iterator<Item = u64>) {
     let results: Vec<ResultMsg> = ids
@@ -540,6 +551,8 @@ async fn forged_queue_acks_leave_the_task_with_its_holder() {
     server.stop().await;
 }
 
+// ---- tokens: named identities and their roles ----
+
 #[tokio::test]
 async fn named_tokens_give_identities_and_roles() {
     let dir = tempfile::tempdir().unwrap();
@@ -628,42 +641,10 @@ async fn named_tokens_give_identities_and_roles() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn half_open_connections_are_closed_and_never_lock_out_agents() {
-    let mut config = Config::default();
-    config.tasks.batch = 0;
-    config.server.max_connections = 100;
-    config.server.handshake_timeout = Duration::from_secs(2);
-    let server = TestServer::start(config).await;
-    // 500 connections: silent, or stopping half-way through the preface.
-    let mut idle = Vec::new();
-    for i in 0..500 {
-        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        if i % 2 == 1 {
-            tokio::io::AsyncWriteExt::write_all(&mut stream, b"PRI * HTTP/2.0\r\n")
-                .await
-                .unwrap();
-        }
-        idle.push(stream);
-    }
-    // Health answers and an agent gets its tasks meanwhile.
-    health(server.channel().await).await.unwrap();
-    let mut client = server.client().await;
-    client.get_task(named(Empty {}, "web1")).await.unwrap();
-    // Each half-open connection is closed by the server.
-    for stream in &mut idle {
-        let mut byte = [0u8; 1];
-        let read = within("the server to close it", stream.read(&mut byte)).await;
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    }
-    server.stop().await;
-}
+// ---- the `tls` and `token` commands; check-config's public-port warning ----
 
 fn contactd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_contactd"))
-        .args(args)
-        .output()
-        .unwrap()
+    common::contactd().args(args).output().unwrap()
 }
 
 #[test]
@@ -754,6 +735,8 @@ fn check_config_warns_about_a_public_port_without_identities() {
     );
 }
 
+// ---- another client library: grpcio over mTLS ----
+
 /// The seed's own client library (grpcio) over mTLS, with
 /// `ssl_channel_credentials`, against `contactd serve`.
 #[test]
@@ -816,6 +799,39 @@ with grpc.secure_channel("localhost:" + sys.argv[4], creds) as channel:
         String::from_utf8_lossy(&out.stdout).trim(),
         "server received: hello over mtls"
     );
+}
+
+// ---- budgets: half-open connections and unfinished messages lock no one out ----
+
+#[tokio::test]
+async fn half_open_connections_are_closed_and_never_lock_out_agents() {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.server.max_connections = 100;
+    config.server.handshake_timeout = Duration::from_secs(2);
+    let server = TestServer::start(config).await;
+    // 500 connections: silent, or stopping half-way through the preface.
+    let mut idle = Vec::new();
+    for i in 0..500 {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        if i % 2 == 1 {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, b"PRI * HTTP/2.0\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    // Health answers and an agent gets its tasks meanwhile.
+    health(server.channel().await).await.unwrap();
+    let mut client = server.client().await;
+    client.get_task(named(Empty {}, "web1")).await.unwrap();
+    // Each half-open connection is closed by the server.
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        let read = within("the server to close it", stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    server.stop().await;
 }
 
 /// The server's resident memory, from /proc.

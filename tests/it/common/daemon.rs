@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ExitStatus, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -30,12 +30,9 @@ impl Process {
     /// Starts `contactd ARGS...` with extra environment variables (and none
     /// of the caller's that would change its behaviour).
     pub fn spawn<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_contactd"))
+        let mut child = super::contactd()
             .args(args)
-            .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
-            .env_remove("CONTACTD_CONFIG")
-            .env_remove("CONTACTD_AGENT_CONFIG")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
