@@ -395,6 +395,9 @@ pub struct Principal {
     pub agent: bool,
     /// May run remote commands.
     pub operator: bool,
+    /// The labels it says it has (its `x-contactd-labels` header, checked
+    /// for form only: the server's pins are applied over them).
+    pub labels: Option<std::sync::Arc<crate::labels::Labels>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

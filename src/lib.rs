@@ -39,6 +39,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod labels;
 pub mod logging;
 pub mod manual;
 pub mod metrics;

@@ -16,6 +16,7 @@
 //! the current session if there is one, and returns.
 
 mod dispatch;
+mod facts;
 mod handler;
 mod memory;
 mod metrics;

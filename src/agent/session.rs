@@ -117,6 +117,11 @@ pub(super) async fn run(
         .name
         .parse()
         .map_err(|_| SessionError::BadName(config.name.clone()))?;
+    // Read at every connection (facts too: a host renamed shows at once).
+    let labels: MetadataValue<_> = super::facts::labels(config)
+        .to_header()
+        .parse()
+        .expect("labels are visible ASCII");
     // Read at every connection, so a rotated token is picked up.
     let token: Option<MetadataValue<_>> = match &config.token_file {
         Some(path) => {
@@ -139,6 +144,9 @@ pub(super) async fn run(
     };
     let mut client = ContactClient::with_interceptor(channel, move |mut request: Request<()>| {
         request.metadata_mut().insert(AGENT_HEADER, name.clone());
+        request
+            .metadata_mut()
+            .insert(crate::labels::LABELS_HEADER, labels.clone());
         if let Some(token) = &token {
             request
                 .metadata_mut()

@@ -12,6 +12,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use super::{Checks, ConfigFile, LogConfig, units};
+use crate::labels::{self, Labels};
 
 /// Where `agent` and `check-config --agent` look when no path is given.
 pub const AGENT_DEFAULT_PATH: &str = "/etc/contactd-agent.toml";
@@ -35,6 +36,11 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The name sent in the `x-contactd-agent` header on every call.
     pub name: String,
+    /// What this agent is (`{ role = "web", region = "eu" }`), sent with
+    /// the built-in facts (`os`, `arch`, `hostname`, `kernel`,
+    /// `contactd_version`) when it connects; selectors target agents by
+    /// them. The server may pin labels by name, over what is said here.
+    pub labels: Labels,
     /// Time between two status reports.
     #[serde(with = "units::duration")]
     pub status_interval: Duration,
@@ -100,6 +106,7 @@ impl Default for AgentConfig {
         AgentConfig {
             servers: vec!["http://127.0.0.1:55555".to_owned()],
             name: super::host_name().unwrap_or_else(|| "localhost".to_owned()),
+            labels: Labels::new(),
             status_interval: Duration::from_secs(60),
             status_command: Vec::new(),
             handler: Vec::new(),
@@ -195,10 +202,30 @@ pub mod ranges {
 }
 
 impl AgentConfig {
-    /// The servers, the name and the programs, then the ranges (in this
-    /// order, which is the order problems are reported in).
+    /// The labels, the servers, the name and the programs, then the ranges
+    /// (in this order, which is the order problems are reported in).
     pub(crate) fn check(&self, c: &mut Checks) {
         use ranges::*;
+        for fact in labels::FACTS {
+            c.check(
+                self.labels.get(fact).is_none(),
+                "agent.labels",
+                format!(
+                    "{fact} is a fact every agent reports itself: remove it from agent.labels \
+                     (the server can pin it with [[server.agents]] if it must differ)"
+                ),
+            );
+        }
+        c.check(
+            self.labels.len() + labels::FACTS.len() <= labels::MAX_LABELS,
+            "agent.labels",
+            format!(
+                "has {} labels: with the {} facts an agent may carry at most {}",
+                self.labels.len(),
+                labels::FACTS.len(),
+                labels::MAX_LABELS
+            ),
+        );
         c.check(
             !self.servers.is_empty(),
             "agent.servers",

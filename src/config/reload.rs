@@ -72,6 +72,7 @@ pub const AGENT_RULES: Rules = &[
     // Read when a session connects (agent::session).
     ("agent.servers", Takes::Reconnect),
     ("agent.name", Takes::Reconnect),
+    ("agent.labels", Takes::Reconnect),
     ("agent.tls", Takes::Reconnect),
     ("agent.token_file", Takes::Reconnect),
     ("agent.connect_timeout", Takes::Reconnect),

@@ -7,6 +7,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use super::{Checks, ranges, units};
+use crate::labels::Labels;
 
 /// `[server]`: the listener and per-connection limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +83,24 @@ pub struct ServerConfig {
     /// TLS on the Contact port; absent: plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTlsConfig>,
+    /// `[[server.agents]]`: labels pinned by agent name, over what the
+    /// agents say of themselves.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentPin>,
+}
+
+/// `[[server.agents]]`: labels the server pins for the agents whose name
+/// matches `name`. A pinned label is in force whatever the agent claims; a
+/// claim that differs is logged and ignored, so that with tokens or mTLS a
+/// machine cannot make itself a target it is not. Blocks apply in file
+/// order: where two match one name, the later one's label wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPin {
+    /// An agent name, or a glob of names (`web-*`, `db-[0-9]`).
+    pub name: String,
+    /// The labels pinned for them.
+    pub labels: Labels,
 }
 
 /// `[server.tls]`.
@@ -160,6 +179,7 @@ impl Default for ServerConfig {
             connection_window: ByteSize::kib(256),
             stream_window: ByteSize::kib(64),
             tls: None,
+            agents: Vec::new(),
         }
     }
 }
@@ -278,6 +298,19 @@ impl ServerConfig {
         );
         if let Some(tls) = &self.tls {
             tls.check(c);
+        }
+        for pin in &self.agents {
+            if let Err(e) = glob::Pattern::new(&pin.name) {
+                c.check(
+                    false,
+                    "server.agents",
+                    format!(
+                        "name {:?} is not a valid glob ({e}): expected an agent name or a \
+                         pattern such as \"web-*\"",
+                        crate::untrusted::shown(&pin.name)
+                    ),
+                );
+            }
         }
     }
 }

@@ -35,6 +35,7 @@ use super::{
 };
 use crate::{
     auth::{Credential, HEADER, Principal, Role, Who},
+    labels::{LABELS_HEADER, Labels},
     proto::{AGENT_HEADER, contact::contact_server::ContactServer},
 };
 
@@ -311,11 +312,13 @@ fn authorize(
                 || matches!(&credential, Credential::Named(h) if h.role == Role::Operator),
             who: Who::Verified(name),
             agent: true,
+            labels: None,
         },
         (None, Credential::Named(holder)) => Principal {
             who: Who::Verified(holder.name),
             agent: holder.role == Role::Agent,
             operator: holder.role == Role::Operator,
+            labels: None,
         },
         (None, Credential::None) if verifier.has_tokens() => {
             return Err(Status::unauthenticated(
@@ -330,12 +333,14 @@ fn authorize(
             who: Who::Anonymous,
             agent: credential == Credential::Shared,
             operator: false,
+            labels: None,
         },
         (None, _) => Principal {
             who: Who::Anonymous,
             agent: true,
             // The seed's setup: remoteCMD stays governed by remote_cmd alone.
             operator: true,
+            labels: None,
         },
     };
     let principal = with_label(principal, headers, identities)?;
@@ -353,6 +358,19 @@ fn authorize(
              role agent"
         };
         return Err(Status::permission_denied(needs));
+    }
+    let mut principal = principal;
+    if matches!(method, Method::GetTask | Method::SendStatus)
+        && let Some(value) = headers.get(LABELS_HEADER)
+    {
+        let labels = value
+            .to_str()
+            .map_err(|_| "holds characters that are not visible ASCII".to_owned())
+            .and_then(|text| Labels::from_header(text).map_err(|e| e.to_string()))
+            .map_err(|problem| {
+                Status::invalid_argument(format!("bad {LABELS_HEADER} header: {problem}"))
+            })?;
+        principal.labels = Some(Arc::new(labels));
     }
     Ok(principal)
 }

@@ -1,0 +1,327 @@
+//! Agent labels: `key = value` pairs that say what an agent is
+//! (`role = "web"`, `region = "eu"`), set in its config, completed with
+//! facts every agent reports (`os`, `arch`, `hostname`, `kernel`,
+//! `contactd_version`), and pinned per identity by the server. Selectors
+//! ([`crate::selector`]) target agents by them.
+//!
+//! Keys and values follow Kubernetes' label rules, which operators already
+//! know: a key is a name of at most 63 characters (`[A-Za-z0-9]`, and
+//! `.`, `_`, `-` inside), optionally after a DNS prefix and a slash
+//! (`example.com/role`, prefix at most 253 characters); a value is empty or
+//! a name of at most 63 characters. So labels travel in one header
+//! (`x-contactd-labels: role=web,region=eu`) with no escaping, and a
+//! selector can never be ambiguous about where a key or value ends.
+
+use std::{collections::BTreeMap, fmt};
+
+use serde::{Deserialize, Serialize};
+
+/// The header an agent sends its labels in, on every call.
+pub const LABELS_HEADER: &str = "x-contactd-labels";
+
+/// Most labels one agent may carry (its own, facts and pinned together).
+pub const MAX_LABELS: usize = 64;
+
+/// Longest labels header the server reads: 64 labels of a short key and
+/// value fit; a longer header is refused before anything is kept.
+pub const MAX_HEADER: usize = 4096;
+
+/// Longest name part of a key, and longest value.
+pub const MAX_NAME: usize = 63;
+
+/// Longest DNS prefix of a key.
+pub const MAX_PREFIX: usize = 253;
+
+/// The facts every agent reports, by key.
+pub const FACTS: [&str; 5] = ["os", "arch", "hostname", "kernel", "contactd_version"];
+
+/// Why a label (or a labels header) is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error(
+        "label key {0:?} is not valid: expected a name of 1 to {MAX_NAME} letters, digits, \
+         '.', '_' or '-' (starting and ending with a letter or digit), optionally after a \
+         DNS prefix and '/' (example.com/role)"
+    )]
+    Key(String),
+    #[error(
+        "label value {value:?} (of {key}) is not valid: expected at most {MAX_NAME} letters, \
+         digits, '.', '_' or '-', starting and ending with a letter or digit"
+    )]
+    Value { key: String, value: String },
+    #[error("too many labels: {0}, at most {MAX_LABELS}")]
+    TooMany(usize),
+    #[error("the labels header is {0} bytes, at most {MAX_HEADER}")]
+    TooLong(usize),
+    #[error("{0:?} in the labels header is not KEY=VALUE")]
+    NotAPair(String),
+    #[error("label {0} is given twice")]
+    Twice(String),
+}
+
+/// Whether `name` is a label name: `[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?`,
+/// at most [`MAX_NAME`] bytes.
+fn valid_name(name: &str, max: usize) -> bool {
+    let bytes = name.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= max
+        && first.is_ascii_alphanumeric()
+        && last.is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `key` is a valid label key (see the module's documentation).
+#[must_use]
+pub fn valid_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => {
+            prefix.len() <= MAX_PREFIX
+                && prefix.split('.').all(|part| valid_name(part, MAX_NAME))
+                && valid_name(name, MAX_NAME)
+        }
+        None => valid_name(key, MAX_NAME),
+    }
+}
+
+/// Whether `value` is a valid label value (empty, or a name).
+#[must_use]
+pub fn valid_value(value: &str) -> bool {
+    value.is_empty() || valid_name(value, MAX_NAME)
+}
+
+/// Makes a valid label value of a fact read from the system (a kernel
+/// release such as `6.1.21-v8+`, a long host name): characters a value
+/// cannot hold become `_`, the ends are trimmed to a letter or digit, and
+/// it is cut to [`MAX_NAME`] bytes.
+#[must_use]
+pub fn fact_value(raw: &str) -> String {
+    let mapped: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_NAME)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+/// An agent's labels, by key (sorted, so that they print and compare the
+/// same wherever they come from).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
+pub struct Labels(BTreeMap<String, String>);
+
+impl Labels {
+    /// No labels.
+    #[must_use]
+    pub fn new() -> Labels {
+        Labels::default()
+    }
+
+    /// The labels a header carries (`role=web,region=eu`; spaces around
+    /// pairs are allowed; empty: none).
+    ///
+    /// # Errors
+    /// A header over [`MAX_HEADER`] bytes, a pair that is not `KEY=VALUE`,
+    /// an invalid key or value, a key given twice, more than
+    /// [`MAX_LABELS`] labels.
+    pub fn from_header(header: &str) -> Result<Labels, LabelError> {
+        if header.len() > MAX_HEADER {
+            return Err(LabelError::TooLong(header.len()));
+        }
+        let mut labels = BTreeMap::new();
+        for pair in header.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| LabelError::NotAPair(pair.to_owned()))?;
+            let (key, value) = (key.trim(), value.trim());
+            check(key, value)?;
+            if labels.insert(key.to_owned(), value.to_owned()).is_some() {
+                return Err(LabelError::Twice(key.to_owned()));
+            }
+            if labels.len() > MAX_LABELS {
+                return Err(LabelError::TooMany(labels.len()));
+            }
+        }
+        Ok(Labels(labels))
+    }
+
+    /// The header value that carries these labels.
+    #[must_use]
+    pub fn to_header(&self) -> String {
+        self.to_string()
+    }
+
+    /// The value of label `key`.
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Sets label `key` (already checked by the caller).
+    pub fn insert(&mut self, key: String, value: String) {
+        self.0.insert(key, value);
+    }
+
+    /// The labels, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many labels there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn check(key: &str, value: &str) -> Result<(), LabelError> {
+    if !valid_key(key) {
+        return Err(LabelError::Key(key.to_owned()));
+    }
+    if !valid_value(value) {
+        return Err(LabelError::Value {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl TryFrom<BTreeMap<String, String>> for Labels {
+    type Error = LabelError;
+
+    fn try_from(map: BTreeMap<String, String>) -> Result<Labels, LabelError> {
+        if map.len() > MAX_LABELS {
+            return Err(LabelError::TooMany(map.len()));
+        }
+        for (key, value) in &map {
+            check(key, value)?;
+        }
+        Ok(Labels(map))
+    }
+}
+
+impl From<Labels> for BTreeMap<String, String> {
+    fn from(labels: Labels) -> BTreeMap<String, String> {
+        labels.0
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// Labels from pairs already checked (facts made by [`fact_value`]).
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Labels {
+        Labels(pairs.into_iter().collect())
+    }
+}
+
+/// `role=web,region=eu`: the header's form.
+impl fmt::Display for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (key, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{key}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_follow_kubernetes_rules() {
+        for key in [
+            "role",
+            "a",
+            "example.com/role",
+            "app.kubernetes.io/name",
+            "a-b_c.d",
+        ] {
+            assert!(valid_key(key), "{key}");
+        }
+        for key in [
+            "",
+            "-a",
+            "a-",
+            "a b",
+            "role=",
+            "/role",
+            "example.com/",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_key(key), "{key:?}");
+        }
+        for value in ["", "web", "6.1.0-18-amd64", &"v".repeat(63)] {
+            assert!(valid_value(value), "{value}");
+        }
+        for value in ["-web", "web-", "a b", "x,y", "a=b", &"v".repeat(64)] {
+            assert!(!valid_value(value), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn the_header_round_trips_and_is_bounded() {
+        let labels = Labels::from_header(" role=web , region=eu,canary=").unwrap();
+        assert_eq!(labels.to_header(), "canary=,region=eu,role=web");
+        assert_eq!(Labels::from_header(&labels.to_header()).unwrap(), labels);
+        assert_eq!(labels.get("role"), Some("web"));
+        assert!(Labels::from_header("").unwrap().is_empty());
+        assert!(matches!(
+            Labels::from_header("role"),
+            Err(LabelError::NotAPair(_))
+        ));
+        assert!(matches!(
+            Labels::from_header("role=web,role=api"),
+            Err(LabelError::Twice(_))
+        ));
+        assert!(matches!(
+            Labels::from_header("role=we b"),
+            Err(LabelError::Value { .. })
+        ));
+        let many: Vec<String> = (0..=MAX_LABELS).map(|i| format!("k{i}=v")).collect();
+        assert!(matches!(
+            Labels::from_header(&many.join(",")),
+            Err(LabelError::TooMany(_))
+        ));
+        let long = format!("k={}", "v".repeat(MAX_HEADER));
+        assert!(matches!(
+            Labels::from_header(&long),
+            Err(LabelError::TooLong(_))
+        ));
+    }
+
+    #[test]
+    fn facts_become_valid_values() {
+        assert_eq!(fact_value("6.1.21-v8+"), "6.1.21-v8");
+        assert_eq!(fact_value("my host"), "my_host");
+        assert_eq!(fact_value(&"h".repeat(100)).len(), MAX_NAME);
+        assert_eq!(fact_value("--"), "");
+        for raw in ["6.1.21-v8+", "my host", "x86_64", "node-1.example.com"] {
+            assert!(valid_value(&fact_value(raw)), "{raw}");
+        }
+    }
+}
