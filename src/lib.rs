@@ -48,6 +48,7 @@ pub mod net;
 pub mod process;
 pub mod proto;
 pub mod remote_cmd;
+pub mod selector;
 pub mod server;
 pub mod shutdown;
 pub mod store;

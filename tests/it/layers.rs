@@ -46,6 +46,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "systemd",
             "model",
             "labels",
+            "selector",
         ],
     ),
     // 1: the words the rest is configured and authorized in.
