@@ -38,7 +38,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     // 0: they need nothing above them, so anything may use them.
     (
         "leaves",
-        &["clock", "net", "proto", "untrusted", "systemd", "model"],
+        &[
+            "clock",
+            "net",
+            "proto",
+            "untrusted",
+            "systemd",
+            "model",
+            "schedule",
+        ],
     ),
     // 1: the words the rest is configured and authorized in.
     ("settings and words", &["config", "auth"]),
