@@ -10,7 +10,9 @@
 //!    backlog), [`proto`] (generated gRPC code, the broadcast wire frames),
 //!    [`untrusted`] (caller input escaped and cut; log budgets),
 //!    [`systemd`] (sd-notify), [`model`] (a task and its state, ack
-//!    cursors, the records the store keeps).
+//!    cursors, the records the store keeps), [`labels`] (what an agent
+//!    is), [`selector`] (Kubernetes-style label selectors), [`schedule`]
+//!    (job schedules: `every` and `cron` in a zone, what is due when).
 //! 1. **Settings and identities**: [`config`] (typed config, every problem
 //!    at once, the reload rule table), [`auth`] (tokens, who is calling).
 //! 2. **Infrastructure**: [`backoff`] (reconnect delays), [`tls`] (configs
@@ -48,6 +50,7 @@ pub mod net;
 pub mod process;
 pub mod proto;
 pub mod remote_cmd;
+pub mod schedule;
 pub mod selector;
 pub mod server;
 pub mod shutdown;

@@ -47,6 +47,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "model",
             "labels",
             "selector",
+            "schedule",
         ],
     ),
     // 1: the words the rest is configured and authorized in.
