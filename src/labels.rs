@@ -12,8 +12,9 @@
 //! (`x-contactd-labels: role=web,region=eu`) with no escaping, and a
 //! selector can never be ambiguous about where a key or value ends.
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 /// The header an agent sends its labels in, on every call.
@@ -234,6 +235,44 @@ impl FromIterator<(String, String)> for Labels {
     }
 }
 
+impl crate::selector::Labels for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
+
+/// An agent's labels in force, shared by its caller entry (which changes
+/// them when it reconnects or a reload pins others) and its streams (which
+/// match task selectors against them).
+pub type LabelCell = Arc<ArcSwap<Labels>>;
+
+/// A pinned label the agent claimed otherwise: the pin is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub key: String,
+    pub claimed: String,
+    pub pinned: String,
+}
+
+/// `claimed` with `pinned` in force over it, and the claims that differed
+/// from a pin.
+#[must_use]
+pub fn pin(claimed: &Labels, pinned: &Labels) -> (Labels, Vec<Conflict>) {
+    let mut labels = claimed.clone();
+    let mut conflicts = Vec::new();
+    for (key, value) in pinned.iter() {
+        if let Some(said) = claimed.get(key).filter(|said| *said != value) {
+            conflicts.push(Conflict {
+                key: key.to_owned(),
+                claimed: said.to_owned(),
+                pinned: value.to_owned(),
+            });
+        }
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    (labels, conflicts)
+}
+
 /// `role=web,region=eu`: the header's form.
 impl fmt::Display for Labels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -312,6 +351,24 @@ mod tests {
             Labels::from_header(&long),
             Err(LabelError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn pins_are_in_force_over_claims_and_conflicts_are_named() {
+        let claimed = Labels::from_header("role=db,region=eu,os=linux").unwrap();
+        let pinned = Labels::from_header("role=web,zone=a").unwrap();
+        let (labels, conflicts) = pin(&claimed, &pinned);
+        assert_eq!(labels.to_header(), "os=linux,region=eu,role=web,zone=a");
+        assert_eq!(
+            conflicts,
+            vec![Conflict {
+                key: "role".into(),
+                claimed: "db".into(),
+                pinned: "web".into()
+            }]
+        );
+        let (_, none) = pin(&Labels::from_header("role=web").unwrap(), &pinned);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::{
     clock::{now_ms, unix_ms},
+    labels::{Conflict, LabelCell, Labels},
     model::SavedAgent,
     net::shown_address,
     tasks::Agent,
@@ -76,6 +77,13 @@ pub struct Caller {
     ack_refusals: Budget,
     /// Limits the log lines about a second connection under its name.
     name_clashes: Budget,
+    /// The labels it said it has when it last opened a stream.
+    claimed: Mutex<Arc<Labels>>,
+    /// Its labels in force: the claimed ones with the server's pins over
+    /// them (empty for seed clients), shared with its streams.
+    labels: LabelCell,
+    /// Limits the log lines about claims a pin overrode.
+    label_conflicts: Budget,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
     /// Its refused calls that may reach the log (see
@@ -93,7 +101,51 @@ impl Caller {
             name: Arc::clone(&self.id),
             named: self.named,
             address: self.address(),
+            labels: Arc::clone(&self.labels),
         }
+    }
+
+    /// Its labels in force.
+    pub fn labels(&self) -> Arc<Labels> {
+        self.labels.load_full()
+    }
+
+    /// Records the labels a named agent says it has (`claimed`) and puts
+    /// in force what `resolve` makes of them (the server's pins over them);
+    /// a claim a pin overrode is logged, at most every few seconds per
+    /// agent.
+    pub fn claim(
+        &self,
+        claimed: Arc<Labels>,
+        resolve: impl Fn(&str, &Labels) -> (Labels, Vec<Conflict>),
+    ) {
+        *self.claimed.lock() = Arc::clone(&claimed);
+        self.relabel(&resolve);
+    }
+
+    /// Puts in force what `resolve` makes of the labels last claimed (at a
+    /// reload that changed the pins).
+    pub fn relabel(&self, resolve: &impl Fn(&str, &Labels) -> (Labels, Vec<Conflict>)) {
+        if !self.named {
+            return;
+        }
+        let claimed = Arc::clone(&self.claimed.lock());
+        let (labels, conflicts) = resolve(&self.id, &claimed);
+        if !conflicts.is_empty() {
+            self.label_conflicts.hit(|_| {
+                for c in &conflicts {
+                    tracing::warn!(
+                        agent = %self.id,
+                        label = %c.key,
+                        claimed = %c.claimed,
+                        pinned = %c.pinned,
+                        "agent claims a label the server pins otherwise ([[server.agents]]): \
+                         the pinned value is in force"
+                    );
+                }
+            });
+        }
+        self.labels.store(Arc::new(labels));
     }
 
     /// `text` cut to what is kept of this caller's reports
@@ -473,6 +525,9 @@ impl Caller {
             refused_acks: AtomicU64::new(0),
             ack_refusals: Budget::every(WARN_EVERY),
             name_clashes: Budget::every(WARN_EVERY),
+            claimed: Mutex::new(Arc::default()),
+            labels: LabelCell::default(),
+            label_conflicts: Budget::every(WARN_EVERY),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
             base: [0; 3],

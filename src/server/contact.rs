@@ -47,8 +47,10 @@ impl ContactService {
         ContactService { state }
     }
 
-    /// Registers the call of the caller the gate identified.
-    fn enter<T>(&self, request: &Request<T>) -> Result<CallGuard, Status> {
+    /// Registers the call of the caller the gate identified; for the
+    /// streams an agent opens when it connects (`labels`), with the labels
+    /// it says it has.
+    fn enter<T>(&self, request: &Request<T>, labels: bool) -> Result<CallGuard, Status> {
         let principal = request
             .extensions()
             .get::<Principal>()
@@ -58,7 +60,15 @@ impl ContactService {
             .get::<ConnInfo>()
             .and_then(|conn| conn.remote);
         Ok(match principal.who.name() {
-            Some(name) => self.state.callers.enter(name, true, peer),
+            Some(name) => {
+                let caller = self.state.callers.enter(name, true, peer);
+                if labels {
+                    let claimed = principal.labels.clone().unwrap_or_default();
+                    let policy = &self.state.policy;
+                    caller.claim(claimed, |name, claimed| policy.labels_for(name, claimed));
+                }
+                caller
+            }
             // By IP, not IP and port: each reconnect of a seed client comes
             // from a new port, and would otherwise be a new entry.
             None => {
@@ -89,7 +99,7 @@ impl Contact for ContactService {
         &self,
         request: Request<Streaming<ClientMsg>>,
     ) -> Result<Response<Self::sendStatusStream>, Status> {
-        let caller = self.enter(&request)?;
+        let caller = self.enter(&request, true)?;
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
         let closing = self.state.closing.child_token();
         let replies = StatusReplies {
@@ -109,7 +119,7 @@ impl Contact for ContactService {
         &self,
         request: Request<Empty>,
     ) -> Result<Response<Self::getTaskStream>, Status> {
-        let caller = self.enter(&request)?;
+        let caller = self.enter(&request, true)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
         let (feed, missed) = self.state.broker.subscribe(caller.agent()).await;
         caller.missed.fetch_add(missed, Relaxed);
@@ -150,7 +160,7 @@ impl Contact for ContactService {
         &self,
         request: Request<Streaming<ResultMsg>>,
     ) -> Result<Response<Empty>, Status> {
-        let caller = self.enter(&request)?;
+        let caller = self.enter(&request, false)?;
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
         let closing = self.state.closing.child_token();
@@ -185,7 +195,7 @@ impl Contact for ContactService {
         &self,
         request: Request<CmdRequest>,
     ) -> Result<Response<CmdResponse>, Status> {
-        let caller = self.enter(&request)?;
+        let caller = self.enter(&request, false)?;
         let request = request.into_inner();
         let span = tracing::info_span!("remoteCMD", peer = %caller.id, index = request.index);
         async {

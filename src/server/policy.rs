@@ -13,6 +13,7 @@ use super::{ServerError, listener::TlsConfig};
 use crate::{
     auth::{TokenError, Verifier},
     config::{Config, ServerConfig},
+    labels::{self, Conflict, Labels},
     remote_cmd::Runner,
 };
 
@@ -26,6 +27,33 @@ pub struct Policy {
     pub(crate) auth: RwLock<Verifier>,
     /// The TLS config new connections get.
     pub(crate) tls: TlsConfig,
+    /// `[[server.agents]]`: labels pinned by agent name.
+    pins: RwLock<Arc<Vec<Pin>>>,
+}
+
+/// One `[[server.agents]]` block, its glob compiled.
+#[derive(Debug)]
+struct Pin {
+    name: glob::Pattern,
+    labels: Labels,
+}
+
+/// The pins of `config`; a name that is not a valid glob (check-config
+/// refuses it) pins nothing.
+fn pins(config: &Config) -> Arc<Vec<Pin>> {
+    Arc::new(
+        config
+            .server
+            .agents
+            .iter()
+            .filter_map(|pin| {
+                Some(Pin {
+                    name: glob::Pattern::new(&pin.name).ok()?,
+                    labels: pin.labels.clone(),
+                })
+            })
+            .collect(),
+    )
 }
 
 impl Policy {
@@ -43,7 +71,27 @@ impl Policy {
                 ))),
                 None => None,
             },
+            pins: RwLock::new(pins(config)),
         })
+    }
+
+    /// Replaces the pinned labels (a reload).
+    pub(super) fn set_pins(&self, config: &Config) {
+        *self.pins.write() = pins(config);
+    }
+
+    /// The labels of agent `name` that claims `claimed`: the claim, with
+    /// every pin whose name matches in force over it (in file order, a
+    /// later block winning), and the claims a pin overrode.
+    pub(crate) fn labels_for(&self, name: &str, claimed: &Labels) -> (Labels, Vec<Conflict>) {
+        let pins = Arc::clone(&self.pins.read());
+        let mut pinned = Labels::new();
+        for pin in pins.iter().filter(|pin| pin.name.matches(name)) {
+            for (key, value) in pin.labels.iter() {
+                pinned.insert(key.to_owned(), value.to_owned());
+            }
+        }
+        labels::pin(claimed, &pinned)
     }
 
     /// The remote command rules in force.

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     config::{Config, RemoteCmdConfig},
+    labels::Labels,
     remote_cmd::Runner,
 };
 
@@ -64,6 +65,18 @@ fn apply(state: &State, old: &Config, new: &Config) {
     state.broker.apply(new);
     // Every time: a rotated token or certificate file keeps its path.
     reload_credentials(&state.policy, old, new);
+    if old.server.agents != new.server.agents {
+        state.policy.set_pins(new);
+        let policy = &state.policy;
+        let resolve = |name: &str, claimed: &Labels| policy.labels_for(name, claimed);
+        for caller in state.callers.list() {
+            caller.relabel(&resolve);
+        }
+        tracing::info!(
+            pins = new.server.agents.len(),
+            "pinned labels updated ([[server.agents]]): connected agents' labels changed where they match"
+        );
+    }
 }
 
 /// Re-reads the token files and TLS files (so rotated ones apply on SIGHUP).

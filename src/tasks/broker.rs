@@ -31,6 +31,7 @@ use super::{
 };
 use crate::{
     config::{Config, DeliveryMode, TasksConfig},
+    labels::LabelCell,
     model::{SavedAgent, Task, TaskState},
     proto::{
         contact::{Outcome, Result as ResultMsg, ServerMsg},
@@ -49,6 +50,9 @@ pub struct Agent {
     pub named: bool,
     /// Its peer address, for log lines.
     pub address: Option<SocketAddr>,
+    /// Its labels in force (empty for seed clients), which task selectors
+    /// are matched against.
+    pub labels: LabelCell,
 }
 
 /// What an ack changed.
