@@ -57,38 +57,156 @@ pub(crate) fn epoch_from_column(column: i64) -> u64 {
     u64::from_ne_bytes(column.to_ne_bytes()).max(1)
 }
 
+/// The error behind a store failure, shared: one commit answers many
+/// waiters, so [`StoreError`] is `Clone`.
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
+
 /// Why the store failed.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// `Display` and `Error` are written out rather than derived: the source
+/// of a [`Detail`] variant is the error inside its `Arc` (so a caller can
+/// downcast it), or none; `thiserror`'s `#[source]` on an optional `Arc`
+/// would give the `Arc` itself, which downcasts to nothing.
+#[derive(Debug, Clone)]
 pub enum StoreError {
     /// The database cannot be used as configured (missing directory, not
     /// writable, not a database, a newer schema): fix the config or file.
-    #[error("store.path {path}: {reason}")]
     Open { path: PathBuf, reason: String },
     /// The database named by `store.url` (or its CA file) cannot be used
     /// as configured: the message names the key.
-    #[error("{0}")]
-    Unusable(String),
+    Unusable(Detail),
     /// Another contactd holds the database (its file, or its name).
-    #[error("{path}: {reason}")]
     Locked { path: PathBuf, reason: String },
     /// The disk (or the database's size limit) is full.
-    #[error("the task store is full: {0}")]
-    Full(String),
+    Full(Detail),
     /// Any other failure to read or write.
-    #[error("the task store failed: {0}")]
-    Failed(String),
+    Failed(Detail),
     /// The database cannot be reached now (reconnecting): try again later.
-    #[error("the task store is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Detail),
     /// The store was closed (the server is stopping).
-    #[error("the task store is closed")]
     Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Open { path, reason } => {
+                write!(f, "store.path {}: {reason}", path.display())
+            }
+            StoreError::Unusable(detail) => write!(f, "{detail}"),
+            StoreError::Locked { path, reason } => write!(f, "{}: {reason}", path.display()),
+            StoreError::Full(detail) => write!(f, "the task store is full: {detail}"),
+            StoreError::Failed(detail) => write!(f, "the task store failed: {detail}"),
+            StoreError::Unavailable(detail) => {
+                write!(f, "the task store is unavailable: {detail}")
+            }
+            StoreError::Closed => f.write_str("the task store is closed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Unusable(detail)
+            | StoreError::Full(detail)
+            | StoreError::Failed(detail)
+            | StoreError::Unavailable(detail) => detail.source(),
+            StoreError::Open { .. } | StoreError::Locked { .. } | StoreError::Closed => None,
+        }
+    }
 }
 
 impl StoreError {
     /// Whether the config (the path, or the file it names) is at fault.
     pub fn is_config(&self) -> bool {
         matches!(self, StoreError::Open { .. } | StoreError::Unusable(_))
+    }
+
+    /// [`StoreError::Unusable`]: `text` as the operator reads it (the
+    /// source's own text included, as it ends), and the error it came from.
+    pub fn unusable(
+        text: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Unusable(Detail::new(text, source))
+    }
+
+    /// [`StoreError::Full`], as [`StoreError::unusable`].
+    pub fn full(
+        text: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Full(Detail::new(text, source))
+    }
+
+    /// [`StoreError::Failed`], as [`StoreError::unusable`].
+    pub fn failed(
+        text: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Failed(Detail::new(text, source))
+    }
+
+    /// [`StoreError::Unavailable`], as [`StoreError::unusable`].
+    pub fn unavailable(
+        text: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Unavailable(Detail::new(text, source))
+    }
+}
+
+/// What a store failure says, and the error it came from (none for a
+/// failure contactd itself found, as "the database connection ended").
+///
+/// The text is the whole of what the operator reads after the variant's
+/// words, the source's own text included (it ends with it wherever it
+/// can), so `Display` says what it always said and
+/// `crate::error_chain` does not repeat the source.
+#[derive(Debug, Clone)]
+pub struct Detail {
+    text: String,
+    source: Option<Source>,
+}
+
+impl Detail {
+    /// `text`, caused by `source`.
+    pub fn new(
+        text: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Detail {
+        Detail {
+            text: text.into(),
+            source: Some(Source::from(source.into())),
+        }
+    }
+
+    /// The error it came from: the one inside the `Arc`, so it downcasts.
+    pub fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A failure contactd found itself: no source.
+impl From<String> for Detail {
+    fn from(text: String) -> Detail {
+        Detail { text, source: None }
+    }
+}
+
+/// A failure contactd found itself: no source.
+impl From<&str> for Detail {
+    fn from(text: &str) -> Detail {
+        Detail::from(text.to_owned())
     }
 }
 
@@ -1152,6 +1270,83 @@ mod tests {
             path: Some(path),
             sync: StoreSync::Normal,
             ..StoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_failure_keeps_its_source_through_a_clone_and_says_what_it_said() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
+        // As `sqlite::backup` builds it; it was
+        // `StoreError::Failed(format!("backup to {}: {e}", to.display()))`.
+        let e = StoreError::failed(format!("backup to /srv/c.db: {io}"), io);
+        let text = "the task store failed: backup to /srv/c.db: no space left on device";
+        assert_eq!(e.to_string(), text);
+        let clone = e.clone();
+        assert_eq!(clone.to_string(), text);
+        for e in [&e, &clone] {
+            let source = e.source().expect("the io::Error");
+            let io = source
+                .downcast_ref::<std::io::Error>()
+                .expect("itself, not a wrapper");
+            assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        }
+        assert!(
+            std::ptr::addr_eq(e.source().unwrap(), clone.source().unwrap()),
+            "a clone shares the source"
+        );
+        assert_eq!(crate::error_chain(&e), text, "the source is not said twice");
+
+        let found = StoreError::Failed("the database connection ended".into());
+        assert!(
+            found.source().is_none(),
+            "a failure contactd found has none"
+        );
+        assert_eq!(
+            found.to_string(),
+            "the task store failed: the database connection ended"
+        );
+    }
+
+    #[test]
+    fn every_failure_says_what_the_derived_display_said() {
+        let io = || std::io::Error::other("cause");
+        let said = [
+            (
+                StoreError::Open {
+                    path: "/var/lib/contactd/c.db".into(),
+                    reason: "is not a contactd database".into(),
+                },
+                "store.path /var/lib/contactd/c.db: is not a contactd database",
+            ),
+            (
+                StoreError::unusable("store.ca_file: cause", io()),
+                "store.ca_file: cause",
+            ),
+            (
+                StoreError::Locked {
+                    path: "/var/lib/contactd/c.db".into(),
+                    reason: "another contactd is using this database (busy)".into(),
+                },
+                "/var/lib/contactd/c.db: another contactd is using this database (busy)",
+            ),
+            (
+                StoreError::full("cause", io()),
+                "the task store is full: cause",
+            ),
+            (
+                StoreError::failed("cause", io()),
+                "the task store failed: cause",
+            ),
+            (
+                StoreError::unavailable("cause", io()),
+                "the task store is unavailable: cause",
+            ),
+            (StoreError::Closed, "the task store is closed"),
+        ];
+        for (e, text) in said {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(crate::error_chain(&e), text);
         }
     }
 

@@ -102,10 +102,10 @@ fn open_error(path: &Path, reason: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn failed(e: &rusqlite::Error) -> StoreError {
+fn failed(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
-        _ => StoreError::Failed(e.to_string()),
+        Some(rusqlite::ErrorCode::DiskFull) => StoreError::full(e.to_string(), e),
+        _ => StoreError::failed(e.to_string(), e),
     }
 }
 
@@ -228,9 +228,9 @@ impl Sqlite {
         if from == SCHEMA_VERSION {
             return Ok(());
         }
-        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
+        let tx = self.conn.transaction().map_err(failed)?;
         for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-            tx.execute_batch(sql).map_err(|e| failed(&e))?;
+            tx.execute_batch(sql).map_err(failed)?;
             tracing::info!(
                 path = %self.path.display(),
                 version = version + 1,
@@ -244,13 +244,13 @@ impl Sqlite {
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('next_id', 1)",
                 [super::epoch_column(epoch)],
             )
-            .map_err(|e| failed(&e))?;
+            .map_err(failed)?;
             tx.pragma_update(None, "application_id", APPLICATION_ID)
-                .map_err(|e| failed(&e))?;
+                .map_err(failed)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(|e| failed(&e))?;
-        tx.commit().map_err(|e| failed(&e))
+            .map_err(failed)?;
+        tx.commit().map_err(failed)
     }
 
     /// Limits the database to about `bytes` (`store.max_size`): beyond,
@@ -276,7 +276,7 @@ impl Sqlite {
             .query_row("SELECT user_version FROM pragma_user_version", [], |row| {
                 row.get(0)
             })
-            .map_err(|e| failed(&e))
+            .map_err(failed)
     }
 }
 
@@ -314,14 +314,13 @@ fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
 impl Backend for Sqlite {
     fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
         let conn = &self.conn;
-        let f = |e: rusqlite::Error| failed(&e);
-        let epoch = meta(conn, "epoch").map_err(f)?.unwrap_or(1);
-        let stored_next = meta(conn, "next_id").map_err(f)?.unwrap_or(1);
+        let epoch = meta(conn, "epoch").map_err(failed)?.unwrap_or(1);
+        let stored_next = meta(conn, "next_id").map_err(failed)?.unwrap_or(1);
         let max_id: i64 = conn
             .query_row("SELECT coalesce(max(id), 0) FROM tasks", [], |row| {
                 row.get(0)
             })
-            .map_err(f)?;
+            .map_err(failed)?;
         let next_id = u64::try_from(stored_next.max(max_id + 1)).unwrap_or(1);
         let first = id(next_id.saturating_sub(ring as u64));
         let mut tasks: Vec<StoredTask> = conn
@@ -329,14 +328,14 @@ impl Backend for Sqlite {
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE id >= ?1 ORDER BY id"
             ))
             .and_then(|mut s| s.query_map([first], stored_task)?.collect())
-            .map_err(f)?;
+            .map_err(failed)?;
         if queue_mode {
             let unfinished: Vec<StoredTask> = conn
                 .prepare(&format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE state < 2 AND id < ?1 ORDER BY id"
                 ))
                 .and_then(|mut s| s.query_map([first], stored_task)?.collect())
-                .map_err(f)?;
+                .map_err(failed)?;
             tasks.splice(0..0, unfinished);
         }
         let cursors = conn
@@ -357,7 +356,7 @@ impl Backend for Sqlite {
                 })?
                 .collect()
             })
-            .map_err(f)?;
+            .map_err(failed)?;
         let agents = conn
             .prepare(
                 "SELECT name, first_ms, last_ms, delivered, acked, failed FROM agents \
@@ -377,7 +376,7 @@ impl Backend for Sqlite {
                 })?
                 .collect()
             })
-            .map_err(f)?;
+            .map_err(failed)?;
         Ok(Snapshot {
             epoch: super::epoch_from_column(epoch),
             next_id,
@@ -388,31 +387,30 @@ impl Backend for Sqlite {
     }
 
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
-        apply(&tx, ops).map_err(|e| failed(&e))?;
-        tx.commit().map_err(|e| failed(&e))
+        let tx = self.conn.transaction().map_err(failed)?;
+        apply(&tx, ops).map_err(failed)?;
+        tx.commit().map_err(failed)
     }
 
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
-        let tx = self.conn.transaction().map_err(|e| failed(&e))?;
-        let pruned = prune(&tx, retention).map_err(|e| failed(&e))?;
-        tx.commit().map_err(|e| failed(&e))?;
+        let tx = self.conn.transaction().map_err(failed)?;
+        let pruned = prune(&tx, retention).map_err(failed)?;
+        tx.commit().map_err(failed)?;
         if pruned.tasks > 0 {
             // Gives the freed pages back to the file system.
             self.conn
                 .execute_batch("PRAGMA incremental_vacuum")
-                .map_err(|e| failed(&e))?;
+                .map_err(failed)?;
         }
         Ok(pruned)
     }
 
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
-        let f = |e: rusqlite::Error| failed(&e);
         let Some(stored) = self
             .conn
             .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
             .and_then(|mut s| s.query_row([id(task)], stored_task).optional())
-            .map_err(f)?
+            .map_err(failed)?
         else {
             return Ok(None);
         };
@@ -432,7 +430,7 @@ impl Backend for Sqlite {
                 })?
                 .collect()
             })
-            .map_err(f)?;
+            .map_err(failed)?;
         Ok(Some(TaskRecord {
             task: stored,
             results,
@@ -643,18 +641,20 @@ fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
 /// The database cannot be read or the copy cannot be written.
 pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
     if to.exists() {
-        return Err(StoreError::Failed(format!(
-            "{} exists: not overwritten (remove it, or name another file)",
-            to.display()
-        )));
+        return Err(StoreError::Failed(
+            format!(
+                "{} exists: not overwritten (remove it, or name another file)",
+                to.display()
+            )
+            .into(),
+        ));
     }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| open_error(path, e))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| failed(&e))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(failed)?;
     let application_id: i32 = conn
         .query_row(
             "SELECT application_id FROM pragma_application_id",
@@ -670,7 +670,7 @@ pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
         to,
         None::<fn(rusqlite::backup::Progress)>,
     )
-    .map_err(|e| StoreError::Failed(format!("backup to {}: {e}", to.display())))?;
+    .map_err(|e| StoreError::failed(format!("backup to {}: {e}", to.display()), e))?;
     tracing::debug!(from = %path.display(), to = %to.display(), at_ms = crate::clock::now_ms(), "store backed up");
     Ok(())
 }

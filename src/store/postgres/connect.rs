@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use super::{describe, failed};
+use super::{describe, described, failed};
 use crate::{config::store::Target, store::StoreError};
 
 /// How long a server waits for its name to be free at start-up.
@@ -76,7 +76,7 @@ impl Connector {
             ..Default::default()
         }
         .config()
-        .map_err(|e| StoreError::Unusable(format!("store.ca_file: {e}")))?;
+        .map_err(|e| StoreError::unusable(format!("store.ca_file: {e}"), e))?;
         // No ALPN: the agents' "h2" means nothing to PostgreSQL (and
         // PostgreSQL 17 refuses a protocol it does not know).
         let mut tls = Arc::unwrap_or_clone(tls);
@@ -91,26 +91,21 @@ impl Connector {
         notices: Option<mpsc::UnboundedSender<()>>,
     ) -> Result<Client, StoreError> {
         let config = self.config(target);
-        let unreachable = |e: &tokio_postgres::Error| {
-            StoreError::Unavailable(format!(
-                "cannot connect to the database {}: {}",
-                target.name,
-                describe(e)
-            ))
-        };
+        let context = format!("cannot connect to the database {}", target.name);
+        let unreachable = |e| StoreError::Unavailable(described(&context, e));
         let started = Instant::now();
         let client = if let Some(make) = self.tls(target)? {
             let (client, connection) = tokio::time::timeout(self.timeout, config.connect(make))
                 .await
                 .map_err(|_| timed_out(target, started))?
-                .map_err(|e| unreachable(&e))?;
+                .map_err(unreachable)?;
             tokio::spawn(drive(connection, notices));
             client
         } else {
             let (client, connection) = tokio::time::timeout(self.timeout, config.connect(NoTls))
                 .await
                 .map_err(|_| timed_out(target, started))?
-                .map_err(|e| unreachable(&e))?;
+                .map_err(unreachable)?;
             tokio::spawn(drive(connection, notices));
             client
         };
@@ -119,11 +114,14 @@ impl Connector {
 }
 
 fn timed_out(target: &Target, started: Instant) -> StoreError {
-    StoreError::Unavailable(format!(
-        "cannot connect to the database {}: no answer in {}",
-        target.name,
-        humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64))
-    ))
+    StoreError::Unavailable(
+        format!(
+            "cannot connect to the database {}: no answer in {}",
+            target.name,
+            humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64))
+        )
+        .into(),
+    )
 }
 
 /// Reads the connection until it closes: answers go to their queries,
@@ -165,7 +163,6 @@ async fn drive<S, T>(
 /// Takes this server's name (until the connection closes) and says it
 /// started: two servers of one name would mix up their agents' rows.
 pub(super) async fn take(client: &Client, database: &str, server: &str) -> Result<(), StoreError> {
-    let f = |e: tokio_postgres::Error| failed(&e);
     // A server of this name that was just killed holds the name until
     // PostgreSQL sees its connection close: a restart waits that long.
     let mut taken = false;
@@ -176,7 +173,7 @@ pub(super) async fn take(client: &Client, database: &str, server: &str) -> Resul
                 &[&server],
             )
             .await
-            .map_err(f)?
+            .map_err(failed)?
             .get(0);
         if taken {
             break;
@@ -201,6 +198,6 @@ pub(super) async fn take(client: &Client, database: &str, server: &str) -> Resul
             &[&server, &now],
         )
         .await
-        .map_err(f)?;
+        .map_err(failed)?;
     Ok(())
 }

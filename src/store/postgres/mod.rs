@@ -62,7 +62,7 @@ pub use self::{
     watch::{Watcher, Watching},
 };
 use super::{
-    Backend, LostClaim, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, TaskRecord,
+    Backend, Detail, LostClaim, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, TaskRecord,
 };
 use crate::{
     config::{
@@ -105,10 +105,10 @@ pub struct Postgres {
     reconnects: crate::backoff::Backoff,
 }
 
-fn failed(e: &tokio_postgres::Error) -> StoreError {
+fn failed(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(code) if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY => {
-            StoreError::Full(e.to_string())
+            StoreError::full(e.to_string(), e)
         }
         // The connection went (the database restarted or is unreachable);
         // or the server is shutting down, or cannot take connections.
@@ -118,10 +118,10 @@ fn failed(e: &tokio_postgres::Error) -> StoreError {
                 || *code == SqlState::CANNOT_CONNECT_NOW
                 || *code == SqlState::TOO_MANY_CONNECTIONS =>
         {
-            StoreError::Unavailable(describe(e))
+            StoreError::Unavailable(described("", e))
         }
-        None if e.is_closed() => StoreError::Unavailable(describe(e)),
-        _ => StoreError::Failed(describe(e)),
+        None if e.is_closed() => StoreError::Unavailable(described("", e)),
+        _ => StoreError::Failed(described("", e)),
     }
 }
 
@@ -133,6 +133,24 @@ fn describe(e: &tokio_postgres::Error) -> String {
             Some(source) => format!("{e}: {source}"),
             None => e.to_string(),
         },
+    }
+}
+
+/// [`describe`]'s text, after `context` unless it is empty, with the
+/// error that text ends with as the source: the server's `DbError` or the
+/// cause of a client-side error (`e` itself when it has none), so
+/// `crate::error_chain` does not say it twice.
+fn described(context: &str, e: tokio_postgres::Error) -> Detail {
+    let text = match (context, describe(&e)) {
+        ("", described) => described,
+        (context, described) => format!("{context}: {described}"),
+    };
+    if std::error::Error::source(&e).is_none() {
+        return Detail::new(text, e);
+    }
+    match e.into_source() {
+        Some(cause) => Detail::new(text, cause),
+        None => Detail::from(text),
     }
 }
 
@@ -150,9 +168,11 @@ impl Postgres {
     /// another server has it; [`StoreError::Failed`] when it cannot be
     /// reached.
     pub fn open(config: &StoreConfig, server: &str) -> Result<Postgres, StoreError> {
-        let url = config.postgres_url().map_err(StoreError::Unusable)?;
-        let target =
-            parse(&url).map_err(|reason| StoreError::Unusable(format!("store.url {reason}")))?;
+        let url = config
+            .postgres_url()
+            .map_err(|reason| StoreError::Unusable(reason.into()))?;
+        let target = parse(&url)
+            .map_err(|reason| StoreError::Unusable(format!("store.url {reason}").into()))?;
         let connect = Connector {
             timeout: config.connect_timeout,
             ca_file: config.ca_file.clone(),
@@ -163,14 +183,14 @@ impl Postgres {
                 .enable_all()
                 .build()
                 .map_err(|e| {
-                    StoreError::Failed(format!("cannot start the store's runtime: {e}"))
+                    StoreError::failed(format!("cannot start the store's runtime: {e}"), e)
                 })?,
         ));
         let client = runtime.block_on(connect.connect(&target, None))?;
         let statements = runtime.block_on(async {
             migrate(&client, &target.name).await?;
             take(&client, &target.name, server).await?;
-            Statements::prepare(&client).await.map_err(|e| failed(&e))
+            Statements::prepare(&client).await.map_err(failed)
         })?;
         tracing::info!(database = %target.name, tls = target.tls, server, "task store connected");
         Ok(Postgres {
@@ -212,7 +232,7 @@ impl Postgres {
             .wait_timeout(Some(self.connect.timeout))
             .create_timeout(Some(self.connect.timeout))
             .build()
-            .map_err(|e| StoreError::Failed(format!("cannot make the read pool: {e}")))?;
+            .map_err(|e| StoreError::failed(format!("cannot make the read pool: {e}"), e))?;
         Ok(Reader {
             pool,
             name: self.target.name.clone(),
@@ -236,7 +256,7 @@ impl Postgres {
         let (client, statements) = self.runtime.block_on(async {
             let client = connect.connect(&target, None).await?;
             take(&client, &target.name, &server).await?;
-            let statements = Statements::prepare(&client).await.map_err(|e| failed(&e))?;
+            let statements = Statements::prepare(&client).await.map_err(failed)?;
             Ok::<_, StoreError>((client, statements))
         })?;
         tracing::info!(database = %target.name, "task store reconnected");
@@ -254,10 +274,13 @@ impl Postgres {
             // With backoff: while the database is down, every group commit
             // would otherwise try to connect.
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
-                return Err(StoreError::Unavailable(format!(
-                    "the database {} is unreachable (reconnecting)",
-                    self.target.name
-                )));
+                return Err(StoreError::Unavailable(
+                    format!(
+                        "the database {} is unreachable (reconnecting)",
+                        self.target.name
+                    )
+                    .into(),
+                ));
             }
             if let Err(e) = self.reconnect() {
                 self.retry_at = Some(Instant::now() + self.reconnects.next_delay());
@@ -273,7 +296,6 @@ impl Postgres {
 impl Backend for Postgres {
     fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
         self.with_client(async |client, _| {
-            let f = |e: tokio_postgres::Error| failed(&e);
             let meta = client
                 .query(
                     "SELECT (SELECT value FROM contactd_meta WHERE key = 'epoch'), \
@@ -282,7 +304,7 @@ impl Backend for Postgres {
                     &[],
                 )
                 .await
-                .map_err(f)?;
+                .map_err(failed)?;
             let row = &meta[0];
             let epoch: i64 = row.get::<_, Option<i64>>(0).unwrap_or(1);
             let stored_next: i64 = row.get::<_, Option<i64>>(1).unwrap_or(1);
@@ -295,7 +317,7 @@ impl Backend for Postgres {
                     &[&first],
                 )
                 .await
-                .map_err(f)?
+                .map_err(failed)?
                 .iter()
                 .map(stored_task)
                 .collect();
@@ -309,7 +331,7 @@ impl Backend for Postgres {
                         &[&first],
                     )
                     .await
-                    .map_err(f)?;
+                    .map_err(failed)?;
                 tasks.splice(0..0, unfinished.iter().map(stored_task));
             }
             let cursors = client
@@ -318,7 +340,7 @@ impl Backend for Postgres {
                     &[],
                 )
                 .await
-                .map_err(f)?
+                .map_err(failed)?
                 .iter()
                 .map(saved_cursor)
                 .collect();
@@ -329,7 +351,7 @@ impl Backend for Postgres {
                     &[],
                 )
                 .await
-                .map_err(f)?
+                .map_err(failed)?
                 .iter()
                 .map(|row| {
                     let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
@@ -381,20 +403,22 @@ impl Backend for Postgres {
             futures.push(Box::pin(async {
                 client.batch_execute("COMMIT").await.map(|()| 0)
             }));
-            let results = pipeline(futures).await;
             // The first error is the cause; later statements only say the
             // transaction was aborted (and COMMIT then rolls it back).
-            if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
-                // After an error COMMIT has rolled back; after a lost
-                // connection there is nothing to roll back.
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(failed(e));
-            }
+            let results: Vec<u64> = match pipeline(futures).await.into_iter().collect() {
+                Ok(counts) => counts,
+                Err(e) => {
+                    // After an error COMMIT has rolled back; after a lost
+                    // connection there is nothing to roll back.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(failed(e));
+                }
+            };
             // A claim that changed no row lost to another server's (or
             // found the task finished): what the database says of it.
             let lost: Vec<(usize, i64)> = claims
                 .iter()
-                .filter(|(call, _, _)| matches!(results[first_call + call], Ok(0)))
+                .filter(|(call, _, _)| results[first_call + call] == 0)
                 .map(|(_, op, task)| (*op, *task))
                 .collect();
             if lost.is_empty() {
@@ -407,7 +431,7 @@ impl Backend for Postgres {
                     &[&ids],
                 )
                 .await
-                .map_err(|e| failed(&e))?;
+                .map_err(failed)?;
             let said: HashMap<i64, LostClaim> = rows
                 .iter()
                 .map(|row| {
@@ -447,11 +471,10 @@ impl Backend for Postgres {
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
         let r = *retention;
         self.with_client(async |client, _| {
-            let f = |e: tokio_postgres::Error| failed(&e);
             // Broadcast mode: every task is delivered from the ring only,
             // so every task counts as finished here.
             let finished = if r.queue_mode { "state >= 2" } else { "TRUE" };
-            client.batch_execute("BEGIN").await.map_err(f)?;
+            client.batch_execute("BEGIN").await.map_err(failed)?;
             let result = async {
                 let mut ids: Vec<i64> = client
                     .query(
@@ -462,14 +485,14 @@ impl Backend for Postgres {
                         &[&r.created_before_ms, &PRUNE_BATCH],
                     )
                     .await
-                    .map_err(f)?
+                    .map_err(failed)?
                     .iter()
                     .map(|row| row.get(0))
                     .collect();
                 let kept: i64 = client
                     .query_one(&format!("SELECT count(*) FROM tasks WHERE {finished}"), &[])
                     .await
-                    .map_err(f)?
+                    .map_err(failed)?
                     .get(0);
                 let excess = (kept - i64::try_from(r.retain_finished).unwrap_or(i64::MAX))
                     .clamp(0, PRUNE_BATCH - ids.len() as i64);
@@ -483,27 +506,27 @@ impl Backend for Postgres {
                             &[&excess],
                         )
                         .await
-                        .map_err(f)?;
+                        .map_err(failed)?;
                     ids.extend(more.iter().map(|row| row.get::<_, i64>(0)));
                 }
                 client
                     .execute("DELETE FROM results WHERE task_id = ANY($1)", &[&ids])
                     .await
-                    .map_err(f)?;
+                    .map_err(failed)?;
                 let cursors = client
                     .execute(
                         "DELETE FROM cursors WHERE seen_ms < $1",
                         &[&r.forget_before_ms],
                     )
                     .await
-                    .map_err(f)?;
+                    .map_err(failed)?;
                 let agents = client
                     .execute(
                         "DELETE FROM agents WHERE last_ms < $1",
                         &[&r.forget_before_ms],
                     )
                     .await
-                    .map_err(f)?;
+                    .map_err(failed)?;
                 Ok(Pruned {
                     tasks: ids.len() as u64,
                     cursors,
@@ -512,7 +535,7 @@ impl Backend for Postgres {
             }
             .await;
             let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-            client.batch_execute(end).await.map_err(f)?;
+            client.batch_execute(end).await.map_err(failed)?;
             result
         })
     }
@@ -533,7 +556,7 @@ impl Backend for Postgres {
             client
                 .batch_execute("SELECT pg_advisory_unlock_all()")
                 .await
-                .map_err(|e| failed(&e))
+                .map_err(failed)
         });
     }
 
@@ -550,7 +573,7 @@ impl Backend for Postgres {
                 Ok(row) => Ok(row.get::<_, i64>(0)),
                 Err(e) => {
                     let _ = client.batch_execute("ROLLBACK").await;
-                    Err(failed(&e))
+                    Err(failed(e))
                 }
             }
         })?;
@@ -568,7 +591,7 @@ impl Backend for Postgres {
             let rows = client
                 .query(&s.after, &[&after, &limit])
                 .await
-                .map_err(|e| failed(&e))?;
+                .map_err(failed)?;
             Ok(rows.iter().map(stored_task).collect())
         })
     }
@@ -576,10 +599,15 @@ impl Backend for Postgres {
     /// Not used while the server runs (its reads go through [`Reader`]).
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
         self.with_client(async |client, _| {
-            let f = |e: tokio_postgres::Error| failed(&e);
             let (by_id, results) = (task_by_id(), RESULTS_OF);
             let (by_id, results) = tokio::join!(client.prepare(&by_id), client.prepare(results));
-            task_record(client, &by_id.map_err(f)?, &results.map_err(f)?, task).await
+            task_record(
+                client,
+                &by_id.map_err(failed)?,
+                &results.map_err(failed)?,
+                task,
+            )
+            .await
         })
     }
 }

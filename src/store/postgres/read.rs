@@ -42,20 +42,25 @@ impl Reader {
     /// A client from the pool (waiting for one at most `connect_timeout`).
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => failed(&e),
-            other => StoreError::Unavailable(format!(
-                "no connection to the database {} for a read: {other}",
-                self.name
-            )),
+            deadpool_postgres::PoolError::Backend(e) => failed(e),
+            other => StoreError::unavailable(
+                format!(
+                    "no connection to the database {} for a read: {other}",
+                    self.name
+                ),
+                other,
+            ),
         })
     }
 
     /// A named agent's broadcast cursor.
     pub async fn cursor(&self, agent: &str) -> Result<Option<Saved>, StoreError> {
         let client = self.client().await?;
-        let f = |e: tokio_postgres::Error| failed(&e);
-        let statement = client.prepare_cached(CURSOR_OF).await.map_err(f)?;
-        let row = client.query_opt(&statement, &[&agent]).await.map_err(f)?;
+        let statement = client.prepare_cached(CURSOR_OF).await.map_err(failed)?;
+        let row = client
+            .query_opt(&statement, &[&agent])
+            .await
+            .map_err(failed)?;
         Ok(row.as_ref().map(saved_cursor))
     }
 
@@ -68,24 +73,28 @@ impl Reader {
     /// The tasks with these ids.
     pub async fn tasks(&self, ids: &[u64]) -> Result<Vec<StoredTask>, StoreError> {
         let client = self.client().await?;
-        let f = |e: tokio_postgres::Error| failed(&e);
         let ids: Vec<i64> = ids.iter().map(|n| id(*n)).collect();
         let by_ids = tasks_by_ids();
-        let statement = client.prepare_cached(&by_ids).await.map_err(f)?;
-        let rows = client.query(&statement, &[&ids]).await.map_err(f)?;
+        let statement = client.prepare_cached(&by_ids).await.map_err(failed)?;
+        let rows = client.query(&statement, &[&ids]).await.map_err(failed)?;
         Ok(rows.iter().map(stored_task).collect())
     }
 
     /// One task and its per-agent results.
     pub async fn task(&self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
         let client = self.client().await?;
-        let f = |e: tokio_postgres::Error| failed(&e);
         let by_id = task_by_id();
         let (one, results) = tokio::join!(
             client.prepare_cached(&by_id),
             client.prepare_cached(RESULTS_OF),
         );
-        task_record(&client, &one.map_err(f)?, &results.map_err(f)?, task).await
+        task_record(
+            &client,
+            &one.map_err(failed)?,
+            &results.map_err(failed)?,
+            task,
+        )
+        .await
     }
 }
 
@@ -113,7 +122,6 @@ pub(super) async fn task_record(
     results: &Statement,
     task: u64,
 ) -> Result<Option<TaskRecord>, StoreError> {
-    let f = |e: tokio_postgres::Error| failed(&e);
     let task = id(task);
     let params: [&(dyn ToSql + Sync); 1] = [&task];
     // Both sent at once: one round trip.
@@ -121,11 +129,11 @@ pub(super) async fn task_record(
         client.query_opt(by_id, &params),
         client.query(results, &params),
     );
-    let Some(stored) = stored.map_err(f)? else {
+    let Some(stored) = stored.map_err(failed)? else {
         return Ok(None);
     };
     let results = results
-        .map_err(f)?
+        .map_err(failed)?
         .iter()
         .map(|row| AgentResult {
             agent: Arc::from(row.get::<_, String>(0)),
@@ -142,7 +150,6 @@ pub(super) async fn task_record(
 
 /// Every server sharing the database and every named agent it knows of.
 async fn fleet(client: &Client) -> Result<Fleet, StoreError> {
-    let f = |e: tokio_postgres::Error| failed(&e);
     let (servers, agents) = tokio::join!(
         client.query(
             "SELECT name, started_ms, heartbeat_ms, stopped FROM servers ORDER BY name",
@@ -155,7 +162,7 @@ async fn fleet(client: &Client) -> Result<Fleet, StoreError> {
         ),
     );
     let servers = servers
-        .map_err(f)?
+        .map_err(failed)?
         .iter()
         .map(|row| ServerRow {
             name: row.get(0),
@@ -165,7 +172,7 @@ async fn fleet(client: &Client) -> Result<Fleet, StoreError> {
         })
         .collect();
     let agents = agents
-        .map_err(f)?
+        .map_err(failed)?
         .iter()
         .map(|row| {
             let n = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);

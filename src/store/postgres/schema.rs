@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use super::{MIGRATE_LOCK, describe};
+use super::{MIGRATE_LOCK, described};
 use crate::store::{StoreError, epoch_column, new_epoch};
 
 /// Schema migrations: `MIGRATIONS[n]` brings version `n` to `n + 1`.
@@ -72,8 +72,9 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema to [`SCHEMA_VERSION`], one server at a time.
 pub(super) async fn migrate(client: &Client, name: &str) -> Result<(), StoreError> {
-    let open = |reason: String| StoreError::Unusable(format!("store.url {name}: {reason}"));
-    let f = |e: tokio_postgres::Error| open(describe(&e));
+    let open = |reason: String| StoreError::Unusable(format!("store.url {name}: {reason}").into());
+    let context = format!("store.url {name}");
+    let f = |e| StoreError::Unusable(described(&context, e));
     client.batch_execute("BEGIN").await.map_err(f)?;
     let result = async {
         client

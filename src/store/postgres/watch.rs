@@ -127,11 +127,10 @@ impl Watcher {
         reachable: &watch::Sender<bool>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<(), StoreError> {
-        let f = |e: tokio_postgres::Error| failed(&e);
         client
             .batch_execute(&format!("LISTEN {CHANNEL}"))
             .await
-            .map_err(f)?;
+            .map_err(failed)?;
         reachable.send_if_modified(|up| !std::mem::replace(up, true));
         // What was published while not listening.
         follow();
@@ -147,13 +146,13 @@ impl Watcher {
                             &[&server, &crate::clock::now_ms()],
                         )
                         .await
-                        .map_err(f)?;
+                        .map_err(failed)?;
                     // The lease goes now: another server takes it at its
                     // next poll.
                     client
                         .batch_execute("SELECT pg_advisory_unlock_all()")
                         .await
-                        .map_err(f)?;
+                        .map_err(failed)?;
                     return Ok(());
                 }
                 notice = noticed.recv() => match notice {
@@ -170,12 +169,12 @@ impl Watcher {
                             &[&server, &crate::clock::now_ms()],
                         )
                         .await
-                        .map_err(f)?;
+                        .map_err(failed)?;
                     if !*leader.borrow() {
                         let taken: bool = client
                             .query_one("SELECT pg_try_advisory_lock($1)", &[&GENERATOR_LOCK])
                             .await
-                            .map_err(f)?
+                            .map_err(failed)?
                             .get(0);
                         if taken {
                             tracing::info!(server, "this server runs the task generator (it took the lease)");
