@@ -4,6 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::selector::Selector;
+
 /// `contactd --version`: the version, the git commit it was built from and
 /// the build date (stamped by build.rs).
 pub const VERSION: &str = concat!(
@@ -66,8 +68,9 @@ pub enum Command {
     /// Operator commands on tasks (through the server's admin socket).
     #[command(subcommand)]
     Task(TaskCommand),
-    /// List the agents (and seed clients) the server knows, with their last status.
-    Agents(AdminArgs),
+    /// List the agents (and seed clients) the server knows, with their labels
+    /// and last status.
+    Agents(AgentsArgs),
     /// List the server's retained and queued tasks and how their delivery went.
     Tasks(TasksArgs),
     /// Make TLS certificates: a CA and server certificate, and one per agent.
@@ -256,8 +259,22 @@ pub struct SubmitArgs {
     #[arg(short, long, value_name = "PATH")]
     pub file: Option<PathBuf>,
     /// Only this agent receives the task
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "target")]
     pub agent: Option<String>,
+    /// Broadcast: only the agents this label selector matches receive it
+    /// (`role=web,region!=us`, `role in (web,api)`, `!canary`, `name=web-*`)
+    #[arg(long, value_name = "SELECTOR", value_parser = parse_selector)]
+    pub target: Option<Selector>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd agents`.
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// Only the agents this label selector matches (`role=web`, `name=web-*`)
+    #[arg(long, value_name = "SELECTOR", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
@@ -469,4 +486,12 @@ fn parse_state(text: &str) -> Result<crate::proto::admin::TaskState, String> {
                  cancelled"
             )
         })
+}
+
+/// Parses a label selector as given to `--target` and `--selector`.
+///
+/// # Errors
+/// Where the selector stops making sense, and what was expected there.
+fn parse_selector(text: &str) -> Result<Selector, String> {
+    Selector::parse(text).map_err(|e| e.to_string())
 }

@@ -12,6 +12,8 @@ use std::{
     time::SystemTime,
 };
 
+use crate::selector::Selector;
+
 /// A task as the hub keeps it: its content is immutable once published;
 /// only its delivery counters change.
 #[derive(Debug)]
@@ -24,6 +26,9 @@ pub struct Task {
     pub created: SystemTime,
     /// The one agent it is for (submitted with `--agent`), or every agent.
     pub target: Option<Arc<str>>,
+    /// Broadcast: only the agents this selector matches receive it
+    /// (submitted with `--target`).
+    pub selector: Option<Arc<Selector>>,
     /// How its deliveries went.
     pub progress: Progress,
     /// A placeholder for an id whose task could not be stored: it keeps
@@ -32,6 +37,27 @@ pub struct Task {
     /// Broadcast mode: the task as every agent receives it, encoded once
     /// (with the batch it was published in) and shared by every stream.
     pub wire: std::sync::OnceLock<crate::proto::wire::Framed>,
+}
+
+/// What a task to publish is, before it has an id.
+#[derive(Debug, Clone, Default)]
+pub struct Draft {
+    pub text: String,
+    /// [`Task::target`].
+    pub target: Option<Arc<str>>,
+    /// [`Task::selector`].
+    pub selector: Option<Arc<Selector>>,
+}
+
+/// A text for one agent (`Some`) or every agent.
+impl From<(String, Option<Arc<str>>)> for Draft {
+    fn from((text, target): (String, Option<Arc<str>>)) -> Draft {
+        Draft {
+            text,
+            target,
+            selector: None,
+        }
+    }
 }
 
 /// Where a task stands.
@@ -118,9 +144,18 @@ impl Task {
             text,
             created,
             target,
+            selector: None,
             progress: Progress::default(),
             void: false,
             wire: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The task `draft` describes, as published with id `id`.
+    pub fn from_draft(id: u64, draft: Draft, created: SystemTime) -> Task {
+        Task {
+            selector: draft.selector,
+            ..Task::new(id, draft.text, created, draft.target)
         }
     }
 

@@ -42,6 +42,7 @@ pub async fn submits(socket: &Path, clients: usize, duration: Duration) -> anyho
                 let request = SubmitTaskRequest {
                     text: format!("bench task {n}-{count}: uptime"),
                     agent: String::new(),
+                    ..Default::default()
                 };
                 admin.submit_task(request).await?;
                 load::record(&mut hist, sent);

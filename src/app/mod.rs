@@ -14,8 +14,8 @@ use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     cli::{
-        AdminArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs, TlsIssueArgs,
-        TokenCreateArgs,
+        AdminArgs, AgentsArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs,
+        TlsIssueArgs, TokenCreateArgs,
     },
     client::admin::{self as ctl, CtlError},
     config::{
@@ -144,6 +144,7 @@ pub fn submit_task(args: &SubmitArgs) -> Result<(), AppError> {
         &socket,
         &text,
         args.agent.as_deref(),
+        args.target.as_ref(),
         args.admin.json,
     )?)
 }
@@ -209,8 +210,12 @@ pub fn retry_task(args: &TaskIdArgs) -> Result<(), AppError> {
 ///
 /// # Errors
 /// A bad config, an unreachable socket, or a refusal.
-pub fn list_agents(args: &AdminArgs) -> Result<(), AppError> {
-    Ok(ctl::agents(&admin_socket(args)?, args.json)?)
+pub fn list_agents(args: &AgentsArgs) -> Result<(), AppError> {
+    Ok(ctl::agents(
+        &admin_socket(&args.admin)?,
+        args.selector.as_ref(),
+        args.admin.json,
+    )?)
 }
 
 /// `tasks`.

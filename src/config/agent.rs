@@ -40,6 +40,7 @@ pub struct AgentConfig {
     /// the built-in facts (`os`, `arch`, `hostname`, `kernel`,
     /// `contactd_version`) when it connects; selectors target agents by
     /// them. The server may pin labels by name, over what is said here.
+    #[serde(skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
     /// Time between two status reports.
     #[serde(with = "units::duration")]

@@ -18,7 +18,7 @@ use super::state::State;
 use crate::{
     clock::unix_ms,
     config::AdminConfig,
-    model::{Task, TaskState},
+    model::{Draft, Task, TaskState},
     proto::{
         ADMIN_DESCRIPTOR_SET,
         admin::{
@@ -28,6 +28,7 @@ use crate::{
             admin_server::{Admin, AdminServer},
         },
     },
+    selector::Selector,
     store::StoreError,
     tasks::{AgentRow, AgentState, Refused, TaskView},
 };
@@ -173,6 +174,11 @@ pub(super) fn task_message(t: &Task) -> pb::Task {
             .map(|(agent, _)| agent.to_string())
             .unwrap_or_default(),
         last_result: last.map(|(_, text)| text).unwrap_or_default(),
+        selector: t
+            .selector
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 
@@ -307,6 +313,36 @@ impl AdminService {
 /// and the other fields, at their largest.
 const TASK_FIELDS: u64 = 64;
 
+/// A selector from a request: `None` when empty.
+fn parse_selector(text: &str) -> Result<Option<Arc<Selector>>, Status> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Selector::parse(text)
+        .map(|selector| Some(Arc::new(selector)))
+        .map_err(|e| Status::invalid_argument(format!("bad selector: {e}")))
+}
+
+impl AdminService {
+    /// A submitted task's selector: broadcast only, and not with an agent.
+    fn selector(&self, request: &SubmitTaskRequest) -> Result<Option<Arc<Selector>>, Status> {
+        let Some(selector) = parse_selector(&request.selector)? else {
+            return Ok(None);
+        };
+        if !request.agent.is_empty() {
+            return Err(Status::invalid_argument(
+                "a task is for one agent or for a selector, not both: drop --agent or --target",
+            ));
+        }
+        if self.state.broker.is_queue() {
+            return Err(Status::failed_precondition(
+                "selectors target broadcast tasks: in queue mode each task goes to any one agent",
+            ));
+        }
+        Ok(Some(selector))
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn submit_task(
@@ -329,29 +365,38 @@ impl Admin for AdminService {
             )));
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
+        let selector = self.selector(&request)?;
+        let shown_selector = selector
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let draft = Draft {
+            text: request.text,
+            target,
+            selector,
+        };
         // Returns once the task is committed to the store.
-        let id = self
-            .state
-            .broker
-            .submit(request.text, target)
-            .await
-            .map_err(|e| {
-                tracing::error!("task not accepted: {e}");
-                store_status(&e)
-            })?;
-        tracing::info!(task_id = id, agent = %crate::untrusted::shown(&request.agent), "task submitted");
+        let id = self.state.broker.submit(draft).await.map_err(|e| {
+            tracing::error!("task not accepted: {e}");
+            store_status(&e)
+        })?;
+        tracing::info!(
+            task_id = id,
+            agent = %crate::untrusted::shown(&request.agent),
+            selector = %shown_selector,
+            "task submitted"
+        );
         Ok(Response::new(SubmitTaskResponse { id }))
     }
 
     async fn list_agents(
         &self,
-        _: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
+        let selector = parse_selector(&request.get_ref().selector)?;
+        let callers = self.state.callers.list();
         let loads = self.state.broker.in_flight_by_agent();
-        let mut agents: Vec<pb::Agent> = self
-            .state
-            .callers
-            .list()
+        let mut agents: Vec<pb::Agent> = callers
             .into_iter()
             .map(|caller| {
                 let (last_status, last_status_ms) = caller
@@ -374,10 +419,20 @@ impl Admin for AdminService {
                     first_seen_ms: caller.first_seen_ms(),
                     last_seen_ms: caller.last_seen_ms(),
                     server: String::new(),
+                    labels: caller
+                        .labels()
+                        .iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
                 }
             })
             .collect();
         let servers = self.fleet(&mut agents).await;
+        if let Some(selector) = selector {
+            // Agents only other servers know carry no labels here: a
+            // selector on labels leaves them out, one on names alone not.
+            agents.retain(|agent| agent.named && selector.matches(&agent.name, &agent.labels));
+        }
         agents.sort_by(|a, b| (!a.named, &a.name).cmp(&(!b.named, &b.name)));
         Ok(Response::new(ListAgentsResponse { agents, servers }))
     }

@@ -38,7 +38,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     config::{StoreConfig, StoreKind},
-    model::{AckCursor, Saved, SavedAgent, Task, TaskState},
+    model::{AckCursor, Draft, Saved, SavedAgent, Task, TaskState},
+    selector::Selector,
 };
 
 /// A new database's epoch: random, never 0 (which means "not said" in an
@@ -333,6 +334,8 @@ pub struct StoredTask {
     pub id: u64,
     pub text: String,
     pub target: Option<Arc<str>>,
+    /// Its selector's canonical text, as the store keeps it.
+    pub selector: Option<String>,
     pub created_ms: i64,
     pub state: TaskState,
     pub attempts: u32,
@@ -363,12 +366,34 @@ pub struct TaskRecord {
     pub results: Vec<AgentResult>,
 }
 
+/// A selector as the store kept it (its canonical text, written by this
+/// or an earlier contactd). One that no longer parses targets nobody: a
+/// task must never reach agents it was not meant for.
+fn stored_selector(id: u64, text: &str) -> Selector {
+    Selector::parse(text).unwrap_or_else(|e| {
+        tracing::warn!(
+            task_id = id,
+            selector = %crate::untrusted::shown(text),
+            "a stored task's selector does not parse ({e}): it is sent to no agent"
+        );
+        Selector::parse("!name").expect("a selector that matches no agent")
+    })
+}
+
 impl StoredTask {
     /// The task as the hub keeps it.
     pub fn to_task(&self) -> Task {
         let created = SystemTime::UNIX_EPOCH
             + Duration::from_millis(u64::try_from(self.created_ms).unwrap_or(0));
-        let mut task = Task::new(self.id, self.text.clone(), created, self.target.clone());
+        let draft = Draft {
+            text: self.text.clone(),
+            target: self.target.clone(),
+            selector: self
+                .selector
+                .as_deref()
+                .map(|text| Arc::new(stored_selector(self.id, text))),
+        };
+        let mut task = Task::from_draft(self.id, draft, created);
         task.progress = crate::model::Progress::restored(
             self.state,
             [self.delivered, self.acked, self.failed, self.retries],
@@ -440,7 +465,7 @@ pub trait Backend: Send {
 }
 
 /// Makes a task's text and target from its id.
-pub type Make = Box<dyn FnMut(u64) -> (String, Option<Arc<str>>) + Send>;
+pub type Make = Box<dyn FnMut(u64) -> Draft + Send>;
 
 /// One change in a group commit.
 #[derive(Debug)]
@@ -718,23 +743,28 @@ impl Store {
     }
 
     /// Publishes `count` tasks, each made by `make` from its id (its text
-    /// and target), returning their ids once they are committed.
+    /// and who it is for: a [`Draft`], or a text and an optional agent),
+    /// returning their ids once they are committed.
     ///
     /// # Errors
     /// The store could not keep them ([`StoreError::Full`] for a full
     /// disk): they are not delivered and their ids are not used again.
-    pub async fn publish(
+    pub async fn publish<D>(
         &self,
         count: usize,
-        mut make: impl FnMut(u64) -> (String, Option<Arc<str>>) + Send + 'static,
-    ) -> Result<Range<u64>, StoreError> {
+        mut make: impl FnMut(u64) -> D + Send + 'static,
+    ) -> Result<Range<u64>, StoreError>
+    where
+        D: Into<Draft>,
+    {
         if self.shared_db
             && let Some(journal) = &self.journal
         {
             // The database gives the ids, in the order tasks are committed
             // across every server sharing it.
             let (tx, rx) = oneshot::channel();
-            self.send(journal, Msg::PublishShared(count, Box::new(make), tx));
+            let make: Make = Box::new(move |id| make(id).into());
+            self.send(journal, Msg::PublishShared(count, make, tx));
             return rx.await.map_err(|_| StoreError::Closed)?;
         }
         let created = SystemTime::now();
@@ -742,10 +772,7 @@ impl Store {
             let mut seq = self.shared.next_id.lock();
             let start = seq.next_id;
             let tasks: Vec<Arc<Task>> = (start..start + count as u64)
-                .map(|id| {
-                    let (text, target) = make(id);
-                    Arc::new(Task::new(id, text, created, target))
-                })
+                .map(|id| Arc::new(Task::from_draft(id, make(id).into(), created)))
                 .collect();
             seq.next_id += count as u64;
             let ids = start..seq.next_id;
@@ -1195,10 +1222,7 @@ fn make_shared(
         .filter_map(|e| match &mut e.msg {
             Msg::PublishShared(count, make, _) => {
                 let tasks: Vec<Arc<Task>> = (next..next + *count as u64)
-                    .map(|id| {
-                        let (text, target) = make(id);
-                        Arc::new(Task::new(id, text, created, target))
-                    })
+                    .map(|id| Arc::new(Task::from_draft(id, make(id), created)))
                     .collect();
                 next += *count as u64;
                 Some(tasks)
@@ -1388,6 +1412,33 @@ mod tests {
         let claims: Vec<_> = snapshot.tasks.iter().map(|t| t.claim.is_some()).collect();
         assert_eq!(claims, [true, false, false]);
         assert_eq!(snapshot.tasks[2].target.as_deref(), Some("web1"));
+    }
+
+    #[tokio::test]
+    async fn a_selector_is_kept_with_its_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sqlite_config(dir.path().join("s.db"));
+        let (store, _) = open(&config, "test", 10, false).unwrap().start();
+        let selector = Arc::new(Selector::parse("role in (web, api),!canary").unwrap());
+        let draft = Draft {
+            text: "deploy".into(),
+            target: None,
+            selector: Some(Arc::clone(&selector)),
+        };
+        let mut draft = Some(draft);
+        store
+            .publish(1, move |_| draft.take().unwrap_or_default())
+            .await
+            .unwrap();
+        store.close().await;
+
+        let opened = open(&config, "test", 10, false).unwrap();
+        let stored = &opened.snapshot.tasks[0];
+        assert_eq!(
+            stored.selector.as_deref(),
+            Some("role in (api,web),!canary")
+        );
+        assert_eq!(stored.to_task().selector.as_deref(), Some(&*selector));
     }
 
     #[tokio::test]

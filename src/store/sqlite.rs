@@ -79,6 +79,8 @@ const MIGRATIONS: &[&str] = &[
          acked INTEGER NOT NULL,
          failed INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 3: the label selector a broadcast task was submitted for.
+    "ALTER TABLE tasks ADD COLUMN selector TEXT;",
 ];
 
 /// The schema version this contactd writes.
@@ -288,7 +290,7 @@ fn meta(tx: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
 }
 
 const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
-                            delivered, acked, failed, last_agent, last_result, retries";
+                            delivered, acked, failed, last_agent, last_result, retries, selector";
 
 fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
     let holder: Option<String> = row.get(6)?;
@@ -308,6 +310,7 @@ fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
         failed: count(row.get(10)?),
         last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
         retries: count(row.get(13)?),
+        selector: row.get(14)?,
     })
 }
 
@@ -444,14 +447,16 @@ fn apply(tx: &Transaction<'_>, ops: &[Op<'_>]) -> rusqlite::Result<()> {
         match op {
             Op::Publish(tasks) => {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO tasks (id, text, target, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO tasks (id, text, target, created_ms, selector) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for task in *tasks {
                     insert.execute(params![
                         id(task.id),
                         task.text,
                         task.target.as_deref(),
-                        crate::clock::unix_ms(task.created)
+                        crate::clock::unix_ms(task.created),
+                        task.selector.as_ref().map(ToString::to_string),
                     ])?;
                     next_id = next_id.max(task.id + 1);
                 }

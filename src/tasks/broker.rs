@@ -32,7 +32,7 @@ use super::{
 use crate::{
     config::{Config, DeliveryMode, TasksConfig},
     labels::LabelCell,
-    model::{SavedAgent, Task, TaskState},
+    model::{Draft, SavedAgent, Task, TaskState},
     proto::{
         contact::{Outcome, Result as ResultMsg, ServerMsg},
         wire::{self, Framed},
@@ -374,7 +374,7 @@ impl Broker {
                 Err(AckRefusal::Cancelled) => return self.ignore_cancelled(result.task_id),
             },
             Mode::Broadcast { cursors } => {
-                match self.broadcast_ack(cursors, &agent.name, result.task_id) {
+                match self.broadcast_ack(cursors, agent, result.task_id) {
                     Ok(task) => task,
                     Err(reason) => return Acked::Refused(reason),
                 }
@@ -414,18 +414,23 @@ impl Broker {
     fn broadcast_ack(
         &self,
         cursors: &Cursors,
-        agent: &Arc<str>,
+        agent: &Agent,
         id: u64,
     ) -> Result<Arc<Task>, &'static str> {
         let tracked = cursors
-            .get(agent)
+            .get(&agent.name)
             .filter(|tracked| id <= tracked.sent_up_to.load(Relaxed))
             .ok_or("the task was never sent to this agent")?;
         let task = self
             .hub
             .get(id)
             .ok_or("the task is not retained (unknown, or too old)")?;
-        if task.target.as_ref().is_some_and(|target| target != agent) {
+        if task
+            .target
+            .as_ref()
+            .is_some_and(|target| *target != agent.name)
+            || !selects(&task, agent)
+        {
             return Err("the task is meant for another agent");
         }
         if task.void {
@@ -436,18 +441,16 @@ impl Broker {
         Ok(task)
     }
 
-    /// Publishes `text` (to `target` only, if given), returning its id once
-    /// it is committed to the store.
+    /// Publishes the task `draft` describes, returning its id once it is
+    /// committed to the store.
     ///
     /// # Errors
     /// The store could not keep it ([`StoreError::Full`] for a full disk).
-    pub async fn submit(&self, text: String, target: Option<Arc<str>>) -> Result<u64, StoreError> {
-        let mut text = Some(text);
+    pub async fn submit(&self, draft: Draft) -> Result<u64, StoreError> {
+        let mut draft = Some(draft);
         let ids = self
             .store
-            .publish(1, move |_| {
-                (text.take().unwrap_or_default(), target.clone())
-            })
+            .publish(1, move |_| draft.take().unwrap_or_default())
             .await?;
         Ok(ids.start)
     }
@@ -642,13 +645,18 @@ impl Broker {
 
     /// Broadcast mode: every named agent the task was meant for (the
     /// target, or every agent with a cursor that began at or before the
-    /// task), by what its cursor says; agents with a result keep it.
+    /// task), by what its cursor says; agents with a result keep it. A task
+    /// for a selector shows the agents that answered only: which of the
+    /// others it matches is known only while they are connected.
     fn broadcast_rows(
         &self,
         cursors: &Cursors,
         rows: &mut BTreeMap<Arc<str>, AgentRow>,
         task: &Task,
     ) {
+        if task.selector.is_some() {
+            return;
+        }
         let id = task.id;
         let retained = self.hub.get(id).is_some_and(|t| !t.void);
         let cancelled = task.progress.is_cancelled();
@@ -852,6 +860,15 @@ impl Broker {
         self.save_cursors();
         self.save_roster(roster);
         self.store.close().await;
+    }
+}
+
+/// Whether `task`'s selector (if any) matches `agent`: a seed client,
+/// which has no labels, only a task without one.
+pub(super) fn selects(task: &Task, agent: &Agent) -> bool {
+    match &task.selector {
+        None => true,
+        Some(selector) => agent.named && selector.matches(&agent.name, &**agent.labels.load()),
     }
 }
 

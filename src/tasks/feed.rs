@@ -269,6 +269,7 @@ fn ready_broadcast(
                         .target
                         .as_ref()
                         .is_some_and(|target| *target != agent.name)
+                    || !broker::selects(&task, agent)
                     || task.progress.is_cancelled();
                 let Some((tracked, cursor)) = cursor.as_mut() else {
                     if not_for_it {

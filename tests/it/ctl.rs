@@ -279,7 +279,10 @@ async fn an_agents_status_cannot_forge_a_row_or_drive_the_terminal() {
     within("the reply", replies.message()).await.unwrap();
     within("the status kept", async {
         loop {
-            let agents = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+            let agents = admin
+                .list_agents(ListAgentsRequest::default())
+                .await
+                .unwrap();
             if agents
                 .into_inner()
                 .agents

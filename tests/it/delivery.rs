@@ -562,6 +562,7 @@ async fn a_task_too_large_to_send_is_refused_at_submit() {
         .submit_task(contactd::proto::admin::SubmitTaskRequest {
             text: "x".repeat(961),
             agent: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

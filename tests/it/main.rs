@@ -13,6 +13,7 @@ mod ctl;
 mod delivery;
 mod fleet;
 mod hostile;
+mod labels;
 mod layers;
 mod metrics;
 mod operations;

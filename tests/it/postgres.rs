@@ -362,7 +362,7 @@ async fn broadcast_tasks_published_on_either_server_reach_agents_on_both_and_an_
     common::within("the fleet view on a", async {
         loop {
             let fleet = admin_a
-                .list_agents(ListAgentsRequest {})
+                .list_agents(ListAgentsRequest::default())
                 .await
                 .unwrap()
                 .into_inner();
@@ -463,7 +463,7 @@ async fn one_server_generates_for_the_fleet_and_the_lease_moves_when_it_is_kille
     common::within("a shown without a heartbeat", async {
         loop {
             let servers = admin_b
-                .list_agents(ListAgentsRequest {})
+                .list_agents(ListAgentsRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
@@ -623,6 +623,7 @@ async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_sa
         .submit_task(contactd::proto::admin::SubmitTaskRequest {
             text: "while it is down".into(),
             agent: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -652,6 +653,7 @@ async fn a_lost_database_takes_queue_mode_to_not_serving_and_back_and_submits_sa
             let request = contactd::proto::admin::SubmitTaskRequest {
                 text: "after".into(),
                 agent: String::new(),
+                ..Default::default()
             };
             match admin_a.submit_task(request).await {
                 Ok(reply) => return assert_eq!(reply.into_inner().id, 2),
@@ -749,7 +751,10 @@ async fn reads_share_a_bounded_pool_and_a_server_holds_at_most_pool_size_plus_tw
     for _ in 0..32 {
         let mut admin = admin_a.clone();
         views.spawn(async move {
-            let agents = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+            let agents = admin
+                .list_agents(ListAgentsRequest::default())
+                .await
+                .unwrap();
             let tasks = admin.list_tasks(ListTasksRequest::default()).await.unwrap();
             (
                 agents.into_inner().servers.len(),

@@ -402,6 +402,7 @@ async fn a_full_store_refuses_submits_with_resource_exhausted_and_delivers_what_
         let request = SubmitTaskRequest {
             text: format!("{} {text}", accepted.len()),
             agent: String::new(),
+            ..Default::default()
         };
         match admin_client.submit_task(request).await {
             Ok(reply) => accepted.push(reply.into_inner().id),

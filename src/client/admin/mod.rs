@@ -18,8 +18,12 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::proto::admin::{
-    self as pb, ListAgentsRequest, ListTasksRequest, SubmitTaskRequest, admin_client::AdminClient,
+use crate::{
+    proto::admin::{
+        self as pb, ListAgentsRequest, ListTasksRequest, SubmitTaskRequest,
+        admin_client::AdminClient,
+    },
+    selector::Selector,
 };
 
 /// Why an admin command failed.
@@ -120,7 +124,13 @@ fn block_on<T>(future: impl Future<Output = Result<T, CtlError>>) -> Result<T, C
 ///
 /// # Errors
 /// The socket cannot be reached, or the server refuses.
-pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Result<(), CtlError> {
+pub fn submit(
+    socket: &Path,
+    text: &str,
+    agent: Option<&str>,
+    target: Option<&Selector>,
+    json: bool,
+) -> Result<(), CtlError> {
     let id = block_on(async {
         let mut client = connect(socket).await?;
         if let Some(agent) = agent {
@@ -129,6 +139,7 @@ pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Res
         let request = SubmitTaskRequest {
             text: text.to_owned(),
             agent: agent.unwrap_or_default().to_owned(),
+            selector: target.map(ToString::to_string).unwrap_or_default(),
         };
         Ok(client.submit_task(request).await?.into_inner().id)
     })?;
@@ -143,7 +154,7 @@ pub fn submit(socket: &Path, text: &str, agent: Option<&str>, json: bool) -> Res
 /// otherwise leave the task waiting, unnoticed, for an agent that never comes.
 async fn warn_if_unknown(client: &mut AdminClient<Channel>, agent: &str) -> Result<(), CtlError> {
     let agents = client
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await?
         .into_inner()
         .agents;
@@ -192,6 +203,8 @@ struct AgentRow {
     /// connected to.
     #[serde(skip_serializing_if = "String::is_empty")]
     server: String,
+    /// Its labels in force, by key.
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A server sharing the store, as `contactd agents --json` prints it.
@@ -211,11 +224,14 @@ struct ServerRow {
 ///
 /// # Errors
 /// The socket cannot be reached, or the server refuses.
-pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
+pub fn agents(socket: &Path, selector: Option<&Selector>, json: bool) -> Result<(), CtlError> {
+    let request = ListAgentsRequest {
+        selector: selector.map(ToString::to_string).unwrap_or_default(),
+    };
     let listed = block_on(async {
         Ok(connect(socket)
             .await?
-            .list_agents(ListAgentsRequest {})
+            .list_agents(request)
             .await?
             .into_inner())
     })?;
@@ -257,6 +273,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             last_seen_ms: a.last_seen_ms,
             last_seen_at: rfc3339(a.last_seen_ms),
             server: a.server,
+            labels: a.labels.into_iter().collect(),
         })
         .collect();
     if json {
@@ -294,6 +311,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
                 a.acked.to_string(),
                 a.failed.to_string(),
                 a.missed.to_string(),
+                labels_column(&a.labels),
                 if a.last_status_ms == 0 {
                     "-".to_owned()
                 } else {
@@ -311,6 +329,7 @@ pub fn agents(socket: &Path, json: bool) -> Result<(), CtlError> {
             "ACKED",
             "FAILED",
             "MISSED",
+            "LABELS",
             "LAST STATUS",
         ],
         &table,
@@ -360,6 +379,9 @@ struct TaskRow {
     text: String,
     last_agent: String,
     last_result: String,
+    /// Submitted for a label selector: it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    selector: String,
 }
 
 fn state_name(state: pb::TaskState) -> &'static str {
@@ -371,6 +393,21 @@ fn state_name(state: pb::TaskState) -> &'static str {
         pb::TaskState::Failed => "failed",
         pb::TaskState::Dead => "dead",
         pb::TaskState::Cancelled => "cancelled",
+    }
+}
+
+/// The labels an operator set, `role=web,region=eu`; the facts every
+/// agent reports (os, arch, ...) are left to `--json`, or "-" for none.
+fn labels_column(labels: &std::collections::BTreeMap<String, String>) -> String {
+    let set: Vec<String> = labels
+        .iter()
+        .filter(|(key, _)| !crate::labels::FACTS.contains(&key.as_str()))
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    if set.is_empty() {
+        "-".to_owned()
+    } else {
+        set.join(",")
     }
 }
 
@@ -451,6 +488,7 @@ impl From<&pb::Task> for TaskRow {
             text: t.text.clone(),
             last_agent: t.last_agent.clone(),
             last_result: t.last_result.clone(),
+            selector: t.selector.clone(),
         }
     }
 }
@@ -463,10 +501,10 @@ fn task_table(rows: &[TaskRow], now: SystemTime) -> String {
             vec![
                 t.id.to_string(),
                 t.state.to_owned(),
-                if t.target.is_empty() {
-                    "*".to_owned()
-                } else {
-                    t.target.clone()
+                match (t.target.is_empty(), t.selector.is_empty()) {
+                    (true, true) => "*".to_owned(),
+                    (true, false) => t.selector.clone(),
+                    (false, _) => t.target.clone(),
                 },
                 ago(now, t.created_ms),
                 t.delivered.to_string(),

@@ -7,15 +7,25 @@ pub struct SubmitTaskRequest {
     /// one agent (queue).
     #[prost(string, tag = "2")]
     pub agent: ::prost::alloc::string::String,
+    /// Broadcast: only the agents this label selector matches receive it
+    /// (Kubernetes' syntax: `role=web,region!=us`); empty = every agent.
+    /// Not with `agent`.
+    #[prost(string, tag = "3")]
+    pub selector: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SubmitTaskResponse {
     #[prost(uint64, tag = "1")]
     pub id: u64,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct ListAgentsRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAgentsRequest {
+    /// Only the agents this label selector matches (`role=web`,
+    /// `name=web-*`); empty = all, seed clients included.
+    #[prost(string, tag = "1")]
+    pub selector: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Agent {
     /// The agent's name, or a seed client's IP address.
     #[prost(string, tag = "1")]
@@ -61,6 +71,14 @@ pub struct Agent {
     /// was last) connected to. Empty with one server.
     #[prost(string, tag = "16")]
     pub server: ::prost::alloc::string::String,
+    /// Its labels: what it says of itself (its config's and its facts: os,
+    /// arch, hostname, kernel, contactd_version), with what the server pins
+    /// for its name in force over them. Empty for seed clients.
+    #[prost(map = "string, string", tag = "17")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// A server sharing the PostgreSQL store.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -127,6 +145,9 @@ pub struct Task {
     pub last_agent: ::prost::alloc::string::String,
     #[prost(string, tag = "10")]
     pub last_result: ::prost::alloc::string::String,
+    /// Submitted with a label selector: the agents it is for.
+    #[prost(string, tag = "11")]
+    pub selector: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListTasksResponse {

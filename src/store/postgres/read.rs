@@ -99,7 +99,7 @@ impl Reader {
 }
 
 pub(super) const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
-                            delivered, acked, failed, last_agent, last_result, retries";
+                            delivered, acked, failed, last_agent, last_result, retries, selector";
 
 const CURSOR_OF: &str = "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors \
                          WHERE agent = $1";
@@ -212,6 +212,7 @@ pub(super) fn stored_task(row: &tokio_postgres::Row) -> StoredTask {
         failed: count(row.get(10)),
         last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
         retries: count(row.get(13)),
+        selector: row.get(14),
     }
 }
 

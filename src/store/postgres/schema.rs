@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
          heartbeat_ms BIGINT NOT NULL,
          stopped BOOLEAN NOT NULL DEFAULT FALSE
      );",
+    // 2: the label selector a broadcast task was submitted for.
+    "ALTER TABLE tasks ADD COLUMN selector TEXT;",
 ];
 
 /// The schema version this contactd writes.

@@ -36,8 +36,9 @@ impl Statements {
         Ok(Statements {
             insert_task: client
                 .prepare(
-                    "INSERT INTO tasks (id, text, target, created_ms) \
-                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])",
+                    "INSERT INTO tasks (id, text, target, created_ms, selector) \
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], \
+                     $5::text[])",
                 )
                 .await?,
             notify: client
@@ -192,6 +193,10 @@ pub(super) fn calls<'a>(
                     .iter()
                     .map(|t| crate::clock::unix_ms(t.created))
                     .collect();
+                let selectors: Vec<Option<String>> = tasks
+                    .iter()
+                    .map(|t| t.selector.as_ref().map(ToString::to_string))
+                    .collect();
                 published = true;
                 calls.push((
                     &s.insert_task,
@@ -200,6 +205,7 @@ pub(super) fn calls<'a>(
                         Box::new(texts),
                         Box::new(targets),
                         Box::new(created),
+                        Box::new(selectors),
                     ],
                 ));
             }

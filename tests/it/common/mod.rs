@@ -147,6 +147,7 @@ pub async fn submit(admin: &mut AdminClient<Channel>, text: &str, agent: &str) -
     let request = SubmitTaskRequest {
         text: text.into(),
         agent: agent.into(),
+        ..Default::default()
     };
     admin.submit_task(request).await.unwrap().into_inner().id
 }
@@ -174,7 +175,10 @@ pub async fn until<T, F: Future<Output = T>>(
 
 /// Every caller the server knows, as `contactd agents` lists them.
 pub async fn agents(admin: &mut AdminClient<Channel>) -> Vec<Agent> {
-    let reply = admin.list_agents(ListAgentsRequest {}).await.unwrap();
+    let reply = admin
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap();
     reply.into_inner().agents
 }
 
