@@ -354,9 +354,9 @@ print(max(seqs, default=-1))
 
     # --- agent, with a certificate from `contactd tls issue` ----------------------------
     # As the README says for an agent on the server's host.
-    c contactd tls issue "$AGENT" --dir "$TLS" >/dev/null || fail "contactd tls issue $AGENT failed"
-    c chgrp contactd "$TLS/$AGENT.key"
-    c chmod 0640 "$TLS/$AGENT.key"
+    c contactd tls issue "$AGENT" --dir "$TLS" --group contactd >/dev/null ||
+        fail "contactd tls issue $AGENT --group contactd failed"
+    expect "the agent's key: mode and group" "640 contactd" "$(c stat -c '%a %G' "$TLS/$AGENT.key")"
     ok "contactd tls issue $AGENT: $(c ls "$TLS" | tr '\n' ' ')"
     c sed -i -e "s|^servers = .*|servers = [\"https://localhost:55555\"]|" \
         -e "s|^# name = \"web-01\"$|name = \"$AGENT\"|" \

@@ -193,6 +193,10 @@ pub struct TlsIssueArgs {
     /// Replace an existing certificate for NAME
     #[arg(long)]
     pub force: bool,
+    /// Let this group read the key (mode 0640): the packaged agent runs as
+    /// group contactd [default: the key is readable by its owner only, 0600]
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
 }
 
 /// `contactd token ...`

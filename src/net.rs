@@ -32,3 +32,12 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 pub fn shown_address(address: Option<SocketAddr>) -> String {
     address.map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
+
+/// The soft limit on this process's open files (every connection is one),
+/// if it can be read.
+#[must_use]
+pub fn open_files_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}

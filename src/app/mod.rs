@@ -306,7 +306,13 @@ pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
 /// # Errors
 /// No CA in the directory, an existing pair without `--force`, a bad name.
 pub fn tls_issue(args: &TlsIssueArgs) -> Result<(), AppError> {
-    let made = crate::tls::pki::issue(&args.dir, &args.name, args.days, args.force)?;
+    let made = crate::tls::pki::issue(
+        &args.dir,
+        &args.name,
+        args.days,
+        args.force,
+        args.group.as_deref(),
+    )?;
     let wrote: String = made
         .files
         .iter()
@@ -339,39 +345,22 @@ pub fn token_create(args: &TokenCreateArgs) -> Result<(), AppError> {
 /// A bad config, logging or bind failure, or a server error.
 pub fn serve(args: &ConfigArgs) -> Result<(), AppError> {
     let (config, daemon) = daemon::start::<Config>(server_source(args))?;
-    raise_fd_limit(config.server.max_connections);
+    raise_fd_limit();
     daemon.run(|context| serve_until_signalled(context, config))
 }
 
 /// Every agent holds a connection: raise the soft limit on open files to
-/// the hard limit, as most servers do.
-fn raise_fd_limit(max_connections: usize) {
+/// the hard limit, as most servers do. (The server sizes its connection
+/// cap from the limit it then finds.)
+fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => {
-                tracing::debug!(from = soft, to = hard, "raised the open-files limit");
-                hard
-            }
-            Err(e) => {
-                tracing::warn!(soft, hard, "cannot raise the open-files limit: {e}");
-                soft
-            }
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, "cannot raise the open-files limit: {e}"),
         },
-        Ok((soft, _)) => soft,
-        Err(e) => {
-            tracing::warn!("cannot read the open-files limit: {e}");
-            return;
-        }
-    };
-    // Not fatal: the cap still bounds connections, accept errors pause.
-    if max_connections as u64 >= limit {
-        tracing::warn!(
-            max_connections,
-            open_files = limit,
-            "server.max_connections is above the open-files limit: connections beyond it \
-             fail to be accepted (raise LimitNOFILE, or lower server.max_connections)"
-        );
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-files limit: {e}"),
     }
 }
 

@@ -48,7 +48,9 @@ pub use log::{LogConfig, LogFormat, Rotation};
 pub use metrics::MetricsConfig;
 pub use pattern::CommandPattern;
 pub use remote_cmd::RemoteCmdConfig;
-pub use server::{AgentPin, ClientAuth, ServerConfig, ServerTlsConfig};
+pub use server::{
+    AgentPin, ClientAuth, ConnectionCap, DEFAULT_MAX_CONNECTIONS, ServerConfig, ServerTlsConfig,
+};
 pub use source::{Source, changed_keys, shown_keys, to_toml};
 pub use store::{StoreConfig, StoreKind, StoreSync};
 pub use tasks::{DeliveryMode, TasksConfig};

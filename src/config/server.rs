@@ -9,6 +9,27 @@ use serde::{Deserialize, Serialize};
 use super::{Checks, ranges, units};
 use crate::labels::Labels;
 
+/// `server.max_connections` when the file does not set it: more than one
+/// box holds (see [`ServerConfig::connection_cap`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+
+/// Open files the daemon keeps for itself besides connections and
+/// handshakes: the store and its side files, log files, the admin and
+/// metrics sockets and their clients.
+const OWN_FILES: u64 = 64;
+
+/// What [`ServerConfig::connection_cap`] makes of `server.max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionCap {
+    /// As configured: within the open-files limit (or it is unknown).
+    AsSet(usize),
+    /// The default, lowered to what the open-files limit leaves.
+    Sized { max: usize, open_files: u64 },
+    /// Set above the open-files limit: connections beyond it fail to be
+    /// accepted.
+    AboveLimit { max: usize, open_files: u64 },
+}
+
 /// `[server]`: the listener and per-connection limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -144,6 +165,33 @@ pub enum ClientAuth {
 }
 
 impl ServerConfig {
+    /// The connection cap in force with `open_files` as the limit on open
+    /// files. The default is sized from the limit (less the handshakes, up
+    /// to a quarter of it, and the daemon's own files), so a default
+    /// config never promises more connections than the process can open;
+    /// a value the file sets is kept, and reported when above the limit.
+    #[must_use]
+    pub fn connection_cap(&self, open_files: Option<u64>) -> ConnectionCap {
+        let Some(limit) = open_files else {
+            return ConnectionCap::AsSet(self.max_connections);
+        };
+        let reserve = (self.max_handshakes as u64).min(limit / 4) + OWN_FILES;
+        let room = usize::try_from(limit.saturating_sub(reserve).max(1)).unwrap_or(usize::MAX);
+        if self.max_connections <= room {
+            ConnectionCap::AsSet(self.max_connections)
+        } else if self.max_connections == DEFAULT_MAX_CONNECTIONS {
+            ConnectionCap::Sized {
+                max: room,
+                open_files: limit,
+            }
+        } else {
+            ConnectionCap::AboveLimit {
+                max: self.max_connections,
+                open_files: limit,
+            }
+        }
+    }
+
     /// `name`, or else the host's name.
     pub fn resolved_name(&self) -> String {
         if !self.name.is_empty() {
@@ -159,7 +207,7 @@ impl Default for ServerConfig {
             name: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 55555)),
             backlog: 4096,
-            max_connections: 50_000,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_message_size: ByteSize::mib(4),
             max_concurrent_streams: 256,
             keepalive_interval: Duration::from_secs(30),
@@ -327,6 +375,61 @@ impl ServerTlsConfig {
             self.client_ca.is_none() || self.client_auth() != ClientAuth::None,
             "server.tls.client_ca",
             "is set but client_auth = \"none\": remove it, or set client_auth = \"request\" or \"require\"",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_connection_cap_is_sized_from_the_open_files_limit() {
+        let default = ServerConfig::default();
+        // This machine's hard limit: the handshakes and the daemon's own
+        // files are left their room.
+        assert_eq!(
+            default.connection_cap(Some(20_000)),
+            ConnectionCap::Sized {
+                max: 20_000 - 1024 - OWN_FILES as usize,
+                open_files: 20_000
+            }
+        );
+        // A small limit: handshakes take at most a quarter of it.
+        assert_eq!(
+            default.connection_cap(Some(1024)),
+            ConnectionCap::Sized {
+                max: 1024 - 256 - OWN_FILES as usize,
+                open_files: 1024
+            }
+        );
+        assert_eq!(
+            default.connection_cap(Some(1_048_576)),
+            ConnectionCap::AsSet(DEFAULT_MAX_CONNECTIONS)
+        );
+        assert_eq!(
+            default.connection_cap(None),
+            ConnectionCap::AsSet(DEFAULT_MAX_CONNECTIONS)
+        );
+        // A value the file sets is kept, and reported when above the limit.
+        let set = ServerConfig {
+            max_connections: 30_000,
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            set.connection_cap(Some(20_000)),
+            ConnectionCap::AboveLimit {
+                max: 30_000,
+                open_files: 20_000
+            }
+        );
+        let within = ServerConfig {
+            max_connections: 5_000,
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            within.connection_cap(Some(20_000)),
+            ConnectionCap::AsSet(5_000)
         );
     }
 }

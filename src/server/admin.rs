@@ -1,7 +1,8 @@
 //! The admin API (`contactd.admin.v1.Admin`): submit tasks, list agents and
 //! tasks, show, cancel and retry one task. A translation: the broker
-//! decides, this file turns requests and answers into protobuf. Served on a unix socket only (`[admin] socket`, mode 0660, so access is a
-//! matter of file permissions), never on the public port.
+//! decides, this file turns requests and answers into protobuf. Served on a
+//! unix socket only (`[admin] socket`, mode 0660, so access is a matter of
+//! file permissions), never on the public port.
 
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},

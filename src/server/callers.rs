@@ -117,7 +117,7 @@ impl Caller {
     pub fn claim(
         &self,
         claimed: Arc<Labels>,
-        resolve: impl Fn(&str, &Labels) -> (Labels, Vec<Conflict>),
+        resolve: impl Fn(&str, &Arc<Labels>) -> (Arc<Labels>, Vec<Conflict>),
     ) {
         *self.claimed.lock() = Arc::clone(&claimed);
         self.relabel(&resolve);
@@ -125,7 +125,7 @@ impl Caller {
 
     /// Puts in force what `resolve` makes of the labels last claimed (at a
     /// reload that changed the pins).
-    pub fn relabel(&self, resolve: &impl Fn(&str, &Labels) -> (Labels, Vec<Conflict>)) {
+    pub fn relabel(&self, resolve: &impl Fn(&str, &Arc<Labels>) -> (Arc<Labels>, Vec<Conflict>)) {
         if !self.named {
             return;
         }
@@ -145,7 +145,7 @@ impl Caller {
                 }
             });
         }
-        self.labels.store(Arc::new(labels));
+        self.labels.store(labels);
     }
 
     /// `text` cut to what is kept of this caller's reports

@@ -177,14 +177,13 @@ impl Contact for ContactService {
                 };
                 let kept = caller.kept(&result.ret);
                 match self.state.broker.ack(&agent, &result, kept) {
-                    Acked::Counted { ok: true } => caller.acked.fetch_add(1, Relaxed),
-                    Acked::Counted { ok: false } => caller.failed.fetch_add(1, Relaxed),
-                    Acked::Refused(reason) => {
-                        caller.refuse_ack(result.task_id, reason);
-                        0
+                    Acked::Counted { ok } => {
+                        let counter = if ok { &caller.acked } else { &caller.failed };
+                        counter.fetch_add(1, Relaxed);
                     }
-                    Acked::Ignored => 0,
-                };
+                    Acked::Refused(reason) => caller.refuse_ack(result.task_id, reason),
+                    Acked::Ignored => {}
+                }
             }
         }
         .instrument(span)

@@ -1,8 +1,7 @@
-//! The listening socket and the connections it accepts: bound here so the
-//! listen backlog is ours to choose (the standard library's 128 overflows
-//! when thousands of agents reconnect at once after a restart), and accepted
-//! here so that a connection costs almost nothing until it has proved it
-//! speaks our protocol:
+//! The connections the listening socket accepts (bound by
+//! [`crate::net::bind`] with a backlog of our choosing), accepted here so
+//! that a connection costs almost nothing until it has proved it speaks our
+//! protocol:
 //!
 //! - a new connection takes a *handshake* slot (`server.max_handshakes`),
 //!   and must finish TLS (when enabled), then send the HTTP/2 preface and

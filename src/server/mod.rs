@@ -1,6 +1,11 @@
-//! The server: binds nothing itself (it takes a bound listener), serves the
-//! Contact service with health and reflection, follows config reloads and
-//! shuts down in order when its token is cancelled.
+//! The server, a transport over the broker: it binds nothing itself (it
+//! takes a bound listener), serves the Contact service behind its gate,
+//! health, reflection and the admin API, translating calls into the
+//! broker's terms ([`crate::tasks::Broker`] decides what happens to a task),
+//! follows config reloads and shuts down in order when its token is
+//! cancelled. Files: `state.rs` (what handlers share), `policy.rs` (rules,
+//! tokens, TLS), `reload.rs`, `gate.rs` → `contact.rs`, `admin.rs`,
+//! `callers.rs`, `listener.rs`, `health.rs`, `metrics.rs` and `counters.rs`.
 //!
 //! Shutdown order, one log line per phase: health NOT_SERVING → stop
 //! accepting and end every open stream with UNAVAILABLE → let in-flight
@@ -38,7 +43,7 @@ pub use policy::Policy;
 use self::state::State;
 use crate::{
     auth::TokenError,
-    config::Config,
+    config::{Config, ConnectionCap, ServerConfig},
     proto::CONTACT_DESCRIPTOR_SET,
     store::{self, StoreError},
     tasks::Broker,
@@ -231,7 +236,7 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
     let reporter = tonic_health::server::HealthReporter::new();
     let router = router(&initial, &state, &reporter)?;
     let limits = listener::Limits {
-        max_connections: initial.server.max_connections,
+        max_connections: connection_cap(&initial.server),
         max_handshakes: initial.server.max_handshakes,
         handshake_timeout: initial.server.handshake_timeout,
     };
@@ -404,6 +409,32 @@ fn router(
         )
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha))
+}
+
+/// `server.max_connections` as the open-files limit allows, said once.
+fn connection_cap(server: &ServerConfig) -> usize {
+    match server.connection_cap(crate::net::open_files_limit()) {
+        ConnectionCap::AsSet(max) => max,
+        ConnectionCap::Sized { max, open_files } => {
+            tracing::info!(
+                max_connections = max,
+                open_files,
+                "server.max_connections is at its default: sized to the open-files limit, less \
+                 handshakes and the daemon's own files (raise LimitNOFILE for more)"
+            );
+            max
+        }
+        ConnectionCap::AboveLimit { max, open_files } => {
+            // Not fatal: the cap still bounds connections, accept errors pause.
+            tracing::warn!(
+                max_connections = max,
+                open_files,
+                "server.max_connections is above the open-files limit: connections beyond it \
+                 fail to be accepted (raise LimitNOFILE, or lower server.max_connections)"
+            );
+            max
+        }
+    }
 }
 
 /// Saves changed cursors every second; deletes what retention no longer

@@ -82,8 +82,14 @@ impl Policy {
 
     /// The labels of agent `name` that claims `claimed`: the claim, with
     /// every pin whose name matches in force over it (in file order, a
-    /// later block winning), and the claims a pin overrode.
-    pub(crate) fn labels_for(&self, name: &str, claimed: &Labels) -> (Labels, Vec<Conflict>) {
+    /// later block winning), and the claims a pin overrode. With no pin
+    /// for the name, the claim itself (shared, not copied: an agent's
+    /// labels are held once).
+    pub(crate) fn labels_for(
+        &self,
+        name: &str,
+        claimed: &Arc<Labels>,
+    ) -> (Arc<Labels>, Vec<Conflict>) {
         let pins = Arc::clone(&self.pins.read());
         let mut pinned = Labels::new();
         for pin in pins.iter().filter(|pin| pin.name.matches(name)) {
@@ -91,7 +97,11 @@ impl Policy {
                 pinned.insert(key.to_owned(), value.to_owned());
             }
         }
-        labels::pin(claimed, &pinned)
+        if pinned.is_empty() {
+            return (Arc::clone(claimed), Vec::new());
+        }
+        let (labels, conflicts) = labels::pin(claimed, &pinned);
+        (Arc::new(labels), conflicts)
     }
 
     /// The remote command rules in force.

@@ -68,7 +68,7 @@ fn apply(state: &State, old: &Config, new: &Config) {
     if old.server.agents != new.server.agents {
         state.policy.set_pins(new);
         let policy = &state.policy;
-        let resolve = |name: &str, claimed: &Labels| policy.labels_for(name, claimed);
+        let resolve = |name: &str, claimed: &Arc<Labels>| policy.labels_for(name, claimed);
         for caller in state.callers.list() {
             caller.relabel(&resolve);
         }

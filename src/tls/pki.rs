@@ -43,6 +43,8 @@ pub enum PkiError {
     BadCa { path: PathBuf, reason: String },
     #[error("cannot make the certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("no group {0:?} on this system (--group names the group that may read the key)")]
+    NoGroup(String),
 }
 
 /// How long a CA made by `init` is valid.
@@ -245,7 +247,17 @@ const MAX_NAME: usize = 253;
 ///
 /// # Errors
 /// A missing CA, an existing pair without `force`, an invalid name.
-pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, PkiError> {
+///
+/// With `group`, the key is made readable by that group (mode 0640, its
+/// group set): the packaged agent runs as user `contactd`, and a key only
+/// root can read would stop it at its first connection.
+pub fn issue(
+    dir: &Path,
+    name: &str,
+    days: u32,
+    force: bool,
+    group: Option<&str>,
+) -> Result<Made, PkiError> {
     let valid = (1..=MAX_NAME).contains(&name.len())
         && name
             .bytes()
@@ -264,6 +276,18 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
         dir.join(format!("{name}.key")),
     );
     check_free(&[&cert_path, &key_path], force)?;
+    // Before anything is written: a misspelt group writes nothing.
+    let gid = match group {
+        Some(group) => Some(
+            nix::unistd::Group::from_name(group)
+                .ok()
+                .flatten()
+                .ok_or_else(|| PkiError::NoGroup(group.to_owned()))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
     let issuer = ca_issuer(dir)?;
 
     let mut params = CertificateParams::default();
@@ -279,6 +303,19 @@ pub fn issue(dir: &Path, name: &str, days: u32, force: bool) -> Result<Made, Pki
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     write_pair(dir, name, &cert.pem(), &key.serialize_pem(), force)?;
+    if let Some(gid) = gid {
+        // Group first, then the mode: the key is never readable by a group
+        // it was not meant for.
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(&key_path, None, Some(gid))
+            .and_then(|()| {
+                std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o640))
+            })
+            .map_err(|source| PkiError::Write {
+                path: key_path.clone(),
+                source,
+            })?;
+    }
     Ok(Made {
         files: vec![cert_path, key_path],
     })
@@ -292,7 +329,7 @@ mod tests {
     fn issues_under_the_ca_init_made_and_refuses_others() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), &["srv.example".to_owned()], &[], 30, false).unwrap();
-        issue(dir.path(), "web1", 30, false).unwrap();
+        issue(dir.path(), "web1", 30, false, None).unwrap();
         let read = |name: &str| {
             let pem = std::fs::read(dir.path().join(name)).unwrap();
             CertificateDer::from_pem_slice(&pem).unwrap()
@@ -307,7 +344,7 @@ mod tests {
         // A ca.key that is not the key of ca.pem.
         let other = KeyPair::generate().unwrap();
         std::fs::write(dir.path().join("ca.key"), other.serialize_pem()).unwrap();
-        let err = issue(dir.path(), "web2", 30, false)
+        let err = issue(dir.path(), "web2", 30, false, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("ca.key is not the key"), "{err}");
@@ -320,7 +357,7 @@ mod tests {
         foreign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = foreign.self_signed(&other).unwrap();
         std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-        let err = issue(dir.path(), "web2", 30, false)
+        let err = issue(dir.path(), "web2", 30, false, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -329,7 +366,7 @@ mod tests {
         );
 
         std::fs::write(dir.path().join("ca.pem"), "garbage").unwrap();
-        let err = issue(dir.path(), "web2", 30, false)
+        let err = issue(dir.path(), "web2", 30, false, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("no PEM certificate"), "{err}");

@@ -521,6 +521,55 @@ fn ready_comes_when_the_admin_socket_and_health_answer() {
     assert_eq!(server.wait_exit(LIMIT).code(), Some(0));
 }
 
+// ---- open files: the default connection cap fits the limit ----
+
+/// `cargo run -- serve` on a default config never starts with a warning
+/// that `server.max_connections` is above the open-files limit: at its
+/// default the cap is sized from the limit the server finds (after raising
+/// its soft limit to the hard one), and said once.
+#[test]
+fn the_default_connection_cap_is_sized_from_the_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("contactd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{}\"\n",
+            dir.path().join("admin.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut server = common::daemon::Process::spawn(
+        &[
+            std::ffi::OsStr::new("serve"),
+            "-c".as_ref(),
+            config.as_os_str(),
+        ],
+        &[("STATE_DIRECTORY", dir.path().to_str().unwrap())],
+    );
+    server.wait_for_line("serving Contact");
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(common::LIMIT).success());
+    let log = server.log.join("\n");
+    assert!(
+        !log.contains("above the open-files limit"),
+        "a default config warned:\n{log}"
+    );
+    // What the server finds: its hard limit (it raises the soft one).
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let room = hard - (1024u64.min(hard / 4) + 64);
+    if room < 50_000 {
+        let line = server.wait_for_line("server.max_connections is at its default");
+        assert!(line.contains(&format!("max_connections={room}")), "{line}");
+    } else {
+        assert!(
+            !log.contains("server.max_connections is at its default"),
+            "{log}"
+        );
+    }
+}
+
 // ---- log lines: JSON, excluded messages, fleet events, redeliveries ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

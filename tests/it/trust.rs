@@ -37,7 +37,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 fn make_pki(dir: &Path, names: &[&str]) {
     pki::init(dir, &[], &[], 30, false).unwrap();
     for name in names {
-        pki::issue(dir, name, 30, false).unwrap();
+        pki::issue(dir, name, 30, false, None).unwrap();
     }
 }
 
@@ -680,6 +680,44 @@ fn the_pki_and_token_commands_write_what_they_say() {
     );
     let out = contactd(&["tls", "init", &path(&tls)]);
     assert!(!out.status.success(), "init does not overwrite");
+    // --group: the key readable by that group (the packaged agent's), 0640.
+    let group = nix::unistd::Group::from_gid(nix::unistd::getegid())
+        .unwrap()
+        .expect("the test's own group has a name");
+    let out = contactd(&[
+        "tls",
+        "issue",
+        "web2",
+        "--dir",
+        &path(&tls),
+        "--group",
+        &group.name,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let key = std::fs::metadata(tls.join("web2.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&key),
+        group.gid.as_raw()
+    );
+    let out = contactd(&[
+        "tls",
+        "issue",
+        "web3",
+        "--dir",
+        &path(&tls),
+        "--group",
+        "no-such-group-here",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no group"),
+        "{out:?}"
+    );
+    assert!(
+        !tls.join("web3.key").exists(),
+        "a misspelt group writes nothing"
+    );
     let der = std::fs::read(tls.join("web1.pem")).unwrap();
     use rustls_pki_types::pem::PemObject;
     let cert = rustls_pki_types::CertificateDer::from_pem_slice(&der).unwrap();
