@@ -1,7 +1,7 @@
 //! `[remote_cmd]`: the remoteCMD RPC (off by default), which command lines
 //! may run and the bounds on running them, with its defaults and checks.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
@@ -31,7 +31,21 @@ pub struct RemoteCmdConfig {
     pub max_output: ByteSize,
     /// Certificate names given the operator role (remoteCMD) with mTLS.
     pub callers: Vec<String>,
+    /// Environment variables commands get, beyond (or replacing) the fixed
+    /// `PATH` and `LANG`; nothing of the daemon's own environment is passed
+    /// on. In name order, so a command sees the same environment each run.
+    pub env: BTreeMap<String, String>,
 }
+
+/// The most `remote_cmd.env` entries.
+pub const MAX_ENV_ENTRIES: usize = 64;
+/// The longest `remote_cmd.env` value, in bytes.
+pub const MAX_ENV_VALUE: usize = 4096;
+/// The longest `remote_cmd.env` name, in bytes.
+pub const MAX_ENV_NAME: usize = 256;
+/// Set on every command by the daemon (`process::reaper::ENV_RUN`): it is
+/// how what a command leaves behind is found, so the config may not set it.
+pub const ENV_RESERVED: &str = "CONTACTD_RUN";
 
 impl Default for RemoteCmdConfig {
     fn default() -> Self {
@@ -44,6 +58,7 @@ impl Default for RemoteCmdConfig {
             max_queued: 64,
             max_output: ByteSize::kib(64),
             callers: Vec::new(),
+            env: BTreeMap::new(),
         }
     }
 }
@@ -61,6 +76,7 @@ impl RemoteCmdConfig {
         );
         c.count("remote_cmd.max_queued", self.max_queued as u64, MAX_QUEUED);
         c.size("remote_cmd.max_output", self.max_output, MAX_OUTPUT);
+        self.check_env(c);
         if !self.allow_any {
             for pattern in self.allow.iter().filter(|p| p.matches_any_program()) {
                 c.check(
@@ -75,5 +91,141 @@ impl RemoteCmdConfig {
                 );
             }
         }
+    }
+
+    /// `env`: portable names (what a shell can name), values an environment
+    /// can carry, and bounded, so the config cannot make every command's
+    /// start copy megabytes.
+    fn check_env(&self, c: &mut Checks) {
+        c.check(
+            self.env.len() <= MAX_ENV_ENTRIES,
+            "remote_cmd.env",
+            format!(
+                "{} variables: at most {MAX_ENV_ENTRIES} may be set",
+                self.env.len()
+            ),
+        );
+        for (name, value) in &self.env {
+            if !is_env_name(name) {
+                c.check(
+                    false,
+                    "remote_cmd.env",
+                    format!(
+                        "\"{}\" is not a variable name: expected a letter or \"_\", then \
+                         letters, digits or \"_\" (no \"=\"), at most {MAX_ENV_NAME} bytes",
+                        crate::untrusted::shown(name)
+                    ),
+                );
+                continue;
+            }
+            let key = format!("remote_cmd.env.{name}");
+            c.check(
+                name != ENV_RESERVED,
+                &key,
+                format!("{ENV_RESERVED} is set by contactd on every command: choose another name"),
+            );
+            c.check(
+                !value.contains('\0'),
+                &key,
+                "the value holds a NUL character, which an environment cannot carry",
+            );
+            c.check(
+                value.len() <= MAX_ENV_VALUE,
+                &key,
+                format!(
+                    "the value is {} bytes long: at most {MAX_ENV_VALUE} bytes (4KiB) are allowed",
+                    value.len()
+                ),
+            );
+        }
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most [`MAX_ENV_NAME`] bytes.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= MAX_ENV_NAME
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, parse};
+
+    fn problems(env: &str) -> Vec<(String, String)> {
+        let text = format!("[remote_cmd]\nenv = {env}\n");
+        match parse::<Config>(&text) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems
+                .into_iter()
+                .map(|p| (p.key.unwrap_or_default(), p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn env_names_and_values_are_checked() {
+        assert!(problems("{}").is_empty());
+        assert!(
+            problems(r#"{ TZ = "UTC", _x1 = "a=b", PATH = "/opt/bin", LANG = "" }"#).is_empty()
+        );
+        for (env, key, says) in [
+            (
+                r#"{ "1X" = "v" }"#,
+                "remote_cmd.env",
+                "\"1X\" is not a variable name",
+            ),
+            (r#"{ "A=B" = "v" }"#, "remote_cmd.env", "(no \"=\")"),
+            (r#"{ "A B" = "v" }"#, "remote_cmd.env", "expected a letter"),
+            (
+                r#"{ "" = "v" }"#,
+                "remote_cmd.env",
+                "is not a variable name",
+            ),
+            (
+                r#"{ "É" = "v" }"#,
+                "remote_cmd.env",
+                "is not a variable name",
+            ),
+            (r#"{ X = "a\u0000b" }"#, "remote_cmd.env.X", "NUL character"),
+            (
+                r#"{ CONTACTD_RUN = "1" }"#,
+                "remote_cmd.env.CONTACTD_RUN",
+                "set by contactd",
+            ),
+        ] {
+            let found = problems(env);
+            assert_eq!(found.len(), 1, "{env}: {found:?}");
+            assert_eq!(found[0].0, key, "{env}: {found:?}");
+            assert!(found[0].1.contains(says), "{env}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn env_is_bounded() {
+        let long = format!("{{ X = \"{}\" }}", "v".repeat(4097));
+        let found = problems(&long);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "remote_cmd.env.X");
+        assert!(
+            found[0].1.contains("4097 bytes long: at most 4096 bytes"),
+            "{found:?}"
+        );
+        assert!(problems(&format!("{{ X = \"{}\" }}", "v".repeat(4096))).is_empty());
+        let name = format!("{{ {} = \"v\" }}", "N".repeat(257));
+        assert!(problems(&name)[0].1.contains("at most 256 bytes"));
+
+        let entries = |n: usize| {
+            let list: Vec<String> = (0..n).map(|i| format!("V{i} = \"x\"")).collect();
+            format!("{{ {} }}", list.join(", "))
+        };
+        assert!(problems(&entries(64)).is_empty());
+        let found = problems(&entries(65));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "remote_cmd.env");
+        assert!(found[0].1.contains("65 variables: at most 64"), "{found:?}");
     }
 }

@@ -4,9 +4,13 @@
 //! group ([`reaper`]), is killed too: nothing outlives it.
 //!
 //! Neither the server's nor the agent's: remoteCMD (`remote_cmd`, after its
-//! allow-list) uses `execute`; the agent's task handlers and its status
-//! command use `execute_with`, which adds stdin, environment variables
-//! and keeping the *end* of the output.
+//! allow-list) uses `execute`, which starts the command from an empty
+//! environment plus the variables it is given; the agent's task handlers
+//! and its status command use `execute_with`, which adds stdin, passes on
+//! the daemon's environment (less [`CHILD_ENV_REMOVE`]) with variables of
+//! their own, and keeps the *end* of the output.
+//!
+//! [`CHILD_ENV_REMOVE`]: crate::systemd::CHILD_ENV_REMOVE
 
 pub mod reaper;
 
@@ -46,7 +50,8 @@ enum End {
 pub(crate) struct Input<'a> {
     /// Written to the command's stdin, which is then closed; `None`: /dev/null.
     pub stdin: Option<&'a [u8]>,
-    /// Extra environment variables.
+    /// Environment variables added to the daemon's (for `execute`: the
+    /// whole environment).
     pub env: &'a [(&'a str, &'a str)],
     /// Keep the last `max_output` bytes instead of the first.
     pub keep_tail: bool,
@@ -65,19 +70,37 @@ impl Default for Input<'_> {
     }
 }
 
+/// Where a command's environment starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// The daemon's own, less [`crate::systemd::CHILD_ENV_REMOVE`].
+    Daemon,
+    /// Nothing: only [`Input::env`] (and [`reaper::ENV_RUN`]).
+    Empty,
+}
+
 /// Runs `argv` with no input, keeping the start of its output, as
-/// [`execute_with`].
+/// [`execute_with`], but with exactly `env` as its environment (and
+/// [`reaper::ENV_RUN`], which the reaper needs): nothing of the daemon's,
+/// whose variables may hold secrets. A program named without a `/` is
+/// looked up in `env`'s `PATH`.
 pub(crate) async fn execute(
     argv: &[String],
+    env: &[(&str, &str)],
     timeout: Duration,
     max_output: usize,
     kill: &CancellationToken,
 ) -> CmdOutput {
-    execute_with(argv, Input::default(), timeout, max_output, kill).await
+    let input = Input {
+        env,
+        ..Input::default()
+    };
+    run(argv, input, Base::Empty, timeout, max_output, kill).await
 }
 
-/// Runs `argv` with `input`, killing its group after `timeout` or when
-/// `kill` is cancelled. `argv` must not be empty.
+/// Runs `argv` with `input`, its variables added to the daemon's
+/// environment, killing its group after `timeout` or when `kill` is
+/// cancelled. `argv` must not be empty.
 pub(crate) async fn execute_with(
     argv: &[String],
     input: Input<'_>,
@@ -85,7 +108,21 @@ pub(crate) async fn execute_with(
     max_output: usize,
     kill: &CancellationToken,
 ) -> CmdOutput {
+    run(argv, input, Base::Daemon, timeout, max_output, kill).await
+}
+
+async fn run(
+    argv: &[String],
+    input: Input<'_>,
+    base: Base,
+    timeout: Duration,
+    max_output: usize,
+    kill: &CancellationToken,
+) -> CmdOutput {
     let mut command = Command::new(&argv[0]);
+    if base == Base::Empty {
+        command.env_clear();
+    }
     command
         .args(&argv[1..])
         .envs(input.env.iter().copied())
@@ -98,8 +135,10 @@ pub(crate) async fn execute_with(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    for name in crate::systemd::CHILD_ENV_REMOVE {
-        command.env_remove(name);
+    if base == Base::Daemon {
+        for name in crate::systemd::CHILD_ENV_REMOVE {
+            command.env_remove(name);
+        }
     }
     let run = reaper::new_run();
     command.env(reaper::ENV_RUN, &run);
@@ -330,8 +369,53 @@ mod tests {
         crate::config::pattern::split_words(line).unwrap()
     }
 
+    const PATH: (&str, &str) = ("PATH", "/usr/bin:/bin");
+
     async fn run(line: &str, timeout: Duration, max: usize) -> CmdOutput {
-        execute(&argv(line), timeout, max, &CancellationToken::new()).await
+        execute(
+            &argv(line),
+            &[PATH],
+            timeout,
+            max,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn execute_passes_only_the_given_environment() {
+        let env = [PATH, ("CONTACTD_TEST", "a=b c")];
+        let out = execute(
+            &argv("env"),
+            &env,
+            Duration::from_secs(10),
+            4096,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(out.success, "{out:?}");
+        let mut names: Vec<&str> = out
+            .output
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, _)| n)
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["CONTACTD_RUN", "CONTACTD_TEST", "PATH"], "{out:?}");
+        assert!(
+            out.output.lines().any(|l| l == "CONTACTD_TEST=a=b c"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn the_config_may_not_set_the_run_id() {
+        let text = format!("[remote_cmd]\nenv = {{ {} = \"1\" }}\n", reaper::ENV_RUN);
+        let problems = crate::config::parse::<crate::config::Config>(&text).unwrap_err();
+        assert!(
+            problems[0].message.contains("set by contactd"),
+            "{problems:?}"
+        );
     }
 
     #[tokio::test]

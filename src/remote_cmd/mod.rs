@@ -7,8 +7,13 @@
 //! period at shutdown) kills everything it started. At most
 //! `max_concurrent` run at once, at most `max_queued` wait for a slot, and
 //! at most `max_output` bytes of their combined output are kept.
+//!
+//! A command gets none of the daemon's environment (a unit's variables
+//! may hold secrets, and `env` is an easy command to allow): it starts
+//! from [`BASE_ENV`], with `remote_cmd.env` added over it, and the
+//! process runner's `CONTACTD_RUN`.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +23,18 @@ pub use crate::process::CmdOutput;
 pub use crate::config::pattern::{CommandPattern, split_words};
 
 use crate::{config::RemoteCmdConfig, untrusted::shown};
+
+/// The environment every remote command starts from, before
+/// `remote_cmd.env` (which may replace either). The `PATH` is fixed, not
+/// the daemon's, so where a command is found does not depend on how the
+/// daemon was started.
+pub const BASE_ENV: [(&str, &str); 2] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("LANG", "C.UTF-8"),
+];
 
 /// Why a command was not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +63,9 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct Runner {
     config: RemoteCmdConfig,
+    /// Each command's whole environment: [`BASE_ENV`] with the config's
+    /// `env` over it, in name order.
+    env: Vec<(String, String)>,
     /// One permit per command allowed to run at once.
     slots: Arc<Semaphore>,
     /// One permit per call allowed in the building: running or waiting.
@@ -55,9 +75,15 @@ pub struct Runner {
 impl Runner {
     /// A runner enforcing `config`.
     pub fn new(config: RemoteCmdConfig) -> Runner {
+        let mut env: BTreeMap<String, String> = BASE_ENV
+            .iter()
+            .map(|&(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        env.extend(config.env.clone());
         Runner {
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
             admission: Arc::new(Semaphore::new(config.max_concurrent + config.max_queued)),
+            env: env.into_iter().collect(),
             config,
         }
     }
@@ -105,8 +131,14 @@ impl Runner {
             })?;
         // The semaphore is never closed, so acquiring only waits.
         let _slot = Arc::clone(&self.slots).acquire_owned().await.ok();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
         Ok(crate::process::execute(
             &argv,
+            &env,
             self.config.timeout,
             self.config.max_output.as_u64() as usize,
             kill,

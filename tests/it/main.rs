@@ -8,6 +8,7 @@ mod common;
 mod agent;
 mod cli;
 mod cmd;
+mod cmd_env;
 mod contact;
 mod ctl;
 mod delivery;
