@@ -128,7 +128,12 @@ async fn check(
     let channel = match dial(addr, timeout, tls).await {
         Ok(channel) => channel,
         Err(Dial::BadArguments(message)) => return (exit::BAD_ARGUMENTS, message),
-        Err(Dial::Failed(message)) => return (exit::CONNECTION_FAILURE, message),
+        Err(Dial::Failed(message)) => {
+            return (
+                exit::CONNECTION_FAILURE,
+                message + &speaks_tls_hint(addr, timeout, tls).await,
+            );
+        }
     };
     let request = HealthCheckRequest {
         service: service.to_owned(),
@@ -144,10 +149,24 @@ async fn check(
         Err(status) => (
             exit::RPC_FAILURE,
             format!(
-                "error: health rpc failed: {}: {}",
+                "error: health rpc failed: {}: {}{}",
                 status.code(),
-                status.message()
+                status.message(),
+                speaks_tls_hint(addr, timeout, tls).await
             ),
         ),
+    }
+}
+
+/// After a plaintext call failed: what to do if the server speaks TLS
+/// (tonic says only "transport error" then), else nothing.
+async fn speaks_tls_hint(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> String {
+    if tls.is_none() && crate::tls::speaks_tls(addr, timeout).await {
+        format!(
+            " (the server at {addr} speaks TLS: add --tls, with --tls-ca-cert PATH for a private \
+             CA such as the package's /etc/contactd/tls/ca.pem)"
+        )
+    } else {
+        String::new()
     }
 }

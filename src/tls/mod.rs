@@ -406,6 +406,34 @@ pub async fn connect(
     endpoint.connect_with_connector(connector).await
 }
 
+/// Whether the server at `addr` (`host:port`) answers a TLS ClientHello
+/// with a TLS record, within `timeout`: asked after a plaintext call there
+/// failed, so that the failure can say "the server speaks TLS" rather than
+/// only "transport error". Sends one ClientHello and reads five bytes; it
+/// never completes a handshake, verifies nothing and sends no data.
+pub async fn speaks_tls(addr: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let unverified = ClientTls {
+            no_verify: true,
+            ..ClientTls::default()
+        };
+        let config = unverified.config().ok()?;
+        let name = ServerName::try_from("localhost").ok()?;
+        let mut hello = rustls::ClientConnection::new(config, name).ok()?;
+        let mut bytes = Vec::new();
+        hello.write_tls(&mut bytes).ok()?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(&bytes).await.ok()?;
+        let mut head = [0u8; 5];
+        tcp.read_exact(&mut head).await.ok()?;
+        // A handshake (22) or alert (21) record of TLS 1.x: an HTTP/2
+        // server answers with a SETTINGS frame instead.
+        Some(matches!(head[0], 21 | 22) && head[1] == 3)
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(true)))
+}
+
 /// The TLS settings for connecting to `url`: `None` for `http://`.
 ///
 /// # Errors

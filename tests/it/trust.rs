@@ -647,6 +647,38 @@ fn contactd(args: &[&str]) -> std::process::Output {
     common::contactd().args(args).output().unwrap()
 }
 
+/// A plaintext probe at a TLS port says that the server speaks TLS (tonic
+/// says only "transport error"); one at a plaintext server's closed port
+/// says no such thing.
+#[tokio::test]
+async fn a_plaintext_probe_at_a_tls_port_says_the_server_speaks_tls() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    make_pki(pki_dir.path(), &[]);
+    let server = TestServer::start(tls_server(pki_dir.path(), ClientAuth::Request)).await;
+    let addr = server.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        contactd(&["health", "--addr", &addr, "--timeout", "5s"])
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(2 | 3)), "{out:?}");
+    assert!(said.contains("speaks TLS: add --tls"), "{said}");
+    server.stop().await;
+
+    let closed = common::fleet::reserve_port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        contactd(&["health", "--addr", &closed, "--timeout", "2s"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("speaks TLS"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn the_pki_and_token_commands_write_what_they_say() {
     use std::os::unix::fs::PermissionsExt;
