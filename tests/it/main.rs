@@ -20,5 +20,6 @@ mod operations;
 mod postgres;
 mod serve;
 mod store;
+mod store_files;
 mod task_show;
 mod trust;
