@@ -62,9 +62,12 @@ pub struct StoreConfig {
     /// Agents not seen for this long have their broadcast cursor forgotten.
     #[serde(with = "units::duration")]
     pub forget_agents_after: Duration,
-    /// Largest the database may grow (`"0"`: as large as the disk allows).
-    /// Full, `task submit` is refused with RESOURCE_EXHAUSTED and the
-    /// server goes on delivering what it holds, as on a full disk.
+    /// Largest the database and its write-ahead log (`-wal`) may grow
+    /// together (`"0"`: as large as the disk allows): the log gets an eighth
+    /// (64 KiB to 4 MiB) and is checkpointed and truncated beyond it, the
+    /// database the rest. Full, `task submit` is refused with
+    /// RESOURCE_EXHAUSTED and the server goes on delivering what it holds,
+    /// as on a full disk.
     #[serde(with = "units::size")]
     pub max_size: ByteSize,
 }

@@ -524,11 +524,16 @@ pub fn open(
             })
         }
         StoreKind::Sqlite => {
-            let mut backend = sqlite::Sqlite::open(&config.resolved_path(), config.sync)?;
+            let path = config.resolved_path();
+            let mut backend = sqlite::Sqlite::open(&path, config.sync)?;
             if config.max_size.as_u64() > 0 {
                 backend.set_max_size(config.max_size.as_u64())?;
             }
-            let snapshot = backend.load(ring, queue_mode)?;
+            // What cannot be read back now (a task text that is not UTF-8)
+            // stops the start naming the file, not as a bare failure.
+            let snapshot = backend
+                .load(ring, queue_mode)
+                .map_err(|e| sqlite::unreadable(&path, e))?;
             Ok(Opened {
                 snapshot,
                 backend: Some(Box::new(backend)),

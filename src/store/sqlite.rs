@@ -5,9 +5,18 @@
 //! brings a database from any earlier version to the latest, in one
 //! transaction; a database from a newer contactd is refused, never changed.
 //! A file that is not a contactd database is refused and left as it is.
+//!
+//! Start-up proves the file before the server serves from it: only a
+//! missing file becomes a new store (an empty one is refused, not taken for
+//! new); the file must pass `PRAGMA quick_check`, take a write and a
+//! checkpoint, and its tasks must read back. Whatever fails is a
+//! [`StoreError::Open`] naming the file and the way out. The files the store
+//! creates are [`FILE_MODE`] whatever the umask, and `store.max_size` counts
+//! the write-ahead log with the database.
 
 use std::{
-    fs::File,
+    fs::{File, Permissions},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -89,10 +98,35 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Rows one housekeeping call deletes at most (a short transaction).
 const PRUNE_BATCH: i64 = 2000;
 
+/// Mode of every file the store creates: the database, its `-wal`, `-shm`
+/// and `.lock` files (SQLite gives the side files the database's own mode)
+/// and the copies `store backup` writes. Owner read-write, group read,
+/// nothing for others, whatever the umask: the packaged unit runs as user
+/// and group contactd (`UMask=0027`), and operators in group contactd, who
+/// may read its logs and use its admin socket, may read its tasks too.
+pub const FILE_MODE: u32 = 0o640;
+
+/// The write-ahead log's bound without `store.max_size`: SQLite's own
+/// checkpoint threshold (1000 pages of 4 KiB), now also the size the file
+/// is truncated to (`journal_size_limit`), which SQLite leaves unbounded.
+const WAL_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// The write-ahead log's share of `store.max_size` (the database gets the
+/// rest): an eighth, at least 64 KiB (a few group commits between
+/// checkpoints) and at most [`WAL_LIMIT`].
+fn wal_budget(max_size: u64) -> u64 {
+    (max_size / 8).clamp(64 * 1024, WAL_LIMIT)
+}
+
 /// An open contactd database.
 pub struct Sqlite {
     conn: Connection,
     path: PathBuf,
+    /// The `-wal` file, whose size is checked after each commit.
+    wal_path: PathBuf,
+    /// Beyond this size the write-ahead log is checkpointed and truncated
+    /// after a commit: [`WAL_LIMIT`], or the log's share of `max_size`.
+    wal_limit: u64,
     /// Held for as long as the database is open: one server per file.
     _lock: File,
 }
@@ -101,6 +135,43 @@ fn open_error(path: &Path, reason: impl std::fmt::Display) -> StoreError {
     StoreError::Open {
         path: path.to_owned(),
         reason: reason.to_string(),
+    }
+}
+
+/// What an operator does with a damaged or unreadable store.
+const RESTORE: &str = "not opened, and left as it is: restore the latest copy made by \
+                       `contactd store backup` (put it at this path, remove the -wal and -shm \
+                       files next to it, then start contactd), or move this file and those \
+                       two away to start with an empty store";
+
+/// An error met while proving the file at start, as the operator reads it.
+fn refused(path: &Path, e: &rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied) => open_error(
+            path,
+            format!(
+                "cannot be written ({e}): not opened. contactd's user must be able to write \
+                 the file and create the -wal, -shm and .lock files next to it (check the \
+                 file's and its directory's owner, mode and mount); its tasks can still be \
+                 copied with `contactd store backup`"
+            ),
+        ),
+        Some(C::NotADatabase) => open_error(path, format!("{e}: not opened (name another file)")),
+        Some(C::DiskFull) => open_error(path, format!("{e}: not opened (free some space)")),
+        _ => open_error(path, format!("is damaged ({e}): {RESTORE}")),
+    }
+}
+
+/// A failure to read back what the store holds at start (a text that is
+/// not UTF-8, a page that cannot be read): [`StoreError::Open`] naming the
+/// file, so that the server stops with exit 78 and says what to do.
+pub fn unreadable(path: &Path, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Failed(detail) | StoreError::Full(detail) => {
+            open_error(path, format!("cannot be read ({detail}): {RESTORE}"))
+        }
+        other => other,
     }
 }
 
@@ -119,50 +190,185 @@ fn count(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// `path` with `suffix` appended (`-wal`, `.lock`).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Creates `path`, which must not exist, with exactly [`FILE_MODE`].
+fn create_private(path: &Path) -> std::io::Result<File> {
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    // The umask may have taken bits away from FILE_MODE: set it whole.
+    file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
+
+/// Takes away what a file of the store (from an older contactd, or made by
+/// hand) grants beyond [`FILE_MODE`]; never adds anything.
+fn tighten(path: &Path) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & !FILE_MODE == 0 {
+        return;
+    }
+    let tight = mode & FILE_MODE;
+    match std::fs::set_permissions(path, Permissions::from_mode(tight)) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            was = format!("{mode:04o}"),
+            now = format!("{tight:04o}"),
+            "task store file was readable beyond its owner and group: mode tightened"
+        ),
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:04o}"),
+            error = %e,
+            "task store file is readable beyond its owner and group, and its mode cannot be changed"
+        ),
+    }
+}
+
 impl Sqlite {
-    /// Opens (creating it if missing) the database at `path`.
+    /// Opens the database at `path`, creating it only if no file is there.
     ///
     /// # Errors
     /// [`StoreError::Open`] when the file cannot be made a contactd
-    /// database of this version; [`StoreError::Locked`] when another
+    /// database of this version, or fails the start-up proof (empty,
+    /// damaged, not writable); [`StoreError::Locked`] when another
     /// contactd has it open.
     pub fn open(path: &Path, sync: StoreSync) -> Result<Sqlite, StoreError> {
-        let lock_path = {
-            let mut name = path.as_os_str().to_owned();
-            name.push(".lock");
-            PathBuf::from(name)
-        };
+        let lock_path = beside(path, ".lock");
         let lock = File::options()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&lock_path)
-            .map_err(|e| open_error(path, format!("cannot create {}: {e}", lock_path.display())))?;
+            .map_err(|e| {
+                open_error(
+                    path,
+                    format!(
+                        "cannot create {}: {e} (contactd's user must be able to create files \
+                         in the store's directory)",
+                        lock_path.display()
+                    ),
+                )
+            })?;
         if let Err(e) = lock.try_lock() {
             return Err(StoreError::Locked {
                 path: path.to_owned(),
                 reason: format!("another contactd is using this database ({e})"),
             });
         }
+        tighten(&lock_path);
+        let new = Sqlite::create_if_missing(path)?;
+        match Sqlite::open_file(path, sync, lock, new) {
+            Err(e) if new => {
+                // Not left as an empty file, which the next start would
+                // refuse as a store whose tasks were lost.
+                for file in [beside(path, "-wal"), beside(path, "-shm"), path.to_owned()] {
+                    let _ = std::fs::remove_file(file);
+                }
+                Err(e)
+            }
+            Ok(db) => {
+                // Only once the file proved to be a contactd store: a file
+                // refused is left exactly as it is.
+                for file in [path.to_owned(), beside(path, "-wal"), beside(path, "-shm")] {
+                    tighten(&file);
+                }
+                Ok(db)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the database file when none is there (then `true`). An
+    /// existing empty file is refused: SQLite would take it for a new
+    /// database, and a store truncated by accident (a full disk, a botched
+    /// copy) would silently start over at task id 1.
+    fn create_if_missing(path: &Path) -> Result<bool, StoreError> {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => Err(open_error(path, "is a directory: name a file")),
+            Ok(meta) if meta.len() == 0 => Err(open_error(
+                path,
+                "is an empty file (0 bytes), not a contactd database: not opened, and left as \
+                 it is (a new store is created only where no file exists, so that a store \
+                 emptied by accident is not taken for a new one). Restore the latest copy made \
+                 by `contactd store backup` to this path, or, to start afresh with no tasks, \
+                 move or delete this file and the -wal and -shm files next to it",
+            )),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // SQLite would replay another database's log into the new
+                // file (its frames are checked against the log, not the
+                // database).
+                let wal = beside(path, "-wal");
+                if wal.exists() {
+                    return Err(open_error(
+                        path,
+                        format!(
+                            "is missing, but {} is there (the write-ahead log of a database \
+                             that was at this path): not created. Put that database back, or \
+                             move the -wal and -shm files away to start with an empty store",
+                            wal.display()
+                        ),
+                    ));
+                }
+                create_private(path)
+                    .map_err(|e| open_error(path, format!("cannot create the file: {e}")))?;
+                Ok(true)
+            }
+            Err(e) => Err(open_error(path, e)),
+        }
+    }
+
+    fn open_file(
+        path: &Path,
+        sync: StoreSync,
+        lock: File,
+        new: bool,
+    ) -> Result<Sqlite, StoreError> {
+        // No SQLITE_OPEN_CREATE: the file exists by now, and SQLite would
+        // create a missing one with the umask's mode.
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| open_error(path, e))?;
+        .map_err(|e| refused(path, &e))?;
+        // SQLite opens a file it may not write read-only without a word;
+        // every write would then fail, long after the server said it serves.
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+            return Err(refused(
+                path,
+                &rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+                    Some("the file is read-only for contactd's user".into()),
+                ),
+            ));
+        }
         let mut db = Sqlite {
             conn,
             path: path.to_owned(),
+            wal_path: beside(path, "-wal"),
+            wal_limit: WAL_LIMIT,
             _lock: lock,
         };
-        db.prepare(sync)?;
+        db.prepare(sync, new)?;
         Ok(db)
     }
 
-    fn prepare(&mut self, sync: StoreSync) -> Result<(), StoreError> {
+    fn prepare(&mut self, sync: StoreSync, new: bool) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let bad = |e: rusqlite::Error| open_error(&path, e);
+        let bad = |e: rusqlite::Error| refused(&path, &e);
         // Reading the header first: a file that is not a database fails
         // here, before anything is written to it.
         let (application_id, version): (i32, i64) = self
@@ -184,6 +390,14 @@ impl Sqlite {
                 "is an SQLite database of another program: not opened (name another file)",
             ));
         }
+        if !new && tables == 0 {
+            return Err(open_error(
+                &path,
+                format!(
+                    "holds no tables: it is not a contactd database (a store whose tasks were lost?); {RESTORE}"
+                ),
+            ));
+        }
         if version > SCHEMA_VERSION {
             return Err(open_error(
                 &path,
@@ -193,6 +407,7 @@ impl Sqlite {
                 ),
             ));
         }
+        self.quick_check()?;
         self.conn
             .busy_timeout(Duration::from_secs(5))
             .map_err(bad)?;
@@ -220,19 +435,104 @@ impl Sqlite {
         self.conn
             .pragma_update(None, "synchronous", synchronous)
             .map_err(bad)?;
-        self.migrate(version).map_err(|e| match e {
-            StoreError::Failed(reason) | StoreError::Full(reason) => open_error(&path, reason),
-            other => other,
-        })
+        self.bound_wal(WAL_LIMIT).map_err(bad)?;
+        self.migrate(version).map_err(bad)?;
+        self.prove_writable()
     }
 
-    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+    /// `PRAGMA quick_check`: every page of every table and index is read and
+    /// its structure checked (`integrity_check` would also match indexes to
+    /// their tables). Cheap enough for every start, so not bounded: measured
+    /// on 100,000 tasks, each with a result (26.6 MB, the size the default
+    /// `tasks.retain_finished` keeps), 55-67 ms with the file cached (debug
+    /// build; 30 ms for an optimised SQLite) and 580 ms read from a cold
+    /// disk cache. It grows with the file (about 2.5 ms per MB cached):
+    /// seconds for a store of a few GB, which `store.max_size` bounds.
+    fn quick_check(&self) -> Result<(), StoreError> {
+        let found: Vec<String> = self
+            .conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut s| s.query_map([], |row| row.get(0))?.collect())
+            .map_err(|e| refused(&self.path, &e))?;
+        if found.len() == 1 && found[0] == "ok" {
+            return Ok(());
+        }
+        Err(open_error(
+            &self.path,
+            format!("is damaged (quick_check: {}): {RESTORE}", found.join("; ")),
+        ))
+    }
+
+    /// A write and a checkpoint at start, so that a file or directory
+    /// contactd may not write stops the start (exit 78) rather than every
+    /// submit later; the checkpoint also leaves a new database whole in its
+    /// main file.
+    fn prove_writable(&mut self) -> Result<(), StoreError> {
+        let bad = |e: rusqlite::Error| refused(&self.path, &e);
+        // A real write to the log (SQLite writes a row an UPDATE sets to
+        // its own value), committed.
+        self.conn
+            .execute("UPDATE meta SET value = value WHERE key = 'next_id'", [])
+            .map_err(bad)?;
+        self.checkpoint().map_err(bad)
+    }
+
+    /// Copies the write-ahead log into the database and truncates it.
+    fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+
+    /// Bounds the write-ahead log to about `bytes`: checkpointed by SQLite
+    /// once it holds that much, cut back to it when it is reset
+    /// (`journal_size_limit`: SQLite otherwise keeps the file at its
+    /// largest), and checkpointed and truncated by [`Sqlite::after_commit`]
+    /// when a large commit or a reader took it beyond.
+    fn bound_wal(&mut self, bytes: u64) -> rusqlite::Result<()> {
+        let page_size: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |row| row.get(0))?;
+        // A frame is a page and a 24-byte header.
+        let frames = i64::try_from(bytes).unwrap_or(i64::MAX) / (page_size.max(1) + 24);
+        self.conn.query_row(
+            &format!("PRAGMA wal_autocheckpoint = {}", frames.max(1)),
+            [],
+            |_| Ok(()),
+        )?;
+        self.conn
+            .query_row(&format!("PRAGMA journal_size_limit = {bytes}"), [], |_| {
+                Ok(())
+            })?;
+        self.wal_limit = bytes;
+        Ok(())
+    }
+
+    /// After a commit: a write-ahead log beyond its bound is checkpointed
+    /// and truncated, so that `store.max_size` holds for the database and
+    /// its log together between commits. A failure is only logged: the
+    /// commit itself holds, and the next one tries again.
+    fn after_commit(&self) {
+        let size = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
+        if size <= self.wal_limit {
+            return;
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(
+                path = %self.path.display(),
+                wal_bytes = size,
+                error = %e,
+                "task store: the write-ahead log cannot be checkpointed"
+            );
+        }
+    }
+
+    fn migrate(&mut self, from: i64) -> rusqlite::Result<()> {
         if from == SCHEMA_VERSION {
             return Ok(());
         }
-        let tx = self.conn.transaction().map_err(failed)?;
+        let tx = self.conn.transaction()?;
         for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-            tx.execute_batch(sql).map_err(failed)?;
+            tx.execute_batch(sql)?;
             tracing::info!(
                 path = %self.path.display(),
                 version = version + 1,
@@ -245,27 +545,31 @@ impl Sqlite {
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('next_id', 1)",
                 [super::epoch_column(epoch)],
-            )
-            .map_err(failed)?;
-            tx.pragma_update(None, "application_id", APPLICATION_ID)
-                .map_err(failed)?;
+            )?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(failed)?;
-        tx.commit().map_err(failed)
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()
     }
 
-    /// Limits the database to about `bytes` (`store.max_size`): beyond,
-    /// writes fail as on a full disk ([`StoreError::Full`]).
+    /// Limits the database and its write-ahead log together to about
+    /// `bytes` (`store.max_size`): the log gets [`wal_budget`] of it and is
+    /// checkpointed and truncated beyond; the database gets the rest, and
+    /// beyond, writes fail as on a full disk ([`StoreError::Full`]). Between
+    /// commits the two files stay within `bytes`; during one, the log may
+    /// hold that commit's pages on top (the `-shm` index, 32 KiB, is not
+    /// counted).
     ///
     /// # Errors
     /// The limit cannot be set.
     pub fn set_max_size(&mut self, bytes: u64) -> Result<(), StoreError> {
+        let wal = wal_budget(bytes);
+        self.bound_wal(wal).map_err(|e| open_error(&self.path, e))?;
         let page_size: i64 = self
             .conn
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(|e| open_error(&self.path, e))?;
-        let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page_size.max(1);
+        let pages = i64::try_from(bytes.saturating_sub(wal)).unwrap_or(i64::MAX) / page_size.max(1);
         // SQLite never sets the limit below the pages already in use.
         self.conn
             .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
@@ -392,7 +696,9 @@ impl Backend for Sqlite {
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(failed)?;
         apply(&tx, ops).map_err(failed)?;
-        tx.commit().map_err(failed)
+        tx.commit().map_err(failed)?;
+        self.after_commit();
+        Ok(())
     }
 
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
@@ -405,6 +711,7 @@ impl Backend for Sqlite {
                 .execute_batch("PRAGMA incremental_vacuum")
                 .map_err(failed)?;
         }
+        self.after_commit();
         Ok(pruned)
     }
 
@@ -640,19 +947,23 @@ fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
 }
 
 /// Copies the database at `path` to `to` while a server may be writing it
-/// (SQLite's online backup: a consistent snapshot).
+/// (SQLite's online backup: a consistent snapshot). The copy is created
+/// with [`FILE_MODE`], whatever the umask: it holds every task.
 ///
 /// # Errors
 /// The database cannot be read or the copy cannot be written.
 pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
-    if to.exists() {
-        return Err(StoreError::Failed(
+    let exists = || {
+        StoreError::Failed(
             format!(
                 "{} exists: not overwritten (remove it, or name another file)",
                 to.display()
             )
             .into(),
-        ));
+        )
+    };
+    if to.exists() {
+        return Err(exists());
     }
     let conn = Connection::open_with_flags(
         path,
@@ -670,12 +981,24 @@ pub fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
     if application_id != APPLICATION_ID {
         return Err(open_error(path, "is not a contactd database"));
     }
-    conn.backup(
+    // Created here, not by SQLite (which would use the umask's mode); an
+    // empty file is what SQLite's backup writes into.
+    create_private(to).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => exists(),
+        _ => StoreError::failed(format!("backup to {}: {e}", to.display()), e),
+    })?;
+    if let Err(e) = conn.backup(
         rusqlite::MAIN_DB,
         to,
         None::<fn(rusqlite::backup::Progress)>,
-    )
-    .map_err(|e| StoreError::failed(format!("backup to {}: {e}", to.display()), e))?;
+    ) {
+        // Not left half-written, or empty (a store no start accepts).
+        let _ = std::fs::remove_file(to);
+        return Err(StoreError::failed(
+            format!("backup to {}: {e}", to.display()),
+            e,
+        ));
+    }
     tracing::debug!(from = %path.display(), to = %to.display(), at_ms = crate::clock::now_ms(), "store backed up");
     Ok(())
 }
@@ -1039,5 +1362,83 @@ mod tests {
         let mut restored = Sqlite::open(&copy, StoreSync::Full).unwrap();
         let snapshot = restored.load(10, false).unwrap();
         assert_eq!(snapshot.tasks[0].text, "kept");
+    }
+
+    #[test]
+    fn only_a_missing_file_becomes_a_new_store_an_empty_one_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        File::create(&path).unwrap();
+        let e = Sqlite::open(&path, StoreSync::Normal).err().unwrap();
+        assert!(
+            e.is_config()
+                && e.to_string().contains("empty file")
+                && e.to_string().contains("contactd store backup"),
+            "{e}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert!(!beside(&path, "-wal").exists());
+
+        std::fs::remove_file(&path).unwrap();
+        // A log without its database is not replayed into a new one.
+        std::fs::write(beside(&path, "-wal"), b"frames of another database").unwrap();
+        let e = Sqlite::open(&path, StoreSync::Normal).err().unwrap();
+        assert!(e.is_config() && e.to_string().contains("-wal"), "{e}");
+        assert!(!path.exists());
+        std::fs::remove_file(beside(&path, "-wal")).unwrap();
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        db.apply(&[Op::Publish(&[task(1, "a")])]).unwrap();
+        // The new store is whole in its main file from the start: a crash
+        // now leaves no empty file behind.
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+    }
+
+    #[test]
+    fn a_new_store_that_fails_its_start_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        // A real failure after the file was created: its `-shm` cannot be
+        // made (a directory holds the name).
+        std::fs::create_dir(beside(&path, "-shm")).unwrap();
+        let e = Sqlite::open(&path, StoreSync::Normal).err().unwrap();
+        assert!(e.to_string().contains("cannot be written"), "{e}");
+        assert!(
+            !path.exists(),
+            "an empty file would be refused at the next start"
+        );
+    }
+
+    #[test]
+    fn max_size_counts_the_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let wal = beside(&path, "-wal");
+        let mut db = Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let max = 1024 * 1024;
+        db.set_max_size(max).unwrap();
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut largest_wal = 0;
+        let mut full = false;
+        // One small task per commit: three or more pages each (the task's
+        // leaf, the index, the id counter), which filled a 4 MB log before.
+        for i in 1..=20_000 {
+            match db.apply(&[Op::Publish(&[task(i, &"x".repeat(200))])]) {
+                Ok(()) => {}
+                Err(StoreError::Full(_)) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            largest_wal = largest_wal.max(size(&wal));
+            assert!(
+                size(&path) + size(&wal) <= max,
+                "after commit {i}: db {} + wal {} > {max}",
+                size(&path),
+                size(&wal)
+            );
+        }
+        assert!(full, "1 MiB never filled up");
+        assert!(largest_wal > 0, "the log was never written");
     }
 }

@@ -21,5 +21,6 @@ mod operations;
 mod postgres;
 mod serve;
 mod store;
+mod store_files;
 mod task_show;
 mod trust;
