@@ -160,7 +160,11 @@ async fn check(
 
 /// After a plaintext call failed: what to do if the server speaks TLS
 /// (tonic says only "transport error" then), else nothing.
-async fn speaks_tls_hint(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> String {
+pub(super) async fn speaks_tls_hint(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> String {
     if tls.is_none() && crate::tls::speaks_tls(addr, timeout).await {
         format!(
             " (the server at {addr} speaks TLS: add --tls, with --tls-ca-cert PATH for a private \

@@ -13,9 +13,10 @@ use tonic::{Code, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     cli::CmdArgs,
-    client::health::{Dial, dial},
+    client::health::{Dial, dial, speaks_tls_hint},
     config::{Source, peek::ListenView},
     proto::contact::{CmdRequest, contact_client::ContactClient},
+    tls::ClientTls,
 };
 
 /// `contactd cmd`'s exit codes.
@@ -51,6 +52,10 @@ struct Plan {
     commands: Vec<String>,
     addr: String,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// `-c` naming a server with `[server.tls]`: TLS, verified against its
+    /// `client_ca` (the package's CA signed the server's certificate too),
+    /// unless --tls options say otherwise.
+    tls: Option<ClientTls>,
 }
 
 fn prepare(args: &CmdArgs) -> Result<Plan, String> {
@@ -61,15 +66,20 @@ fn prepare(args: &CmdArgs) -> Result<Plan, String> {
     if commands.iter().all(|c| c.trim().is_empty()) {
         return Err("no commands to run".to_owned());
     }
-    let addr = match (&args.addr, &args.config) {
-        (Some(addr), _) => addr.clone(),
-        (None, Some(config)) => Source::Given(config.clone())
-            .load::<ListenView>()
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default()
-            .client_addr()
-            .to_string(),
-        (None, None) => DEFAULT_ADDR.to_owned(),
+    let (addr, tls) = match (&args.addr, &args.config) {
+        (Some(addr), _) => (addr.clone(), None),
+        (None, Some(config)) => {
+            let view = Source::Given(config.clone())
+                .load::<ListenView>()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            let tls = view.server.tls.as_ref().map(|tls| ClientTls {
+                ca: tls.client_ca.clone(),
+                ..ClientTls::default()
+            });
+            (view.client_addr().to_string(), tls)
+        }
+        (None, None) => (DEFAULT_ADDR.to_owned(), None),
     };
     let token = match &args.token_file {
         None => None,
@@ -86,6 +96,7 @@ fn prepare(args: &CmdArgs) -> Result<Plan, String> {
         commands,
         addr,
         token,
+        tls,
     })
 }
 
@@ -154,11 +165,16 @@ fn execute(plan: Plan, args: &CmdArgs) -> u8 {
             return exit::FAILED;
         }
     };
-    let tls = args.tls.client();
+    let tls = args.tls.client().or_else(|| plan.tls.clone());
     let channel = match runtime.block_on(dial(&plan.addr, args.timeout, tls.as_ref())) {
         Ok(channel) => channel,
-        Err(Dial::BadArguments(message) | Dial::Failed(message)) => {
+        Err(Dial::BadArguments(message)) => {
             eprintln!("contactd: {message}");
+            return exit::NO_CONNECTION;
+        }
+        Err(Dial::Failed(message)) => {
+            let hint = runtime.block_on(speaks_tls_hint(&plan.addr, args.timeout, tls.as_ref()));
+            eprintln!("contactd: {message}{hint}");
             return exit::NO_CONNECTION;
         }
     };

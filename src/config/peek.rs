@@ -37,25 +37,36 @@ impl ConfigFile for AdminView {
     }
 }
 
-/// `[server] listen` alone, for `contactd cmd -c`.
+/// `[server] listen` and whether it speaks TLS, for `contactd cmd -c`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ListenView {
     pub server: ListenOnly,
 }
 
-/// `[server]`, only `listen`.
+/// `[server]`, only `listen` and `[server.tls] client_ca`.
 #[derive(Debug, Deserialize)]
 #[serde(default)]
 pub struct ListenOnly {
     #[serde(with = "units::socket_addr")]
     pub listen: SocketAddr,
+    /// Present when the port speaks TLS.
+    pub tls: Option<TlsOnly>,
+}
+
+/// `[server.tls]`, only `client_ca`: the package's CA, which also signed
+/// the server's certificate (`contactd tls init`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TlsOnly {
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for ListenOnly {
     fn default() -> Self {
         ListenOnly {
             listen: ServerConfig::default().listen,
+            tls: None,
         }
     }
 }

@@ -679,6 +679,62 @@ async fn a_plaintext_probe_at_a_tls_port_says_the_server_speaks_tls() {
     );
 }
 
+/// `contactd cmd -c` reaches a server whose config has `[server.tls]` over
+/// TLS (verified against its `client_ca`, which `tls init` made sign the
+/// server's certificate too), and `--token-file` carries an operator token
+/// to a server that requires one.
+#[tokio::test]
+async fn cmd_with_the_servers_config_speaks_tls_and_carries_its_token() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let dir = pki_dir.path().to_owned();
+    make_pki(&dir, &[]);
+    let tokens = dir.join("tokens");
+    let ops = contactd::auth::create_token(&tokens, "ops", Role::Operator, false).unwrap();
+    let token_file = dir.join("ops.token");
+    std::fs::write(&token_file, format!("{ops}\n")).unwrap();
+    let mut config = tls_server(&dir, ClientAuth::Request);
+    config.server.tokens_file = Some(tokens);
+    config.remote_cmd = common::with_commands(&["true"]).remote_cmd;
+    let server = TestServer::start(config).await;
+    // What `cmd -c` reads of the server's config: its listen and TLS.
+    let file = dir.join("contactd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"{}\"\n[server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            server.addr,
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            dir.join("ca.pem"),
+        ),
+    )
+    .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let (config_arg, token_arg, addr) = (path(&file), path(&token_file), server.addr.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        let with_token = contactd(&["cmd", "-c", &config_arg, "--token-file", &token_arg, "true"]);
+        let without = contactd(&["cmd", "-c", &config_arg, "true"]);
+        let plaintext = contactd(&["cmd", "--addr", &addr, "--token-file", &token_arg, "true"]);
+        (with_token, without, plaintext)
+    })
+    .await
+    .unwrap();
+    let (with_token, without, plaintext) = out;
+    assert_eq!(with_token.status.code(), Some(0), "{with_token:?}");
+    assert!(
+        String::from_utf8_lossy(&with_token.stdout).contains("[1] ok: true"),
+        "{with_token:?}"
+    );
+    assert_eq!(without.status.code(), Some(1), "{without:?}");
+    assert!(
+        String::from_utf8_lossy(&without.stdout).contains("UNAUTHENTICATED")
+            || String::from_utf8_lossy(&without.stdout).contains("Unauthenticated"),
+        "{without:?}"
+    );
+    assert_ne!(plaintext.status.code(), Some(0), "{plaintext:?}");
+    server.stop().await;
+}
+
 #[test]
 fn the_pki_and_token_commands_write_what_they_say() {
     use std::os::unix::fs::PermissionsExt;
