@@ -85,6 +85,32 @@ impl CommandPattern {
             && argv[self.words.len()..].iter().all(|a| stays(a.as_ref()))
     }
 
+    /// The program this pattern runs when its first word names one (not a
+    /// glob): the word's last path component (`find` for `/usr/bin/find`).
+    pub fn program(&self) -> Option<&str> {
+        self.literal(0)
+    }
+
+    /// Word `at` when it is a literal, as a file name (its last path
+    /// component).
+    pub fn literal(&self, at: usize) -> Option<&str> {
+        match self.words.get(at) {
+            Some(Word::Literal(word)) => word.rsplit('/').next(),
+            _ => None,
+        }
+    }
+
+    /// Whether callers choose arguments here: a last `*` (any further
+    /// words) or a glob argument (`-exec*` is as open as `*`).
+    pub fn takes_chosen_arguments(&self) -> bool {
+        self.open_ended
+            || self
+                .words
+                .iter()
+                .skip(1)
+                .any(|word| matches!(word, Word::Glob(..)))
+    }
+
     /// Whether this pattern lets any program at all run: its first word is a
     /// glob that matches program names of every kind (`*`, `?*`, `[a-z]*`),
     /// as in `"*"` or `"* *"`.

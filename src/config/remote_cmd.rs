@@ -19,6 +19,11 @@ pub struct RemoteCmdConfig {
     /// Whether patterns that let any program run (`"*"`, `"* *"`) are
     /// accepted; off, such a pattern is a config error.
     pub allow_any: bool,
+    /// Whether patterns that let callers choose the arguments of a program
+    /// that runs programs named in its arguments (`"find /var *"` allows
+    /// `find /var -exec sh ;`) are accepted; off, such a pattern is a
+    /// config error.
+    pub allow_exec_args: bool,
     /// Longest a command may run before its process group is killed.
     #[serde(with = "units::duration")]
     pub timeout: Duration,
@@ -37,6 +42,70 @@ pub struct RemoteCmdConfig {
     pub env: BTreeMap<String, String>,
 }
 
+/// Programs that run other programs named in their arguments (`find
+/// -exec`, `tar --checkpoint-action=exec=`, `rsync -e`, `awk 'BEGIN {
+/// system(...) }'`, a shell's `-c`, `env PROG`, a wrapper's command), so a
+/// pattern that lets callers choose their arguments lets callers run
+/// anything. Interpreters are here too: their arguments are programs.
+pub const RUNS_ITS_ARGUMENTS: &[&str] = &[
+    "awk",
+    "bash",
+    "busybox",
+    "chroot",
+    "dash",
+    "doas",
+    "env",
+    "expect",
+    "find",
+    "flock",
+    "gawk",
+    "gdb",
+    "git",
+    "ionice",
+    "ksh",
+    "less",
+    "lua",
+    "make",
+    "man",
+    "mawk",
+    "more",
+    "nawk",
+    "nice",
+    "node",
+    "nohup",
+    "nsenter",
+    "perl",
+    "php",
+    "python",
+    "python2",
+    "python3",
+    "rsync",
+    "ruby",
+    "runuser",
+    "scp",
+    "script",
+    "sed",
+    "setsid",
+    "sh",
+    "ssh",
+    "stdbuf",
+    "strace",
+    "su",
+    "sudo",
+    "systemd-run",
+    "tar",
+    "tclsh",
+    "time",
+    "timeout",
+    "unshare",
+    "vi",
+    "vim",
+    "watch",
+    "xargs",
+    "zip",
+    "zsh",
+];
+
 /// The most `remote_cmd.env` entries.
 pub const MAX_ENV_ENTRIES: usize = 64;
 /// The longest `remote_cmd.env` value, in bytes.
@@ -53,6 +122,7 @@ impl Default for RemoteCmdConfig {
             enabled: false,
             allow: Vec::new(),
             allow_any: false,
+            allow_exec_args: false,
             timeout: Duration::from_secs(30),
             max_concurrent: 16,
             max_queued: 64,
@@ -77,6 +147,28 @@ impl RemoteCmdConfig {
         c.count("remote_cmd.max_queued", self.max_queued as u64, MAX_QUEUED);
         c.size("remote_cmd.max_output", self.max_output, MAX_OUTPUT);
         self.check_env(c);
+        if !self.allow_exec_args {
+            for pattern in &self.allow {
+                let Some(program) = runs_chosen_programs(pattern) else {
+                    continue;
+                };
+                if pattern.takes_chosen_arguments() {
+                    c.check(
+                        false,
+                        "remote_cmd.allow",
+                        format!(
+                            "pattern {:?} lets callers choose the arguments of {program}, which \
+                             runs programs named in its arguments (find -exec, tar \
+                             --checkpoint-action, xargs, env, a shell, awk, rsync -e, ...): so \
+                             it lets callers run anything. Spell out the arguments it may \
+                             take, or set remote_cmd.allow_exec_args = true if that is really \
+                             meant",
+                            pattern.to_string()
+                        ),
+                    );
+                }
+            }
+        }
         if !self.allow_any {
             for pattern in self.allow.iter().filter(|p| p.matches_any_program()) {
                 c.check(
@@ -151,6 +243,38 @@ fn is_env_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Wrappers whose next word is the program they run (`setsid sleep *`
+/// lets callers choose only `sleep`'s arguments).
+const RUN_THE_NEXT_WORD: &[&str] = &["nice", "nohup", "setsid", "time"];
+
+/// The program of `pattern` that runs programs named in its arguments, if
+/// any: its first word's, or, through wrappers that run their next word
+/// (when that word is spelt out and not an option), the wrapped one's.
+fn runs_chosen_programs(pattern: &CommandPattern) -> Option<&str> {
+    let mut at = 0;
+    // Bounded by the pattern's words.
+    while let Some(program) = pattern.literal(at) {
+        if !runs_its_arguments(program) {
+            return None;
+        }
+        let next = pattern
+            .literal(at + 1)
+            .filter(|word| !word.starts_with('-'));
+        if !(RUN_THE_NEXT_WORD.contains(&program) && next.is_some()) {
+            return Some(program);
+        }
+        at += 1;
+    }
+    None
+}
+
+/// Whether `program` (a file name) runs programs named in its arguments;
+/// versioned names count as theirs (`python3.11`, `gawk-5`).
+fn runs_its_arguments(program: &str) -> bool {
+    let base = program.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
+    RUNS_ITS_ARGUMENTS.contains(&program) || RUNS_ITS_ARGUMENTS.contains(&base)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, parse};
@@ -163,6 +287,49 @@ mod tests {
                 .into_iter()
                 .map(|p| (p.key.unwrap_or_default(), p.message))
                 .collect(),
+        }
+    }
+
+    /// What a hostile review ran as root: `find DIR -exec id ;` through
+    /// `find DIR *`, `--checkpoint-action=exec=id` through `tar -cf
+    /// /dev/null DIR *`.
+    #[test]
+    fn patterns_that_let_callers_choose_what_runs_are_refused_without_opt_in() {
+        let allow = |patterns: &str, opt_in: bool| {
+            let text = format!("[remote_cmd]\nallow = {patterns}\nallow_exec_args = {opt_in}\n");
+            match parse::<Config>(&text) {
+                Ok(_) => Vec::new(),
+                Err(problems) => problems.into_iter().map(|p| p.message).collect(),
+            }
+        };
+        for refused in [
+            r#"["find /srv *"]"#,
+            r#"["tar -cf /dev/null /srv *"]"#,
+            r#"["/usr/bin/xargs *"]"#,
+            r#"["env *"]"#,
+            r#"["sh -c *"]"#,
+            r#"["python3.11 *"]"#,
+            r#"["awk -f* /etc/passwd"]"#,
+            r#"["rsync -a * /backup"]"#,
+        ] {
+            let problems = allow(refused, false);
+            assert!(
+                problems.len() == 1 && problems[0].contains("lets callers run anything"),
+                "{refused}: {problems:?}"
+            );
+            assert!(allow(refused, true).is_empty(), "{refused} with the opt-in");
+        }
+        // Through a wrapper of its next word: what it wraps decides.
+        assert!(allow(r#"["setsid sleep *", "nohup /bin/sleep 5"]"#, false).is_empty());
+        assert_eq!(allow(r#"["setsid sh *"]"#, false).len(), 1);
+        assert_eq!(allow(r#"["nice -n 5 *"]"#, false).len(), 1);
+        // Arguments spelt out, or programs that run nothing of theirs.
+        for accepted in [
+            r#"["find /srv -name core -delete"]"#,
+            r#"["tar -cf /backup/etc.tar /etc"]"#,
+            r#"["ip link add *", "uptime", "ls /tmp/*", "systemctl restart web*"]"#,
+        ] {
+            assert!(allow(accepted, false).is_empty(), "{accepted}");
         }
     }
 
