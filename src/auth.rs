@@ -349,6 +349,11 @@ impl Verifier {
         self.tokens.is_some()
     }
 
+    /// How many named tokens there are.
+    pub fn token_count(&self) -> usize {
+        self.tokens.as_ref().map_or(0, Tokens::len)
+    }
+
     /// What the call's `authorization` header proves.
     ///
     /// # Errors

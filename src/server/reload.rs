@@ -49,6 +49,9 @@ pub(super) async fn follow_config(
 /// [`Changes`](crate::config::reload::Changes)); every part here is cheap and
 /// idempotent, so it is applied whole rather than by a second diff.
 fn apply(state: &State, old: &Config, new: &Config) {
+    // Credentials first: once a reload's new rules are seen, its
+    // credentials are in force too.
+    reload_credentials(&state.policy, old, new);
     if old.remote_cmd != new.remote_cmd {
         warn_if_widened(&old.remote_cmd, &new.remote_cmd);
         state.policy.set_runner(Runner::new(new.remote_cmd.clone()));
@@ -63,8 +66,6 @@ fn apply(state: &State, old: &Config, new: &Config) {
         new.server.max_status_size.as_u64() as usize,
     );
     state.broker.apply(new);
-    // Every time: a rotated token or certificate file keeps its path.
-    reload_credentials(&state.policy, old, new);
     if old.server.agents != new.server.agents {
         state.policy.set_pins(new);
         let policy = &state.policy;
@@ -84,6 +85,21 @@ fn apply(state: &State, old: &Config, new: &Config) {
 /// a change that turns authentication off is applied, with a WARN naming it.
 fn reload_credentials(policy: &Policy, old: &Config, new: &Config) {
     match verifier(&new.server) {
+        Ok(verifier)
+            if verifier.has_tokens()
+                && verifier.token_count() == 0
+                && policy.auth.read().token_count() > 0 =>
+        {
+            // Emptied or truncated (an editor's crash, a full disk, a
+            // botched copy): taken at its word it would lock every agent
+            // out, or with a shared secret alone let anyone holding it in.
+            tracing::error!(
+                path = %new.server.tokens_file.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                kept = policy.auth.read().token_count(),
+                "server.tokens_file holds no token now: keeping the tokens in force (to stop \
+                 using named tokens, remove server.tokens_file and restart)"
+            );
+        }
         Ok(verifier) => {
             let was = policy.auth.read().requires_shared() || policy.auth.read().has_tokens();
             if was && !verifier.requires_shared() && !verifier.has_tokens() {

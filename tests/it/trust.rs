@@ -553,6 +553,63 @@ async fn forged_queue_acks_leave_the_task_with_its_holder() {
 
 // ---- tokens: named identities and their roles ----
 
+/// A tokens file emptied (truncated to 0 bytes) and reloaded keeps the
+/// tokens in force: the operator's token still runs commands, a call
+/// without one is still refused.
+#[tokio::test]
+async fn an_emptied_tokens_file_at_reload_keeps_the_tokens_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let ops = contactd::auth::create_token(&file, "ops", Role::Operator, false).unwrap();
+    let mut config = common::with_commands(&["true"]);
+    config.tasks.batch = 0;
+    config.server.tokens_file = Some(file.clone());
+    let server = TestServer::start(config.clone()).await;
+    let mut client = server.client().await;
+    let cmd = || CmdRequest {
+        index: 1,
+        cmd_str: "true".into(),
+        log: String::new(),
+    };
+    std::fs::write(&file, "").unwrap();
+    // A reload (the server re-reads its credentials at each one, before
+    // its rules), which also allows `false`: once `false` runs, the
+    // credentials were re-read.
+    let mut reloaded = config.clone();
+    reloaded.server.listen = server.addr;
+    reloaded.admin = server.config.borrow().admin.clone();
+    reloaded.remote_cmd.allow.push("false".parse().unwrap());
+    server.config.send_replace(Arc::new(reloaded));
+    let run_false = || CmdRequest {
+        cmd_str: "false".into(),
+        ..cmd()
+    };
+    within("the reload to apply", async {
+        loop {
+            match client
+                .remote_cmd(with_token(Request::new(run_false()), &ops))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if e.code() == Code::PermissionDenied => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the emptied tokens file was taken: {e:?}"),
+            }
+        }
+    })
+    .await;
+    let ok = client
+        .remote_cmd(with_token(Request::new(cmd()), &ops))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.success);
+    let err = client.remote_cmd(cmd()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "no token: {err:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn named_tokens_give_identities_and_roles() {
     let dir = tempfile::tempdir().unwrap();
