@@ -217,6 +217,19 @@ impl AgentConfig {
                 ),
             );
         }
+        // With room for the facts (five short keys, values of at most
+        // `MAX_NAME`): a larger header is refused by every server.
+        let facts_room = labels::FACTS.len() * (labels::MAX_NAME + 20);
+        let header = self.labels.to_header().len();
+        c.check(
+            header + facts_room <= labels::MAX_HEADER,
+            "agent.labels",
+            format!(
+                "take {header} bytes as a header: with the facts they must fit in {} \
+                 (shorter keys and values, or fewer labels)",
+                labels::MAX_HEADER - facts_room
+            ),
+        );
         c.check(
             self.labels.len() + labels::FACTS.len() <= labels::MAX_LABELS,
             "agent.labels",
@@ -370,5 +383,24 @@ mod tests {
             problems[0].message.contains("\"localhost\""),
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn labels_leave_room_for_the_facts_in_one_header() {
+        let messages = |labels: &str| -> Vec<String> {
+            let text = format!("[agent]\nlabels = {{ {labels} }}\n");
+            match parse::<AgentFile>(&text) {
+                Ok(_) => Vec::new(),
+                Err(problems) => problems.into_iter().map(|p| p.message).collect(),
+            }
+        };
+        assert!(messages(r#"role = "web", region = "eu""#).is_empty());
+        let fact = messages(r#"os = "plan9""#);
+        assert!(fact[0].contains("a fact every agent reports"), "{fact:?}");
+        let long: Vec<String> = (0..40)
+            .map(|i| format!("key{i:02}{} = \"{}\"", "k".repeat(50), "v".repeat(63)))
+            .collect();
+        let big = messages(&long.join(", "));
+        assert!(big.iter().any(|m| m.contains("as a header")), "{big:?}");
     }
 }
