@@ -6,8 +6,8 @@
 //!
 //! Keys and values follow Kubernetes' label rules, which operators already
 //! know: a key is a name of at most 63 characters (`[A-Za-z0-9]`, and
-//! `.`, `_`, `-` inside), optionally after a DNS prefix and a slash
-//! (`example.com/role`, prefix at most 253 characters); a value is empty or
+//! `.`, `_`, `-` inside), optionally after a lowercase DNS prefix and a
+//! slash (`example.com/role`, prefix at most 253 characters); a value is empty or
 //! a name of at most 63 characters. So labels travel in one header
 //! (`x-contactd-labels: role=web,region=eu`) with no escaping, and a
 //! selector can never be ambiguous about where a key or value ends.
@@ -79,13 +79,24 @@ fn valid_name(name: &str, max: usize) -> bool {
 #[must_use]
 pub fn valid_key(key: &str) -> bool {
     match key.split_once('/') {
-        Some((prefix, name)) => {
-            prefix.len() <= MAX_PREFIX
-                && prefix.split('.').all(|part| valid_name(part, MAX_NAME))
-                && valid_name(name, MAX_NAME)
-        }
+        Some((prefix, name)) => valid_prefix(prefix) && valid_name(name, MAX_NAME),
         None => valid_name(key, MAX_NAME),
     }
+}
+
+/// Whether `prefix` is a key's DNS prefix: lowercase RFC 1123 labels
+/// (`a-z`, `0-9`, `-`, each beginning and ending with a letter or digit)
+/// joined by dots, at most [`MAX_PREFIX`] bytes: what a selector can name.
+fn valid_prefix(prefix: &str) -> bool {
+    prefix.len() <= MAX_PREFIX
+        && prefix.split('.').all(|part| {
+            let bytes = part.as_bytes();
+            bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        })
 }
 
 /// Whether `value` is a valid label value (empty, or a name).
@@ -309,6 +320,8 @@ mod tests {
             "role=",
             "/role",
             "example.com/",
+            "Example.com/role",
+            "ex_ample.com/role",
             "é",
             &"a".repeat(64),
         ] {
