@@ -354,6 +354,26 @@ impl Verifier {
         self.tokens.as_ref().map_or(0, Tokens::len)
     }
 
+    /// The names that hold a token here and none in `new`: the identities
+    /// a reload to `new` revokes. (With no tokens file in `new`, none:
+    /// turning named tokens off is not a revocation of each.)
+    pub fn revoked_in(&self, new: &Verifier) -> Vec<Arc<str>> {
+        let (Some(old), Some(new)) = (&self.tokens, &new.tokens) else {
+            return Vec::new();
+        };
+        let kept: std::collections::HashSet<&str> =
+            new.by_digest.values().map(|h| &*h.name).collect();
+        let mut revoked: Vec<Arc<str>> = old
+            .by_digest
+            .values()
+            .filter(|h| !kept.contains(&*h.name))
+            .map(|h| Arc::clone(&h.name))
+            .collect();
+        revoked.sort();
+        revoked.dedup();
+        revoked
+    }
+
     /// What the call's `authorization` header proves.
     ///
     /// # Errors

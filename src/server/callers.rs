@@ -20,7 +20,10 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 
 use crate::{
     clock::{now_ms, unix_ms},
@@ -84,6 +87,12 @@ pub struct Caller {
     labels: LabelCell,
     /// Limits the log lines about claims a pin overrode.
     label_conflicts: Budget,
+    /// Cancelled to end its open streams: a child of the server's closing
+    /// token, replaced by a fresh one when a reload revokes the caller's
+    /// credential (its later calls are refused at the gate).
+    streams: Mutex<CancellationToken>,
+    /// A reload revoked its credential: its streams end UNAUTHENTICATED.
+    revoked: AtomicBool,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
     /// Its refused calls that may reach the log (see
@@ -95,6 +104,17 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A token for one of its streams: cancelled when the server closes or
+    /// a reload revokes this caller's credential.
+    pub fn stream_token(&self) -> CancellationToken {
+        self.streams.lock().child_token()
+    }
+
+    /// Whether a reload revoked its credential (so its streams ended).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
+    }
+
     /// The caller as the broker sees it.
     pub fn agent(&self) -> Agent {
         Agent {
@@ -228,6 +248,8 @@ impl Caller {
 /// The registry of callers.
 #[derive(Debug)]
 pub struct Callers {
+    /// The server's closing token: every caller's streams end with it.
+    closing: CancellationToken,
     map: Mutex<HashMap<Arc<str>, Arc<Caller>>>,
     limits: Mutex<Limits>,
     clock: AtomicU64,
@@ -342,8 +364,9 @@ impl Drop for CallGuard {
 impl Callers {
     /// A registry keeping at most `max_callers` entries and `max_status`
     /// bytes of status per entry.
-    pub fn new(max_callers: usize, max_status: usize) -> Callers {
+    pub fn new(max_callers: usize, max_status: usize, closing: CancellationToken) -> Callers {
         Callers {
+            closing,
             map: Mutex::new(HashMap::new()),
             limits: Mutex::new(Limits {
                 max_callers,
@@ -383,7 +406,14 @@ impl Callers {
         let caller = match map.get(id) {
             Some(caller) => Arc::clone(caller),
             None => {
-                let caller = Arc::new(Caller::new(id, named, address, limits.max_status, tick));
+                let caller = Arc::new(Caller::new(
+                    &self.closing,
+                    id,
+                    named,
+                    address,
+                    limits.max_status,
+                    tick,
+                ));
                 if map.len() >= limits.max_callers && !self.evict_one(&mut map) {
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
@@ -399,6 +429,8 @@ impl Callers {
             }
         };
         drop(map);
+        // Here again, through the gate: its credential is valid (again).
+        caller.revoked.store(false, Ordering::Relaxed);
         let was_open = caller.open_calls.fetch_add(1, Ordering::Relaxed) > 0;
         let previous = match address {
             Some(_) => std::mem::replace(&mut *caller.address.lock(), address),
@@ -496,10 +528,33 @@ impl Callers {
     pub fn get(&self, id: &str) -> Option<Arc<Caller>> {
         self.map.lock().get(id).cloned()
     }
+
+    /// Ends the open streams of the named agents in `names`, whose
+    /// credentials a reload revoked; returns how many had streams open.
+    pub fn revoke(&self, names: &[Arc<str>]) -> usize {
+        let mut ended = 0;
+        for name in names {
+            let Some(caller) = self.get(name).filter(|c| c.named) else {
+                continue;
+            };
+            caller.revoked.store(true, Ordering::Relaxed);
+            let fresh = self.closing.child_token();
+            std::mem::replace(&mut *caller.streams.lock(), fresh).cancel();
+            if caller.connected() {
+                ended += 1;
+                tracing::warn!(
+                    agent = %caller.id,
+                    "credential revoked by a reload: its open streams are ended"
+                );
+            }
+        }
+        ended
+    }
 }
 
 impl Caller {
     fn new(
+        closing: &CancellationToken,
         id: &str,
         named: bool,
         address: Option<SocketAddr>,
@@ -528,6 +583,8 @@ impl Caller {
             claimed: Mutex::new(Arc::default()),
             labels: LabelCell::default(),
             label_conflicts: Budget::every(WARN_EVERY),
+            streams: Mutex::new(closing.child_token()),
+            revoked: AtomicBool::new(false),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
             base: [0; 3],
@@ -570,7 +627,14 @@ impl Callers {
                 break;
             }
             let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-            let mut caller = Caller::new(&saved.name, true, None, limits.max_status, tick);
+            let mut caller = Caller::new(
+                &self.closing,
+                &saved.name,
+                true,
+                None,
+                limits.max_status,
+                tick,
+            );
             let last = std::time::UNIX_EPOCH
                 + Duration::from_millis(u64::try_from(saved.last_ms).unwrap_or(0));
             *caller.connected_since.get_mut() = last;
@@ -651,7 +715,7 @@ mod tests {
 
     #[test]
     fn the_registry_is_bounded_and_evicts_idle_callers_first() {
-        let callers = Callers::new(2, 8);
+        let callers = Callers::new(2, 8, CancellationToken::new());
         let a = callers.enter("a", true, None);
         drop(callers.enter("b", true, None));
         drop(callers.enter("c", true, None));
@@ -669,7 +733,7 @@ mod tests {
 
     #[test]
     fn totals_keep_what_evicted_and_forgotten_callers_counted() {
-        let callers = Callers::new(1, 8);
+        let callers = Callers::new(1, 8, CancellationToken::new());
         let a = callers.enter("a", true, None);
         a.delivered.fetch_add(3, Ordering::Relaxed);
         a.acked.fetch_add(2, Ordering::Relaxed);
@@ -688,7 +752,7 @@ mod tests {
 
     #[test]
     fn restored_counts_are_not_this_process_work() {
-        let callers = Callers::new(4, 8);
+        let callers = Callers::new(4, 8, CancellationToken::new());
         callers.restore(vec![SavedAgent {
             name: Arc::from("a"),
             first_ms: 0,
@@ -705,7 +769,7 @@ mod tests {
 
     #[test]
     fn status_is_truncated_on_a_char_boundary() {
-        let callers = Callers::new(10, 5);
+        let callers = Callers::new(10, 5, CancellationToken::new());
         let a = callers.enter("a", true, None);
         a.record_status("héllo wörld");
         assert_eq!(a.status().unwrap().0, "héll");

@@ -21,7 +21,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{
-    callers::CallGuard, counters::CmdOutcome, listener::ConnInfo, shutting_down, state::State,
+    callers::{CallGuard, Caller},
+    counters::CmdOutcome,
+    listener::ConnInfo,
+    shutting_down,
+    state::State,
 };
 use crate::{
     auth::Principal,
@@ -101,7 +105,7 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::sendStatusStream>, Status> {
         let caller = self.enter(&request, true)?;
         let span = tracing::info_span!("sendStatus", peer = %caller.id);
-        let closing = self.state.closing.child_token();
+        let closing = caller.stream_token();
         let replies = StatusReplies {
             inbound: request.into_inner(),
             caller,
@@ -124,7 +128,7 @@ impl Contact for ContactService {
         let (feed, missed) = self.state.broker.subscribe(caller.agent()).await;
         caller.missed.fetch_add(missed, Relaxed);
         tracing::debug!(parent: &span, "subscribed to tasks");
-        let closing = self.state.closing.child_token();
+        let closing = caller.stream_token();
         if feed.is_broadcast() {
             let body = TaskFrames {
                 feed,
@@ -148,7 +152,7 @@ impl Contact for ContactService {
             let mut state = state?;
             let (feed, caller, _, closing) = &mut *state;
             let Some(task) = unless_closing(closing, feed.next()).await else {
-                return Some((Err(shutting_down()), None));
+                return Some((Err(ended(caller)), None));
             };
             caller.delivered.fetch_add(1, Relaxed);
             Some((Ok(task), Some(state)))
@@ -163,12 +167,12 @@ impl Contact for ContactService {
         let caller = self.enter(&request, false)?;
         let span = tracing::info_span!("tellResult", peer = %caller.id);
         let mut inbound = request.into_inner();
-        let closing = self.state.closing.child_token();
+        let closing = caller.stream_token();
         let agent = caller.agent();
         async {
             loop {
                 let Some(next) = unless_closing(&closing, inbound.message()).await else {
-                    return Err(shutting_down());
+                    return Err(ended(&caller));
                 };
                 let Some(result) =
                     next.map_err(|status| inbound_error(status, "server.max_result_message"))?
@@ -301,11 +305,11 @@ impl http_body::Body for TaskFrames {
                 let published = std::task::ready!(idle.as_mut().poll(cx));
                 this.idle = None;
                 if !published {
-                    return this.end(&shutting_down());
+                    return this.end(&ended(&this.caller));
                 }
             }
             if this.closing.is_cancelled() {
-                return this.end(&shutting_down());
+                return this.end(&ended(&this.caller));
             }
             let frame = this.feed.try_next_frame(MAX_FRAME);
             let missed = this.feed.take_missed();
@@ -380,7 +384,7 @@ impl Stream for StatusReplies {
         }
         if this.closing.is_cancelled() {
             this.done = true;
-            return Poll::Ready(Some(Err(shutting_down())));
+            return Poll::Ready(Some(Err(ended(&this.caller))));
         }
         match Pin::new(&mut this.inbound).poll_next(cx) {
             Poll::Ready(Some(Ok(msg))) => {
@@ -411,7 +415,7 @@ impl Stream for StatusReplies {
             Poll::Pending => match this.cancelled.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.done = true;
-                    Poll::Ready(Some(Err(shutting_down())))
+                    Poll::Ready(Some(Err(ended(&this.caller))))
                 }
                 Poll::Pending => Poll::Pending,
             },
@@ -435,6 +439,20 @@ fn inbound_error(status: Status, limit: &str) -> Status {
 /// over the limit `limit` (its config key).
 pub(super) fn too_large(status: &Status, limit: &str) -> Status {
     Status::resource_exhausted(format!("message too large: {} ({limit})", status.message()))
+}
+
+/// How a stream ends when its token is cancelled: UNAVAILABLE when the
+/// server shuts down (agents reconnect), UNAUTHENTICATED when a reload
+/// revoked the caller's credential.
+fn ended(caller: &Caller) -> Status {
+    if caller.is_revoked() {
+        Status::unauthenticated(
+            "the caller's credential was revoked (a reload removed its token): its streams \
+             are ended",
+        )
+    } else {
+        shutting_down()
+    }
 }
 
 /// `next`'s output, or `None` once `closing` is cancelled.

@@ -184,19 +184,21 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
     };
     crate::proto::codec::use_small_buffers();
     let (broker, roster) = Broker::open(&initial, opened);
+    let closing = CancellationToken::new();
     let state = Arc::new(State {
         broker: Arc::clone(&broker),
         callers: {
             let callers = Callers::new(
                 initial.server.max_callers,
                 initial.server.max_status_size.as_u64() as usize,
+                closing.clone(),
             );
             callers.restore(roster);
             callers
         },
         policy,
         config: config.clone(),
-        closing: CancellationToken::new(),
+        closing,
         kill: CancellationToken::new(),
         counters: Arc::default(),
     });

@@ -1,6 +1,6 @@
 //! What a reload changes in the server: [`follow_config`] applies each new
 //! config to the broker, the callers and the policy. The policy's files are
-//! read by the same code at start ([`Policy::load`]) and at a reload, which
+//! read by the same code at start ([`Policy::load`](super::Policy::load)) and at a reload, which
 //! swaps in what it could read and keeps what is in force for what it
 //! could not (fail closed).
 
@@ -9,11 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    ServerError,
-    policy::{Policy, verifier},
-    state::State,
-};
+use super::{ServerError, policy::verifier, state::State};
 use crate::{
     config::{Config, RemoteCmdConfig},
     labels::Labels,
@@ -51,7 +47,7 @@ pub(super) async fn follow_config(
 fn apply(state: &State, old: &Config, new: &Config) {
     // Credentials first: once a reload's new rules are seen, its
     // credentials are in force too.
-    reload_credentials(&state.policy, old, new);
+    reload_credentials(state, old, new);
     if old.remote_cmd != new.remote_cmd {
         warn_if_widened(&old.remote_cmd, &new.remote_cmd);
         state.policy.set_runner(Runner::new(new.remote_cmd.clone()));
@@ -83,7 +79,8 @@ fn apply(state: &State, old: &Config, new: &Config) {
 /// Re-reads the token files and TLS files (so rotated ones apply on SIGHUP).
 /// Fails closed: a file that cannot be used keeps the credentials in force;
 /// a change that turns authentication off is applied, with a WARN naming it.
-fn reload_credentials(policy: &Policy, old: &Config, new: &Config) {
+fn reload_credentials(state: &State, old: &Config, new: &Config) {
+    let policy = &state.policy;
     match verifier(&new.server) {
         Ok(verifier)
             if verifier.has_tokens()
@@ -108,7 +105,17 @@ fn reload_credentials(policy: &Policy, old: &Config, new: &Config) {
                      server.tokens_file are no longer set; Contact calls need no token now"
                 );
             }
+            let revoked = policy.auth.read().revoked_in(&verifier);
             *policy.auth.write() = verifier;
+            // After the swap: a revoked agent's reconnect is refused.
+            if !revoked.is_empty() {
+                let ended = state.callers.revoke(&revoked);
+                tracing::warn!(
+                    revoked = revoked.len(),
+                    with_open_streams = ended,
+                    "config reload revoked named tokens: the agents that held them are cut off"
+                );
+            }
         }
         Err(e) => tracing::error!("{}; keeping the tokens in force", ServerError::Token(e)),
     }

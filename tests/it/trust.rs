@@ -13,7 +13,7 @@ use std::{net::SocketAddr, path::Path, process::Command, sync::Arc, time::Durati
 use common::{
     LIMIT, TestServer,
     fleet::{TestAgent, agent_config, connected, failed},
-    submit, within,
+    submit, within, within_for,
 };
 use contactd::{
     auth::Role,
@@ -552,6 +552,121 @@ async fn forged_queue_acks_leave_the_task_with_its_holder() {
 }
 
 // ---- tokens: named identities and their roles ----
+
+/// A token removed from the tokens file ends, at the reload, the open
+/// streams of the agent that held it (UNAUTHENTICATED, within a second),
+/// and its next call is refused; another agent's stream goes on.
+#[tokio::test]
+async fn a_reload_that_revokes_a_token_ends_its_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let web1 = contactd::auth::create_token(&file, "web1", Role::Agent, false).unwrap();
+    let web2 = contactd::auth::create_token(&file, "web2", Role::Agent, false).unwrap();
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.server.tokens_file = Some(file.clone());
+    let server = TestServer::start(config.clone()).await;
+    let mut client = server.client().await;
+    let mut revoked = client
+        .get_task(with_token(Request::new(Empty {}), &web1))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kept = client
+        .get_task(with_token(Request::new(Empty {}), &web2))
+        .await
+        .unwrap()
+        .into_inner();
+    // web1's line removed: the file as `token create` wrote it, less one.
+    let lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with("web1 "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    std::fs::write(&file, lines.concat()).unwrap();
+    let mut reloaded = config.clone();
+    reloaded.server.listen = server.addr;
+    reloaded.admin = server.config.borrow().admin.clone();
+    server.config.send_replace(Arc::new(reloaded));
+    let ended = within_for(
+        Duration::from_secs(5),
+        "web1's stream to end",
+        revoked.message(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    let refused = client
+        .get_task(with_token(Request::new(Empty {}), &web1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // web2's stream is still open: a task submitted now reaches it.
+    let mut admin = server.admin().await;
+    submit(&mut admin, "after the revocation", "").await;
+    let task = within("web2's task", kept.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(task.task, "after the revocation");
+    server.stop().await;
+}
+
+/// Queue mode: a task in flight at an agent whose token a reload revokes
+/// goes back to the queue and reaches another agent.
+#[tokio::test]
+async fn a_revoked_agents_queue_claims_go_back_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let web1 = contactd::auth::create_token(&file, "web1", Role::Agent, false).unwrap();
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.tasks.mode = DeliveryMode::Queue;
+    config.server.tokens_file = Some(file.clone());
+    let server = TestServer::start(config.clone()).await;
+    let mut client = server.client().await;
+    let mut admin = server.admin().await;
+    let mut holder = client
+        .get_task(with_token(Request::new(Empty {}), &web1))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = submit(&mut admin, "held", "").await;
+    let held = within("web1's task", holder.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.id, id);
+    // web1 revoked, web2 added, in one reload.
+    std::fs::write(&file, "").unwrap();
+    let web2 = contactd::auth::create_token(&file, "web2", Role::Agent, false).unwrap();
+    let mut reloaded = config.clone();
+    reloaded.server.listen = server.addr;
+    reloaded.admin = server.config.borrow().admin.clone();
+    server.config.send_replace(Arc::new(reloaded));
+    let ended = within_for(
+        Duration::from_secs(5),
+        "web1's stream to end",
+        holder.message(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let mut taker = client
+        .get_task(with_token(Request::new(Empty {}), &web2))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = within("the task at web2", taker.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.id, id);
+    server.stop().await;
+}
 
 /// A tokens file emptied (truncated to 0 bytes) and reloaded keeps the
 /// tokens in force: the operator's token still runs commands, a call
