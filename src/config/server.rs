@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// Connections still in their handshake at once; they do not count
     /// against `max_connections`, so they cannot lock out agents.
     pub max_handshakes: usize,
+    /// Of those, from one source address at once (`max_handshakes` if
+    /// larger): one peer holding stalled connections cannot take every
+    /// handshake slot.
+    pub max_handshakes_per_address: usize,
     /// Largest sendStatus message (one status report).
     #[serde(with = "units::size")]
     pub max_status_message: ByteSize,
@@ -219,6 +223,7 @@ impl Default for ServerConfig {
             tokens_file: None,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            max_handshakes_per_address: 256,
             max_status_message: ByteSize::kib(64),
             max_result_message: ByteSize::kib(256),
             max_command_message: ByteSize::kib(64),
@@ -292,6 +297,16 @@ impl ServerConfig {
             "server.max_handshakes",
             format!(
                 "is out of range: expected from {} to {}",
+                MAX_HANDSHAKES.start(),
+                MAX_HANDSHAKES.end()
+            ),
+        );
+        c.check(
+            MAX_HANDSHAKES.contains(&(self.max_handshakes_per_address as u64)),
+            "server.max_handshakes_per_address",
+            format!(
+                "is out of range: expected from {} to {} (above server.max_handshakes, that \
+                 is the bound)",
                 MAX_HANDSHAKES.start(),
                 MAX_HANDSHAKES.end()
             ),

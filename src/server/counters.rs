@@ -63,13 +63,17 @@ pub(crate) enum Refusal {
     Handshake = 2,
     /// No handshake within `server.handshake_timeout`.
     HandshakeTimeout = 3,
+    /// Its address had `server.max_handshakes_per_address` connections in
+    /// their handshake.
+    HandshakesPerAddress = 4,
 }
 
-pub(super) const REFUSALS: [&str; 4] = [
+pub(super) const REFUSALS: [&str; 5] = [
     "max_handshakes",
     "max_connections",
     "handshake_failed",
     "handshake_timeout",
+    "max_handshakes_per_address",
 ];
 
 /// The server's own counters: events that are rare next to task traffic.

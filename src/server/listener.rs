@@ -13,8 +13,9 @@
 //!   reloaded on SIGHUP apply to new connections while open ones go on.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
@@ -147,6 +148,7 @@ impl AsyncWrite for Conn {
 pub struct Limits {
     pub max_connections: usize,
     pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
     pub handshake_timeout: Duration,
 }
 
@@ -186,6 +188,8 @@ struct Acceptor {
     limits: Limits,
     tls: TlsConfig,
     handshakes: Arc<Semaphore>,
+    /// Connections in their handshake, by source address.
+    by_address: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
     connections: Arc<Semaphore>,
     warnings: Arc<Warnings>,
     ready: mpsc::Sender<Conn>,
@@ -209,6 +213,7 @@ pub fn incoming(
     let acceptor = Acceptor {
         listener,
         handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+        by_address: Arc::default(),
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         tls,
@@ -246,8 +251,28 @@ impl Acceptor {
         }
     }
 
-    /// Starts the handshake of a new connection, if a handshake slot is free.
+    /// Starts the handshake of a new connection, if a handshake slot is free
+    /// for it and for its source address.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let Some(from_address) = AddressSlot::take(
+            &self.by_address,
+            peer.ip(),
+            self.limits.max_handshakes_per_address,
+        ) else {
+            self.counters
+                .connection_refused(Refusal::HandshakesPerAddress);
+            let max = self.limits.max_handshakes_per_address;
+            self.warnings.handshakes_full.hit(|n| {
+                tracing::warn!(
+                    refused = n,
+                    address = %peer.ip(),
+                    max_handshakes_per_address = max,
+                    "connections refused: one address holds server.max_handshakes_per_address \
+                     connections in their handshake"
+                );
+            });
+            return;
+        };
         let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
             self.counters.connection_refused(Refusal::Handshakes);
             let max = self.limits.max_handshakes;
@@ -276,6 +301,7 @@ impl Acceptor {
                 () = stop.cancelled() => return,
             };
             drop(permit);
+            drop(from_address);
             let conn = match handshake {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
@@ -315,6 +341,45 @@ impl Acceptor {
                 })
                 .await;
         });
+    }
+}
+
+/// A source address's share of the handshake slots, given back on drop.
+struct AddressSlot {
+    map: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// A slot for `ip` if it holds fewer than `max`.
+    fn take(
+        map: &Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<AddressSlot> {
+        let mut held = map.lock();
+        let count = held.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            map: Arc::clone(map),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut held = self.map.lock();
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            // The map holds only addresses with handshakes in progress.
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -240,6 +240,10 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
     let limits = listener::Limits {
         max_connections: connection_cap(&initial.server),
         max_handshakes: initial.server.max_handshakes,
+        max_handshakes_per_address: initial
+            .server
+            .max_handshakes_per_address
+            .min(initial.server.max_handshakes),
         handshake_timeout: initial.server.handshake_timeout,
     };
     let incoming = listener::incoming(

@@ -1107,6 +1107,9 @@ async fn half_open_connections_are_closed_and_never_lock_out_agents() {
     config.tasks.batch = 0;
     config.server.max_connections = 100;
     config.server.handshake_timeout = Duration::from_secs(2);
+    // Every connection here comes from one address: the global bound is
+    // what this test is about (the per-address one has its own test).
+    config.server.max_handshakes_per_address = config.server.max_handshakes;
     let server = TestServer::start(config).await;
     // 500 connections: silent, or stopping half-way through the preface.
     let mut idle = Vec::new();
@@ -1129,6 +1132,67 @@ async fn half_open_connections_are_closed_and_never_lock_out_agents() {
         let read = within("the server to close it", stream.read(&mut byte)).await;
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
+    server.stop().await;
+}
+
+/// A gRPC channel to `server` whose connection comes from `source` (another
+/// loopback address).
+fn channel_from(source: std::net::IpAddr, server: SocketAddr) -> Channel {
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(server).await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    // Lazy: the connection is made by the first call, whose failure the
+    // caller sees.
+    Endpoint::from_shared(format!("http://{server}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(connector)
+}
+
+/// One address holding stalled connections (more than its share of the
+/// handshake slots) keeps no one else out: health from another loopback
+/// address answers and an agent from a third gets its tasks, while the
+/// abusive address's excess connections are closed at once.
+#[tokio::test]
+async fn one_address_cannot_take_every_handshake_slot() {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.server.max_handshakes = 100;
+    config.server.max_handshakes_per_address = 32;
+    config.server.handshake_timeout = Duration::from_secs(30);
+    let server = TestServer::start(config).await;
+    // 150 silent connections from 127.0.0.1: more than every slot there is.
+    let mut stalled = Vec::new();
+    for _ in 0..150 {
+        stalled.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // While 32 of them hold their slots (until the timeout, 30 s), health
+    // from another address answers and an agent from a third gets in.
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    health(channel_from(other, server.addr)).await.unwrap();
+    let third: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let mut client = ContactClient::new(channel_from(third, server.addr));
+    within(
+        "an agent's getTask",
+        client.get_task(named(Empty {}, "web1")),
+    )
+    .await
+    .unwrap();
+    // The abusive address's excess was closed at once, not at the timeout.
+    for stream in &mut stalled[32..] {
+        let mut byte = [0u8; 1];
+        let read = within_for(
+            Duration::from_secs(10),
+            "an excess connection to be closed",
+            stream.read(&mut byte),
+        )
+        .await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    drop(stalled);
     server.stop().await;
 }
 
