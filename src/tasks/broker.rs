@@ -160,7 +160,7 @@ pub struct Stats {
 }
 
 /// What housekeeping reads from the config (`apply` keeps it current).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Keeping {
     keep_for: Duration,
     retain_finished: usize,
@@ -259,11 +259,14 @@ impl Broker {
             store,
             epoch,
             cancelled_acks: AtomicU64::new(0),
-            retain: AtomicUsize::new(config.tasks.retain),
-            replay: AtomicBool::new(config.tasks.replay),
-            keeping: Mutex::new(keeping(config)),
+            // Set by `apply` below: start applies the config as a reload
+            // does, through the same path.
+            retain: AtomicUsize::new(0),
+            replay: AtomicBool::new(false),
+            keeping: Mutex::new(Keeping::default()),
             server: Arc::from(config.server.resolved_name()),
         };
+        broker.apply(config);
         (Arc::new(broker), snapshot.agents)
     }
 
