@@ -1,8 +1,8 @@
 //! What a reload changes in the server: [`follow_config`] applies each new
 //! config to the broker, the callers and the policy. The policy's files are
-//! read by the same code at start ([`Policy::load`](super::Policy::load)) and at a reload, which
-//! swaps in what it could read and keeps what is in force for what it
-//! could not (fail closed).
+//! read by the same code at start ([`Policy::load`](super::Policy::load))
+//! and at a reload, which swaps in what it could read and keeps what is in
+//! force for what it could not (fail closed).
 
 use std::sync::Arc;
 
