@@ -3,9 +3,11 @@
 //! that a connection costs almost nothing until it has proved it speaks our
 //! protocol:
 //!
-//! - a new connection takes a *handshake* slot (`server.max_handshakes`),
-//!   and must finish TLS (when enabled), then send the HTTP/2 preface and
-//!   its SETTINGS, within `server.handshake_timeout`, or it is closed;
+//! - a new connection takes a *handshake* slot (`server.max_handshakes`,
+//!   at most `server.max_handshakes_per_address` of them per source
+//!   address, so one peer cannot hold them all), and must finish TLS (when
+//!   enabled), then send the HTTP/2 preface and its SETTINGS, within
+//!   `server.handshake_timeout`, or it is closed;
 //! - only then does it take a *connection* slot (`server.max_connections`),
 //!   so connections that never finish their handshake (slowloris) can never
 //!   lock out agents;
