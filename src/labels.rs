@@ -30,9 +30,6 @@ pub const MAX_HEADER: usize = 4096;
 /// Longest name part of a key, and longest value.
 pub const MAX_NAME: usize = 63;
 
-/// Longest DNS prefix of a key.
-pub const MAX_PREFIX: usize = 253;
-
 /// The facts every agent reports, by key.
 pub const FACTS: [&str; 5] = ["os", "arch", "hostname", "kernel", "contactd_version"];
 
@@ -40,16 +37,20 @@ pub const FACTS: [&str; 5] = ["os", "arch", "hostname", "kernel", "contactd_vers
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LabelError {
     #[error(
-        "label key {0:?} is not valid: expected a name of 1 to {MAX_NAME} letters, digits, \
-         '.', '_' or '-' (starting and ending with a letter or digit), optionally after a \
-         DNS prefix and '/' (example.com/role)"
+        "label key {key:?} is not valid ({reason}): expected a name of 1 to {MAX_NAME} \
+         letters, digits, '.', '_' or '-' (starting and ending with a letter or digit), \
+         optionally after a lowercase DNS prefix and '/' (example.com/role)"
     )]
-    Key(String),
+    Key { key: String, reason: String },
     #[error(
-        "label value {value:?} (of {key}) is not valid: expected at most {MAX_NAME} letters, \
-         digits, '.', '_' or '-', starting and ending with a letter or digit"
+        "label value {value:?} (of {key}) is not valid ({reason}): expected at most \
+         {MAX_NAME} letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
     )]
-    Value { key: String, value: String },
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("too many labels: {0}, at most {MAX_LABELS}")]
     TooMany(usize),
     #[error("the labels header is {0} bytes, at most {MAX_HEADER}")]
@@ -60,49 +61,18 @@ pub enum LabelError {
     Twice(String),
 }
 
-/// Whether `name` is a label name: `[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?`,
-/// at most [`MAX_NAME`] bytes.
-fn valid_name(name: &str, max: usize) -> bool {
-    let bytes = name.as_bytes();
-    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
-        return false;
-    };
-    bytes.len() <= max
-        && first.is_ascii_alphanumeric()
-        && last.is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Whether `key` is a valid label key (see the module's documentation).
+/// Whether `key` is a valid label key: the rules selectors read keys with
+/// ([`crate::selector::check_label_key`]), so every label can be selected.
 #[must_use]
 pub fn valid_key(key: &str) -> bool {
-    match key.split_once('/') {
-        Some((prefix, name)) => valid_prefix(prefix) && valid_name(name, MAX_NAME),
-        None => valid_name(key, MAX_NAME),
-    }
+    crate::selector::check_label_key(key).is_ok()
 }
 
-/// Whether `prefix` is a key's DNS prefix: lowercase RFC 1123 labels
-/// (`a-z`, `0-9`, `-`, each beginning and ending with a letter or digit)
-/// joined by dots, at most [`MAX_PREFIX`] bytes: what a selector can name.
-fn valid_prefix(prefix: &str) -> bool {
-    prefix.len() <= MAX_PREFIX
-        && prefix.split('.').all(|part| {
-            let bytes = part.as_bytes();
-            bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        })
-}
-
-/// Whether `value` is a valid label value (empty, or a name).
+/// Whether `value` is a valid label value (empty, or a name), by the rules
+/// selectors read values with.
 #[must_use]
 pub fn valid_value(value: &str) -> bool {
-    value.is_empty() || valid_name(value, MAX_NAME)
+    crate::selector::check_value(value).is_ok()
 }
 
 /// Makes a valid label value of a fact read from the system (a kernel
@@ -207,16 +177,15 @@ impl Labels {
 }
 
 fn check(key: &str, value: &str) -> Result<(), LabelError> {
-    if !valid_key(key) {
-        return Err(LabelError::Key(key.to_owned()));
-    }
-    if !valid_value(value) {
-        return Err(LabelError::Value {
-            key: key.to_owned(),
-            value: value.to_owned(),
-        });
-    }
-    Ok(())
+    crate::selector::check_label_key(key).map_err(|e| LabelError::Key {
+        key: key.to_owned(),
+        reason: e.message,
+    })?;
+    crate::selector::check_value(value).map_err(|e| LabelError::Value {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason: e.message,
+    })
 }
 
 impl TryFrom<BTreeMap<String, String>> for Labels {

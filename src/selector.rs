@@ -644,6 +644,24 @@ fn bad_char(start: usize, word: &str, offset: usize, what: &str, allowed: &str) 
     SelectorError::new(start + offset, message)
 }
 
+/// Checks `key` as a label key, by the rules selectors read keys with (so
+/// that no label is made that no selector could name).
+///
+/// # Errors
+/// Where the key breaks them, and how.
+pub fn check_label_key(key: &str) -> Result<(), SelectorError> {
+    check_key(0, key)
+}
+
+/// Checks `value` as a label value, by the rules selectors read values
+/// with.
+///
+/// # Errors
+/// Where the value breaks them, and how.
+pub fn check_value(value: &str) -> Result<(), SelectorError> {
+    check_label_value(0, value)
+}
+
 /// A key other than `name` (Kubernetes' label-key rules), starting at byte
 /// `start` of the selector.
 fn check_key(start: usize, key: &str) -> Result<(), SelectorError> {

@@ -287,18 +287,23 @@ pub fn man_pages(args: &crate::cli::ManArgs) -> Result<(), AppError> {
     crate::client::write_out(&list).map_err(AppError::Output)
 }
 
-/// `tls init`.
-///
-/// # Errors
-/// Existing files without `--force`, or files that cannot be written.
-pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
-    let made = crate::tls::pki::init(&args.dir, &args.dns, &args.ip, args.days, args.force)?;
+/// Prints `wrote FILE` for each file `tls init` or `tls issue` made.
+fn print_wrote(made: &crate::tls::pki::Made) -> Result<(), AppError> {
     let wrote: String = made
         .files
         .iter()
         .map(|file| format!("wrote {}\n", file.display()))
         .collect();
     crate::client::write_out(&wrote).map_err(AppError::Output)
+}
+
+/// `tls init`.
+///
+/// # Errors
+/// Existing files without `--force`, or files that cannot be written.
+pub fn tls_init(args: &TlsInitArgs) -> Result<(), AppError> {
+    let made = crate::tls::pki::init(&args.dir, &args.dns, &args.ip, args.days, args.force)?;
+    print_wrote(&made)
 }
 
 /// `tls issue`.
@@ -313,12 +318,7 @@ pub fn tls_issue(args: &TlsIssueArgs) -> Result<(), AppError> {
         args.force,
         args.group.as_deref(),
     )?;
-    let wrote: String = made
-        .files
-        .iter()
-        .map(|file| format!("wrote {}\n", file.display()))
-        .collect();
-    crate::client::write_out(&wrote).map_err(AppError::Output)
+    print_wrote(&made)
 }
 
 /// `token create`: prints the new token on stdout, the rest on stderr.

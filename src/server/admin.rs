@@ -479,7 +479,7 @@ impl Admin for AdminService {
             dead: counters.dead,
             duplicate_acks: counters.duplicate_acks,
             more,
-            cancelled_acks: self.state.broker.stats().cancelled_acks,
+            cancelled_acks: self.state.broker.cancelled_acks(),
         }))
     }
 

@@ -513,6 +513,11 @@ impl Broker {
         self.store.fleet().await
     }
 
+    /// Acks of cancelled tasks, ignored, since the start.
+    pub fn cancelled_acks(&self) -> u64 {
+        self.cancelled_acks.load(Relaxed)
+    }
+
     /// The metrics' counts.
     pub fn stats(&self) -> Stats {
         let (queue, depths) = match &self.mode {
@@ -523,7 +528,7 @@ impl Broker {
             next_id: self.hub.next_id(),
             queue,
             depths,
-            cancelled_acks: self.cancelled_acks.load(Relaxed),
+            cancelled_acks: self.cancelled_acks(),
         }
     }
 

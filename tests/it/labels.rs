@@ -4,8 +4,6 @@
 //! reload), and a task submitted for a selector reaches only the agents it
 //! matches.
 
-use std::sync::Arc;
-
 use contactd::{
     agent::AgentEvent,
     config::{AgentPin, Config},
@@ -203,9 +201,7 @@ async fn a_claim_cannot_override_a_pinned_label_and_a_reload_repins_live() {
     assert!(for_db < for_web);
 
     // A reload pins it elsewhere: in force for the connected agent at once.
-    let mut config = server.config.borrow().as_ref().clone();
-    config.server.agents = vec![pin("web-*", "role=cache")];
-    server.config.send_replace(Arc::new(config));
+    server.reload(|config| config.server.agents = vec![pin("web-*", "role=cache")]);
     until_selected(&admin, "role=cache", &["web-1"]).await;
     assert!(selected(&mut admin, "role=web").await.is_empty());
 

@@ -565,7 +565,7 @@ async fn a_reload_that_revokes_a_token_ends_its_open_streams() {
     let mut config = Config::default();
     config.tasks.batch = 0;
     config.server.tokens_file = Some(file.clone());
-    let server = TestServer::start(config.clone()).await;
+    let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let mut revoked = client
         .get_task(with_token(Request::new(Empty {}), &web1))
@@ -586,10 +586,7 @@ async fn a_reload_that_revokes_a_token_ends_its_open_streams() {
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     std::fs::write(&file, lines.concat()).unwrap();
-    let mut reloaded = config.clone();
-    reloaded.server.listen = server.addr;
-    reloaded.admin = server.config.borrow().admin.clone();
-    server.config.send_replace(Arc::new(reloaded));
+    server.reload(|_| {});
     let ended = within_for(
         Duration::from_secs(5),
         "web1's stream to end",
@@ -626,7 +623,7 @@ async fn a_revoked_agents_queue_claims_go_back_to_the_queue() {
     config.tasks.batch = 0;
     config.tasks.mode = DeliveryMode::Queue;
     config.server.tokens_file = Some(file.clone());
-    let server = TestServer::start(config.clone()).await;
+    let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let mut admin = server.admin().await;
     let mut holder = client
@@ -643,10 +640,7 @@ async fn a_revoked_agents_queue_claims_go_back_to_the_queue() {
     // web1 revoked, web2 added, in one reload.
     std::fs::write(&file, "").unwrap();
     let web2 = contactd::auth::create_token(&file, "web2", Role::Agent, false).unwrap();
-    let mut reloaded = config.clone();
-    reloaded.server.listen = server.addr;
-    reloaded.admin = server.config.borrow().admin.clone();
-    server.config.send_replace(Arc::new(reloaded));
+    server.reload(|_| {});
     let ended = within_for(
         Duration::from_secs(5),
         "web1's stream to end",
@@ -679,7 +673,7 @@ async fn an_emptied_tokens_file_at_reload_keeps_the_tokens_in_force() {
     let mut config = common::with_commands(&["true"]);
     config.tasks.batch = 0;
     config.server.tokens_file = Some(file.clone());
-    let server = TestServer::start(config.clone()).await;
+    let server = TestServer::start(config).await;
     let mut client = server.client().await;
     let cmd = || CmdRequest {
         index: 1,
@@ -690,30 +684,28 @@ async fn an_emptied_tokens_file_at_reload_keeps_the_tokens_in_force() {
     // A reload (the server re-reads its credentials at each one, before
     // its rules), which also allows `false`: once `false` runs, the
     // credentials were re-read.
-    let mut reloaded = config.clone();
-    reloaded.server.listen = server.addr;
-    reloaded.admin = server.config.borrow().admin.clone();
-    reloaded.remote_cmd.allow.push("false".parse().unwrap());
-    server.config.send_replace(Arc::new(reloaded));
+    server.reload(|config| config.remote_cmd.allow.push("false".parse().unwrap()));
     let run_false = || CmdRequest {
         cmd_str: "false".into(),
         ..cmd()
     };
-    within("the reload to apply", async {
-        loop {
-            match client
-                .remote_cmd(with_token(Request::new(run_false()), &ops))
-                .await
-            {
-                Ok(_) => return,
-                Err(e) if e.code() == Code::PermissionDenied => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the emptied tokens file was taken: {e:?}"),
+    let answer = common::until(
+        "the reload to apply",
+        || {
+            let (mut client, ops) = (client.clone(), ops.clone());
+            async move {
+                client
+                    .remote_cmd(with_token(Request::new(run_false()), &ops))
+                    .await
+                    .map(drop)
             }
-        }
-    })
+        },
+        |answer| !matches!(answer, Err(e) if e.code() == Code::PermissionDenied),
+    )
     .await;
+    if let Err(e) = answer {
+        panic!("the emptied tokens file was taken: {e:?}");
+    }
     let ok = client
         .remote_cmd(with_token(Request::new(cmd()), &ops))
         .await

@@ -136,6 +136,15 @@ impl TestServer {
     }
 
     /// Shuts the server down and waits for it to return.
+    /// Reloads the server: the config in force (with its real listen
+    /// address, so that only `change` differs), changed by `change`.
+    pub fn reload(&self, change: impl FnOnce(&mut Config)) {
+        let mut config = self.config.borrow().as_ref().clone();
+        config.server.listen = self.addr;
+        change(&mut config);
+        self.config.send_replace(Arc::new(config));
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         within("server exit", self.task).await.unwrap().unwrap();
