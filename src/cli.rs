@@ -37,6 +37,10 @@ pub const VERSION: &str = concat!(
   contactd task retry 42            queue mode: run a failed or dead task again
   contactd agents                   the fleet: connected, last status, counts
   contactd tasks --state dead       tasks no agent acked
+  contactd jobs                     the jobs: schedule, target, next and last run
+  contactd task submit 'apt-get -y upgrade' --target role=web --batch 10% --max-failed 2
+                                    a rollout that halts after 3 failures
+  contactd job resume 42            go on with a halted run
   contactd tls init /etc/contactd/tls --dns server.example
   contactd tls issue web1 --dir /etc/contactd/tls
   contactd token create web1 --role agent --file /etc/contactd/tokens
@@ -73,6 +77,11 @@ pub enum Command {
     Agents(AgentsArgs),
     /// List the server's retained and queued tasks and how their delivery went.
     Tasks(TasksArgs),
+    /// List the jobs ([[jobs]]): schedule, target, mode, next and last run.
+    Jobs(JobsArgs),
+    /// Operator commands on jobs and their runs.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Make TLS certificates: a CA and server certificate, and one per agent.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -269,6 +278,84 @@ pub struct SubmitArgs {
     /// (`role=web,region!=us`, `role in (web,api)`, `!canary`, `name=web-*`)
     #[arg(long, value_name = "SELECTOR", value_parser = parse_selector)]
     pub target: Option<Selector>,
+    /// A rollout: every agent --target matches runs it, at most this many at
+    /// once (`10%` or a count); the command follows it until it ends or halts
+    #[arg(long, value_name = "N|PCT", conflicts_with = "agent", value_parser = parse_amount)]
+    pub batch: Option<String>,
+    /// A rollout halts when more agents than this failed (`2` or `5%`;
+    /// implies a rollout)
+    #[arg(long, value_name = "N|PCT", conflicts_with = "agent", value_parser = parse_amount)]
+    pub max_failed: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+fn parse_amount(text: &str) -> Result<String, String> {
+    text.parse::<crate::config::Amount>()
+        .map(|amount| amount.to_string())
+}
+
+/// `contactd job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Fire a job now, whatever its schedule, and print its run's id.
+    Run(JobRunArgs),
+    /// Show one run: its rollout and each agent's state (owed, running,
+    /// acked, failed, missed) with its latest result.
+    Show(RunIdArgs),
+    /// Pause a job's schedule (its runs in progress go on).
+    Pause(JobNameArgs),
+    /// Resume a paused job (a NAME), or a halted run (a RUN id, as `job
+    /// show` and `task submit --batch` print it).
+    Resume(JobResumeArgs),
+}
+
+/// `contactd job run`.
+#[derive(Debug, Args)]
+pub struct JobRunArgs {
+    /// The job's name ([[jobs]] name)
+    pub name: String,
+    /// Follow the run's progress until it ends or halts (exit 1 unless it succeeded)
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd job show`.
+#[derive(Debug, Args)]
+pub struct RunIdArgs {
+    /// The run's id
+    pub run: u64,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd job pause`.
+#[derive(Debug, Args)]
+pub struct JobNameArgs {
+    /// The job's name ([[jobs]] name)
+    pub name: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd job resume`.
+#[derive(Debug, Args)]
+pub struct JobResumeArgs {
+    /// A job's name (its schedule resumes), or a halted run's id
+    #[arg(value_name = "NAME|RUN")]
+    pub what: String,
+    /// A run: follow its progress until it ends or halts again
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `contactd jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
 }

@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         Command::Task(TaskCommand::Retry(args)) => app::retry_task(args),
         Command::Agents(args) => app::list_agents(args),
         Command::Tasks(args) => app::list_tasks(args),
+        Command::Jobs(args) => app::list_jobs(args),
+        Command::Job(command) => app::job(command),
         Command::Tls(TlsCommand::Init(args)) => app::tls_init(args),
         Command::Tls(TlsCommand::Issue(args)) => app::tls_issue(args),
         Command::Token(TokenCommand::Create(args)) => app::token_create(args),

@@ -31,6 +31,11 @@ pub struct Task {
     pub selector: Option<Arc<Selector>>,
     /// How its deliveries went.
     pub progress: Progress,
+    /// The job whose run it is (`""` for an ad hoc rollout), if any.
+    pub job: Option<Arc<str>>,
+    /// Delivered by its run to the agents the run admits (a job of mode
+    /// `each` or `any`), never by the ring or the queue.
+    pub direct: bool,
     /// A placeholder for an id whose task could not be stored: it keeps
     /// the ring's ids contiguous and is never delivered or listed.
     pub void: bool,
@@ -47,6 +52,10 @@ pub struct Draft {
     pub target: Option<Arc<str>>,
     /// [`Task::selector`].
     pub selector: Option<Arc<Selector>>,
+    /// [`Task::job`].
+    pub job: Option<Arc<str>>,
+    /// [`Task::direct`].
+    pub direct: bool,
 }
 
 /// A text for one agent (`Some`) or every agent.
@@ -55,7 +64,7 @@ impl From<(String, Option<Arc<str>>)> for Draft {
         Draft {
             text,
             target,
-            selector: None,
+            ..Draft::default()
         }
     }
 }
@@ -116,6 +125,102 @@ impl std::fmt::Display for TaskState {
     }
 }
 
+/// Where a job's run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum RunState {
+    /// Agents are being sent it, or it waits for their answers.
+    Running = 0,
+    /// More agents failed than its rollout tolerates: nothing more is sent
+    /// until an operator resumes it.
+    Halted = 1,
+    /// Every agent it was for answered, and none failed.
+    Succeeded = 2,
+    /// Every agent it was for answered (or was missed), and some failed.
+    Failed = 3,
+    /// Its timeout passed with agents still owed it or running it.
+    TimedOut = 4,
+}
+
+impl RunState {
+    /// Finished: it sends nothing more.
+    pub fn is_finished(self) -> bool {
+        self >= RunState::Succeeded
+    }
+
+    /// The state numbered `n` (as stored); unknown numbers are running.
+    pub fn from_u8(n: u8) -> RunState {
+        match n {
+            1 => RunState::Halted,
+            2 => RunState::Succeeded,
+            3 => RunState::Failed,
+            4 => RunState::TimedOut,
+            _ => RunState::Running,
+        }
+    }
+
+    /// The state's name, as operators (and the metrics' `outcome`) see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Halted => "halted",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where one agent stands with one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum RunAgentState {
+    /// Matched, not sent yet (waiting for a slot in the window, or for the
+    /// agent to connect).
+    Owed = 0,
+    /// Sent, no answer yet.
+    Running = 1,
+    Acked = 2,
+    /// Answered with a failure after its retries.
+    Failed = 3,
+    /// Still owed (or running) when the run ended.
+    Missed = 4,
+}
+
+impl RunAgentState {
+    /// Done with: it is sent nothing more by this run.
+    pub fn is_finished(self) -> bool {
+        self >= RunAgentState::Acked
+    }
+
+    /// The state numbered `n` (as stored); unknown numbers are owed.
+    pub fn from_u8(n: u8) -> RunAgentState {
+        match n {
+            1 => RunAgentState::Running,
+            2 => RunAgentState::Acked,
+            3 => RunAgentState::Failed,
+            4 => RunAgentState::Missed,
+            _ => RunAgentState::Owed,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RunAgentState::Owed => "owed",
+            RunAgentState::Running => "running",
+            RunAgentState::Acked => "acked",
+            RunAgentState::Failed => "failed",
+            RunAgentState::Missed => "missed",
+        }
+    }
+}
+
 /// Delivery counters of one task.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -145,6 +250,8 @@ impl Task {
             created,
             target,
             selector: None,
+            job: None,
+            direct: false,
             progress: Progress::default(),
             void: false,
             wire: std::sync::OnceLock::new(),
@@ -155,6 +262,8 @@ impl Task {
     pub fn from_draft(id: u64, draft: Draft, created: SystemTime) -> Task {
         Task {
             selector: draft.selector,
+            job: draft.job,
+            direct: draft.direct,
             ..Task::new(id, draft.text, created, draft.target)
         }
     }

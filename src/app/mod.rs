@@ -14,8 +14,8 @@ use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     cli::{
-        AdminArgs, AgentsArgs, ConfigArgs, SubmitArgs, TaskIdArgs, TasksArgs, TlsInitArgs,
-        TlsIssueArgs, TokenCreateArgs,
+        AdminArgs, AgentsArgs, ConfigArgs, JobCommand, JobsArgs, SubmitArgs, TaskIdArgs, TasksArgs,
+        TlsInitArgs, TlsIssueArgs, TokenCreateArgs,
     },
     client::admin::{self as ctl, CtlError},
     config::{
@@ -51,6 +51,9 @@ pub enum AppError {
     /// clap's own usage errors.
     #[error("{0}")]
     Usage(String),
+    /// A followed run ended without succeeding (it printed how): exit 1.
+    #[error("the run did not succeed")]
+    RunFailed,
 }
 
 impl From<ConfigError> for AppError {
@@ -140,13 +143,80 @@ fn admin_socket(args: &AdminArgs) -> Result<PathBuf, AppError> {
 pub fn submit_task(args: &SubmitArgs) -> Result<(), AppError> {
     let text = task_text(args)?;
     let socket = admin_socket(&args.admin)?;
-    Ok(ctl::submit(
+    let rollout = (args.batch.is_some() || args.max_failed.is_some()).then(|| {
+        (
+            args.batch.as_deref().unwrap_or_default(),
+            args.max_failed.as_deref().unwrap_or_default(),
+        )
+    });
+    if rollout.is_some() && args.target.is_none() {
+        return Err(AppError::Usage(
+            "a rollout (--batch, --max-failed) is over the agents --target SELECTOR matches: \
+             give one (`--target 'name=*'` for every agent)"
+                .into(),
+        ));
+    }
+    let succeeded = ctl::submit(
         &socket,
         &text,
         args.agent.as_deref(),
         args.target.as_ref(),
+        rollout,
         args.admin.json,
-    )?)
+    )?;
+    if succeeded {
+        Ok(())
+    } else {
+        Err(AppError::RunFailed)
+    }
+}
+
+/// `jobs`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, or a refusal.
+pub fn list_jobs(args: &JobsArgs) -> Result<(), AppError> {
+    Ok(ctl::jobs(&admin_socket(&args.admin)?, args.admin.json)?)
+}
+
+/// `job run|show|pause|resume`.
+///
+/// # Errors
+/// A bad config, an unreachable socket, a refusal, or (`--wait`) a run that
+/// did not succeed.
+pub fn job(command: &JobCommand) -> Result<(), AppError> {
+    match command {
+        JobCommand::Run(args) => {
+            let socket = admin_socket(&args.admin)?;
+            if !ctl::run_job(&socket, &args.name, args.wait, args.admin.json)? {
+                return Err(AppError::RunFailed);
+            }
+        }
+        JobCommand::Show(args) => {
+            ctl::show_run(&admin_socket(&args.admin)?, args.run, args.admin.json)?;
+        }
+        JobCommand::Pause(args) => {
+            ctl::pause_job(
+                &admin_socket(&args.admin)?,
+                &args.name,
+                true,
+                args.admin.json,
+            )?;
+        }
+        JobCommand::Resume(args) => {
+            let socket = admin_socket(&args.admin)?;
+            // Job names are never all digits: a number is a run.
+            match args.what.parse::<u64>() {
+                Ok(run) => {
+                    if !ctl::resume_run(&socket, run, args.wait, args.admin.json)? {
+                        return Err(AppError::RunFailed);
+                    }
+                }
+                Err(_) => ctl::pause_job(&socket, &args.what, false, args.admin.json)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The text of `task submit`: the argument, stdin for `-`, or `--file`'s

@@ -10,6 +10,7 @@
 //! - `server.rs`: `[server]` and `[server.tls]` ([`ServerConfig`],
 //!   [`ServerTlsConfig`], [`ClientAuth`]);
 //! - `tasks.rs`: `[tasks]` ([`TasksConfig`], [`DeliveryMode`]);
+//! - `jobs.rs`: `[[jobs]]` ([`JobConfig`], [`JobMode`], [`Rollout`]);
 //! - `remote_cmd.rs`: `[remote_cmd]` ([`RemoteCmdConfig`]);
 //! - `admin.rs`: `[admin]` ([`AdminConfig`]);
 //! - `metrics.rs`, `store.rs`, `log.rs`: `[metrics]`, `[store]`, `[log]`;
@@ -24,6 +25,7 @@
 
 mod admin;
 pub mod agent;
+pub mod jobs;
 mod load;
 pub mod log;
 pub mod metrics;
@@ -43,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
 pub use agent::{AGENT_DEFAULT_PATH, AgentConfig, AgentFile, AgentTlsConfig, BackoffConfig};
+pub use jobs::{Amount, JobConfig, JobMode, Overlap, Rollout};
 pub use load::{ConfigError, ConfigFile, Problem, load, parse};
 pub use log::{LogConfig, LogFormat, Rotation};
 pub use metrics::MetricsConfig;
@@ -83,6 +86,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    /// `[[jobs]]`: named, scheduled tasks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobConfig>,
 }
 
 impl ConfigFile for Config {
@@ -102,6 +108,7 @@ impl ConfigFile for Config {
         self.remote_cmd.check(&mut c);
         self.metrics.check("metrics", &mut c);
         self.log.check(&mut c);
+        jobs::check(&self.jobs, self.tasks.mode == DeliveryMode::Queue, &mut c);
         c.0
     }
 }

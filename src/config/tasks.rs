@@ -41,6 +41,10 @@ pub struct TasksConfig {
     pub keep_for: Duration,
     /// ...and beyond this many, the oldest first.
     pub retain_finished: usize,
+    /// Runs of `each` and `any` jobs (and ad hoc rollouts) in progress or
+    /// halted at once; beyond, a job's period is skipped (and logged) and
+    /// an operator's run is refused. Each holds a row per agent it targets.
+    pub max_runs: usize,
 }
 
 /// `tasks.mode`.
@@ -69,6 +73,7 @@ impl Default for TasksConfig {
             max_pending: 100_000,
             keep_for: Duration::from_secs(7 * 86_400),
             retain_finished: 100_000,
+            max_runs: 256,
         }
     }
 }
@@ -101,5 +106,6 @@ impl TasksConfig {
             self.retain_finished as u64,
             RETAIN_FINISHED,
         );
+        c.count("tasks.max_runs", self.max_runs as u64, MAX_RUNS);
     }
 }

@@ -61,6 +61,7 @@ pub mod ranges {
     pub const MAX_PENDING: RangeInclusive<u64> = 1..=10_000_000;
     pub const KEEP_FOR: RangeInclusive<Duration> = MINUTE..=Duration::from_secs(3650 * 86_400);
     pub const RETAIN_FINISHED: RangeInclusive<u64> = 1..=100_000_000;
+    pub const MAX_RUNS: RangeInclusive<u64> = 1..=100_000;
     pub const WRITE_QUEUE: RangeInclusive<u64> = 1024..=4_194_304;
     pub const FORGET_AGENTS_AFTER: RangeInclusive<Duration> =
         HOUR..=Duration::from_secs(3650 * 86_400);

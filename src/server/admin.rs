@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status};
 use super::state::State;
 use crate::{
     clock::unix_ms,
-    config::AdminConfig,
-    model::{Draft, Task, TaskState},
+    config::{AdminConfig, Amount, JobMode},
+    model::{Draft, RunAgentState, Task, TaskState},
     proto::{
         ADMIN_DESCRIPTOR_SET,
         admin::{
@@ -31,7 +31,10 @@ use crate::{
     },
     selector::Selector,
     store::StoreError,
-    tasks::{AgentRow, AgentState, Refused, TaskView},
+    tasks::{
+        AgentRow, AgentState, Refused, TaskView,
+        jobs::{AD_HOC, AD_HOC_TIMEOUT, JobRefused, JobView, RunPlan},
+    },
 };
 
 /// The socket file this server created, to remove at exit.
@@ -344,6 +347,150 @@ impl AdminService {
     }
 }
 
+/// Jobs and runs.
+impl AdminService {
+    /// `task submit --batch`: an ad hoc rollout over the selector's agents.
+    async fn submit_rollout(
+        &self,
+        draft: Draft,
+        batch: &str,
+        max_failed: &str,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        if draft.target.is_some() {
+            return Err(Status::invalid_argument(
+                "a rollout is over the agents a selector matches, not one agent: drop --agent",
+            ));
+        }
+        let amount = |text: &str, default: Amount, what: &str| {
+            if text.is_empty() {
+                return Ok(default);
+            }
+            text.parse::<Amount>()
+                .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+        };
+        let batch = amount(batch, Amount::Percent(100), "--batch")?;
+        if matches!(batch, Amount::Count(0) | Amount::Percent(0)) {
+            return Err(Status::invalid_argument(
+                "--batch: at least one agent must run it at a time",
+            ));
+        }
+        let max_failed = amount(max_failed, Amount::Percent(100), "--max-failed")?;
+        let plan = RunPlan {
+            job: Arc::from(AD_HOC),
+            nominal_ms: None,
+            text: draft.text,
+            selector: draft
+                .selector
+                .unwrap_or_else(|| Arc::new(Selector::everything())),
+            mode: JobMode::Each,
+            batch,
+            max_failed,
+            wait: std::time::Duration::ZERO,
+            timeout: AD_HOC_TIMEOUT,
+            retries: 0,
+        };
+        let selector = plan.selector.to_string();
+        let run = self
+            .state
+            .broker
+            .jobs()
+            .start(plan)
+            .await
+            .map_err(job_status)?;
+        tracing::info!(run, selector = %selector, batch = %batch, max_failed = %max_failed, "rollout submitted");
+        Ok(Response::new(SubmitTaskResponse { id: run, run }))
+    }
+
+    /// One run with its agents and their latest results.
+    async fn run_message(&self, id: u64) -> Result<pb::ShowRunResponse, Status> {
+        let jobs = self.state.broker.jobs();
+        let view = jobs.show(id).await.map_err(job_status)?;
+        let results: std::collections::HashMap<Arc<str>, String> =
+            match self.state.broker.store_task(id).await {
+                Ok(Some(record)) => record
+                    .results
+                    .into_iter()
+                    .map(|r| (r.agent, r.text))
+                    .collect(),
+                Ok(None) => std::collections::HashMap::new(),
+                Err(e) => return Err(store_status(&e)),
+            };
+        let run = &view.run;
+        let count =
+            |state: RunAgentState| view.agents.iter().filter(|a| a.state == state).count() as u32;
+        Ok(pb::ShowRunResponse {
+            run: Some(pb::Run {
+                id: run.task_id,
+                job: run.job.to_string(),
+                nominal_ms: run.nominal_ms.unwrap_or(0),
+                mode: run.mode.to_string(),
+                state: run.state.name().to_owned(),
+                target: if run.target.is_empty() {
+                    String::new()
+                } else {
+                    run.target.to_string()
+                },
+                targets: run.targets,
+                batch: run.batch,
+                max_failed: run.max_failed,
+                retries: run.retries,
+                started_ms: run.started_ms,
+                deadline_ms: run.deadline_ms,
+                finished_ms: run.finished_ms,
+                acked: run.acked,
+                failed: run.failed,
+                missed: run.missed,
+                text: view.text.clone(),
+                running: count(RunAgentState::Running),
+                owed: count(RunAgentState::Owed),
+            }),
+            agents: view
+                .agents
+                .iter()
+                .map(|a| pb::RunAgent {
+                    agent: a.agent.to_string(),
+                    state: a.state.name().to_owned(),
+                    tries: a.tries,
+                    at_ms: a.at_ms,
+                    result: results.get(&a.agent).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn job_message(job: JobView) -> pb::Job {
+    let (last_run, last_state, last_started_ms) = job
+        .last_run
+        .map_or((0, String::new(), 0), |(id, state, at)| {
+            (id, state.name().to_owned(), at)
+        });
+    pb::Job {
+        name: job.name.to_string(),
+        schedule: job.schedule,
+        target: job.target,
+        mode: job.mode.as_str().to_owned(),
+        paused: job.paused,
+        next_ms: job.next_ms.unwrap_or(0),
+        last_run,
+        last_state,
+        last_started_ms,
+        last_success_ms: job.last_success_ms,
+        running: job.running as u32,
+        halted: job.halted as u32,
+    }
+}
+
+fn job_status(refused: JobRefused) -> Status {
+    match refused {
+        JobRefused::NoJob(_) | JobRefused::NoRun(_) => Status::not_found(refused.to_string()),
+        JobRefused::NotHalted(..) => Status::failed_precondition(refused.to_string()),
+        JobRefused::TooMany(_) => Status::resource_exhausted(refused.to_string()),
+        JobRefused::Invalid(_) => Status::invalid_argument(refused.to_string()),
+        JobRefused::Store(e) => store_status(&e),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn submit_task(
@@ -375,7 +522,13 @@ impl Admin for AdminService {
             text: request.text,
             target,
             selector,
+            ..Draft::default()
         };
+        if !request.batch.is_empty() || !request.max_failed.is_empty() {
+            return self
+                .submit_rollout(draft, &request.batch, &request.max_failed)
+                .await;
+        }
         // Returns once the task is committed to the store.
         let id = self.state.broker.submit(draft).await.map_err(|e| {
             tracing::error!("task not accepted: {e}");
@@ -387,7 +540,72 @@ impl Admin for AdminService {
             selector = %shown_selector,
             "task submitted"
         );
-        Ok(Response::new(SubmitTaskResponse { id }))
+        Ok(Response::new(SubmitTaskResponse { id, run: 0 }))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.state.broker.jobs().list();
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_message).collect(),
+        }))
+    }
+
+    async fn run_job(
+        &self,
+        request: Request<pb::JobNameRequest>,
+    ) -> Result<Response<pb::RunResponse>, Status> {
+        let name = request.into_inner().name;
+        let run = self
+            .state
+            .broker
+            .jobs()
+            .run_now(&name)
+            .await
+            .map_err(job_status)?;
+        tracing::info!(job = %crate::untrusted::shown(&name), run, "job run by an operator");
+        Ok(Response::new(pb::RunResponse { run }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let request = request.into_inner();
+        let jobs = self.state.broker.jobs();
+        jobs.pause(&request.name, request.paused)
+            .await
+            .map_err(job_status)?;
+        let job = jobs
+            .list()
+            .into_iter()
+            .find(|j| *j.name == *request.name)
+            .ok_or_else(|| job_status(JobRefused::NoJob(request.name.clone())))?;
+        Ok(Response::new(job_message(job)))
+    }
+
+    async fn show_run(
+        &self,
+        request: Request<pb::RunIdRequest>,
+    ) -> Result<Response<pb::ShowRunResponse>, Status> {
+        let id = request.into_inner().run;
+        Ok(Response::new(self.run_message(id).await?))
+    }
+
+    async fn resume_run(
+        &self,
+        request: Request<pb::RunIdRequest>,
+    ) -> Result<Response<pb::ShowRunResponse>, Status> {
+        let id = request.into_inner().run;
+        self.state
+            .broker
+            .jobs()
+            .resume(id)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(self.run_message(id).await?))
     }
 
     async fn list_agents(

@@ -220,6 +220,10 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         let (broker, config, shutdown) = (Arc::clone(&broker), config.clone(), shutdown.clone());
         move || broker.generate(config.clone(), shutdown.clone())
     }));
+    tracker.spawn(restart_on_panic("the job scheduler", {
+        let (jobs, shutdown) = (Arc::clone(broker.jobs()), shutdown.clone());
+        move || Arc::clone(&jobs).run(shutdown.clone())
+    }));
     let housekeeping = tokio::spawn(housekeep(Arc::clone(&state), shutdown.clone()));
     tracker.spawn(restart_on_panic("applying config reloads", {
         let (state, config, shutdown) = (Arc::clone(&state), config.clone(), shutdown.clone());

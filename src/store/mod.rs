@@ -20,6 +20,7 @@
 //! "memory"` there is no writer at all and nothing outlives the process.
 
 pub mod postgres;
+mod runs;
 pub mod sqlite;
 
 use std::{
@@ -35,6 +36,8 @@ use std::{
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use runs::{Firing, JobRow, RunAgentRow, RunRecord, RunRow};
 
 use crate::{
     config::{StoreConfig, StoreKind},
@@ -255,6 +258,18 @@ pub enum Write {
     Cursor(Saved),
     /// A named agent's roster entry to keep.
     Agent(SavedAgent),
+    /// A job's latest nominal time fired or skipped (kept if later than
+    /// the stored one), whether it is paused, and its latest success.
+    Job {
+        name: Arc<str>,
+        last_nominal_ms: Option<i64>,
+        paused: Option<bool>,
+        last_success_ms: Option<i64>,
+    },
+    /// A run's state and counts changed.
+    Run(RunRow),
+    /// An agent's state in a run changed.
+    RunAgent(RunAgentRow),
     /// A shared database: a named agent connected to `server`, or its
     /// last call there ended.
     Presence {
@@ -347,6 +362,10 @@ pub struct StoredTask {
     pub last_result: Option<(Arc<str>, String)>,
     /// Times an operator retried it.
     pub retries: u32,
+    /// [`Task::job`].
+    pub job: Option<String>,
+    /// [`Task::direct`].
+    pub direct: bool,
 }
 
 /// One agent's latest result for a task.
@@ -392,6 +411,8 @@ impl StoredTask {
                 .selector
                 .as_deref()
                 .map(|text| Arc::new(stored_selector(self.id, text))),
+            job: self.job.as_deref().map(Arc::from),
+            direct: self.direct,
         };
         let mut task = Task::from_draft(self.id, draft, created);
         task.progress = crate::model::Progress::restored(
@@ -417,6 +438,11 @@ pub struct Snapshot {
     pub cursors: Vec<Saved>,
     /// The agent roster, most recently seen first.
     pub agents: Vec<SavedAgent>,
+    /// Every job the store knows.
+    pub jobs: Vec<JobRow>,
+    /// The runs not finished, with their agents; their tasks are in
+    /// `tasks` (however old).
+    pub runs: Vec<RunRecord>,
 }
 
 /// What a backend does: blocking calls, all made from the writer thread.
@@ -462,6 +488,24 @@ pub trait Backend: Send {
     fn lost_claims(&mut self) -> Vec<(usize, LostClaim)> {
         Vec::new()
     }
+
+    /// The runs among the last [`apply`](Backend::apply)'s
+    /// [`Op::Fire`]s whose job and nominal time had a run already: their
+    /// tasks were not stored. By task id.
+    fn refused_runs(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+
+    /// Every job the store knows (a server taking the lease over reads
+    /// what the last holder fired).
+    fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError>;
+
+    /// The latest `limit` runs, of `job` only when it is given, newest
+    /// first.
+    fn runs(&mut self, job: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
+
+    /// One run with its agents.
+    fn run(&mut self, task_id: u64) -> Result<Option<RunRecord>, StoreError>;
 }
 
 /// Makes a task's text and target from its id.
@@ -472,6 +516,10 @@ pub type Make = Box<dyn FnMut(u64) -> Draft + Send>;
 pub enum Op<'a> {
     /// New tasks (their ids were given out in order).
     Publish(&'a [Arc<Task>]),
+    /// Runs fired: each run's task is stored only if no run of its job
+    /// has its nominal time yet (see [`Backend::refused_runs`]); the jobs'
+    /// last nominal times move to theirs either way.
+    Fire(&'a [Arc<Task>], &'a [RunRow]),
     Write(&'a Write),
 }
 
@@ -693,6 +741,11 @@ enum Msg {
     /// A shared database: `count` tasks made by `Make` from the ids the
     /// database gives.
     PublishShared(usize, Make, oneshot::Sender<Result<Range<u64>, StoreError>>),
+    /// Runs to fire, their tasks made (ids given out in order).
+    Fire(Vec<Arc<Task>>, Vec<RunRow>, FireReply),
+    /// A shared database: runs to fire, their tasks made once the
+    /// database gives ids.
+    FireShared(Vec<Draft>, Vec<RunRow>, FireReply),
     /// A shared database: read what other servers published.
     Follow,
     /// Written behind: counted in `queued`.
@@ -705,6 +758,10 @@ enum Msg {
     Housekeep(Retention, oneshot::Sender<Result<Pruned, StoreError>>),
     Close(oneshot::Sender<()>),
 }
+
+/// The answer to a fire: per run, its task id, or `None` when its job had
+/// a run for its nominal time already.
+type FireReply = oneshot::Sender<Result<Vec<Option<u64>>, StoreError>>;
 
 /// A read run on the writer thread (answering through its own channel).
 type Query = Box<dyn FnOnce(&mut dyn Backend) + Send>;
@@ -801,6 +858,93 @@ impl Store {
         };
         reply.await.map_err(|_| StoreError::Closed)??;
         Ok(ids)
+    }
+
+    /// Fires runs: publishes each run's task and writes its row in one
+    /// transaction, unless its job has a run for its nominal time already
+    /// (written by another server, or before a crash): that one is not
+    /// published. Per run, its task id, or `None` when it was not fired.
+    /// The memory store fires every one.
+    ///
+    /// # Errors
+    /// The store could not keep them: none was fired.
+    pub async fn fire(&self, firings: Vec<Firing>) -> Result<Vec<Option<u64>>, StoreError> {
+        if firings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (drafts, mut runs): (Vec<Draft>, Vec<RunRow>) =
+            firings.into_iter().map(|f| (f.draft, f.run)).unzip();
+        let (tx, rx) = oneshot::channel();
+        if self.shared_db
+            && let Some(journal) = &self.journal
+        {
+            self.send(journal, Msg::FireShared(drafts, runs, tx));
+            return rx.await.map_err(|_| StoreError::Closed)?;
+        }
+        let created = SystemTime::now();
+        {
+            let mut seq = self.shared.next_id.lock();
+            let start = seq.next_id;
+            let tasks: Vec<Arc<Task>> = drafts
+                .into_iter()
+                .zip(start..)
+                .map(|(draft, id)| Arc::new(Task::from_draft(id, draft, created)))
+                .collect();
+            seq.next_id += tasks.len() as u64;
+            for (run, task) in runs.iter_mut().zip(&tasks) {
+                run.task_id = task.id;
+            }
+            let Some(journal) = &self.journal else {
+                self.sink(&tasks);
+                return Ok(tasks.iter().map(|t| Some(t.id)).collect());
+            };
+            let envelope = Envelope {
+                seq: seq.next_seq,
+                msg: Msg::Fire(tasks, runs, tx),
+            };
+            seq.next_seq += 1;
+            if let Err(mpsc::error::SendError(envelope)) = journal.tx.send(envelope) {
+                if let Msg::Fire(tasks, ..) = envelope.msg {
+                    self.sink(&voids(&tasks));
+                }
+                return Err(StoreError::Closed);
+            }
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every job the store knows (empty for the memory store).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        if self.journal.is_none() {
+            return Ok(Vec::new());
+        }
+        self.query(|backend| backend.jobs()).await
+    }
+
+    /// The latest `limit` runs (of `job` only, when given), newest first.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn runs(&self, job: Option<String>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        if self.journal.is_none() {
+            return Ok(Vec::new());
+        }
+        self.query(move |backend| backend.runs(job.as_deref(), limit))
+            .await
+    }
+
+    /// One run with its agents (`None`: not kept, or the memory store).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn run(&self, task_id: u64) -> Result<Option<RunRecord>, StoreError> {
+        if self.journal.is_none() {
+            return Ok(None);
+        }
+        self.query(move |backend| backend.run(task_id)).await
     }
 
     /// Writes `write` behind: never waits; dropped (and counted) when
@@ -1044,6 +1188,31 @@ impl Commit {
     }
 }
 
+/// `tasks` as fired: those of `refused` runs void.
+fn fired(tasks: &[Arc<Task>], refused: &std::collections::HashSet<u64>) -> Vec<Arc<Task>> {
+    if refused.is_empty() {
+        return tasks.to_vec();
+    }
+    tasks
+        .iter()
+        .map(|t| {
+            if refused.contains(&t.id) {
+                Arc::new(Task::void(t.id))
+            } else {
+                Arc::clone(t)
+            }
+        })
+        .collect()
+}
+
+/// Per task, its id, or `None` for a refused run's.
+fn fired_ids(tasks: &[Arc<Task>], refused: &std::collections::HashSet<u64>) -> Vec<Option<u64>> {
+    tasks
+        .iter()
+        .map(|t| (!refused.contains(&t.id)).then_some(t.id))
+        .collect()
+}
+
 fn voids(tasks: &[Arc<Task>]) -> Vec<Arc<Task>> {
     tasks.iter().map(|t| Arc::new(Task::void(t.id))).collect()
 }
@@ -1085,10 +1254,15 @@ fn writer(
             .filter_map(|e| {
                 match &e.msg {
                     Msg::Publish(tasks, _) => Some(Op::Publish(tasks)),
+                    Msg::Fire(tasks, runs, _) => Some(Op::Fire(tasks, runs)),
                     Msg::PublishShared(..) => made_tasks
                         .next()
                         .filter(|tasks| !tasks.is_empty())
                         .map(|tasks| Op::Publish(tasks)),
+                    Msg::FireShared(_, runs, _) => made_tasks
+                        .next()
+                        .filter(|tasks| !tasks.is_empty())
+                        .map(|tasks| Op::Fire(tasks, runs)),
                     Msg::Behind(write) | Msg::Claim(write) | Msg::Now(write, _) => {
                         Some(Op::Write(write))
                     }
@@ -1119,6 +1293,11 @@ fn writer(
             }
         }
         drop(ops);
+        let refused: std::collections::HashSet<u64> = if result.is_ok() {
+            backend.refused_runs().into_iter().collect()
+        } else {
+            std::collections::HashSet::new()
+        };
         if result.is_ok() {
             let lost = backend.lost_claims();
             if !lost.is_empty() {
@@ -1138,7 +1317,7 @@ fn writer(
             // Others' tasks below ours first, then ours: in id order.
             follow(backend.as_mut(), shared, &mut followed, ids.start - 1);
             for tasks in &made {
-                sink(shared, tasks);
+                sink(shared, &fired(tasks, &refused));
             }
             followed = followed.max(ids.end - 1);
         }
@@ -1161,6 +1340,23 @@ fn writer(
                         Err(_) => sink(shared, &voids(&tasks)),
                     }
                     let _ = reply.send(result.clone());
+                }
+                Msg::Fire(tasks, _, reply) => {
+                    match &result {
+                        Ok(()) => sink(shared, &fired(&tasks, &refused)),
+                        Err(_) => sink(shared, &voids(&tasks)),
+                    }
+                    let _ = reply.send(result.clone().map(|()| fired_ids(&tasks, &refused)));
+                }
+                Msg::FireShared(_, _, reply) => {
+                    let ids = made_ranges.next().unwrap_or(0..0);
+                    let answer = match (&reserved, &result) {
+                        (Some(Err(e)), _) | (_, Err(e)) => Err(e.clone()),
+                        _ => Ok(ids
+                            .map(|id| (!refused.contains(&id)).then_some(id))
+                            .collect()),
+                    };
+                    let _ = reply.send(answer);
                 }
                 Msg::PublishShared(_, _, reply) => {
                     let ids = made_ranges.next().unwrap_or(0..0);
@@ -1206,12 +1402,13 @@ fn make_shared(
         .iter()
         .map(|e| match &e.msg {
             Msg::PublishShared(count, ..) => *count,
+            Msg::FireShared(drafts, ..) => drafts.len(),
             _ => 0,
         })
         .sum();
     let publishes = group
         .iter()
-        .filter(|e| matches!(e.msg, Msg::PublishShared(..)))
+        .filter(|e| matches!(e.msg, Msg::PublishShared(..) | Msg::FireShared(..)))
         .count();
     if publishes == 0 {
         return (Vec::new(), None);
@@ -1230,6 +1427,18 @@ fn make_shared(
                     .map(|id| Arc::new(Task::from_draft(id, make(id), created)))
                     .collect();
                 next += *count as u64;
+                Some(tasks)
+            }
+            Msg::FireShared(drafts, runs, _) => {
+                let tasks: Vec<Arc<Task>> = std::mem::take(drafts)
+                    .into_iter()
+                    .zip(next..)
+                    .map(|(draft, id)| Arc::new(Task::from_draft(id, draft, created)))
+                    .collect();
+                for (run, task) in runs.iter_mut().zip(&tasks) {
+                    run.task_id = task.id;
+                }
+                next += tasks.len() as u64;
                 Some(tasks)
             }
             _ => None,
@@ -1429,6 +1638,7 @@ mod tests {
             text: "deploy".into(),
             target: None,
             selector: Some(Arc::clone(&selector)),
+            ..Draft::default()
         };
         let mut draft = Some(draft);
         store

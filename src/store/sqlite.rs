@@ -25,12 +25,12 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    AgentResult, Backend, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, TaskRecord,
-    Write, cursor_from_parts, cursor_parts,
+    AgentResult, Backend, JobRow, Op, Pruned, Retention, RunAgentRow, RunRecord, RunRow, Snapshot,
+    StoreError, StoredTask, TaskRecord, Write, cursor_from_parts, cursor_parts,
 };
 use crate::{
     config::StoreSync,
-    model::{Saved, SavedAgent, TaskState},
+    model::{RunAgentState, RunState, Saved, SavedAgent, Task, TaskState},
 };
 
 /// `PRAGMA application_id` of a contactd database ("ctd1").
@@ -90,6 +90,45 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 3: the label selector a broadcast task was submitted for.
     "ALTER TABLE tasks ADD COLUMN selector TEXT;",
+    // 4: jobs, their runs (one per job and nominal time at most) and each
+    // agent's state in a run; the job a task is the run of.
+    "ALTER TABLE tasks ADD COLUMN job TEXT;
+     ALTER TABLE tasks ADD COLUMN direct INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE jobs (
+         name TEXT PRIMARY KEY,
+         last_nominal_ms INTEGER NOT NULL,
+         paused INTEGER NOT NULL DEFAULT 0,
+         last_success_ms INTEGER NOT NULL DEFAULT 0
+     ) WITHOUT ROWID;
+     CREATE TABLE runs (
+         task_id INTEGER PRIMARY KEY,
+         job TEXT NOT NULL,
+         nominal_ms INTEGER,
+         mode TEXT NOT NULL,
+         state INTEGER NOT NULL,
+         target TEXT NOT NULL,
+         targets INTEGER NOT NULL,
+         batch INTEGER NOT NULL,
+         max_failed INTEGER NOT NULL,
+         wait_ms INTEGER NOT NULL,
+         retries INTEGER NOT NULL,
+         started_ms INTEGER NOT NULL,
+         deadline_ms INTEGER NOT NULL,
+         finished_ms INTEGER NOT NULL,
+         acked INTEGER NOT NULL,
+         failed INTEGER NOT NULL,
+         missed INTEGER NOT NULL
+     );
+     CREATE UNIQUE INDEX runs_fired ON runs (job, nominal_ms);
+     CREATE INDEX runs_unfinished ON runs (task_id) WHERE state < 2;
+     CREATE TABLE run_agents (
+         task_id INTEGER NOT NULL,
+         agent TEXT NOT NULL,
+         state INTEGER NOT NULL,
+         tries INTEGER NOT NULL,
+         at_ms INTEGER NOT NULL,
+         PRIMARY KEY (task_id, agent)
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this contactd writes.
@@ -129,6 +168,8 @@ pub struct Sqlite {
     wal_limit: u64,
     /// Held for as long as the database is open: one server per file.
     _lock: File,
+    /// The runs the last apply did not fire (see [`Backend::refused_runs`]).
+    refused: Vec<u64>,
 }
 
 fn open_error(path: &Path, reason: impl std::fmt::Display) -> StoreError {
@@ -361,6 +402,7 @@ impl Sqlite {
             wal_path: beside(path, "-wal"),
             wal_limit: WAL_LIMIT,
             _lock: lock,
+            refused: Vec::new(),
         };
         db.prepare(sync, new)?;
         Ok(db)
@@ -594,7 +636,8 @@ fn meta(tx: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
 }
 
 const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
-                            delivered, acked, failed, last_agent, last_result, retries, selector";
+                            delivered, acked, failed, last_agent, last_result, retries, selector, \
+                            job, direct";
 
 fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
     let holder: Option<String> = row.get(6)?;
@@ -615,7 +658,81 @@ fn stored_task(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredTask> {
         last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
         retries: count(row.get(13)?),
         selector: row.get(14)?,
+        job: row.get(15)?,
+        direct: row.get(16)?,
     })
+}
+
+const RUN_COLUMNS: &str = "task_id, job, nominal_ms, mode, state, target, targets, batch, \
+                           max_failed, wait_ms, retries, started_ms, deadline_ms, finished_ms, \
+                           acked, failed, missed";
+
+fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let n = |i| row.get::<_, i64>(i).map(count);
+    Ok(RunRow {
+        task_id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        job: Arc::from(row.get::<_, String>(1)?),
+        nominal_ms: row.get(2)?,
+        mode: Arc::from(row.get::<_, String>(3)?),
+        state: RunState::from_u8(u8::try_from(row.get::<_, i64>(4)?).unwrap_or(0)),
+        target: Arc::from(row.get::<_, String>(5)?),
+        targets: n(6)?,
+        batch: n(7)?,
+        max_failed: n(8)?,
+        wait_ms: row.get(9)?,
+        retries: n(10)?,
+        started_ms: row.get(11)?,
+        deadline_ms: row.get(12)?,
+        finished_ms: row.get(13)?,
+        acked: n(14)?,
+        failed: n(15)?,
+        missed: n(16)?,
+    })
+}
+
+fn run_agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunAgentRow> {
+    Ok(RunAgentRow {
+        task_id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        agent: Arc::from(row.get::<_, String>(1)?),
+        state: RunAgentState::from_u8(u8::try_from(row.get::<_, i64>(2)?).unwrap_or(0)),
+        tries: count(row.get(3)?),
+        at_ms: row.get(4)?,
+    })
+}
+
+fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        name: Arc::from(row.get::<_, String>(0)?),
+        last_nominal_ms: row.get(1)?,
+        paused: row.get(2)?,
+        last_success_ms: row.get(3)?,
+    })
+}
+
+fn read_jobs(conn: &Connection) -> rusqlite::Result<Vec<JobRow>> {
+    conn.prepare_cached("SELECT name, last_nominal_ms, paused, last_success_ms FROM jobs")?
+        .query_map([], job_row)?
+        .collect()
+}
+
+fn read_run(conn: &Connection, task: u64) -> rusqlite::Result<Option<RunRecord>> {
+    let Some(run) = conn
+        .prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ?1"
+        ))?
+        .query_row([id(task)], run_row)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let agents = conn
+        .prepare_cached(
+            "SELECT task_id, agent, state, tries, at_ms FROM run_agents WHERE task_id = ?1 \
+             ORDER BY agent",
+        )?
+        .query_map([id(task)], run_agent_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(RunRecord { run, agents }))
 }
 
 impl Backend for Sqlite {
@@ -645,6 +762,29 @@ impl Backend for Sqlite {
                 .map_err(failed)?;
             tasks.splice(0..0, unfinished);
         }
+        // The tasks of unfinished runs, however old: their runs resume.
+        let run_tasks: Vec<StoredTask> = conn
+            .prepare(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE id < ?1 AND id IN \
+                 (SELECT task_id FROM runs WHERE state < 2) ORDER BY id"
+            ))
+            .and_then(|mut s| s.query_map([first], stored_task)?.collect())
+            .map_err(failed)?;
+        for task in run_tasks {
+            if let Err(at) = tasks.binary_search_by_key(&task.id, |t| t.id) {
+                tasks.insert(at, task);
+            }
+        }
+        let jobs = read_jobs(conn).map_err(failed)?;
+        let unfinished: Vec<i64> = conn
+            .prepare("SELECT task_id FROM runs WHERE state < 2 ORDER BY task_id")
+            .and_then(|mut s| s.query_map([], |row| row.get(0))?.collect())
+            .map_err(failed)?;
+        let runs = unfinished
+            .into_iter()
+            .filter_map(|task| read_run(conn, u64::try_from(task).unwrap_or(0)).transpose())
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(failed)?;
         let cursors = conn
             .prepare("SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors")
             .and_then(|mut s| {
@@ -690,12 +830,15 @@ impl Backend for Sqlite {
             tasks,
             cursors,
             agents,
+            jobs,
+            runs,
         })
     }
 
     fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(failed)?;
-        apply(&tx, ops).map_err(failed)?;
+        self.refused.clear();
+        apply(&tx, ops, &mut self.refused).map_err(failed)?;
         tx.commit().map_err(failed)?;
         self.after_commit();
         Ok(())
@@ -713,6 +856,29 @@ impl Backend for Sqlite {
         }
         self.after_commit();
         Ok(pruned)
+    }
+
+    fn refused_runs(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.refused)
+    }
+
+    fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
+        read_jobs(&self.conn).map_err(failed)
+    }
+
+    fn runs(&mut self, job: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE ?1 IS NULL OR job = ?1 \
+                 ORDER BY task_id DESC LIMIT ?2"
+            ))
+            .and_then(|mut s| s.query_map(params![job, limit], run_row)?.collect())
+            .map_err(failed)
+    }
+
+    fn run(&mut self, task: u64) -> Result<Option<RunRecord>, StoreError> {
+        read_run(&self.conn, task).map_err(failed)
     }
 
     fn task(&mut self, task: u64) -> Result<Option<TaskRecord>, StoreError> {
@@ -748,24 +914,44 @@ impl Backend for Sqlite {
     }
 }
 
-fn apply(tx: &Transaction<'_>, ops: &[Op<'_>]) -> rusqlite::Result<()> {
+fn insert_task(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, text, target, created_ms, selector, job, direct) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        id(task.id),
+        task.text,
+        task.target.as_deref(),
+        crate::clock::unix_ms(task.created),
+        task.selector.as_ref().map(ToString::to_string),
+        task.job.as_deref(),
+        task.direct,
+    ])?;
+    Ok(())
+}
+
+fn apply(tx: &Transaction<'_>, ops: &[Op<'_>], refused: &mut Vec<u64>) -> rusqlite::Result<()> {
     let mut next_id = 0;
     for op in ops {
         match op {
             Op::Publish(tasks) => {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO tasks (id, text, target, created_ms, selector) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
                 for task in *tasks {
-                    insert.execute(params![
-                        id(task.id),
-                        task.text,
-                        task.target.as_deref(),
-                        crate::clock::unix_ms(task.created),
-                        task.selector.as_ref().map(ToString::to_string),
-                    ])?;
+                    insert_task(tx, task)?;
                     next_id = next_id.max(task.id + 1);
+                }
+            }
+            Op::Fire(tasks, runs) => {
+                for (task, run) in tasks.iter().zip(*runs) {
+                    next_id = next_id.max(task.id + 1);
+                    if let Some(nominal) = run.nominal_ms {
+                        job_fired(tx, &run.job, nominal)?;
+                    }
+                    if insert_run(tx, run)? {
+                        insert_task(tx, task)?;
+                    } else {
+                        refused.push(task.id);
+                    }
                 }
             }
             Op::Write(write) => apply_write(tx, write)?,
@@ -778,8 +964,95 @@ fn apply(tx: &Transaction<'_>, ops: &[Op<'_>]) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Moves the job's last nominal time to `nominal` if later.
+fn job_fired(tx: &Transaction<'_>, job: &str, nominal: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO jobs (name, last_nominal_ms) VALUES (?1, ?2) \
+         ON CONFLICT (name) DO UPDATE SET \
+         last_nominal_ms = max(last_nominal_ms, excluded.last_nominal_ms)",
+    )?
+    .execute(params![job, nominal])?;
+    Ok(())
+}
+
+/// Inserts a new run; `false` when its job has a run for its nominal
+/// time already.
+fn insert_run(tx: &Transaction<'_>, run: &RunRow) -> rusqlite::Result<bool> {
+    let inserted = tx
+        .prepare_cached(&format!(
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+             ON CONFLICT (job, nominal_ms) DO NOTHING"
+        ))?
+        .execute(params![
+            id(run.task_id),
+            &*run.job,
+            run.nominal_ms,
+            &*run.mode,
+            run.state as u8,
+            &*run.target,
+            run.targets,
+            run.batch,
+            run.max_failed,
+            run.wait_ms,
+            run.retries,
+            run.started_ms,
+            run.deadline_ms,
+            run.finished_ms,
+            run.acked,
+            run.failed,
+            run.missed,
+        ])?;
+    Ok(inserted == 1)
+}
+
 fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
     match write {
+        Write::Job {
+            name,
+            last_nominal_ms,
+            paused,
+            last_success_ms,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO jobs (name, last_nominal_ms, paused, last_success_ms) \
+                 VALUES (?1, coalesce(?2, 0), coalesce(?3, 0), coalesce(?4, 0)) \
+                 ON CONFLICT (name) DO UPDATE SET \
+                 last_nominal_ms = max(last_nominal_ms, coalesce(?2, last_nominal_ms)), \
+                 paused = coalesce(?3, paused), \
+                 last_success_ms = max(last_success_ms, coalesce(?4, 0))",
+            )?
+            .execute(params![&**name, last_nominal_ms, paused, last_success_ms])?;
+        }
+        Write::Run(run) => {
+            tx.prepare_cached(
+                "UPDATE runs SET state = ?2, finished_ms = ?3, acked = ?4, failed = ?5, \
+                 missed = ?6, deadline_ms = ?7 WHERE task_id = ?1",
+            )?
+            .execute(params![
+                id(run.task_id),
+                run.state as u8,
+                run.finished_ms,
+                run.acked,
+                run.failed,
+                run.missed,
+                run.deadline_ms
+            ])?;
+        }
+        Write::RunAgent(agent) => {
+            tx.prepare_cached(
+                "INSERT INTO run_agents (task_id, agent, state, tries, at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (task_id, agent) DO UPDATE SET \
+                 state = excluded.state, tries = excluded.tries, at_ms = excluded.at_ms",
+            )?
+            .execute(params![
+                id(agent.task_id),
+                &*agent.agent,
+                agent.state as u8,
+                agent.tries,
+                agent.at_ms
+            ])?;
+        }
         // One server per SQLite file: its own registry is the fleet view.
         Write::Presence { .. } => {}
         Write::Delivered { ids } => {
@@ -902,7 +1175,11 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
 fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
     // Broadcast mode: every task is delivered from the ring only, so every
     // task counts as finished here.
-    let finished = if r.queue_mode { "state >= 2" } else { "1" };
+    let finished = if r.queue_mode {
+        "state >= 2 AND id NOT IN (SELECT task_id FROM runs WHERE state < 2)"
+    } else {
+        "id NOT IN (SELECT task_id FROM runs WHERE state < 2)"
+    };
     let mut ids: Vec<i64> = tx
         .prepare(&format!(
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE {finished} \
@@ -928,8 +1205,12 @@ fn prune(tx: &Transaction<'_>, r: &Retention) -> rusqlite::Result<Pruned> {
         ids.extend(more);
     }
     let mut results = tx.prepare_cached("DELETE FROM results WHERE task_id = ?1")?;
+    let mut runs = tx.prepare_cached("DELETE FROM runs WHERE task_id = ?1")?;
+    let mut run_agents = tx.prepare_cached("DELETE FROM run_agents WHERE task_id = ?1")?;
     for task in &ids {
         results.execute([task])?;
+        runs.execute([task])?;
+        run_agents.execute([task])?;
     }
     let cursors = tx.execute(
         "DELETE FROM cursors WHERE seen_ms < ?1",

@@ -13,7 +13,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -25,13 +24,14 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use super::caller::{Acked, Agent};
 use super::{
     Cursors, Hub, generator,
+    jobs::Jobs,
     queue::{self, AckRefusal, Place, Queue, Refusal},
 };
 use crate::{
     config::{Config, DeliveryMode, TasksConfig},
-    labels::LabelCell,
     model::{Draft, SavedAgent, Task, TaskState},
     proto::{
         contact::{Outcome, Result as ResultMsg, ServerMsg},
@@ -39,35 +39,6 @@ use crate::{
     },
     store::{self, Fleet, Store, StoreError, TaskRecord, Write},
 };
-
-/// The caller of a transport, as the broker sees it.
-#[derive(Debug, Clone)]
-pub struct Agent {
-    /// Its name (an agent), or its peer's IP address (a seed client).
-    pub name: Arc<str>,
-    /// Whether `name` is an agent's name: only named agents have cursors
-    /// and ack tasks.
-    pub named: bool,
-    /// Its peer address, for log lines.
-    pub address: Option<SocketAddr>,
-    /// Its labels in force (empty for seed clients), which task selectors
-    /// are matched against.
-    pub labels: LabelCell,
-}
-
-/// What an ack changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acked {
-    /// A result applied (or a seed client's free-form result): counts as
-    /// acked (`ok`) or failed.
-    Counted { ok: bool },
-    /// Not applied, for this reason: the task was not delivered to the
-    /// caller. Counted and logged (rate-limited) by the transport.
-    Refused(&'static str),
-    /// Changes nothing and is not the caller's fault: late or repeated,
-    /// from an earlier server run, or of a cancelled task.
-    Ignored,
-}
 
 /// How tasks reach agents.
 #[derive(Debug)]
@@ -190,6 +161,8 @@ pub struct Broker {
     keeping: Mutex<Keeping>,
     /// This server's name, for the fleet view of a shared store.
     server: Arc<str>,
+    /// `[[jobs]]` and their runs.
+    jobs: Arc<Jobs>,
 }
 
 impl Broker {
@@ -224,6 +197,16 @@ impl Broker {
     pub fn open(config: &Config, opened: store::Opened) -> (Arc<Broker>, Vec<SavedAgent>) {
         let (store, snapshot) = opened.start();
         let queue_mode = config.tasks.mode == DeliveryMode::Queue;
+        // A run's task, however old: its run resumes.
+        let run_tasks: std::collections::HashMap<u64, Arc<Task>> = snapshot
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let id = r.run.task_id;
+                let stored = snapshot.tasks.iter().find(|t| t.id == id)?;
+                Some((id, Arc::new(stored.to_task())))
+            })
+            .collect();
         let (hub, restored) = restore(&config.tasks, snapshot.next_id, snapshot.tasks);
         let epoch = snapshot.epoch;
         let mode = if queue_mode {
@@ -249,11 +232,31 @@ impl Broker {
                 }
                 hub.append_tasks(tasks);
                 if let Some(queue) = &queue {
-                    queue.push_all(tasks);
+                    // A run's task reaches agents through its run only.
+                    if tasks.iter().any(|t| t.direct) {
+                        let queued: Vec<Arc<Task>> =
+                            tasks.iter().filter(|t| !t.direct).cloned().collect();
+                        queue.push_all(&queued);
+                    } else {
+                        queue.push_all(tasks);
+                    }
                 }
             })
         });
+        let jobs = Arc::new(Jobs::restore(
+            store.clone(),
+            Arc::clone(&hub),
+            epoch,
+            snapshot.jobs,
+            snapshot.runs,
+            |id| {
+                hub.get(id)
+                    .filter(|t| !t.void)
+                    .or_else(|| run_tasks.get(&id).cloned())
+            },
+        ));
         let broker = Broker {
+            jobs,
             hub,
             mode,
             store,
@@ -283,6 +286,21 @@ impl Broker {
             queue.set_limits(queue_limits(tasks));
         }
         *self.keeping.lock() = keeping(config);
+        self.jobs.configure(config);
+    }
+
+    /// `[[jobs]]` and their runs.
+    pub fn jobs(&self) -> &Arc<Jobs> {
+        &self.jobs
+    }
+
+    /// The task `id` with every agent's latest result, as the store keeps
+    /// it (`None` for the memory store).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn store_task(&self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+        self.store.task(id).await
     }
 
     pub(super) fn mode(&self) -> &Mode {
@@ -355,6 +373,12 @@ impl Broker {
         if !agent.named {
             return Acked::Refused("the caller has no name: anonymous callers ack nothing");
         }
+        if let Some(acked) = self.jobs.ack(agent, result.task_id, ok) {
+            if let Acked::Counted { ok } = acked {
+                self.record_ack(result.task_id, agent, ok, kept, false);
+            }
+            return acked;
+        }
         let task = match &self.mode {
             Mode::Queue { queue } => match queue.ack(result.task_id, &agent.name) {
                 Ok(task) => task,
@@ -367,7 +391,7 @@ impl Broker {
                         // came here with the ack): the store knows whether
                         // this agent holds the task's claim, and keeps it
                         // only then.
-                        self.record_ack(result.task_id, agent, ok, kept);
+                        self.record_ack(result.task_id, agent, ok, kept, true);
                     }
                     return Acked::Ignored;
                 }
@@ -388,21 +412,21 @@ impl Broker {
             // its ack changes nothing (the cursor above still moved past it).
             return self.ignore_cancelled(task.id);
         }
-        self.record_ack(task.id, agent, ok, kept);
+        self.record_ack(task.id, agent, ok, kept, self.is_queue());
         task.progress.record_ack(ok, &agent.name, kept.to_owned());
         Acked::Counted { ok }
     }
 
-    /// Writes an ack behind. In queue mode the store keeps it only if the
-    /// agent holds the task's claim (`claimed`).
-    fn record_ack(&self, id: u64, agent: &Agent, ok: bool, kept: &str) {
+    /// Writes an ack behind. `claimed` (queue mode): the store keeps it
+    /// only if the agent holds the task's claim.
+    fn record_ack(&self, id: u64, agent: &Agent, ok: bool, kept: &str, claimed: bool) {
         self.store.record(Write::Acked {
             id,
             agent: Arc::clone(&agent.name),
             ok,
             text: kept.to_owned(),
             at_ms: crate::clock::now_ms(),
-            claimed: self.is_queue(),
+            claimed,
         });
     }
 
@@ -433,6 +457,7 @@ impl Broker {
             .as_ref()
             .is_some_and(|target| *target != agent.name)
             || !selects(&task, agent)
+            || task.direct
         {
             return Err("the task is meant for another agent");
         }

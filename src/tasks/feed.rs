@@ -16,6 +16,7 @@ use super::{
     Delivery, Start, Subscription,
     broker::{self, Agent, Broker, Mode},
     cursor::Tracked,
+    direct::Mailbox,
     queue::Slot,
 };
 use crate::{
@@ -41,6 +42,16 @@ pub struct Feed {
     /// Broadcast: tasks that left retention before this stream got them,
     /// not yet taken by [`take_missed`](Self::take_missed).
     missed: u64,
+    /// A named agent: what job runs send it directly.
+    mailbox: Option<Arc<Mailbox>>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if self.mailbox.take().is_some() {
+            self.broker.jobs().left(&self.agent.name);
+        }
+    }
 }
 
 enum Source {
@@ -53,7 +64,9 @@ impl Feed {
     /// missed (left retention) while it was away.
     pub(super) fn open(broker: &Arc<Broker>, agent: Agent) -> (Feed, u64) {
         let (source, tracked, missed) = Source::open(broker, &agent);
+        let mailbox = agent.named.then(|| broker.jobs().join(&agent));
         let feed = Feed {
+            mailbox,
             source,
             held: None,
             broker: Arc::clone(broker),
@@ -77,7 +90,20 @@ impl Feed {
         let Source::Queue(slot) = &mut self.source else {
             return std::future::pending().await;
         };
-        let (task, attempt) = slot.recv().await;
+        let direct = async {
+            match &self.mailbox {
+                Some(mailbox) => mailbox.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let (task, attempt) = tokio::select! {
+            biased;
+            msg = direct => {
+                tracing::trace!(task_id = msg.id, attempt = msg.attempt, "run's task sent");
+                return msg;
+            }
+            next = slot.recv() => next,
+        };
         if attempt > 1 {
             tracing::info!(
                 agent = %self.agent.name,
@@ -104,6 +130,14 @@ impl Feed {
         let Source::Broadcast(subscription) = &mut self.source else {
             return None;
         };
+        if let Some(msg) = self.mailbox.as_ref().and_then(|m| m.pop()) {
+            // A run's task, to this agent only: a frame of its own.
+            tracing::trace!(task_id = msg.id, attempt = msg.attempt, "run's task sent");
+            let framed = crate::proto::wire::encode_block(&[msg])
+                .pop()
+                .expect("one message encoded");
+            return Some((Run::new(&framed).into_bytes(), 1));
+        }
         let epoch = self.broker.epoch();
         let mut run: Option<Run> = None;
         let (mut count, mut last) = (0, 0);
@@ -168,10 +202,23 @@ impl Feed {
     /// Broadcast: resolves when [`try_next_frame`](Self::try_next_frame)
     /// may have tasks again, after it found none.
     pub fn published(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        match &self.source {
-            Source::Broadcast(subscription) => Some(subscription.published()),
-            Source::Queue(_) => None,
-        }
+        let published = match &self.source {
+            Source::Broadcast(subscription) => subscription.published(),
+            Source::Queue(_) => return None,
+        };
+        let mailbox = self.mailbox.clone();
+        Some(async move {
+            let direct = async {
+                match &mailbox {
+                    Some(mailbox) => mailbox.ready().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = published => {}
+                () = direct => {}
+            }
+        })
     }
 }
 
@@ -265,6 +312,7 @@ fn ready_broadcast(
             Delivery::Task(task) => {
                 // A cancelled task is not sent to anyone who has not had it.
                 let not_for_it = task.void
+                    || task.direct
                     || task
                         .target
                         .as_ref()

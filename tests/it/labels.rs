@@ -173,6 +173,7 @@ async fn a_task_for_a_selector_reaches_only_the_agents_it_matches() {
             text: "x".into(),
             agent: "web1".into(),
             selector: "role=web".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

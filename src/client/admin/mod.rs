@@ -3,8 +3,10 @@
 //! clients of the admin API on its unix socket, printing a table for people
 //! or JSON for scripts.
 
+mod jobs;
 mod task;
 
+pub use jobs::{jobs, pause as pause_job, resume_run, run as run_job, show as show_run};
 pub use task::{cancel, retry, show};
 
 use std::{
@@ -129,25 +131,39 @@ pub fn submit(
     text: &str,
     agent: Option<&str>,
     target: Option<&Selector>,
+    rollout: Option<(&str, &str)>,
     json: bool,
-) -> Result<(), CtlError> {
-    let id = block_on(async {
+) -> Result<bool, CtlError> {
+    block_on(async {
         let mut client = connect(socket).await?;
         if let Some(agent) = agent {
             warn_if_unknown(&mut client, agent).await?;
         }
+        let (batch, max_failed) = rollout.unwrap_or_default();
         let request = SubmitTaskRequest {
             text: text.to_owned(),
             agent: agent.unwrap_or_default().to_owned(),
             selector: target.map(ToString::to_string).unwrap_or_default(),
+            batch: batch.to_owned(),
+            max_failed: max_failed.to_owned(),
         };
-        Ok(client.submit_task(request).await?.into_inner().id)
-    })?;
-    if json {
-        print_json(&serde_json::json!({ "id": id }))
-    } else {
-        print(&format!("submitted task {id}\n"))
-    }
+        let reply = client.submit_task(request).await?.into_inner();
+        if reply.run != 0 {
+            if !json {
+                print(&format!(
+                    "started rollout {} (task {})\n",
+                    reply.run, reply.id
+                ))?;
+            }
+            return jobs::follow(&mut client, reply.run, json).await;
+        }
+        if json {
+            print_json(&serde_json::json!({ "id": reply.id }))?;
+        } else {
+            print(&format!("submitted task {}\n", reply.id))?;
+        }
+        Ok(true)
+    })
 }
 
 /// Warns on stderr when the server has never seen `agent`: a typo would

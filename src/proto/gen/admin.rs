@@ -12,11 +12,161 @@ pub struct SubmitTaskRequest {
     /// Not with `agent`.
     #[prost(string, tag = "3")]
     pub selector: ::prost::alloc::string::String,
+    /// A rollout: the task runs on every agent `selector` matches, at most
+    /// this many at once ("10%" or a count); empty = no rollout.
+    #[prost(string, tag = "4")]
+    pub batch: ::prost::alloc::string::String,
+    /// A rollout halts when more agents than this failed ("5%" or a count;
+    /// empty = no limit).
+    #[prost(string, tag = "5")]
+    pub max_failed: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SubmitTaskResponse {
     #[prost(uint64, tag = "1")]
     pub id: u64,
+    /// A rollout: its run's id (its task's id too); 0 = not a rollout.
+    #[prost(uint64, tag = "2")]
+    pub run: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListJobsRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Job {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// "every 30s", or "cron 0 3 * * * Europe/Berlin".
+    #[prost(string, tag = "2")]
+    pub schedule: ::prost::alloc::string::String,
+    /// The selector's canonical text; empty = every agent.
+    #[prost(string, tag = "3")]
+    pub target: ::prost::alloc::string::String,
+    /// "each", "any" or "broadcast".
+    #[prost(string, tag = "4")]
+    pub mode: ::prost::alloc::string::String,
+    #[prost(bool, tag = "5")]
+    pub paused: bool,
+    /// The next nominal fire time, Unix milliseconds; 0 = none.
+    #[prost(int64, tag = "6")]
+    pub next_ms: i64,
+    /// Its latest run (0 = none yet since the server started), its state
+    /// and start.
+    #[prost(uint64, tag = "7")]
+    pub last_run: u64,
+    #[prost(string, tag = "8")]
+    pub last_state: ::prost::alloc::string::String,
+    #[prost(int64, tag = "9")]
+    pub last_started_ms: i64,
+    /// When its latest successful run started, Unix milliseconds; 0 = none.
+    #[prost(int64, tag = "10")]
+    pub last_success_ms: i64,
+    /// Runs in progress, and halted.
+    #[prost(uint32, tag = "11")]
+    pub running: u32,
+    #[prost(uint32, tag = "12")]
+    pub halted: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListJobsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub jobs: ::prost::alloc::vec::Vec<Job>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JobNameRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PauseJobRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub paused: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RunResponse {
+    #[prost(uint64, tag = "1")]
+    pub run: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RunIdRequest {
+    #[prost(uint64, tag = "1")]
+    pub run: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Run {
+    /// Its id: the id of the task it sends.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Its job; empty = an ad hoc rollout (task submit --batch).
+    #[prost(string, tag = "2")]
+    pub job: ::prost::alloc::string::String,
+    /// The nominal fire time it is the run of, Unix ms; 0 = run by an
+    /// operator.
+    #[prost(int64, tag = "3")]
+    pub nominal_ms: i64,
+    #[prost(string, tag = "4")]
+    pub mode: ::prost::alloc::string::String,
+    /// "running", "halted", "succeeded", "failed" or "timed_out".
+    #[prost(string, tag = "5")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub target: ::prost::alloc::string::String,
+    /// Agents it targeted when it started; at most `batch` run it at once;
+    /// more than `max_failed` failures halt it.
+    #[prost(uint32, tag = "7")]
+    pub targets: u32,
+    #[prost(uint32, tag = "8")]
+    pub batch: u32,
+    #[prost(uint32, tag = "9")]
+    pub max_failed: u32,
+    #[prost(uint32, tag = "10")]
+    pub retries: u32,
+    #[prost(int64, tag = "11")]
+    pub started_ms: i64,
+    /// When it ends at the latest (agents still owed it are then missed).
+    #[prost(int64, tag = "12")]
+    pub deadline_ms: i64,
+    /// 0 = not finished.
+    #[prost(int64, tag = "13")]
+    pub finished_ms: i64,
+    #[prost(uint32, tag = "14")]
+    pub acked: u32,
+    #[prost(uint32, tag = "15")]
+    pub failed: u32,
+    #[prost(uint32, tag = "16")]
+    pub missed: u32,
+    #[prost(string, tag = "17")]
+    pub text: ::prost::alloc::string::String,
+    /// Agents running it now, and owed it.
+    #[prost(uint32, tag = "18")]
+    pub running: u32,
+    #[prost(uint32, tag = "19")]
+    pub owed: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RunAgent {
+    #[prost(string, tag = "1")]
+    pub agent: ::prost::alloc::string::String,
+    /// "owed", "running", "acked", "failed" or "missed".
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    /// Times it was sent the task.
+    #[prost(uint32, tag = "3")]
+    pub tries: u32,
+    /// When its state last changed, Unix milliseconds.
+    #[prost(int64, tag = "4")]
+    pub at_ms: i64,
+    /// Its latest result, as `ShowTask` shows it (empty: none kept).
+    #[prost(string, tag = "5")]
+    pub result: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ShowRunResponse {
+    #[prost(message, optional, tag = "1")]
+    pub run: ::core::option::Option<Run>,
+    #[prost(message, repeated, tag = "2")]
+    pub agents: ::prost::alloc::vec::Vec<RunAgent>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAgentsRequest {
@@ -546,6 +696,127 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("contactd.admin.v1.Admin", "RetryTask"));
             self.inner.unary(req, path, codec).await
         }
+        /// Jobs ([jobs](jobs)): schedule, target, mode, next and latest run.
+        pub async fn list_jobs(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListJobsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListJobsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/ListJobs",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ListJobs"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Fires a job now, whatever its schedule; answers with its run.
+        pub async fn run_job(
+            &mut self,
+            request: impl tonic::IntoRequest<super::JobNameRequest>,
+        ) -> std::result::Result<tonic::Response<super::RunResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/RunJob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "RunJob"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Pauses (paused = true) or resumes a job's schedule; its runs in
+        /// progress go on.
+        pub async fn pause_job(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PauseJobRequest>,
+        ) -> std::result::Result<tonic::Response<super::Job>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/PauseJob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "PauseJob"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// One run (its id is its task's), with each agent's state in it.
+        pub async fn show_run(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RunIdRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowRunResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/ShowRun",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ShowRun"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Resumes a halted run: it sends again, and halts again after
+        /// max_failed + 1 more failures.
+        pub async fn resume_run(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RunIdRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowRunResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/ResumeRun",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ResumeRun"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -606,6 +877,36 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::TaskIdRequest>,
         ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        /// Jobs ([jobs](jobs)): schedule, target, mode, next and latest run.
+        async fn list_jobs(
+            &self,
+            request: tonic::Request<super::ListJobsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListJobsResponse>,
+            tonic::Status,
+        >;
+        /// Fires a job now, whatever its schedule; answers with its run.
+        async fn run_job(
+            &self,
+            request: tonic::Request<super::JobNameRequest>,
+        ) -> std::result::Result<tonic::Response<super::RunResponse>, tonic::Status>;
+        /// Pauses (paused = true) or resumes a job's schedule; its runs in
+        /// progress go on.
+        async fn pause_job(
+            &self,
+            request: tonic::Request<super::PauseJobRequest>,
+        ) -> std::result::Result<tonic::Response<super::Job>, tonic::Status>;
+        /// One run (its id is its task's), with each agent's state in it.
+        async fn show_run(
+            &self,
+            request: tonic::Request<super::RunIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::ShowRunResponse>, tonic::Status>;
+        /// Resumes a halted run: it sends again, and halts again after
+        /// max_failed + 1 more failures.
+        async fn resume_run(
+            &self,
+            request: tonic::Request<super::RunIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::ShowRunResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -926,6 +1227,221 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RetryTaskSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/ListJobs" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListJobsSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::ListJobsRequest>
+                    for ListJobsSvc<T> {
+                        type Response = super::ListJobsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListJobsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_jobs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListJobsSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/RunJob" => {
+                    #[allow(non_camel_case_types)]
+                    struct RunJobSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::JobNameRequest>
+                    for RunJobSvc<T> {
+                        type Response = super::RunResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::JobNameRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::run_job(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RunJobSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/PauseJob" => {
+                    #[allow(non_camel_case_types)]
+                    struct PauseJobSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::PauseJobRequest>
+                    for PauseJobSvc<T> {
+                        type Response = super::Job;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PauseJobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::pause_job(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PauseJobSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/ShowRun" => {
+                    #[allow(non_camel_case_types)]
+                    struct ShowRunSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RunIdRequest>
+                    for ShowRunSvc<T> {
+                        type Response = super::ShowRunResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RunIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::show_run(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ShowRunSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/ResumeRun" => {
+                    #[allow(non_camel_case_types)]
+                    struct ResumeRunSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RunIdRequest>
+                    for ResumeRunSvc<T> {
+                        type Response = super::ShowRunResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RunIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::resume_run(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ResumeRunSvc(inner);
                         let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

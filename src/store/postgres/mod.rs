@@ -62,7 +62,8 @@ pub use self::{
     watch::{Watcher, Watching},
 };
 use super::{
-    Backend, Detail, LostClaim, Op, Pruned, Retention, Snapshot, StoreError, StoredTask, TaskRecord,
+    Backend, Detail, JobRow, LostClaim, Op, Pruned, Retention, RunRecord, RunRow, Snapshot,
+    StoreError, StoredTask, TaskRecord,
 };
 use crate::{
     config::{
@@ -96,6 +97,8 @@ pub struct Postgres {
     in_transaction: bool,
     /// The claims the last apply lost, for [`Backend::lost_claims`].
     lost: Vec<(usize, LostClaim)>,
+    /// The runs the last apply did not fire (see [`Backend::refused_runs`]).
+    refused: Vec<u64>,
     /// After a failed reconnect: none is tried before this.
     retry_at: Option<Instant>,
     /// Round trips to the database and statements sent, over the
@@ -202,6 +205,7 @@ impl Postgres {
             server: Arc::from(server),
             in_transaction: false,
             lost: Vec::new(),
+            refused: Vec::new(),
             retry_at: None,
             round_trips: 0,
             sent: 0,
@@ -334,6 +338,39 @@ impl Backend for Postgres {
                     .map_err(failed)?;
                 tasks.splice(0..0, unfinished.iter().map(stored_task));
             }
+            // The tasks of unfinished runs, however old: their runs resume.
+            let run_tasks = client
+                .query(
+                    &format!(
+                        "SELECT {TASK_COLUMNS} FROM tasks WHERE id < $1 AND id IN \
+                         (SELECT task_id FROM runs WHERE state < 2) ORDER BY id"
+                    ),
+                    &[&first],
+                )
+                .await
+                .map_err(failed)?;
+            for task in run_tasks.iter().map(stored_task) {
+                if let Err(at) = tasks.binary_search_by_key(&task.id, |t| t.id) {
+                    tasks.insert(at, task);
+                }
+            }
+            let jobs = read::jobs(client).await?;
+            let unfinished: Vec<i64> = client
+                .query(
+                    "SELECT task_id FROM runs WHERE state < 2 ORDER BY task_id",
+                    &[],
+                )
+                .await
+                .map_err(failed)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut runs = Vec::with_capacity(unfinished.len());
+            for task in unfinished {
+                if let Some(run) = read::run(client, u64::try_from(task).unwrap_or(0)).await? {
+                    runs.push(run);
+                }
+            }
             let cursors = client
                 .query(
                     "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors",
@@ -371,6 +408,8 @@ impl Backend for Postgres {
                 tasks,
                 cursors,
                 agents,
+                jobs,
+                runs,
             })
         })
     }
@@ -382,8 +421,8 @@ impl Backend for Postgres {
                 "the database connection was lost before the commit".into(),
             ));
         }
-        let (lost, sent) = self.with_client(async |client, statements| {
-            let (calls, claims) = calls(statements, ops);
+        let (lost, sent, refused) = self.with_client(async |client, statements| {
+            let (calls, claims, fires) = calls(statements, ops);
             // BEGIN (unless reserve began it), the calls, COMMIT.
             let sent = calls.len() as u64 + 1 + u64::from(!began);
             let params: Vec<Vec<&(dyn ToSql + Sync)>> = calls
@@ -414,6 +453,12 @@ impl Backend for Postgres {
                     return Err(failed(e));
                 }
             };
+            // A fire that stored no task: its job's nominal time had a run.
+            let refused: Vec<u64> = fires
+                .iter()
+                .filter(|(call, _)| results[first_call + call] == 0)
+                .map(|(_, task)| *task)
+                .collect();
             // A claim that changed no row lost to another server's (or
             // found the task finished): what the database says of it.
             let lost: Vec<(usize, i64)> = claims
@@ -422,7 +467,7 @@ impl Backend for Postgres {
                 .map(|(_, op, task)| (*op, *task))
                 .collect();
             if lost.is_empty() {
-                return Ok((Vec::new(), sent));
+                return Ok((Vec::new(), sent, refused));
             }
             let ids: Vec<i64> = lost.iter().map(|(_, task)| *task).collect();
             let rows = client
@@ -456,8 +501,9 @@ impl Backend for Postgres {
                 })
                 .collect();
             // And the query of the lost claims.
-            Ok((lost, sent + 1))
+            Ok((lost, sent + 1, refused))
         })?;
+        self.refused = refused;
         self.round_trips += 1 + u64::from(!lost.is_empty());
         self.sent += sent;
         self.lost = lost;
@@ -468,12 +514,33 @@ impl Backend for Postgres {
         std::mem::take(&mut self.lost)
     }
 
+    fn refused_runs(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.refused)
+    }
+
+    fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
+        self.with_client(async |client, _| read::jobs(client).await)
+    }
+
+    fn runs(&mut self, job: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        self.with_client(async |client, _| read::runs(client, job, limit).await)
+    }
+
+    fn run(&mut self, task: u64) -> Result<Option<RunRecord>, StoreError> {
+        self.with_client(async |client, _| read::run(client, task).await)
+    }
+
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
         let r = *retention;
         self.with_client(async |client, _| {
             // Broadcast mode: every task is delivered from the ring only,
             // so every task counts as finished here.
-            let finished = if r.queue_mode { "state >= 2" } else { "TRUE" };
+            // The task of a run not finished is kept, whatever its age.
+            let finished = if r.queue_mode {
+                "state >= 2 AND id NOT IN (SELECT task_id FROM runs WHERE state < 2)"
+            } else {
+                "id NOT IN (SELECT task_id FROM runs WHERE state < 2)"
+            };
             client.batch_execute("BEGIN").await.map_err(failed)?;
             let result = async {
                 let mut ids: Vec<i64> = client
@@ -509,10 +576,15 @@ impl Backend for Postgres {
                         .map_err(failed)?;
                     ids.extend(more.iter().map(|row| row.get::<_, i64>(0)));
                 }
-                client
-                    .execute("DELETE FROM results WHERE task_id = ANY($1)", &[&ids])
-                    .await
-                    .map_err(failed)?;
+                for table in ["results", "runs", "run_agents"] {
+                    client
+                        .execute(
+                            &format!("DELETE FROM {table} WHERE task_id = ANY($1)"),
+                            &[&ids],
+                        )
+                        .await
+                        .map_err(failed)?;
+                }
                 let cursors = client
                     .execute(
                         "DELETE FROM cursors WHERE seen_ms < $1",

@@ -8,10 +8,10 @@ use tokio_postgres::{Client, Statement, types::ToSql};
 
 use super::{failed, id};
 use crate::{
-    model::{Saved, SavedAgent, TaskState},
+    model::{RunAgentState, RunState, Saved, SavedAgent, TaskState},
     store::{
-        AgentResult, Fleet, FleetAgent, ServerRow, StoreError, StoredTask, TaskRecord,
-        cursor_from_parts,
+        AgentResult, Fleet, FleetAgent, JobRow, RunAgentRow, RunRecord, RunRow, ServerRow,
+        StoreError, StoredTask, TaskRecord, cursor_from_parts,
     },
 };
 
@@ -99,7 +99,8 @@ impl Reader {
 }
 
 pub(super) const TASK_COLUMNS: &str = "id, text, target, created_ms, state, attempts, holder, deadline_ms, \
-                            delivered, acked, failed, last_agent, last_result, retries, selector";
+                            delivered, acked, failed, last_agent, last_result, retries, selector, \
+                            job, direct";
 
 const CURSOR_OF: &str = "SELECT agent, watermark, above, sent_up_to, seen_ms, since FROM cursors \
                          WHERE agent = $1";
@@ -213,7 +214,110 @@ pub(super) fn stored_task(row: &tokio_postgres::Row) -> StoredTask {
         last_result: last_agent.map(|a| (Arc::from(a), last_result.unwrap_or_default())),
         retries: count(row.get(13)),
         selector: row.get(14),
+        job: row.get(15),
+        direct: row.get(16),
     }
+}
+
+/// The columns of a run, in [`run_row`]'s order.
+pub(super) const RUN_COLUMNS: &str = "task_id, job, nominal_ms, mode, state, target, targets, \
+                                      batch, max_failed, wait_ms, retries, started_ms, \
+                                      deadline_ms, finished_ms, acked, failed, missed";
+
+pub(super) fn run_row(row: &tokio_postgres::Row) -> RunRow {
+    RunRow {
+        task_id: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        job: Arc::from(row.get::<_, String>(1)),
+        nominal_ms: row.get(2),
+        mode: Arc::from(row.get::<_, String>(3)),
+        state: RunState::from_u8(u8::try_from(row.get::<_, i16>(4)).unwrap_or(0)),
+        target: Arc::from(row.get::<_, String>(5)),
+        targets: count(row.get(6)),
+        batch: count(row.get(7)),
+        max_failed: count(row.get(8)),
+        wait_ms: row.get(9),
+        retries: count(row.get(10)),
+        started_ms: row.get(11),
+        deadline_ms: row.get(12),
+        finished_ms: row.get(13),
+        acked: count(row.get(14)),
+        failed: count(row.get(15)),
+        missed: count(row.get(16)),
+    }
+}
+
+/// Every job, and one run with its agents, as the writer reads them.
+pub(super) async fn jobs(client: &Client) -> Result<Vec<JobRow>, StoreError> {
+    Ok(client
+        .query(
+            "SELECT name, last_nominal_ms, paused, last_success_ms FROM jobs",
+            &[],
+        )
+        .await
+        .map_err(failed)?
+        .iter()
+        .map(|row| JobRow {
+            name: Arc::from(row.get::<_, String>(0)),
+            last_nominal_ms: row.get(1),
+            paused: row.get(2),
+            last_success_ms: row.get(3),
+        })
+        .collect())
+}
+
+pub(super) async fn run(client: &Client, task: u64) -> Result<Option<RunRecord>, StoreError> {
+    let Some(row) = client
+        .query_opt(
+            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE task_id = $1"),
+            &[&id(task)],
+        )
+        .await
+        .map_err(failed)?
+    else {
+        return Ok(None);
+    };
+    let agents = client
+        .query(
+            "SELECT task_id, agent, state, tries, at_ms FROM run_agents WHERE task_id = $1 \
+             ORDER BY agent",
+            &[&id(task)],
+        )
+        .await
+        .map_err(failed)?
+        .iter()
+        .map(|row| RunAgentRow {
+            task_id: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            agent: Arc::from(row.get::<_, String>(1)),
+            state: RunAgentState::from_u8(u8::try_from(row.get::<_, i16>(2)).unwrap_or(0)),
+            tries: count(row.get(3)),
+            at_ms: row.get(4),
+        })
+        .collect();
+    Ok(Some(RunRecord {
+        run: run_row(&row),
+        agents,
+    }))
+}
+
+pub(super) async fn runs(
+    client: &Client,
+    job: Option<&str>,
+    limit: usize,
+) -> Result<Vec<RunRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    Ok(client
+        .query(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE $1::text IS NULL OR job = $1 \
+                 ORDER BY task_id DESC LIMIT $2"
+            ),
+            &[&job, &limit],
+        )
+        .await
+        .map_err(failed)?
+        .iter()
+        .map(run_row)
+        .collect())
 }
 
 /// A cursor row (agent, watermark, above, sent_up_to, seen_ms, since).

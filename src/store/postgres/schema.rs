@@ -67,6 +67,46 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the label selector a broadcast task was submitted for.
     "ALTER TABLE tasks ADD COLUMN selector TEXT;",
+    // 3: jobs, their runs (one per job and nominal time at most, whichever
+    // server fires it) and each agent's state in a run; the job a task is
+    // the run of.
+    "ALTER TABLE tasks ADD COLUMN job TEXT;
+     ALTER TABLE tasks ADD COLUMN direct BOOLEAN NOT NULL DEFAULT FALSE;
+     CREATE TABLE jobs (
+         name TEXT PRIMARY KEY,
+         last_nominal_ms BIGINT NOT NULL,
+         paused BOOLEAN NOT NULL DEFAULT FALSE,
+         last_success_ms BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE TABLE runs (
+         task_id BIGINT PRIMARY KEY,
+         job TEXT NOT NULL,
+         nominal_ms BIGINT,
+         mode TEXT NOT NULL,
+         state SMALLINT NOT NULL,
+         target TEXT NOT NULL,
+         targets INTEGER NOT NULL,
+         batch INTEGER NOT NULL,
+         max_failed INTEGER NOT NULL,
+         wait_ms BIGINT NOT NULL,
+         retries INTEGER NOT NULL,
+         started_ms BIGINT NOT NULL,
+         deadline_ms BIGINT NOT NULL,
+         finished_ms BIGINT NOT NULL,
+         acked INTEGER NOT NULL,
+         failed INTEGER NOT NULL,
+         missed INTEGER NOT NULL,
+         UNIQUE (job, nominal_ms)
+     );
+     CREATE INDEX runs_unfinished ON runs (task_id) WHERE state < 2;
+     CREATE TABLE run_agents (
+         task_id BIGINT NOT NULL,
+         agent TEXT NOT NULL,
+         state SMALLINT NOT NULL,
+         tries INTEGER NOT NULL,
+         at_ms BIGINT NOT NULL,
+         PRIMARY KEY (task_id, agent)
+     );",
 ];
 
 /// The schema version this contactd writes.

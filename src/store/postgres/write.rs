@@ -6,7 +6,10 @@ use std::{future::Future, pin::Pin, task::Poll};
 
 use tokio_postgres::{Client, Statement, types::ToSql};
 
-use super::{CHANNEL, id, read::TASK_COLUMNS};
+use super::{
+    CHANNEL, id,
+    read::{RUN_COLUMNS, TASK_COLUMNS},
+};
 use crate::{
     model::TaskState,
     store::{Op, Write, cursor_parts},
@@ -15,6 +18,11 @@ use crate::{
 /// Every statement the writer runs, prepared once per connection.
 pub(super) struct Statements {
     insert_task: Statement,
+    fire: Statement,
+    job_fired: Statement,
+    job: Statement,
+    run: Statement,
+    run_agent: Statement,
     notify: Statement,
     pub(super) reserve: Statement,
     pub(super) after: Statement,
@@ -36,9 +44,51 @@ impl Statements {
         Ok(Statements {
             insert_task: client
                 .prepare(
-                    "INSERT INTO tasks (id, text, target, created_ms, selector) \
+                    "INSERT INTO tasks (id, text, target, created_ms, selector, job, direct) \
                      SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], \
-                     $5::text[])",
+                     $5::text[], $6::text[], $7::boolean[])",
+                )
+                .await?,
+            // The run's row first: its task is stored only if the row is
+            // new (whichever server fires a nominal time first wins).
+            fire: client
+                .prepare(&format!(
+                    "WITH run AS (INSERT INTO runs ({RUN_COLUMNS}) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                     ON CONFLICT (job, nominal_ms) DO NOTHING RETURNING task_id) \
+                     INSERT INTO tasks (id, text, target, created_ms, selector, job, direct) \
+                     SELECT task_id, $18, $19, $20, $21, $2, $22 FROM run"
+                ))
+                .await?,
+            job_fired: client
+                .prepare(
+                    "INSERT INTO jobs (name, last_nominal_ms) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET \
+                     last_nominal_ms = greatest(jobs.last_nominal_ms, excluded.last_nominal_ms)",
+                )
+                .await?,
+            job: client
+                .prepare(
+                    "INSERT INTO jobs (name, last_nominal_ms, paused, last_success_ms) \
+                     VALUES ($1, coalesce($2, 0), coalesce($3, FALSE), coalesce($4, 0)) \
+                     ON CONFLICT (name) DO UPDATE SET \
+                     last_nominal_ms = greatest(jobs.last_nominal_ms, \
+                                                coalesce($2, jobs.last_nominal_ms)), \
+                     paused = coalesce($3, jobs.paused), \
+                     last_success_ms = greatest(jobs.last_success_ms, coalesce($4, 0))",
+                )
+                .await?,
+            run: client
+                .prepare(
+                    "UPDATE runs SET state = $2, finished_ms = $3, acked = $4, failed = $5, \
+                     missed = $6, deadline_ms = $7 WHERE task_id = $1",
+                )
+                .await?,
+            run_agent: client
+                .prepare(
+                    "INSERT INTO run_agents (task_id, agent, state, tries, at_ms) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, agent) DO UPDATE SET \
+                     state = excluded.state, tries = excluded.tries, at_ms = excluded.at_ms",
                 )
                 .await?,
             notify: client
@@ -170,18 +220,58 @@ fn state_code(state: TaskState) -> i16 {
 /// One statement with its parameters, owned until it has run.
 type Call<'a> = (&'a Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
-/// The statements that apply `ops`, in order.
-/// The statements that apply `ops`, in order, and which of them are
-/// queue claims: (its index among the calls, the op's index, the task).
-pub(super) fn calls<'a>(
-    s: &'a Statements,
-    ops: &[Op<'_>],
-) -> (Vec<Call<'a>>, Vec<(usize, usize, i64)>) {
+/// What [`calls`] gives: the calls, the claims among them, the fires.
+pub(super) type Calls<'a> = (Vec<Call<'a>>, Vec<(usize, usize, i64)>, Vec<(usize, u64)>);
+
+/// The statements that apply `ops`, in order; which of them are queue
+/// claims: (its index among the calls, the op's index, the task); and
+/// which fire runs: (its index among the calls, the task).
+pub(super) fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Calls<'a> {
     let mut calls: Vec<Call<'a>> = Vec::with_capacity(ops.len() + 1);
     let mut claims = Vec::new();
+    let mut fires = Vec::new();
     let mut published = false;
     for (at, op) in ops.iter().enumerate() {
         match op {
+            Op::Fire(tasks, runs) => {
+                published = true;
+                for (task, run) in tasks.iter().zip(*runs) {
+                    if let Some(nominal) = run.nominal_ms {
+                        calls.push((
+                            &s.job_fired,
+                            vec![Box::new(run.job.to_string()), Box::new(nominal)],
+                        ));
+                    }
+                    fires.push((calls.len(), task.id));
+                    calls.push((
+                        &s.fire,
+                        vec![
+                            Box::new(id(run.task_id)),
+                            Box::new(run.job.to_string()),
+                            Box::new(run.nominal_ms),
+                            Box::new(run.mode.to_string()),
+                            Box::new(i16::from(run.state as u8)),
+                            Box::new(run.target.to_string()),
+                            Box::new(int(run.targets)),
+                            Box::new(int(run.batch)),
+                            Box::new(int(run.max_failed)),
+                            Box::new(run.wait_ms),
+                            Box::new(int(run.retries)),
+                            Box::new(run.started_ms),
+                            Box::new(run.deadline_ms),
+                            Box::new(run.finished_ms),
+                            Box::new(int(run.acked)),
+                            Box::new(int(run.failed)),
+                            Box::new(int(run.missed)),
+                            Box::new(task.text.clone()),
+                            Box::new(task.target.as_deref().map(str::to_owned)),
+                            Box::new(crate::clock::unix_ms(task.created)),
+                            Box::new(task.selector.as_ref().map(ToString::to_string)),
+                            Box::new(task.direct),
+                        ],
+                    ));
+                }
+            }
             Op::Publish(tasks) => {
                 let ids: Vec<i64> = tasks.iter().map(|t| id(t.id)).collect();
                 let texts: Vec<String> = tasks.iter().map(|t| t.text.to_string()).collect();
@@ -197,6 +287,11 @@ pub(super) fn calls<'a>(
                     .iter()
                     .map(|t| t.selector.as_ref().map(ToString::to_string))
                     .collect();
+                let jobs: Vec<Option<String>> = tasks
+                    .iter()
+                    .map(|t| t.job.as_deref().map(str::to_owned))
+                    .collect();
+                let direct: Vec<bool> = tasks.iter().map(|t| t.direct).collect();
                 published = true;
                 calls.push((
                     &s.insert_task,
@@ -206,6 +301,8 @@ pub(super) fn calls<'a>(
                         Box::new(targets),
                         Box::new(created),
                         Box::new(selectors),
+                        Box::new(jobs),
+                        Box::new(direct),
                     ],
                 ));
             }
@@ -221,11 +318,52 @@ pub(super) fn calls<'a>(
         // Sent at commit: every server reads the new tasks.
         calls.push((&s.notify, Vec::new()));
     }
-    (calls, claims)
+    (calls, claims, fires)
+}
+
+/// A count as an INTEGER column.
+fn int(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
     match write {
+        Write::Job {
+            name,
+            last_nominal_ms,
+            paused,
+            last_success_ms,
+        } => vec![(
+            &s.job,
+            vec![
+                Box::new(name.to_string()),
+                Box::new(*last_nominal_ms),
+                Box::new(*paused),
+                Box::new(*last_success_ms),
+            ],
+        )],
+        Write::Run(run) => vec![(
+            &s.run,
+            vec![
+                Box::new(id(run.task_id)),
+                Box::new(i16::from(run.state as u8)),
+                Box::new(run.finished_ms),
+                Box::new(int(run.acked)),
+                Box::new(int(run.failed)),
+                Box::new(int(run.missed)),
+                Box::new(run.deadline_ms),
+            ],
+        )],
+        Write::RunAgent(agent) => vec![(
+            &s.run_agent,
+            vec![
+                Box::new(id(agent.task_id)),
+                Box::new(agent.agent.to_string()),
+                Box::new(i16::from(agent.state as u8)),
+                Box::new(int(agent.tries)),
+                Box::new(agent.at_ms),
+            ],
+        )],
         Write::Delivered { ids } => ids
             .iter()
             .map(|task| -> Call<'a> { (&s.delivered, vec![Box::new(id(*task))]) })
