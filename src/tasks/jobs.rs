@@ -916,6 +916,11 @@ impl Jobs {
             row,
             task,
         };
+        // Every agent it is owed to, kept: after a restart the run waits
+        // for them (and not only for those it had sent it to).
+        for name in run.agents.keys() {
+            self.store.record(Write::RunAgent(run.agent_row(name)));
+        }
         let nobody = run.owed.is_empty();
         inner.runs.insert(id, run);
         if nobody {
@@ -1191,14 +1196,22 @@ impl Run {
             .values()
             .filter(|a| a.state == RunAgentState::Running)
             .count();
-        let halt_base =
-            if record.run.state == RunState::Running && record.run.failed > record.run.max_failed {
-                record.run.failed
-            } else {
-                0
-            };
+        // The counts are the agents' rows' (the run's own row is written
+        // when it halts or ends, its agents' as they change).
+        let mut row = record.run;
+        let count = |state| {
+            u32::try_from(agents.values().filter(|a| a.state == state).count()).unwrap_or(u32::MAX)
+        };
+        row.acked = count(RunAgentState::Acked);
+        row.failed = count(RunAgentState::Failed);
+        row.missed = count(RunAgentState::Missed);
+        let halt_base = if row.state == RunState::Running && row.failed > row.max_failed {
+            row.failed
+        } else {
+            0
+        };
         Run {
-            row: record.run,
+            row,
             task,
             selector,
             mode,

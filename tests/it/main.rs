@@ -14,6 +14,7 @@ mod ctl;
 mod delivery;
 mod fleet;
 mod hostile;
+mod jobs;
 mod labels;
 mod layers;
 mod metrics;
