@@ -479,6 +479,27 @@ async fn jobs_count_runs_by_outcome_and_export_last_success_and_periods() {
         value(&text, &of_job(period, "twice", None)),
         Some(16.0 * 3600.0)
     );
+    // Paused, a job has no period (no run is expected: the alert leaves it
+    // alone); resumed, it has one again. The admin call answers once the
+    // change is in force.
+    let pause = |paused| contactd::proto::admin::PauseJobRequest {
+        name: "twice".into(),
+        paused,
+    };
+    let mut admin = server.admin().await;
+    admin.pause_job(pause(true)).await.unwrap();
+    let text = scrape(metrics).await;
+    assert_eq!(value(&text, &of_job(period, "twice", None)), None, "{text}");
+    assert!(
+        value(&text, &of_job(since, "twice", None)).is_some(),
+        "{text}"
+    );
+    admin.pause_job(pause(false)).await.unwrap();
+    let text = scrape(metrics).await;
+    assert_eq!(
+        value(&text, &of_job(period, "twice", None)),
+        Some(16.0 * 3600.0)
+    );
     // The scrape job's `job` label is Prometheus' own: no series sets it.
     assert!(
         !text
