@@ -3,21 +3,41 @@
 //! shows) and the queue's, gauges from the state they describe; only cold
 //! events (refused connections and calls, Contact calls, remote commands)
 //! have counters here, all plain atomics indexed by a fixed label set, so
-//! no label is looked up while serving.
+//! no label is looked up while serving. Jobs' series come from the
+//! broker's jobs at each scrape, labelled `job_name` (not `job`, which
+//! Prometheus sets to the scrape job's name and would rename to
+//! `exported_job`): a few series per configured job, bounded by the
+//! config's cap on jobs.
 
-use std::sync::{Arc, Weak, atomic::Ordering::Relaxed};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Weak, atomic::Ordering::Relaxed},
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
 use super::{
     counters::{CMD_OUTCOMES, CODES, Counters, METHODS, REFUSALS},
     state::State,
 };
-use crate::metrics::{counter, gauge, labelled_counter, labelled_gauge};
+use crate::{
+    clock::now_ms,
+    metrics::{counter, gauge, labelled_counter, labelled_gauge},
+    schedule::Schedule,
+    tasks::jobs::{AD_HOC, JobStats},
+};
+
+/// The `job_name` of ad hoc rollouts (`task submit --batch`), which have
+/// no job: not a job name (those have no parentheses or spaces).
+const AD_HOC_LABEL: &str = "(ad hoc)";
+
+/// The outcomes of a job's runs, each exposed from 0 for every configured
+/// job (so `increase` sees a job's first failure).
+const RUN_OUTCOMES: [&str; 4] = ["succeeded", "failed", "timed_out", "skipped"];
 
 impl Counters {
     /// `grpc_requests_total`: the codes seen, and OK for every method.
@@ -228,6 +248,157 @@ impl Collector for ServerCollector {
             None,
             MetricType::Histogram,
         )?)?;
-        Ok(())
+        encode_jobs(&mut e, &state.broker.jobs().stats(), now_ms())
+    }
+}
+
+/// The jobs' series (README "Server metrics").
+fn encode_jobs(
+    e: &mut DescriptorEncoder,
+    stats: &JobStats,
+    now: i64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(
+        "job_runs",
+        "Job runs ended since the start, by job ([[jobs]] name; \"(ad hoc)\" for task submit \
+         --batch) and outcome: succeeded, failed, timed_out, or skipped (its time came while the \
+         previous run ran or tasks.max_runs were running); halted runs count when they end",
+        None,
+        MetricType::Counter,
+    )?;
+    let counts: HashMap<(&str, &str), u64> = stats
+        .outcomes
+        .iter()
+        .map(|(job, outcome, n)| ((&**job, *outcome), *n))
+        .collect();
+    for (job, _) in &stats.last_success {
+        for outcome in RUN_OUTCOMES {
+            let count = counts.get(&(&**job, outcome)).copied().unwrap_or(0);
+            ConstCounter::new(count)
+                .encode(m.encode_family(&[("job_name", &**job), ("outcome", outcome)])?)?;
+        }
+    }
+    // Ad hoc rollouts, by the outcomes seen (runs of jobs removed from the
+    // config since are not shown: the label set stays that of the config).
+    for (job, outcome, n) in &stats.outcomes {
+        if &**job == AD_HOC {
+            ConstCounter::new(*n)
+                .encode(m.encode_family(&[("job_name", AD_HOC_LABEL), ("outcome", *outcome)])?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "job_last_success_timestamp_seconds",
+        "When the job's latest successful run started (Unix time), as the task store keeps it \
+         across restarts; absent while the job never succeeded",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (job, ms) in &stats.last_success {
+        if *ms > 0 {
+            ConstGauge::new(seconds(*ms)).encode(m.encode_family(&[("job_name", &**job)])?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "job_scheduled_since_timestamp_seconds",
+        "When this server began scheduling the job (Unix time): its start, or the reload that \
+         added the job; what a job that never succeeded is judged from",
+        None,
+        MetricType::Gauge,
+    )?;
+    for job in &stats.schedules {
+        ConstGauge::new(seconds(job.since_ms))
+            .encode(m.encode_family(&[("job_name", &*job.name)])?)?;
+    }
+    let mut m = e.encode_descriptor(
+        "job_period_seconds",
+        "The job's period: every's, or for cron the longer of the gaps before and after its \
+         latest fire time; absent while the job is paused",
+        None,
+        MetricType::Gauge,
+    )?;
+    for job in &stats.schedules {
+        if job.paused {
+            continue;
+        }
+        if let Some(period) = period(&job.schedule, now) {
+            ConstGauge::new(period).encode(m.encode_family(&[("job_name", &*job.name)])?)?;
+        }
+    }
+    gauge(
+        e,
+        "job_runs_running",
+        "Job runs in progress (each and any runs; a broadcast run ends as it starts)",
+        stats.running as u64,
+    )?;
+    gauge(
+        e,
+        "job_runs_halted",
+        "Job runs halted by their rollout's max_failed, waiting for `contactd job resume RUN`",
+        stats.halted as u64,
+    )
+}
+
+/// Unix ms as seconds.
+fn seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// The period `schedule` is judged by at `now` (seconds): `every`'s, or
+/// for a cron pattern the longer of the gaps before and after its latest
+/// fire time. With that, `age of the last success > 2 periods` never holds
+/// before two fire times passed since the success (the gap after the latest
+/// fire time is longer than the time since it), whatever the pattern's
+/// uneven gaps (`0 3 * * 1-5`: the weekend's); for uneven patterns it may
+/// hold a period later than two.
+fn period(schedule: &Schedule, now: i64) -> Option<f64> {
+    match schedule {
+        Schedule::Every(period) => Some(period.as_secs_f64()),
+        Schedule::Cron(_) => {
+            let last = schedule.at_or_before(now)?;
+            let next = schedule.next_after(now)?;
+            let before = schedule.at_or_before(last - 1)?;
+            Some(seconds((next - last).max(last - before)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    /// `age of the last success > 2 periods` holds only once two fire times
+    /// passed since the success, for even and uneven patterns.
+    #[test]
+    fn two_periods_never_pass_before_two_fire_times() {
+        // Monday 2026-01-05 00:00 UTC.
+        let monday = 1_767_571_200_000;
+        for (cron, even) in [("0 3 * * *", 24), ("0 3 * * 1-5", 0), ("0 9,17 * * *", 0)] {
+            let schedule = Schedule::parse(None, Some(cron), None).unwrap();
+            if even > 0 {
+                assert_eq!(period(&schedule, monday), Some((even * 3600) as f64));
+            }
+            // Successes at each fire time over a week, judged every hour over
+            // the two weeks after.
+            let mut success = schedule.next_after(monday).unwrap();
+            while success < monday + 7 * 24 * HOUR {
+                let mut now = success;
+                while now < success + 14 * 24 * HOUR {
+                    let alert =
+                        (now - success) as f64 / 1000.0 > 2.0 * period(&schedule, now).unwrap();
+                    let first = schedule.next_after(success).unwrap();
+                    let second = schedule.next_after(first).unwrap();
+                    assert!(
+                        !alert || second <= now,
+                        "{cron}: success {success}, now {now}"
+                    );
+                    now += HOUR;
+                }
+                success = schedule.next_after(success).unwrap();
+            }
+        }
+        let every = Schedule::parse(Some("90s"), None, None).unwrap();
+        assert_eq!(period(&every, monday), Some(90.0));
     }
 }

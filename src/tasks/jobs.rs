@@ -119,6 +119,20 @@ pub struct JobStats {
     pub last_success: Vec<(Arc<str>, i64)>,
     pub running: usize,
     pub halted: usize,
+    /// Per configured job: what judging its successes takes.
+    pub schedules: Vec<JobSchedule>,
+}
+
+/// A configured job's schedule, as the metrics read it at a scrape.
+#[derive(Debug, Clone)]
+pub struct JobSchedule {
+    pub name: Arc<str>,
+    pub schedule: Schedule,
+    /// Paused: no run is expected.
+    pub paused: bool,
+    /// When this server began scheduling it: its start, or the reload that
+    /// added the job (unix ms; kept in memory only).
+    pub since_ms: i64,
 }
 
 /// What a run is asked to be (a job's, or an operator's rollout).
@@ -171,6 +185,8 @@ struct Job {
     last_success_ms: i64,
     next_ms: Option<i64>,
     last_run: Option<(u64, RunState, i64)>,
+    /// See [`JobSchedule::since_ms`].
+    since_ms: i64,
 }
 
 #[derive(Debug)]
@@ -281,6 +297,7 @@ impl Jobs {
                     }
                 };
                 let next_ms = schedule.next_after(last_nominal_ms.max(now - 1));
+                let since_ms = old.as_ref().map_or(now, |o| o.since_ms);
                 let last_run = old.and_then(|o| o.last_run);
                 jobs.insert(
                     Arc::clone(&name),
@@ -293,6 +310,7 @@ impl Jobs {
                         last_success_ms,
                         next_ms,
                         last_run,
+                        since_ms,
                     },
                 );
             }
@@ -618,6 +636,16 @@ impl Jobs {
                 .values()
                 .filter(|r| r.row.state == RunState::Halted)
                 .count(),
+            schedules: inner
+                .jobs
+                .iter()
+                .map(|(name, job)| JobSchedule {
+                    name: Arc::clone(name),
+                    schedule: job.schedule.clone(),
+                    paused: job.paused,
+                    since_ms: job.since_ms,
+                })
+                .collect(),
         }
     }
 

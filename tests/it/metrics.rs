@@ -384,6 +384,161 @@ async fn queue_mode_counts_pending_redelivered_and_dead_tasks() {
     server.stop().await;
 }
 
+// ---- jobs: runs by outcome, last success, periods, running and halted ----
+
+/// A `[[jobs]]` entry as the config file writes it.
+fn job(toml: &str) -> contactd::config::JobConfig {
+    toml::from_str(toml).unwrap()
+}
+
+/// A job's sample: `series{job_name="job"[,outcome="outcome"]}`.
+fn of_job(series: &str, job: &str, outcome: Option<&str>) -> String {
+    match outcome {
+        Some(outcome) => format!("{series}{{job_name=\"{job}\",outcome=\"{outcome}\"}}"),
+        None => format!("{series}{{job_name=\"{job}\"}}"),
+    }
+}
+
+/// An ad hoc rollout of `text` over the agents `selector` matches, one at
+/// a time, halting at the first failure.
+async fn rollout(server: &TestServer, text: &str, selector: &str) -> u64 {
+    let request = contactd::proto::admin::SubmitTaskRequest {
+        text: text.into(),
+        selector: selector.into(),
+        batch: "1".into(),
+        max_failed: "0".into(),
+        ..Default::default()
+    };
+    let response = server.admin().await.submit_task(request).await.unwrap();
+    let run = response.into_inner().run;
+    assert_ne!(run, 0, "a rollout has a run");
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_count_runs_by_outcome_and_export_last_success_and_periods() {
+    let mut config = manual();
+    config.jobs = vec![
+        // Broadcast: succeeds as it starts, with or without agents.
+        job("name = \"tick\"\ntext = \"tick {seq}\"\nevery = \"1s\"\nmode = \"broadcast\"\n"),
+        // Never due during the test; uneven gaps (8 h, 16 h): its period is
+        // the longer.
+        job("name = \"twice\"\ntext = \"x\"\ncron = \"0 9,17 * * *\"\n"),
+    ];
+    let started = contactd::clock::now_ms() as f64 / 1000.0;
+    let (server, metrics) = start_server(config).await;
+    let runs = "contactd_job_runs_total";
+    let succeeded = of_job(runs, "tick", Some("succeeded"));
+    let text = common::until(
+        "tick's first success",
+        || scrape(metrics),
+        |text| value(text, &succeeded).is_some_and(|n| n >= 1.0),
+    )
+    .await;
+    let now = contactd::clock::now_ms() as f64 / 1000.0;
+    assert!(
+        text.contains("# TYPE contactd_job_runs_total counter\n"),
+        "{text}"
+    );
+    // Every configured job has every outcome, from 0.
+    for outcome in ["failed", "timed_out", "skipped"] {
+        assert_eq!(
+            value(&text, &of_job(runs, "tick", Some(outcome))),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    for outcome in ["succeeded", "failed", "timed_out", "skipped"] {
+        assert_eq!(
+            value(&text, &of_job(runs, "twice", Some(outcome))),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    let last = "contactd_job_last_success_timestamp_seconds";
+    let since = "contactd_job_scheduled_since_timestamp_seconds";
+    let period = "contactd_job_period_seconds";
+    let tick_since = value(&text, &of_job(since, "tick", None)).unwrap();
+    assert!(
+        (started..=now).contains(&tick_since),
+        "{started} {tick_since} {now}"
+    );
+    let tick_last = value(&text, &of_job(last, "tick", None)).unwrap();
+    assert!(
+        (tick_since..=now).contains(&tick_last),
+        "{tick_since} {tick_last} {now}"
+    );
+    assert_eq!(value(&text, &of_job(period, "tick", None)), Some(1.0));
+    // Never succeeded: no last success, judged from when it was scheduled.
+    assert_eq!(value(&text, &of_job(last, "twice", None)), None, "{text}");
+    assert!(
+        value(&text, &of_job(since, "twice", None)).is_some(),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &of_job(period, "twice", None)),
+        Some(16.0 * 3600.0)
+    );
+    // Paused, a job has no period (no run is expected: the alert leaves it
+    // alone); resumed, it has one again. The admin call answers once the
+    // change is in force.
+    let pause = |paused| contactd::proto::admin::PauseJobRequest {
+        name: "twice".into(),
+        paused,
+    };
+    let mut admin = server.admin().await;
+    admin.pause_job(pause(true)).await.unwrap();
+    let text = scrape(metrics).await;
+    assert_eq!(value(&text, &of_job(period, "twice", None)), None, "{text}");
+    assert!(
+        value(&text, &of_job(since, "twice", None)).is_some(),
+        "{text}"
+    );
+    admin.pause_job(pause(false)).await.unwrap();
+    let text = scrape(metrics).await;
+    assert_eq!(
+        value(&text, &of_job(period, "twice", None)),
+        Some(16.0 * 3600.0)
+    );
+    // The scrape job's `job` label is Prometheus' own: no series sets it.
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("contactd_job") && l.contains("{job=\"")),
+        "{text}"
+    );
+
+    // Ad hoc rollouts, by the outcomes seen; a halted run is counted as
+    // halted until it ends.
+    let mut ok = TestAgent::start(agent_config(server.addr, "ok1"));
+    let mut bad = TestAgent::start(AgentConfig {
+        handler: vec!["false".into()],
+        ..agent_config(server.addr, "bad1")
+    });
+    ok.wait_for("connected", connected).await;
+    bad.wait_for("connected", connected).await;
+    rollout(&server, "fine", "name=ok1").await;
+    let ad_hoc = of_job(runs, "(ad hoc)", Some("succeeded"));
+    scrape_until(metrics, &ad_hoc, 1.0).await;
+    rollout(&server, "broken", "name=bad1").await;
+    let text = scrape_until(metrics, "contactd_job_runs_halted", 1.0).await;
+    assert_eq!(
+        value(&text, "contactd_job_runs_running"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &of_job(runs, "(ad hoc)", Some("failed"))),
+        None,
+        "{text}"
+    );
+    assert_eq!(value(&text, &ad_hoc), Some(1.0), "{text}");
+    save("jobs.prom", &text);
+    ok.stop().await;
+    bad.stop().await;
+    server.stop().await;
+}
+
 // ---- the listener's bounds: connections, slow and large headers, bodies ----
 
 /// A raw connection that has read everything until the server closed it;
