@@ -259,7 +259,11 @@ impl Jobs {
     /// Takes the jobs of `config` (added, changed, removed) and
     /// `tasks.max_runs`; at start-up and at each reload.
     pub fn configure(&self, config: &Config) {
-        let now = now_ms();
+        self.configure_at(config, now_ms());
+    }
+
+    /// [`configure`](Self::configure) at `now` (unix ms).
+    fn configure_at(&self, config: &Config, now: i64) {
         let mut writes = Vec::new();
         {
             let mut inner = self.inner.lock();
@@ -296,7 +300,9 @@ impl Jobs {
                         (now, false, 0)
                     }
                 };
-                let next_ms = schedule.next_after(last_nominal_ms.max(now - 1));
+                // The first period after the last one fired: if it passed
+                // while the server was down, it is due now (`missed`).
+                let next_ms = schedule.next_after(last_nominal_ms);
                 let since_ms = old.as_ref().map_or(now, |o| o.since_ms);
                 let last_run = old.and_then(|o| o.last_run);
                 jobs.insert(
@@ -1345,4 +1351,135 @@ pub fn shown_ms(ms: i64) -> String {
 
 fn shown_job(job: &str) -> &str {
     if job == AD_HOC { "(ad hoc)" } else { job }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{StoreConfig, StoreKind},
+        store,
+    };
+
+    fn ms(text: &str) -> i64 {
+        text.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+    }
+
+    fn open(path: &std::path::Path) -> Jobs {
+        let config = StoreConfig {
+            kind: StoreKind::Sqlite,
+            path: Some(path.to_owned()),
+            ..StoreConfig::default()
+        };
+        let (store, snapshot) = store::open(&config, "test", 10, false).unwrap().start();
+        Jobs::restore(
+            store,
+            Hub::new(10),
+            snapshot.epoch,
+            snapshot.jobs,
+            snapshot.runs,
+            |_| None,
+        )
+    }
+
+    /// A clock the test moves: the runner is driven at the times it says,
+    /// through a real store, restarted (only what the store kept survives)
+    /// every few steps; the runs the store kept are every period's, once.
+    async fn fires_each_period_once(job: &str, start: &str, step_ms: i64, steps: i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let config: Config = crate::config::parse(job).unwrap();
+        let start = ms(start);
+        let mut jobs = open(&path);
+        jobs.configure_at(&config, start);
+        let mut restarts = 0;
+        for step in 1..=steps {
+            let now = start + step * step_ms;
+            if step % 11 == 0 {
+                jobs.store.close().await;
+                jobs = open(&path);
+                jobs.configure_at(&config, now);
+                restarts += 1;
+            }
+            jobs.fire_due(now).await;
+        }
+        let end = start + steps * step_ms;
+        let mut fired: Vec<i64> = jobs
+            .store
+            .runs(None, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| r.nominal_ms)
+            .collect();
+        fired.sort_unstable();
+        let schedule = config.jobs[0].schedule().unwrap();
+        let mut expected = Vec::new();
+        let mut at = start;
+        while let Some(next) = schedule.next_after(at).filter(|&n| n <= end) {
+            expected.push(next);
+            at = next;
+        }
+        assert!(restarts > 2);
+        assert!(expected.len() > 5, "{expected:?}");
+        assert_eq!(fired, expected);
+        jobs.store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_cron_job_fires_each_period_once_through_the_store_across_restarts_and_dst() {
+        // Berlin's repeated hour (2026-10-25): 02:00 to 03:00 runs once.
+        fires_each_period_once(
+            "[[jobs]]\nname = \"half\"\ntext = \"x\"\ncron = \"*/30 * * * *\"\n\
+             time_zone = \"Europe/Berlin\"\nmode = \"broadcast\"\n",
+            "2026-10-24T22:00:00Z",
+            7 * 60_000,
+            60,
+        )
+        .await;
+        // New York's missing hour (2026-03-08): 02:00 runs at 03:00.
+        fires_each_period_once(
+            "[[jobs]]\nname = \"ny\"\ntext = \"x\"\ncron = \"0 * * * *\"\n\
+             time_zone = \"America/New_York\"\nmode = \"broadcast\"\n",
+            "2026-03-08T04:00:00Z",
+            17 * 60_000,
+            40,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn after_downtime_one_catch_up_run_fires_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let config: Config = crate::config::parse(
+            "[[jobs]]\nname = \"tick\"\ntext = \"x\"\nevery = \"10s\"\nmode = \"broadcast\"\n",
+        )
+        .unwrap();
+        let start = ms("2026-05-01T12:00:01Z");
+        let jobs = open(&path);
+        jobs.configure_at(&config, start);
+        jobs.fire_due(start + 10_000).await;
+        jobs.store.close().await;
+        // Down for a minute: at start-up, the latest missed period fires,
+        // not the next one's.
+        let later = start + 70_000;
+        let jobs = open(&path);
+        jobs.configure_at(&config, later);
+        jobs.fire_due(later).await;
+        let mut fired: Vec<i64> = jobs
+            .store
+            .runs(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| r.nominal_ms)
+            .collect();
+        fired.sort_unstable();
+        assert_eq!(
+            fired,
+            [ms("2026-05-01T12:00:10Z"), ms("2026-05-01T12:01:10Z")]
+        );
+        jobs.store.close().await;
+    }
 }

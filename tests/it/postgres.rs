@@ -782,3 +782,82 @@ async fn reads_share_a_bounded_pool_and_a_server_holds_at_most_pool_size_plus_tw
         "the writer, the watcher and 1 or 2 readers: {held}"
     );
 }
+
+/// The runs of job `tick` in the database at `url`: their nominal times,
+/// and the tasks the database keeps for the job.
+async fn tick_runs(url: &str) -> (Vec<i64>, i64) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let nominals = client
+        .query(
+            "SELECT nominal_ms FROM runs WHERE job = 'tick' ORDER BY nominal_ms",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, i64>(0))
+        .collect();
+    let tasks: i64 = client
+        .query_one("SELECT count(*) FROM tasks WHERE job = 'tick'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (nominals, tasks)
+}
+
+/// Waits until the database holds at least `count` runs of `tick`.
+async fn wait_for_runs(url: &str, count: usize) -> Vec<i64> {
+    common::within("runs of tick in the database", async {
+        loop {
+            let (nominals, _) = tick_runs(url).await;
+            if nominals.len() >= count {
+                return nominals;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_fires_once_per_period_fleet_wide_when_the_lease_moves_by_sigkill() {
+    let Some(cluster) = Cluster::start("postgres job lease") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let tasks = "batch = 0\n[[jobs]]\nname = \"tick\"\ntext = \"tick\"\nevery = \"1s\"\n\
+                 mode = \"broadcast\"\n";
+    let mut a = shared_server("a", &url, tasks);
+    a.wait_for_line("runs the task generator");
+    let mut b = shared_server("b", &url, tasks);
+    let before = wait_for_runs(&url, 3).await.len();
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(LIMIT);
+    b.wait_for_line("runs the task generator");
+    let first_of_b = wait_for_runs(&url, before + 1).await;
+    wait_for_runs(&url, first_of_b.len() + 2).await;
+    b.signal(Signal::SIGTERM);
+    b.wait_exit(LIMIT);
+
+    let (nominals, tasks) = tick_runs(&url).await;
+    assert_eq!(
+        tasks,
+        nominals.len() as i64,
+        "a run without its task, or twice"
+    );
+    let unique: std::collections::HashSet<i64> = nominals.iter().copied().collect();
+    assert_eq!(unique.len(), nominals.len(), "fired twice: {nominals:?}");
+    // Every period fired once, but for those passed while no server held
+    // the lease: b logged them as skipped when it took over.
+    let missing: i64 = nominals.windows(2).map(|w| (w[1] - w[0]) / 1000 - 1).sum();
+    let logged: i64 = b
+        .log
+        .iter()
+        .filter(|l| l.contains("job runs skipped"))
+        .map(|l| common::daemon::field(l, "count").parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(missing, logged, "periods skipped silently: {nominals:?}");
+}
