@@ -36,6 +36,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +67,10 @@ const FIRE_RETRY: Duration = Duration::from_secs(1);
 /// The longest the loop sleeps without looking again (a clock step, a
 /// lease change).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+/// Several servers sharing a database: how often each reads the jobs'
+/// state the others wrote (their runs, an operator's pause through them).
+const REREAD: Duration = Duration::from_secs(5);
 
 /// Why an operator's request about a job or run was refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,6 +166,9 @@ pub struct Jobs {
     inner: Mutex<Inner>,
     /// Wakes the loop: config applied, a run changed its timers.
     wake: Notify,
+    /// Runs in progress or halted (`inner.runs.len()`, read without the
+    /// lock).
+    active: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +259,7 @@ impl Jobs {
             hub,
             epoch,
             registry: Registry::default(),
+            active: AtomicUsize::new(inner.runs.len()),
             inner: Mutex::new(inner),
             wake: Notify::new(),
         }
@@ -381,19 +390,14 @@ impl Jobs {
         self.registry.left(name);
     }
 
-    /// Whether the task `id` is a run's that its run delivers (`each`,
-    /// `any`): its acks are the run's.
-    pub fn delivers(&self, id: u64) -> bool {
-        self.inner
-            .lock()
-            .runs
-            .get(&id)
-            .is_some_and(|run| run.task.direct)
-    }
-
     /// An ack of a run's task from `agent`; `None` when `id` is not the
     /// task of a run in progress here.
     pub fn ack(&self, agent: &Agent, id: u64, ok: bool) -> Option<Acked> {
+        // Every ack comes through here: with no run in progress, without
+        // taking the lock.
+        if self.active.load(Relaxed) == 0 {
+            return None;
+        }
         let now = now_ms();
         let mut inner = self.inner.lock();
         let run = inner.runs.get_mut(&id)?;
@@ -660,10 +664,14 @@ impl Jobs {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut leader = self.store.leader();
         let mut was_leader = *leader.borrow();
+        let mut reread_at = now_ms() + millis(REREAD);
         loop {
             let is_leader = *leader.borrow_and_update();
-            if is_leader && !was_leader && self.store.is_shared() {
+            // Several servers: what the others fired, and pauses and
+            // resumes said to them, from the database.
+            if self.store.is_shared() && ((is_leader && !was_leader) || now_ms() >= reread_at) {
                 self.reread().await;
+                reread_at = now_ms() + millis(REREAD);
             }
             was_leader = is_leader;
             let now = now_ms();
@@ -690,7 +698,10 @@ impl Jobs {
                 let mut inner = self.inner.lock();
                 for row in rows {
                     if let Some(job) = inner.jobs.get_mut(&row.name) {
-                        job.last_nominal_ms = job.last_nominal_ms.max(row.last_nominal_ms);
+                        if row.last_nominal_ms > job.last_nominal_ms {
+                            job.last_nominal_ms = row.last_nominal_ms;
+                            job.next_ms = job.schedule.next_after(row.last_nominal_ms);
+                        }
                         job.paused = row.paused;
                         job.last_success_ms = job.last_success_ms.max(row.last_success_ms);
                     }
@@ -957,6 +968,7 @@ impl Jobs {
         }
         let nobody = run.owed.is_empty();
         inner.runs.insert(id, run);
+        self.active.store(inner.runs.len(), Relaxed);
         if nobody {
             // Waiting for agents that may never come would hold up the
             // job's next runs (overlap = "skip"): it ends, and says why.
@@ -1136,6 +1148,7 @@ impl Jobs {
         let Some(mut run) = inner.runs.remove(&id) else {
             return;
         };
+        self.active.store(inner.runs.len(), Relaxed);
         run.row.state = state;
         run.row.finished_ms = now;
         tracing::info!(
