@@ -41,3 +41,43 @@ pub fn open_files_limit() -> Option<u64> {
         .ok()
         .map(|(soft, _)| soft)
 }
+
+/// Why the unix socket at `path` may not be trusted, if it may not: its
+/// directory is writable by every user without the sticky bit (anyone may
+/// replace the socket), or, in a shared sticky directory such as `/tmp`,
+/// the socket is there and belongs to neither this user nor root (another
+/// user may have bound it first, to read what operators send). The
+/// server checks before it binds, the operator commands before they
+/// connect.
+#[must_use]
+pub fn untrusted_socket(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let mode = std::fs::metadata(dir).ok()?.mode();
+    let (others_write, sticky) = (mode & 0o002 != 0, mode & 0o1000 != 0);
+    if others_write && !sticky {
+        return Some(format!(
+            "the directory {} is writable by every user (mode {:o}): another user could put \
+             a socket there first; use a directory only contactd's user can write (such as \
+             /run/contactd)",
+            dir.display(),
+            mode & 0o7777
+        ));
+    }
+    if others_write {
+        let owner = std::fs::symlink_metadata(path).ok()?.uid();
+        let me = nix::unistd::geteuid().as_raw();
+        if owner != me && owner != 0 {
+            return Some(format!(
+                "{} is owned by uid {owner}, neither this user (uid {me}) nor root, in a \
+                 directory every user can write: another user may have bound it first; use a \
+                 directory only contactd's user can write (such as /run/contactd)",
+                path.display()
+            ));
+        }
+    }
+    None
+}

@@ -1,6 +1,6 @@
 //! `[admin]`: the operators' API socket, with its defaults and checks.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,11 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// The socket's path; it is created with mode 0660.
     pub socket: PathBuf,
+    /// Connections at once; one more is closed at once.
+    pub max_connections: usize,
+    /// A connection without a byte either way for this long is closed.
+    #[serde(with = "super::units::duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -22,6 +27,8 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             socket: PathBuf::from("/run/contactd/admin.sock"),
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -33,6 +40,16 @@ const MAX_SOCKET_PATH: usize = 107;
 impl AdminConfig {
     /// A socket path that a unix socket address can hold.
     pub(crate) fn check(&self, c: &mut Checks) {
+        c.count(
+            "admin.max_connections",
+            self.max_connections as u64,
+            1..=4096,
+        );
+        c.duration(
+            "admin.idle_timeout",
+            self.idle_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(3600),
+        );
         c.check(
             !self.enabled || !self.socket.as_os_str().is_empty(),
             "admin.socket",

@@ -11,7 +11,6 @@ use std::{
 };
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
@@ -77,12 +76,13 @@ pub(super) fn start(
         .register_encoded_file_descriptor_set(ADMIN_DESCRIPTOR_SET)
         .build_v1();
     let closing = state.closing.clone();
+    let (max_connections, idle_timeout) = (config.max_connections, config.idle_timeout);
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
             .add_optional_service(reflection.ok())
             .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
+                super::admin_conn::incoming(listener, max_connections, idle_timeout),
                 closing.cancelled_owned(),
             )
             .await;
@@ -99,6 +99,12 @@ fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
+    if let Some(why) = crate::net::untrusted_socket(path) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ));
+    }
     if let Some(dir) = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty() && !d.exists())

@@ -15,6 +15,7 @@
 //! running and wait briefly for their answers → return.
 
 mod admin;
+mod admin_conn;
 mod callers;
 mod contact;
 mod counters;

@@ -379,6 +379,10 @@ impl Broker {
             }
             return acked;
         }
+        if self.hub.get(result.task_id).is_some_and(|t| t.direct) {
+            // A run's task after its run ended (timed out, say): late.
+            return Acked::Ignored;
+        }
         let task = match &self.mode {
             Mode::Queue { queue } => match queue.ack(result.task_id, &agent.name) {
                 Ok(task) => task,

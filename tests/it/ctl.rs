@@ -312,3 +312,103 @@ async fn an_agents_status_cannot_forge_a_row_or_drive_the_terminal() {
     drop(replies);
     server.stop().await;
 }
+
+// ---- the admin socket: a cap, an idle timeout, and only where it is safe ----
+
+/// Whether the server closed `stream` (a read gives end of file or an
+/// error), within [`crate::common::LIMIT`].
+async fn closed(stream: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    crate::common::within("the server closing the connection", async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                // HTTP/2 settings the server sends first.
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_admin_socket_caps_connections_and_closes_idle_ones() {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.admin.max_connections = 3;
+    config.admin.idle_timeout = std::time::Duration::from_secs(1);
+    let server = crate::common::TestServer::start(config).await;
+    let socket = server.admin_socket();
+    // An admin client (once the socket serves) and two clients that never
+    // say anything hold the three slots (each taken as the server accepts,
+    // in order); a fourth is closed at once.
+    let idle_admin = server.admin().await;
+    let mut first = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut second = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut third = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    assert!(closed(&mut third).await, "a fourth connection was kept");
+    // The idle ones are closed after admin.idle_timeout, and the socket
+    // serves again.
+    assert!(closed(&mut first).await);
+    assert!(closed(&mut second).await);
+    drop(idle_admin);
+    let mut admin = server.admin().await;
+    crate::common::submit(&mut admin, "after the idle ones", "").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_socket_where_another_user_could_put_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = open.join("admin.sock");
+    // The server does not bind it (and says why before it serves) ...
+    let server = crate::common::daemon::Daemon::start(&format!(
+        "[tasks]\nbatch = 0\n[admin]\nsocket = \"{}\"\n",
+        socket.display()
+    ));
+    assert!(
+        !socket.exists(),
+        "the server bound a socket in a 0777 directory"
+    );
+    assert!(
+        server
+            .log
+            .iter()
+            .any(|l| l.contains("writable by every user")),
+        "{:#?}",
+        server.log
+    );
+    // ... and the operator commands do not use one put there.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let out = crate::common::contactd()
+        .args(["agents", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    drop(listener);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by every user"), "{err}");
+
+    // In a sticky directory (as /tmp), a socket of another user's.
+    if nix::unistd::geteuid().is_root() {
+        let sticky = dir.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let socket = sticky.join("admin.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        nix::unistd::chown(&socket, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let out = crate::common::contactd()
+            .args(["agents", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("owned by uid 65534"), "{err}");
+    }
+}

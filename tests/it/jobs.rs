@@ -631,3 +631,59 @@ async fn the_job_commands_list_run_show_pause_and_resume() {
     assert!(err.contains("--target"), "{err}");
     web.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_fails_is_sent_it_again_and_one_that_never_answers_is_missed() {
+    let mut config = quiet();
+    config.jobs.push(JobConfig {
+        retries: 1,
+        timeout: Duration::from_secs(2),
+        ..job("flaky", "every", "366days")
+    });
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let mut fleet = Fleet::connect(&server, "web", 2, "role=web").await;
+    let run = admin
+        .run_job(JobNameRequest {
+            name: "flaky".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run;
+    let mut first = HashMap::new();
+    for _ in 0..2 {
+        let (agent, task) = fleet.next().await;
+        assert_eq!(task.retry, 0);
+        first.insert(agent, task);
+    }
+    // web-000 fails and is sent it again, as a retry (so an agent that
+    // remembers the first try runs it again); web-001 never answers.
+    fleet.ack("web-000", &first["web-000"], false).await;
+    let (agent, again) = fleet.next().await;
+    assert_eq!((agent.as_str(), again.id, again.retry), ("web-000", run, 1));
+    fleet.ack("web-000", &again, true).await;
+    let end = run_until(&admin, run, "the run timed out", |r| r.state != "running").await;
+    let r = end.run.unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.acked, r.failed, r.missed),
+        ("timed_out", 1, 0, 1)
+    );
+    let states: Vec<(String, String, u32)> = end
+        .agents
+        .into_iter()
+        .map(|a| (a.agent, a.state, a.tries))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("web-000".into(), "acked".into(), 2),
+            ("web-001".into(), "missed".into(), 1)
+        ]
+    );
+    // A late answer changes nothing.
+    fleet.ack("web-001", &first["web-001"], true).await;
+    let r = show(&mut admin, run).await.run.unwrap();
+    assert_eq!((r.state.as_str(), r.missed), ("timed_out", 1));
+    server.stop().await;
+}

@@ -43,6 +43,9 @@ pub enum CtlError {
     Runtime(#[source] std::io::Error),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+    /// The socket is where another user may have put it.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 /// Why the admin socket could not be reached, with what to do about it.
@@ -97,6 +100,12 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// # Errors
 /// [`CtlError::Connect`] when the socket cannot be reached.
 pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, CtlError> {
+    if let Some(why) = crate::net::untrusted_socket(socket) {
+        return Err(CtlError::Untrusted(format!(
+            "not using the admin socket {}: {why}",
+            socket.display()
+        )));
+    }
     let path = socket.to_owned();
     // The URI is required by the API but unused: the connector opens the socket.
     let channel = Endpoint::from_static("http://localhost")
