@@ -23,6 +23,9 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
     /// Connections open at once; more are closed at once (a scraper needs one).
     pub max_connections: usize,
+    /// Connections open at once from one address (at most
+    /// `max_connections`), so that one peer cannot hold every slot.
+    pub max_connections_per_address: usize,
     /// Longest a peer may take to send a request's headers.
     #[serde(with = "units::duration")]
     pub header_timeout: Duration,
@@ -40,6 +43,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: None,
             max_connections: 8,
+            max_connections_per_address: 2,
             header_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
             max_header_size: ByteSize::kib(16),
@@ -69,6 +73,19 @@ impl MetricsConfig {
             &key("max_connections"),
             self.max_connections as u64,
             MAX_CONNECTIONS,
+        );
+        c.count(
+            &key("max_connections_per_address"),
+            self.max_connections_per_address as u64,
+            MAX_CONNECTIONS,
+        );
+        c.check(
+            self.max_connections_per_address <= self.max_connections,
+            &key("max_connections_per_address"),
+            format!(
+                "is above {prefix}.max_connections ({})",
+                self.max_connections
+            ),
         );
         c.duration(&key("header_timeout"), self.header_timeout, HEADER_TIMEOUT);
         c.duration(&key("timeout"), self.timeout, TIMEOUT);

@@ -1,12 +1,22 @@
 //! The metrics listener: HTTP/1.1, one request per connection, `GET
 //! /metrics` only (404 for another path, 405 for another method, 413 for
 //! a request with a body). Whoever can reach the port is a stranger: at
-//! most `max_connections` are served at once (the excess is closed on
-//! accept), a request's head must arrive within `header_timeout` and fit
+//! most `max_connections` are served at once, at most
+//! `max_connections_per_address` from one address (the excess is closed on
+//! accept, so one peer holding connections open cannot keep a scraper on
+//! another address out), a request's head must arrive within `header_timeout` and fit
 //! `max_header_size`, and a connection is closed `timeout` after it was
 //! accepted, whatever it is doing (a slow reader included).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -30,6 +40,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub header_timeout: Duration,
     pub timeout: Duration,
     pub max_header_size: usize,
@@ -39,6 +50,7 @@ impl From<&MetricsConfig> for Limits {
     fn from(c: &MetricsConfig) -> Limits {
         Limits {
             max_connections: c.max_connections,
+            max_connections_per_address: c.max_connections_per_address,
             header_timeout: c.header_timeout,
             timeout: c.timeout,
             max_header_size: usize::try_from(c.max_header_size.as_u64()).unwrap_or(usize::MAX),
@@ -55,6 +67,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let refusals = Budget::every(WARN_EVERY);
     let connections = TaskTracker::new();
     loop {
@@ -72,6 +85,19 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(held) = Held::take(&per_address, peer.ip(), limits.max_connections_per_address)
+        else {
+            refusals.hit(|n| {
+                tracing::warn!(
+                    refused = n,
+                    %peer,
+                    max_connections_per_address = limits.max_connections_per_address,
+                    "metrics connections refused: metrics.max_connections_per_address are \
+                     open from one address"
+                );
+            });
+            continue;
+        };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             refusals.hit(|n| {
                 tracing::warn!(
@@ -84,7 +110,7 @@ pub async fn serve(
         };
         let (registry, stop) = (Arc::clone(&registry), stop.clone());
         connections.spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(false)
@@ -109,6 +135,40 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// One connection counted against its address until dropped.
+struct Held {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Held {
+    /// A place for a connection from `ip`, if it has fewer than `max`.
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Held> {
+        let mut map = counts.lock();
+        let count = map.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Held {
+            counts: Arc::clone(counts),
+            ip,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock();
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The response to one request; its body is never read.

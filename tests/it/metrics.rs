@@ -645,6 +645,55 @@ async fn the_listener_bounds_connections_slow_headers_large_headers_and_bodies()
     within("the metrics server to stop", serving).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_connections_open_does_not_keep_a_scraper_out() {
+    let limits = contactd::metrics::http::Limits::from(&MetricsConfig::default());
+    assert_eq!(
+        (limits.max_connections, limits.max_connections_per_address),
+        (8, 2)
+    );
+    let listener = contactd::metrics::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let registry = Arc::new(contactd::metrics::registry("contactd", None));
+    let serving = tokio::spawn(contactd::metrics::http::serve(
+        listener,
+        limits,
+        registry,
+        stop.clone(),
+    ));
+    // 100 half-sent requests from 127.0.0.1, each reopened as it is closed.
+    let mut holders = Vec::new();
+    for _ in 0..100 {
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let _ = slow.write_all(b"GET /metr").await;
+        holders.push(slow);
+    }
+    // A scraper on another loopback address is answered, at once.
+    let scraper = async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_to_close(&mut stream).await
+    };
+    let answer = within("a scrape from another address", scraper).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // Of the 100, the address's two are held, the rest closed unanswered.
+    let mut closed = 0;
+    for holder in &mut holders[2..] {
+        if read_to_close(holder).await.is_empty() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 98);
+    stop.cancel();
+    within("the metrics server to stop", serving).await.unwrap();
+}
+
 // ---- the agent's series: its session and tasks ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
