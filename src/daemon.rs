@@ -111,6 +111,15 @@ pub trait DaemonConfig: ConfigFile + std::fmt::Debug + Send + Sync + 'static {
     fn live(&self) -> Self::Live;
     /// What a reload from `old` to `new` changes, and when each applies.
     fn changes(old: &Self, new: &Self) -> Changes;
+    /// What of `new` a reload from `old` puts in force (all of it, unless
+    /// the daemon holds some of it back until a restart).
+    fn in_force(old: &Self, new: Self) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = old;
+        new
+    }
 }
 
 /// `check-config`: prints the effective config of type `T` to stdout.
@@ -385,6 +394,7 @@ impl<T: DaemonConfig> Reloader<T> {
         };
         self.reloads.applied.inc();
         let changes = T::changes(&self.in_force, &new);
+        let new = T::in_force(&self.in_force, new);
         if let Err(e) = self.logging.apply(new.log()) {
             tracing::error!("config reload: {e}; keeping the current log settings");
         }

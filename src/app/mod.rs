@@ -108,6 +108,19 @@ impl DaemonConfig for Config {
     fn changes(old: &Config, new: &Config) -> Changes {
         Changes::server(old, new)
     }
+
+    fn in_force(old: &Config, new: Config) -> Config {
+        let (kept, held) = config::reload::hold_lowering(old, &new);
+        if !held.is_empty() {
+            tracing::warn!(
+                held = ?held,
+                "config reload would lower security (authentication, client certificates or \
+                 the remote commands allowed): not applied, it takes effect after a restart; \
+                 the rest of the reload applies now"
+            );
+        }
+        kept
+    }
 }
 
 /// The server config's source: `--config`/`$CONTACTD_CONFIG`, else the default.

@@ -101,10 +101,18 @@ pub struct Changes {
 }
 
 impl Changes {
-    /// From the server config in force to `new`.
+    /// From the server config in force to `new`: what [`hold_lowering`]
+    /// holds back waits for a restart too.
     #[must_use]
     pub fn server(old: &Config, new: &Config) -> Changes {
-        Changes::between(old, new, &[SERVER_RULES, LOG_RULES])
+        let mut changes = Changes::between(old, new, &[SERVER_RULES, LOG_RULES]);
+        let (_, held) = hold_lowering(old, new);
+        for (key, takes) in &mut changes.keys {
+            if held.iter().any(|h| within(key, h)) {
+                *takes = Takes::Restart;
+            }
+        }
+        changes
     }
 
     /// From the agent config in force to `new`.
@@ -177,6 +185,82 @@ impl Changes {
     }
 }
 
+/// `new` without what would lower the server's security from `old`, and
+/// the keys held back: a reload applies only what keeps or raises it, and
+/// the rest waits for a restart (a config cut short by a crashed editor,
+/// or a copy of the wrong file, must not open the server up unnoticed).
+/// Held back:
+/// - authentication turned off (`server.auth_token_file` and
+///   `server.tokens_file` both unset where one was set), and identities
+///   turned off (names taken from a header where a token or certificate
+///   proved them);
+/// - `server.tls.client_auth` weaker (`require` → `request` → `none`), or
+///   `server.tls.client_ca` removed;
+/// - remote commands widened: turned on, patterns added, `allow_any`,
+///   `allow_exec_args` or certificate names (`callers`) added. The rest of
+///   a `[remote_cmd]` change applies (patterns removed, limits), so a
+///   reload that removes one pattern and adds another removes it now.
+#[must_use]
+pub fn hold_lowering(old: &Config, new: &Config) -> (Config, Vec<&'static str>) {
+    let mut kept = new.clone();
+    let mut held = Vec::new();
+    let (o, n) = (&old.server, &new.server);
+    let auth = |s: &super::ServerConfig| s.auth_token_file.is_some() || s.tokens_file.is_some();
+    if (auth(o) && !auth(n)) || (old.has_identities() && !new.has_identities()) {
+        if o.auth_token_file != n.auth_token_file {
+            kept.server.auth_token_file.clone_from(&o.auth_token_file);
+            held.push("server.auth_token_file");
+        }
+        if o.tokens_file != n.tokens_file {
+            kept.server.tokens_file.clone_from(&o.tokens_file);
+            held.push("server.tokens_file");
+        }
+    }
+    if let (Some(o), Some(n)) = (&o.tls, &mut kept.server.tls) {
+        let rank = |a: super::ClientAuth| match a {
+            super::ClientAuth::None => 0,
+            super::ClientAuth::Request => 1,
+            super::ClientAuth::Require => 2,
+        };
+        if rank(n.client_auth()) < rank(o.client_auth()) {
+            n.client_auth = Some(o.client_auth());
+            held.push("server.tls.client_auth");
+        }
+        if o.client_ca.is_some() && n.client_ca.is_none() {
+            n.client_ca.clone_from(&o.client_ca);
+            held.push("server.tls.client_ca");
+        }
+    }
+    let (o, n) = (&old.remote_cmd, &mut kept.remote_cmd);
+    if n.enabled && !o.enabled {
+        n.enabled = false;
+        held.push("remote_cmd.enabled");
+    }
+    if o.enabled {
+        let before: std::collections::HashSet<String> =
+            o.allow.iter().map(ToString::to_string).collect();
+        let count = n.allow.len();
+        n.allow.retain(|p| before.contains(&p.to_string()));
+        if n.allow.len() < count {
+            held.push("remote_cmd.allow");
+        }
+    }
+    if n.allow_any && !o.allow_any {
+        n.allow_any = false;
+        held.push("remote_cmd.allow_any");
+    }
+    if n.allow_exec_args && !o.allow_exec_args {
+        n.allow_exec_args = false;
+        held.push("remote_cmd.allow_exec_args");
+    }
+    let count = n.callers.len();
+    n.callers.retain(|c| o.callers.contains(c));
+    if n.callers.len() < count {
+        held.push("remote_cmd.callers");
+    }
+    (kept, held)
+}
+
 /// `key` is `section` or inside it.
 fn within(key: &str, section: &str) -> bool {
     key.strip_prefix(section)
@@ -190,6 +274,77 @@ fn shown<'a>(keys: impl Iterator<Item = &'a str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_holds_back_what_lowers_security_and_applies_what_raises_it() {
+        let mut old = Config::default();
+        old.server.tokens_file = Some("/etc/contactd/tokens".into());
+        old.server.tls = Some(
+            crate::config::parse::<Config>(
+                "[server.tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n",
+            )
+            .unwrap()
+            .server
+            .tls
+            .unwrap(),
+        );
+        old.remote_cmd.enabled = true;
+        old.remote_cmd.allow = vec!["true".parse().unwrap(), "false".parse().unwrap()];
+        old.remote_cmd.callers = vec!["ops".into()];
+
+        let mut new = old.clone();
+        new.server.tokens_file = None;
+        let tls = new.server.tls.as_mut().unwrap();
+        tls.client_auth = Some(crate::config::ClientAuth::Request);
+        new.remote_cmd.allow = vec!["true".parse().unwrap(), "id".parse().unwrap()];
+        new.remote_cmd.allow_any = true;
+        new.remote_cmd.callers = vec!["ops".into(), "intruder".into()];
+        new.tasks.batch = 3;
+        let (kept, held) = hold_lowering(&old, &new);
+        assert_eq!(
+            held,
+            [
+                "server.tokens_file",
+                "server.tls.client_auth",
+                "remote_cmd.allow",
+                "remote_cmd.allow_any",
+                "remote_cmd.callers"
+            ]
+        );
+        assert_eq!(kept.server.tokens_file, old.server.tokens_file);
+        assert_eq!(
+            kept.server.tls.as_ref().unwrap().client_auth(),
+            crate::config::ClientAuth::Require
+        );
+        let allowed: Vec<String> = kept
+            .remote_cmd
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            allowed,
+            ["true"],
+            "a removed pattern applies now, an added one waits"
+        );
+        assert!(!kept.remote_cmd.allow_any);
+        assert_eq!(kept.remote_cmd.callers, ["ops"]);
+        assert_eq!(kept.tasks.batch, 3, "the rest applies");
+        let changes = Changes::server(&old, &new);
+        let restart = changes.taking(Takes::Restart);
+        assert!(restart.contains(&"server.tokens_file"), "{restart:?}");
+        assert!(restart.contains(&"remote_cmd.allow"), "{restart:?}");
+        assert!(!restart.contains(&"tasks.batch"));
+
+        // Raising it applies at once.
+        let mut lower = old.clone();
+        lower.server.tokens_file = None;
+        lower.server.tls.as_mut().unwrap().client_auth = Some(crate::config::ClientAuth::None);
+        lower.remote_cmd.allow.push("id".parse().unwrap());
+        let (kept, held) = hold_lowering(&lower, &old);
+        assert!(held.is_empty(), "{held:?}");
+        assert_eq!(kept, old);
+    }
 
     #[test]
     fn each_server_key_applies_now_unless_a_rule_says_restart() {

@@ -142,7 +142,7 @@ pub struct ServerTlsConfig {
     /// Whether clients must present a certificate; default `require` with
     /// a `client_ca`, else `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    client_auth: Option<ClientAuth>,
+    pub(crate) client_auth: Option<ClientAuth>,
 }
 
 impl ServerTlsConfig {

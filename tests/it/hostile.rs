@@ -344,7 +344,8 @@ async fn reloads_keep_credentials_they_cannot_read_and_warn_when_opening_up() {
     assert_eq!(get_task_with(addr, Some("first-secret")).await, Ok(()));
 
     // A config that no longer names the token file (a truncated edit) and
-    // turns remote commands on: applied, each change named at WARN.
+    // turns remote commands on: neither is applied by a reload; the reload
+    // line names both as waiting for a restart.
     let opened = written
         .lines()
         .filter(|line| !line.starts_with("auth_token_file"))
@@ -353,14 +354,66 @@ async fn reloads_keep_credentials_they_cannot_read_and_warn_when_opening_up() {
         + "\n[remote_cmd]\nenabled = true\nallow = [\"echo *\"]\n";
     std::fs::write(daemon.config_path(), opened).unwrap();
     daemon.signal(Signal::SIGHUP);
-    let off = daemon.wait_for_line("turns token authentication OFF");
-    assert!(off.contains("WARN"), "{off}");
-    let widened = daemon.wait_for_line("widens remote_cmd");
+    let held = daemon.wait_for_line("would lower security");
     assert!(
-        widened.contains("WARN") && widened.contains("echo *"),
-        "{widened}"
+        held.contains("WARN")
+            && held.contains("server.auth_token_file")
+            && held.contains("remote_cmd.enabled"),
+        "{held}"
     );
-    assert_eq!(get_task_with(addr, None).await, Ok(()));
+    // (The earlier reloads' lines changed nothing that waits.)
+    let reloaded = daemon.wait_for_line("restart=");
+    let restart = common::daemon::field(&reloaded, "restart");
+    assert!(
+        restart.contains("server.auth_token_file") && restart.contains("remote_cmd.enabled"),
+        "{reloaded}"
+    );
+    assert_eq!(get_task_with(addr, None).await, Err(Code::Unauthenticated));
+    assert_eq!(get_task_with(addr, Some("first-secret")).await, Ok(()));
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_narrows_the_remote_commands_now_and_widens_them_only_at_a_restart() {
+    let mut daemon = Daemon::start(
+        "[tasks]\nbatch = 0\n[remote_cmd]\nenabled = true\nallow = [\"true\", \"false\"]\n",
+    );
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        config.replace("[\"true\", \"false\"]", "[\"true\", \"id\"]"),
+    )
+    .unwrap();
+    daemon.signal(Signal::SIGHUP);
+    let held = daemon.wait_for_line("would lower security");
+    assert!(held.contains("remote_cmd.allow"), "{held}");
+    daemon.wait_for_line("remote command rules updated");
+    let client = contactd::proto::contact::contact_client::ContactClient::new(
+        within(
+            "connect",
+            tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.addr))
+                .unwrap()
+                .connect(),
+        )
+        .await
+        .unwrap(),
+    );
+    let run = |line: &'static str| {
+        let mut client = client.clone();
+        async move {
+            client
+                .remote_cmd(cmd(line, ""))
+                .await
+                .map(|r| r.into_inner().success)
+        }
+    };
+    assert!(run("true").await.unwrap());
+    // Removed: refused at once. Added: refused until a restart.
+    for refused in ["false", "id"] {
+        let err = run(refused).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{refused}: {err:?}");
+    }
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
 }
