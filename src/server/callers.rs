@@ -93,6 +93,8 @@ pub struct Caller {
     streams: Mutex<CancellationToken>,
     /// A reload revoked its credential: its streams end UNAUTHENTICATED.
     revoked: AtomicBool,
+    /// The client certificate chain of its latest call, if any.
+    chain: Mutex<Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>>,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
     /// Its refused calls that may reach the log (see
@@ -108,6 +110,16 @@ impl Caller {
     /// a reload revokes this caller's credential.
     pub fn stream_token(&self) -> CancellationToken {
         self.streams.lock().child_token()
+    }
+
+    /// The client certificate chain its latest call came with.
+    pub fn set_chain(&self, chain: Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>) {
+        *self.chain.lock() = chain;
+    }
+
+    /// The client certificate chain of its latest call, if any.
+    pub fn chain(&self) -> Option<Arc<[rustls::pki_types::CertificateDer<'static>]>> {
+        self.chain.lock().clone()
     }
 
     /// Whether a reload revoked its credential (so its streams ended).
@@ -585,6 +597,7 @@ impl Caller {
             label_conflicts: Budget::every(WARN_EVERY),
             streams: Mutex::new(closing.child_token()),
             revoked: AtomicBool::new(false),
+            chain: Mutex::new(None),
             last_active: AtomicU64::new(tick),
             refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
             base: [0; 3],

@@ -59,13 +59,12 @@ impl ContactService {
             .extensions()
             .get::<Principal>()
             .ok_or_else(|| Status::internal("call did not pass the gate"))?;
-        let peer = request
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|conn| conn.remote);
+        let conn = request.extensions().get::<ConnInfo>();
+        let peer = conn.and_then(|conn| conn.remote);
         Ok(match principal.who.name() {
             Some(name) => {
                 let caller = self.state.callers.enter(name, true, peer);
+                caller.set_chain(conn.and_then(|c| c.peer_chain.clone()));
                 if labels {
                     let claimed = principal.labels.clone().unwrap_or_default();
                     let policy = &self.state.policy;

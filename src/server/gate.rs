@@ -297,6 +297,21 @@ fn authorize(
              (server.auth_token_file; agents set agent.token_file)",
         ));
     }
+    if let Some(end) = conn
+        .and_then(|c| c.peer_chain.as_deref())
+        .and_then(<[_]>::first)
+        && !state.policy.distrusted.read().is_empty()
+        && state
+            .policy
+            .distrusted
+            .read()
+            .contains(&super::policy::fingerprint(end.as_ref()))
+    {
+        return Err(Status::unauthenticated(
+            "the client certificate is no longer trusted: a reload changed server.tls.client_ca \
+             (reconnect with a certificate it trusts)",
+        ));
+    }
     let config = state.config.borrow();
     let identities = config.has_identities();
     let cert = conn.and_then(|c| c.peer_name.clone());

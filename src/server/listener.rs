@@ -48,6 +48,9 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     /// The identity in the client certificate, verified by TLS.
     pub peer_name: Option<Arc<str>>,
+    /// That certificate's chain (end-entity first), checked again when a
+    /// reload changes the client CA.
+    pub peer_chain: Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>,
     /// Bytes of unfinished messages this connection makes the server hold.
     pub buffered: Arc<AtomicUsize>,
 }
@@ -413,7 +416,7 @@ async fn handshake(
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(Io, Bytes, ConnInfo), HandshakeError> {
-    let mut peer_name = None;
+    let (mut peer_name, mut peer_chain) = (None, None);
     let mut io = match tls {
         None => Io::Plain(stream),
         Some(config) => {
@@ -426,6 +429,12 @@ async fn handshake(
                     .filter(|n| crate::auth::valid_name(n))
                     .ok_or(HandshakeError::NoName)?;
                 peer_name = Some(Arc::from(name));
+                peer_chain = tls.get_ref().1.peer_certificates().map(|chain| {
+                    chain
+                        .iter()
+                        .map(|c| c.clone().into_owned())
+                        .collect::<Arc<[_]>>()
+                });
             }
             Io::Tls(Box::new(tls))
         }
@@ -434,6 +443,7 @@ async fn handshake(
     let info = ConnInfo {
         remote: Some(peer),
         peer_name,
+        peer_chain,
         buffered: Arc::default(),
     };
     Ok((io, replay, info))

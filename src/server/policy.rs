@@ -29,6 +29,10 @@ pub struct Policy {
     pub(crate) tls: TlsConfig,
     /// `[[server.agents]]`: labels pinned by agent name.
     pins: RwLock<Arc<Vec<Pin>>>,
+    /// Client certificates a reload's client CA no longer trusts, by the
+    /// SHA-256 of their DER: calls on connections that presented them
+    /// (before the reload) are refused. 32 bytes each, however many.
+    pub(crate) distrusted: RwLock<std::collections::HashSet<[u8; 32]>>,
 }
 
 /// One `[[server.agents]]` block, its glob compiled.
@@ -72,6 +76,7 @@ impl Policy {
                 None => None,
             },
             pins: RwLock::new(pins(config)),
+            distrusted: RwLock::default(),
         })
     }
 
@@ -120,4 +125,12 @@ pub(super) fn verifier(server: &ServerConfig) -> Result<Verifier, TokenError> {
         server.auth_token_file.as_deref(),
         server.tokens_file.as_deref(),
     )
+}
+
+/// The key of a certificate in [`Policy::distrusted`].
+pub(crate) fn fingerprint(der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }

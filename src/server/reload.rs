@@ -129,6 +129,7 @@ fn reload_credentials(state: &State, old: &Config, new: &Config) {
             Ok(config) => {
                 swap.store(config);
                 tracing::info!(cert = %tls.cert.display(), "TLS certificate and keys re-read: new connections use them");
+                distrust(state, tls);
             }
             Err(e) => tracing::error!(
                 "{}; new connections keep the certificate in force",
@@ -139,6 +140,45 @@ fn reload_credentials(state: &State, old: &Config, new: &Config) {
         tracing::warn!(
             "config reload removes [server.tls]: the port stays TLS with the certificate in \
              force until a restart"
+        );
+    }
+}
+
+/// Ends the streams of the connected agents whose client certificate the
+/// client CA now in force no longer trusts (a CA replaced or rotated), and
+/// refuses further calls on their connections: their queue claims go back
+/// as for a revoked token.
+fn distrust(state: &State, tls: &crate::config::ServerTlsConfig) {
+    if tls.client_ca.is_none() {
+        return;
+    }
+    let mut untrusted = Vec::new();
+    for caller in state.callers.list() {
+        let Some(chain) = caller.chain().filter(|_| caller.connected()) else {
+            continue;
+        };
+        match crate::tls::client_trusted(tls, &chain) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(end) = chain.first() {
+                    let key = super::policy::fingerprint(end.as_ref());
+                    state.policy.distrusted.write().insert(key);
+                }
+                untrusted.push(Arc::clone(&caller.id));
+            }
+            Err(e) => {
+                tracing::error!("cannot check the agents' certificates against the client CA: {e}");
+                return;
+            }
+        }
+    }
+    if !untrusted.is_empty() {
+        let ended = state.callers.revoke(&untrusted);
+        tracing::warn!(
+            agents = ?untrusted,
+            with_open_streams = ended,
+            "config reload: server.tls.client_ca no longer trusts these agents' certificates; \
+             their streams are ended"
         );
     }
 }

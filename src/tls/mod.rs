@@ -192,6 +192,35 @@ pub fn server_config(tls: &ServerTlsConfig) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
+/// Whether `tls`'s client CA (as its file says now) trusts the client
+/// certificate chain `chain` (end-entity first). A reload that changes the
+/// CA asks this of every connected agent's certificate, to end the streams
+/// of those it no longer trusts. Without a client CA, no certificate is
+/// checked: trusted.
+///
+/// # Errors
+/// The CA file cannot be read or holds no usable certificate.
+pub fn client_trusted(
+    tls: &ServerTlsConfig,
+    chain: &[CertificateDer<'static>],
+) -> Result<bool, TlsError> {
+    let Some(ca) = &tls.client_ca else {
+        return Ok(true);
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            path: ca.clone(),
+            reason: e.to_string(),
+        })?;
+    let Some((end, rest)) = chain.split_first() else {
+        return Ok(false);
+    };
+    Ok(verifier
+        .verify_client_cert(end, rest, UnixTime::now())
+        .is_ok())
+}
+
 /// What a TLS client (the agent, the probe) presents and trusts.
 #[derive(Debug, Clone, Default)]
 pub struct ClientTls {

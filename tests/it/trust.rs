@@ -1267,3 +1267,59 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
     let grown = rss_bytes(pid).saturating_sub(before);
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
+
+/// A reload that replaces the client CA ends the open streams of the agents
+/// whose certificates it no longer trusts (UNAUTHENTICATED, within a
+/// second), and refuses their next call on the same connection.
+#[tokio::test]
+async fn a_reload_that_changes_the_client_ca_ends_the_streams_it_no_longer_trusts() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path(), &["web1"]);
+    let other = tempfile::tempdir().unwrap();
+    make_pki(other.path(), &[]);
+    // The client CA in a file of its own, so that replacing it leaves the
+    // CA the agent checks the server against alone.
+    let client_ca = dir.path().join("client-ca.pem");
+    std::fs::copy(dir.path().join("ca.pem"), &client_ca).unwrap();
+    let mut config = tls_server(dir.path(), ClientAuth::Require);
+    config.server.tls.as_mut().unwrap().client_ca = Some(client_ca.clone());
+    let server = TestServer::start(config).await;
+    let tls = client_tls(&dir.path().join("ca.pem"), Some((dir.path(), "web1")));
+    let mut client = ContactClient::new(tls_channel(server.addr, &tls).await.unwrap());
+    let mut stream = client.get_task(Empty {}).await.unwrap().into_inner();
+    let mut admin = server.admin().await;
+    submit(&mut admin, "before", "").await;
+    assert_eq!(
+        within("a task", stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .task,
+        "before"
+    );
+
+    std::fs::copy(other.path().join("ca.pem"), &client_ca).unwrap();
+    server.reload(|_| {});
+    let ended = within_for(
+        Duration::from_secs(5),
+        "the stream to end",
+        stream.message(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let refused = client.get_task(Empty {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer trusted"),
+        "{refused:?}"
+    );
+    // And a new connection with that certificate fails its handshake.
+    assert!(
+        tls_channel(server.addr, &tls).await.is_err() || {
+            let mut client = ContactClient::new(tls_channel(server.addr, &tls).await.unwrap());
+            client.get_task(Empty {}).await.is_err()
+        }
+    );
+    server.stop().await;
+}
