@@ -294,14 +294,13 @@ mod tests {
 }
 
 /// Fuzzing of the splitter and the matcher with generated lines and
-/// patterns: no panic, and no match that climbs. Deterministic (fixed
-/// seeds) and bounded in count, so a failure names its case and repeats.
+/// patterns: no panic, and no match that climbs. Bounded in count; a
+/// failure is shrunk to its smallest case and printed.
 #[cfg(test)]
 mod fuzz {
-    use super::*;
+    use proptest::prelude::*;
 
-    /// Cases per property.
-    const CASES: usize = 1000;
+    use super::*;
 
     /// The pieces words are built from: separators, dots, glob syntax, and
     /// a few plain names.
@@ -309,124 +308,138 @@ mod fuzz {
         "/", ".", "..", "*", "?", "[a-c]", "{a,b}", "a", "b", "tmp", "-",
     ];
 
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 1000,
+            // No file of failures beside the sources: a failure prints its
+            // shrunk case, and a test for it is written by hand.
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
     /// A word of 1 to 5 pieces.
-    fn word(rng: &mut fastrand::Rng) -> String {
-        (0..rng.usize(1..6))
-            .map(|_| PIECES[rng.usize(..PIECES.len())])
-            .collect()
+    fn word() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(&PIECES[..]), 1..6).prop_map(|p| p.concat())
     }
 
     /// Up to 3 printable characters (no control character), ASCII or not.
-    fn printable(rng: &mut fastrand::Rng) -> String {
-        (0..rng.usize(..4))
-            .map(|_| match rng.usize(..4) {
-                0 => rng.char(' '..='~'),
-                1 => rng.char('\u{a1}'..='\u{17f}'),
-                2 => rng.char('\u{4e00}'..='\u{9fa5}'),
-                _ => rng.char('\u{1f600}'..='\u{1f64f}'),
-            })
-            .collect()
+    fn printable() -> impl Strategy<Value = String> {
+        let char = prop_oneof![
+            prop::char::range(' ', '~'),
+            prop::char::range('\u{a1}', '\u{17f}'),
+            prop::char::range('\u{4e00}', '\u{9fa5}'),
+            prop::char::range('\u{1f600}', '\u{1f64f}'),
+        ];
+        prop::collection::vec(char, 0..4).prop_map(|c| c.into_iter().collect())
     }
 
     /// A line of 0 to 7 parts joined by spaces: words, quotes, backslashes,
     /// newlines, NULs, spaces and printable text.
-    fn line(rng: &mut fastrand::Rng) -> String {
-        (0..rng.usize(..8))
-            .map(|_| match rng.usize(..8) {
-                0 => word(rng),
-                1 => "'".to_owned(),
-                2 => "\"".to_owned(),
-                3 => "\\".to_owned(),
-                4 => "\n".to_owned(),
-                5 => "\0".to_owned(),
-                6 => " ".to_owned(),
-                _ => printable(rng),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+    fn line() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            word(),
+            Just("'".to_owned()),
+            Just("\"".to_owned()),
+            Just("\\".to_owned()),
+            Just("\n".to_owned()),
+            Just("\0".to_owned()),
+            Just(" ".to_owned()),
+            printable(),
+        ];
+        prop::collection::vec(part, 0..8).prop_map(|parts| parts.join(" "))
     }
 
-    /// A command word for `pattern`: half the time a random word, else the
-    /// pattern word with each glob character replaced by a random piece
-    /// without glob syntax (so matches, and climbing attempts, are common).
-    fn argument(rng: &mut fastrand::Rng, pattern: Option<&String>) -> String {
+    /// A pattern of 1 to 3 words, perhaps with a last `*`, and 1 to 4
+    /// command words: each half the time a random word, else the pattern's
+    /// word with each glob character replaced by a piece without glob
+    /// syntax (so matches, and climbing attempts, are common).
+    fn pattern_and_argv() -> impl Strategy<Value = (Vec<String>, bool, Vec<String>)> {
         const FILL: [&str; 7] = ["", ".", "..", "a", "b", "tmp", "/"];
-        match pattern {
-            Some(pattern) if rng.bool() => pattern
-                .replace("[a-c]", "?")
-                .chars()
-                .map(|c| match c {
-                    '*' | '?' => FILL[rng.usize(..FILL.len())].to_owned(),
-                    c => c.to_string(),
-                })
-                .collect(),
-            _ => word(rng),
-        }
+        (prop::collection::vec(word(), 1..4), any::<bool>()).prop_flat_map(|(pattern, star)| {
+            let words = pattern.clone();
+            let argv = prop::collection::vec(
+                (
+                    any::<bool>(),
+                    word(),
+                    prop::collection::vec(0..FILL.len(), 16),
+                ),
+                1..5,
+            )
+            .prop_map(move |args| {
+                args.into_iter()
+                    .enumerate()
+                    .map(|(i, (own, random, fills))| match words.get(i) {
+                        Some(pattern) if own => {
+                            let mut fills = fills.into_iter().cycle();
+                            pattern
+                                .replace("[a-c]", "?")
+                                .chars()
+                                .map(|c| match c {
+                                    '*' | '?' => FILL[fills.next().unwrap_or(0)].to_owned(),
+                                    c => c.to_string(),
+                                })
+                                .collect()
+                        }
+                        _ => random,
+                    })
+                    .collect()
+            });
+            (Just(pattern), Just(star), argv)
+        })
     }
 
-    #[test]
-    fn splitting_never_panics_and_quoted_words_split_back() {
-        let mut rng = fastrand::Rng::with_seed(0x5eed_0001);
-        for case in 0..CASES {
-            let line = line(&mut rng);
-            let Ok(words) = split_words(&line) else {
-                continue;
-            };
-            assert!(!words.is_empty(), "case {case}: {line:?}");
-            let quoted: Vec<String> = words
-                .iter()
-                .map(|w| shlex::try_quote(w).map(|q| q.into_owned()))
-                .collect::<Result<_, _>>()
-                .unwrap_or_default();
-            if !quoted.is_empty() {
-                assert_eq!(
-                    split_words(&quoted.join(" ")).unwrap(),
-                    words,
-                    "case {case}: {line:?}"
-                );
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn splitting_never_panics_and_quoted_words_split_back(line in line()) {
+            if let Ok(words) = split_words(&line) {
+                prop_assert!(!words.is_empty(), "{line:?}");
+                let quoted: Vec<String> = words
+                    .iter()
+                    .map(|w| shlex::try_quote(w).map(|q| q.into_owned()))
+                    .collect::<Result<_, _>>()
+                    .unwrap_or_default();
+                if !quoted.is_empty() {
+                    prop_assert_eq!(split_words(&quoted.join(" ")).unwrap(), words, "{:?}", line);
+                }
             }
         }
-    }
 
-    #[test]
-    fn a_glob_never_supplies_a_dot_dotdot_or_empty_component() {
-        let mut rng = fastrand::Rng::with_seed(0x5eed_0002);
-        for case in 0..CASES {
-            let pattern: Vec<String> = (0..rng.usize(1..4)).map(|_| word(&mut rng)).collect();
-            let argv: Vec<String> = (0..rng.usize(1..5))
-                .map(|i| argument(&mut rng, pattern.get(i)))
-                .collect();
+        #[test]
+        fn a_glob_never_supplies_a_dot_dotdot_or_empty_component(
+            (pattern, star, argv) in pattern_and_argv()
+        ) {
             let mut source = pattern
                 .iter()
                 .map(|w| shlex::try_quote(w).unwrap().into_owned())
                 .collect::<Vec<_>>()
                 .join(" ");
-            if rng.bool() {
+            if star {
                 source.push_str(" *");
             }
-            let Ok(parsed) = source.parse::<CommandPattern>() else {
-                continue;
-            };
-            if !parsed.matches(&argv) {
-                continue;
-            }
-            for (i, arg) in argv.iter().enumerate() {
-                match parsed.words.get(i) {
-                    Some(Word::Literal(literal)) => {
-                        assert_eq!(literal, arg, "case {case}: {source:?} matched {argv:?}");
-                    }
-                    Some(Word::Glob(_, components)) => {
-                        for (j, part) in arg.split('/').enumerate() {
-                            if is_special(part) {
-                                assert_eq!(
-                                    components.get(j).map(String::as_str),
-                                    Some(part),
-                                    "case {case}: {source:?} matched {argv:?}"
-                                );
+            if let Ok(parsed) = source.parse::<CommandPattern>()
+                && parsed.matches(&argv)
+            {
+                for (i, arg) in argv.iter().enumerate() {
+                    match parsed.words.get(i) {
+                        Some(Word::Literal(literal)) => {
+                            prop_assert_eq!(literal, arg, "{:?} matched {:?}", source, argv);
+                        }
+                        Some(Word::Glob(_, components)) => {
+                            for (j, part) in arg.split('/').enumerate() {
+                                if is_special(part) {
+                                    prop_assert_eq!(
+                                        components.get(j).map(String::as_str),
+                                        Some(part),
+                                        "{:?} matched {:?}", source, argv
+                                    );
+                                }
                             }
                         }
+                        None => prop_assert!(stays(arg), "{source:?} matched {argv:?}"),
                     }
-                    None => assert!(stays(arg), "case {case}: {source:?} matched {argv:?}"),
                 }
             }
         }
