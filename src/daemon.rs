@@ -18,7 +18,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{runtime::Runtime, sync::watch, task::JoinHandle};
+use tokio::{net::TcpListener, runtime::Runtime, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -56,6 +56,39 @@ pub enum DaemonError {
     Forced(&'static str),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+    #[error("cannot take the sockets systemd passed (socket activation): {0}")]
+    Passed(#[source] std::io::Error),
+    #[error(
+        "the socket unit and the config disagree: systemd passed the socket {name:?} on \
+         {passed}, but {key} is {configured}: make ListenStream= in contactd.socket and \
+         {key} name the same address"
+    )]
+    SocketMismatch {
+        key: &'static str,
+        name: String,
+        passed: SocketAddr,
+        configured: SocketAddr,
+    },
+    #[error(
+        "the socket unit and the config disagree: systemd passed {passed}, but none listens \
+         on {configured}, which {key} names: add ListenStream={configured} to contactd.socket, \
+         or make {key} one of those"
+    )]
+    SocketMissing {
+        key: &'static str,
+        configured: SocketAddr,
+        passed: String,
+    },
+    #[error(
+        "the socket unit and the config disagree: systemd passed the socket {name:?} on {addr}, \
+         but no listen address in the config names it ({keys}): remove its ListenStream= from \
+         contactd.socket, or set the config's address to it"
+    )]
+    SocketUnused {
+        name: String,
+        addr: SocketAddr,
+        keys: String,
+    },
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -76,7 +109,10 @@ impl DaemonError {
             // Restarting will not help with these: systemd's
             // RestartPreventExitStatus=78 stops the restart loop.
             DaemonError::Config(_)
-            | DaemonError::Logging(LogError::Filter { .. } | LogError::File { .. }) => EX_CONFIG,
+            | DaemonError::Logging(LogError::Filter { .. } | LogError::File { .. })
+            | DaemonError::SocketMismatch { .. }
+            | DaemonError::SocketMissing { .. }
+            | DaemonError::SocketUnused { .. } => EX_CONFIG,
             // A port the daemon may never bind (below 1024 without the
             // capability) is the config's to change.
             DaemonError::Bind { source, .. }
@@ -137,6 +173,7 @@ pub struct Daemon {
     source: Source,
     logging: Arc<Logging>,
     runtime: Runtime,
+    sockets: Sockets,
 }
 
 /// A daemon's start: its config from `source`, logging as that config
@@ -146,6 +183,8 @@ pub struct Daemon {
 /// # Errors
 /// A config, logging or runtime failure.
 pub fn start<T: DaemonConfig>(source: Source) -> Result<(T, Daemon), DaemonError> {
+    // First, while this is the only thread: taking them unsets LISTEN_FDS.
+    let sockets = Sockets::from_systemd()?;
     let (config, found) = source.load_or_default::<T>()?;
     let logging = Arc::new(logging::init(config.log())?);
     if found {
@@ -162,6 +201,7 @@ pub fn start<T: DaemonConfig>(source: Source) -> Result<(T, Daemon), DaemonError
         source,
         logging,
         runtime,
+        sockets,
     };
     Ok((config, daemon))
 }
@@ -183,6 +223,7 @@ fn adopt_orphans() {
 pub struct Context {
     source: Source,
     logging: Arc<Logging>,
+    sockets: Sockets,
 }
 
 impl Daemon {
@@ -201,10 +242,12 @@ impl Daemon {
             source,
             logging,
             runtime,
+            sockets,
         } = self;
         let result = runtime.block_on(main(Context {
             source,
             logging: Arc::clone(&logging),
+            sockets,
         }));
         let forced = match &result {
             Err(e) => {
@@ -268,19 +311,50 @@ struct Reloader<T: DaemonConfig> {
 }
 
 impl Context {
-    /// Binds the metrics endpoint `config` names (its series under
-    /// `prefix`), installs the signal handlers and puts `config` on the
-    /// channel the daemon's task follows.
+    /// The daemon's main listener, `key` in the config, at `addr`: the
+    /// socket systemd passed for it under socket activation, else bound
+    /// here with `backlog`.
     ///
     /// # Errors
-    /// [`DaemonError::Bind`] for the metrics port, [`DaemonError::Signals`].
+    /// [`DaemonError::Bind`]; under socket activation, a socket unit that
+    /// disagrees with the config ([`DaemonError::SocketMismatch`],
+    /// [`DaemonError::SocketMissing`]).
+    pub fn listener(
+        &mut self,
+        key: Listen,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> Result<TcpListener, DaemonError> {
+        match self.sockets.take(key, addr)? {
+            Some(listener) => Ok(listener),
+            None => {
+                crate::net::bind(addr, backlog).map_err(|source| DaemonError::Bind { addr, source })
+            }
+        }
+    }
+
+    /// Binds the metrics endpoint `config` names (its series under
+    /// `prefix`), installs the signal handlers and puts `config` on the
+    /// channel the daemon's task follows. Under socket activation, every
+    /// socket systemd passed must have been taken by then.
+    ///
+    /// # Errors
+    /// [`DaemonError::Bind`] for the metrics port, [`DaemonError::Signals`],
+    /// a socket unit that disagrees with the config.
     pub fn harness<T: DaemonConfig>(
-        self,
+        mut self,
         config: T,
         prefix: &str,
     ) -> Result<(Harness<T>, Launch<T::Live>), DaemonError> {
         let reloads = Reloads::default();
-        let metrics = metrics_endpoint(config.metrics(), prefix, &self.logging, &reloads)?;
+        let metrics = metrics_endpoint(
+            config.metrics(),
+            prefix,
+            &self.logging,
+            &reloads,
+            &mut self.sockets,
+        )?;
+        self.sockets.finish()?;
         let signals = Signals::install().map_err(DaemonError::Signals)?;
         let (config_tx, config_rx) = watch::channel(Arc::new(config.live()));
         let shutdown = CancellationToken::new();
@@ -315,12 +389,17 @@ fn metrics_endpoint(
     prefix: &str,
     logging: &Arc<Logging>,
     reloads: &Reloads,
+    sockets: &mut Sockets,
 ) -> Result<Option<Endpoint>, DaemonError> {
     let Some(addr) = config.listen else {
         return Ok(None);
     };
-    let listener =
-        crate::metrics::http::bind(addr).map_err(|source| DaemonError::Bind { addr, source })?;
+    let listener = match sockets.take(METRICS, addr)? {
+        Some(listener) => listener,
+        None => {
+            crate::metrics::http::bind(addr).map_err(|source| DaemonError::Bind { addr, source })?
+        }
+    };
     let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
     reloads.register(&mut registry);
     Ok(Some(Endpoint { listener, registry }))
@@ -391,6 +470,154 @@ impl<T: DaemonConfig> Reloader<T> {
         self.config_tx.send_replace(Arc::new(new.live()));
         self.in_force = new;
         changes.log(self.source.path());
+    }
+}
+
+/// A listen address of the config, as socket activation matches it: its
+/// key (for messages) and the `FileDescriptorName=` that names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    pub key: &'static str,
+    pub name: &'static str,
+}
+
+/// The Contact port: `[server] listen`.
+pub const CONTACT: Listen = Listen {
+    key: "[server] listen",
+    name: "contact",
+};
+
+/// The metrics endpoint: `[metrics] listen`.
+pub const METRICS: Listen = Listen {
+    key: "[metrics] listen",
+    name: "metrics",
+};
+
+/// The listening sockets systemd passed (socket activation), matched to
+/// the config's listen addresses as the daemon asks for them: by name
+/// when the socket unit names them (`FileDescriptorName=contact` or
+/// `metrics`), else by address. Under socket activation every listen
+/// address must have its socket and every socket its address: the daemon
+/// binds nothing itself then, since the point is that the socket stays
+/// open (and queues connections) while the daemon restarts.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// What has not been taken yet.
+    passed: Vec<(String, SocketAddr, std::net::TcpListener)>,
+    /// Whether systemd passed any.
+    activated: bool,
+    /// The addresses asked for so far, for the messages.
+    asked: Vec<(Listen, SocketAddr)>,
+}
+
+impl Sockets {
+    /// The sockets systemd passed to this process, if any.
+    ///
+    /// # Errors
+    /// [`DaemonError::Passed`].
+    pub fn from_systemd() -> Result<Sockets, DaemonError> {
+        let passed = systemd::listen_sockets().map_err(DaemonError::Passed)?;
+        let passed = passed
+            .into_iter()
+            .map(|p| {
+                let addr = p.listener.local_addr().map_err(DaemonError::Passed)?;
+                Ok((p.name, addr, p.listener))
+            })
+            .collect::<Result<Vec<_>, DaemonError>>()?;
+        Ok(Sockets {
+            activated: !passed.is_empty(),
+            passed,
+            asked: Vec::new(),
+        })
+    }
+
+    /// The socket systemd passed for `listen`, at `addr`; `None` without
+    /// socket activation (the caller binds it).
+    ///
+    /// # Errors
+    /// [`DaemonError::SocketMismatch`]: the socket named for it listens
+    /// elsewhere; [`DaemonError::SocketMissing`]: none is for it.
+    pub fn take(
+        &mut self,
+        listen: Listen,
+        addr: SocketAddr,
+    ) -> Result<Option<TcpListener>, DaemonError> {
+        if !self.activated {
+            return Ok(None);
+        }
+        self.asked.push((listen, addr));
+        let named = self
+            .passed
+            .iter()
+            .position(|(name, ..)| name == listen.name);
+        let index = match named {
+            Some(index) => {
+                let (name, passed, _) = &self.passed[index];
+                if *passed != addr {
+                    return Err(DaemonError::SocketMismatch {
+                        key: listen.key,
+                        name: name.clone(),
+                        passed: *passed,
+                        configured: addr,
+                    });
+                }
+                index
+            }
+            None => self
+                .passed
+                .iter()
+                .position(|(name, passed, _)| {
+                    *passed == addr && name != CONTACT.name && name != METRICS.name
+                })
+                .ok_or_else(|| DaemonError::SocketMissing {
+                    key: listen.key,
+                    configured: addr,
+                    passed: self.describe(),
+                })?,
+        };
+        let (name, passed, listener) = self.passed.remove(index);
+        let listener =
+            crate::net::adopt(listener).map_err(|source| DaemonError::Bind { addr, source })?;
+        tracing::info!(%passed, %name, "listening on a socket passed by systemd ({})", listen.key);
+        Ok(Some(listener))
+    }
+
+    /// Every socket systemd passed has been taken.
+    ///
+    /// # Errors
+    /// [`DaemonError::SocketUnused`] for the first that was not.
+    pub fn finish(&mut self) -> Result<(), DaemonError> {
+        let Some((name, addr, _)) = self.passed.first() else {
+            return Ok(());
+        };
+        let keys = self
+            .asked
+            .iter()
+            .map(|(listen, addr)| format!("{} = {addr}", listen.key))
+            .collect::<Vec<_>>();
+        Err(DaemonError::SocketUnused {
+            name: name.clone(),
+            addr: *addr,
+            keys: if keys.is_empty() {
+                "it names none".into()
+            } else {
+                keys.join(", ")
+            },
+        })
+    }
+
+    /// What was passed and not taken, for a message.
+    fn describe(&self) -> String {
+        let all = self
+            .passed
+            .iter()
+            .map(|(name, addr, _)| format!("{name:?} on {addr}"))
+            .collect::<Vec<_>>();
+        if all.is_empty() {
+            "no other socket".into()
+        } else {
+            format!("the sockets {}", all.join(", "))
+        }
     }
 }
 
