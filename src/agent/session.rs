@@ -61,6 +61,8 @@ pub enum SessionError {
         call: &'static str,
         code: tonic::Code,
         message: String,
+        /// The server's retry hint: come back after this long.
+        retry_after: Option<Duration>,
     },
     /// The server ended a stream that should stay open.
     #[error("the server ended the {0} stream")]
@@ -73,11 +75,30 @@ impl SessionError {
         !matches!(self, SessionError::BadUrl { .. } | SessionError::BadName(_))
     }
 
+    /// When the server asked to be called again: its retry hint. A server
+    /// that ends its streams to shut down without one (an older contactd)
+    /// is taken to say "at once" too.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SessionError::Rpc {
+                retry_after: Some(after),
+                ..
+            } => Some(*after),
+            SessionError::Rpc { code, message, .. }
+                if *code == tonic::Code::Unavailable && message == "server shutting down" =>
+            {
+                Some(Duration::ZERO)
+            }
+            _ => None,
+        }
+    }
+
     fn rpc(call: &'static str) -> impl FnOnce(Status) -> SessionError {
         move |status| SessionError::Rpc {
             call,
             code: status.code(),
             message: status.message().to_owned(),
+            retry_after: crate::proto::retry_hint(&status),
         }
     }
 }

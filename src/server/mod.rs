@@ -86,9 +86,12 @@ impl ServerError {
     }
 }
 
-/// The status every stream ends with at shutdown.
+/// The status every stream ends with at shutdown, with a retry hint of 0:
+/// the agents come back at once (with their jitter) rather than after a
+/// failure backoff, to the next process (which, under socket activation,
+/// finds their connections waiting in the socket's backlog).
 fn shutting_down() -> Status {
-    Status::unavailable("server shutting down")
+    crate::proto::with_retry_hint(Status::unavailable("server shutting down"), Duration::ZERO)
 }
 
 /// Reads the credentials `config` names (token files, TLS files) as `run`
