@@ -66,14 +66,19 @@ pub(crate) enum Refusal {
     /// Its address had `server.max_handshakes_per_address` connections in
     /// their handshake.
     HandshakesPerAddress = 4,
+    /// Above `server.accept_rate`: answered UNAVAILABLE with a retry hint
+    /// (plaintext), or closed when its turn would come after
+    /// `server.handshake_timeout` (TLS).
+    AcceptRate = 5,
 }
 
-pub(super) const REFUSALS: [&str; 5] = [
+pub(super) const REFUSALS: [&str; 6] = [
     "max_handshakes",
     "max_connections",
     "handshake_failed",
     "handshake_timeout",
     "max_handshakes_per_address",
+    "accept_rate",
 ];
 
 /// The server's own counters: events that are rare next to task traffic.

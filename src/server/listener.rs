@@ -11,6 +11,10 @@
 //! - only then does it take a *connection* slot (`server.max_connections`),
 //!   so connections that never finish their handshake (slowloris) can never
 //!   lock out agents;
+//! - new connections are admitted at `server.accept_rate` (over
+//!   `server.accept_burst`): above it, a plaintext one is answered
+//!   UNAVAILABLE with a retry hint and a TLS one waits in the backlog
+//!   (`admission.rs`);
 //! - the TLS config is read anew for every handshake, so certificates
 //!   reloaded on SIGHUP apply to new connections while open ones go on.
 
@@ -21,7 +25,7 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -37,7 +41,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::counters::{Counters, Refusal};
+use super::{
+    admission::{self, Pace, Turn},
+    counters::{Counters, Refusal},
+};
 use crate::untrusted::{Budget, WARN_EVERY};
 
 /// What the handlers learn about a connection (tonic puts it in every
@@ -152,6 +159,9 @@ pub struct Limits {
     pub max_handshakes: usize,
     pub max_handshakes_per_address: usize,
     pub handshake_timeout: Duration,
+    /// `server.accept_rate` and `server.accept_burst`.
+    pub accept_rate: u32,
+    pub accept_burst: u32,
 }
 
 /// The TLS config in force, replaced whole on reload; `None`: plaintext.
@@ -172,11 +182,13 @@ struct Warnings {
     connections_full: Budget,
     failed: Budget,
     accept_errors: Budget,
+    paced: Budget,
 }
 
 impl Default for Warnings {
     fn default() -> Self {
         Warnings {
+            paced: Budget::every(WARN_EVERY),
             handshakes_full: Budget::every(WARN_EVERY),
             connections_full: Budget::every(WARN_EVERY),
             failed: Budget::every(WARN_EVERY),
@@ -198,6 +210,8 @@ struct Acceptor {
     stop: CancellationToken,
     /// Where refusals are counted.
     counters: Arc<Counters>,
+    /// Admissions at `server.accept_rate`.
+    pace: Pace,
 }
 
 /// The connections `listener` accepts, through their handshake, at most
@@ -223,14 +237,26 @@ pub fn incoming(
         ready,
         stop,
         counters,
+        pace: Pace::new(limits.accept_rate, limits.accept_burst, Instant::now()),
     };
     tokio::spawn(acceptor.run());
     futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
 }
 
 impl Acceptor {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
+            // Over TLS, a connection above the pace waits for its turn in
+            // the listening socket's backlog (see `admission`).
+            if self.tls.is_some()
+                && let Turn::After(wait) = self.pace.turn(Instant::now())
+            {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.ready.closed() => return,
+                    () = self.stop.cancelled() => return,
+                }
+            }
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
                 () = self.ready.closed() => return,
@@ -255,7 +281,7 @@ impl Acceptor {
 
     /// Starts the handshake of a new connection, if a handshake slot is free
     /// for it and for its source address.
-    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         let Some(from_address) = AddressSlot::take(
             &self.by_address,
             peer.ip(),
@@ -288,6 +314,27 @@ impl Acceptor {
             return;
         };
         let _ = stream.set_nodelay(true);
+        let now = Instant::now();
+        if self.tls.is_none() && self.pace.turn(now) != Turn::Now {
+            let after = self.pace.hint(now);
+            self.counters.connection_refused(Refusal::AcceptRate);
+            let rate = self.limits.accept_rate;
+            self.warnings.paced.hit(|n| {
+                tracing::warn!(
+                    turned_away = n,
+                    accept_rate = rate,
+                    "new connections above server.accept_rate: answered UNAVAILABLE with a \
+                     retry hint (agents come back at their turn)"
+                );
+            });
+            let limit = self.limits.handshake_timeout;
+            tokio::spawn(async move {
+                admission::turn_away(stream, after, limit).await;
+                drop((permit, from_address));
+            });
+            return;
+        }
+        self.pace.admit(now);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
         let (limits, connections, warnings, ready, stop, counters) = (
             self.limits,

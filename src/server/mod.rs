@@ -5,7 +5,7 @@
 //! follows config reloads and shuts down in order when its token is
 //! cancelled. Files: `state.rs` (what handlers share), `policy.rs` (rules,
 //! tokens, TLS), `reload.rs`, `gate.rs` → `contact.rs`, `admin.rs`,
-//! `callers.rs`, `listener.rs`, `health.rs`, `metrics.rs` and `counters.rs`.
+//! `callers.rs`, `listener.rs` (with `admission.rs`), `health.rs`, `metrics.rs` and `counters.rs`.
 //!
 //! Shutdown order, one log line per phase: health NOT_SERVING → stop
 //! accepting and end every open stream with UNAVAILABLE → let in-flight
@@ -15,6 +15,7 @@
 //! running and wait briefly for their answers → return.
 
 mod admin;
+mod admission;
 mod callers;
 mod contact;
 mod counters;
@@ -248,6 +249,8 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
             .max_handshakes_per_address
             .min(initial.server.max_handshakes),
         handshake_timeout: initial.server.handshake_timeout,
+        accept_rate: initial.server.accept_rate,
+        accept_burst: initial.server.accept_burst,
     };
     let incoming = listener::incoming(
         listener,
