@@ -169,7 +169,7 @@ fn h2_builder() -> hyper::client::conn::http2::Builder<TokioExecutor> {
 /// here one load CPU reads for 1,000 or 10,000 agents, and decoding (prost,
 /// a `String` per task) was most of its work: what the fan-out figures
 /// measured was that CPU.
-async fn subscribe_counting(
+pub async fn subscribe_counting(
     addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 ) -> anyhow::Result<(
