@@ -29,11 +29,14 @@
 #    nothing is mounted on the host and the cache stays unchanged) is booted
 #    with `systemd-nspawn --boot --private-network` (loopback only) from a
 #    cgroup this script creates; commands run inside with nsenter.
-# 4. The checks, in order: install (enabled, active, STATUS=, health over
-#    TLS, the TLS files, man pages and completions), reload, invalid reload, watchdog, invalid config +
+# 4. The checks, in order: install (enabled, active, both ports taken from
+#    contactd.socket, STATUS=, health over TLS, the TLS files, man pages and
+#    completions), reload, invalid reload, watchdog, invalid config +
 #    restart, the agent with a certificate from `contactd tls issue` across a
-#    server restart, `systemd-analyze security` against
-#    packaging/check-units.sh's offline score, upgrade, stop, remove, purge.
+#    server restart (a connection every 10 ms meanwhile, none refused; every
+#    task acked), `systemd-analyze security` against
+#    packaging/check-units.sh's offline score, upgrade (the same probe and
+#    count), stop, remove, purge.
 #
 # Every wait is bounded and waits for an event (a unit state, a journal line,
 # a process), polling every 0.1 s. Whatever happens, the EXIT traps stop the
