@@ -7,7 +7,8 @@
 //! storm against the old server's steady state.
 //!
 //! The agents are light (one HTTP/2 connection and a getTask stream each,
-//! as in `hold`), with contactd's agent's reconnect rules: a stream ended
+//! as in `hold`), each from a loopback address of its own (as on hosts of
+//! their own), with contactd's agent's reconnect rules: a stream ended
 //! with a retry hint (a server shutting down says 0) or a connection
 //! turned away with one is tried again after the hint plus a random part of
 //! up to a second (`agent.retry_hint_jitter`); any other failure after
@@ -146,7 +147,11 @@ pub async fn run(
 
     fleet.restarted.store(true, Ordering::SeqCst);
     let signalled = Instant::now();
+    let old_log = server.log_handle();
     let exit = server.end_with(signal).await?;
+    if std::env::var_os("BENCH_SHOW_LOG").is_some() {
+        eprintln!("{}", crate::server::tail(&old_log).replace(" | ", "\n"));
+    }
     let next = launcher.start(Kind::Contactd, &setup).await?;
     let cpu_start = next.cpu_seconds()?;
     let peak = Arc::new(AtomicU64::new(next.rss()?));
@@ -213,6 +218,9 @@ pub async fn run(
     }
     fleet.stop.cancel();
     let log = next.log_tail();
+    if std::env::var_os("BENCH_SHOW_LOG").is_some() {
+        eprintln!("{}", log.replace(" | ", "\n"));
+    }
     let stopped = next.stop().await;
     outcome.check(stopped.is_ok(), || {
         format!("stopping the server: {stopped:?}; log: {log}")
@@ -245,6 +253,14 @@ async fn wait_for(count: &AtomicU64, n: u64, limit: Duration, what: &str) -> any
     Ok(())
 }
 
+/// Agent `i`'s own loopback address, 127.1.0.1 on: a fleet's agents are
+/// on hosts of their own (one address for all would hit
+/// `server.max_handshakes_per_address`, meant for one abusive peer).
+fn source(i: usize) -> std::net::IpAddr {
+    let i = u32::try_from(i).unwrap_or(u32::MAX);
+    std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8).into()
+}
+
 /// The retry hint on `status`, as contactd's agent reads it (a server
 /// shutting down without one is taken to say 0).
 fn hint(status: &tonic::Status) -> Option<Duration> {
@@ -266,7 +282,7 @@ async fn agent(
     let mut backoff = Backoff::new(BackoffConfig::default());
     loop {
         let attempt = tokio::select! {
-            attempt = load::subscribe_counting(addr, tls.clone()) => attempt,
+            attempt = load::subscribe_counting_from(addr, Some(source(i)), tls.clone()) => attempt,
             () = fleet.stop.cancelled() => return,
         };
         let after_restart = fleet.restarted.load(Ordering::SeqCst);

@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+/// How long a connection turned away has to send its call and read the
+/// answer: a client sends its call at once, and a peer that sends nothing
+/// must not hold one of the (bounded) answers in progress for long.
+pub(super) const TURN_AWAY_LIMIT: Duration = Duration::from_secs(2);
+
 /// Longest retry hint given: turns further ahead are not promised.
 const MAX_HINT: Duration = Duration::from_secs(60);
 
