@@ -139,6 +139,10 @@ struct RunArgs {
     /// hints existed).
     #[arg(long)]
     restart_legacy_agents: bool,
+    /// Restart scenarios: the listen backlog of the socket held across
+    /// servers (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096)]
+    restart_backlog: u32,
 }
 
 fn main() -> ExitCode {
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
                 restart_agents: 50,
                 restart_rebind: false,
                 restart_legacy_agents: false,
+                restart_backlog: 4096,
             },
             true,
         ),
@@ -279,6 +284,7 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
             rebind: args.restart_rebind,
             legacy_agents: args.restart_legacy_agents,
             parallel: args.connect_parallel,
+            backlog: args.restart_backlog,
         },
     };
     let scenarios = if args.scenarios.is_empty() {

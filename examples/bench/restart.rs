@@ -59,6 +59,9 @@ pub struct Options {
     pub legacy_agents: bool,
     /// Agents connecting at once at the start.
     pub parallel: usize,
+    /// The held socket's listen backlog (as `Backlog=` in contactd.socket;
+    /// the kernel caps it at `net.core.somaxconn`).
+    pub backlog: u32,
 }
 
 /// What the agents share: each one's state, and the counts.
@@ -92,7 +95,7 @@ pub async fn run(
         None
     } else {
         // As systemd's socket unit: bound once, with contactd's backlog.
-        let listener = contactd::net::bind("127.0.0.1:0".parse()?, 4096)?.into_std()?;
+        let listener = contactd::net::bind("127.0.0.1:0".parse()?, options.backlog)?.into_std()?;
         Some(Arc::new(listener))
     };
     setup.passed.clone_from(&held);
