@@ -1,5 +1,6 @@
 //! The harness both daemons (`serve` and `agent`) run in: loading the
-//! config, logging and the runtime; the metrics endpoint; signals, READY=1
+//! config, logging and the runtime; the sockets systemd passes
+//! (`sockets.rs`); the metrics endpoint; signals, READY=1
 //! and the systemd watchdog; SIGHUP reloads (counted for the metrics);
 //! and, at exit, stopping the runtime and killing what commands left
 //! behind. `check-config` is here too: it loads a config as the daemon
