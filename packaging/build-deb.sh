@@ -21,7 +21,7 @@
 # What goes where (packaging/debian/ holds the package's own files):
 #   /usr/bin/contactd                             the binary, stripped
 #   /etc/contactd.toml, /etc/contactd-agent.toml  config/*.toml (conffiles)
-#   /usr/lib/systemd/system/*.service             packaging/systemd/
+#   /usr/lib/systemd/system/*.service, *.socket   packaging/systemd/
 #   /usr/lib/sysusers.d/contactd.conf             packaging/sysusers.d/
 #   /usr/lib/tmpfiles.d/contactd.conf             packaging/tmpfiles.d/
 #   /usr/share/doc/contactd/                      copyright, changelog.Debian.gz, README.md
@@ -97,8 +97,8 @@ strip --remove-section=.comment --remove-section=.note -o "$root/usr/bin/contact
 chmod 0755 "$root/usr/bin/contactd"
 install -m 0644 config/contactd.toml "$root/etc/contactd.toml"
 install -m 0644 config/contactd-agent.toml "$root/etc/contactd-agent.toml"
-install -m 0644 packaging/systemd/contactd.service packaging/systemd/contactd-agent.service \
-    "$root/usr/lib/systemd/system/"
+install -m 0644 packaging/systemd/contactd.socket packaging/systemd/contactd.service \
+    packaging/systemd/contactd-agent.service "$root/usr/lib/systemd/system/"
 install -m 0644 packaging/sysusers.d/contactd.conf "$root/usr/lib/sysusers.d/"
 install -m 0644 packaging/tmpfiles.d/contactd.conf "$root/usr/lib/tmpfiles.d/"
 install -m 0644 packaging/debian/copyright README.md "$root/usr/share/doc/contactd/"

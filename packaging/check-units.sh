@@ -28,6 +28,7 @@ export LC_ALL=C SYSTEMD_COLORS=0 SYSTEMD_PAGER=cat
 
 readonly SERVER_UNIT=packaging/systemd/contactd.service
 readonly AGENT_UNIT=packaging/systemd/contactd-agent.service
+readonly SOCKET_UNIT=packaging/systemd/contactd.socket
 readonly SERVER_MAX=2.0
 readonly AGENT_MAX=2.5
 
@@ -76,17 +77,17 @@ else
 fi
 
 mkdir -p "$scratch/units"
-for unit in "$SERVER_UNIT" "$AGENT_UNIT"; do
+for unit in "$SERVER_UNIT" "$AGENT_UNIT" "$SOCKET_UNIT"; do
     sed "s#/usr/bin/contactd#${binary}#g" "$unit" >"$scratch/units/$(basename "$unit")"
 done
 
 verify_out=$scratch/verify.out
 verify_rc=0
-systemd-analyze verify --man=no "$scratch"/units/*.service >"$verify_out" 2>&1 || verify_rc=$?
+systemd-analyze verify --man=no "$scratch"/units/*.service "$scratch"/units/*.socket >"$verify_out" 2>&1 || verify_rc=$?
 # Diagnostics about our units name the unit ("contactd.service: ...") or its
 # file ("/tmp/.../contactd.service:40: ..."); others (about distribution units
 # pulled in as dependencies) are shown but do not fail the check.
-ours=$(grep -E '(^|/)contactd(-agent)?\.service(:|$)' "$verify_out" || true)
+ours=$(grep -E '(^|/)contactd(-agent)?\.(service|socket)(:|$)' "$verify_out" || true)
 if [ "$verify_rc" -ne 0 ] || [ -n "$ours" ]; then
     fail "systemd-analyze verify (exit $verify_rc) reported problems in the units (line numbers are those of packaging/systemd/*):"
     sed "s#$scratch/units/#packaging/systemd/#g" "$verify_out" >&2
@@ -95,7 +96,7 @@ else
         echo "check-units: verify notes about other units (ignored):"
         sed 's/^/    /' "$verify_out"
     fi
-    echo "check-units: systemd-analyze verify: both units OK"
+    echo "check-units: systemd-analyze verify: the three units OK"
 fi
 
 # --- 2. security --------------------------------------------------------------

@@ -29,11 +29,14 @@
 #    nothing is mounted on the host and the cache stays unchanged) is booted
 #    with `systemd-nspawn --boot --private-network` (loopback only) from a
 #    cgroup this script creates; commands run inside with nsenter.
-# 4. The checks, in order: install (enabled, active, STATUS=, health over
-#    TLS, the TLS files, man pages and completions), reload, invalid reload, watchdog, invalid config +
+# 4. The checks, in order: install (enabled, active, both ports taken from
+#    contactd.socket, STATUS=, health over TLS, the TLS files, man pages and
+#    completions), reload, invalid reload, watchdog, invalid config +
 #    restart, the agent with a certificate from `contactd tls issue` across a
-#    server restart, `systemd-analyze security` against
-#    packaging/check-units.sh's offline score, upgrade, stop, remove, purge.
+#    server restart (a connection every 10 ms meanwhile, none refused; every
+#    task acked), `systemd-analyze security` against
+#    packaging/check-units.sh's offline score, upgrade (the same probe and
+#    count), stop, remove, purge.
 #
 # Every wait is bounded and waits for an event (a unit state, a journal line,
 # a process), polling every 0.1 s. Whatever happens, the EXIT traps stop the
@@ -172,6 +175,51 @@ print(max(seqs, default=-1))
     }
     task_after() { [ "$(max_task_seq "$1")" -gt "$2" ]; }
 
+    # Tasks "$1N" with $2 < N <= $3: how many are retained, and how many of
+    # them no agent has acked yet.
+    acked_between() {
+        c contactd tasks --socket /run/contactd/admin.sock --json | python3 -c '
+import json, sys
+p, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rows = [r for r in json.load(sys.stdin)["tasks"]
+        if r["text"].startswith(p) and lo < int(r["text"][len(p):]) <= hi]
+print(len(rows), sum(1 for r in rows if r["acked"] < 1))
+' "$1" "$2" "$3"
+    }
+    all_acked_between() { [ "$(acked_between "$@" | cut -d' ' -f2)" = 0 ]; }
+
+    # A client that opens a TCP connection to the Contact port every 10 ms
+    # (at most 6000 times, a minute) until /root/$1.stop exists, then writes
+    # "CONNECTED REFUSED" to /root/$1. Started in the background; it says
+    # it runs by creating /root/$1.started.
+    probe_start() {
+        c bash -c '
+            ok=0 refused=0
+            touch "/root/$1.started"
+            for _ in $(seq 6000); do
+                [ -e "/root/$1.stop" ] && break
+                if (exec 3<>/dev/tcp/127.0.0.1/55555) 2>/dev/null; then
+                    ok=$((ok + 1))
+                else
+                    refused=$((refused + 1))
+                fi
+                sleep 0.01
+            done
+            echo "$ok $refused" >"/root/$1"' _ "$1" &
+        probe_pid=$!
+        wait_until 10 "the connection probe $1 runs" c test -e "/root/$1.started"
+    }
+    # Stops probe $1 and checks that no connection was refused.
+    probe_check() {
+        local result
+        c touch "/root/$1.stop"
+        wait "$probe_pid" || fail "the connection probe $1 failed"
+        result=$(c cat "/root/$1")
+        [ "${result#* }" = 0 ] || fail "$2: ${result#* } of $((${result% *} + ${result#* })) connections (one every 10 ms) were refused"
+        [ "${result% *}" -gt 0 ] || fail "$2: the probe made no connection"
+        ok "$2: ${result% *} connections (one every 10 ms), none refused"
+    }
+
     stop_container() {
         local rc=$? start
         trap - EXIT
@@ -239,6 +287,13 @@ print(max(seqs, default=-1))
     expect "package state after install" "install ok installed" "$(c dpkg-query -W -f='${Status}' contactd)"
     expect "contactd.service enabled after install" enabled "$(c systemctl is-enabled contactd || true)"
     expect "contactd.service active after install" active "$(prop contactd ActiveState)"
+    expect "contactd.socket enabled after install" enabled "$(c systemctl is-enabled contactd.socket || true)"
+    expect "contactd.socket active after install" active "$(prop contactd.socket ActiveState)"
+    c journalctl --no-pager -q -o cat -u contactd | grep -F 'listening on a socket passed by systemd ([server] listen)' >/dev/null ||
+        fail "contactd did not take the Contact port from contactd.socket"
+    c journalctl --no-pager -q -o cat -u contactd | grep -F 'listening on a socket passed by systemd ([metrics] listen)' >/dev/null ||
+        fail "contactd did not take the metrics port from contactd.socket"
+    ok "contactd took both ports from contactd.socket (socket activation)"
     expect "contactd-agent.service not enabled after install" disabled "$(c systemctl is-enabled contactd-agent || true)"
     expect "contactd-agent.service not started after install" inactive "$(prop contactd-agent ActiveState)"
     c getent passwd contactd >/dev/null || fail "no user contactd after install"
@@ -375,11 +430,29 @@ print(max(seqs, default=-1))
     wait_until 10 "journal: the agent connected over TLS" journal_has "$mark" contactd-agent "connected to https://localhost:55555"
     expect "agent STATUS=" "connected to https://localhost:55555" "$(prop contactd-agent StatusText)"
     agent_pid=$(prop contactd-agent MainPID)
+    # Across the restart: the socket stays open (no connection refused), the
+    # agent comes back at once, and every task is acked.
+    # The tasks published since the agent connected: each one is acked.
+    joined=$(max_task_seq ci-reload-)
+    wait_until 10 "a task published after the agent connected" task_after ci-reload- "$joined"
+    before=$(max_task_seq ci-reload-)
+    wait_until 30 "the agent acked every task since it connected" all_acked_between ci-reload- "$joined" "$before"
+    probe_start probe-restart
     mark=$(cursor)
     c systemctl restart contactd || fail "systemctl restart contactd failed"
     wait_until 30 "journal: the agent reconnected after systemctl restart contactd" \
         journal_has "$mark" contactd-agent "connected to"
     wait_until 30 "contactd agents lists $AGENT as connected again" agent_connected "$AGENT"
+    agent_took_hint() {
+        c journalctl --no-pager -q -o cat -u contactd-agent | grep -F 'reconnecting as it asks' >/dev/null
+    }
+    wait_until 10 "journal: the agent took the server's shutdown as a request to come back" agent_took_hint
+    probe_check probe-restart "across systemctl restart contactd"
+    expect "contactd.socket across the restart (not restarted)" active "$(prop contactd.socket ActiveState)"
+    wait_until 10 "a task generated after the restart" task_after ci-reload- $((before + 2))
+    after=$(max_task_seq ci-reload-)
+    wait_until 30 "the agent acked every task from before, during and after the restart" all_acked_between ci-reload- "$joined" "$after"
+    ok "tasks ci-reload-$((joined + 1))..$after: $(acked_between ci-reload- "$joined" "$after" | cut -d' ' -f1) retained, each acked (none lost across the restart)"
     expect "contactd-agent.service across the server's restart" active "$(prop contactd-agent ActiveState)"
     expect "agent MainPID across the server's restart" "$agent_pid" "$(prop contactd-agent MainPID)"
     expect "agent NRestarts across the server's restart" 0 "$(prop contactd-agent NRestarts)"
@@ -395,6 +468,7 @@ print(max(seqs, default=-1))
     agent_pid=$(prop contactd-agent MainPID)
     new_version=$(dpkg-deb -f "$DEB_NEW" Version)
     before=$(max_task_seq ci-reload-)
+    probe_start probe-upgrade
     mark=$(cursor)
     pkg dpkg -i /root/contactd-new.deb
     expect "version after the upgrade" "$new_version" "$(c dpkg-query -W -f='${Version}' contactd)"
@@ -422,8 +496,17 @@ print(max(seqs, default=-1))
     ok "tasks from before the upgrade still listed (up to ci-reload-$before)"
     wait_until 10 "a task generated after the upgrade has a higher id than every earlier one" task_after ci-reload- "$before"
     wait_until 30 "contactd agents lists $AGENT as connected after the upgrade" agent_connected "$AGENT"
+    probe_check probe-upgrade "across the upgrade"
+    expect "contactd.socket after the upgrade" active "$(prop contactd.socket ActiveState)"
+    expect "contactd.socket enabled after the upgrade" enabled "$(c systemctl is-enabled contactd.socket)"
+    wait_until 10 "a task generated after the upgrade's restart" task_after ci-reload- $(($(max_task_seq ci-reload-) + 1))
+    after=$(max_task_seq ci-reload-)
+    wait_until 30 "the agent acked every task from before, during and after the upgrade" all_acked_between ci-reload- "$joined" "$after"
+    ok "tasks ci-reload-$((joined + 1))..$after: $(acked_between ci-reload- "$joined" "$after" | cut -d' ' -f1) retained, each acked (none lost across the upgrade)"
 
     # --- stop ---------------------------------------------------------------------------
+    # The socket first, or a connection would start the server again.
+    c systemctl stop contactd.socket || fail "systemctl stop contactd.socket failed"
     for unit in contactd-agent contactd; do
         c systemctl stop "$unit" || fail "systemctl stop $unit failed"
         expect "$unit.service after stop" inactive "$(prop "$unit" ActiveState)"
@@ -432,12 +515,13 @@ print(max(seqs, default=-1))
     done
 
     # --- remove, purge --------------------------------------------------------------
-    c systemctl start contactd contactd-agent || fail "systemctl start failed"
+    c systemctl start contactd.socket contactd contactd-agent || fail "systemctl start failed"
     pkg apt-get remove -y -q contactd
     expect "package state after remove" "deinstall ok config-files" "$(c dpkg-query -W -f='${Status}' contactd)"
     for unit in contactd contactd-agent; do
         expect "$unit.service after remove" inactive "$(prop "$unit" ActiveState)"
     done
+    expect "contactd.socket after remove" inactive "$(prop contactd.socket ActiveState)"
     c test -f /etc/contactd.toml || fail "removal deleted /etc/contactd.toml"
     c test -f "$TLS/ca.key" || fail "removal deleted $TLS"
     ok "/etc/contactd.toml and $TLS kept by remove"
@@ -447,6 +531,7 @@ print(max(seqs, default=-1))
         "$(c dpkg-query -W -f='${Status}' contactd 2>/dev/null | grep -v 'not-installed' || echo not installed)"
     for path in /etc/contactd.toml /etc/contactd-agent.toml /etc/contactd /var/log/contactd /var/lib/contactd /var/lib/contactd-agent \
         /usr/lib/systemd/system/contactd.service /usr/lib/systemd/system/contactd-agent.service \
+        /usr/lib/systemd/system/contactd.socket /etc/systemd/system/sockets.target.wants/contactd.socket \
         /etc/systemd/system/multi-user.target.wants/contactd.service \
         /etc/systemd/system/multi-user.target.wants/contactd-agent.service /usr/bin/contactd; do
         c test ! -e "$path" -a ! -L "$path" || fail "$path is still there after purge"

@@ -9,7 +9,7 @@
 //!    [`clock`] (unix milliseconds), [`net`] (listening sockets with our
 //!    backlog), [`proto`] (generated gRPC code, the broadcast wire frames),
 //!    [`untrusted`] (caller input escaped and cut; log budgets),
-//!    [`systemd`] (sd-notify), [`model`] (a task and its state, ack
+//!    [`systemd`] (sd-notify, socket activation), [`model`] (a task and its state, ack
 //!    cursors, the records the store keeps), [`labels`] (what an agent
 //!    is), [`selector`] (Kubernetes-style label selectors), [`schedule`]
 //!    (job schedules: `every` and `cron` in a zone, what is due when).

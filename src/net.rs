@@ -1,6 +1,7 @@
 //! Listening sockets bound by contactd itself, so that the listen backlog
 //! is ours to choose: the standard library's 128 overflows when thousands of
-//! agents reconnect at once after a restart.
+//! agents reconnect at once after a restart; or adopted from whoever bound
+//! them (systemd's socket activation).
 
 use std::{io, net::SocketAddr};
 
@@ -25,6 +26,19 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
+}
+
+/// A listening socket bound by someone else (systemd's socket activation)
+/// made ready for tokio: non-blocking, then registered with the runtime.
+/// Its backlog is whoever bound it's (`Backlog=` in a socket unit).
+///
+/// Must be called inside a tokio runtime.
+///
+/// # Errors
+/// The socket calls' errors.
+pub fn adopt(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// A peer address for a log line (`-`: unknown, as over a unix socket).

@@ -1,6 +1,7 @@
 //! systemd's notify protocol: readiness, reloads, stopping, status lines and
 //! watchdog pings. Every call is a no-op when `NOTIFY_SOCKET` is unset, so
-//! callers never check whether they run under systemd.
+//! callers never check whether they run under systemd. And socket
+//! activation: the listening sockets systemd passes ([`listen_sockets`]).
 
 use std::time::Duration;
 
@@ -55,10 +56,77 @@ pub async fn watchdog(interval: Duration, stop: CancellationToken) {
 
 /// Variables a child process must not inherit: they would let it speak to
 /// systemd as if it were contactd.
-pub const CHILD_ENV_REMOVE: [&str; 5] = [
+pub const CHILD_ENV_REMOVE: [&str; 6] = [
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "LISTEN_FDNAMES",
 ];
+
+/// A listening TCP socket systemd passed (socket activation), with the
+/// name its socket unit gave it (`FileDescriptorName=`, by default the
+/// socket unit's name).
+#[derive(Debug)]
+pub struct Passed {
+    pub name: String,
+    pub listener: std::net::TcpListener,
+}
+
+/// The listening sockets systemd passed to this process, by sd_listen_fds'
+/// rules: `LISTEN_PID` must be this process (else they were meant for
+/// another, and none is taken), `LISTEN_FDS` of them from fd 3, named by
+/// `LISTEN_FDNAMES` (`unknown` without it). Empty without socket
+/// activation. Each is checked to be a TCP socket and made close-on-exec,
+/// so no command the daemon runs inherits it.
+///
+/// Call it before any other thread starts: it unsets `LISTEN_FDS` and
+/// `LISTEN_PID`.
+///
+/// # Errors
+/// Malformed variables, or a passed descriptor that is not a TCP socket.
+pub fn listen_sockets() -> std::io::Result<Vec<Passed>> {
+    use std::io::{Error, ErrorKind};
+    // sd-notify applies sd_listen_fds' rules (LISTEN_PID first); listenfd
+    // then takes each descriptor after checking its type, so that no
+    // `unsafe` is needed here to own a raw descriptor. The count first:
+    // sd-notify 0.5 reads the names even when LISTEN_PID is another
+    // process's, and then finds them one too many.
+    if sd_notify::listen_fds()?.len() == 0 {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = sd_notify::listen_fds_with_names()?
+        .map(|(_, name)| name)
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() != names.len() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "LISTEN_FDS says {} sockets, but {} can be taken",
+                names.len(),
+                fds.len()
+            ),
+        ));
+    }
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| {
+            let listener = fds
+                .take_tcp_listener(index)
+                .map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!("socket {index} ({name}) from systemd: {e} (ListenStream= makes TCP sockets)"),
+                    )
+                })?
+                .ok_or_else(|| Error::other(format!("socket {index} ({name}) was already taken")))?;
+            Ok(Passed { name, listener })
+        })
+        .collect()
+}

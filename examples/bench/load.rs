@@ -117,7 +117,27 @@ async fn connect_conn(
     addr: SocketAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 ) -> anyhow::Result<(Conn, http::Uri, JoinHandle<()>)> {
-    let tcp = tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(addr))
+    connect_conn_from(addr, None, tls).await
+}
+
+/// [`connect_conn`] from the loopback address `source`, as an agent on a
+/// host of its own.
+async fn connect_conn_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> anyhow::Result<(Conn, http::Uri, JoinHandle<()>)> {
+    let connect = async {
+        match source {
+            None => TcpStream::connect(addr).await,
+            Some(source) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(addr).await
+            }
+        }
+    };
+    let tcp = tokio::time::timeout(CONNECT_LIMIT, connect)
         .await
         .context("connect timed out")??;
     tcp.set_nodelay(true)?;
@@ -177,7 +197,20 @@ async fn subscribe_counting(
     tonic::Streaming<()>,
     JoinHandle<()>,
 )> {
-    let (conn, origin, driver) = connect_conn(addr, tls).await?;
+    subscribe_counting_from(addr, None, tls).await
+}
+
+/// [`subscribe_counting`] from the loopback address `source`.
+pub async fn subscribe_counting_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> anyhow::Result<(
+    tonic::client::Grpc<Conn>,
+    tonic::Streaming<()>,
+    JoinHandle<()>,
+)> {
+    let (conn, origin, driver) = connect_conn_from(addr, source, tls).await?;
     let mut grpc = tonic::client::Grpc::with_origin(conn, origin);
     grpc.ready().await?;
     let path = http::uri::PathAndQuery::from_static("/Contact/getTask");

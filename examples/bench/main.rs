@@ -22,6 +22,7 @@ mod cmd;
 mod load;
 mod postgres;
 mod report;
+mod restart;
 mod scenarios;
 mod server;
 mod store;
@@ -127,6 +128,21 @@ struct RunArgs {
     /// baseline's listen backlog is tokio's 1024).
     #[arg(long, default_value_t = 200)]
     connect_parallel: usize,
+    /// Agents in the restart scenarios.
+    #[arg(long, default_value_t = 10_000)]
+    restart_agents: usize,
+    /// Restart scenarios: each server binds its port itself, instead of
+    /// being passed one held across servers (socket activation).
+    #[arg(long)]
+    restart_rebind: bool,
+    /// Restart scenarios: the agents ignore retry hints (agents before
+    /// hints existed).
+    #[arg(long)]
+    restart_legacy_agents: bool,
+    /// Restart scenarios: the listen backlog of the socket held across
+    /// servers (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096)]
+    restart_backlog: u32,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +162,10 @@ fn main() -> ExitCode {
                 cmd_in_flight: 4,
                 queue_agents: 10,
                 connect_parallel: 50,
+                restart_agents: 50,
+                restart_rebind: false,
+                restart_legacy_agents: false,
+                restart_backlog: 4096,
             },
             true,
         ),
@@ -240,7 +260,11 @@ fn which(program: &str) -> bool {
 
 fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
     let nofile = raise_nofile()?;
-    let needed = args.hold_agents.max(args.shutdown_streams) as u64 + 100;
+    let needed = args
+        .hold_agents
+        .max(args.shutdown_streams)
+        .max(args.restart_agents) as u64
+        + 100;
     anyhow::ensure!(
         nofile >= needed,
         "open-file limit {nofile} is below the {needed} this run needs (raise it with `ulimit -Hn` / prlimit)"
@@ -255,6 +279,13 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         cmd_in_flight: args.cmd_in_flight,
         queue_agents: args.queue_agents,
         connect_parallel: args.connect_parallel,
+        restart: restart::Options {
+            agents: args.restart_agents,
+            rebind: args.restart_rebind,
+            legacy_agents: args.restart_legacy_agents,
+            parallel: args.connect_parallel,
+            backlog: args.restart_backlog,
+        },
     };
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()

@@ -72,10 +72,15 @@ pub enum Scenario {
     #[value(name = "submit-16")]
     Submit16,
     Queue,
+    // Restarts (contactd only, restart.rs): the fleet back after SIGTERM
+    // or SIGKILL and a new process on the same port.
+    RestartTerm,
+    RestartKill,
+    RestartTermMtls,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 19] = [
+    pub const ALL: [Scenario; 22] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -95,6 +100,9 @@ impl Scenario {
         Scenario::Submit,
         Scenario::Submit16,
         Scenario::Queue,
+        Scenario::RestartTerm,
+        Scenario::RestartKill,
+        Scenario::RestartTermMtls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -118,6 +126,9 @@ impl Scenario {
             Scenario::Submit => "submit",
             Scenario::Submit16 => "submit-16",
             Scenario::Queue => "queue",
+            Scenario::RestartTerm => "restart-term",
+            Scenario::RestartKill => "restart-kill",
+            Scenario::RestartTermMtls => "restart-term-mtls",
         }
     }
 
@@ -126,7 +137,12 @@ impl Scenario {
     pub fn contactd_only(self) -> bool {
         matches!(
             self,
-            Scenario::Submit | Scenario::Submit16 | Scenario::Queue
+            Scenario::Submit
+                | Scenario::Submit16
+                | Scenario::Queue
+                | Scenario::RestartTerm
+                | Scenario::RestartKill
+                | Scenario::RestartTermMtls
         )
     }
 
@@ -138,6 +154,7 @@ impl Scenario {
             Scenario::FanoutMtls => Scenario::Fanout,
             Scenario::HoldMtls | Scenario::HoldTls => Scenario::Hold,
             Scenario::HandshakesMtls | Scenario::HandshakesTls => Scenario::Handshakes,
+            Scenario::RestartTermMtls => Scenario::RestartTerm,
             plain => plain,
         }
     }
@@ -149,7 +166,8 @@ impl Scenario {
             | Scenario::StatusPipelinedMtls
             | Scenario::FanoutMtls
             | Scenario::HoldMtls
-            | Scenario::HandshakesMtls => Some(Mode::Mutual),
+            | Scenario::HandshakesMtls
+            | Scenario::RestartTermMtls => Some(Mode::Mutual),
             Scenario::HoldTls | Scenario::HandshakesTls => Some(Mode::ServerAuth),
             _ => None,
         }
@@ -244,6 +262,16 @@ impl Scenario {
             Scenario::Submit16 => vec![("rate", at_least("rate", 20_000.0))],
             Scenario::Queue => vec![("rate", at_least("rate", 10_000.0))],
             Scenario::Shutdown => vec![("exit_s", at_most("exit_s", 1.0))],
+            // Restarts: the fleet back within 5 s (10 s in mTLS) of the
+            // signal, the peak RSS within 1.2 x the steady state.
+            Scenario::RestartTerm => vec![
+                ("all_back_s", at_most("all_back_s", 5.0)),
+                ("peak_over_steady", at_most("peak_over_steady", 1.2)),
+            ],
+            Scenario::RestartTermMtls => vec![
+                ("all_back_s", at_most("all_back_s", 10.0)),
+                ("peak_over_steady", at_most("peak_over_steady", 1.2)),
+            ],
             _ => Vec::new(),
         }
     }
@@ -261,6 +289,8 @@ pub struct Params {
     pub queue_agents: usize,
     /// Agents connecting at once.
     pub connect_parallel: usize,
+    /// The restart scenarios.
+    pub restart: crate::restart::Options,
 }
 
 /// Runs `scenario` against a fresh `kind` server (a TLS variant with the
@@ -274,6 +304,18 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     if scenario == Scenario::Startup {
         return startup(kind, launcher, params.startups).await;
+    }
+    if let Some(signal) = match scenario.base() {
+        Scenario::RestartTerm => Some(nix::sys::signal::Signal::SIGTERM),
+        Scenario::RestartKill => Some(nix::sys::signal::Signal::SIGKILL),
+        _ => None,
+    } {
+        let tls = match (scenario.tls(), pki) {
+            (Some(mode), Some(pki)) => Some(pki.client(mode)),
+            _ => None,
+        };
+        let setup = scenario.setup(pki)?;
+        return crate::restart::run(launcher, setup, tls, signal, &params.restart).await;
     }
     let server = launcher.start(kind, &scenario.setup(pki)?).await?;
     let tls = match (scenario.tls(), pki) {
@@ -331,7 +373,9 @@ pub async fn run(
             }
             return Ok(outcome);
         }
-        Scenario::Startup => unreachable!("handled above"),
+        Scenario::Startup | Scenario::RestartTerm | Scenario::RestartKill => {
+            unreachable!("handled above")
+        }
         variant => unreachable!("{} is not a base scenario", variant.name()),
     };
     // Server CPU per operation: steadier than the rate when neither side

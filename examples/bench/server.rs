@@ -66,6 +66,12 @@ pub struct Setup {
     pub contactd_toml: String,
     /// Arguments for `bench baseline-server`.
     pub baseline_args: Vec<String>,
+    /// contactd's `[server] listen` (default 127.0.0.1:0): a server started
+    /// again on its predecessor's port.
+    pub listen: Option<SocketAddr>,
+    /// A listening socket contactd is given as systemd gives its socket
+    /// unit's (fd 3, `LISTEN_FDS`, `LISTEN_PID`), held here across servers.
+    pub passed: Option<Arc<std::net::TcpListener>>,
 }
 
 /// A running server.
@@ -99,6 +105,29 @@ impl Launcher {
         command
     }
 
+    /// A command for contactd with `passed` as its socket-activated
+    /// listener: a shell sets `LISTEN_PID` to its own pid and execs
+    /// contactd (keeping the pid) with the socket on fd 3.
+    fn activated(&self, passed: &std::net::TcpListener) -> anyhow::Result<Command> {
+        use std::os::fd::AsRawFd;
+        let mut c = self.command(Path::new("/bin/sh"));
+        c.arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=contact exec \"$0\" \"$@\"")
+            .arg(&self.contactd);
+        let fd = passed.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe; nothing else runs between fork
+        // and exec. The copy on fd 3 is not close-on-exec.
+        unsafe {
+            c.pre_exec(move || {
+                let listener = std::os::fd::BorrowedFd::borrow_raw(fd);
+                let copy = nix::unistd::dup2_raw(listener, 3)?;
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(copy);
+                Ok(())
+            });
+        }
+        Ok(c)
+    }
+
     /// Starts `kind` with `setup` and waits until it prints its address.
     pub async fn start(&self, kind: Kind, setup: &Setup) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
@@ -108,15 +137,23 @@ impl Launcher {
                 let path = dir.path().join("contactd.toml");
                 // The default config, plus only what the scenario needs (and
                 // the admin socket in the temp dir).
+                let listen = match (&setup.passed, setup.listen) {
+                    (Some(passed), _) => passed.local_addr()?,
+                    (None, Some(listen)) => listen,
+                    (None, None) => SocketAddr::from(([127, 0, 0, 1], 0)),
+                };
                 let toml = format!(
-                    "[server]\nlisten = \"127.0.0.1:0\"\n{}\n[admin]\nsocket = {:?}\n{}\n{}",
+                    "[server]\nlisten = \"{listen}\"\n{}\n[admin]\nsocket = {:?}\n{}\n{}",
                     setup.server_toml,
                     admin.to_str().context("a UTF-8 temp dir")?,
                     setup.contactd_toml,
                     self.contactd_toml
                 );
                 std::fs::write(&path, toml)?;
-                let mut c = self.command(&self.contactd);
+                let mut c = match &setup.passed {
+                    Some(passed) => self.activated(passed)?,
+                    None => self.command(&self.contactd),
+                };
                 c.arg("serve").arg("-c").arg(&path);
                 c.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
                 // Its task store (SQLite, the default) in the temp dir.
@@ -209,6 +246,23 @@ impl Server {
     /// The last stderr lines, for error reports.
     pub fn log_tail(&self) -> String {
         tail(&self.log)
+    }
+
+    /// Sends `signal` and waits for the exit (bounded); returns how long
+    /// it took.
+    pub async fn end_with(mut self, signal: Signal) -> anyhow::Result<Duration> {
+        let sent = Instant::now();
+        nix::sys::signal::kill(Pid::from_raw(self.pid), signal)?;
+        match tokio::time::timeout(STOP_LIMIT, self.child.wait()).await {
+            Ok(status) => {
+                status?;
+                Ok(sent.elapsed())
+            }
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("did not exit within {STOP_LIMIT:?} of {signal}")
+            }
+        }
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took.

@@ -8,6 +8,10 @@ use std::{
 };
 
 use super::{AgentError, EventKind, Shared, session};
+
+/// Longest retry hint honoured: a server asking for more is waited for
+/// this long (a hint is advice, and an agent must not vanish for hours).
+const MAX_HINT: Duration = Duration::from_secs(600);
 use crate::{backoff::Backoff, systemd};
 
 /// Connects, runs a session, and after any failure waits (with backoff) and
@@ -50,19 +54,33 @@ pub(super) async fn connect_loop(shared: Arc<Shared>) -> Result<(), AgentError> 
             Err(e) if !e.is_retryable() => return Err(e.into()),
             Err(e) => e,
         };
+        let retry = error.retry_after();
         shared.emit(EventKind::Failed {
             server: server.clone(),
             error: error.to_string(),
         });
         // The error may carry the server's own status text.
         let error = crate::untrusted::shown(&error.to_string()).to_string();
+        let hint =
+            retry.map(|after| hinted_delay(after, config.retry_hint_jitter, fastrand::f64()));
         if let Some(at) = connected_at {
-            tracing::warn!(%server, "disconnected from {server}: {error}");
-            if at.elapsed() >= config.healthy_after {
+            if retry.is_some() {
+                // Asked to come back: the server is restarting (or
+                // busy), not failing.
+                tracing::info!(%server, "disconnected from {server}: {error}; reconnecting as it asks");
+            } else {
+                tracing::warn!(%server, "disconnected from {server}: {error}");
+            }
+            if retry.is_some() || at.elapsed() >= config.healthy_after {
                 backoff.reset();
             }
             failures = 1;
             down_since = Instant::now();
+        } else if retry.is_some() {
+            // Turned away with a hint: not a failure of the server's.
+            backoff.reset();
+            failures += 1;
+            tracing::debug!(%server, attempt = failures, "server busy: {error}");
         } else {
             failures += 1;
             if failures == 1 {
@@ -75,12 +93,36 @@ pub(super) async fn connect_loop(shared: Arc<Shared>) -> Result<(), AgentError> 
             return Ok(());
         }
         index = index.wrapping_add(1);
-        let delay = backoff.next_delay();
+        let delay = hint.unwrap_or_else(|| backoff.next_delay());
         systemd::status(&format!("reconnecting in {:.1}s", delay.as_secs_f64()));
         shared.emit(EventKind::Waiting { delay });
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shared.draining.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// The wait a retry hint of `after` asks for: `after` (at most
+/// [`MAX_HINT`]) plus `unit` (random in `[0, 1)`) of `jitter`, or of
+/// `after` if longer, so that a fleet told the same thing at once does not
+/// come back at once.
+fn hinted_delay(after: Duration, jitter: Duration, unit: f64) -> Duration {
+    let after = after.min(MAX_HINT);
+    after + jitter.max(after).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_is_waited_for_with_jitter() {
+        let s = Duration::from_secs;
+        assert_eq!(hinted_delay(s(0), s(1), 0.0), s(0));
+        assert_eq!(hinted_delay(s(0), s(1), 0.5), Duration::from_millis(500));
+        assert_eq!(hinted_delay(s(4), s(1), 0.5), s(6));
+        assert_eq!(hinted_delay(s(0), s(0), 0.9), s(0));
+        assert_eq!(hinted_delay(s(100_000), s(1), 0.0), MAX_HINT);
     }
 }

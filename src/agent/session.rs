@@ -33,6 +33,11 @@ use crate::{
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// After one call of a session fails without the server's retry hint, how
+/// long the others may take to end with theirs (then the first failure
+/// ends the session).
+const LINGER: Duration = Duration::from_millis(250);
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -61,6 +66,8 @@ pub enum SessionError {
         call: &'static str,
         code: tonic::Code,
         message: String,
+        /// The server's retry hint: come back after this long.
+        retry_after: Option<Duration>,
     },
     /// The server ended a stream that should stay open.
     #[error("the server ended the {0} stream")]
@@ -73,11 +80,30 @@ impl SessionError {
         !matches!(self, SessionError::BadUrl { .. } | SessionError::BadName(_))
     }
 
+    /// When the server asked to be called again: its retry hint. A server
+    /// that ends its streams to shut down without one (an older contactd)
+    /// is taken to say "at once" too.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SessionError::Rpc {
+                retry_after: Some(after),
+                ..
+            } => Some(*after),
+            SessionError::Rpc { code, message, .. }
+                if *code == tonic::Code::Unavailable && message == "server shutting down" =>
+            {
+                Some(Duration::ZERO)
+            }
+            _ => None,
+        }
+    }
+
     fn rpc(call: &'static str) -> impl FnOnce(Status) -> SessionError {
         move |status| SessionError::Rpc {
             call,
             code: status.code(),
             message: status.message().to_owned(),
+            retry_after: crate::proto::retry_hint(&status),
         }
     }
 }
@@ -179,29 +205,77 @@ pub(super) async fn run(
     let status_loop = report_status(shared, status_tx);
     tokio::pin!(status_loop);
     let mut tasks = Some(tasks);
+    let (mut status_done, mut acks_done, mut replies_done) = (false, false, false);
+    // A call that failed without the server's retry hint, while the others
+    // are given a moment: a shutdown ends every call at once, and the
+    // first one seen may have lost its status with the connection.
+    let mut failed: Option<SessionError> = None;
+    let mut linger = Box::pin(tokio::time::sleep(Duration::MAX));
     loop {
-        tokio::select! {
+        let error = tokio::select! {
             task = next_task(&mut tasks) => match task {
-                Ok(Some(task)) => shared.intake(task).await,
-                Ok(None) => return Err(SessionError::Ended("getTask")),
-                Err(status) => return Err(SessionError::rpc("getTask")(status)),
+                Ok(Some(task)) => {
+                    shared.intake(task).await;
+                    continue;
+                }
+                Ok(None) => SessionError::Ended("getTask"),
+                Err(status) => SessionError::rpc("getTask")(status),
             },
-            () = shared.draining.cancelled(), if tasks.is_some() => {
+            () = shared.draining.cancelled(), if tasks.is_some() && failed.is_none() => {
                 // Dropping the stream cancels the call: no more tasks.
                 tasks = None;
                 tracing::debug!("stopped taking tasks");
+                continue;
             }
-            result = &mut acks => return match result {
-                Ok(_) if shared.finished.is_cancelled() => Ok(()),
-                Ok(_) => Err(SessionError::Ended("tellResult")),
-                Err(status) => Err(SessionError::rpc("tellResult")(status)),
+            result = &mut acks, if !acks_done => {
+                acks_done = true;
+                match result {
+                    Ok(_) if shared.finished.is_cancelled() => return Ok(()),
+                    Ok(_) => SessionError::Ended("tellResult"),
+                    Err(status) => SessionError::rpc("tellResult")(status),
+                }
+            }
+            reply = replies.message(), if !replies_done => match reply {
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    replies_done = true;
+                    SessionError::Ended("sendStatus")
+                }
+                Err(status) => {
+                    replies_done = true;
+                    SessionError::rpc("sendStatus")(status)
+                }
             },
-            reply = replies.message() => match reply {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(SessionError::Ended("sendStatus")),
-                Err(status) => return Err(SessionError::rpc("sendStatus")(status)),
-            },
-            () = &mut status_loop => return Err(SessionError::Ended("sendStatus")),
+            // The call is over (its request stream was dropped): its
+            // answer, which may carry the server's retry hint, follows on
+            // `replies`, so the session ends there.
+            () = &mut status_loop, if !status_done => {
+                status_done = true;
+                continue;
+            }
+            () = &mut linger => return Err(failed.take().expect("set with the linger")),
+        };
+        if error.retry_after().is_some() {
+            return Err(error);
+        }
+        if matches!(
+            error,
+            SessionError::Ended("getTask")
+                | SessionError::Rpc {
+                    call: "getTask",
+                    ..
+                }
+        ) {
+            tasks = None;
+        }
+        if failed.is_none() {
+            tracing::debug!("a call failed ({error}): waiting briefly for the others' statuses");
+            failed = Some(error);
+            linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+        }
+        if tasks.is_none() && acks_done && replies_done {
+            // Every call has ended, none with a hint.
+            return Err(failed.take().expect("set above"));
         }
     }
 }

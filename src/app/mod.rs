@@ -450,7 +450,10 @@ fn raise_fd_limit() {
 /// How often dropped log lines are reported.
 const DROPPED_LOG_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn serve_until_signalled(context: daemon::Context, config: Config) -> Result<(), AppError> {
+async fn serve_until_signalled(
+    mut context: daemon::Context,
+    config: Config,
+) -> Result<(), AppError> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -459,8 +462,9 @@ async fn serve_until_signalled(context: daemon::Context, config: Config) -> Resu
     // nothing is served without what it holds.
     let store = server::open_store(&config)?;
     let addr = config.server.listen;
-    let listener = crate::net::bind(addr, config.server.backlog)
-        .map_err(|source| DaemonError::Bind { addr, source })?;
+    // systemd's socket under socket activation (contactd.socket), else
+    // bound here.
+    let listener = context.listener(daemon::CONTACT, addr, config.server.backlog)?;
     let local = listener
         .local_addr()
         .map_err(|source| DaemonError::Bind { addr, source })?;

@@ -67,6 +67,13 @@ pub struct AgentConfig {
     /// Longest a connection attempt may take (gRPC's minimum is 20s).
     #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
+    /// When the server asks the agent to come back (it is shutting down, or
+    /// too busy to take the connection now: gRPC's
+    /// `grpc-retry-pushback-ms`), the agent waits what it names plus a
+    /// random part of up to this long (or of what it names, if longer),
+    /// instead of its failure backoff, which starts over.
+    #[serde(with = "units::duration")]
+    pub retry_hint_jitter: Duration,
     /// At shutdown, how long running handlers may go on before they are killed.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
@@ -117,6 +124,7 @@ impl Default for AgentConfig {
             remember: 10_000,
             healthy_after: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(20),
+            retry_hint_jitter: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             token_file: None,
             backoff: BackoffConfig::default(),
@@ -194,6 +202,7 @@ pub mod ranges {
     pub const REMEMBER: RangeInclusive<u64> = 1..=1_000_000;
     pub const HEALTHY_AFTER: RangeInclusive<Duration> = MS..=DAY;
     pub const CONNECT_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(100)..=HOUR;
+    pub const RETRY_HINT_JITTER: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
     pub const SHUTDOWN_GRACE: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
     pub const BACKOFF_INITIAL: RangeInclusive<Duration> = MS..=HOUR;
     pub const BACKOFF_MAX: RangeInclusive<Duration> = MS..=HOUR;
@@ -295,6 +304,11 @@ impl AgentConfig {
         c.size("agent.max_output", self.max_output, MAX_OUTPUT);
         c.count("agent.remember", self.remember as u64, REMEMBER);
         c.duration("agent.healthy_after", self.healthy_after, HEALTHY_AFTER);
+        c.duration(
+            "agent.retry_hint_jitter",
+            self.retry_hint_jitter,
+            RETRY_HINT_JITTER,
+        );
         c.duration(
             "agent.connect_timeout",
             self.connect_timeout,

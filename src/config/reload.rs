@@ -51,6 +51,8 @@ pub const SERVER_RULES: Rules = &[
     ("server.handshake_timeout", Takes::Restart),
     ("server.max_handshakes", Takes::Restart),
     ("server.max_handshakes_per_address", Takes::Restart),
+    ("server.accept_rate", Takes::Restart),
+    ("server.accept_burst", Takes::Restart),
     ("server.keepalive_interval", Takes::Restart),
     ("server.keepalive_timeout", Takes::Restart),
     // Turning TLS on or off (the section as a whole) changes what the port

@@ -83,6 +83,14 @@ pub struct ServerConfig {
     /// larger): one peer holding stalled connections cannot take every
     /// handshake slot.
     pub max_handshakes_per_address: usize,
+    /// New connections admitted into their handshake per second, over
+    /// `accept_burst`: a fleet reconnecting at once (after a restart) is
+    /// taken at this pace. Beyond it, a plaintext connection is answered
+    /// UNAVAILABLE with a retry hint (its turn), and a TLS one waits for
+    /// its turn before its handshake (within `handshake_timeout`).
+    pub accept_rate: u32,
+    /// Connections admitted at once above `accept_rate` after a quiet time.
+    pub accept_burst: u32,
     /// Largest sendStatus message (one status report).
     #[serde(with = "units::size")]
     pub max_status_message: ByteSize,
@@ -224,6 +232,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_handshakes_per_address: 256,
+            accept_rate: 5000,
+            accept_burst: 1000,
             max_status_message: ByteSize::kib(64),
             max_result_message: ByteSize::kib(256),
             max_command_message: ByteSize::kib(64),
@@ -310,6 +320,12 @@ impl ServerConfig {
                 MAX_HANDSHAKES.start(),
                 MAX_HANDSHAKES.end()
             ),
+        );
+        c.count("server.accept_rate", self.accept_rate.into(), ACCEPT_RATE);
+        c.count(
+            "server.accept_burst",
+            self.accept_burst.into(),
+            ACCEPT_BURST,
         );
         for (size, key) in [
             (self.max_status_message, "server.max_status_message"),

@@ -31,6 +31,8 @@ pub mod ranges {
     use super::*;
 
     pub const BACKLOG: RangeInclusive<u64> = 1..=65_535;
+    pub const ACCEPT_RATE: RangeInclusive<u64> = 1..=1_000_000;
+    pub const ACCEPT_BURST: RangeInclusive<u64> = 1..=1_000_000;
     pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1_000_000;
     pub const MAX_MESSAGE_SIZE: RangeInclusive<u64> = KIB..=64 * MIB;
     pub const MAX_CONCURRENT_STREAMS: RangeInclusive<u64> = 1..=4096;

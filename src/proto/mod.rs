@@ -31,6 +31,36 @@ pub const ADMIN_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/admin_descriptor.bin
 /// caller without it (a seed client) is known by its peer address.
 pub const AGENT_HEADER: &str = "x-contactd-agent";
 
+/// gRPC's retry hint, on a status: come back after this many
+/// milliseconds. The server sets it when it ends streams to shut down (0:
+/// at once, to its successor) and when it is too busy to take a new
+/// connection now; the agent waits that long (with jitter) instead of its
+/// failure backoff.
+pub const RETRY_HINT: &str = "grpc-retry-pushback-ms";
+
+/// The retry hint on `status`, if it has one.
+#[must_use]
+pub fn retry_hint(status: &tonic::Status) -> Option<std::time::Duration> {
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_HINT)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// `status` with the retry hint `after`.
+#[must_use]
+pub fn with_retry_hint(mut status: tonic::Status, after: std::time::Duration) -> tonic::Status {
+    let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+    status
+        .metadata_mut()
+        .insert(RETRY_HINT, ms.to_string().parse().expect("digits"));
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -55,25 +55,29 @@ pub(super) const CMD_OUTCOMES: [&str; 5] = ["ok", "failed", "denied", "timeout",
 /// Why a connection was closed before it was served.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
-    /// `server.max_handshakes` connections were in their handshake.
-    Handshakes = 0,
     /// `server.max_connections` were open.
-    Connections = 1,
+    Connections = 0,
     /// Its TLS handshake or HTTP/2 preface failed.
-    Handshake = 2,
+    Handshake = 1,
     /// No handshake within `server.handshake_timeout`.
-    HandshakeTimeout = 3,
+    HandshakeTimeout = 2,
     /// Its address had `server.max_handshakes_per_address` connections in
-    /// their handshake.
-    HandshakesPerAddress = 4,
+    /// their handshake (a plaintext one is answered UNAVAILABLE with a
+    /// retry hint). (While all `server.max_handshakes` are taken, new
+    /// connections wait in the backlog: none is refused for it.)
+    HandshakesPerAddress = 3,
+    /// Above `server.accept_rate`: answered UNAVAILABLE with a retry hint
+    /// (plaintext; over TLS, connections wait for their turn in the
+    /// backlog).
+    AcceptRate = 4,
 }
 
 pub(super) const REFUSALS: [&str; 5] = [
-    "max_handshakes",
     "max_connections",
     "handshake_failed",
     "handshake_timeout",
     "max_handshakes_per_address",
+    "accept_rate",
 ];
 
 /// The server's own counters: events that are rare next to task traffic.

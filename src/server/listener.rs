@@ -3,7 +3,8 @@
 //! that a connection costs almost nothing until it has proved it speaks our
 //! protocol:
 //!
-//! - a new connection takes a *handshake* slot (`server.max_handshakes`,
+//! - a new connection takes a *handshake* slot (`server.max_handshakes`;
+//!   while none is free, new connections wait in the backlog,
 //!   at most `server.max_handshakes_per_address` of them per source
 //!   address, so one peer cannot hold them all), and must finish TLS (when
 //!   enabled), then send the HTTP/2 preface and its SETTINGS, within
@@ -11,6 +12,10 @@
 //! - only then does it take a *connection* slot (`server.max_connections`),
 //!   so connections that never finish their handshake (slowloris) can never
 //!   lock out agents;
+//! - new connections are admitted at `server.accept_rate` (over
+//!   `server.accept_burst`): above it, a plaintext one is answered
+//!   UNAVAILABLE with a retry hint and a TLS one waits in the backlog
+//!   (`admission.rs`);
 //! - the TLS config is read anew for every handshake, so certificates
 //!   reloaded on SIGHUP apply to new connections while open ones go on.
 
@@ -21,7 +26,7 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -37,7 +42,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::counters::{Counters, Refusal};
+use super::{
+    admission::{self, Pace, Turn},
+    counters::{Counters, Refusal},
+};
 use crate::untrusted::{Budget, WARN_EVERY};
 
 /// What the handlers learn about a connection (tonic puts it in every
@@ -155,6 +163,9 @@ pub struct Limits {
     pub max_handshakes: usize,
     pub max_handshakes_per_address: usize,
     pub handshake_timeout: Duration,
+    /// `server.accept_rate` and `server.accept_burst`.
+    pub accept_rate: u32,
+    pub accept_burst: u32,
 }
 
 /// The TLS config in force, replaced whole on reload; `None`: plaintext.
@@ -175,11 +186,13 @@ struct Warnings {
     connections_full: Budget,
     failed: Budget,
     accept_errors: Budget,
+    paced: Budget,
 }
 
 impl Default for Warnings {
     fn default() -> Self {
         Warnings {
+            paced: Budget::every(WARN_EVERY),
             handshakes_full: Budget::every(WARN_EVERY),
             connections_full: Budget::every(WARN_EVERY),
             failed: Budget::every(WARN_EVERY),
@@ -201,6 +214,10 @@ struct Acceptor {
     stop: CancellationToken,
     /// Where refusals are counted.
     counters: Arc<Counters>,
+    /// Admissions at `server.accept_rate`.
+    pace: Pace,
+    /// Plaintext connections being answered UNAVAILABLE with a hint.
+    turning_away: Arc<Semaphore>,
 }
 
 /// The connections `listener` accepts, through their handshake, at most
@@ -226,21 +243,48 @@ pub fn incoming(
         ready,
         stop,
         counters,
+        pace: Pace::new(limits.accept_rate, limits.accept_burst, Instant::now()),
+        turning_away: Arc::new(Semaphore::new(limits.max_handshakes)),
     };
     tokio::spawn(acceptor.run());
     futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
 }
 
 impl Acceptor {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                () = self.ready.closed() => return,
+            // Over TLS, a connection above the pace waits for its turn in
+            // the listening socket's backlog (see `admission`).
+            if self.tls.is_some()
+                && let Turn::After(wait) = self.pace.turn(Instant::now())
+            {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.ready.closed() => return,
+                    () = self.stop.cancelled() => return,
+                }
+            }
+            // A handshake slot first: while every one is taken, new
+            // connections wait in the backlog rather than being accepted
+            // only to be closed (which sends agents into their failure
+            // backoff).
+            let permit = tokio::select! {
+                biased;
                 () = self.stop.cancelled() => return,
+                () = self.ready.closed() => return,
+                permit = Arc::clone(&self.handshakes).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return,
+                () = self.ready.closed() => return,
+                accepted = self.listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => self.admit(stream, peer, permit),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -256,9 +300,28 @@ impl Acceptor {
         }
     }
 
-    /// Starts the handshake of a new connection, if a handshake slot is free
-    /// for it and for its source address.
-    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+    /// Starts the handshake of a new connection (holding `permit`, its
+    /// handshake slot), if it is within the pace and a slot is free for its
+    /// source address.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let _ = stream.set_nodelay(true);
+        let now = Instant::now();
+        let plaintext = self.tls.is_none();
+        if plaintext && self.pace.turn(now) != Turn::Now {
+            self.counters.connection_refused(Refusal::AcceptRate);
+            let rate = self.limits.accept_rate;
+            self.warnings.paced.hit(|n| {
+                tracing::warn!(
+                    turned_away = n,
+                    accept_rate = rate,
+                    "new connections above server.accept_rate: answered UNAVAILABLE with a \
+                     retry hint (agents come back at their turn)"
+                );
+            });
+            drop(permit);
+            self.turn_away(stream, now);
+            return;
+        }
         let Some(from_address) = AddressSlot::take(
             &self.by_address,
             peer.ip(),
@@ -276,21 +339,13 @@ impl Acceptor {
                      connections in their handshake"
                 );
             });
+            drop(permit);
+            if plaintext {
+                self.turn_away(stream, now);
+            }
             return;
         };
-        let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
-            self.counters.connection_refused(Refusal::Handshakes);
-            let max = self.limits.max_handshakes;
-            self.warnings.handshakes_full.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    max_handshakes = max,
-                    "connections refused: server.max_handshakes connections are still in their handshake"
-                );
-            });
-            return;
-        };
-        let _ = stream.set_nodelay(true);
+        self.pace.admit(now);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
         let (limits, connections, warnings, ready, stop, counters) = (
             self.limits,
@@ -345,6 +400,29 @@ impl Acceptor {
                     _slot: slot,
                 })
                 .await;
+        });
+    }
+}
+
+impl Acceptor {
+    /// Answers a plaintext connection that cannot be taken now UNAVAILABLE
+    /// with a retry hint (its turn at `server.accept_rate`), rather than
+    /// closing it: the agent comes back then instead of after a failure
+    /// backoff. Such answers hold no handshake slot; at most
+    /// `server.max_handshakes` are under way at once (beyond, the
+    /// connection is closed).
+    fn turn_away(&mut self, stream: TcpStream, now: Instant) {
+        let Ok(slot) = Arc::clone(&self.turning_away).try_acquire_owned() else {
+            return;
+        };
+        let after = self.pace.hint(now);
+        let limit = self
+            .limits
+            .handshake_timeout
+            .min(admission::TURN_AWAY_LIMIT);
+        tokio::spawn(async move {
+            admission::turn_away(stream, after, limit).await;
+            drop(slot);
         });
     }
 }

@@ -245,6 +245,56 @@ async fn after_the_server_is_killed_and_restarted_the_agent_reconnects_and_work_
     drop(restarted);
 }
 
+/// A server shutting down ends the streams with a retry hint of 0: the
+/// agent comes back within its `retry_hint_jitter`, its failure backoff
+/// (here 1 hour) started over, not waited out. The listening socket is
+/// held across the two servers, as systemd's socket unit holds it, so the
+/// new connection waits in its backlog until the next server takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_shuts_down_is_reconnected_to_at_once_not_after_a_backoff() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let serve = |listener: &std::net::TcpListener| {
+        let listener = contactd::net::adopt(listener.try_clone().unwrap()).unwrap();
+        let (config, rx) = watch::channel(Arc::new(busy_server()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server::run(server::Serve::new(listener, rx, stop.clone())));
+        (config, stop, task)
+    };
+    let (_config, stop, first) = serve(&held);
+    let mut config = agent_config(addr, "returning");
+    config.healthy_after = Duration::from_secs(3600);
+    config.backoff.initial = Duration::from_secs(3600);
+    config.backoff.max = Duration::from_secs(3600);
+    config.retry_hint_jitter = Duration::from_millis(200);
+    let mut agent = TestAgent::start(config);
+    agent.wait_for("connected", connected).await;
+
+    stop.cancel();
+    within("the first server's exit", first)
+        .await
+        .unwrap()
+        .unwrap();
+    let delay = agent
+        .wait_for("a delay", |e| match e.kind {
+            EventKind::Waiting { delay } => Some(delay),
+            _ => None,
+        })
+        .await;
+    assert!(delay <= Duration::from_millis(200), "{delay:?}");
+
+    let (_config, stop, second) = serve(&held);
+    agent.wait_for("reconnected", connected).await;
+    let (_, outcome) = agent.wait_for("a task from the new server", handled).await;
+    assert_eq!(outcome, Outcome::Ok);
+    agent.stop().await;
+    stop.cancel();
+    within("the second server's exit", second)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_drops_every_session_gets_backed_off_not_stormed() {
     let (seen, _seen) = mpsc::unbounded_channel();

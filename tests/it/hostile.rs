@@ -245,6 +245,7 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
         max_result_message = \"64MiB\"\nmax_command_message = \"64MiB\"\n\
         max_connection_buffer = \"64GiB\"\nmax_buffered = \"64GiB\"\n\
         connection_window = \"16MiB\"\nstream_window = \"16MiB\"\n\
+        accept_rate = 1000000\naccept_burst = 1000000\n\
         [tasks]\ninterval = \"7days\"\nbatch = 10000\nretain = 1000000\n\
         ack_timeout = \"1day\"\nmax_attempts = 1000\nwindow = 10000\nmax_pending = 10000000\n\
         [remote_cmd]\nenabled = true\nallow = [\"echo *\"]\ntimeout = \"1day\"\n\
@@ -258,6 +259,7 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
         max_result_message = \"1KiB\"\nmax_command_message = \"1KiB\"\n\
         max_connection_buffer = \"64KiB\"\nmax_buffered = \"1MiB\"\n\
         connection_window = \"64KiB\"\nstream_window = \"64KiB\"\n\
+        accept_rate = 1\naccept_burst = 1\n\
         [tasks]\ninterval = \"1ms\"\nbatch = 0\nretain = 1\nack_timeout = \"10ms\"\n\
         max_attempts = 1\nwindow = 1\nmax_pending = 1\n\
         [remote_cmd]\nenabled = true\nallow = [\"echo *\"]\ntimeout = \"10ms\"\n\
@@ -293,6 +295,69 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
         "{}",
         daemon.log.join("\n")
     );
+}
+
+// ---- a storm of new connections is paced ----
+
+/// Above `server.accept_rate`, a plaintext connection is answered
+/// UNAVAILABLE with gRPC's retry hint (its turn) and counted; an agent
+/// turned away waits the hint (its failure backoff, an hour here, starts
+/// over), then gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
+    let mut config = Config::default();
+    config.server.accept_rate = 1;
+    config.server.accept_burst = 1;
+    let server = TestServer::start(config).await;
+    let mut admitted = 0;
+    let mut hint = None;
+    // Each admission moves the next turn a second on: unless this machine
+    // stalls for a second between two connections, the second is turned
+    // away. Bounded either way.
+    for _ in 0..10 {
+        let channel = server.channel().await;
+        let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+        match within(
+            "getTask",
+            client.get_task(contactd::proto::contact::Empty {}),
+        )
+        .await
+        {
+            Ok(_) => admitted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    status.message().contains("server.accept_rate"),
+                    "{status:?}"
+                );
+                hint = Some(contactd::proto::retry_hint(&status).expect("a retry hint"));
+                break;
+            }
+        }
+    }
+    let hint = hint.expect("a connection turned away");
+    assert!(admitted >= 1);
+    assert!(
+        hint > Duration::ZERO && hint <= Duration::from_secs(60),
+        "{hint:?}"
+    );
+
+    let mut agent_config = common::fleet::agent_config(server.addr, "patient");
+    agent_config.backoff.initial = Duration::from_secs(3600);
+    agent_config.backoff.max = Duration::from_secs(3600);
+    agent_config.retry_hint_jitter = Duration::ZERO;
+    let mut agent = common::fleet::TestAgent::start(agent_config);
+    let delay = agent
+        .wait_for("turned away", |e| match e.kind {
+            contactd::agent::EventKind::Waiting { delay } => Some(delay),
+            _ => None,
+        })
+        .await;
+    assert!(delay < Duration::from_secs(3600), "{delay:?}");
+    agent.wait_for("connected", common::fleet::connected).await;
+    agent.stop().await;
+
+    server.stop().await;
 }
 
 // ---- reloads fail closed, and say what they open ----

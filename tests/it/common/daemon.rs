@@ -30,10 +30,17 @@ impl Process {
     /// Starts `contactd ARGS...` with extra environment variables (and none
     /// of the caller's that would change its behaviour).
     pub fn spawn<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Process {
-        let mut child = super::contactd()
+        let mut command = super::contactd();
+        command
             .args(args)
             .env_remove("NOTIFY_SOCKET")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Process::spawn_command(command)
+    }
+
+    /// Starts `command` (made from [`super::contactd`]), reading its stderr.
+    pub fn spawn_command(mut command: std::process::Command) -> Process {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,5 +1,6 @@
 //! The harness both daemons (`serve` and `agent`) run in: loading the
-//! config, logging and the runtime; the metrics endpoint; signals, READY=1
+//! config, logging and the runtime; the sockets systemd passes
+//! (`sockets.rs`); the metrics endpoint; signals, READY=1
 //! and the systemd watchdog; SIGHUP reloads (counted for the metrics);
 //! and, at exit, stopping the runtime and killing what commands left
 //! behind. `check-config` is here too: it loads a config as the daemon
@@ -18,7 +19,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{runtime::Runtime, sync::watch, task::JoinHandle};
+use tokio::{net::TcpListener, runtime::Runtime, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -29,6 +30,10 @@ use crate::{
     shutdown::{self, Signals},
     systemd,
 };
+
+mod sockets;
+
+pub use sockets::{CONTACT, Listen, METRICS, Sockets};
 
 /// sysexits' EX_CONFIG: the config is wrong; restarting will not help.
 pub const EX_CONFIG: u8 = 78;
@@ -56,6 +61,39 @@ pub enum DaemonError {
     Forced(&'static str),
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
+    #[error("cannot take the sockets systemd passed (socket activation): {0}")]
+    Passed(#[source] std::io::Error),
+    #[error(
+        "the socket unit and the config disagree: systemd passed the socket {name:?} on \
+         {passed}, but {key} is {configured}: make ListenStream= in contactd.socket and \
+         {key} name the same address"
+    )]
+    SocketMismatch {
+        key: &'static str,
+        name: String,
+        passed: SocketAddr,
+        configured: SocketAddr,
+    },
+    #[error(
+        "the socket unit and the config disagree: systemd passed {passed}, but none listens \
+         on {configured}, which {key} names: add ListenStream={configured} to contactd.socket, \
+         or make {key} one of those"
+    )]
+    SocketMissing {
+        key: &'static str,
+        configured: SocketAddr,
+        passed: String,
+    },
+    #[error(
+        "the socket unit and the config disagree: systemd passed the socket {name:?} on {addr}, \
+         but no listen address in the config names it ({keys}): remove its ListenStream= from \
+         contactd.socket, or set the config's address to it"
+    )]
+    SocketUnused {
+        name: String,
+        addr: SocketAddr,
+        keys: String,
+    },
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -76,7 +114,10 @@ impl DaemonError {
             // Restarting will not help with these: systemd's
             // RestartPreventExitStatus=78 stops the restart loop.
             DaemonError::Config(_)
-            | DaemonError::Logging(LogError::Filter { .. } | LogError::File { .. }) => EX_CONFIG,
+            | DaemonError::Logging(LogError::Filter { .. } | LogError::File { .. })
+            | DaemonError::SocketMismatch { .. }
+            | DaemonError::SocketMissing { .. }
+            | DaemonError::SocketUnused { .. } => EX_CONFIG,
             // A port the daemon may never bind (below 1024 without the
             // capability) is the config's to change.
             DaemonError::Bind { source, .. }
@@ -146,6 +187,7 @@ pub struct Daemon {
     source: Source,
     logging: Arc<Logging>,
     runtime: Runtime,
+    sockets: Sockets,
 }
 
 /// A daemon's start: its config from `source`, logging as that config
@@ -155,6 +197,8 @@ pub struct Daemon {
 /// # Errors
 /// A config, logging or runtime failure.
 pub fn start<T: DaemonConfig>(source: Source) -> Result<(T, Daemon), DaemonError> {
+    // First, while this is the only thread: taking them unsets LISTEN_FDS.
+    let sockets = Sockets::from_systemd()?;
     let (config, found) = source.load_or_default::<T>()?;
     let logging = Arc::new(logging::init(config.log())?);
     if found {
@@ -171,6 +215,7 @@ pub fn start<T: DaemonConfig>(source: Source) -> Result<(T, Daemon), DaemonError
         source,
         logging,
         runtime,
+        sockets,
     };
     Ok((config, daemon))
 }
@@ -192,6 +237,7 @@ fn adopt_orphans() {
 pub struct Context {
     source: Source,
     logging: Arc<Logging>,
+    sockets: Sockets,
 }
 
 impl Daemon {
@@ -210,10 +256,12 @@ impl Daemon {
             source,
             logging,
             runtime,
+            sockets,
         } = self;
         let result = runtime.block_on(main(Context {
             source,
             logging: Arc::clone(&logging),
+            sockets,
         }));
         let forced = match &result {
             Err(e) => {
@@ -277,19 +325,50 @@ struct Reloader<T: DaemonConfig> {
 }
 
 impl Context {
-    /// Binds the metrics endpoint `config` names (its series under
-    /// `prefix`), installs the signal handlers and puts `config` on the
-    /// channel the daemon's task follows.
+    /// The daemon's main listener, `key` in the config, at `addr`: the
+    /// socket systemd passed for it under socket activation, else bound
+    /// here with `backlog`.
     ///
     /// # Errors
-    /// [`DaemonError::Bind`] for the metrics port, [`DaemonError::Signals`].
+    /// [`DaemonError::Bind`]; under socket activation, a socket unit that
+    /// disagrees with the config ([`DaemonError::SocketMismatch`],
+    /// [`DaemonError::SocketMissing`]).
+    pub fn listener(
+        &mut self,
+        key: Listen,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> Result<TcpListener, DaemonError> {
+        match self.sockets.take(key, addr)? {
+            Some(listener) => Ok(listener),
+            None => {
+                crate::net::bind(addr, backlog).map_err(|source| DaemonError::Bind { addr, source })
+            }
+        }
+    }
+
+    /// Binds the metrics endpoint `config` names (its series under
+    /// `prefix`), installs the signal handlers and puts `config` on the
+    /// channel the daemon's task follows. Under socket activation, every
+    /// socket systemd passed must have been taken by then.
+    ///
+    /// # Errors
+    /// [`DaemonError::Bind`] for the metrics port, [`DaemonError::Signals`],
+    /// a socket unit that disagrees with the config.
     pub fn harness<T: DaemonConfig>(
-        self,
+        mut self,
         config: T,
         prefix: &str,
     ) -> Result<(Harness<T>, Launch<T::Live>), DaemonError> {
         let reloads = Reloads::default();
-        let metrics = metrics_endpoint(config.metrics(), prefix, &self.logging, &reloads)?;
+        let metrics = metrics_endpoint(
+            config.metrics(),
+            prefix,
+            &self.logging,
+            &reloads,
+            &mut self.sockets,
+        )?;
+        self.sockets.finish()?;
         let signals = Signals::install().map_err(DaemonError::Signals)?;
         let (config_tx, config_rx) = watch::channel(Arc::new(config.live()));
         let shutdown = CancellationToken::new();
@@ -324,12 +403,17 @@ fn metrics_endpoint(
     prefix: &str,
     logging: &Arc<Logging>,
     reloads: &Reloads,
+    sockets: &mut Sockets,
 ) -> Result<Option<Endpoint>, DaemonError> {
     let Some(addr) = config.listen else {
         return Ok(None);
     };
-    let listener =
-        crate::metrics::http::bind(addr).map_err(|source| DaemonError::Bind { addr, source })?;
+    let listener = match sockets.take(METRICS, addr)? {
+        Some(listener) => listener,
+        None => {
+            crate::metrics::http::bind(addr).map_err(|source| DaemonError::Bind { addr, source })?
+        }
+    };
     let mut registry = crate::metrics::registry(prefix, Some(Arc::clone(logging)));
     reloads.register(&mut registry);
     Ok(Some(Endpoint { listener, registry }))
