@@ -34,7 +34,9 @@ pub const WAIT: std::ops::RangeInclusive<Duration> = Duration::ZERO..=Duration::
 pub struct JobConfig {
     /// Its name: letters, digits, `.`, `_` and `-`, at most [`MAX_NAME`].
     pub name: String,
-    /// The task's text (`{seq}` is the run's task id, as `[tasks] template`).
+    /// The task's text, rendered when the run fires with the placeholders
+    /// of `[tasks] template`, but `{seq}`, which is 0 here: a run's id is
+    /// given as it is stored (the handler has it in `CONTACTD_TASK_ID`).
     pub text: TaskTemplate,
     /// A period anchored to the Unix epoch (`"30s"`, `"1h"`)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
