@@ -51,6 +51,7 @@ pub const SERVER_RULES: Rules = &[
     ("server.handshake_timeout", Takes::Restart),
     ("server.max_handshakes", Takes::Restart),
     ("server.max_handshakes_per_address", Takes::Restart),
+    ("server.max_connections_per_address", Takes::Restart),
     ("server.accept_rate", Takes::Restart),
     ("server.accept_burst", Takes::Restart),
     ("server.keepalive_interval", Takes::Restart),

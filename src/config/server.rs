@@ -83,6 +83,11 @@ pub struct ServerConfig {
     /// larger): one peer holding stalled connections cannot take every
     /// handshake slot.
     pub max_handshakes_per_address: usize,
+    /// Open connections from one source address at once; unset: half of
+    /// the connection cap in force, so one address (a peer, or a NAT in
+    /// front of many agents) cannot take every connection from the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_address: Option<usize>,
     /// New connections admitted into their handshake per second, over
     /// `accept_burst`: a fleet reconnecting at once (after a restart) is
     /// taken at this pace. Beyond it, a plaintext connection is answered
@@ -232,6 +237,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_handshakes_per_address: 256,
+            max_connections_per_address: None,
             accept_rate: 5000,
             accept_burst: 1000,
             max_status_message: ByteSize::kib(64),
@@ -321,6 +327,17 @@ impl ServerConfig {
                 MAX_HANDSHAKES.end()
             ),
         );
+        if let Some(per_address) = self.max_connections_per_address {
+            c.check(
+                (1..=self.max_connections).contains(&per_address),
+                "server.max_connections_per_address",
+                format!(
+                    "{per_address} is out of range: expected from 1 to server.max_connections \
+                     ({})",
+                    self.max_connections
+                ),
+            );
+        }
         c.count("server.accept_rate", self.accept_rate.into(), ACCEPT_RATE);
         c.count(
             "server.accept_burst",

@@ -70,14 +70,18 @@ pub(crate) enum Refusal {
     /// (plaintext; over TLS, connections wait for their turn in the
     /// backlog).
     AcceptRate = 4,
+    /// Its address had `server.max_connections_per_address` connections
+    /// open.
+    ConnectionsPerAddress = 5,
 }
 
-pub(super) const REFUSALS: [&str; 5] = [
+pub(super) const REFUSALS: [&str; 6] = [
     "max_connections",
     "handshake_failed",
     "handshake_timeout",
     "max_handshakes_per_address",
     "accept_rate",
+    "max_connections_per_address",
 ];
 
 /// The server's own counters: events that are rare next to task traffic.

@@ -75,7 +75,7 @@ pub struct Conn {
     io: Io,
     replay: Bytes,
     info: ConnInfo,
-    _slot: OwnedSemaphorePermit,
+    _slot: (OwnedSemaphorePermit, AddressSlot),
 }
 
 impl std::fmt::Debug for Conn {
@@ -160,6 +160,7 @@ impl AsyncWrite for Conn {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub max_handshakes: usize,
     pub max_handshakes_per_address: usize,
     pub handshake_timeout: Duration,
@@ -208,6 +209,8 @@ struct Acceptor {
     handshakes: Arc<Semaphore>,
     /// Connections in their handshake, by source address.
     by_address: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    /// Open connections, by source address.
+    open_by_address: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
     connections: Arc<Semaphore>,
     warnings: Arc<Warnings>,
     ready: mpsc::Sender<Conn>,
@@ -236,6 +239,7 @@ pub fn incoming(
         listener,
         handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
         by_address: Arc::default(),
+        open_by_address: Arc::default(),
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         tls,
@@ -347,6 +351,7 @@ impl Acceptor {
         };
         self.pace.admit(now);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
+        let open_by_address = Arc::clone(&self.open_by_address);
         let (limits, connections, warnings, ready, stop, counters) = (
             self.limits,
             Arc::clone(&self.connections),
@@ -391,13 +396,30 @@ impl Acceptor {
                 });
                 return;
             };
+            let Some(open) = AddressSlot::take(
+                &open_by_address,
+                peer.ip(),
+                limits.max_connections_per_address,
+            ) else {
+                counters.connection_refused(Refusal::ConnectionsPerAddress);
+                warnings.connections_full.hit(|n| {
+                    tracing::warn!(
+                        refused = n,
+                        address = %peer.ip(),
+                        max_connections_per_address = limits.max_connections_per_address,
+                        "connections refused: one address holds \
+                         server.max_connections_per_address open connections"
+                    );
+                });
+                return;
+            };
             let (io, replay, info) = conn;
             let _ = ready
                 .send(Conn {
                     io,
                     replay,
                     info,
-                    _slot: slot,
+                    _slot: (slot, open),
                 })
                 .await;
         });
@@ -427,7 +449,8 @@ impl Acceptor {
     }
 }
 
-/// A source address's share of the handshake slots, given back on drop.
+/// A source address's share of the handshake slots (or of the open
+/// connections), given back on drop.
 struct AddressSlot {
     map: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
     ip: IpAddr,
@@ -458,7 +481,7 @@ impl Drop for AddressSlot {
         let mut held = self.map.lock();
         if let Some(count) = held.get_mut(&self.ip) {
             *count -= 1;
-            // The map holds only addresses with handshakes in progress.
+            // The map holds only addresses that hold slots.
             if *count == 0 {
                 held.remove(&self.ip);
             }

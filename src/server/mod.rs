@@ -250,8 +250,14 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
 
     let reporter = tonic_health::server::HealthReporter::new();
     let router = router(&initial, &state, &reporter)?;
+    let max_connections = connection_cap(&initial.server);
     let limits = listener::Limits {
-        max_connections: connection_cap(&initial.server),
+        max_connections,
+        max_connections_per_address: initial
+            .server
+            .max_connections_per_address
+            .unwrap_or((max_connections / 2).max(1))
+            .min(max_connections),
         max_handshakes: initial.server.max_handshakes,
         max_handshakes_per_address: initial
             .server

@@ -1332,3 +1332,56 @@ async fn a_reload_that_changes_the_client_ca_ends_the_streams_it_no_longer_trust
     );
     server.stop().await;
 }
+
+/// One source address holding `server.max_connections_per_address` open
+/// connections gets no more; another address (monitoring, an agent) still
+/// connects and is served.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let mut config = Config::default();
+    config.tasks.batch = 0;
+    config.server.max_connections = 8;
+    config.server.max_connections_per_address = Some(3);
+    let server = TestServer::start(config).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = server.client().await;
+        let stream = client.get_task(Empty {}).await.unwrap().into_inner();
+        held.push((client, stream));
+    }
+    let health = |local: std::net::IpAddr| {
+        let addr = server.addr;
+        async move {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .local_address(Some(local))
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| e.to_string())
+        }
+    };
+    // A fourth from the same address is closed once its handshake is done.
+    let refused = within("a fourth connection", health("127.0.0.1".parse().unwrap())).await;
+    assert!(refused.is_err(), "{refused:?}");
+    // Another address is served.
+    let served = within("another address", health("127.0.0.2".parse().unwrap())).await;
+    assert_eq!(served, Ok(1), "SERVING");
+    // The held ones are still open.
+    let mut admin = server.admin().await;
+    submit(&mut admin, "still here", "").await;
+    for (_, stream) in &mut held {
+        let task = within("a held stream's task", stream.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(task.task, "still here");
+    }
+    server.stop().await;
+}
