@@ -19,6 +19,7 @@
 
 mod baseline;
 mod cmd;
+mod jobs;
 mod load;
 mod postgres;
 mod report;
@@ -123,6 +124,12 @@ struct RunArgs {
     /// Agents in the queue scenario.
     #[arg(long, default_value_t = 100)]
     queue_agents: usize,
+    /// Agents in the rollout scenarios (one connection each).
+    #[arg(long, default_value_t = 10_000)]
+    rollout_agents: usize,
+    /// `[[jobs]]` (each `every = "1s"`) in the jobs scenario.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
     /// Agents connecting at once in fanout, hold and shutdown (the
     /// baseline's listen backlog is tokio's 1024).
     #[arg(long, default_value_t = 200)]
@@ -145,6 +152,8 @@ fn main() -> ExitCode {
                 startups: 1,
                 cmd_in_flight: 4,
                 queue_agents: 10,
+                rollout_agents: 20,
+                jobs: 1000,
                 connect_parallel: 50,
             },
             true,
@@ -240,7 +249,11 @@ fn which(program: &str) -> bool {
 
 fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
     let nofile = raise_nofile()?;
-    let needed = args.hold_agents.max(args.shutdown_streams) as u64 + 100;
+    let needed = args
+        .hold_agents
+        .max(args.shutdown_streams)
+        .max(args.rollout_agents) as u64
+        + 100;
     anyhow::ensure!(
         nofile >= needed,
         "open-file limit {nofile} is below the {needed} this run needs (raise it with `ulimit -Hn` / prlimit)"
@@ -254,6 +267,8 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         startups: args.startups,
         cmd_in_flight: args.cmd_in_flight,
         queue_agents: args.queue_agents,
+        rollout_agents: args.rollout_agents,
+        jobs: args.jobs,
         connect_parallel: args.connect_parallel,
     };
     let scenarios = if args.scenarios.is_empty() {

@@ -26,7 +26,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    cmd,
+    cmd, jobs,
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
     server::{Kind, Launcher, Setup},
@@ -72,10 +72,17 @@ pub enum Scenario {
     #[value(name = "submit-16")]
     Submit16,
     Queue,
+    // Jobs (issue 23), contactd only: an ad hoc rollout over every agent,
+    // all at once and with a window of 10 %; and `[[jobs]]` firing every
+    // second with no agent (the scheduler's own cost).
+    Rollout,
+    #[value(name = "rollout-10pct")]
+    Rollout10Pct,
+    Jobs,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 19] = [
+    pub const ALL: [Scenario; 22] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -95,6 +102,9 @@ impl Scenario {
         Scenario::Submit,
         Scenario::Submit16,
         Scenario::Queue,
+        Scenario::Rollout,
+        Scenario::Rollout10Pct,
+        Scenario::Jobs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -118,15 +128,23 @@ impl Scenario {
             Scenario::Submit => "submit",
             Scenario::Submit16 => "submit-16",
             Scenario::Queue => "queue",
+            Scenario::Rollout => "rollout",
+            Scenario::Rollout10Pct => "rollout-10pct",
+            Scenario::Jobs => "jobs",
         }
     }
 
-    /// Whether only contactd runs it (the baseline has no admin API and no
-    /// queue).
+    /// Whether only contactd runs it (the baseline has no admin API, no
+    /// queue and no jobs).
     pub fn contactd_only(self) -> bool {
         matches!(
             self,
-            Scenario::Submit | Scenario::Submit16 | Scenario::Queue
+            Scenario::Submit
+                | Scenario::Submit16
+                | Scenario::Queue
+                | Scenario::Rollout
+                | Scenario::Rollout10Pct
+                | Scenario::Jobs
         )
     }
 
@@ -157,7 +175,7 @@ impl Scenario {
 
     /// What the servers need beyond their defaults: the base scenario's
     /// needs, and for a TLS variant the same `[server.tls]` for both.
-    fn setup(self, pki: Option<&Pki>) -> anyhow::Result<Setup> {
+    fn setup(self, pki: Option<&Pki>, params: &Params) -> anyhow::Result<Setup> {
         let mut setup = match self.base() {
             // 10,000 tasks/s offered: batch 100 every 10 ms.
             Scenario::Fanout => Setup {
@@ -172,12 +190,14 @@ impl Scenario {
                 baseline_args: Vec::new(),
                 ..Setup::default()
             },
-            // Only submitted tasks.
-            Scenario::Submit | Scenario::Submit16 => Setup {
-                contactd_toml: "[tasks]\nbatch = 0\n".into(),
-                baseline_args: Vec::new(),
-                ..Setup::default()
-            },
+            // Only submitted tasks (a rollout's).
+            Scenario::Submit | Scenario::Submit16 | Scenario::Rollout | Scenario::Rollout10Pct => {
+                Setup {
+                    contactd_toml: "[tasks]\nbatch = 0\n".into(),
+                    baseline_args: Vec::new(),
+                    ..Setup::default()
+                }
+            }
             // 50,000 tasks/s offered (batch 500 every 10 ms: more than it
             // handles, so the figure is its capacity), at most 64 in flight
             // per agent, the rest waiting in the queue.
@@ -186,6 +206,10 @@ impl Scenario {
                                 window = 64\n"
                     .into(),
                 baseline_args: Vec::new(),
+                ..Setup::default()
+            },
+            Scenario::Jobs => Setup {
+                contactd_toml: jobs::jobs_toml(params.jobs),
                 ..Setup::default()
             },
             _ => Setup::default(),
@@ -244,6 +268,11 @@ impl Scenario {
             Scenario::Submit16 => vec![("rate", at_least("rate", 20_000.0))],
             Scenario::Queue => vec![("rate", at_least("rate", 10_000.0))],
             Scenario::Shutdown => vec![("exit_s", at_most("exit_s", 1.0))],
+            // Issue 23: a rollout over 10,000 agents dispatches at least
+            // 5,000 agents/s; 1,000 jobs every second take at most 5 % of
+            // one core.
+            Scenario::Rollout => vec![("rate", at_least("rate", 5000.0))],
+            Scenario::Jobs => vec![("cpu_pct_of_core", at_most("cpu_pct_of_core", 5.0))],
             _ => Vec::new(),
         }
     }
@@ -259,6 +288,10 @@ pub struct Params {
     pub startups: usize,
     pub cmd_in_flight: usize,
     pub queue_agents: usize,
+    /// Agents in the rollout scenarios.
+    pub rollout_agents: usize,
+    /// `[[jobs]]` in the jobs scenario.
+    pub jobs: usize,
     /// Agents connecting at once.
     pub connect_parallel: usize,
 }
@@ -275,7 +308,7 @@ pub async fn run(
     if scenario == Scenario::Startup {
         return startup(kind, launcher, params.startups).await;
     }
-    let server = launcher.start(kind, &scenario.setup(pki)?).await?;
+    let server = launcher.start(kind, &scenario.setup(pki, params)?).await?;
     let tls = match (scenario.tls(), pki) {
         (Some(mode), Some(pki)) => Some(pki.client(mode)),
         _ => None,
@@ -307,6 +340,13 @@ pub async fn run(
         Scenario::Submit => store::submits(&server.admin, 1, d).await?,
         Scenario::Submit16 => store::submits(&server.admin, 16, d).await?,
         Scenario::Queue => store::queue(addr, params.queue_agents, d).await?,
+        Scenario::Rollout => {
+            jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "100%").await?
+        }
+        Scenario::Rollout10Pct => {
+            jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "10%").await?
+        }
+        Scenario::Jobs => jobs::idle_jobs(&server, params.jobs, d).await?,
         Scenario::Shutdown => {
             let fleet = Fleet::connect(addr, params.shutdown_streams, parallel, None).await;
             let mut outcome = Outcome::default();
