@@ -654,6 +654,11 @@ impl Jobs {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut leader = self.store.leader();
         let mut was_leader = *leader.borrow();
+        // Only a shared database's watcher moves the lease; with SQLite or
+        // the memory store its sender is gone from the start, and a closed
+        // channel's `changed()` is ready at once, every time: awaiting it
+        // made this loop spin (a whole core, with or without jobs).
+        let mut lease_moves = true;
         loop {
             let is_leader = *leader.borrow_and_update();
             if is_leader && !was_leader && self.store.is_shared() {
@@ -672,7 +677,7 @@ impl Jobs {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(sleep) => {}
                 () = self.wake.notified() => {}
-                _ = leader.changed() => {}
+                changed = leader.changed(), if lease_moves => lease_moves = changed.is_ok(),
             }
         }
     }
