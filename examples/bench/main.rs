@@ -19,6 +19,7 @@
 
 mod baseline;
 mod cmd;
+mod jobs;
 mod load;
 mod postgres;
 mod report;
@@ -124,6 +125,12 @@ struct RunArgs {
     /// Agents in the queue scenario.
     #[arg(long, default_value_t = 100)]
     queue_agents: usize,
+    /// Agents in the rollout scenarios (one connection each).
+    #[arg(long, default_value_t = 10_000)]
+    rollout_agents: usize,
+    /// `[[jobs]]` (each `every = "1s"`) in the jobs scenario.
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
     /// Agents connecting at once in fanout, hold and shutdown (the
     /// baseline's listen backlog is tokio's 1024).
     #[arg(long, default_value_t = 200)]
@@ -161,6 +168,8 @@ fn main() -> ExitCode {
                 startups: 1,
                 cmd_in_flight: 4,
                 queue_agents: 10,
+                rollout_agents: 20,
+                jobs: 1000,
                 connect_parallel: 50,
                 restart_agents: 50,
                 restart_rebind: false,
@@ -263,7 +272,8 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
     let needed = args
         .hold_agents
         .max(args.shutdown_streams)
-        .max(args.restart_agents) as u64
+        .max(args.restart_agents)
+        .max(args.rollout_agents) as u64
         + 100;
     anyhow::ensure!(
         nofile >= needed,
@@ -278,6 +288,8 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         startups: args.startups,
         cmd_in_flight: args.cmd_in_flight,
         queue_agents: args.queue_agents,
+        rollout_agents: args.rollout_agents,
+        jobs: args.jobs,
         connect_parallel: args.connect_parallel,
         restart: restart::Options {
             agents: args.restart_agents,

@@ -26,7 +26,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    cmd,
+    cmd, jobs,
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
     server::{Kind, Launcher, Setup},
@@ -77,10 +77,17 @@ pub enum Scenario {
     RestartTerm,
     RestartKill,
     RestartTermMtls,
+    // Jobs (issue 23), contactd only: an ad hoc rollout over every agent,
+    // all at once and with a window of 10 %; and `[[jobs]]` firing every
+    // second with no agent (the scheduler's own cost).
+    Rollout,
+    #[value(name = "rollout-10pct")]
+    Rollout10Pct,
+    Jobs,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 22] = [
+    pub const ALL: [Scenario; 25] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -103,6 +110,9 @@ impl Scenario {
         Scenario::RestartTerm,
         Scenario::RestartKill,
         Scenario::RestartTermMtls,
+        Scenario::Rollout,
+        Scenario::Rollout10Pct,
+        Scenario::Jobs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,11 +139,14 @@ impl Scenario {
             Scenario::RestartTerm => "restart-term",
             Scenario::RestartKill => "restart-kill",
             Scenario::RestartTermMtls => "restart-term-mtls",
+            Scenario::Rollout => "rollout",
+            Scenario::Rollout10Pct => "rollout-10pct",
+            Scenario::Jobs => "jobs",
         }
     }
 
-    /// Whether only contactd runs it (the baseline has no admin API and no
-    /// queue).
+    /// Whether only contactd runs it (the baseline has no admin API, no
+    /// queue and no jobs).
     pub fn contactd_only(self) -> bool {
         matches!(
             self,
@@ -143,6 +156,9 @@ impl Scenario {
                 | Scenario::RestartTerm
                 | Scenario::RestartKill
                 | Scenario::RestartTermMtls
+                | Scenario::Rollout
+                | Scenario::Rollout10Pct
+                | Scenario::Jobs
         )
     }
 
@@ -175,7 +191,7 @@ impl Scenario {
 
     /// What the servers need beyond their defaults: the base scenario's
     /// needs, and for a TLS variant the same `[server.tls]` for both.
-    fn setup(self, pki: Option<&Pki>) -> anyhow::Result<Setup> {
+    fn setup(self, pki: Option<&Pki>, params: &Params) -> anyhow::Result<Setup> {
         let mut setup = match self.base() {
             // 10,000 tasks/s offered: batch 100 every 10 ms.
             Scenario::Fanout => Setup {
@@ -190,12 +206,14 @@ impl Scenario {
                 baseline_args: Vec::new(),
                 ..Setup::default()
             },
-            // Only submitted tasks.
-            Scenario::Submit | Scenario::Submit16 => Setup {
-                contactd_toml: "[tasks]\nbatch = 0\n".into(),
-                baseline_args: Vec::new(),
-                ..Setup::default()
-            },
+            // Only submitted tasks (a rollout's).
+            Scenario::Submit | Scenario::Submit16 | Scenario::Rollout | Scenario::Rollout10Pct => {
+                Setup {
+                    contactd_toml: "[tasks]\nbatch = 0\n".into(),
+                    baseline_args: Vec::new(),
+                    ..Setup::default()
+                }
+            }
             // 50,000 tasks/s offered (batch 500 every 10 ms: more than it
             // handles, so the figure is its capacity), at most 64 in flight
             // per agent, the rest waiting in the queue.
@@ -204,6 +222,10 @@ impl Scenario {
                                 window = 64\n"
                     .into(),
                 baseline_args: Vec::new(),
+                ..Setup::default()
+            },
+            Scenario::Jobs => Setup {
+                contactd_toml: jobs::jobs_toml(params.jobs),
                 ..Setup::default()
             },
             _ => Setup::default(),
@@ -272,6 +294,11 @@ impl Scenario {
                 ("all_back_s", at_most("all_back_s", 10.0)),
                 ("peak_over_steady", at_most("peak_over_steady", 1.2)),
             ],
+            // Issue 23: a rollout over 10,000 agents dispatches at least
+            // 5,000 agents/s; 1,000 jobs every second take at most 5 % of
+            // one core.
+            Scenario::Rollout => vec![("rate", at_least("rate", 5000.0))],
+            Scenario::Jobs => vec![("cpu_pct_of_core", at_most("cpu_pct_of_core", 5.0))],
             _ => Vec::new(),
         }
     }
@@ -287,6 +314,10 @@ pub struct Params {
     pub startups: usize,
     pub cmd_in_flight: usize,
     pub queue_agents: usize,
+    /// Agents in the rollout scenarios.
+    pub rollout_agents: usize,
+    /// `[[jobs]]` in the jobs scenario.
+    pub jobs: usize,
     /// Agents connecting at once.
     pub connect_parallel: usize,
     /// The restart scenarios.
@@ -314,10 +345,10 @@ pub async fn run(
             (Some(mode), Some(pki)) => Some(pki.client(mode)),
             _ => None,
         };
-        let setup = scenario.setup(pki)?;
+        let setup = scenario.setup(pki, params)?;
         return crate::restart::run(launcher, setup, tls, signal, &params.restart).await;
     }
-    let server = launcher.start(kind, &scenario.setup(pki)?).await?;
+    let server = launcher.start(kind, &scenario.setup(pki, params)?).await?;
     let tls = match (scenario.tls(), pki) {
         (Some(mode), Some(pki)) => Some(pki.client(mode)),
         _ => None,
@@ -349,6 +380,13 @@ pub async fn run(
         Scenario::Submit => store::submits(&server.admin, 1, d).await?,
         Scenario::Submit16 => store::submits(&server.admin, 16, d).await?,
         Scenario::Queue => store::queue(addr, params.queue_agents, d).await?,
+        Scenario::Rollout => {
+            jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "100%").await?
+        }
+        Scenario::Rollout10Pct => {
+            jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "10%").await?
+        }
+        Scenario::Jobs => jobs::idle_jobs(&server, params.jobs, d).await?,
         Scenario::Shutdown => {
             let fleet = Fleet::connect(addr, params.shutdown_streams, parallel, None).await;
             let mut outcome = Outcome::default();

@@ -56,7 +56,7 @@ pub async fn submits(socket: &Path, clients: usize, duration: Duration) -> anyho
 
 /// A client of the admin socket, once it accepts: the server binds it as it
 /// starts, in its own task (bounded: 10 s).
-async fn admin(
+pub async fn admin(
     socket: &Path,
 ) -> anyhow::Result<contactd::proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
     let started = Instant::now();

@@ -665,6 +665,11 @@ impl Jobs {
         let mut leader = self.store.leader();
         let mut was_leader = *leader.borrow();
         let mut reread_at = now_ms() + millis(REREAD);
+        // Only a shared database's watcher moves the lease; with SQLite or
+        // the memory store its sender is gone from the start, and a closed
+        // channel's `changed()` is ready at once, every time: awaiting it
+        // made this loop spin (a whole core, with or without jobs).
+        let mut lease_moves = true;
         loop {
             let is_leader = *leader.borrow_and_update();
             // Several servers: what the others fired, and pauses and
@@ -686,7 +691,7 @@ impl Jobs {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(sleep) => {}
                 () = self.wake.notified() => {}
-                _ = leader.changed() => {}
+                changed = leader.changed(), if lease_moves => lease_moves = changed.is_ok(),
             }
         }
     }
