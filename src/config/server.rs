@@ -83,9 +83,10 @@ pub struct ServerConfig {
     /// larger): one peer holding stalled connections cannot take every
     /// handshake slot.
     pub max_handshakes_per_address: usize,
-    /// Open connections from one source address at once; unset: half of
-    /// the connection cap in force, so one address (a peer, or a NAT in
-    /// front of many agents) cannot take every connection from the others.
+    /// Open connections from one source address at once; unset: three
+    /// quarters of the connection cap in force, so one address (a peer, or
+    /// a NAT in front of many agents) cannot take every connection from
+    /// the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections_per_address: Option<usize>,
     /// New connections admitted into their handshake per second, over

@@ -256,7 +256,8 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         max_connections_per_address: initial
             .server
             .max_connections_per_address
-            .unwrap_or((max_connections / 2).max(1))
+            // Three quarters: a quarter stays for the other addresses.
+            .unwrap_or(max_connections - max_connections / 4)
             .min(max_connections),
         max_handshakes: initial.server.max_handshakes,
         max_handshakes_per_address: initial
