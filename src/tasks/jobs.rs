@@ -61,6 +61,10 @@ pub const AD_HOC: &str = "";
 /// An ad hoc rollout's timeout.
 pub const AD_HOC_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Ended runs kept in memory for `job show` (each holds a row per agent it
+/// targeted, so the bound is in runs, like `tasks.max_runs`).
+const ENDED: usize = 16;
+
 /// After a fire the store could not commit, the next try waits this long.
 const FIRE_RETRY: Duration = Duration::from_secs(1);
 
@@ -181,6 +185,8 @@ struct Inner {
     outcomes: BTreeMap<(Arc<str>, &'static str), u64>,
     /// After a failed fire: no fire before this (unix ms).
     retry_at_ms: i64,
+    /// The runs that ended last, at most [`ENDED`], oldest first.
+    ended: VecDeque<RunView>,
 }
 
 #[derive(Debug)]
@@ -598,14 +604,12 @@ impl Jobs {
         {
             let inner = self.inner.lock();
             if let Some(run) = inner.runs.get(&id) {
-                let mut agents: Vec<RunAgentRow> =
-                    run.agents.keys().map(|name| run.agent_row(name)).collect();
-                agents.sort_by(|a, b| a.agent.cmp(&b.agent));
-                return Ok(RunView {
-                    run: run.row.clone(),
-                    text: run.task.text.clone(),
-                    agents,
-                });
+                return Ok(run.view());
+            }
+            // Ended lately: kept here too, for the memory store (which
+            // keeps nothing) and for who follows a run to its end.
+            if let Some(view) = inner.ended.iter().find(|v| v.run.task_id == id) {
+                return Ok(view.clone());
             }
         }
         let record = self.store.run(id).await?.ok_or(JobRefused::NoRun(id))?;
@@ -1156,6 +1160,10 @@ impl Jobs {
         self.active.store(inner.runs.len(), Relaxed);
         run.row.state = state;
         run.row.finished_ms = now;
+        if inner.ended.len() >= ENDED {
+            inner.ended.pop_front();
+        }
+        inner.ended.push_back(run.view());
         tracing::info!(
             run = id,
             job = %shown_job(&run.row.job),
@@ -1272,6 +1280,21 @@ impl Run {
             running,
             next_slot_ms: 0,
             halt_base,
+        }
+    }
+
+    /// The run as `job show` shows it.
+    fn view(&self) -> RunView {
+        let mut agents: Vec<RunAgentRow> = self
+            .agents
+            .keys()
+            .map(|name| self.agent_row(name))
+            .collect();
+        agents.sort_by(|a, b| a.agent.cmp(&b.agent));
+        RunView {
+            run: self.row.clone(),
+            text: self.task.text.clone(),
+            agents,
         }
     }
 

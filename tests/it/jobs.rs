@@ -719,3 +719,30 @@ async fn the_scheduler_sleeps_between_fires_when_the_lease_cannot_move() {
         "the server used {used} CPU ticks in 2 s with 10 jobs and no agent"
     );
 }
+
+#[tokio::test]
+async fn with_the_memory_store_an_ended_run_is_still_shown() {
+    let mut config = quiet();
+    config.store.kind = contactd::config::StoreKind::Memory;
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let mut fleet = Fleet::connect(&server, "web", 1, "role=web").await;
+    let run = admin
+        .submit_task(SubmitTaskRequest {
+            text: "once".into(),
+            selector: "role=web".into(),
+            batch: "1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run;
+    let (agent, task) = fleet.next().await;
+    fleet.ack(&agent, &task, true).await;
+    let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
+    let r = end.run.unwrap();
+    assert_eq!((r.state.as_str(), r.acked), ("succeeded", 1));
+    assert_eq!(end.agents.len(), 1);
+    server.stop().await;
+}
