@@ -197,8 +197,8 @@ impl Changes {
 ///   `server.tokens_file` both unset where one was set), and identities
 ///   turned off (names taken from a header where a token or certificate
 ///   proved them);
-/// - `server.tls.client_auth` weaker (`require` → `request` → `none`), or
-///   `server.tls.client_ca` removed;
+/// - `[server.tls]` removed, `server.tls.client_auth` weaker (`require` →
+///   `request` → `none`), or `server.tls.client_ca` removed;
 /// - remote commands widened: turned on, patterns added, `allow_any`,
 ///   `allow_exec_args` or certificate names (`callers`) added. The rest of
 ///   a `[remote_cmd]` change applies (patterns removed, limits), so a
@@ -218,6 +218,11 @@ pub fn hold_lowering(old: &Config, new: &Config) -> (Config, Vec<&'static str>) 
             kept.server.tokens_file.clone_from(&o.tokens_file);
             held.push("server.tokens_file");
         }
+    }
+    if o.tls.is_some() && n.tls.is_none() {
+        // The port stays TLS until a restart: so do its client certificates.
+        kept.server.tls.clone_from(&o.tls);
+        held.push("server.tls");
     }
     if let (Some(o), Some(n)) = (&o.tls, &mut kept.server.tls) {
         let rank = |a: super::ClientAuth| match a {
