@@ -65,6 +65,9 @@ pub const AD_HOC_TIMEOUT: Duration = Duration::from_secs(3600);
 /// targeted, so the bound is in runs, like `tasks.max_runs`).
 const ENDED: usize = 16;
 
+/// Agents not connected a pump passes over at most, before it stops.
+const SKIP_AWAY: usize = 256;
+
 /// After a fire the store could not commit, the next try waits this long.
 const FIRE_RETRY: Duration = Duration::from_secs(1);
 
@@ -360,11 +363,10 @@ impl Jobs {
             }
             match run.agents.get(&agent.name).map(|a| a.state) {
                 Some(RunAgentState::Running) => run.resend(&self.registry, &agent.name, self.epoch),
-                Some(RunAgentState::Owed) => {
-                    if !run.owed.contains(&agent.name) {
-                        run.owed.push_back(Arc::clone(&agent.name));
-                    }
-                }
+                // Connected now: first in line. (An agent in the line twice
+                // is sent it once: `fill` skips it when it is no longer
+                // owed.)
+                Some(RunAgentState::Owed) => run.owed.push_front(Arc::clone(&agent.name)),
                 Some(_) => {}
                 None => {
                     if run.mode == JobMode::Each && run.selector.matches(&agent.name, &**labels) {
@@ -376,12 +378,11 @@ impl Jobs {
                                 at_ms: now,
                             },
                         );
-                        run.owed.push_back(Arc::clone(&agent.name));
+                        run.owed.push_front(Arc::clone(&agent.name));
                     } else if run.mode == JobMode::Any
                         && run.selector.matches(&agent.name, &**labels)
-                        && !run.owed.contains(&agent.name)
                     {
-                        run.owed.push_back(Arc::clone(&agent.name));
+                        run.owed.push_front(Arc::clone(&agent.name));
                     }
                 }
             }
@@ -1354,6 +1355,12 @@ impl Run {
             if !registry.is_connected(&name) {
                 // Sent when it connects again (`join`), within the timeout.
                 away.push(name);
+                if away.len() >= SKIP_AWAY {
+                    // The rest wait for the next pump: each agent's
+                    // reconnection pumps, so a fleet coming back after a
+                    // restart costs a bounded scan each, not the line.
+                    break;
+                }
                 continue;
             }
             entry.tries += 1;
