@@ -209,7 +209,8 @@ fn refused_status(refused: Refused) -> Status {
         Refused::CannotCancel(..)
         | Refused::NotRetained(_)
         | Refused::CannotRetry(..)
-        | Refused::Broadcast(..) => Status::failed_precondition(refused.to_string()),
+        | Refused::Broadcast(..)
+        | Refused::RunTask(_) => Status::failed_precondition(refused.to_string()),
     }
 }
 

@@ -68,6 +68,11 @@ pub enum Refused {
          submit it again (with --agent NAME for one agent)"
     )]
     Broadcast(u64, TaskState),
+    #[error(
+        "task {0} is the task of job run {0}: its run sends it, agent by agent (`contactd job \
+         show {0}`); it is not cancelled or retried on its own"
+    )]
+    RunTask(u64),
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -756,6 +761,9 @@ impl Broker {
     /// task no longer retained; [`Refused::Store`] when the change cannot
     /// be committed.
     pub async fn cancel(&self, id: u64) -> Result<Arc<Task>, Refused> {
+        if self.hub.get(id).is_some_and(|t| t.direct) {
+            return Err(Refused::RunTask(id));
+        }
         let (task, commit) = match &self.mode {
             Mode::Queue { queue } => match queue.cancel(id) {
                 Ok(cancelled) => cancelled,
@@ -791,6 +799,9 @@ impl Broker {
     /// committed.
     pub async fn retry(&self, id: u64) -> Result<Arc<Task>, Refused> {
         let task = self.find(id).await?;
+        if task.direct {
+            return Err(Refused::RunTask(id));
+        }
         let Mode::Queue { queue } = &self.mode else {
             // Re-sending to the agents whose result failed would need their
             // cursors to forget the ack: submitting again is simpler and clear.

@@ -276,6 +276,17 @@ async fn an_any_job_runs_on_one_matching_agent_and_moves_on_after_a_failure() {
     let r = end.run.unwrap();
     assert_eq!((r.state.as_str(), r.acked, r.failed), ("succeeded", 1, 1));
     assert!(fleet.received.try_recv().is_err(), "a third agent ran it");
+    // A run's task is its run's: not cancelled or retried on its own.
+    let refused = admin
+        .cancel_task(contactd::proto::admin::TaskIdRequest { id: run })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("job show"), "{refused:?}");
     server.stop().await;
 }
 
