@@ -520,7 +520,14 @@ impl Admin for AdminService {
             )));
         }
         let target = (!request.agent.is_empty()).then(|| Arc::from(request.agent.as_str()));
-        let selector = self.selector(&request)?;
+        let rollout = !request.batch.is_empty() || !request.max_failed.is_empty();
+        // A rollout's run sends its task to each agent itself: in either
+        // delivery mode.
+        let selector = if rollout {
+            parse_selector(&request.selector)?
+        } else {
+            self.selector(&request)?
+        };
         let shown_selector = selector
             .as_ref()
             .map(ToString::to_string)
@@ -531,7 +538,7 @@ impl Admin for AdminService {
             selector,
             ..Draft::default()
         };
-        if !request.batch.is_empty() || !request.max_failed.is_empty() {
+        if rollout {
             return self
                 .submit_rollout(draft, &request.batch, &request.max_failed)
                 .await;

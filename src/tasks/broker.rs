@@ -984,7 +984,8 @@ fn restore(
     let mut queued = Vec::new();
     for stored in stored {
         let task = Arc::new(stored.to_task());
-        if tasks.mode == DeliveryMode::Queue && !stored.state.is_finished() {
+        // A run's task is its run's to send, never the queue's.
+        if tasks.mode == DeliveryMode::Queue && !stored.state.is_finished() && !stored.direct {
             queued.push(queue::Restored {
                 task: Arc::clone(&task),
                 attempts: stored.attempts,

@@ -757,3 +757,46 @@ async fn with_the_memory_store_an_ended_run_is_still_shown() {
     assert_eq!(end.agents.len(), 1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_queue_mode_a_run_restored_after_a_restart_is_still_its_runs_to_send() {
+    let store = tempfile::tempdir().unwrap();
+    let mut config = quiet();
+    config.tasks.mode = contactd::config::DeliveryMode::Queue;
+    config.store.path = Some(store.path().join("contactd.db"));
+    let server = TestServer::start(config.clone()).await;
+    let mut admin = server.admin().await;
+    let mut web = Fleet::connect(&server, "web", 1, "role=web").await;
+    let run = admin
+        .submit_task(SubmitTaskRequest {
+            text: "deploy".into(),
+            selector: "role=web".into(),
+            batch: "1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run;
+    let (_, task) = web.next().await;
+    assert_eq!(task.id, run);
+    // Stopped before the agent answers: the run is restored at the start.
+    server.stop().await;
+    drop(web);
+
+    let server = TestServer::start(config).await;
+    let admin = server.admin().await;
+    // Another agent first: the queue must not hand it the run's task.
+    let mut db = Fleet::connect(&server, "db", 1, "role=db").await;
+    let mut web = Fleet::connect(&server, "web", 1, "role=web").await;
+    let (agent, again) = web.next().await;
+    assert_eq!((agent.as_str(), again.id, again.retry), ("web-000", run, 0));
+    web.ack(&agent, &again, true).await;
+    let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
+    assert_eq!(end.run.unwrap().state, "succeeded");
+    assert!(
+        db.received.try_recv().is_err(),
+        "the queue handed the run's task to an agent it was not for"
+    );
+    server.stop().await;
+}
