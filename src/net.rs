@@ -3,7 +3,12 @@
 //! agents reconnect at once after a restart; or adopted from whoever bound
 //! them (systemd's socket activation).
 
-use std::{io, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -94,4 +99,46 @@ pub fn untrusted_socket(path: &std::path::Path) -> Option<String> {
         }
     }
     None
+}
+
+/// Slots counted by source address, so that one peer cannot take every
+/// slot of a listener (handshakes, open connections, metrics scrapes).
+#[derive(Debug, Clone, Default)]
+pub struct AddressSlots(Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>);
+
+/// One slot of an address, given back on drop.
+#[derive(Debug)]
+pub struct AddressSlot {
+    slots: AddressSlots,
+    ip: IpAddr,
+}
+
+impl AddressSlots {
+    /// A slot for `ip` if it holds fewer than `max`.
+    #[must_use]
+    pub fn take(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut held = self.0.lock();
+        let count = held.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock();
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            // The map holds only addresses that hold slots.
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
 }

@@ -8,15 +8,7 @@
 //! `max_header_size`, and a connection is closed `timeout` after it was
 //! accepted, whatever it is doing (a slow reader included).
 
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
-
-use parking_lot::Mutex;
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -67,7 +59,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let per_address = crate::net::AddressSlots::default();
     let refusals = Budget::every(WARN_EVERY);
     let connections = TaskTracker::new();
     loop {
@@ -85,8 +77,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(held) = Held::take(&per_address, peer.ip(), limits.max_connections_per_address)
-        else {
+        let Some(held) = per_address.take(peer.ip(), limits.max_connections_per_address) else {
             refusals.hit(|n| {
                 tracing::warn!(
                     refused = n,
@@ -135,40 +126,6 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
-}
-
-/// One connection counted against its address until dropped.
-struct Held {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Held {
-    /// A place for a connection from `ip`, if it has fewer than `max`.
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Held> {
-        let mut map = counts.lock();
-        let count = map.entry(ip).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Held {
-            counts: Arc::clone(counts),
-            ip,
-        })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock();
-        if let Some(count) = map.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// The response to one request; its body is never read.

@@ -20,9 +20,8 @@
 //!   reloaded on SIGHUP apply to new connections while open ones go on.
 
 use std::{
-    collections::HashMap,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{Arc, atomic::AtomicUsize},
     task::{Context, Poll},
@@ -46,7 +45,10 @@ use super::{
     admission::{self, Pace, Turn},
     counters::{Counters, Refusal},
 };
-use crate::untrusted::{Budget, WARN_EVERY};
+use crate::{
+    net::{AddressSlot, AddressSlots},
+    untrusted::{Budget, WARN_EVERY},
+};
 
 /// What the handlers learn about a connection (tonic puts it in every
 /// request's extensions).
@@ -208,9 +210,9 @@ struct Acceptor {
     tls: TlsConfig,
     handshakes: Arc<Semaphore>,
     /// Connections in their handshake, by source address.
-    by_address: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    by_address: AddressSlots,
     /// Open connections, by source address.
-    open_by_address: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    open_by_address: AddressSlots,
     connections: Arc<Semaphore>,
     warnings: Arc<Warnings>,
     ready: mpsc::Sender<Conn>,
@@ -238,8 +240,8 @@ pub fn incoming(
     let acceptor = Acceptor {
         listener,
         handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
-        by_address: Arc::default(),
-        open_by_address: Arc::default(),
+        by_address: AddressSlots::default(),
+        open_by_address: AddressSlots::default(),
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         tls,
@@ -326,11 +328,10 @@ impl Acceptor {
             self.turn_away(stream, now);
             return;
         }
-        let Some(from_address) = AddressSlot::take(
-            &self.by_address,
-            peer.ip(),
-            self.limits.max_handshakes_per_address,
-        ) else {
+        let Some(from_address) = self
+            .by_address
+            .take(peer.ip(), self.limits.max_handshakes_per_address)
+        else {
             self.counters
                 .connection_refused(Refusal::HandshakesPerAddress);
             let max = self.limits.max_handshakes_per_address;
@@ -351,7 +352,7 @@ impl Acceptor {
         };
         self.pace.admit(now);
         let tls = self.tls.as_ref().map(|tls| tls.load_full());
-        let open_by_address = Arc::clone(&self.open_by_address);
+        let open_by_address = self.open_by_address.clone();
         let (limits, connections, warnings, ready, stop, counters) = (
             self.limits,
             Arc::clone(&self.connections),
@@ -396,11 +397,8 @@ impl Acceptor {
                 });
                 return;
             };
-            let Some(open) = AddressSlot::take(
-                &open_by_address,
-                peer.ip(),
-                limits.max_connections_per_address,
-            ) else {
+            let Some(open) = open_by_address.take(peer.ip(), limits.max_connections_per_address)
+            else {
                 counters.connection_refused(Refusal::ConnectionsPerAddress);
                 warnings.connections_full.hit(|n| {
                     tracing::warn!(
@@ -446,46 +444,6 @@ impl Acceptor {
             admission::turn_away(stream, after, limit).await;
             drop(slot);
         });
-    }
-}
-
-/// A source address's share of the handshake slots (or of the open
-/// connections), given back on drop.
-struct AddressSlot {
-    map: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl AddressSlot {
-    /// A slot for `ip` if it holds fewer than `max`.
-    fn take(
-        map: &Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
-        ip: IpAddr,
-        max: usize,
-    ) -> Option<AddressSlot> {
-        let mut held = map.lock();
-        let count = held.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            map: Arc::clone(map),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut held = self.map.lock();
-        if let Some(count) = held.get_mut(&self.ip) {
-            *count -= 1;
-            // The map holds only addresses that hold slots.
-            if *count == 0 {
-                held.remove(&self.ip);
-            }
-        }
     }
 }
 

@@ -384,10 +384,6 @@ impl Broker {
             }
             return acked;
         }
-        if self.hub.get(result.task_id).is_some_and(|t| t.direct) {
-            // A run's task after its run ended (timed out, say): late.
-            return Acked::Ignored;
-        }
         let task = match &self.mode {
             Mode::Queue { queue } => match queue.ack(result.task_id, &agent.name) {
                 Ok(task) => task,
@@ -412,6 +408,12 @@ impl Broker {
             Mode::Broadcast { cursors } => {
                 match self.broadcast_ack(cursors, agent, result.task_id) {
                     Ok(task) => task,
+                    // A run's task after its run ended (timed out, say):
+                    // late, not forged. (Looked up only on refusal: not on
+                    // every ack's path.)
+                    Err(_) if self.hub.get(result.task_id).is_some_and(|t| t.direct) => {
+                        return Acked::Ignored;
+                    }
                     Err(reason) => return Acked::Refused(reason),
                 }
             }

@@ -1377,12 +1377,10 @@ impl Run {
                 away.push(name);
             }
         }
+        self.owed.extend(away);
         if self.mode == JobMode::Any {
             // Not in the run until sent it.
-            self.owed.extend(away);
             self.agents.retain(|_, a| a.state != RunAgentState::Owed);
-        } else {
-            self.owed.extend(away);
         }
         sent
     }

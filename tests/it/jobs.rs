@@ -144,6 +144,29 @@ async fn run_until(
     .await
 }
 
+/// Submits an ad hoc rollout (`task submit --batch`) and returns its run.
+async fn rollout(
+    admin: &mut AdminClient<Channel>,
+    text: &str,
+    selector: &str,
+    batch: &str,
+    max_failed: &str,
+) -> u64 {
+    let reply = admin
+        .submit_task(SubmitTaskRequest {
+            text: text.into(),
+            selector: selector.into(),
+            batch: batch.into(),
+            max_failed: max_failed.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.run, reply.id, "a run's id is its task's");
+    reply.run
+}
+
 fn quiet() -> Config {
     let mut config = Config::default();
     config.tasks.batch = 0;
@@ -159,19 +182,7 @@ async fn a_rollout_over_200_agents_keeps_its_window_halts_at_max_failed_plus_one
     // One agent the selector does not match.
     let mut other = Fleet::connect(&server, "db", 1, "role=db").await;
 
-    let reply = admin
-        .submit_task(SubmitTaskRequest {
-            text: "apt-get -y upgrade".into(),
-            selector: "role=web".into(),
-            batch: "10%".into(),
-            max_failed: "2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let run = reply.run;
-    assert_eq!(run, reply.id, "a run's id is its task's");
+    let run = rollout(&mut admin, "apt-get -y upgrade", "role=web", "10%", "2").await;
 
     // The window fills: 20 agents (10% of 200) run it, no more.
     let mut running: Vec<(String, ServerMsg)> = Vec::new();
@@ -496,17 +507,7 @@ async fn a_rollout_resumes_after_a_sigkill_and_no_agent_runs_it_twice() {
     )
     .await;
     assert_eq!(connected_agents.len(), AGENTS);
-    let run = admin
-        .submit_task(SubmitTaskRequest {
-            text: "deploy".into(),
-            selector: "role=web".into(),
-            batch: "3".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = rollout(&mut admin, "deploy", "role=web", "3", "").await;
     run_until(&admin, run, "some agents acked", |r| r.acked >= 4).await;
     server.signal(Signal::SIGKILL);
     server.wait_exit(LIMIT);
@@ -738,17 +739,7 @@ async fn with_the_memory_store_an_ended_run_is_still_shown() {
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     let mut fleet = Fleet::connect(&server, "web", 1, "role=web").await;
-    let run = admin
-        .submit_task(SubmitTaskRequest {
-            text: "once".into(),
-            selector: "role=web".into(),
-            batch: "1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = rollout(&mut admin, "once", "role=web", "1", "").await;
     let (agent, task) = fleet.next().await;
     fleet.ack(&agent, &task, true).await;
     let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
@@ -767,17 +758,7 @@ async fn in_queue_mode_a_run_restored_after_a_restart_is_still_its_runs_to_send(
     let server = TestServer::start(config.clone()).await;
     let mut admin = server.admin().await;
     let mut web = Fleet::connect(&server, "web", 1, "role=web").await;
-    let run = admin
-        .submit_task(SubmitTaskRequest {
-            text: "deploy".into(),
-            selector: "role=web".into(),
-            batch: "1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = rollout(&mut admin, "deploy", "role=web", "1", "").await;
     let (_, task) = web.next().await;
     assert_eq!(task.id, run);
     // Stopped before the agent answers: the run is restored at the start.
