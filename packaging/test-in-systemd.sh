@@ -342,6 +342,9 @@ print(len(rows), sum(1 for r in rows if r["acked"] < 1))
     done
     ok "dashboard and alert rules in /usr/share/contactd/monitoring/"
     expect "NRestarts after install" 0 "$(prop contactd NRestarts)"
+    c journalctl --no-pager -q -o cat -u contactd | grep -F 'commands run in cgroups of their own' >/dev/null ||
+        fail "contactd.service cannot make cgroups for remote commands (Delegate=yes)"
+    ok "remote commands get cgroups of their own under contactd.service (Delegate=yes)"
     say "install checks took $(since "$step")s"
 
     # --- reload -----------------------------------------------------------------

@@ -26,7 +26,7 @@ use crate::{
     config::{self, ConfigError, ConfigFile, LogConfig, MetricsConfig, Source, reload::Changes},
     logging::{self, LogError, Logging},
     metrics::{Endpoint, Reloads},
-    process::reaper,
+    process::{cgroup, reaper},
     shutdown::{self, Signals},
     systemd,
 };
@@ -221,8 +221,10 @@ pub fn start<T: DaemonConfig>(source: Source) -> Result<(T, Daemon), DaemonError
 }
 
 /// Makes the daemon the child subreaper of the commands it runs, so what
-/// they leave outside their process group can still be killed.
+/// they leave outside their process group can still be killed, and finds
+/// the cgroup its commands' cgroups go under (removing those a crash left).
 fn adopt_orphans() {
+    cgroup::start();
     if let Err(e) = reaper::become_subreaper() {
         tracing::warn!(
             "cannot become a child subreaper ({e}): processes a command starts outside \
@@ -288,6 +290,7 @@ fn stop_runtime(runtime: Runtime, forced: bool) {
         // releases it all at once when the process exits.
         runtime.shutdown_background();
     }
+    cgroup::end();
     reaper::sweep_all();
 }
 

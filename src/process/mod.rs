@@ -1,7 +1,9 @@
-//! Running one command: no shell, its own process group, combined output
-//! captured up to a bound, killed as a group on timeout or on request; when
-//! it ends, whatever is left of its group, and what it started outside the
-//! group ([`reaper`]), is killed too: nothing outlives it.
+//! Running one command: no shell, its own process group and, where the
+//! daemon may make one, its own cgroup ([`cgroup`]); combined output
+//! captured up to a bound; killed as a group (and cgroup) on timeout or on
+//! request. When it ends, whatever is left of its group and cgroup, and
+//! what it started outside the group ([`reaper`]), is killed too: nothing
+//! outlives it.
 //!
 //! Neither the server's nor the agent's: remoteCMD (`remote_cmd`, after its
 //! allow-list) uses `execute`, which starts the command from an empty
@@ -12,6 +14,7 @@
 //!
 //! [`CHILD_ENV_REMOVE`]: crate::systemd::CHILD_ENV_REMOVE
 
+pub mod cgroup;
 pub mod reaper;
 
 use std::{pin::pin, process::Stdio, time::Duration};
@@ -119,30 +122,48 @@ async fn run(
     max_output: usize,
     kill: &CancellationToken,
 ) -> CmdOutput {
-    let mut command = Command::new(&argv[0]);
-    if base == Base::Empty {
-        command.env_clear();
-    }
-    command
-        .args(&argv[1..])
-        .envs(input.env.iter().copied())
-        .stdin(if input.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if base == Base::Daemon {
-        for name in crate::systemd::CHILD_ENV_REMOVE {
-            command.env_remove(name);
+    let run = reaper::new_run();
+    let build = |cgroup: Option<&cgroup::Cgroup>| {
+        let mut command = Command::new(&argv[0]);
+        if base == Base::Empty {
+            command.env_clear();
+        }
+        command
+            .args(&argv[1..])
+            .envs(input.env.iter().copied())
+            .stdin(if input.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if base == Base::Daemon {
+            for name in crate::systemd::CHILD_ENV_REMOVE {
+                command.env_remove(name);
+            }
+        }
+        command.env(reaper::ENV_RUN, &run);
+        if let Some(cgroup) = cgroup {
+            cgroup.enter(&mut command);
+        }
+        command
+    };
+    let mut cgroup = cgroup::Cgroup::create(&run);
+    let mut spawned = reaper::spawn(&mut build(cgroup.as_ref()));
+    if let (Err(e), Some(_)) = (&spawned, &cgroup) {
+        // Entering the cgroup, or the command itself, failed: without the
+        // cgroup it tells which.
+        let why = format!("a command could not enter its cgroup: {e}");
+        cgroup = None;
+        spawned = reaper::spawn(&mut build(None));
+        if spawned.is_ok() {
+            cgroup::give_up(&why);
         }
     }
-    let run = reaper::new_run();
-    command.env(reaper::ENV_RUN, &run);
-    let mut child = match reaper::spawn(&mut command) {
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             return CmdOutput {
@@ -157,6 +178,7 @@ async fn run(
     let group = GroupGuard {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         run,
+        cgroup,
     };
     let mut capture = Capture::new(max_output, input.keep_tail);
     let stdin = child.stdin.take();
@@ -213,12 +235,15 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// The command's process group and run id, from its start to its end.
+/// The command's process group, cgroup and run id, from its start to its
+/// end.
 struct GroupGuard {
     /// Its process group, which is also its leader's pid; `None` once done.
     pgid: Option<Pid>,
     /// Its [`reaper::ENV_RUN`] id.
     run: String,
+    /// Its cgroup, where it has one: killed and removed when dropped.
+    cgroup: Option<cgroup::Cgroup>,
 }
 
 impl GroupGuard {
@@ -226,6 +251,9 @@ impl GroupGuard {
         if let Some(pgid) = self.pgid {
             // The group may already be gone; nothing to do then.
             let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill();
         }
     }
 
@@ -244,6 +272,10 @@ impl GroupGuard {
         if let Some(pgid) = self.pgid.take() {
             reaper::end(pgid);
         }
+        if let Some(cgroup) = self.cgroup.take() {
+            // Waits (briefly) for the cgroup to empty.
+            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+        }
         self.sweep().await;
     }
 }
@@ -254,6 +286,7 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.pgid.take() {
             reaper::end(pgid);
+            drop(self.cgroup.take());
             reaper::sweep(&self.run);
         }
     }

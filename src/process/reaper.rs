@@ -41,9 +41,11 @@ static SUBREAPER: AtomicBool = AtomicBool::new(false);
 static LEADERS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
 
-/// Kill-and-rescan rounds per sweep: each round can uncover the children of
-/// the processes it killed.
-const ROUNDS: usize = 16;
+/// How long a sweep may go on killing and rescanning: each round can uncover
+/// the children its victims forked before they died, so a sweep ends when a
+/// round kills nothing, or at this bound (a command without a cgroup that
+/// re-forks without end can outrun it).
+const SWEEP_LIMIT: Duration = Duration::from_secs(5);
 /// How long a killed process may take to become reapable.
 const REAP_WAIT: Duration = Duration::from_secs(1);
 
@@ -125,7 +127,12 @@ pub fn sweep_all() {
 
 fn sweep_where(doomed: impl Fn(i32, bool) -> bool) {
     let me = std::process::id() as i32;
-    for _ in 0..ROUNDS {
+    let deadline = Instant::now() + SWEEP_LIMIT;
+    // One line per sweep, however many rounds a re-forker makes it take.
+    let mut total = 0usize;
+    let mut first = None;
+    let mut outrun = true;
+    while Instant::now() < deadline {
         let mut killed = Vec::new();
         let mut ended = Vec::new();
         {
@@ -142,11 +149,7 @@ fn sweep_where(doomed: impl Fn(i32, bool) -> bool) {
                     if child.pgid == child.pid {
                         let _ = killpg(pid, Signal::SIGKILL);
                     }
-                    tracing::warn!(
-                        pid = child.pid,
-                        command = %crate::untrusted::shown(&child.name),
-                        "killed a process a command left behind outside its process group"
-                    );
+                    first.get_or_insert((child.pid, child.name));
                     killed.push(child.pid);
                 }
             }
@@ -155,11 +158,27 @@ fn sweep_where(doomed: impl Fn(i32, bool) -> bool) {
             let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         }
         if killed.is_empty() {
-            return;
+            outrun = false;
+            break;
         }
+        total += killed.len();
         for pid in killed {
             reap(Pid::from_raw(pid));
         }
+    }
+    if let Some((pid, name)) = first {
+        tracing::warn!(
+            pid,
+            command = %crate::untrusted::shown(&name),
+            killed = total,
+            "killed processes a command left behind outside its process group"
+        );
+    }
+    if outrun {
+        tracing::error!(
+            "a command's descendants kept forking for {}: some may still run",
+            humantime::format_duration(SWEEP_LIMIT)
+        );
     }
 }
 

@@ -607,6 +607,134 @@ async fn a_second_sigterm_still_kills_what_commands_left_outside_their_group() {
     let _ = within("the call to end", call).await;
 }
 
+/// A script that forks the next generation of itself and exits at once,
+/// every third generation from a new session (`setsid`), every third
+/// clearing its run marker, until `$1` generations have passed (a bound, so
+/// a survivor ends by itself); `$2` marks its processes.
+const REFORKER: &str = "#!/bin/sh\n\
+    n=$1\n\
+    [ \"$n\" -gt 0 ] || exit 0\n\
+    case $((n % 3)) in\n\
+    0) setsid \"$0\" $((n - 1)) \"$2\" & ;;\n\
+    1) env -u CONTACTD_RUN \"$0\" $((n - 1)) \"$2\" & ;;\n\
+    *) \"$0\" $((n - 1)) \"$2\" & ;;\n\
+    esac\n\
+    exit 0\n";
+
+/// The processes whose command line holds `token`.
+fn marked(token: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let line = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let line = String::from_utf8_lossy(&line).into_owned();
+            line.split('\0').any(|arg| arg == token).then_some(pid)
+        })
+        .collect()
+}
+
+/// Whether a process marked `token` is alive over several scans (a chain
+/// always has one: each generation forks the next before it exits).
+fn any_marked(token: &str) -> bool {
+    (0..5).any(|_| {
+        let found = !marked(token).is_empty();
+        std::thread::sleep(Duration::from_millis(40));
+        found
+    })
+}
+
+/// Kills what is left of a chain marked `token` (after a failed check), so a
+/// failing test leaves nothing running; bounded in rounds.
+fn kill_marked(token: &str) {
+    for _ in 0..1000 {
+        let pids = marked(token);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_re_forker_dies_at_its_timeout_and_at_the_servers_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let scripts = tempfile::tempdir().unwrap();
+    let script = scripts.path().join("reforker.sh");
+    std::fs::write(&script, REFORKER).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = script.display().to_string();
+    let start = |timeout: &str| {
+        let mut daemon = Daemon::start(&format!(
+            "[server]\ngrace_period = \"1h\"\n[tasks]\nbatch = 0\n[remote_cmd]\n\
+             enabled = true\nallow = [\"{script} 20000 *\"]\ntimeout = \"{timeout}\"\n"
+        ));
+        daemon.wait_for_line("commands run in cgroups of their own");
+        daemon
+    };
+    let connect = |daemon: &Daemon| {
+        let channel = Channel::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect_lazy();
+        contactd::proto::contact::contact_client::ContactClient::new(channel)
+    };
+    let mut daemon = start("1s");
+    let mut client = connect(&daemon);
+
+    // At its timeout.
+    let first = format!("contactd-reforker-{}-1", std::process::id());
+    let reply = within(
+        "the command",
+        client.remote_cmd(cmd(&format!("{script} 20000 {first}"), "")),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(
+        reply.res.contains("killed after the 1s timeout"),
+        "{}",
+        reply.res
+    );
+    let survived = any_marked(&first);
+    kill_marked(&first);
+    assert!(!survived, "the re-forker outlived its command's timeout");
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+
+    // At the server's exit (a second SIGTERM, not waiting for the command).
+    let mut daemon = start("1h");
+    let mut client = connect(&daemon);
+    let second = format!("contactd-reforker-{}-2", std::process::id());
+    let line = format!("{script} 20000 {second}");
+    let call = tokio::spawn(async move { client.remote_cmd(cmd(&line, "")).await });
+    let started = second.clone();
+    within("the command to start", async move {
+        while marked(&started).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_for_line("waiting for in-flight calls");
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_exit(LIMIT);
+    let survived = any_marked(&second);
+    kill_marked(&second);
+    assert!(!survived, "the re-forker outlived the server");
+    let _ = within("the call to end", call).await;
+    assert!(
+        !daemon
+            .log
+            .iter()
+            .any(|l| l.contains("kept forking") || l.contains("cannot remove")),
+        "{}",
+        daemon.log.join("\n")
+    );
+}
+
 // ---- the operator's edges: a replaced admin socket, a closed pipe ----
 
 #[tokio::test]
