@@ -46,6 +46,8 @@ pub const SERVER_RULES: Rules = &[
     ("server.max_concurrent_streams", Takes::Restart),
     ("server.max_connection_buffer", Takes::Restart),
     ("server.max_buffered", Takes::Restart),
+    ("server.max_connection_unsent", Takes::Restart),
+    ("server.max_unsent", Takes::Restart),
     ("server.connection_window", Takes::Restart),
     ("server.stream_window", Takes::Restart),
     ("server.handshake_timeout", Takes::Restart),

@@ -113,6 +113,15 @@ pub struct ServerConfig {
     /// server hold; beyond, the calls adding to it are refused.
     #[serde(with = "units::size")]
     pub max_buffered: ByteSize,
+    /// Bytes of replies and queue-mode tasks the server may hold for one
+    /// connection, produced and not yet written out (its peer does not
+    /// read); beyond, its streams wait.
+    #[serde(with = "units::size")]
+    pub max_connection_unsent: ByteSize,
+    /// The same, for all connections together: beyond, every connection
+    /// holding unsent bytes waits until it has written them out.
+    #[serde(with = "units::size")]
+    pub max_unsent: ByteSize,
     /// HTTP/2 flow-control window of one connection and of one stream: how
     /// much a peer may send before the server reads it.
     #[serde(with = "units::size")]
@@ -246,6 +255,8 @@ impl Default for ServerConfig {
             max_command_message: ByteSize::kib(64),
             max_connection_buffer: ByteSize::mib(4),
             max_buffered: ByteSize::mib(128),
+            max_connection_unsent: ByteSize::kib(32),
+            max_unsent: ByteSize::mib(128),
             connection_window: ByteSize::kib(256),
             stream_window: ByteSize::kib(64),
             tls: None,
@@ -365,11 +376,19 @@ impl ServerConfig {
             "server.max_buffered",
             self.max_buffered,
         );
+        c.size_between(
+            "server.max_connection_unsent",
+            self.max_connection_unsent,
+            CONNECTION_UNSENT_MIN,
+            "server.max_unsent",
+            self.max_unsent,
+        );
         // Unlike `Checks::size`, these messages show the value unquoted,
         // so they are written out here to keep `check-config`'s output as it is.
         let f = units::size::format;
         for (size, key, range) in [
             (self.max_buffered, "server.max_buffered", MAX_BUFFERED),
+            (self.max_unsent, "server.max_unsent", MAX_UNSENT),
             (
                 self.connection_window,
                 "server.connection_window",

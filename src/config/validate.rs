@@ -50,6 +50,9 @@ pub mod ranges {
     pub const MAX_BUFFERED: RangeInclusive<u64> = MIB..=64 * GIB;
     /// The least `max_connection_buffer`; the most is `max_buffered`.
     pub const CONNECTION_BUFFER_MIN: u64 = 64 * KIB;
+    pub const MAX_UNSENT: RangeInclusive<u64> = MIB..=64 * GIB;
+    /// The least `max_connection_unsent`; the most is `max_unsent`.
+    pub const CONNECTION_UNSENT_MIN: u64 = 16 * KIB;
     /// `connection_window`, and `stream_window` (at most `connection_window`).
     pub const FLOW_WINDOW: RangeInclusive<u64> = 64 * KIB..=16 * MIB;
 

@@ -4,7 +4,10 @@
 //! serving. Read by the metrics at a scrape (`metrics.rs`).
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -99,6 +102,12 @@ pub(crate) struct Counters {
     pub(super) command_seconds: Histogram,
     /// How long unary Contact calls (remoteCMD) took, headers to trailers.
     pub(super) unary_seconds: Histogram,
+    /// Bytes produced for all connections and not yet written out
+    /// ([`super::outbox`]).
+    pub(super) unsent: Arc<AtomicUsize>,
+    /// Times a response stream waited for its peer to read
+    /// (`server.max_connection_unsent`, `server.max_unsent`).
+    pub(super) sends_paused: AtomicU64,
 }
 
 impl Default for Counters {
@@ -110,6 +119,8 @@ impl Default for Counters {
             commands: Default::default(),
             command_seconds: Histogram::new(crate::metrics::duration_buckets()),
             unary_seconds: Histogram::new(crate::metrics::duration_buckets()),
+            unsent: Arc::default(),
+            sends_paused: AtomicU64::new(0),
         }
     }
 }

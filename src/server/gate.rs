@@ -18,7 +18,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
@@ -31,6 +31,7 @@ use tower::Service;
 use super::{
     contact::{ContactService, Handoff},
     listener::ConnInfo,
+    outbox::{self, Outbound, Pauses},
     state::State,
 };
 use crate::{
@@ -75,6 +76,8 @@ pub(super) struct Gate {
     /// One Contact server per message limit: status, result, command, other.
     servers: [ContactServer<ContactService>; 4],
     budget: Budget,
+    /// `server.max_connection_unsent` and `server.max_unsent`.
+    pauses: Arc<Pauses>,
 }
 
 impl NamedService for Gate {
@@ -82,11 +85,24 @@ impl NamedService for Gate {
 }
 
 /// The bytes of unfinished messages peers may make the server hold.
+///
+/// Half of the global budget is kept for known connections (see
+/// [`ConnInfo::known`]): unknown ones count against `anonymous` too, and
+/// are refused once it holds half, so anonymous peers filling the budget
+/// cannot starve a known agent's message.
 #[derive(Debug, Clone)]
 struct Budget {
     global: Arc<AtomicUsize>,
+    anonymous: Arc<AtomicUsize>,
     max_global: usize,
     max_connection: usize,
+}
+
+impl Budget {
+    /// What unknown connections may hold together.
+    fn max_anonymous(&self) -> usize {
+        self.max_global / 2
+    }
 }
 
 fn usize_of(size: bytesize::ByteSize) -> usize {
@@ -113,9 +129,14 @@ impl Gate {
             ],
             budget: Budget {
                 global: Arc::default(),
+                anonymous: Arc::default(),
                 max_global: usize_of(s.max_buffered),
                 max_connection: usize_of(s.max_connection_buffer),
             },
+            pauses: Arc::new(Pauses::new(outbox::Limits {
+                connection: usize_of(s.max_connection_unsent),
+                global: usize_of(s.max_unsent),
+            })),
         }
     }
 }
@@ -142,9 +163,12 @@ impl Service<http::Request<Body>> for Gate {
             }
         };
         let (mut parts, body) = request.into_parts();
+        if let (Some(conn), Who::Verified(_)) = (&conn, &principal.who) {
+            conn.known.store(true, Ordering::Relaxed);
+        }
         parts.extensions.insert(principal);
-        let body = match conn {
-            Some(conn) => Body::new(Metered::new(body, &self.budget, conn.buffered)),
+        let body = match &conn {
+            Some(conn) => Body::new(Metered::new(body, &self.budget, conn)),
             None => body,
         };
         let request = http::Request::from_parts(parts, body);
@@ -164,13 +188,26 @@ impl Service<http::Request<Body>> for Gate {
             Method::GetTask | Method::Other => self.servers[3].call(request),
         };
         let (state, started) = (Arc::clone(&self.state), std::time::Instant::now());
+        let pauses = Arc::clone(&self.pauses);
         Box::pin(async move {
             let mut response = call.await?;
             if method == Method::GetTask
                 && let Some(handoff) = response.extensions_mut().remove::<Handoff>()
                 && let Some(frames) = handoff.take()
             {
+                // Broadcast frames are shared: not counted as unsent.
                 response = response.map(|_empty| Body::new(frames));
+            } else if let (Method::SendStatus | Method::GetTask, Some(conn)) = (method, conn) {
+                // Status replies and queue-mode tasks: this peer's alone.
+                response = response.map(|body| {
+                    Body::new(Outbound::new(
+                        body,
+                        conn.outbox,
+                        pauses,
+                        Arc::clone(&state.counters),
+                        conn.remote,
+                    ))
+                });
             }
             Ok(counted(response, state, method, started))
         })
@@ -441,6 +478,11 @@ struct Metered {
     inner: Body,
     budget: Budget,
     connection: Arc<AtomicUsize>,
+    /// The connection's [`ConnInfo::known`].
+    known: Arc<AtomicBool>,
+    /// Whether what is held for the current message counts against the
+    /// anonymous share (decided at its first held byte).
+    held_anonymous: bool,
     /// The 5-byte gRPC message header, as far as it has arrived.
     header: [u8; 5],
     header_len: usize,
@@ -451,11 +493,13 @@ struct Metered {
 }
 
 impl Metered {
-    fn new(inner: Body, budget: &Budget, connection: Arc<AtomicUsize>) -> Metered {
+    fn new(inner: Body, budget: &Budget, conn: &ConnInfo) -> Metered {
         Metered {
             inner,
             budget: budget.clone(),
-            connection,
+            connection: Arc::clone(&conn.buffered),
+            known: Arc::clone(&conn.known),
+            held_anonymous: false,
             header: [0; 5],
             header_len: 0,
             remaining: 0,
@@ -467,14 +511,32 @@ impl Metered {
         if self.held > 0 {
             self.connection.fetch_sub(self.held, Ordering::Relaxed);
             self.budget.global.fetch_sub(self.held, Ordering::Relaxed);
+            if self.held_anonymous {
+                self.budget
+                    .anonymous
+                    .fetch_sub(self.held, Ordering::Relaxed);
+            }
             self.held = 0;
         }
     }
 
     fn reserve(&mut self, n: usize) -> Result<(), Status> {
+        if self.held == 0 {
+            self.held_anonymous = !self.known.load(Ordering::Relaxed);
+        }
         let connection = self.connection.fetch_add(n, Ordering::Relaxed) + n;
         let global = self.budget.global.fetch_add(n, Ordering::Relaxed) + n;
         self.held += n;
+        if self.held_anonymous {
+            let anonymous = self.budget.anonymous.fetch_add(n, Ordering::Relaxed) + n;
+            if anonymous > self.budget.max_anonymous() {
+                return Err(Status::resource_exhausted(
+                    "unknown connections hold too many unfinished messages (half of \
+                     server.max_buffered is kept for known agents): message refused, try \
+                     again later",
+                ));
+            }
+        }
         if connection > self.budget.max_connection {
             return Err(Status::resource_exhausted(
                 "this connection holds too many unfinished messages \
@@ -515,6 +577,10 @@ impl Metered {
             data = &data[take..];
             if self.remaining == 0 {
                 self.release();
+                // A whole message: the connection is known from now on.
+                if !self.known.load(Ordering::Relaxed) {
+                    self.known.store(true, Ordering::Relaxed);
+                }
             } else {
                 self.reserve(take)?;
             }

@@ -23,7 +23,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, atomic::AtomicUsize},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -44,6 +47,7 @@ use tonic::transport::server::Connected;
 use super::{
     admission::{self, Pace, Turn},
     counters::{Counters, Refusal},
+    outbox::Outbox,
 };
 use crate::{
     net::{AddressSlot, AddressSlots},
@@ -63,6 +67,12 @@ pub struct ConnInfo {
     pub peer_chain: Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>,
     /// Bytes of unfinished messages this connection makes the server hold.
     pub buffered: Arc<AtomicUsize>,
+    /// Whether the connection is known: its caller proved an identity, or
+    /// it has sent a whole message. Unknown ones share half of
+    /// `server.max_buffered` (the gate).
+    pub known: Arc<AtomicBool>,
+    /// What the server has produced for it and still holds.
+    pub outbox: Arc<Outbox>,
 }
 
 enum Io {
@@ -363,7 +373,10 @@ impl Acceptor {
         );
         tokio::spawn(async move {
             let handshake = tokio::select! {
-                r = tokio::time::timeout(limits.handshake_timeout, handshake(stream, peer, tls)) => r,
+                r = tokio::time::timeout(
+                    limits.handshake_timeout,
+                    handshake(stream, peer, tls, Arc::clone(&counters.unsent)),
+                ) => r,
                 () = stop.cancelled() => return,
             };
             drop(permit);
@@ -474,6 +487,7 @@ async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
+    unsent: Arc<AtomicUsize>,
 ) -> Result<(Io, Bytes, ConnInfo), HandshakeError> {
     let (mut peer_name, mut peer_chain) = (None, None);
     let mut io = match tls {
@@ -504,6 +518,8 @@ async fn handshake(
         peer_name,
         peer_chain,
         buffered: Arc::default(),
+        known: Arc::default(),
+        outbox: Arc::new(Outbox::new(unsent)),
     };
     Ok((io, replay, info))
 }

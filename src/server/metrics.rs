@@ -197,6 +197,20 @@ impl Collector for ServerCollector {
         )?;
         let c = &state.counters;
         c.encode_calls(&mut e)?;
+        gauge(
+            &mut e,
+            "unsent_bytes",
+            "Bytes of replies and queue-mode tasks produced for peers and not yet written out \
+             (at most server.max_unsent, plus a message per connection)",
+            c.unsent.load(Relaxed) as u64,
+        )?;
+        counter(
+            &mut e,
+            "sends_paused",
+            "Times a response stream waited because its peer was not reading \
+             (server.max_connection_unsent or server.max_unsent reached)",
+            c.sends_paused.load(Relaxed),
+        )?;
         c.unary_seconds.encode(e.encode_descriptor(
             "grpc_request_duration_seconds",
             "How long unary Contact calls (remoteCMD) took, request headers to response trailers",

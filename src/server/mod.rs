@@ -24,6 +24,7 @@ mod gate;
 mod health;
 mod listener;
 mod metrics;
+mod outbox;
 mod policy;
 mod reload;
 mod state;
@@ -495,6 +496,25 @@ async fn housekeep(state: Arc<State>, shutdown: CancellationToken) {
             .broker
             .housekeep(&connected, roster, forget_before_ms)
             .await;
+        let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+    }
+}
+
+/// Gives the heap glibc holds free back to the kernel.
+///
+/// glibc keeps what is freed in its arenas: after 2,000 streams of peers
+/// that never read their replies had gone, 39 of the 43 MB they had cost
+/// stayed resident for good (1.24 GB after a larger attack). `malloc_trim`
+/// returns the free pages of every arena; every ten seconds it costs well
+/// under a millisecond with nothing to return, and a few with hundreds of
+/// megabytes. (A different allocator would return memory by itself, at the
+/// price of a C build and of re-measuring every benchmark.)
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own arenas,
+    // under their locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

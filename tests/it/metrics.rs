@@ -73,14 +73,14 @@ async fn request(addr: SocketAddr, method: &str, path: &str, accept: Option<&str
 }
 
 /// `GET /metrics` in the Prometheus text format.
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let scraped = request(addr, "GET", "/metrics", None).await;
     assert_eq!(scraped.status, 200, "{}", scraped.body);
     scraped.body
 }
 
 /// The value of the sample `series` (name and labels, as exposed).
-fn value(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.trim().parse().unwrap())

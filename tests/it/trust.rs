@@ -1297,6 +1297,162 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
 
+/// One gRPC message of a `ClientMsg` whose status text is `text`.
+fn status_message(text: &str) -> bytes::Bytes {
+    use prost::Message;
+    let msg = contactd::proto::contact::ClientMsg { msg: text.into() };
+    let body = msg.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&body);
+    framed.into()
+}
+
+/// Opens a connection whose own window is wide open (each stream's is the
+/// default 64 KiB) and sends `per_stream` statuses of `size` bytes on each
+/// of `streams` sendStatus calls, never reading a reply. Returns what keeps
+/// the connection open.
+async fn unread_status_streams(
+    addr: SocketAddr,
+    streams: usize,
+    per_stream: usize,
+    size: usize,
+) -> UnreadPeer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = h2::client::Builder::new()
+        .initial_connection_window_size((1 << 30) - 1)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let text = "x".repeat(size);
+    let mut open = Vec::new();
+    let mut responses = Vec::new();
+    for _ in 0..streams {
+        sender = within("stream capacity", sender.ready()).await.unwrap();
+        let request = http::Request::post(format!("http://{addr}/Contact/sendStatus"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header(AGENT_HEADER, "unread")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = sender.send_request(request, false).unwrap();
+        for _ in 0..per_stream {
+            stream.send_data(status_message(&text), false).unwrap();
+        }
+        open.push(stream);
+        responses.push(response);
+    }
+    UnreadPeer {
+        connection,
+        _sender: sender,
+        _streams: open,
+        _responses: responses,
+    }
+}
+
+/// A connection whose replies are never read; closed when dropped.
+struct UnreadPeer {
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    _sender: h2::client::SendRequest<bytes::Bytes>,
+    _streams: Vec<h2::SendStream<bytes::Bytes>>,
+    _responses: Vec<h2::client::ResponseFuture>,
+}
+
+impl Drop for UnreadPeer {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// A peer that sends statuses on many streams and never reads the replies
+/// makes the server hold at most `server.max_connection_unsent` of them per
+/// connection (it held every reply: 40 connections × 250 streams, 1.29
+/// GB); its streams wait, the pause is counted, everyone else is served,
+/// and the memory goes when the peer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_nobody_reads_are_held_within_the_send_budget() {
+    let mut daemon = common::daemon::Daemon::start(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[tasks]\nbatch = 0\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let line = daemon.wait_for_line("metrics endpoint listening");
+    let metrics: SocketAddr = common::daemon::field(&line, "addr").parse().unwrap();
+    let pid = daemon.process.child.id();
+    let before = rss_bytes(pid);
+    // 10 connections × 100 streams × 8 statuses of 32 KiB: the replies
+    // beyond each stream's 64 KiB window, if all held, 1000 × 192 KiB.
+    let (connections, streams, budget) = (10usize, 100usize, 32 * 1024);
+    let held_before_the_fix = (connections * streams * 192 * 1024) as u64;
+    let mut peers = Vec::new();
+    for _ in 0..connections {
+        peers.push(unread_status_streams(daemon.addr, streams, 8, 32 * 1024).await);
+    }
+    // Every connection holds its budget of unsent replies, no more.
+    let mut unsent = 0.0;
+    within("every connection to reach its budget", async {
+        loop {
+            let text = crate::metrics::scrape(metrics).await;
+            unsent = crate::metrics::value(&text, "contactd_unsent_bytes").unwrap();
+            if unsent >= (connections * budget) as f64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let text = crate::metrics::scrape(metrics).await;
+    let paused = crate::metrics::value(&text, "contactd_sends_paused_total").unwrap();
+    assert!(paused >= connections as f64, "{text}");
+    // A connection's unsent bytes stop within a chunk of its budget (a
+    // chunk: at most tonic's 32 KiB and a reply).
+    assert!(
+        unsent <= (connections * (budget + 72 * 1024)) as f64,
+        "{unsent} bytes unsent"
+    );
+    // Health and an agent are still served.
+    let channel = within(
+        "connect",
+        Endpoint::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    health(channel.clone()).await.unwrap();
+    ContactClient::new(channel)
+        .get_task(named(Empty {}, "web1"))
+        .await
+        .unwrap();
+    let grown = rss_bytes(pid).saturating_sub(before);
+    // What is left is the streams' own codec buffers.
+    assert!(
+        grown < held_before_the_fix / 2,
+        "RSS grew by {} MiB",
+        grown >> 20
+    );
+    tokio::task::block_in_place(|| daemon.wait_for_line("a peer is not reading"));
+    // The peers leave: nothing is held for them any more.
+    drop(peers);
+    within("the unsent bytes to go", async {
+        loop {
+            let text = crate::metrics::scrape(metrics).await;
+            if crate::metrics::value(&text, "contactd_unsent_bytes") == Some(0.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // And the memory goes back (trimmed within ten seconds).
+    within("the memory to be returned", async {
+        while rss_bytes(pid).saturating_sub(before) > 16 << 20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
 /// A reload that replaces the client CA ends the open streams of the agents
 /// whose certificates it no longer trusts (UNAUTHENTICATED, within a
 /// second), and refuses their next call on the same connection.
