@@ -1297,6 +1297,54 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
 
+/// Anonymous peers holding unfinished messages get half of
+/// `server.max_buffered` at most: a known agent's large status still gets
+/// in (48 such connections filled the budget, and a real agent's 60 KB
+/// status was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_peers_cannot_take_the_buffer_budget_from_known_agents() {
+    let config = "[server]\nmax_buffered = \"1MiB\"\nmax_connection_buffer = \"64KiB\"\n\
+                  [tasks]\nbatch = 0\n";
+    let daemon = common::daemon::Daemon::start(config);
+    // 16 connections of one unfinished 60 KiB message each (960 KiB, under
+    // max_buffered): the ninth and later are refused, at half of it.
+    let size = 60 * 1024;
+    let mut hogs = Vec::new();
+    for i in 0..16 {
+        let refusals = usize::from(i >= 8);
+        hogs.push(unfinished_messages(daemon.addr, 1, size, refusals).await);
+    }
+    // A known agent (it has sent a whole message) sends a 60 KB status.
+    let channel = within(
+        "connect",
+        Endpoint::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let statuses = vec![
+        contactd::proto::contact::ClientMsg {
+            msg: "hello".into(),
+        },
+        contactd::proto::contact::ClientMsg {
+            msg: "y".repeat(size),
+        },
+    ];
+    let mut replies = within(
+        "the status call",
+        ContactClient::new(channel).send_status(named(tokio_stream::iter(statuses), "known")),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    for _ in 0..2 {
+        let reply = within("a reply", replies.message()).await;
+        assert!(matches!(reply, Ok(Some(_))), "{reply:?}");
+    }
+    drop(hogs);
+}
+
 /// One gRPC message of a `ClientMsg` whose status text is `text`.
 fn status_message(text: &str) -> bytes::Bytes {
     use prost::Message;
