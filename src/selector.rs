@@ -1379,13 +1379,13 @@ mod fuzz {
         for case in 0..CASES {
             let (text, reqs) = selector(&mut rng);
             let parsed =
-                Selector::parse(&text).unwrap_or_else(|e| panic!("case {case}: {text:?}: {e}"));
+                Selector::parse(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
             let again = Selector::parse(&parsed.to_string()).unwrap();
-            assert_eq!(again, parsed, "case {case}: {text:?}");
+            assert_eq!(again, parsed, "{text:?}");
             assert_eq!(
                 format!("{:?}", again.requirements),
                 format!("{:?}", parsed.requirements),
-                "case {case}: {text:?}"
+                "{text:?}"
             );
             for _ in 0..8 {
                 let (name, labels) = agent(&mut rng);
@@ -1426,62 +1426,89 @@ mod fuzz {
         "\0",
     ];
 
-    fn check_error_or_round_trip(case: usize, text: &str) {
+    fn check_error_or_round_trip(text: &str) {
         match Selector::parse(text) {
             Ok(parsed) => {
                 assert_eq!(
                     Selector::parse(parsed.as_str()).as_ref(),
                     Ok(&parsed),
-                    "case {case}: {text:?}"
+                    "{text:?}"
                 );
             }
             Err(e) => {
-                assert!(e.position <= text.len(), "case {case}: {text:?}: {e}");
+                assert!(e.position <= text.len(), "{text:?}: {e}");
                 assert!(
                     text.is_char_boundary(e.position),
-                    "case {case}: {text:?}: {e}"
+                    "{text:?}: {e}"
                 );
                 assert!(!e.message.is_empty());
             }
         }
     }
 
-    #[test]
-    fn garbage_never_panics_and_errors_point_into_the_input() {
-        let mut rng = fastrand::Rng::with_seed(0x5e1e_c702);
-        for case in 0..CASES {
-            let text: String = match rng.usize(..3) {
-                0 => (0..rng.usize(..12))
-                    .map(|_| pick(&mut rng, &JUNK))
-                    .collect(),
-                1 => String::from_utf8_lossy(
-                    &(0..rng.usize(..24)).map(|_| rng.u8(..)).collect::<Vec<_>>(),
-                )
-                .into_owned(),
-                _ => (0..rng.usize(..24)).map(|_| rng.char(' '..='~')).collect(),
-            };
-            check_error_or_round_trip(case, &text);
+    /// 1,000 cases each; a failure is shrunk to the smallest input that
+    /// still fails, printed, and not saved beside the sources.
+    fn proptest_config() -> proptest::test_runner::Config {
+        proptest::test_runner::Config {
+            cases: 1000,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
         }
     }
 
-    #[test]
-    fn mutated_selectors_never_panic_and_errors_point_into_the_input() {
-        let mut rng = fastrand::Rng::with_seed(0x5e1e_c703);
-        for case in 0..CASES {
+    /// Garbage: pieces of the syntax, random bytes made text, or printable
+    /// ASCII.
+    fn garbage() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::collection::vec(prop::sample::select(&JUNK[..]), 0..12)
+                .prop_map(|pieces| pieces.concat()),
+            prop::collection::vec(any::<u8>(), 0..24)
+                .prop_map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+            prop::collection::vec(prop::char::range(' ', '~'), 0..24)
+                .prop_map(|chars| chars.into_iter().collect()),
+        ]
+    }
+
+    /// A generated selector (from a seed: the generator is `selector`'s)
+    /// with 1 to 3 edits: a character removed, a piece of syntax or any
+    /// character inserted. Shrinking removes edits and simplifies them.
+    fn mutated() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let edit = (
+            any::<prop::sample::Index>(),
+            0..3usize,
+            prop::sample::select(&JUNK[..]),
+            any::<char>(),
+        );
+        (any::<u64>(), prop::collection::vec(edit, 1..4)).prop_map(|(seed, edits)| {
+            let mut rng = fastrand::Rng::with_seed(seed);
             let mut chars: Vec<char> = selector(&mut rng).0.chars().collect();
-            for _ in 0..rng.usize(1..4) {
-                let at = rng.usize(..=chars.len());
-                match rng.usize(..3) {
+            for (at, kind, junk, c) in edits {
+                let at = at.index(chars.len() + 1);
+                match kind {
                     0 if at < chars.len() => {
                         chars.remove(at);
                     }
-                    1 => chars
-                        .splice(at..at, pick(&mut rng, &JUNK).chars())
-                        .for_each(drop),
-                    _ => chars.insert(at, rng.char(..)),
+                    1 => chars.splice(at..at, junk.chars()).for_each(drop),
+                    _ => chars.insert(at, c),
                 }
             }
-            check_error_or_round_trip(case, &chars.into_iter().collect::<String>());
+            chars.into_iter().collect()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn garbage_never_panics_and_errors_point_into_the_input(text in garbage()) {
+            check_error_or_round_trip(&text);
+        }
+
+        #[test]
+        fn mutated_selectors_never_panic_and_errors_point_into_the_input(text in mutated()) {
+            check_error_or_round_trip(&text);
         }
     }
 }
