@@ -1378,8 +1378,7 @@ mod fuzz {
         let mut matched = 0;
         for case in 0..CASES {
             let (text, reqs) = selector(&mut rng);
-            let parsed =
-                Selector::parse(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let parsed = Selector::parse(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
             let again = Selector::parse(&parsed.to_string()).unwrap();
             assert_eq!(again, parsed, "{text:?}");
             assert_eq!(
@@ -1437,10 +1436,7 @@ mod fuzz {
             }
             Err(e) => {
                 assert!(e.position <= text.len(), "{text:?}: {e}");
-                assert!(
-                    text.is_char_boundary(e.position),
-                    "{text:?}: {e}"
-                );
+                assert!(text.is_char_boundary(e.position), "{text:?}: {e}");
                 assert!(!e.message.is_empty());
             }
         }

@@ -48,6 +48,7 @@ pub const SERVER_RULES: Rules = &[
     ("server.max_buffered", Takes::Restart),
     ("server.max_connection_unsent", Takes::Restart),
     ("server.max_unsent", Takes::Restart),
+    ("server.socket_send_buffer", Takes::Restart),
     ("server.connection_window", Takes::Restart),
     ("server.stream_window", Takes::Restart),
     ("server.handshake_timeout", Takes::Restart),

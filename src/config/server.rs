@@ -122,6 +122,12 @@ pub struct ServerConfig {
     /// holding unsent bytes waits until it has written them out.
     #[serde(with = "units::size")]
     pub max_unsent: ByteSize,
+    /// The kernel's send buffer of each connection (SO_SNDBUF); unset: the
+    /// kernel sizes it (up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB on
+    /// Debian), which is what a peer that stops reading makes the kernel
+    /// hold for it before `max_connection_unsent` applies.
+    #[serde(default, with = "units::optional_size")]
+    pub socket_send_buffer: Option<ByteSize>,
     /// HTTP/2 flow-control window of one connection and of one stream: how
     /// much a peer may send before the server reads it.
     #[serde(with = "units::size")]
@@ -257,6 +263,7 @@ impl Default for ServerConfig {
             max_buffered: ByteSize::mib(128),
             max_connection_unsent: ByteSize::kib(32),
             max_unsent: ByteSize::mib(128),
+            socket_send_buffer: None,
             connection_window: ByteSize::kib(256),
             stream_window: ByteSize::kib(64),
             tls: None,
@@ -376,6 +383,9 @@ impl ServerConfig {
             "server.max_buffered",
             self.max_buffered,
         );
+        if let Some(size) = self.socket_send_buffer {
+            c.size("server.socket_send_buffer", size, SOCKET_BUFFER);
+        }
         c.size_between(
             "server.max_connection_unsent",
             self.max_connection_unsent,

@@ -72,6 +72,22 @@ pub mod optional_socket_addr {
     }
 }
 
+/// An optional [`size`]: absent means unset.
+pub mod optional_size {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Option<ByteSize>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(size) => super::size::serialize(size, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+        super::size::deserialize(d).map(Some)
+    }
+}
+
 /// A byte size as `"64KiB"`, `"10MiB"` or a plain number of bytes.
 pub mod size {
     use super::*;

@@ -51,6 +51,8 @@ pub mod ranges {
     /// The least `max_connection_buffer`; the most is `max_buffered`.
     pub const CONNECTION_BUFFER_MIN: u64 = 64 * KIB;
     pub const MAX_UNSENT: RangeInclusive<u64> = MIB..=64 * GIB;
+    /// `socket_send_buffer` (the kernel doubles it, and has a floor of its own).
+    pub const SOCKET_BUFFER: RangeInclusive<u64> = 4 * KIB..=64 * MIB;
     /// The least `max_connection_unsent`; the most is `max_unsent`.
     pub const CONNECTION_UNSENT_MIN: u64 = 16 * KIB;
     /// `connection_window`, and `stream_window` (at most `connection_window`).

@@ -179,6 +179,8 @@ pub struct Limits {
     /// `server.accept_rate` and `server.accept_burst`.
     pub accept_rate: u32,
     pub accept_burst: u32,
+    /// `server.socket_send_buffer`, in bytes.
+    pub socket_send_buffer: Option<usize>,
 }
 
 /// The TLS config in force, replaced whole on reload; `None`: plaintext.
@@ -321,6 +323,10 @@ impl Acceptor {
     /// source address.
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
+        if let Some(size) = self.limits.socket_send_buffer {
+            // Best effort: the kernel clamps it to its own bounds.
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(size);
+        }
         let now = Instant::now();
         let plaintext = self.tls.is_none();
         if plaintext && self.pace.turn(now) != Turn::Now {

@@ -268,6 +268,10 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         handshake_timeout: initial.server.handshake_timeout,
         accept_rate: initial.server.accept_rate,
         accept_burst: initial.server.accept_burst,
+        socket_send_buffer: initial
+            .server
+            .socket_send_buffer
+            .map(|size| usize::try_from(size.as_u64()).unwrap_or(usize::MAX)),
     };
     let incoming = listener::incoming(
         listener,

@@ -1297,6 +1297,120 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
 
+/// A queue-mode agent that subscribed and then stopped reading its socket
+/// (its windows wide open, its receive buffer small); closed when dropped.
+async fn stalled_agent(addr: SocketAddr, name: &str) -> UnreadPeer {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (reads, writes) = tokio::io::split(tcp);
+    // Reads nothing, ever: only the writing half goes to HTTP/2.
+    let stalled = tokio::io::join(Stalled(reads), writes);
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size((1 << 30) - 1)
+        .initial_connection_window_size((1 << 30) - 1)
+        .handshake(stalled)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sender = within("stream capacity", sender.ready()).await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/Contact/getTask"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(AGENT_HEADER, name)
+        .body(())
+        .unwrap();
+    let (response, mut stream) = sender.send_request(request, false).unwrap();
+    stream.send_data(vec![0u8; 5].into(), true).unwrap();
+    UnreadPeer {
+        connection,
+        _sender: sender,
+        _streams: vec![stream],
+        _responses: vec![response],
+    }
+}
+
+/// A reading half that never reads (and is never woken).
+struct Stalled<R>(#[allow(dead_code)] R);
+
+impl<R: Unpin> tokio::io::AsyncRead for Stalled<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// 1,000 queue-mode agents that stop reading while tasks keep coming cost
+/// the server at most `server.max_connection_unsent` of queued sends each
+/// (hyper's send buffer could hold 400 KiB per stream), and the server goes
+/// on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_stalled_agents_cost_at_most_their_send_budget() {
+    let template = "t".repeat(8 * 1024);
+    let mut daemon = common::daemon::Daemon::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nsocket_send_buffer = \"16KiB\"\n\
+         [tasks]\nmode = \"queue\"\nwindow = 1000\nmax_pending = 12000\n\
+         ack_timeout = \"1h\"\ninterval = \"10ms\"\nbatch = 1000\ntemplate = \"{template}\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n"
+    ));
+    let line = daemon.wait_for_line("metrics endpoint listening");
+    let metrics: SocketAddr = common::daemon::field(&line, "addr").parse().unwrap();
+    let pid = daemon.process.child.id();
+    let (agents, budget) = (1000usize, 32 * 1024);
+    let mut stalled = Vec::new();
+    for i in 0..agents {
+        stalled.push(stalled_agent(daemon.addr, &format!("stalled{i}")).await);
+    }
+    let before = rss_bytes(pid);
+    let mut unsent = 0.0;
+    within_for(
+        Duration::from_secs(120),
+        "every agent's budget to fill",
+        async {
+            loop {
+                let text = crate::metrics::scrape(metrics).await;
+                unsent = crate::metrics::value(&text, "contactd_unsent_bytes").unwrap();
+                if unsent >= (agents * budget) as f64 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    // At most 64 KiB each: the budget and a chunk of tasks.
+    assert!(
+        unsent <= (agents * 64 * 1024) as f64,
+        "{unsent} bytes unsent"
+    );
+    // The rest of the growth is the tasks themselves, held until acked (at
+    // most two copies each: the queue's, and its encoded message): 400
+    // KiB of sends per stalled agent would be 400 MiB more.
+    let grown = rss_bytes(pid).saturating_sub(before);
+    let text = crate::metrics::scrape(metrics).await;
+    let published = crate::metrics::value(&text, "contactd_tasks_published_total").unwrap();
+    let tasks = published as u64 * 2 * template.len() as u64;
+    assert!(
+        grown <= tasks + (agents * 64 * 1024) as u64,
+        "RSS grew by {} MiB with {published} tasks",
+        grown >> 20
+    );
+    // Still serving.
+    let channel = within(
+        "connect",
+        Endpoint::from_shared(format!("http://{}", daemon.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    health(channel).await.unwrap();
+    drop(stalled);
+}
+
 /// Anonymous peers holding unfinished messages get half of
 /// `server.max_buffered` at most: a known agent's large status still gets
 /// in (48 such connections filled the budget, and a real agent's 60 KB
