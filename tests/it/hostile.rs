@@ -309,21 +309,24 @@ async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
     config.server.accept_rate = 1;
     config.server.accept_burst = 1;
     let server = TestServer::start(config).await;
-    let mut admitted = 0;
-    let mut hint = None;
-    // Each admission moves the next turn a second on: unless this machine
-    // stalls for a second between two connections, the second is turned
-    // away. Bounded either way.
-    for _ in 0..10 {
+    // Each admission moves the next turn a second on: of 4 connections made
+    // at once, all but the first are turned away (unless this machine takes
+    // a second to make them), each given a turn of its own, a second apart,
+    // before the agent below.
+    let calls = (0..4).map(|_| async {
         let channel = server.channel().await;
         let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
-        match within(
+        within(
             "getTask",
             client.get_task(contactd::proto::contact::Empty {}),
         )
         .await
-        {
-            Ok(_) => admitted += 1,
+        .map(drop)
+    });
+    let (mut admitted, mut hint) = (0, None);
+    for outcome in futures_util::future::join_all(calls).await {
+        match outcome {
+            Ok(()) => admitted += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 assert!(
@@ -331,7 +334,6 @@ async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
                     "{status:?}"
                 );
                 hint = Some(contactd::proto::retry_hint(&status).expect("a retry hint"));
-                break;
             }
         }
     }
