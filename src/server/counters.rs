@@ -76,15 +76,19 @@ pub(crate) enum Refusal {
     /// Its address had `server.max_connections_per_address` connections
     /// open.
     ConnectionsPerAddress = 5,
+    /// The server was at its open-files limit: accepted with a file kept
+    /// spare for it, and closed at once.
+    OpenFiles = 6,
 }
 
-pub(super) const REFUSALS: [&str; 6] = [
+pub(super) const REFUSALS: [&str; 7] = [
     "max_connections",
     "handshake_failed",
     "handshake_timeout",
     "max_handshakes_per_address",
     "accept_rate",
     "max_connections_per_address",
+    "open_files",
 ];
 
 /// The server's own counters: events that are rare next to task traffic.

@@ -202,6 +202,7 @@ struct Warnings {
     failed: Budget,
     accept_errors: Budget,
     paced: Budget,
+    open_files: Budget,
 }
 
 impl Default for Warnings {
@@ -212,6 +213,7 @@ impl Default for Warnings {
             connections_full: Budget::every(WARN_EVERY),
             failed: Budget::every(WARN_EVERY),
             accept_errors: Budget::every(WARN_EVERY),
+            open_files: Budget::every(WARN_EVERY),
         }
     }
 }
@@ -235,6 +237,20 @@ struct Acceptor {
     pace: Pace,
     /// Plaintext connections being answered UNAVAILABLE with a hint.
     turning_away: Arc<Semaphore>,
+    /// A file held open to be closed at the open-files limit, so that the
+    /// connection waiting can be accepted and refused.
+    spare: Option<std::fs::File>,
+}
+
+/// A file to keep spare (see [`Acceptor::refuse_at_the_file_limit`]).
+fn spare_file() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// Whether accepting failed for want of a file (this process's limit, or
+/// the system's).
+fn is_out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// The connections `listener` accepts, through their handshake, at most
@@ -263,6 +279,7 @@ pub fn incoming(
         counters,
         pace: Pace::new(limits.accept_rate, limits.accept_burst, Instant::now()),
         turning_away: Arc::new(Semaphore::new(limits.max_handshakes)),
+        spare: spare_file(),
     };
     tokio::spawn(acceptor.run());
     futures_util::StreamExt::map(ReceiverStream::new(rx), Ok)
@@ -308,6 +325,11 @@ impl Acceptor {
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
                     ) => {}
+                Err(e) if is_out_of_files(&e) => {
+                    if !self.refuse_at_the_file_limit() {
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
+                }
                 Err(e) => {
                     self.warnings
                         .accept_errors
@@ -316,6 +338,35 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// At the open-files limit, `accept` fails and the connection would wait
+    /// in the backlog until a file is freed: an agent waits out its connect
+    /// timeout, and retries into the same wall. Instead, the file kept
+    /// spare for this is given up, the connection accepted and closed at
+    /// once (the agent backs off), and the spare taken again; counted and
+    /// logged at most every [`WARN_EVERY`]. Whether one was refused.
+    fn refuse_at_the_file_limit(&mut self) -> bool {
+        self.counters.connection_refused(Refusal::OpenFiles);
+        self.warnings.open_files.hit(|n| {
+            tracing::warn!(
+                refused = n,
+                "connections refused: the server is at its open-files limit (raise \
+                 LimitNOFILE, or lower server.max_connections so that it refuses them first)"
+            );
+        });
+        let Some(spare) = self.spare.take() else {
+            self.spare = spare_file();
+            return false;
+        };
+        drop(spare);
+        let refused = match futures_util::FutureExt::now_or_never(self.listener.accept()) {
+            // Dropped: closed at once.
+            Some(Ok(_)) => true,
+            _ => false,
+        };
+        self.spare = spare_file();
+        refused
     }
 
     /// Starts the handshake of a new connection (holding `permit`, its

@@ -362,6 +362,72 @@ async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
     server.stop().await;
 }
 
+/// At its open-files limit the server refuses the connection that does not
+/// fit at once (closed, counted, logged) rather than leaving it in the
+/// backlog, and goes on serving the connections it has; once one closes, a
+/// new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_open_files_limit_new_connections_are_refused_and_the_rest_served() {
+    let mut daemon = Daemon::start("[tasks]\nbatch = 0\n");
+    let pid = daemon.process.child.id() as i32;
+    // The limit: what the server has open now, and 8 more.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open + 8,
+        rlim_max: open + 8,
+    };
+    // SAFETY: prlimit(2) with a valid limit and no old-limit pointer.
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    let addr = daemon.addr;
+    let connect = || async move {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await?;
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map_err(|status| status.to_string())
+            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(channel)
+    };
+    // Connections until one is refused (bounded: 8 fit at most).
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..32 {
+        match within("a connection, or its refusal", connect()).await {
+            Ok(channel) => held.push(channel),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(refused.is_some(), "no connection refused at the limit");
+    assert!(!held.is_empty());
+    tokio::task::block_in_place(|| daemon.wait_for_line("at its open-files limit"));
+    // Those it has are served.
+    for channel in &held {
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+    }
+    // One leaves: a new one gets in.
+    drop(held.pop());
+    within("a connection after one closed", async {
+        while connect().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(LIMIT).code(), Some(0));
+}
+
 // ---- reloads fail closed, and say what they open ----
 
 /// getTask's answer to a call with `token` (none: no header).
