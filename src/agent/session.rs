@@ -160,6 +160,9 @@ pub(super) async fn run(
         }
         None => None,
     };
+    // How many tasks it runs at once, so a queue-mode server hands it no
+    // more (read at every connection: a reloaded value applies at the next).
+    let concurrency = MetadataValue::from(config.handler_concurrency as u64);
     let limit = config.connect_timeout;
     let channel: Channel = tokio::select! {
         biased;
@@ -180,7 +183,11 @@ pub(super) async fn run(
         }
         Ok(request)
     });
-    let tasks = timed("getTask", limit, client.get_task(Empty {}))
+    let mut subscribe = Request::new(Empty {});
+    subscribe
+        .metadata_mut()
+        .insert(crate::proto::CONCURRENCY_HEADER, concurrency);
+    let tasks = timed("getTask", limit, client.get_task(subscribe))
         .await?
         .map_err(SessionError::rpc("getTask"))?
         .into_inner();

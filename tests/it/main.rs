@@ -6,6 +6,7 @@
 mod common;
 
 mod agent;
+mod claims;
 mod cli;
 mod cmd;
 mod cmd_env;
