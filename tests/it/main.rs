@@ -23,6 +23,7 @@ mod operations;
 mod postgres;
 mod serve;
 mod socket;
+mod spool;
 mod store;
 mod store_files;
 mod task_show;
