@@ -344,8 +344,8 @@ impl AgentConfig {
             self.spool_max_size.as_u64() >= needed,
             "agent.spool_max_size",
             format!(
-                "{} cannot hold the results of handler_concurrency ({}) handlers of \
-                 max_output ({}) twice over: make it at least {}",
+                "\"{}\" cannot hold the results of handler_concurrency ({}) handlers of \
+                 max_output (\"{}\") twice over: make it at least \"{}\"",
                 units::size::format(self.spool_max_size),
                 self.handler_concurrency,
                 units::size::format(self.max_output),
@@ -459,6 +459,41 @@ mod tests {
             problems[0].message.contains("\"localhost\""),
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn the_spool_must_hold_every_handlers_result_and_its_directory_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let text = format!(
+            "[agent]\nhandler_concurrency = 64\nmax_output = \"1MiB\"\n\
+             spool_max_size = \"100MiB\"\nstate_dir = \"{}\"\n",
+            file.display()
+        );
+        let problems = parse::<AgentFile>(&text).unwrap_err();
+        let messages: Vec<_> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.key.as_deref().unwrap_or(""), p.message))
+            .collect();
+        assert!(
+            messages[0].starts_with("agent.spool_max_size: \"100MiB\" cannot hold")
+                && messages[0].ends_with("make it at least \"131200KiB\""),
+            "{messages:#?}"
+        );
+        assert!(
+            messages[1].starts_with("agent.state_dir:") && messages[1].contains("not a directory"),
+            "{messages:#?}"
+        );
+        assert_eq!(messages.len(), 2, "{messages:#?}");
+        let small = parse::<AgentFile>("[agent]\nspool_max_size = \"64KiB\"\n").unwrap_err();
+        assert!(small[0].message.contains("out of range"), "{small:#?}");
+        // The default: systemd's StateDirectory=, else the working directory.
+        let config = AgentConfig {
+            state_dir: Some(dir.path().to_owned()),
+            ..AgentConfig::default()
+        };
+        assert_eq!(config.resolved_state_dir(), dir.path());
     }
 
     #[test]
