@@ -89,18 +89,35 @@ async fn run_job(
         // Recorded before the handler starts: after a crash from here on,
         // the task is not run again (it is acked as interrupted).
         let room = handler.max_output as u64;
-        if let Err(e) = spool.start(job.key, &job.task, room).await {
-            drop(slot);
-            shared.handled.lock().abandon(job.key);
-            shared
-                .counters
-                .spool_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                task_id = job.task.id,
-                "task not started, nor acked (the server delivers it again): {e}"
-            );
-            return;
+        match spool.start(job.key, &job.task, room).await {
+            Ok(None) => {}
+            Ok(Some(ack)) => {
+                // Handled before, beyond what memory keeps: acked again.
+                drop(slot);
+                tracing::debug!(
+                    task_id = job.task.id,
+                    "task delivered again: acking the outcome the spool kept"
+                );
+                shared.handled.lock().done(job.key, ack.clone());
+                shared.push_ack((Some(job.key), ack));
+                shared.emit(EventKind::Reacked {
+                    task_id: job.task.id,
+                });
+                return;
+            }
+            Err(e) => {
+                drop(slot);
+                shared.handled.lock().abandon(job.key);
+                shared
+                    .counters
+                    .spool_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    task_id = job.task.id,
+                    "task not started, nor acked (the server delivers it again): {e}"
+                );
+                return;
+            }
         }
     }
     let started = std::time::Instant::now();

@@ -147,18 +147,22 @@ pub struct Spool {
     path: PathBuf,
 }
 
+/// What a write came to: for a start, the ack of the task if the spool
+/// already has it handled.
+type Written = Result<Option<ResultMsg>, SpoolError>;
+
 enum Op {
     Start {
         key: TaskKey,
         epoch: u64,
         /// Room to keep for its result (`max_output`).
         room: u64,
-        reply: oneshot::Sender<Result<(), SpoolError>>,
+        reply: oneshot::Sender<Written>,
     },
     Done {
         key: TaskKey,
         ack: ResultMsg,
-        reply: oneshot::Sender<Result<(), SpoolError>>,
+        reply: oneshot::Sender<Written>,
     },
     Delivered {
         keys: Vec<TaskKey>,
@@ -225,11 +229,19 @@ impl Spool {
     }
 
     /// Records that `task`'s handler is about to start, keeping `room`
-    /// bytes for its result; returns once committed.
+    /// bytes for its result; returns once committed. If the spool has the
+    /// task handled already (the agent's memory, bounded by `remember`,
+    /// forgot it), nothing is written and its ack is returned: it must not
+    /// run again.
     ///
     /// # Errors
     /// No room ([`SpoolError::Full`]), a failed write, or a closed spool.
-    pub async fn start(&self, key: TaskKey, task: &ServerMsg, room: u64) -> Result<(), SpoolError> {
+    pub async fn start(
+        &self,
+        key: TaskKey,
+        task: &ServerMsg,
+        room: u64,
+    ) -> Result<Option<ResultMsg>, SpoolError> {
         let (reply, done) = oneshot::channel();
         let op = Op::Start {
             key,
@@ -251,7 +263,7 @@ impl Spool {
             ack: ack.clone(),
             reply,
         };
-        self.call(op, done).await
+        self.call(op, done).await.map(|_| ())
     }
 
     /// Records that the acks of `keys` were delivered; keeps the newest
@@ -272,11 +284,7 @@ impl Spool {
         }
     }
 
-    async fn call(
-        &self,
-        op: Op,
-        done: oneshot::Receiver<Result<(), SpoolError>>,
-    ) -> Result<(), SpoolError> {
+    async fn call(&self, op: Op, done: oneshot::Receiver<Written>) -> Written {
         self.writes.send(op).await.map_err(|_| SpoolError::Closed)?;
         done.await.map_err(|_| SpoolError::Closed)?
     }
@@ -495,11 +503,7 @@ fn started_count(conn: &Connection) -> u64 {
 
 /// Applies `ops` in one transaction: the outcome of each, or the error
 /// that failed the transaction (nothing applied).
-fn commit(
-    conn: &mut Connection,
-    ops: &[Op],
-    running: &mut u64,
-) -> rusqlite::Result<Vec<Result<(), SpoolError>>> {
+fn commit(conn: &mut Connection, ops: &[Op], running: &mut u64) -> rusqlite::Result<Vec<Written>> {
     let before = *running;
     let tx = conn.transaction()?;
     let mut outcomes = Vec::with_capacity(ops.len());
@@ -516,15 +520,28 @@ fn commit(
     Ok(outcomes)
 }
 
-fn apply(
-    conn: &Connection,
-    op: &Op,
-    running: &mut u64,
-) -> rusqlite::Result<Result<(), SpoolError>> {
+fn apply(conn: &Connection, op: &Op, running: &mut u64) -> rusqlite::Result<Written> {
     match op {
         Op::Start {
             key, epoch, room, ..
         } => {
+            let known: Option<(i64, i32, String)> = conn
+                .query_row(
+                    "SELECT state, outcome, ret FROM tasks WHERE id = ?1 AND key = ?2",
+                    params![column(key.id), column(key.text)],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?;
+            if let Some((state, outcome, ret)) = known
+                && state != STARTED
+            {
+                return Ok(Ok(Some(ResultMsg {
+                    ret,
+                    task_id: key.id,
+                    outcome,
+                    epoch: *epoch,
+                })));
+            }
             let needed = (*running + 1) * (room + ROW_ROOM);
             if let Err(full) = make_room(conn, needed)? {
                 return Ok(Err(full));
@@ -569,7 +586,7 @@ fn apply(
         }
         Op::Flush(_) => {}
     }
-    Ok(Ok(()))
+    Ok(Ok(None))
 }
 
 /// Makes `needed` bytes free within `max_page_count`, pruning the oldest
@@ -667,6 +684,12 @@ mod tests {
         }
         spool.done(task(1).0, &ack(1, "one")).await.unwrap();
         spool.done(task(2).0, &ack(2, "two")).await.unwrap();
+        // Started again (memory forgot it): the spool answers with its ack.
+        let (key, again) = task(1);
+        assert_eq!(
+            spool.start(key, &again, 4096).await.unwrap(),
+            Some(ack(1, "one"))
+        );
         spool.delivered(vec![task(1).0], 100).await;
         spool.flush().await;
         drop(spool);
@@ -739,7 +762,8 @@ mod tests {
             id += 1;
             let (key, task) = task(id);
             match spool.start(key, &task, 8 * 1024).await {
-                Ok(()) => spool.done(key, &ack(id, &big)).await.unwrap(),
+                Ok(None) => spool.done(key, &ack(id, &big)).await.unwrap(),
+                Ok(Some(known)) => panic!("task {id} is new: {known:?}"),
                 Err(e) => {
                     refused = Some((id, e));
                     break;
