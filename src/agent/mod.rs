@@ -369,7 +369,8 @@ impl Shared {
         self.counters.acks_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             task_id = dropped.task_id,
-            "too many unsent acks: dropped the oldest (the server will deliver its task again)"
+            "too many unsent acks: dropped one from memory (the server will deliver its task \
+             again; a spool keeps it until then)"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's spool: the tasks it started and the results it has not yet
-//! had delivered, in a small durable file (`agent-spool.db` in the agent's
-//! state directory), so that a restarted agent re-sends its undelivered
+//! had delivered, in a small durable file (`agent-spool-NAME.db` in the
+//! agent's state directory, per agent name: a task id space is the server's
+//! and dedup is per agent), so that a restarted agent re-sends its undelivered
 //! results and does not run again a task it already ran.
 //!
 //! A task's life in the spool, by its [`TaskKey`] (id, and a hash of the
@@ -53,8 +54,23 @@ use crate::{
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
 };
 
-/// The spool's file, in the state directory.
-pub const FILE: &str = "agent-spool.db";
+/// The spool file of the agent `name`, in its state directory: per name,
+/// so that agents sharing a directory (the working directory, by default)
+/// each have theirs. Characters other than letters, digits, `.`, `_` and
+/// `-` are written as `_`.
+pub fn file_name(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("agent-spool-{name}.db")
+}
 
 /// `PRAGMA application_id` of a spool ("ctda"): a server's task store or
 /// any other SQLite file is refused, not taken for an empty spool.
@@ -194,11 +210,7 @@ impl Spool {
     /// agent holds it, or the file is damaged ([`SpoolError::Damaged`]).
     pub fn open(config: &AgentConfig) -> Result<Opened, SpoolError> {
         let dir = config.resolved_state_dir();
-        let path = if dir.as_os_str().is_empty() {
-            PathBuf::from(FILE)
-        } else {
-            dir.join(FILE)
-        };
+        let path = dir.join(file_name(&config.name));
         let open_error = |detail: String| SpoolError::Open {
             path: path.clone(),
             detail,
@@ -340,14 +352,18 @@ fn open_existing(path: &Path, config: &AgentConfig) -> Result<Connection, SpoolE
     // Exclusive before the first read, and so before WAL is used: no
     // shared-memory file, and the lock (shared at the first read, exclusive
     // from the first write below) is held until the agent exits, so a
-    // second agent on the same directory is refused rather than sharing it.
+    // second agent of the same name is refused rather than sharing it.
     conn.busy_timeout(BUSY)
         .and_then(|()| conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE"))
         .map_err(|e| open_error(e.to_string()))?;
     // Held by another process (it takes the lock for good at its start).
     let refused = |e: rusqlite::Error| match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-            open_error("another agent is using it: give each agent its own agent.state_dir".into())
+            open_error(
+                "another agent is using it: agents on one host need distinct agent.name \
+                 (or agent.state_dir)"
+                    .into(),
+            )
         }
         _ => damaged(e.to_string()),
     };
@@ -776,7 +792,9 @@ mod tests {
             error.to_string().contains("agent.spool_max_size"),
             "{error}"
         );
-        let size = std::fs::metadata(dir.path().join(FILE)).unwrap().len();
+        let size = std::fs::metadata(dir.path().join(file_name(&config.name)))
+            .unwrap()
+            .len();
         assert!(
             size <= 1024 * 1024,
             "the file stays within its bound: {size}"
@@ -834,17 +852,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_agent_on_the_same_directory_is_refused() {
+    async fn a_second_agent_of_the_same_name_is_refused_another_name_has_its_own_file() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Spool::open(&config(dir.path())).unwrap();
         let second = Spool::open(&config(dir.path())).unwrap_err();
         assert!(second.to_string().contains("another agent"), "{second}");
+        // Another name, another file.
+        let other = AgentConfig {
+            name: "web/2 x".into(),
+            ..config(dir.path())
+        };
+        let Opened { spool, .. } = Spool::open(&other).unwrap();
+        assert_eq!(spool.path(), dir.path().join("agent-spool-web_2_x.db"));
     }
 
     #[tokio::test]
     async fn a_damaged_or_foreign_file_is_refused_and_left_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE);
+        let path = dir.path().join(file_name(&config(dir.path()).name));
         let refused = |what: &str| {
             let before = std::fs::read(&path).unwrap();
             let error = Spool::open(&config(dir.path())).unwrap_err();
@@ -881,7 +906,7 @@ mod tests {
         drop(reopen(&config(dir.path())));
         // Once its thread has closed it (and folded the -wal in).
         for _ in 0..1000 {
-            if !dir.path().join(format!("{FILE}-wal")).exists() {
+            if !path.with_extension("db-wal").exists() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));

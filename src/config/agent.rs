@@ -61,7 +61,7 @@ pub struct AgentConfig {
     /// Recently handled task ids remembered, so a redelivered task is
     /// acked again rather than run twice (in memory and in the spool).
     pub remember: usize,
-    /// Where the agent keeps its spool (`agent-spool.db`: the tasks it
+    /// Where the agent keeps its spool (`agent-spool-NAME.db`: the tasks it
     /// started and the results not yet delivered, across restarts); unset:
     /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else the working
     /// directory. See [`resolved_state_dir`](Self::resolved_state_dir).

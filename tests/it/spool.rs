@@ -239,7 +239,7 @@ fn a_damaged_spool_stops_the_agent_with_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let files = agent_files(dir.path(), "127.0.0.1:9".parse().unwrap(), "damaged");
     std::fs::create_dir_all(&files.state).unwrap();
-    let spool = files.state.join("agent-spool.db");
+    let spool = files.state.join("agent-spool-damaged.db");
     let garbage = b"SQLite format 3\0 but not really: cut short".repeat(100);
     std::fs::write(&spool, &garbage).unwrap();
     let mut agent = start_agent(&files);
