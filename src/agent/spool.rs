@@ -22,13 +22,15 @@
 //! compaction, checksums and recovery is a solved problem, and the binary
 //! already carries SQLite (the server's store): WAL commits are atomic, a
 //! torn write is rolled back by SQLite itself, and `quick_check` finds a
-//! damaged file. The cost per task is two small commits on the spool's own
-//! thread (group commit: writes that arrive together share one), without
-//! an fsync with `spool_sync = "normal"` (safe from a crash or kill of the
-//! agent, not from a power loss), with one per commit with `"full"`.
+//! damaged file. The cost per task is three small commits (started, done,
+//! delivered) on the spool's own thread (group commit: writes that arrive
+//! together share one), without an fsync with `spool_sync = "normal"`
+//! (safe from a crash or kill of the agent, not from a power loss), with
+//! one per commit with `"full"`: the `spool_cost` test measures them.
 //!
 //! **Bound:** the file may hold at most `spool_max_size` (SQLite's
-//! `max_page_count`; its `-wal` is kept to 4 MiB beyond). A new task is
+//! `max_page_count`; its `-wal` comes on top, checkpointed and truncated at
+//! about 4 MiB). A new task is
 //! started only if there is room for the results of every running handler
 //! and its own (`max_output` each); to make room, the oldest delivered
 //! entries go first; if only undelivered ones are left, the task is not
