@@ -41,18 +41,22 @@
 //! never changed: the agent does not start. Moving it aside starts an empty
 //! spool; the tasks it recorded may then run again, which the operator
 //! chooses knowingly rather than the agent silently.
+//!
+//! - this file: the handle the agent writes through ([`Spool`]), and what a
+//!   restart finds ([`Recovered`]);
+//! - `file`: creating, checking, locking and reading back the file;
+//! - `writer`: the spool's own thread, group commit, and the bound.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+mod file;
+mod writer;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+
 use tokio::sync::{mpsc, oneshot};
 
 use super::memory::TaskKey;
 use crate::{
-    config::{AgentConfig, StoreSync},
+    config::AgentConfig,
     proto::contact::{Outcome, Result as ResultMsg, ServerMsg},
 };
 
@@ -74,45 +78,8 @@ pub fn file_name(name: &str) -> String {
     format!("agent-spool-{name}.db")
 }
 
-/// `PRAGMA application_id` of a spool ("ctda"): a server's task store or
-/// any other SQLite file is refused, not taken for an empty spool.
-const APPLICATION_ID: i32 = 0x6374_6461;
-/// The schema's version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i32 = 1;
-const SCHEMA: &str = "
-CREATE TABLE tasks (
-    seq INTEGER PRIMARY KEY,  -- the order tasks started in: oldest pruned first
-    id INTEGER NOT NULL,      -- the task's id
-    key INTEGER NOT NULL,     -- TaskKey's hash of epoch, retry and text
-    epoch INTEGER NOT NULL,   -- echoed in the ack
-    state INTEGER NOT NULL,   -- 0 started, 1 done, 2 delivered
-    outcome INTEGER NOT NULL DEFAULT 0,
-    ret TEXT NOT NULL DEFAULT '',
-    UNIQUE (id, key)
-);
-CREATE INDEX tasks_by_state ON tasks (state, seq);
-";
-
-const STARTED: i64 = 0;
-const DONE: i64 = 1;
-const DELIVERED: i64 = 2;
-
-/// SQLite's page, fixed for a new file (an existing one keeps its own).
-const PAGE: u64 = 4096;
-/// The `-wal` file is truncated to this after a checkpoint.
-const WAL_LIMIT: i64 = 4 * 1024 * 1024;
-/// Room kept per running handler beyond its `max_output`: the row, its
-/// index entries and the pages' slack.
-const ROW_ROOM: u64 = 1024;
-/// Delivered entries pruned per step when making room.
-const PRUNE_STEP: i64 = 256;
 /// Writes waiting for the spool's thread, at most.
 const QUEUE: usize = 4096;
-/// Writes committed together, at most.
-const GROUP: usize = 512;
-/// How long SQLite waits for a lock another process holds before the
-/// open fails (another agent on the same state directory).
-const BUSY: Duration = Duration::from_millis(200);
 
 /// Why the spool cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -222,14 +189,14 @@ impl Spool {
                 .map_err(|e| open_error(format!("cannot create its directory: {e}")))?;
         }
         if !path.exists() {
-            create(&path).map_err(open_error)?;
+            file::create(&path).map_err(open_error)?;
         }
-        let mut conn = open_existing(&path, config)?;
-        let recovered = recover(&mut conn, &path)?;
+        let mut conn = file::open_existing(&path, config)?;
+        let recovered = file::recover(&mut conn, &path)?;
         let (writes, queue) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("agent-spool".into())
-            .spawn(move || writer(conn, queue))
+            .spawn(move || writer::writer(conn, queue))
             .map_err(|e| open_error(format!("cannot start its thread: {e}")))?;
         Ok(Opened {
             spool: Spool { writes, path },
@@ -304,351 +271,15 @@ impl Spool {
     }
 }
 
-/// Creates a new spool at `path`: written whole under a temporary name,
-/// synced, then renamed, so a crash never leaves an empty or half-made
-/// file under the real name (which would be refused as damaged).
-fn create(path: &Path) -> Result<(), String> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".new");
-    let temporary = PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
-    {
-        let conn = Connection::open(&temporary).map_err(|e| format!("cannot create it: {e}"))?;
-        conn.execute_batch(&format!(
-            "PRAGMA page_size = {PAGE}; PRAGMA journal_mode = DELETE; \
-             PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; \
-             BEGIN; {SCHEMA} COMMIT;"
-        ))
-        .map_err(|e| format!("cannot create it: {e}"))?;
-    }
-    let synced = std::fs::File::open(&temporary).and_then(|f| f.sync_all());
-    synced.map_err(|e| format!("cannot sync it: {e}"))?;
-    std::fs::rename(&temporary, path).map_err(|e| format!("cannot create it: {e}"))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The rename itself is durable once the directory is synced.
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
-}
-
-/// Opens an existing spool, checks it, and takes it for this agent alone.
-fn open_existing(path: &Path, config: &AgentConfig) -> Result<Connection, SpoolError> {
-    let damaged = |detail: String| SpoolError::Damaged {
-        path: path.to_owned(),
-        detail,
-    };
-    let open_error = |detail: String| SpoolError::Open {
-        path: path.to_owned(),
-        detail,
-    };
-    let size = std::fs::metadata(path)
-        .map_err(|e| open_error(e.to_string()))?
-        .len();
-    if size == 0 {
-        // SQLite would take an empty file for a new database: it is one
-        // that lost everything (a spool is never created empty).
-        return Err(damaged("the file is empty".into()));
-    }
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(e.to_string()))?;
-    // Exclusive before the first read, and so before WAL is used: no
-    // shared-memory file, and the lock (shared at the first read, exclusive
-    // from the first write below) is held until the agent exits, so a
-    // second agent of the same name is refused rather than sharing it.
-    conn.busy_timeout(BUSY)
-        .and_then(|()| conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE"))
-        .map_err(|e| open_error(e.to_string()))?;
-    // Held by another process (it takes the lock for good at its start).
-    let refused = |e: rusqlite::Error| match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-            open_error(
-                "another agent is using it: agents on one host need distinct agent.name \
-                 (or agent.state_dir)"
-                    .into(),
-            )
-        }
-        _ => damaged(e.to_string()),
-    };
-    let read = |sql: &str| -> Result<i64, SpoolError> {
-        conn.query_row(sql, [], |row| row.get(0)).map_err(refused)
-    };
-    let application_id = read("PRAGMA application_id")?;
-    if application_id != i64::from(APPLICATION_ID) {
-        return Err(damaged(format!(
-            "application_id is {application_id:#x}, not a contactd agent spool's"
-        )));
-    }
-    let version = read("PRAGMA user_version")?;
-    if version != i64::from(SCHEMA_VERSION) {
-        return Err(damaged(format!(
-            "schema version {version}, this contactd reads {SCHEMA_VERSION} (written by another \
-             version?)"
-        )));
-    }
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |row| row.get(0))
-        .map_err(refused)?;
-    if check != "ok" {
-        return Err(damaged(format!("quick_check: {check}")));
-    }
-    let sync = match config.spool_sync {
-        StoreSync::Normal => "NORMAL",
-        StoreSync::Full => "FULL",
-    };
-    let max_pages = (config.spool_max_size.as_u64() / PAGE).max(16);
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; \
-         PRAGMA synchronous = {sync}; PRAGMA journal_size_limit = {WAL_LIMIT}; \
-         PRAGMA max_page_count = {max_pages}; BEGIN IMMEDIATE; COMMIT;"
-    ))
-    .map_err(refused)?;
-    Ok(conn)
-}
-
-/// Reads what the spool kept, oldest first; marks started tasks done as
-/// interrupted.
-fn recover(conn: &mut Connection, path: &Path) -> Result<Recovered, SpoolError> {
-    let damaged = |e: rusqlite::Error| SpoolError::Damaged {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    };
-    let tx = conn.transaction().map_err(damaged)?;
-    let mut recovered = Recovered::default();
-    let mut interrupted = Vec::new();
-    {
-        let mut rows = tx
-            .prepare("SELECT id, key, epoch, state, outcome, ret FROM tasks ORDER BY seq")
-            .map_err(damaged)?;
-        let mut rows = rows.query([]).map_err(damaged)?;
-        while let Some(row) = rows.next().map_err(damaged)? {
-            let id = u64::from_ne_bytes(row.get::<_, i64>(0).map_err(damaged)?.to_ne_bytes());
-            let text = u64::from_ne_bytes(row.get::<_, i64>(1).map_err(damaged)?.to_ne_bytes());
-            let epoch = u64::from_ne_bytes(row.get::<_, i64>(2).map_err(damaged)?.to_ne_bytes());
-            let state: i64 = row.get(3).map_err(damaged)?;
-            let key = TaskKey { id, text };
-            let ack = if state == STARTED {
-                let ack = interrupted_ack(id, epoch);
-                interrupted.push((key, ack.clone()));
-                recovered.interrupted.push(id);
-                ack
-            } else {
-                ResultMsg {
-                    ret: row.get(5).map_err(damaged)?,
-                    task_id: id,
-                    outcome: row.get(4).map_err(damaged)?,
-                    epoch,
-                }
-            };
-            if state != DELIVERED {
-                recovered.undelivered.push((key, ack.clone()));
-            }
-            recovered.handled.push((key, ack));
-        }
-    }
-    for (key, ack) in &interrupted {
-        write_done(&tx, *key, ack).map_err(damaged)?;
-    }
-    tx.commit().map_err(damaged)?;
-    Ok(recovered)
-}
-
-fn column(n: u64) -> i64 {
-    i64::from_ne_bytes(n.to_ne_bytes())
-}
-
-fn write_done(conn: &Connection, key: TaskKey, ack: &ResultMsg) -> rusqlite::Result<usize> {
-    conn.execute(
-        "UPDATE tasks SET state = ?3, outcome = ?4, ret = ?5 WHERE id = ?1 AND key = ?2",
-        params![column(key.id), column(key.text), DONE, ack.outcome, ack.ret],
-    )
-}
-
-/// The spool's thread: takes writes as they come, commits those that came
-/// together in one transaction, then answers them.
-fn writer(mut conn: Connection, mut queue: mpsc::Receiver<Op>) {
-    let mut running = started_count(&conn);
-    while let Some(first) = queue.blocking_recv() {
-        let mut ops = vec![first];
-        while ops.len() < GROUP {
-            match queue.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
-            }
-        }
-        let outcomes = commit(&mut conn, &ops, &mut running).unwrap_or_else(|e| {
-            // The group failed whole (I/O, or a result bigger than the room
-            // kept): each write alone, so one cannot fail the others.
-            tracing::debug!("spool group commit failed ({e}): writing one by one");
-            ops.iter()
-                .map(|op| {
-                    commit(&mut conn, std::slice::from_ref(op), &mut running)
-                        .map_err(write_error)
-                        .and_then(|mut one| one.pop().expect("one outcome per write"))
-                })
-                .collect()
-        });
-        for (op, outcome) in ops.into_iter().zip(outcomes) {
-            match op {
-                Op::Start { reply, .. } | Op::Done { reply, .. } => {
-                    let _ = reply.send(outcome);
-                }
-                Op::Flush(reply) => {
-                    let _ = reply.send(());
-                }
-                Op::Delivered { .. } => {}
-            }
-        }
-    }
-}
-
-fn write_error(e: rusqlite::Error) -> SpoolError {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DiskFull) => {
-            SpoolError::Full(format!("{e} (agent.spool_max_size, or the disk)"))
-        }
-        _ => SpoolError::Write(e.to_string()),
-    }
-}
-
-fn started_count(conn: &Connection) -> u64 {
-    conn.query_row(
-        "SELECT count(*) FROM tasks WHERE state = ?1",
-        [STARTED],
-        |row| row.get::<_, i64>(0),
-    )
-    .map_or(0, |n| u64::try_from(n).unwrap_or(0))
-}
-
-/// Applies `ops` in one transaction: the outcome of each, or the error
-/// that failed the transaction (nothing applied).
-fn commit(conn: &mut Connection, ops: &[Op], running: &mut u64) -> rusqlite::Result<Vec<Written>> {
-    let before = *running;
-    let tx = conn.transaction()?;
-    let mut outcomes = Vec::with_capacity(ops.len());
-    let applied = (|| {
-        for op in ops {
-            outcomes.push(apply(&tx, op, running)?);
-        }
-        tx.commit()
-    })();
-    if let Err(e) = applied {
-        *running = before;
-        return Err(e);
-    }
-    Ok(outcomes)
-}
-
-fn apply(conn: &Connection, op: &Op, running: &mut u64) -> rusqlite::Result<Written> {
-    match op {
-        Op::Start {
-            key, epoch, room, ..
-        } => {
-            let known: Option<(i64, i32, String)> = conn
-                .query_row(
-                    "SELECT state, outcome, ret FROM tasks WHERE id = ?1 AND key = ?2",
-                    params![column(key.id), column(key.text)],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-                )
-                .optional()?;
-            if let Some((state, outcome, ret)) = known
-                && state != STARTED
-            {
-                return Ok(Ok(Some(ResultMsg {
-                    ret,
-                    task_id: key.id,
-                    outcome,
-                    epoch: *epoch,
-                })));
-            }
-            let needed = (*running + 1) * (room + ROW_ROOM);
-            if let Err(full) = make_room(conn, needed)? {
-                return Ok(Err(full));
-            }
-            let inserted = conn.execute(
-                "INSERT OR IGNORE INTO tasks (id, key, epoch, state) VALUES (?1, ?2, ?3, ?4)",
-                params![column(key.id), column(key.text), column(*epoch), STARTED],
-            )?;
-            *running += inserted as u64;
-        }
-        Op::Done { key, ack, .. } => {
-            // Its room was kept when it started; what a delivered mark
-            // took since is made again.
-            let _ = make_room(conn, ack.ret.len() as u64 + ROW_ROOM)?;
-            let was_started: Option<i64> = conn
-                .query_row(
-                    "SELECT state FROM tasks WHERE id = ?1 AND key = ?2",
-                    params![column(key.id), column(key.text)],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            write_done(conn, *key, ack)?;
-            if was_started == Some(STARTED) {
-                *running = running.saturating_sub(1);
-            }
-        }
-        Op::Delivered { keys, keep } => {
-            // A mark moves index entries, which may take a page or two; a
-            // full file frees them from the oldest delivered entries.
-            let _ = make_room(conn, 4 * PAGE)?;
-            let mut mark = conn.prepare_cached(
-                "UPDATE tasks SET state = ?3 WHERE id = ?1 AND key = ?2 AND state = ?4",
-            )?;
-            for key in keys {
-                mark.execute(params![column(key.id), column(key.text), DELIVERED, DONE])?;
-            }
-            conn.execute(
-                "DELETE FROM tasks WHERE state = ?1 AND seq <= (SELECT seq FROM tasks \
-                 WHERE state = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                params![DELIVERED, i64::try_from(*keep).unwrap_or(i64::MAX)],
-            )?;
-        }
-        Op::Flush(_) => {}
-    }
-    Ok(Ok(None))
-}
-
-/// Makes `needed` bytes free within `max_page_count`, pruning the oldest
-/// delivered entries; `Err` if they are not enough.
-fn make_room(conn: &Connection, needed: u64) -> rusqlite::Result<Result<(), SpoolError>> {
-    loop {
-        let free = free_bytes(conn)?;
-        if free >= needed {
-            return Ok(Ok(()));
-        }
-        let pruned = conn.execute(
-            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE state = ?1 \
-             ORDER BY seq LIMIT ?2)",
-            params![DELIVERED, PRUNE_STEP],
-        )?;
-        if pruned == 0 {
-            return Ok(Err(SpoolError::Full(format!(
-                "{free} bytes free, {needed} needed for the running handlers' results, and \
-                 every entry left is a result not yet delivered"
-            ))));
-        }
-    }
-}
-
-/// Bytes the file may still grow by, or reuse, within `max_page_count`.
-fn free_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    let read = |pragma: &str| -> rusqlite::Result<u64> {
-        conn.query_row(&format!("PRAGMA {pragma}"), [], |row| row.get::<_, i64>(0))
-            .map(|n| u64::try_from(n).unwrap_or(0))
-    };
-    let (max, count, free, page) = (
-        read("max_page_count")?,
-        read("page_count")?,
-        read("freelist_count")?,
-        read("page_size")?,
-    );
-    Ok((max.saturating_sub(count) + free) * page)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use bytesize::ByteSize;
+    use rusqlite::Connection;
 
     use super::*;
+    use crate::config::StoreSync;
 
     fn config(dir: &Path) -> AgentConfig {
         AgentConfig {
