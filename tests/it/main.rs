@@ -6,6 +6,7 @@
 mod common;
 
 mod agent;
+mod claims;
 mod cli;
 mod cmd;
 mod cmd_env;
@@ -22,6 +23,7 @@ mod operations;
 mod postgres;
 mod serve;
 mod socket;
+mod spool;
 mod store;
 mod store_files;
 mod task_show;
