@@ -14,9 +14,13 @@ pub struct Bounds {
     /// way out.
     pub kill_window_ms: i64,
     /// After a fault ends (plus its detection time), every agent it cut off
-    /// is connected again within this: the agents' backoff bound (max delay
-    /// with jitter, plus the retry hint's jitter) plus a connection's setup.
+    /// tries to connect again within this: the agents' backoff bound (max
+    /// delay with jitter, plus the retry hint's jitter) plus a connection
+    /// attempt's timeout (a real agent's attempt shows when it ends).
     pub reconnect_ms: i64,
+    /// ... and is connected again within this: what the server takes to
+    /// accept a fleet reconnecting at once (a capacity figure, larger).
+    pub back_ms: i64,
     /// An ERROR line this long after a fault (or during it) is put down to it.
     pub error_window_ms: i64,
     /// Largest slope over the second half of the run, per minute, of each
@@ -31,13 +35,18 @@ pub struct Bounds {
     /// An agent never runs a task twice across its own restarts (the agent
     /// spool). Off: such runs are listed apart (`known`), not as violations.
     pub spool: bool,
+    /// A queue task is not handed to another agent while the agent running
+    /// it has only lost its connection (it will ack when back). Off: such
+    /// runs are listed apart (`known`), not as violations.
+    pub keep_claims: bool,
 }
 
 /// One broken guarantee.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Violation {
     /// `disappeared`, `unfinished`, `acked-without-run`, `ran-not-acked`,
-    /// `handled-twice`, `rerun-after-restart`, `not-back`, `growth`,
+    /// `handled-twice`, `rerun-after-restart`, `redelivered-after-disconnect`,
+    /// `no-retry`, `not-back`, `growth`,
     /// `error-log`, `refused`, `cmd-failed`, `harness-check`.
     pub check: &'static str,
     pub detail: String,
@@ -136,6 +145,17 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
         kills
             .get(agent)
             .is_some_and(|k| k.iter().any(|&t| t >= from && t <= to))
+    };
+    let timeline = timeline(history);
+    let cut_off = |agent: &str, from: i64, to: i64| {
+        timeline
+            .get(agent)
+            .is_some_and(|c| c.iter().any(|&(t, up)| !up && t >= from && t <= to))
+            || faults(history).any(|(_, agents, start, end)| {
+                (agents.is_empty() || agents.iter().any(|a| a == agent))
+                    && start <= to
+                    && end >= from
+            })
     };
     let by_id: BTreeMap<u64, &super::history::FinalTask> =
         history.view.tasks.iter().map(|t| (t.id, t)).collect();
@@ -263,8 +283,33 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                         .filter(|r| !killed_after(&r.agent, r.at_ms))
                         .map(|r| r.agent.as_str())
                         .collect();
+                    let next_after = |at: i64| {
+                        mine.iter()
+                            .map(|r| r.at_ms)
+                            .filter(|t| *t > at)
+                            .min()
+                            .unwrap_or(at)
+                    };
+                    let disconnected = mine
+                        .iter()
+                        .filter(|r| Some(r.agent.as_str()) != last)
+                        .filter(|r| !killed_after(&r.agent, r.at_ms))
+                        .all(|r| cut_off(&r.agent, r.at_ms, next_after(r.at_ms)));
                     if unexcused.is_empty() {
                         verdict.in_flight_at_kill.push(id);
+                    } else if disconnected {
+                        let agents: BTreeSet<&str> = per_agent.keys().copied().collect();
+                        let v = Violation {
+                            check: "redelivered-after-disconnect",
+                            detail: format!(
+                                "queue task {id} ({kind}) ran at {agents:?}: handed out again when its agent's connection dropped"
+                            ),
+                        };
+                        if bounds.keep_claims {
+                            verdict.violations.push(v);
+                        } else {
+                            verdict.known.push(v);
+                        }
                     } else {
                         let agents: BTreeSet<&str> = per_agent.keys().copied().collect();
                         violation(
@@ -298,8 +343,9 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     }
 }
 
-/// Every agent a fault cut off is connected again within the bound.
-fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
+/// Each agent's connection changes, in time order; attempts count as
+/// "down" for the timeline's state but are kept apart for the retry bound.
+fn timeline(history: &History) -> BTreeMap<&str, Vec<(i64, bool)>> {
     let mut timeline: BTreeMap<&str, Vec<(i64, bool)>> = BTreeMap::new();
     for event in &history.events {
         if let Event::Conn { agent, up, at_ms } = event {
@@ -311,6 +357,25 @@ fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     }
     for changes in timeline.values_mut() {
         changes.sort_unstable();
+    }
+    timeline
+}
+
+/// Every agent a fault cut off tries again within the backoff bound and
+/// is connected again within the capacity bound.
+fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
+    let timeline = timeline(history);
+    let mut attempts: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for event in &history.events {
+        match event {
+            Event::Attempt { agent, at_ms } | Event::Conn { agent, at_ms, .. } => {
+                attempts.entry(agent.as_str()).or_default().push(*at_ms);
+            }
+            _ => {}
+        }
+    }
+    for times in attempts.values_mut() {
+        times.sort_unstable();
     }
     let all: Vec<&str> = timeline.keys().copied().collect();
     let windows: Vec<(&str, &[String], i64, i64)> = faults(history).collect();
@@ -345,14 +410,27 @@ fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                 verdict.reconnects.push(0);
                 continue;
             }
+            let tried = attempts
+                .get(agent)
+                .and_then(|t| t.iter().find(|t| **t > end))
+                .copied();
+            if tried.is_none_or(|t| t - end > bounds.reconnect_ms) {
+                verdict.violations.push(Violation {
+                    check: "no-retry",
+                    detail: format!(
+                        "{agent} did not try to connect within {} ms of the {kind} fault's end at {end}",
+                        bounds.reconnect_ms
+                    ),
+                });
+            }
             match changes.iter().find(|(t, up)| *t > end && *up) {
-                Some((t, _)) if t - end <= bounds.reconnect_ms => verdict.reconnects.push(t - end),
+                Some((t, _)) if t - end <= bounds.back_ms => verdict.reconnects.push(t - end),
                 Some((t, _)) => verdict.violations.push(Violation {
                     check: "not-back",
                     detail: format!(
                         "{agent} came back {} ms after the {kind} fault ended (bound {} ms)",
                         t - end,
-                        bounds.reconnect_ms
+                        bounds.back_ms
                     ),
                 }),
                 None => verdict.violations.push(Violation {
@@ -384,14 +462,32 @@ fn slope(points: &[(i64, f64)]) -> f64 {
     }
 }
 
+/// Samples of a process this young are start-up, not growth.
+const SETTLE_MS: i64 = 15_000;
+
 /// A metric's name, its bound per minute, and how to read it.
 type Metric = (&'static str, f64, fn(&super::history::Sample) -> f64);
 
 /// RSS, fds, threads and the store's size are flat over the second half.
 fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     let half = history.start_ms + (history.end_ms - history.start_ms) / 2;
+    // Settled samples only: none taken during a fault (a fleet reconnecting
+    // is not a leak), nor in an incarnation's first SETTLE_MS (start-up).
+    let windows: Vec<(i64, i64)> = faults(history).map(|(_, _, s, e)| (s, e)).collect();
+    let mut born: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for sample in &history.samples {
+        born.entry((&sample.proc, sample.pid))
+            .or_insert(sample.at_ms);
+    }
+    let settled = |s: &&super::history::Sample| {
+        s.at_ms >= half
+            && s.at_ms - born[&(s.proc.as_str(), s.pid)] >= SETTLE_MS
+            && !windows
+                .iter()
+                .any(|&(start, end)| s.at_ms >= start && s.at_ms <= end)
+    };
     let mut series: BTreeMap<(&str, i32), Vec<&super::history::Sample>> = BTreeMap::new();
-    for sample in history.samples.iter().filter(|s| s.at_ms >= half) {
+    for sample in history.samples.iter().filter(settled) {
         series
             .entry((&sample.proc, sample.pid))
             .or_default()
@@ -426,7 +522,9 @@ fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
             let key = format!("{group} {metric}");
             let worst = verdict.slopes.entry(key).or_insert(f64::MIN);
             *worst = worst.max(per_min);
-            if per_min > bound {
+            // The harness is the tool, not the system under test: its
+            // slopes are reported, never judged.
+            if per_min > bound && group != "harness" {
                 verdict.violations.push(Violation {
                     check: "growth",
                     detail: format!(

@@ -290,6 +290,8 @@ async fn rotate(fleet: &Fleet) -> anyhow::Result<String> {
         .arg(next.join("ca.pem"))
         .arg("--timeout")
         .arg("10s")
+        .arg("--wait")
+        .arg("60s")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

@@ -176,7 +176,6 @@ interval = "{interval}"
 batch = {batch}
 template = "gen:{{seq}}"
 retain = 100000
-ack_timeout = "10s"
 max_attempts = 20
 retain_finished = 10000000
 
@@ -352,8 +351,18 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     let upstream = Arc::new(Mutex::new(SocketAddr::from(([127, 0, 0, 1], 9))));
     let mut rng = Rng::new(args.seed);
     let mut routes = Vec::new();
-    for _ in 0..args.real + args.groups + 1 {
-        routes.push(Route::start(Arc::clone(&upstream), rng.next_u64(), stop.clone()).await?);
+    for i in 0..args.real + args.groups + 1 {
+        // 127.1.X.Y: one loopback "host" per route.
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        routes.push(
+            Route::start(
+                Arc::clone(&upstream),
+                source.into(),
+                rng.next_u64(),
+                stop.clone(),
+            )
+            .await?,
+        );
     }
     let light_names: Vec<Vec<String>> = (0..args.groups)
         .map(|g| {

@@ -53,6 +53,9 @@ pub enum Event {
     Kill { agent: String, at_ms: i64 },
     /// An agent's connection came up or went down.
     Conn { agent: String, up: bool, at_ms: i64 },
+    /// An agent began a connection attempt (in-process agents; a real
+    /// agent's attempts show in its log only when they end).
+    Attempt { agent: String, at_ms: i64 },
     /// A remote command: whether it succeeded and how long it took.
     Cmd { ok: bool, at_ms: i64, ms: u64 },
     /// Something the harness verified itself (a rotated certificate is

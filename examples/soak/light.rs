@@ -25,8 +25,10 @@ pub enum Note {
     Lagged(String, u64),
 }
 
-/// The agent config both kinds of agent share: fast backoff (at most 2s),
-/// a short healthy period, TLS against the run's CA bundle.
+/// The agent config both kinds of agent share: backoff from 500 ms to at
+/// most 10 s (2,000 agents retrying every 2 s kept a debug server on two
+/// shared cores refusing handshakes: a storm that never ended), the default
+/// status interval, a short healthy period, TLS against the run's CA bundle.
 pub fn config(name: &str, server: String, kind: &str, ca: &Path) -> AgentConfig {
     let mut labels = Labels::new();
     labels.insert("soak".to_owned(), kind.to_owned());
@@ -34,14 +36,14 @@ pub fn config(name: &str, server: String, kind: &str, ca: &Path) -> AgentConfig 
         servers: vec![server],
         name: name.to_owned(),
         labels,
-        status_interval: Duration::from_secs(10),
+        status_interval: Duration::from_secs(60),
         healthy_after: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(10),
         retry_hint_jitter: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
         backoff: BackoffConfig {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(10),
             multiplier: 1.6,
             jitter: 0.2,
         },
@@ -82,6 +84,10 @@ pub fn start(
                 EventKind::Connected { .. } => Note::Event(Event::Conn {
                     agent: name.clone(),
                     up: true,
+                    at_ms,
+                }),
+                EventKind::Connecting { .. } => Note::Event(Event::Attempt {
+                    agent: name.clone(),
                     at_ms,
                 }),
                 EventKind::Failed { .. } => Note::Event(Event::Conn {

@@ -54,10 +54,22 @@ pub struct BoundArgs {
     /// agent spool). Without it such runs are listed as known, not failed.
     #[arg(long)]
     pub spool: bool,
+    /// Assert that a queue task is not handed to another agent while the
+    /// agent running it has only lost its connection. Without it such runs
+    /// are listed as known, not failed (RELIABILITY.md: defect 1).
+    #[arg(long)]
+    pub keep_claims: bool,
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub kill_window: Duration,
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    /// An agent cut off by a fault tries again within this of its end: its
+    /// backoff's largest delay with jitter (12 s), the retry hint's jitter
+    /// (1 s), a connection attempt's timeout (10 s), slack.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_bound: Duration,
+    /// ... and is connected again within this (the server's capacity to
+    /// take a whole fleet back; in a debug build on a shared machine, long).
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    pub back_bound: Duration,
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub error_window: Duration,
     /// Largest RSS growth per minute over the second half, per process (MiB).
@@ -76,6 +88,7 @@ impl BoundArgs {
         check::Bounds {
             kill_window_ms: self.kill_window.as_millis() as i64,
             reconnect_ms: self.reconnect_bound.as_millis() as i64,
+            back_ms: self.back_bound.as_millis() as i64,
             error_window_ms: self.error_window.as_millis() as i64,
             rss_per_min: self.rss_mib_per_min * 1024.0 * 1024.0,
             fds_per_min: self.fds_per_min,
@@ -83,6 +96,7 @@ impl BoundArgs {
             store_per_min: self.store_mib_per_min * 1024.0 * 1024.0,
             min_span_ms: 30_000,
             spool: self.spool,
+            keep_claims: self.keep_claims,
         }
     }
 }

@@ -52,6 +52,9 @@ struct Conn {
 /// One proxied port.
 pub struct Route {
     pub addr: SocketAddr,
+    /// The loopback address its upstream connections come from: each route
+    /// is a host of its own to the server (whose limits are per address).
+    source: std::net::IpAddr,
     upstream: Arc<Mutex<SocketAddr>>,
     faults: Mutex<Faults>,
     conns: Mutex<Vec<Conn>>,
@@ -65,12 +68,14 @@ impl Route {
     /// `upstream` holds at each connection; runs until `stop`.
     pub async fn start(
         upstream: Arc<Mutex<SocketAddr>>,
+        source: std::net::IpAddr,
         seed: u64,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Route>> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let route = Arc::new(Route {
             addr: listener.local_addr()?,
+            source,
             upstream,
             faults: Mutex::new(Faults::default()),
             conns: Mutex::new(Vec::new()),
@@ -154,7 +159,12 @@ impl Route {
         let up = if dead.load(Ordering::Relaxed) {
             None
         } else {
-            match tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(target)).await {
+            let connect = async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(self.source, 0))?;
+                socket.connect(target).await
+            };
+            match tokio::time::timeout(CONNECT_LIMIT, connect).await {
                 Ok(Ok(up)) => Some(up),
                 // The server is away: the agent sees its connection reset.
                 _ => {

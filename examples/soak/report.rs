@@ -121,7 +121,7 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
     let _ = writeln!(s, "| **violations** | **{}** |", verdict.violations.len());
     let _ = writeln!(
         s,
-        "| known, not failed (needs the agent spool) | {} |",
+        "| known, listed and not failed (agent spool; claims across a disconnect) | {} |",
         verdict.known.len()
     );
     let _ = writeln!(
@@ -148,8 +148,13 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
     );
     let _ = writeln!(
         s,
-        "\nBounds: kill window {} ms, reconnect {} ms after a fault's end (plus keepalive detection for half-open connections), ERROR lines within {} ms of a fault, agent spool asserted: {}.",
-        bounds.kill_window_ms, bounds.reconnect_ms, bounds.error_window_ms, bounds.spool
+        "\nBounds: kill window {} ms; after a fault's end (plus keepalive detection for half-open connections) an attempt within {} ms and connected within {} ms; ERROR lines within {} ms of a fault; growth judged on settled samples (outside faults, 15 s after a process started) over the second half; agent spool asserted: {}; claims kept across a disconnect asserted: {}.",
+        bounds.kill_window_ms,
+        bounds.reconnect_ms,
+        bounds.back_ms,
+        bounds.error_window_ms,
+        bounds.spool,
+        bounds.keep_claims
     );
     let mut by_check: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for v in &verdict.violations {
@@ -172,7 +177,7 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
     if !verdict.known.is_empty() {
         let _ = writeln!(
             s,
-            "\n## Known (asserted once the agent spool is merged: `--spool`)\n"
+            "\n## Known, listed and not failed (`--spool`, `--keep-claims` assert them)\n"
         );
         for v in verdict.known.iter().take(50) {
             let _ = writeln!(s, "- {}: {}", v.check, v.detail);

@@ -21,6 +21,7 @@ mod metrics;
 mod operations;
 mod postgres;
 mod serve;
+mod soak_check;
 mod socket;
 mod store;
 mod store_files;
