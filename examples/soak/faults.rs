@@ -37,12 +37,13 @@ pub const KINDS: [&str; 10] = [
 /// Time before the first fault, and kept free of new faults at the end.
 const MARGIN: Duration = Duration::from_secs(10);
 
-/// Runs the schedule until `deadline`; with `all`, fails unless every kind
-/// ran at least once.
+/// Runs the schedule until `deadline`, with gaps between faults of a third
+/// of `gap` up to `gap`; with `all`, fails unless every kind ran at least once.
 pub async fn run(
     fleet: Arc<Fleet>,
     mut rng: Rng,
     deadline: Instant,
+    gap: Duration,
     all: bool,
 ) -> anyhow::Result<()> {
     tokio::time::sleep(MARGIN).await;
@@ -61,8 +62,7 @@ pub async fn run(
             if inject(&fleet, &mut rng, kind, length).await? {
                 done.insert(kind);
             }
-            let gap = rng.between(Duration::from_secs(2), Duration::from_secs(6));
-            tokio::time::sleep(gap).await;
+            tokio::time::sleep(rng.between(gap / 3, gap)).await;
         }
     }
     let missing: Vec<&str> = KINDS

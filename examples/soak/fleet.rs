@@ -65,6 +65,10 @@ pub struct Args {
     /// Longest the drain may take (every task finished) before the final view.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+    /// Longest quiet time between two faults (the shortest is a third of
+    /// it): longer lets a large fleet settle between faults.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    pub fault_gap: Duration,
     /// Fail unless every fault kind was injected at least once.
     #[arg(long)]
     pub all_faults: bool,
@@ -473,6 +477,7 @@ async fn soak(
         Arc::clone(fleet),
         Rng::new(rng.next_u64()),
         deadline,
+        args.fault_gap,
         args.all_faults,
     );
     let kills = crate::faults::kills(Arc::clone(fleet), Rng::new(rng.next_u64()), deadline);
