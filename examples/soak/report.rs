@@ -329,12 +329,18 @@ fn plots(history: &History, out: &Path) -> anyhow::Result<()> {
     changes.sort_unstable();
     let mut up: BTreeMap<&str, bool> = BTreeMap::new();
     let mut count = 0i64;
-    let mut connected = Vec::new();
+    // One point per second (the count at its end): 2,000 agents change
+    // state tens of thousands of times, and the SVG stays small.
+    let mut per_second: BTreeMap<i64, f64> = BTreeMap::new();
     for (at, agent, now) in changes {
         let was = up.insert(agent, now).unwrap_or(false);
         count += i64::from(now) - i64::from(was);
-        connected.push((secs(at), count as f64));
+        per_second.insert(at.div_euclid(1000), count as f64);
     }
+    let connected: Vec<(f64, f64)> = per_second
+        .into_iter()
+        .map(|(s, c)| (secs(s * 1000), c))
+        .collect();
     plot(
         &out.join("connected.svg"),
         "Connected agents",
