@@ -351,6 +351,11 @@ fn plots(history: &History, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// plotters' errors borrow the backend: kept as text.
+fn drawing(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing: {e}")
+}
+
 /// One line plot over time with the faults shaded.
 fn plot(
     path: &Path,
@@ -370,20 +375,20 @@ fn plot(
         .fold(1.0, f64::max)
         * 1.1;
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(drawing)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
     chart
         .configure_mesh()
         .x_desc("seconds since start (shaded: faults)")
         .y_desc(unit)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
     let shade = RGBColor(230, 90, 60).mix(0.15);
     chart
         .draw_series(faults.iter().map(|(start, end, _)| {
@@ -392,7 +397,7 @@ fn plot(
                 shade.filled(),
             )
         }))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
     chart
         .draw_series(faults.iter().map(|(start, _, kind)| {
             Text::new(
@@ -401,7 +406,7 @@ fn plot(
                 ("sans-serif", 9).into_font().color(&RED),
             )
         }))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -409,7 +414,7 @@ fn plot(
                 points.iter().copied(),
                 color.stroke_width(2),
             ))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(drawing)?
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2)));
     }
@@ -418,7 +423,7 @@ fn plot(
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
+    root.present().map_err(drawing)?;
     Ok(())
 }

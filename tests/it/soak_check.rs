@@ -235,6 +235,14 @@ fn log_line(at_ms: i64, level: &str, message: &str) -> String {
     .to_string()
 }
 
+/// `agent` killed with SIGKILL `at` ms into the run.
+fn kill(history: &mut History, agent: &str, at: i64) {
+    history.events.push(Event::Kill {
+        agent: agent.to_owned(),
+        at_ms: T0 + at,
+    });
+}
+
 /// The checks that failed, each once, sorted.
 fn failed(verdict: &Verdict) -> Vec<&'static str> {
     let mut checks: Vec<&'static str> = verdict.violations.iter().map(|v| v.check).collect();
@@ -295,10 +303,7 @@ fn a_task_in_flight_at_a_kill_is_counted_not_failed() {
     let mut history = clean();
     // a ran task 9, was SIGKILLed before its ack left; c ran it again.
     history.runs.push(run("c", 9, 20_000));
-    history.events.push(Event::Kill {
-        agent: "a".to_owned(),
-        at_ms: T0 + 9_500,
-    });
+    kill(&mut history, "a", 9_500);
     let verdict = check_on_disk(&history, &bounds());
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.in_flight_at_kill, [9]);
@@ -306,10 +311,7 @@ fn a_task_in_flight_at_a_kill_is_counted_not_failed() {
     // Killed long after the run: the ack had time to leave, so no excuse.
     let mut history = clean();
     history.runs.push(run("c", 9, 20_000));
-    history.events.push(Event::Kill {
-        agent: "a".to_owned(),
-        at_ms: T0 + 19_000,
-    });
+    kill(&mut history, "a", 19_000);
     assert_eq!(
         failed(&check_on_disk(&history, &bounds())),
         ["handled-twice"]
@@ -320,10 +322,7 @@ fn a_task_in_flight_at_a_kill_is_counted_not_failed() {
 fn an_agent_running_a_task_again_after_its_restart_is_reported() {
     let mut history = clean();
     history.runs.push(run("c", 42, 90_000));
-    history.events.push(Event::Kill {
-        agent: "c".to_owned(),
-        at_ms: T0 + 60_000,
-    });
+    kill(&mut history, "c", 60_000);
     let verdict = check_on_disk(&history, &bounds());
     assert_eq!(failed(&verdict), ["rerun-after-restart"]);
     // Until the agent spool is merged, CI lists these apart.
