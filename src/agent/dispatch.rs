@@ -84,9 +84,55 @@ async fn run_job(
     slot: OwnedSemaphorePermit,
     kill: CancellationToken,
 ) {
+    let spool = shared.spool.as_ref().filter(|_| job.task.id != 0);
+    if let Some(spool) = spool {
+        // Recorded before the handler starts: after a crash from here on,
+        // the task is not run again (it is acked as interrupted).
+        let room = handler.max_output as u64;
+        match spool.start(job.key, &job.task, room).await {
+            Ok(None) => {}
+            Ok(Some(ack)) => {
+                // Handled before, beyond what memory keeps: acked again.
+                drop(slot);
+                tracing::debug!(
+                    task_id = job.task.id,
+                    "task delivered again: acking the outcome the spool kept"
+                );
+                shared.handled.lock().done(job.key, ack.clone());
+                shared.push_ack((Some(job.key), ack));
+                shared.emit(EventKind::Reacked {
+                    task_id: job.task.id,
+                });
+                return;
+            }
+            Err(e) => {
+                drop(slot);
+                shared.handled.lock().abandon(job.key);
+                shared
+                    .counters
+                    .spool_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    task_id = job.task.id,
+                    "task not started, nor acked (the server delivers it again): {e}"
+                );
+                return;
+            }
+        }
+    }
     let started = std::time::Instant::now();
     let ack = handler.handle(&job.task, &kill).await;
     drop(slot);
+    if let Some(spool) = spool {
+        match spool.done(job.key, &ack).await {
+            Ok(()) => tracing::debug!(task_id = job.task.id, "result spooled"),
+            Err(e) => tracing::warn!(
+                task_id = job.task.id,
+                "result not kept in the spool (sent now; after a restart before it is \
+                 delivered, the task is acked as interrupted): {e}"
+            ),
+        }
+    }
     shared
         .counters
         .handler_seconds
@@ -103,7 +149,8 @@ async fn run_job(
         handled.set_capacity(shared.config().remember);
         handled.done(job.key, ack.clone());
     }
-    shared.push_ack(ack);
+    let key = (job.task.id != 0).then_some(job.key);
+    shared.push_ack((key, ack));
     shared.emit(EventKind::Handled {
         task_id: job.task.id,
         outcome,

@@ -1,12 +1,10 @@
 //! What the agent remembers between deliveries: which tasks it is handling
 //! or has handled (so a redelivered task is acked again, not run twice), and
-//! the acks not yet handed to a session (so a lost connection loses none).
-//! Both are bounded.
+//! the acks not yet delivered (so a lost connection loses none). Both are
+//! bounded, and both are kept across agent restarts by the
+//! [`spool`](super::spool).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    hash::{DefaultHasher, Hash, Hasher},
-};
+use std::collections::{HashMap, VecDeque};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -14,16 +12,23 @@ use tokio::sync::Notify;
 use crate::proto::contact::Result as ResultMsg;
 
 /// A task's identity for deduplication: its id and a hash of its text, of
-/// the server run (epoch) that issued it and of its operator retry count.
+/// the server's task id space (epoch) that issued it and of its operator
+/// retry count.
 ///
-/// Task ids start at 1 again when a server restarts; the epoch tells such a
-/// new task 1 from the old one (and the text does, for a server that sends
-/// no epoch). A task an operator retried (`contactd task retry`) is a new
-/// run of the same task: it is run again, not acked from memory.
+/// Task ids start at 1 again with a new store (the memory store at every
+/// server start); the epoch, the store's random id, tells such a new task 1
+/// from the old one (and the text does, for a server that sends no epoch). A
+/// task an operator retried (`contactd task retry`) is a new run of the same
+/// task: it is run again, not acked from memory.
+///
+/// The hash is kept in the agent's spool across restarts and upgrades, so it
+/// is SHA-256 (its first 8 bytes), whose value no toolchain changes; std's
+/// `DefaultHasher` makes no such promise. It costs well under a microsecond
+/// for a task text of a few hundred bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TaskKey {
     pub id: u64,
-    text: u64,
+    pub(super) text: u64,
 }
 
 impl TaskKey {
@@ -34,13 +39,16 @@ impl TaskKey {
 
     /// The key of a task from the server run `epoch`, retried `retry` times.
     pub fn with_epoch(epoch: u64, id: u64, text: &str, retry: u32) -> TaskKey {
-        let mut hasher = DefaultHasher::new();
-        text.hash(&mut hasher);
-        epoch.hash(&mut hasher);
-        retry.hash(&mut hasher);
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        hash.update(&epoch.to_le_bytes());
+        hash.update(&retry.to_le_bytes());
+        hash.update(text.as_bytes());
+        let digest = hash.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
         TaskKey {
             id,
-            text: hasher.finish(),
+            text: u64::from_le_bytes(first),
         }
     }
 }
@@ -136,12 +144,16 @@ impl Handled {
     }
 }
 
+/// An ack waiting to be sent, with the key of its task (`None` for a task
+/// without an id), by which the spool marks it delivered.
+pub type Pending = (Option<TaskKey>, ResultMsg);
+
 /// Acks waiting to be sent, oldest first, at most `capacity`: beyond, the
 /// oldest is dropped (the server redelivers an unacked task, and the agent
 /// then acks it again from [`Handled`]).
 #[derive(Debug)]
 pub struct Outbox {
-    queue: Mutex<VecDeque<ResultMsg>>,
+    queue: Mutex<VecDeque<Pending>>,
     capacity: usize,
     /// Wakes the session streams waiting for an ack.
     added: Notify,
@@ -158,7 +170,7 @@ impl Outbox {
     }
 
     /// Adds an ack; returns the one dropped to make room, if any.
-    pub fn push(&self, ack: ResultMsg) -> Option<ResultMsg> {
+    pub fn push(&self, ack: Pending) -> Option<Pending> {
         let dropped = {
             let mut queue = self.queue.lock();
             let dropped = if queue.len() >= self.capacity {
@@ -173,8 +185,21 @@ impl Outbox {
         dropped
     }
 
+    /// Puts back acks taken but not delivered (their call failed), ahead
+    /// of the others, in their order; beyond the capacity the newest are
+    /// dropped and returned (their tasks are delivered again).
+    pub fn put_back(&self, acks: Vec<Pending>) -> Vec<Pending> {
+        let mut queue = self.queue.lock();
+        for ack in acks.into_iter().rev() {
+            queue.push_front(ack);
+        }
+        let excess = queue.len().saturating_sub(self.capacity);
+        let at = queue.len() - excess;
+        queue.split_off(at).into()
+    }
+
     /// Takes the oldest ack, if any.
-    pub fn pop(&self) -> Option<ResultMsg> {
+    pub fn pop(&self) -> Option<Pending> {
         self.queue.lock().pop_front()
     }
 
@@ -189,7 +214,7 @@ impl Outbox {
     }
 
     /// Waits for the next ack. Cancel-safe: nothing is taken until it returns.
-    pub async fn next(&self) -> ResultMsg {
+    pub async fn next(&self) -> Pending {
         loop {
             let added = self.added.notified();
             tokio::pin!(added);
@@ -213,6 +238,10 @@ mod tests {
             outcome: 1,
             ..Default::default()
         }
+    }
+
+    fn pending(id: u64) -> Pending {
+        (Some(TaskKey::new(id, "t")), ack(id))
     }
 
     #[test]
@@ -254,12 +283,17 @@ mod tests {
             async move { outbox.next().await }
         });
         tokio::task::yield_now().await;
-        assert_eq!(outbox.push(ack(1)), None);
-        assert_eq!(reader.await.unwrap(), ack(1));
-        outbox.push(ack(2));
-        outbox.push(ack(3));
-        assert_eq!(outbox.push(ack(4)), Some(ack(2)));
-        assert_eq!(outbox.pop(), Some(ack(3)));
+        assert_eq!(outbox.push(pending(1)), None);
+        assert_eq!(reader.await.unwrap(), pending(1));
+        outbox.push(pending(2));
+        outbox.push(pending(3));
+        assert_eq!(outbox.push(pending(4)), Some(pending(2)));
+        assert_eq!(outbox.pop(), Some(pending(3)));
         assert_eq!(outbox.len(), 1);
+        // A failed batch goes back first; what does not fit is returned.
+        assert_eq!(outbox.put_back(vec![pending(2), pending(3)]), [pending(4)]);
+        assert_eq!(outbox.pop(), Some(pending(2)));
+        assert_eq!(outbox.pop(), Some(pending(3)));
+        assert_eq!(outbox.pop(), None);
     }
 }

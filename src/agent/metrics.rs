@@ -31,6 +31,8 @@ pub(super) struct Counters {
     pub(super) reacked: AtomicU64,
     /// Acks dropped unsent, the oldest first, with the outbox full.
     pub(super) acks_dropped: AtomicU64,
+    /// Tasks not started because the spool could not record them (full).
+    pub(super) spool_refused: AtomicU64,
     /// How long handlers ran.
     pub(super) handler_seconds: Histogram,
 }
@@ -44,6 +46,7 @@ impl Default for Counters {
             last_connected_ms: AtomicU64::new(0),
             reacked: AtomicU64::new(0),
             acks_dropped: AtomicU64::new(0),
+            spool_refused: AtomicU64::new(0),
             handler_seconds: Histogram::new(crate::metrics::duration_buckets()),
         }
     }
@@ -128,6 +131,12 @@ impl Collector for AgentCollector {
             "acks_dropped",
             "Acks dropped unsent because too many waited for a session (the server delivers their tasks again)",
             c.acks_dropped.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "spool_refused",
+            "Tasks not started (nor acked: the server delivers them again) because the spool could not record them (agent.spool_max_size reached, or a failed write)",
+            c.spool_refused.load(Relaxed),
         )?;
         Ok(())
     }

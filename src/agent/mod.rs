@@ -9,6 +9,7 @@
 //! - `dispatch`: the bounded task queue and the handler slots.
 //! - `handler`: running the handler for one task and making its ack.
 //! - `memory`: handled tasks (dedup) and unsent acks, both bounded.
+//! - [`spool`]: both of those kept across agent restarts, in a file.
 //!
 //! Shutdown: cancelling the token stops taking tasks (queued ones are
 //! dropped unacked, so the server redelivers them), lets running handlers
@@ -22,6 +23,7 @@ mod memory;
 mod metrics;
 mod reconnect;
 mod session;
+pub mod spool;
 mod status;
 
 use std::{
@@ -37,7 +39,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use handler::{ENV_AGENT, ENV_TASK_ATTEMPT, ENV_TASK_ID, Handler};
-pub use memory::{Handled, Outbox, Seen, TaskKey};
+pub use memory::{Handled, Outbox, Pending, Seen, TaskKey};
 pub use session::SessionError;
 
 use crate::{
@@ -103,6 +105,10 @@ pub struct Run {
     pub events: Option<broadcast::Sender<AgentEvent>>,
     /// Serves `GET /metrics` too.
     pub metrics: Option<crate::metrics::Endpoint>,
+    /// The spool, opened by the caller ([`spool::Spool::open`]): what the
+    /// agent handled and has not delivered is kept across restarts.
+    /// Without one (tests, embedders), only in memory.
+    pub spool: Option<spool::Opened>,
 }
 
 impl Run {
@@ -113,6 +119,7 @@ impl Run {
             shutdown,
             events: None,
             metrics: None,
+            spool: None,
         }
     }
 }
@@ -130,15 +137,46 @@ pub async fn run(run: Run) -> Result<(), AgentError> {
         shutdown,
         events,
         metrics: endpoint,
+        spool,
     } = run;
     let initial = Arc::clone(&config.borrow());
     if initial.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
     let (queue_tx, queue_rx) = mpsc::channel(QUEUE);
+    let mut handled = Handled::new(initial.remember);
+    let outbox = Outbox::new(MAX_PENDING_ACKS);
+    let spool = spool.map(|opened| {
+        let spool::Opened { spool, recovered } = opened;
+        let interrupted = recovered.interrupted.len();
+        tracing::info!(
+            path = %spool.path().display(),
+            handled = recovered.handled.len(),
+            to_resend = recovered.undelivered.len(),
+            interrupted,
+            "agent spool opened"
+        );
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                task_ids = ?recovered.interrupted,
+                "tasks whose handler was running when the agent stopped: not run again, \
+                 acked as FAILED (interrupted)"
+            );
+        }
+        for (key, ack) in recovered.handled {
+            handled.check(key);
+            handled.done(key, ack);
+        }
+        for (key, ack) in recovered.undelivered {
+            outbox.push((Some(key), ack));
+        }
+        spool
+    });
     let shared = Arc::new(Shared {
-        handled: Mutex::new(Handled::new(initial.remember)),
-        outbox: Outbox::new(MAX_PENDING_ACKS),
+        handled: Mutex::new(handled),
+        outbox,
+        spool,
         config,
         succeeded: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -200,7 +238,15 @@ pub async fn run(run: Run) -> Result<(), AgentError> {
     };
     tokio::join!(handlers, flush);
     let unsent = shared.outbox.len();
-    if unsent > 0 {
+    if let Some(spool) = &shared.spool {
+        spool.flush().await;
+        if unsent > 0 {
+            tracing::info!(
+                unsent,
+                "acks not sent (no session): kept in the spool, sent after the restart"
+            );
+        }
+    } else if unsent > 0 {
         tracing::warn!(
             unsent,
             "acks not sent (no session): the server will deliver those tasks again"
@@ -218,6 +264,8 @@ struct Shared {
     handled: Mutex<Handled>,
     /// Acks waiting for a session.
     outbox: Outbox,
+    /// What is handled and undelivered, kept across restarts (if kept).
+    spool: Option<spool::Spool>,
     /// Tasks handled with an OK / a FAILED outcome, for the status line.
     succeeded: AtomicU64,
     failed: AtomicU64,
@@ -294,7 +342,7 @@ impl Shared {
                         attempt = task.attempt,
                         "task delivered again: acking the remembered outcome"
                     );
-                    self.push_ack(ack);
+                    self.push_ack((Some(key), ack));
                     self.emit(EventKind::Reacked { task_id: task.id });
                     return;
                 }
@@ -311,13 +359,18 @@ impl Shared {
         }
     }
 
-    fn push_ack(&self, ack: crate::proto::contact::Result) {
+    fn push_ack(&self, ack: Pending) {
         if let Some(dropped) = self.outbox.push(ack) {
-            self.counters.acks_dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                task_id = dropped.task_id,
-                "too many unsent acks: dropped the oldest (the server will deliver its task again)"
-            );
+            self.dropped_ack(&dropped);
         }
+    }
+
+    fn dropped_ack(&self, (_, dropped): &Pending) {
+        self.counters.acks_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            task_id = dropped.task_id,
+            "too many unsent acks: dropped one from memory (the server will deliver its task \
+             again; a spool keeps it until then)"
+        );
     }
 }

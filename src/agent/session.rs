@@ -1,6 +1,8 @@
-//! One session with a server: connect, subscribe with getTask, open
-//! tellResult for acks and sendStatus for status reports, all carrying the
-//! agent's name in the `x-contactd-agent` header. The session ends at the
+//! One session with a server: connect, subscribe with getTask (announcing
+//! the agent's `handler_concurrency`), send acks with tellResult (one call
+//! per batch, whose answer confirms them) and status reports with
+//! sendStatus, all carrying the agent's name in the `x-contactd-agent`
+//! header. The session ends at the
 //! first failure of any of them (every failure is retryable except a bad
 //! URL or name), or, at shutdown, once the last ack is sent.
 
@@ -9,16 +11,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{Stream, stream};
+use futures_util::stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Status,
-    metadata::MetadataValue,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
 
-use super::{Shared, status};
+use super::{Pending, Shared, status};
 use crate::{
     config::AgentConfig,
     proto::{
@@ -160,6 +163,9 @@ pub(super) async fn run(
         }
         None => None,
     };
+    // How many tasks it runs at once, so a queue-mode server hands it no
+    // more (read at every connection: a reloaded value applies at the next).
+    let concurrency = MetadataValue::from(config.handler_concurrency as u64);
     let limit = config.connect_timeout;
     let channel: Channel = tokio::select! {
         biased;
@@ -168,19 +174,19 @@ pub(super) async fn run(
             channel?.map_err(|e| SessionError::Connect(crate::error_chain(&e)))?
         }
     };
-    let mut client = ContactClient::with_interceptor(channel, move |mut request: Request<()>| {
-        request.metadata_mut().insert(AGENT_HEADER, name.clone());
-        request
-            .metadata_mut()
-            .insert(crate::labels::LABELS_HEADER, labels.clone());
-        if let Some(token) = &token {
-            request
-                .metadata_mut()
-                .insert(crate::auth::HEADER, token.clone());
-        }
-        Ok(request)
-    });
-    let tasks = timed("getTask", limit, client.get_task(Empty {}))
+    let mut client = ContactClient::with_interceptor(
+        channel,
+        Headers {
+            name,
+            labels,
+            token,
+        },
+    );
+    let mut subscribe = Request::new(Empty {});
+    subscribe
+        .metadata_mut()
+        .insert(crate::proto::CONCURRENCY_HEADER, concurrency);
+    let tasks = timed("getTask", limit, client.get_task(subscribe))
         .await?
         .map_err(SessionError::rpc("getTask"))?
         .into_inner();
@@ -193,12 +199,9 @@ pub(super) async fn run(
     .await?
     .map_err(SessionError::rpc("sendStatus"))?
     .into_inner();
-    // Ends the ack stream when this session ends, whatever the reason, so
-    // a new session's stream is the only one taking acks.
-    let session_end = tokio_util::sync::CancellationToken::new();
-    let _end = session_end.clone().drop_guard();
-    let mut ack_client = client.clone();
-    let acks = ack_client.tell_result(ack_stream(Arc::clone(shared), session_end));
+    // Dropped with this session, whatever the reason: the acks of a call
+    // not answered yet go back to the outbox for the next session.
+    let acks = send_acks(Arc::clone(shared), client.clone());
     tokio::pin!(acks);
     on_connected(Instant::now());
 
@@ -230,8 +233,8 @@ pub(super) async fn run(
             result = &mut acks, if !acks_done => {
                 acks_done = true;
                 match result {
-                    Ok(_) if shared.finished.is_cancelled() => return Ok(()),
-                    Ok(_) => SessionError::Ended("tellResult"),
+                    // Only once the agent has finished and every ack is sent.
+                    Ok(()) => return Ok(()),
                     Err(status) => SessionError::rpc("tellResult")(status),
                 }
             }
@@ -308,22 +311,84 @@ async fn report_status(shared: &Shared, reports: mpsc::Sender<ClientMsg>) {
     }
 }
 
-/// The acks for tellResult: taken from the outbox as the connection can
-/// send them. Ends when the session ends, or when the agent has finished
-/// and the outbox is empty.
-fn ack_stream(
+/// What every call of a session carries: the agent's name, its labels, and
+/// its token if it has one.
+#[derive(Clone)]
+struct Headers {
+    name: MetadataValue<Ascii>,
+    labels: MetadataValue<Ascii>,
+    token: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Headers {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let metadata = request.metadata_mut();
+        metadata.insert(AGENT_HEADER, self.name.clone());
+        metadata.insert(crate::labels::LABELS_HEADER, self.labels.clone());
+        if let Some(token) = &self.token {
+            metadata.insert(crate::auth::HEADER, token.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = ContactClient<InterceptedService<Channel, Headers>>;
+
+/// Acks sent in one tellResult call, at most.
+const ACK_BATCH: usize = 256;
+
+/// Acks taken from the outbox for a call: put back (first in line) unless
+/// the call answered, so a session that ends meanwhile loses none.
+struct Taken {
     shared: Arc<Shared>,
-    session_end: tokio_util::sync::CancellationToken,
-) -> impl Stream<Item = ResultMsg> + Send + 'static {
-    stream::unfold((shared, session_end), |(shared, end)| async move {
-        let ack = tokio::select! {
+    acks: Vec<Pending>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let acks = std::mem::take(&mut self.acks);
+        for dropped in self.shared.outbox.put_back(acks) {
+            self.shared.dropped_ack(&dropped);
+        }
+    }
+}
+
+/// Sends the acks as the outbox gets them, those waiting together in one
+/// tellResult call each: its answer is the server's word that it has them
+/// (a stream that stays open would say nothing of what arrived), and only
+/// then are they marked delivered in the spool. Returns once the agent has
+/// finished and the outbox is empty; fails with the first failed call.
+async fn send_acks(shared: Arc<Shared>, mut client: Client) -> Result<(), Status> {
+    loop {
+        let first = tokio::select! {
             biased;
-            () = end.cancelled() => None,
-            ack = shared.outbox.next() => Some(ack),
-            () = shared.finished.cancelled() => shared.outbox.pop(),
+            ack = shared.outbox.next() => ack,
+            () = shared.finished.cancelled() => match shared.outbox.pop() {
+                Some(ack) => ack,
+                None => return Ok(()),
+            },
         };
-        let ack = ack?;
-        tracing::debug!(task_id = ack.task_id, outcome = ?ack.outcome(), "sending ack");
-        Some((ack, (shared, end)))
-    })
+        let mut taken = Taken {
+            shared: Arc::clone(&shared),
+            acks: vec![first],
+        };
+        while taken.acks.len() < ACK_BATCH {
+            match shared.outbox.pop() {
+                Some(ack) => taken.acks.push(ack),
+                None => break,
+            }
+        }
+        let batch: Vec<ResultMsg> = taken.acks.iter().map(|(_, ack)| ack.clone()).collect();
+        tracing::debug!(
+            acks = batch.len(),
+            first_task_id = batch[0].task_id,
+            "sending acks"
+        );
+        client.tell_result(stream::iter(batch)).await?;
+        let acks = std::mem::take(&mut taken.acks);
+        if let Some(spool) = &shared.spool {
+            let keys = acks.into_iter().filter_map(|(key, _)| key).collect();
+            spool.delivered(keys, shared.config().remember).await;
+        }
+    }
 }

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use crate::{
-    agent::{self, AgentError},
+    agent::{self, AgentError, spool::Spool},
     config::{
         AGENT_DEFAULT_PATH, AgentConfig, AgentFile, LogConfig, MetricsConfig, Source,
         reload::Changes,
@@ -29,13 +29,16 @@ pub enum CommandError {
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The spool cannot be opened, or is damaged: the agent does not start.
+    #[error(transparent)]
+    Spool(#[from] crate::agent::spool::SpoolError),
 }
 
 impl daemon::Failure for CommandError {
     fn daemon(&self) -> Option<&DaemonError> {
         match self {
             CommandError::Daemon(e) => Some(e),
-            CommandError::Agent(_) => None,
+            CommandError::Agent(_) | CommandError::Spool(_) => None,
         }
     }
 
@@ -44,8 +47,9 @@ impl daemon::Failure for CommandError {
             CommandError::Daemon(e) => e.exit_code(),
             // What retrying cannot fix is the config's (a bad URL or name,
             // no servers): systemd's RestartPreventExitStatus=78 stops the
-            // restart loop.
-            CommandError::Agent(_) => EX_CONFIG,
+            // restart loop. So is a spool that cannot be used (the server's
+            // store is refused with the same code): an operator must act.
+            CommandError::Agent(_) | CommandError::Spool(_) => EX_CONFIG,
         }
     }
 }
@@ -109,9 +113,13 @@ async fn run_until_signalled(
     context: daemon::Context,
     config: AgentFile,
 ) -> Result<(), CommandError> {
+    // Before READY=1: an agent that cannot keep its spool does not start
+    // (it would run tasks again after its next restart).
+    let spool = tokio::task::block_in_place(|| Spool::open(&config.agent))?;
     let (harness, launch) = context.harness(config, "contactd_agent")?;
     let mut agent = tokio::spawn(agent::run(agent::Run {
         metrics: launch.metrics,
+        spool: Some(spool),
         ..agent::Run::new(launch.config, launch.shutdown)
     }));
     harness.ready("starting");

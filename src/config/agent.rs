@@ -59,8 +59,22 @@ pub struct AgentConfig {
     #[serde(with = "units::size")]
     pub max_output: ByteSize,
     /// Recently handled task ids remembered, so a redelivered task is
-    /// acked again rather than run twice.
+    /// acked again rather than run twice (in memory and in the spool).
     pub remember: usize,
+    /// Where the agent keeps its spool (`agent-spool-NAME.db`: the tasks it
+    /// started and the results not yet delivered, across restarts); unset:
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else the working
+    /// directory. See [`resolved_state_dir`](Self::resolved_state_dir).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// The most the spool's database may hold; beyond, the oldest
+    /// delivered results are forgotten first, and when only undelivered
+    /// ones are left a new task is not started (it is delivered again).
+    #[serde(with = "units::size")]
+    pub spool_max_size: ByteSize,
+    /// `"normal"`: the spool survives a crash or kill of the agent;
+    /// `"full"`: a power loss too (an fsync per commit).
+    pub spool_sync: super::StoreSync,
     /// How long a session must stay up before the backoff starts over.
     #[serde(with = "units::duration")]
     pub healthy_after: Duration,
@@ -122,6 +136,9 @@ impl Default for AgentConfig {
             handler_concurrency: 4,
             max_output: ByteSize::kib(4),
             remember: 10_000,
+            state_dir: None,
+            spool_max_size: ByteSize::mib(64),
+            spool_sync: super::StoreSync::Normal,
             healthy_after: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(20),
             retry_hint_jitter: Duration::from_secs(1),
@@ -200,6 +217,7 @@ pub mod ranges {
     /// So an ack fits gRPC's default 4MiB message limit.
     pub const MAX_OUTPUT: RangeInclusive<u64> = 1..=4095 * 1024;
     pub const REMEMBER: RangeInclusive<u64> = 1..=1_000_000;
+    pub const SPOOL_MAX_SIZE: RangeInclusive<u64> = 1024 * 1024..=64 * 1024 * 1024 * 1024;
     pub const HEALTHY_AFTER: RangeInclusive<Duration> = MS..=DAY;
     pub const CONNECT_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(100)..=HOUR;
     pub const RETRY_HINT_JITTER: RangeInclusive<Duration> = Duration::ZERO..=HOUR;
@@ -212,6 +230,21 @@ pub mod ranges {
 }
 
 impl AgentConfig {
+    /// The agent's state directory: `state_dir`, else `$STATE_DIRECTORY`
+    /// (systemd's `StateDirectory=`; the first one when it lists several),
+    /// else the working directory.
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.clone();
+        }
+        let state = std::env::var_os("STATE_DIRECTORY").and_then(|dirs| {
+            std::env::split_paths(&dirs)
+                .next()
+                .filter(|d| !d.as_os_str().is_empty())
+        });
+        state.unwrap_or_default()
+    }
+
     /// The labels, the servers, the name and the programs, then the ranges
     /// (in this order, which is the order problems are reported in).
     pub(crate) fn check(&self, c: &mut Checks) {
@@ -303,6 +336,35 @@ impl AgentConfig {
         );
         c.size("agent.max_output", self.max_output, MAX_OUTPUT);
         c.count("agent.remember", self.remember as u64, REMEMBER);
+        c.size("agent.spool_max_size", self.spool_max_size, SPOOL_MAX_SIZE);
+        // Room for every handler's result at once, twice over: a result
+        // that finds no room is not kept across a restart.
+        let needed = 2 * self.handler_concurrency as u64 * (self.max_output.as_u64() + 1024);
+        c.check(
+            self.spool_max_size.as_u64() >= needed,
+            "agent.spool_max_size",
+            format!(
+                "\"{}\" cannot hold the results of handler_concurrency ({}) handlers of \
+                 max_output (\"{}\") twice over: make it at least \"{}\"",
+                units::size::format(self.spool_max_size),
+                self.handler_concurrency,
+                units::size::format(self.max_output),
+                units::size::format(ByteSize(needed))
+            ),
+        );
+        if let Some(dir) = &self.state_dir {
+            c.check(
+                !dir.as_os_str().is_empty(),
+                "agent.state_dir",
+                "is empty: name a directory, such as \"/var/lib/contactd-agent\", or leave it \
+                 unset for $STATE_DIRECTORY (else the working directory)",
+            );
+            c.check(
+                !dir.exists() || dir.is_dir(),
+                "agent.state_dir",
+                format!("{} exists and is not a directory", dir.display()),
+            );
+        }
         c.duration("agent.healthy_after", self.healthy_after, HEALTHY_AFTER);
         c.duration(
             "agent.retry_hint_jitter",
@@ -397,6 +459,41 @@ mod tests {
             problems[0].message.contains("\"localhost\""),
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn the_spool_must_hold_every_handlers_result_and_its_directory_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let text = format!(
+            "[agent]\nhandler_concurrency = 64\nmax_output = \"1MiB\"\n\
+             spool_max_size = \"100MiB\"\nstate_dir = \"{}\"\n",
+            file.display()
+        );
+        let problems = parse::<AgentFile>(&text).unwrap_err();
+        let messages: Vec<_> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.key.as_deref().unwrap_or(""), p.message))
+            .collect();
+        assert!(
+            messages[0].starts_with("agent.spool_max_size: \"100MiB\" cannot hold")
+                && messages[0].ends_with("make it at least \"131200KiB\""),
+            "{messages:#?}"
+        );
+        assert!(
+            messages[1].starts_with("agent.state_dir:") && messages[1].contains("not a directory"),
+            "{messages:#?}"
+        );
+        assert_eq!(messages.len(), 2, "{messages:#?}");
+        let small = parse::<AgentFile>("[agent]\nspool_max_size = \"64KiB\"\n").unwrap_err();
+        assert!(small[0].message.contains("out of range"), "{small:#?}");
+        // The default: systemd's StateDirectory=, else the working directory.
+        let config = AgentConfig {
+            state_dir: Some(dir.path().to_owned()),
+            ..AgentConfig::default()
+        };
+        assert_eq!(config.resolved_state_dir(), dir.path());
     }
 
     #[test]

@@ -80,6 +80,10 @@ pub const AGENT_RULES: Rules = &[
     ("agent.tls", Takes::Reconnect),
     ("agent.token_file", Takes::Reconnect),
     ("agent.connect_timeout", Takes::Reconnect),
+    // The spool is opened at start (agent::spool); `remember` applies at once.
+    ("agent.state_dir", Takes::Restart),
+    ("agent.spool_max_size", Takes::Restart),
+    ("agent.spool_sync", Takes::Restart),
 ];
 
 /// Both daemons' `[log]`: its writers are made at start-up, so a reload

@@ -31,6 +31,27 @@ pub const ADMIN_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/admin_descriptor.bin
 /// caller without it (a seed client) is known by its peer address.
 pub const AGENT_HEADER: &str = "x-contactd-agent";
 
+/// The metadata header an agent sends on `getTask` with how many tasks it
+/// runs at once (its `handler_concurrency`): in queue mode the server
+/// assigns it no more than that, so a claim's `ack_timeout` measures
+/// handling, not waiting in the agent. Metadata, not a proto field: the
+/// seed's `getTask (Empty)` is fixed, and a caller without it (a seed
+/// client, an older agent) is assigned up to `tasks.window`, as before.
+pub const CONCURRENCY_HEADER: &str = "x-contactd-concurrency";
+
+/// The largest [`CONCURRENCY_HEADER`] taken at its word (the agent's own
+/// `handler_concurrency` range); more counts as this.
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// The concurrency an agent announced in `metadata`, if any: a number from
+/// 1 up (at most [`MAX_CONCURRENCY`]); anything else counts as not said.
+#[must_use]
+pub fn announced_concurrency(metadata: &tonic::metadata::MetadataMap) -> Option<usize> {
+    let text = metadata.get(CONCURRENCY_HEADER)?.to_str().ok()?;
+    let n: usize = text.trim().parse().ok()?;
+    (n >= 1).then_some(n.min(MAX_CONCURRENCY))
+}
+
 /// gRPC's retry hint, on a status: come back after this many
 /// milliseconds. The server sets it when it ends streams to shut down (0:
 /// at once, to its successor) and when it is too busy to take a new
@@ -63,6 +84,26 @@ pub fn with_retry_hint(mut status: tonic::Status, after: std::time::Duration) ->
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_concurrency_is_a_positive_number_or_not_said() {
+        let with = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert(CONCURRENCY_HEADER, value.parse().unwrap());
+            announced_concurrency(&metadata)
+        };
+        assert_eq!(with("4"), Some(4));
+        assert_eq!(with("100000"), Some(MAX_CONCURRENCY));
+        assert_eq!(with("0"), None);
+        assert_eq!(with("-1"), None);
+        assert_eq!(with("four"), None);
+        assert_eq!(
+            announced_concurrency(&tonic::metadata::MetadataMap::new()),
+            None
+        );
+    }
+
     use std::path::Path;
 
     /// Every proto's digest as `tools/protogen` recorded it when it wrote

@@ -124,7 +124,9 @@ impl Contact for ContactService {
     ) -> Result<Response<Self::getTaskStream>, Status> {
         let caller = self.enter(&request, true)?;
         let span = tracing::info_span!("getTask", peer = %caller.id);
-        let (feed, missed) = self.state.broker.subscribe(caller.agent()).await;
+        // The tasks it runs at once, if it said (queue mode hands it no more).
+        let cap = crate::proto::announced_concurrency(request.metadata());
+        let (feed, missed) = self.state.broker.subscribe(caller.agent(), cap).await;
         caller.missed.fetch_add(missed, Relaxed);
         tracing::debug!(parent: &span, "subscribed to tasks");
         let closing = caller.stream_token();

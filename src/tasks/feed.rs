@@ -62,8 +62,8 @@ enum Source {
 impl Feed {
     /// The feed for a new `getTask` stream of `agent`, and the tasks it
     /// missed (left retention) while it was away.
-    pub(super) fn open(broker: &Arc<Broker>, agent: Agent) -> (Feed, u64) {
-        let (source, tracked, missed) = Source::open(broker, &agent);
+    pub(super) fn open(broker: &Arc<Broker>, agent: Agent, cap: Option<usize>) -> (Feed, u64) {
+        let (source, tracked, missed) = Source::open(broker, &agent, cap);
         let mailbox = agent.named.then(|| broker.jobs().join(&agent));
         let feed = Feed {
             mailbox,
@@ -225,8 +225,9 @@ impl Feed {
 /// What a stream is sent is decided here, with the stream's feed.
 impl Broker {
     /// The feed of a new `getTask` stream of `agent`, and how many tasks it
-    /// missed (they left retention) while it was away.
-    pub async fn subscribe(self: &Arc<Self>, agent: Agent) -> (Feed, u64) {
+    /// missed (they left retention) while it was away. `cap`: how many tasks
+    /// the agent said it runs at once; in queue mode it is assigned no more.
+    pub async fn subscribe(self: &Arc<Self>, agent: Agent, cap: Option<usize>) -> (Feed, u64) {
         if agent.named
             && let Mode::Broadcast { cursors } = self.mode()
             && self.store().is_shared()
@@ -243,17 +244,22 @@ impl Broker {
                 ),
             }
         }
-        Feed::open(self, agent)
+        Feed::open(self, agent, cap)
     }
 }
 
 impl Source {
     /// Where `agent`'s tasks come from, its cursor (broadcast, named), and
     /// how many tasks it missed while away.
-    fn open(broker: &Broker, agent: &Agent) -> (Source, Option<Arc<Tracked>>, u64) {
+    fn open(
+        broker: &Broker,
+        agent: &Agent,
+        cap: Option<usize>,
+    ) -> (Source, Option<Arc<Tracked>>, u64) {
         let (hub, cursors) = match broker.mode() {
             Mode::Queue { queue } => {
-                return (Source::Queue(queue.join(Arc::clone(&agent.name))), None, 0);
+                let slot = queue.join_capped(Arc::clone(&agent.name), cap);
+                return (Source::Queue(slot), None, 0);
             }
             Mode::Broadcast { cursors } => (broker.hub(), cursors),
         };

@@ -7,7 +7,10 @@
 //!
 //! Every agent stream is a [`Slot`] with a small outbox; at most `window`
 //! tasks are assigned to a slot at once (queued in its outbox or in flight),
-//! so a slow agent cannot hoard work.
+//! so a slow agent cannot hoard work. An agent that says how many tasks it
+//! runs at once (its `handler_concurrency`, see [`Queue::join_capped`]) is
+//! assigned no more than that: a claim's deadline then measures handling,
+//! not waiting in the agent's own queue (Celery's prefetch lesson).
 //!
 //! Published tasks come straight from the store (never through the
 //! broadcast ring, whose retention would lose them). Each assignment is a
@@ -137,11 +140,26 @@ struct SlotState {
     outbox: VecDeque<Entry>,
     in_flight: usize,
     wake: Arc<Notify>,
+    /// The tasks its agent runs at once, if it said: it is assigned at
+    /// most that many (and at most `window`).
+    cap: Option<usize>,
 }
 
 impl SlotState {
     fn load(&self) -> usize {
         self.outbox.len() + self.in_flight
+    }
+
+    /// Its own window: `window`, or less if its agent runs fewer at once.
+    fn window(&self, window: usize) -> usize {
+        self.cap.map_or(window, |cap| cap.min(window))
+    }
+
+    /// Its key in `by_load`: its load plus what its own window lacks of
+    /// `window`, so that a slot has room exactly when its rank is below
+    /// `window` and the slot with the most room comes first.
+    fn rank(&self, window: usize) -> usize {
+        self.load() + (window - self.window(window))
     }
 }
 
@@ -167,7 +185,8 @@ struct State {
     targeted: HashMap<Arc<str>, VecDeque<Entry>>,
     in_flight: HashMap<u64, Flight>,
     slots: HashMap<u64, SlotState>,
-    /// (load, slot id) of every slot: the least busy first.
+    /// (rank, slot id) of every slot ([`SlotState::rank`]): the one with
+    /// the most room first.
     by_load: BTreeSet<(usize, u64)>,
     next_slot: u64,
     dead: VecDeque<Arc<Task>>,
@@ -288,7 +307,16 @@ impl Queue {
     /// Applies reloaded limits.
     pub fn set_limits(&self, limits: Limits) {
         let mut state = self.state.lock();
+        let rerank = state.limits.window != limits.window;
         state.limits = limits;
+        if rerank {
+            let window = limits.window;
+            state.by_load = state
+                .slots
+                .iter()
+                .map(|(id, s)| (s.rank(window), *id))
+                .collect();
+        }
         state.dispatch();
     }
 
@@ -306,8 +334,17 @@ impl Queue {
         self.push_all(&[task]);
     }
 
-    /// A new agent stream named `name`.
+    /// A new agent stream named `name`, assigned up to `window` tasks.
     pub fn join(self: &Arc<Self>, name: Arc<str>) -> Slot {
+        self.join_capped(name, None)
+    }
+
+    /// A new agent stream named `name` whose agent runs `cap` tasks at once
+    /// (if it said): it is assigned at most that many, so the tasks it
+    /// holds are the ones it runs, and their `ack_timeout` measures
+    /// handling rather than waiting.
+    pub fn join_capped(self: &Arc<Self>, name: Arc<str>, cap: Option<usize>) -> Slot {
+        let cap = cap.map(|c| c.max(1));
         let wake = Arc::new(Notify::new());
         let mut state = self.state.lock();
         let id = state.next_slot;
@@ -328,9 +365,11 @@ impl Queue {
                 outbox: VecDeque::new(),
                 in_flight: 0,
                 wake: Arc::clone(&wake),
+                cap,
             },
         );
-        state.by_load.insert((0, id));
+        let rank = state.slots[&id].rank(state.limits.window);
+        state.by_load.insert((rank, id));
         for task in restored {
             if let Some(flight) = state.in_flight.remove(&task) {
                 state.assign(id, flight.entry);
@@ -626,10 +665,11 @@ impl State {
     }
 
     fn change_load(&mut self, slot: u64, change: impl FnOnce(&mut SlotState)) {
+        let window = self.limits.window;
         if let Some(s) = self.slots.get_mut(&slot) {
-            self.by_load.remove(&(s.load(), slot));
+            self.by_load.remove(&(s.rank(window), slot));
             change(s);
-            self.by_load.insert((s.load(), slot));
+            self.by_load.insert((s.rank(window), slot));
         }
     }
 
@@ -770,7 +810,8 @@ impl State {
             let ids: Vec<u64> = self.slots.keys().copied().collect();
             for id in ids {
                 let name = Arc::clone(&self.slots[&id].name);
-                while self.slots[&id].load() < window {
+                let own = self.slots[&id].window(window);
+                while self.slots[&id].load() < own {
                     let Some(entry) = self.targeted.get_mut(&name).and_then(VecDeque::pop_front)
                     else {
                         break;
@@ -783,7 +824,7 @@ impl State {
             }
         }
         while let Some(entry) = self.pending.front() {
-            let mut candidates = self.by_load.iter().take_while(|(load, _)| *load < window);
+            let mut candidates = self.by_load.iter().take_while(|(rank, _)| *rank < window);
             let Some(&(_, first)) = candidates.next() else {
                 return;
             };
@@ -887,7 +928,8 @@ impl Drop for Slot {
         let Some(slot) = state.slots.remove(&self.id) else {
             return;
         };
-        state.by_load.remove(&(slot.load(), self.id));
+        let window = state.limits.window;
+        state.by_load.remove(&(slot.rank(window), self.id));
         // Assigned but never sent: back in line, no attempt used (and what
         // a shared store said of its claim, if anything, is let go: the
         // next assignment makes a new claim).
@@ -998,6 +1040,36 @@ mod tests {
             );
             assert_eq!(attempts, 1);
         }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_runs_fewer_at_once_is_assigned_no_more() {
+        let hub = Hub::new(100);
+        let queue = new_queue(Limits {
+            window: 4,
+            ..limits()
+        });
+        let mut one = queue.join_capped("one".into(), Some(1));
+        let mut wide = queue.join_capped("wide".into(), Some(100));
+        publish(&hub, &queue, 6);
+        // The capped agent takes 1; the other its window of 4; 1 waits.
+        let first = one.recv().await.0.id;
+        assert!(matches!(one.take(), Take::Empty), "one at a time");
+        for _ in 0..4 {
+            wide.recv().await;
+        }
+        assert!(matches!(wide.take(), Take::Empty), "capped by the window");
+        assert_eq!(queue.depths().waiting, 1);
+        // Its ack makes room for exactly one more.
+        queue.ack(first, "one").unwrap();
+        one.recv().await;
+        assert!(matches!(one.take(), Take::Empty));
+        // A narrower window applies to both.
+        queue.set_limits(Limits {
+            window: 1,
+            ..limits()
+        });
+        assert_eq!(queue.depths().waiting, 0);
     }
 
     #[tokio::test]

@@ -578,10 +578,11 @@ fn sigterm_lets_a_running_handler_finish_acks_it_and_exits_0() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\nservers = [\"http://{}\"]\nname = \"graceful\"\n\
+            "[agent]\nservers = [\"http://{}\"]\nname = \"graceful\"\nstate_dir = \"{}\"\n\
              handler = [\"sh\", \"-c\", \"echo started > {}; sleep 1; echo finished\"]\n\
              [log]\nlevel = \"debug\"\n",
             daemon.addr,
+            dir.path().display(),
             fifo.display()
         ),
     )
@@ -670,7 +671,9 @@ fn sighup_reloads_the_agent_config() {
         std::fs::write(
             &config,
             format!(
-                "[agent]\nservers = [\"http://{addr}\"]\nname = \"reloads\"\nhandler = [\"{handler}\"]\n"
+                "[agent]\nservers = [\"http://{addr}\"]\nname = \"reloads\"\nhandler = [\"{handler}\"]\n\
+                 state_dir = \"{}\"\n",
+                dir.path().display()
             ),
         )
         .unwrap();

@@ -6,6 +6,7 @@
 mod common;
 
 mod agent;
+mod claims;
 mod cli;
 mod cmd;
 mod cmd_env;
@@ -23,6 +24,7 @@ mod postgres;
 mod serve;
 mod soak_check;
 mod socket;
+mod spool;
 mod store;
 mod store_files;
 mod task_show;

@@ -1,0 +1,253 @@
+//! The agent's spool, with the real binaries: `contactd agent` processes
+//! killed with SIGKILL and started again on the same state directory, a
+//! real `contactd serve` on a SQLite store (whose epoch, sent with every
+//! task, survives its restart) killed and restarted too. What is checked:
+//! an ack that never arrived is sent after the agent's restart and its task
+//! is not run again; a task whose handler was running when the agent died is
+//! not run again either (it is acked FAILED, as interrupted); a damaged
+//! spool stops the agent with an error naming the file.
+
+use crate::common;
+
+use std::{
+    ffi::OsStr,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{
+    LIMIT,
+    daemon::{Daemon, Process, field},
+    submit, until, within,
+};
+use contactd::proto::admin::{ListTasksRequest, Task, TaskState};
+use nix::sys::signal::Signal;
+
+/// A server in queue mode on `store`, generating nothing; on `listen` if
+/// given (a restart on the same port).
+fn server_config(store: &Path, listen: Option<SocketAddr>) -> String {
+    let listen = listen.map_or_else(String::new, |a| format!("listen = \"{a}\"\n"));
+    format!(
+        "[server]\n{listen}[tasks]\nmode = \"queue\"\nbatch = 0\nack_timeout = \"1h\"\n\
+         [store]\npath = \"{}\"\n",
+        store.display()
+    )
+}
+
+/// An agent whose handler appends its task id to `runs`, then waits until
+/// the test opens `gate` (a fifo) for writing, then succeeds.
+struct AgentFiles {
+    config: PathBuf,
+    runs: PathBuf,
+    gate: PathBuf,
+    state: PathBuf,
+}
+
+fn agent_files(dir: &Path, addr: SocketAddr, name: &str) -> AgentFiles {
+    let runs = dir.join("runs");
+    let gate = dir.join("gate");
+    let state = dir.join("agent-state");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&gate)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let config = dir.join("agent.toml");
+    let script = format!(
+        "cat >/dev/null; echo $CONTACTD_TASK_ID >> {}; cat {} >/dev/null",
+        runs.display(),
+        gate.display()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nservers = [\"http://{addr}\"]\nname = \"{name}\"\nstate_dir = \"{}\"\n\
+             handler = [\"sh\", \"-c\", \"{script}\"]\nstatus_interval = \"1h\"\n\
+             [agent.backoff]\ninitial = \"50ms\"\nmax = \"500ms\"\n\
+             [log]\nlevel = \"info,contactd::agent=debug\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    AgentFiles {
+        config,
+        runs,
+        gate,
+        state,
+    }
+}
+
+/// Releases a handler still waiting at the gate when a test ends, passed
+/// or failed (handlers outlive an agent killed with SIGKILL: they run in
+/// their own process groups). Without a reader, opening fails at once.
+impl Drop for AgentFiles {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.gate);
+    }
+}
+
+fn start_agent(files: &AgentFiles) -> Process {
+    Process::spawn(
+        &[
+            OsStr::new("agent"),
+            OsStr::new("-c"),
+            files.config.as_os_str(),
+        ],
+        &[],
+    )
+}
+
+/// The task ids the handler was started for, in order.
+fn runs(files: &AgentFiles) -> Vec<u64> {
+    std::fs::read_to_string(&files.runs)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// Waits until the handler has started `count` times.
+async fn until_runs(files: &AgentFiles, count: usize) {
+    within("the handler to start", async {
+        while runs(files).len() < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Lets the handlers waiting at the gate go on (opening the fifo for
+/// writing releases every reader, and closing it ends their read).
+async fn open_gate(files: &AgentFiles) {
+    let gate = files.gate.clone();
+    within(
+        "the gate opened",
+        tokio::task::spawn_blocking(move || {
+            drop(std::fs::OpenOptions::new().write(true).open(gate))
+        }),
+    )
+    .await
+    .unwrap();
+}
+
+/// The server's tasks once `done` holds for them.
+async fn tasks_until(daemon: &Daemon, what: &str, done: impl Fn(&[Task]) -> bool) -> Vec<Task> {
+    let admin = daemon.admin().await;
+    until(
+        what,
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .list_tasks(ListTasksRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .tasks
+            }
+        },
+        |tasks| done(tasks),
+    )
+    .await
+}
+
+fn kill(process: &mut Process) {
+    process.signal(Signal::SIGKILL);
+    process.wait_exit(LIMIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_that_never_arrived_is_sent_after_the_agents_restart_and_the_task_is_not_run_again()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("contactd.db");
+    let mut server = Daemon::start(&server_config(&store, None));
+    let addr = server.addr;
+    let files = agent_files(dir.path(), addr, "spooler");
+    let mut agent = start_agent(&files);
+    agent.wait_for_line("connected to");
+    let id = submit(&mut server.admin().await, "the task", "").await;
+    until_runs(&files, 1).await;
+
+    // The server goes away while the handler runs: its ack cannot arrive.
+    kill(&mut server);
+    open_gate(&files).await;
+    agent.wait_for_line("result spooled");
+    // Killed with the ack still unsent.
+    kill(&mut agent);
+
+    let mut agent = start_agent(&files);
+    let opened = agent.wait_for_line("agent spool opened");
+    assert_eq!(field(&opened, "to_resend"), "1", "{opened}");
+    assert_eq!(field(&opened, "interrupted"), "0", "{opened}");
+    let server = Daemon::start(&server_config(&store, Some(addr)));
+    // The restarted server hands the task back to its holder (the claim was
+    // kept), which acks it from the spool; the spooled ack arrives too.
+    let tasks = tasks_until(&server, "the task acked", |tasks| {
+        tasks
+            .iter()
+            .any(|t| t.id == id && t.state() == TaskState::Acked)
+    })
+    .await;
+    common::assert_each_acked_once(&tasks);
+    assert_eq!(runs(&files), [id], "the handler ran once");
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(LIMIT).success());
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_handler_ran_when_the_agent_died_is_not_run_again_but_acked_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("contactd.db");
+    let server = Daemon::start(&server_config(&store, None));
+    let files = agent_files(dir.path(), server.addr, "interrupted");
+    let mut agent = start_agent(&files);
+    agent.wait_for_line("connected to");
+    let id = submit(&mut server.admin().await, "the task", "").await;
+    until_runs(&files, 1).await;
+    // Killed while its handler runs (which, in its own process group, goes
+    // on: it is let go at the end).
+    kill(&mut agent);
+
+    let mut agent = start_agent(&files);
+    let warned = agent.wait_for_line("not run again, acked as FAILED (interrupted)");
+    assert!(warned.contains(&format!("[{id}]")), "{warned}");
+    let tasks = tasks_until(&server, "the task failed", |tasks| {
+        tasks
+            .iter()
+            .any(|t| t.id == id && t.state() == TaskState::Failed)
+    })
+    .await;
+    let task = tasks.iter().find(|t| t.id == id).unwrap();
+    assert!(task.last_result.contains("interrupted"), "{task:?}");
+    open_gate(&files).await;
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(LIMIT).success());
+    assert_eq!(runs(&files), [id], "the handler was not started again");
+}
+
+#[test]
+fn a_damaged_spool_stops_the_agent_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = agent_files(dir.path(), "127.0.0.1:9".parse().unwrap(), "damaged");
+    std::fs::create_dir_all(&files.state).unwrap();
+    let spool = files.state.join("agent-spool-damaged.db");
+    let garbage = b"SQLite format 3\0 but not really: cut short".repeat(100);
+    std::fs::write(&spool, &garbage).unwrap();
+    let mut agent = start_agent(&files);
+    let status = agent.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(78), "{}", agent.log.join("\n"));
+    let log = agent.log.join("\n");
+    assert!(log.contains(&spool.display().to_string()), "{log}");
+    assert!(log.contains("damaged"), "{log}");
+    assert!(log.contains("Move it aside"), "{log}");
+    assert_eq!(std::fs::read(&spool).unwrap(), garbage, "left as it was");
+}
