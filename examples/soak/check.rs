@@ -32,6 +32,10 @@ pub struct Bounds {
     /// A process incarnation must be sampled this long in the second half
     /// for its slope to be judged.
     pub min_span_ms: i64,
+    /// Samples this soon after a process started, or after a fault that cut
+    /// off the whole fleet ended, are its return, not growth: 2,000 agents
+    /// take up to minutes to reconnect to a debug build.
+    pub settle_ms: i64,
     /// An agent never runs a task twice across its own restarts (the agent
     /// spool). Off: such runs are listed apart (`known`), not as violations.
     pub spool: bool,
@@ -238,6 +242,11 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                         "unfinished",
                         format!("task {id} ({kind}) is still {} after the drain", task.state),
                     ),
+                    // Failed by no agent: contactd failed it itself (a job
+                    // run that matched no connected agent), and says so.
+                    "failed" if target.is_none() && task.last_agent.is_empty() => {
+                        verdict.reported += 1;
+                    }
                     "acked" | "failed" => {
                         let by = target.unwrap_or(&task.last_agent);
                         if !per_agent.contains_key(by) {
@@ -365,11 +374,21 @@ fn timeline(history: &History) -> BTreeMap<&str, Vec<(i64, bool)>> {
 /// is connected again within the capacity bound.
 fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     let timeline = timeline(history);
-    let mut attempts: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    // Every attempt's start (true) and every connection change (false).
+    let mut attempts: BTreeMap<&str, Vec<(i64, bool)>> = BTreeMap::new();
     for event in &history.events {
         match event {
-            Event::Attempt { agent, at_ms } | Event::Conn { agent, at_ms, .. } => {
-                attempts.entry(agent.as_str()).or_default().push(*at_ms);
+            Event::Attempt { agent, at_ms } => {
+                attempts
+                    .entry(agent.as_str())
+                    .or_default()
+                    .push((*at_ms, true));
+            }
+            Event::Conn { agent, at_ms, .. } => {
+                attempts
+                    .entry(agent.as_str())
+                    .or_default()
+                    .push((*at_ms, false));
             }
             _ => {}
         }
@@ -410,11 +429,26 @@ fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                 verdict.reconnects.push(0);
                 continue;
             }
-            let tried = attempts
+            // An attempt still under way at the end counts as trying.
+            let tried = attempts.get(agent).and_then(|t| {
+                let under_way = t
+                    .iter()
+                    .take_while(|(at, _)| *at <= end)
+                    .last()
+                    .is_some_and(|(_, attempt)| *attempt);
+                if under_way {
+                    Some(end)
+                } else {
+                    t.iter().map(|(at, _)| *at).find(|at| *at > end)
+                }
+            });
+            // Judged only where attempts are seen as they start (the
+            // in-process agents): a real agent's attempt shows in its log
+            // only when it ends, which under a storm is long after.
+            let seen = attempts
                 .get(agent)
-                .and_then(|t| t.iter().find(|t| **t > end))
-                .copied();
-            if tried.is_none_or(|t| t - end > bounds.reconnect_ms) {
+                .is_some_and(|t| t.iter().any(|(_, attempt)| *attempt));
+            if seen && tried.is_none_or(|t| t - end > bounds.reconnect_ms) {
                 verdict.violations.push(Violation {
                     check: "no-retry",
                     detail: format!(
@@ -462,18 +496,27 @@ fn slope(points: &[(i64, f64)]) -> f64 {
     }
 }
 
-/// Samples of a process this young are start-up, not growth.
-const SETTLE_MS: i64 = 15_000;
-
 /// A metric's name, its bound per minute, and how to read it.
 type Metric = (&'static str, f64, fn(&super::history::Sample) -> f64);
 
 /// RSS, fds, threads and the store's size are flat over the second half.
 fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     let half = history.start_ms + (history.end_ms - history.start_ms) / 2;
-    // Settled samples only: none taken during a fault (a fleet reconnecting
-    // is not a leak), nor in an incarnation's first SETTLE_MS (start-up).
-    let windows: Vec<(i64, i64)> = faults(history).map(|(_, _, s, e)| (s, e)).collect();
+    // Settled samples only: none taken during a fault or while the fleet
+    // comes back from one (reconnecting is not a leak), nor in an
+    // incarnation's first `settle_ms` (start-up).
+    let windows: Vec<(i64, i64)> = faults(history)
+        .map(|(_, agents, s, e)| {
+            (
+                s,
+                if agents.is_empty() {
+                    e + bounds.settle_ms
+                } else {
+                    e
+                },
+            )
+        })
+        .collect();
     let mut born: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for sample in &history.samples {
         born.entry((&sample.proc, sample.pid))
@@ -481,7 +524,7 @@ fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     }
     let settled = |s: &&super::history::Sample| {
         s.at_ms >= half
-            && s.at_ms - born[&(s.proc.as_str(), s.pid)] >= SETTLE_MS
+            && s.at_ms - born[&(s.proc.as_str(), s.pid)] >= bounds.settle_ms
             && !windows
                 .iter()
                 .any(|&(start, end)| s.at_ms >= start && s.at_ms <= end)

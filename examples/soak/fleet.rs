@@ -242,6 +242,7 @@ max_size = "1GiB"
             format!("https://{}", self.routes[i].addr),
             "real",
             &self.ca_bundle(),
+            &self.dir.join("state"),
         );
         let journal = self.dir.join("journal").join(format!("{name}.log"));
         // Appends `AGENT ID ATTEMPT UNIX_MS` when the task starts (one
@@ -331,7 +332,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         bail!("{} exists: give a new directory", args.out.display());
     }
     let dir = args.out.clone();
-    for sub in ["logs", "journal", "config", "tls", "store"] {
+    for sub in ["logs", "journal", "config", "tls", "store", "state"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
     let dir = dir.canonicalize()?;
@@ -448,6 +449,7 @@ async fn soak(
                 format!("https://{route}"),
                 "light",
                 &fleet.ca_bundle(),
+                &fleet.dir.join("state"),
             );
             light.push(light::start(
                 config,

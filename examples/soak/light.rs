@@ -25,11 +25,12 @@ pub enum Note {
     Lagged(String, u64),
 }
 
-/// The agent config both kinds of agent share: backoff from 500 ms to at
+/// The agent config both kinds of agent share: a spool in `state` (its
+/// `agent-spool-NAME.db`, never in the working directory); backoff from 500 ms to at
 /// most 10 s (2,000 agents retrying every 2 s kept a debug server on two
 /// shared cores refusing handshakes: a storm that never ended), the default
 /// status interval, a short healthy period, TLS against the run's CA bundle.
-pub fn config(name: &str, server: String, kind: &str, ca: &Path) -> AgentConfig {
+pub fn config(name: &str, server: String, kind: &str, ca: &Path, state: &Path) -> AgentConfig {
     let mut labels = Labels::new();
     labels.insert("soak".to_owned(), kind.to_owned());
     AgentConfig {
@@ -51,6 +52,7 @@ pub fn config(name: &str, server: String, kind: &str, ca: &Path) -> AgentConfig 
             ca: Some(ca.to_owned()),
             ..AgentTlsConfig::default()
         },
+        state_dir: Some(state.to_owned()),
         ..AgentConfig::default()
     }
 }

@@ -81,6 +81,10 @@ pub struct BoundArgs {
     pub threads_per_min: f64,
     #[arg(long, default_value_t = 8.0)]
     pub store_mib_per_min: f64,
+    /// Growth is not judged this soon after a process starts or after a
+    /// fault that cut off the whole fleet ends.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
 }
 
 impl BoundArgs {
@@ -95,6 +99,7 @@ impl BoundArgs {
             threads_per_min: self.threads_per_min,
             store_per_min: self.store_mib_per_min * 1024.0 * 1024.0,
             min_span_ms: 30_000,
+            settle_ms: self.settle.as_millis() as i64,
             spool: self.spool,
             keep_claims: self.keep_claims,
         }

@@ -148,11 +148,12 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
     );
     let _ = writeln!(
         s,
-        "\nBounds: kill window {} ms; after a fault's end (plus keepalive detection for half-open connections) an attempt within {} ms and connected within {} ms; ERROR lines within {} ms of a fault; growth judged on settled samples (outside faults, 15 s after a process started) over the second half; agent spool asserted: {}; claims kept across a disconnect asserted: {}.",
+        "\nBounds: kill window {} ms; after a fault's end (plus keepalive detection for half-open connections) an attempt within {} ms and connected within {} ms; ERROR lines within {} ms of a fault; growth judged on settled samples over the second half (outside faults, and {} ms after a process started or the whole fleet was cut off); agent spool asserted: {}; claims kept across a disconnect asserted: {}.",
         bounds.kill_window_ms,
         bounds.reconnect_ms,
         bounds.back_ms,
         bounds.error_window_ms,
+        bounds.settle_ms,
         bounds.spool,
         bounds.keep_claims
     );
