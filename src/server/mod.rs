@@ -320,6 +320,9 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
     }
     tracing::info!("shutting down: health is NOT_SERVING");
     health::set_all(&reporter, ServingStatus::NotServing).await;
+    // Before the streams end, or each end would hand its queue tasks to a
+    // stream still open.
+    state.broker.stop_handing_out();
     state.closing.cancel();
     let grace = state.config.borrow().server.grace_period;
     tracing::info!(grace = %humantime::format_duration(grace), "stopped accepting; ended open streams; waiting for in-flight calls");

@@ -294,6 +294,14 @@ impl Broker {
         self.jobs.configure(config);
     }
 
+    /// The server is shutting down: queue mode hands nothing out any more,
+    /// and the streams that end keep their tasks' claims ([`Queue::close`]).
+    pub fn stop_handing_out(&self) {
+        if let Mode::Queue { queue } = &self.mode {
+            queue.close();
+        }
+    }
+
     /// `[[jobs]]` and their runs.
     pub fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs

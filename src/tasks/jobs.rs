@@ -48,7 +48,7 @@ use super::{
 use crate::{
     clock::now_ms,
     config::{Amount, Config, JobConfig, JobMode, Overlap},
-    model::{Draft, RunAgentState, RunState, Task},
+    model::{Draft, RunAgentState, RunState, Task, TaskState},
     proto::contact::ServerMsg,
     schedule::{Due, Schedule},
     selector::Selector,
@@ -988,6 +988,16 @@ impl Jobs {
                 target = %plan.selector,
                 "job run matched no connected agent: it ends as failed"
             );
+            // Its task too: nothing will ever send it, and left pending it
+            // would be listed as waiting for ever.
+            if let Some(run) = inner.runs.get(&id) {
+                run.task.progress.set_state(TaskState::Failed);
+            }
+            self.store.record(Write::State {
+                id,
+                state: TaskState::Failed,
+                claim: None,
+            });
             self.finish(&mut inner, id, RunState::Failed, now);
             return;
         }

@@ -27,7 +27,7 @@ use contactd::{
         AGENT_HEADER,
         admin::{
             JobNameRequest, ListJobsRequest, PauseJobRequest, RunIdRequest, ShowRunResponse,
-            SubmitTaskRequest, admin_client::AdminClient,
+            SubmitTaskRequest, TaskIdRequest, TaskState, admin_client::AdminClient,
         },
         contact::{Empty, Outcome, Result as ResultMsg, ServerMsg, contact_client::ContactClient},
     },
@@ -730,6 +730,29 @@ async fn the_scheduler_sleeps_between_fires_when_the_lease_cannot_move() {
         used < 40,
         "the server used {used} CPU ticks in 2 s with 10 jobs and no agent"
     );
+}
+
+/// Found by the soak (RELIABILITY.md): a run that matched no connected agent
+/// ended as failed, but its task stayed `pending` for ever (nothing would
+/// ever send it, and `contactd tasks --state pending` listed it).
+#[tokio::test]
+async fn a_run_that_matches_no_agent_fails_and_so_does_its_task() {
+    let server = TestServer::start(quiet()).await;
+    let mut admin = server.admin().await;
+    let run = rollout(&mut admin, "nobody", "role=none", "1", "").await;
+    let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
+    assert_eq!(end.run.unwrap().state, "failed");
+    let shown = admin
+        .show_task(TaskIdRequest { id: run })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        shown.task.unwrap().state,
+        TaskState::Failed as i32,
+        "its task is failed too, not left pending"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]

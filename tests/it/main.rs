@@ -22,6 +22,7 @@ mod metrics;
 mod operations;
 mod postgres;
 mod serve;
+mod soak_check;
 mod socket;
 mod spool;
 mod store;

@@ -1,0 +1,715 @@
+//! One soak run from start to end: the run's directory, its certificates,
+//! the server on SQLite (its store on a tmpfs the harness can fill), the
+//! fault proxy's routes, the real and in-process agents, the writer of the
+//! history, the resource sampler; then traffic and faults for the run's
+//! time, a drain, the server's final view, an orderly stop, the checker
+//! and the report.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicI32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use contactd::{
+    config::{AgentFile, LogConfig},
+    proto::admin::{self as pb, admin_client::AdminClient},
+};
+use nix::sys::signal::Signal;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    BoundArgs, Rng,
+    history::{Event, FinalTask, FinalView, Owed, Sample, kind_of},
+    light::{self, Note},
+    now_ms,
+    procs::{self, Proc, Tmpfs},
+    proxy::Route,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Time of traffic and faults (then a drain, the check and the report).
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The run's directory (history, logs, report); must not exist.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Real `contactd agent` processes.
+    #[arg(long, default_value_t = 20)]
+    pub real: usize,
+    /// In-process agents.
+    #[arg(long, default_value_t = 2000)]
+    pub light: usize,
+    /// Proxy routes the in-process agents are spread over (a fault hits
+    /// whole routes).
+    #[arg(long, default_value_t = 20)]
+    pub groups: usize,
+    /// The contactd binary [default: next to this example's directory].
+    #[arg(long)]
+    pub contactd: Option<PathBuf>,
+    /// Size of the store's tmpfs (MiB).
+    #[arg(long, default_value_t = 512)]
+    pub disk_mib: u64,
+    /// Longest the drain may take (every task finished) before the final view.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Longest quiet time between two faults (the shortest is a third of
+    /// it): longer lets a large fleet settle between faults.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    pub fault_gap: Duration,
+    /// Fail unless every fault kind was injected at least once.
+    #[arg(long)]
+    pub all_faults: bool,
+    #[command(flatten)]
+    pub bounds: BoundArgs,
+}
+
+/// Keepalive of contactd's agent (interval plus timeout, agent/session.rs):
+/// how long a half-open connection can go unnoticed.
+pub const KEEPALIVE_DETECT: Duration = Duration::from_secs(50);
+
+/// Everything a running soak holds.
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub contactd: PathBuf,
+    pub upstream: Arc<Mutex<SocketAddr>>,
+    /// Routes `0..real` carry one real agent each, then `groups` routes of
+    /// in-process agents, then the operators' route (never faulted).
+    pub routes: Vec<Arc<Route>>,
+    pub real: usize,
+    pub light_names: Vec<Vec<String>>,
+    pub server: tokio::sync::Mutex<Option<Proc>>,
+    pub server_pid: AtomicI32,
+    pub agents: tokio::sync::Mutex<Vec<Option<Proc>>>,
+    pub agent_pids: Mutex<Vec<i32>>,
+    notes: mpsc::UnboundedSender<Note>,
+    pub tmpfs: Option<Tmpfs>,
+    pub store_dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub config_path: PathBuf,
+}
+
+pub fn real_name(i: usize) -> String {
+    format!("real-{i:02}")
+}
+
+impl Fleet {
+    pub fn note(&self, event: Event) {
+        let _ = self.notes.send(Note::Event(event));
+    }
+
+    /// The agents behind route `i`.
+    pub fn route_agents(&self, i: usize) -> Vec<String> {
+        if i < self.real {
+            vec![real_name(i)]
+        } else {
+            self.light_names
+                .get(i - self.real)
+                .cloned()
+                .unwrap_or_default()
+        }
+    }
+
+    /// Routes faults may hit (not the operators').
+    pub fn fault_routes(&self) -> usize {
+        self.routes.len() - 1
+    }
+
+    pub fn operator_route(&self) -> SocketAddr {
+        self.routes[self.routes.len() - 1].addr
+    }
+
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.tls_dir.join("ca-bundle.pem")
+    }
+
+    /// The server's config; `generating` false stops generated tasks and
+    /// jobs' schedules (the drain).
+    pub fn write_config(&self, generating: bool) -> anyhow::Result<()> {
+        let (interval, batch) = if generating { ("1s", 4) } else { ("1s", 0) };
+        let jobs = if generating {
+            r#"
+[[jobs]]
+name = "soak-any"
+text = "job-any:{rand}"
+every = "5s"
+mode = "any"
+
+[[jobs]]
+name = "soak-each"
+text = "job-each:{rand}"
+every = "20s"
+target = "soak=real"
+mode = "each"
+rollout = { batch = "50%" }
+
+[[jobs]]
+name = "soak-broadcast"
+text = "job-broadcast:{rand}"
+every = "30s"
+mode = "broadcast"
+"#
+        } else {
+            ""
+        };
+        let toml = format!(
+            r#"[server]
+name = "soak"
+listen = "127.0.0.1:0"
+
+[server.tls]
+cert = {cert:?}
+key = {key:?}
+
+[tasks]
+mode = "queue"
+interval = "{interval}"
+batch = {batch}
+template = "gen:{{seq}}"
+retain = 100000
+max_attempts = 20
+retain_finished = 10000000
+
+[remote_cmd]
+enabled = true
+allow = ["true", "echo *"]
+
+[store]
+path = {store:?}
+
+[admin]
+socket = {admin:?}
+
+[log]
+format = "json"
+file = {log:?}
+max_size = "1GiB"
+{jobs}"#,
+            cert = self.tls_dir.join("server.pem"),
+            key = self.tls_dir.join("server.key"),
+            store = self.store_dir.join("contactd.db"),
+            admin = self.admin_socket,
+            log = self.dir.join("logs/server.log"),
+        );
+        write_atomic(&self.config_path, toml.as_bytes())
+    }
+
+    pub async fn start_server(&self) -> anyhow::Result<()> {
+        let (proc, addr) = Proc::server(&self.contactd, "server", &self.config_path).await?;
+        *self.upstream.lock() = addr;
+        self.server_pid.store(proc.pid, Ordering::Relaxed);
+        *self.server.lock().await = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the server with `signal` (and waits for its exit).
+    pub async fn stop_server(&self, signal: Signal) -> anyhow::Result<()> {
+        let proc = self
+            .server
+            .lock()
+            .await
+            .take()
+            .context("no server running")?;
+        self.server_pid.store(0, Ordering::Relaxed);
+        proc.end(signal).await
+    }
+
+    pub async fn signal_server(&self, signal: Signal) -> anyhow::Result<()> {
+        match &*self.server.lock().await {
+            Some(proc) => proc.signal(signal),
+            None => bail!("no server running"),
+        }
+    }
+
+    /// Writes real agent `i`'s config: its route, its journal, its log.
+    fn write_agent_config(&self, i: usize) -> anyhow::Result<PathBuf> {
+        let name = real_name(i);
+        let mut agent = light::config(
+            &name,
+            format!("https://{}", self.routes[i].addr),
+            "real",
+            &self.ca_bundle(),
+            &self.dir.join("state"),
+        );
+        let journal = self.dir.join("journal").join(format!("{name}.log"));
+        // Appends `AGENT ID ATTEMPT UNIX_MS` when the task starts (one
+        // short write with O_APPEND: lines never interleave), then works.
+        agent.handler = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!(
+                "echo \"$CONTACTD_AGENT $CONTACTD_TASK_ID $CONTACTD_TASK_ATTEMPT $(date +%s%3N)\" >> '{}'; sleep 0.5",
+                journal.display()
+            ),
+        ];
+        agent.handler_timeout = Duration::from_secs(30);
+        let log: LogConfig = toml::from_str(&format!(
+            "format = \"json\"\nstderr = false\nfile = {:?}\nmax_size = \"1GiB\"\n",
+            self.dir.join("logs").join(format!("agent-{name}.log"))
+        ))?;
+        let path = self.dir.join("config").join(format!("{name}.toml"));
+        let text = toml::to_string(&AgentFile { agent, log })?;
+        write_atomic(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Starts real agent `i` (again).
+    pub async fn start_agent(&self, i: usize) -> anyhow::Result<()> {
+        let path = self
+            .dir
+            .join("config")
+            .join(format!("{}.toml", real_name(i)));
+        let proc = Proc::agent(&self.contactd, &real_name(i), &path)?;
+        self.agent_pids.lock()[i] = proc.pid;
+        self.agents.lock().await[i] = Some(proc);
+        Ok(())
+    }
+
+    /// Takes real agent `i` out (to kill it or stop it).
+    pub async fn take_agent(&self, i: usize) -> Option<Proc> {
+        self.agent_pids.lock()[i] = 0;
+        self.agents.lock().await[i].take()
+    }
+
+    pub async fn signal_agent(&self, i: usize, signal: Signal) {
+        if let Some(proc) = &self.agents.lock().await[i] {
+            let _ = proc.signal(signal);
+        }
+    }
+
+    /// A client of the server's admin API (a new connection each time: the
+    /// server may have been restarted).
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(contactd::client::admin::connect(&self.admin_socket).await?)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn default_contactd() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/soak → target/<profile>/contactd
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target directory")?;
+    Ok(profile.join("contactd"))
+}
+
+/// Raises this process's open-file limit to its hard limit (the agents'
+/// connections and the proxy's two sockets per connection).
+fn raise_nofile() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
+/// Runs a whole soak; true when the checker found no violation.
+pub async fn run(args: Args) -> anyhow::Result<bool> {
+    raise_nofile()?;
+    if args.out.exists() {
+        bail!("{} exists: give a new directory", args.out.display());
+    }
+    let dir = args.out.clone();
+    for sub in ["logs", "journal", "config", "tls", "store", "state"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let dir = dir.canonicalize()?;
+    let contactd = match &args.contactd {
+        Some(path) => path.clone(),
+        None => default_contactd()?,
+    };
+    if !contactd.exists() {
+        bail!("no contactd at {} (cargo build first)", contactd.display());
+    }
+    let tls_dir = dir.join("tls");
+    contactd::tls::pki::init(&tls_dir, &[], &[], 30, false)?;
+    std::fs::copy(tls_dir.join("ca.pem"), tls_dir.join("ca-bundle.pem"))?;
+    let store_dir = dir.join("store");
+    let tmpfs = Tmpfs::mount(&store_dir, args.disk_mib);
+    if tmpfs.is_none() {
+        eprintln!("soak: cannot mount a tmpfs for the store (not root?): no disk-full fault");
+    }
+
+    let stop = CancellationToken::new();
+    let upstream = Arc::new(Mutex::new(SocketAddr::from(([127, 0, 0, 1], 9))));
+    let mut rng = Rng::new(args.seed);
+    let mut routes = Vec::new();
+    for i in 0..args.real + args.groups + 1 {
+        // 127.1.X.Y: one loopback "host" per route.
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        routes.push(
+            Route::start(
+                Arc::clone(&upstream),
+                source.into(),
+                rng.next_u64(),
+                stop.clone(),
+            )
+            .await?,
+        );
+    }
+    let light_names: Vec<Vec<String>> = (0..args.groups)
+        .map(|g| {
+            (0..args.light)
+                .filter(|n| n % args.groups == g)
+                .map(|n| format!("light-{n:04}"))
+                .collect()
+        })
+        .collect();
+    let (notes, notes_rx) = mpsc::unbounded_channel();
+    let fleet = Arc::new(Fleet {
+        config_path: dir.join("config/contactd.toml"),
+        admin_socket: dir.join("admin.sock"),
+        dir: dir.clone(),
+        contactd,
+        upstream,
+        routes,
+        real: args.real,
+        light_names,
+        server: tokio::sync::Mutex::new(None),
+        server_pid: AtomicI32::new(0),
+        agents: tokio::sync::Mutex::new((0..args.real).map(|_| None).collect()),
+        agent_pids: Mutex::new(vec![0; args.real]),
+        notes,
+        tmpfs,
+        store_dir,
+        tls_dir,
+    });
+    let writer = tokio::spawn(write_history(dir.clone(), notes_rx));
+    let result = soak(&fleet, &args, &mut rng, &stop).await;
+    // Everything stops whatever happened: agents, then the server.
+    for i in 0..args.real {
+        if let Some(proc) = fleet.take_agent(i).await {
+            let _ = proc.end(Signal::SIGTERM).await;
+        }
+    }
+    let server_stop = fleet.stop_server(Signal::SIGTERM).await;
+    stop.cancel();
+    let times = result?;
+    server_stop.context("the server's final stop")?;
+    fleet.note(Event::Run {
+        seed: args.seed,
+        start_ms: times.0,
+        faults_end_ms: times.1,
+        end_ms: times.2,
+    });
+    let Ok(fleet) = Arc::try_unwrap(fleet) else {
+        bail!("the fleet is still in use");
+    };
+    drop(fleet); // closes the notes channel: the writer finishes
+    let lagged = writer.await??;
+    if lagged > 0 {
+        bail!("{lagged} in-process agent events were lost: the journal is incomplete");
+    }
+    crate::report::check_and_report(&dir, &args.bounds.bounds())
+}
+
+/// The run itself, between setup and stop: returns (start, end of faults,
+/// end) in Unix ms.
+async fn soak(
+    fleet: &Arc<Fleet>,
+    args: &Args,
+    rng: &mut Rng,
+    stop: &CancellationToken,
+) -> anyhow::Result<(i64, i64, i64)> {
+    fleet.write_config(true)?;
+    fleet.start_server().await?;
+    for i in 0..args.real {
+        fleet.write_agent_config(i)?;
+        fleet.start_agent(i).await?;
+    }
+    let light_stop = CancellationToken::new();
+    let mut light = Vec::new();
+    for (g, names) in fleet.light_names.iter().enumerate() {
+        let route = fleet.routes[fleet.real + g].addr;
+        for name in names {
+            let config = light::config(
+                name,
+                format!("https://{route}"),
+                "light",
+                &fleet.ca_bundle(),
+                &fleet.dir.join("state"),
+            );
+            light.push(light::start(
+                config,
+                fleet.notes.clone(),
+                light_stop.clone(),
+            ));
+        }
+    }
+    let sampler_stop = stop.child_token();
+    let sampler = tokio::spawn(sample(Arc::clone(fleet), sampler_stop.clone()));
+    wait_connected(fleet, args.real + args.light, Duration::from_secs(120)).await?;
+
+    let start = now_ms();
+    eprintln!(
+        "soak: {} agents connected; running for {:?}",
+        args.real + args.light,
+        args.duration
+    );
+    let deadline = Instant::now() + args.duration;
+    let traffic_stop = stop.child_token();
+    let traffic = tokio::spawn(crate::traffic::run(
+        Arc::clone(fleet),
+        Rng::new(rng.next_u64()),
+        traffic_stop.clone(),
+    ));
+    let faults = crate::faults::run(
+        Arc::clone(fleet),
+        Rng::new(rng.next_u64()),
+        deadline,
+        args.fault_gap,
+        args.all_faults,
+    );
+    let kills = crate::faults::kills(Arc::clone(fleet), Rng::new(rng.next_u64()), deadline);
+    let (faults, kills) = tokio::join!(faults, kills);
+    tokio::time::sleep_until(deadline.into()).await;
+    traffic_stop.cancel();
+    let traffic = traffic.await?;
+    let faults_end = now_ms();
+    eprintln!("soak: traffic and faults over; draining");
+    faults?;
+    kills?;
+    traffic?;
+    drain(fleet, args.drain).await?;
+    let view = final_view(fleet).await?;
+    let end = now_ms();
+    std::fs::write(fleet.dir.join("final.json"), serde_json::to_vec(&view)?)?;
+    light_stop.cancel();
+    for mut agent in light {
+        if tokio::time::timeout(Duration::from_secs(30), &mut agent)
+            .await
+            .is_err()
+        {
+            agent.abort();
+        }
+    }
+    sampler_stop.cancel();
+    sampler.await?;
+    Ok((start, faults_end, end))
+}
+
+/// Waits until the server lists `count` connected agents.
+async fn wait_connected(fleet: &Fleet, count: usize, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut seen = 0;
+    while Instant::now() < deadline {
+        if let Ok(mut admin) = fleet.admin().await
+            && let Ok(agents) = admin.list_agents(pb::ListAgentsRequest::default()).await
+        {
+            seen = agents
+                .into_inner()
+                .agents
+                .iter()
+                .filter(|a| a.connected)
+                .count();
+            if seen >= count {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("only {seen} of {count} agents connected within {limit:?}")
+}
+
+/// Stops generation and jobs, then waits until no task is pending or
+/// delivered (twice in a row), bounded by `limit`.
+async fn drain(fleet: &Fleet, limit: Duration) -> anyhow::Result<()> {
+    fleet.write_config(false)?;
+    fleet.signal_server(Signal::SIGHUP).await?;
+    let deadline = Instant::now() + limit;
+    let mut quiet = 0;
+    let mut open = usize::MAX;
+    while Instant::now() < deadline && quiet < 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let tasks = list_tasks(fleet).await?;
+        open = tasks
+            .iter()
+            .filter(|t| {
+                matches!(
+                    pb::TaskState::try_from(t.state),
+                    Ok(pb::TaskState::Pending | pb::TaskState::Delivered)
+                )
+            })
+            .count();
+        quiet = if open == 0 { quiet + 1 } else { 0 };
+    }
+    if open > 0 {
+        eprintln!("soak: {open} tasks still open after the drain ({limit:?})");
+    }
+    Ok(())
+}
+
+async fn list_tasks(fleet: &Fleet) -> anyhow::Result<Vec<pb::Task>> {
+    let mut admin = fleet.admin().await?;
+    let mut tasks = Vec::new();
+    let mut after_id = 0;
+    // Pages of about 1 MiB; bounded by the count of tasks ever made.
+    for _ in 0..100_000 {
+        let page = admin
+            .list_tasks(pb::ListTasksRequest {
+                state: 0,
+                limit: 0,
+                after_id,
+            })
+            .await?
+            .into_inner();
+        after_id = page.tasks.last().map_or(after_id, |t| t.id);
+        tasks.extend(page.tasks);
+        if !page.more {
+            break;
+        }
+    }
+    Ok(tasks)
+}
+
+/// The server's view at the end: every task, and per agent for tasks owed
+/// to several; every agent and whether it is connected.
+async fn final_view(fleet: &Fleet) -> anyhow::Result<FinalView> {
+    let mut view = FinalView::default();
+    let mut admin = fleet.admin().await?;
+    for task in list_tasks(fleet).await? {
+        let state = pb::TaskState::try_from(task.state)
+            .unwrap_or(pb::TaskState::Unspecified)
+            .as_str_name()
+            .trim_start_matches("TASK_STATE_")
+            .to_ascii_lowercase();
+        let mut agents = Vec::new();
+        if kind_of(&task.text).1 == Owed::Each {
+            let shown = admin
+                .show_task(pb::TaskIdRequest { id: task.id })
+                .await?
+                .into_inner();
+            for row in shown.agents {
+                let state = pb::AgentTaskState::try_from(row.state)
+                    .unwrap_or(pb::AgentTaskState::Unspecified)
+                    .as_str_name()
+                    .trim_start_matches("AGENT_TASK_STATE_")
+                    .to_ascii_lowercase();
+                agents.push((row.agent, state));
+            }
+        }
+        view.tasks.push(FinalTask {
+            id: task.id,
+            text: task.text,
+            state,
+            created_ms: task.created_ms,
+            last_agent: task.last_agent,
+            agents,
+        });
+    }
+    for agent in admin
+        .list_agents(pb::ListAgentsRequest::default())
+        .await?
+        .into_inner()
+        .agents
+    {
+        view.agents.insert(agent.name, agent.connected);
+    }
+    Ok(view)
+}
+
+/// Samples every process's RSS, fds and threads and the store's size each
+/// second into `samples.jsonl`.
+async fn sample(fleet: Arc<Fleet>, stop: CancellationToken) {
+    let Ok(file) = std::fs::File::create(fleet.dir.join("samples.jsonl")) else {
+        return;
+    };
+    let mut out = std::io::BufWriter::new(file);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let me = std::process::id() as i32;
+    while !stop.is_cancelled() {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let at_ms = now_ms();
+        let mut procs = vec![
+            (
+                "server".to_owned(),
+                fleet.server_pid.load(Ordering::Relaxed),
+            ),
+            ("harness".to_owned(), me),
+        ];
+        for (i, pid) in fleet.agent_pids.lock().iter().enumerate() {
+            procs.push((format!("agent-{}", real_name(i)), *pid));
+        }
+        let mut samples = Vec::new();
+        for (proc, pid) in procs.into_iter().filter(|(_, pid)| *pid > 0) {
+            if let Some((rss, fds, threads)) = procs::usage(pid) {
+                samples.push(Sample {
+                    at_ms,
+                    proc,
+                    pid,
+                    rss,
+                    fds,
+                    threads,
+                });
+            }
+        }
+        samples.push(Sample {
+            at_ms,
+            proc: "store".to_owned(),
+            pid: 0,
+            rss: procs::dir_size(&fleet.store_dir),
+            fds: 0,
+            threads: 0,
+        });
+        for s in samples {
+            if let Ok(line) = serde_json::to_string(&s) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    let _ = out.flush();
+}
+
+/// Writes the notes into `events.jsonl` and `journal/light.log`; returns
+/// how many in-process agent events were lost.
+async fn write_history(
+    dir: PathBuf,
+    mut notes: mpsc::UnboundedReceiver<Note>,
+) -> anyhow::Result<u64> {
+    let mut events = std::io::BufWriter::new(std::fs::File::create(dir.join("events.jsonl"))?);
+    let mut journal =
+        std::io::BufWriter::new(std::fs::File::create(dir.join("journal/light.log"))?);
+    let mut lagged = 0;
+    while let Some(note) = notes.recv().await {
+        match note {
+            Note::Event(event) => writeln!(events, "{}", serde_json::to_string(&event)?)?,
+            Note::Run(run) => writeln!(
+                journal,
+                "{} {} {} {}",
+                run.agent, run.id, run.attempt, run.at_ms
+            )?,
+            Note::Lagged(agent, n) => {
+                eprintln!("soak: {agent} lost {n} events");
+                lagged += n;
+            }
+        }
+    }
+    events.flush()?;
+    journal.flush()?;
+    Ok(lagged)
+}
