@@ -152,8 +152,10 @@ pub(super) fn remove_socket(socket: Option<&SocketFile>) {
 /// About the most task bytes one `ListTasks` response holds.
 const PAGE_BYTES: usize = 1024 * 1024;
 
-struct AdminService {
-    state: Arc<State>,
+/// The admin API's methods; the web console calls them in-process, so both
+/// doors apply the same checks.
+pub(super) struct AdminService {
+    pub(super) state: Arc<State>,
 }
 
 fn state_of(task: &Task) -> pb::TaskState {
@@ -409,7 +411,7 @@ impl AdminService {
     }
 
     /// One run with its agents and their latest results.
-    async fn run_message(&self, id: u64) -> Result<pb::ShowRunResponse, Status> {
+    pub(super) async fn run_message(&self, id: u64) -> Result<pb::ShowRunResponse, Status> {
         let jobs = self.state.broker.jobs();
         let view = jobs.show(id).await.map_err(job_status)?;
         let results: std::collections::HashMap<Arc<str>, String> =

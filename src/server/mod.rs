@@ -27,6 +27,7 @@ mod metrics;
 mod policy;
 mod reload;
 mod state;
+mod web;
 
 use std::{sync::Arc, time::Duration};
 
@@ -78,6 +79,8 @@ pub enum ServerError {
     Tls(#[source] crate::tls::TlsError),
     #[error("{0}")]
     Store(#[source] StoreError),
+    #[error("web.listen: {0}")]
+    Web(#[source] std::io::Error),
 }
 
 impl ServerError {
@@ -136,6 +139,9 @@ pub struct Serve {
     pub policy: Option<Policy>,
     /// Serves `GET /metrics` too.
     pub metrics: Option<crate::metrics::Endpoint>,
+    /// The web console's port, if bound by the caller (tests bind
+    /// 127.0.0.1:0); `None`: `run` binds `[web] listen`, if set.
+    pub web: Option<TcpListener>,
     /// Sent once everything the server offers is up: the admin socket
     /// bound, health SERVING, the listener served. `contactd serve` tells
     /// systemd READY=1 then, and not before, so that whatever is ordered
@@ -161,6 +167,7 @@ impl Serve {
             store: None,
             policy: None,
             metrics: None,
+            web: None,
             started: None,
         }
     }
@@ -179,6 +186,7 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         store,
         policy,
         metrics: endpoint,
+        web,
         started,
     } = serve;
     let initial = Arc::clone(&config.borrow());
@@ -225,6 +233,7 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         tracker.spawn(reap);
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
+    web::start(&initial, &state, web, &tracker).map_err(ServerError::Web)?;
     tracker.spawn(restart_on_panic("the task generator", {
         let (broker, config, shutdown) = (Arc::clone(&broker), config.clone(), shutdown.clone());
         move || broker.generate(config.clone(), shutdown.clone())
