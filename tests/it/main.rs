@@ -26,3 +26,4 @@ mod store;
 mod store_files;
 mod task_show;
 mod trust;
+mod web;

@@ -237,7 +237,7 @@ where
 }
 
 /// The headers every answer carries: no script or style but this origin's
-/// files, no framing, no sniffing, no referrer, no caching of pages.
+/// files, no framing, no sniffing, no referrer to other sites, no caching of pages.
 fn secure(mut response: Response<Body>) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(
@@ -254,7 +254,10 @@ fn secure(mut response: Response<Body>) -> Response<Body> {
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // Not "no-referrer": with it a browser sends `Origin: null` on the
+        // console's own forms, and the origin check could not tell them
+        // from another site's.
+        HeaderValue::from_static("same-origin"),
     );
     headers
         .entry(header::CACHE_CONTROL)

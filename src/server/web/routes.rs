@@ -111,19 +111,16 @@ fn asset(text: &'static str, kind: &'static str) -> Response<Body> {
     secure(response)
 }
 
-/// Whether a POST comes from this console's own pages: a browser names the
-/// origin of a form's page; one from another site is refused even before its
-/// (missing) CSRF token is looked at.
+/// Whether a POST comes from this console's own pages: a browser says
+/// where a form's page came from (`Sec-Fetch-Site`, else `Origin`); one from
+/// another site is refused even before its (missing) CSRF token is looked
+/// at. A client that says neither is no browser on another site's page.
 fn same_origin<B>(request: &Request<B>) -> bool {
     let headers = request.headers();
-    if headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes() == b"cross-site" || v.as_bytes() == b"same-site")
-    {
-        return false;
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin" || site.as_bytes() == b"none";
     }
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        // Not a browser's cross-origin form (those carry an Origin).
         return true;
     };
     let host = headers
