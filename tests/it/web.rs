@@ -564,6 +564,18 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
     console.stop().await;
 }
 
+/// The package's config turns the console on, on loopback; the built-in
+/// default leaves it off.
+#[test]
+fn the_package_serves_the_console_on_loopback_and_the_default_not_at_all() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let packaged: Config =
+        contactd::config::load(&Path::new(root).join("config/contactd.toml")).unwrap();
+    let listen = packaged.web.listen.expect("the package enables [web]");
+    assert!(listen.ip().is_loopback(), "{listen}");
+    assert_eq!(Config::default().web.listen, None, "off by default");
+}
+
 /// A raw HTTP/1.1 exchange with the console: the status line, headers and
 /// body as text.
 async fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
