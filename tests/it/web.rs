@@ -72,13 +72,18 @@ impl Console {
         let dir = tempfile::tempdir().unwrap();
         let tokens_file = dir.path().join("tokens");
         let operator = create_token(&tokens_file, "ops", Role::Operator, false).unwrap();
-        let tokens = (0..agents)
-            .map(|n| {
-                let name = format!("agent-{n:03}");
-                let token = create_token(&tokens_file, &name, Role::Agent, false).unwrap();
-                (name, token)
-            })
+        // The agents' tokens written at once (`create_token` rewrites the
+        // file for each, too slow for 10,000).
+        let tokens: HashMap<String, String> = (0..agents)
+            .map(|n| (format!("agent-{n:03}"), format!("ctd_test_agent_{n}")))
             .collect();
+        let mut lines = std::fs::read_to_string(&tokens_file).unwrap();
+        for (name, token) in &tokens {
+            let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            lines.push_str(&format!("{name} agent sha256:{hex}\n"));
+        }
+        std::fs::write(&tokens_file, lines).unwrap();
         let mut config = Config::default();
         config.tasks.batch = 0;
         config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -87,6 +92,7 @@ impl Console {
         config.store.path = Some(dir.path().join("contactd.db"));
         config.web.listen = Some("127.0.0.1:0".parse().unwrap());
         config.web.event_interval = Duration::from_millis(200);
+        config.server.max_callers = 20_000;
         let listener = contactd::net::bind(config.server.listen, 128).unwrap();
         let web = contactd::net::bind(config.web.listen.unwrap(), 128).unwrap();
         let (addr, web_addr) = (listener.local_addr().unwrap(), web.local_addr().unwrap());
@@ -655,5 +661,105 @@ async fn a_stranger_gets_the_login_page_and_nothing_else() {
     let answer = exchange(console.web, &post("/tasks", &session, &body)).await;
     assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
     assert!(answer.contains("location: /tasks/"), "{answer}");
+    console.stop().await;
+}
+
+/// The fleet page's cost with 10,000 connected agents (each a getTask
+/// stream, 200 to a connection, with three labels, one of them unique):
+/// the time from request to the last byte of the answer over loopback,
+/// which bounds the server's time. A measurement (BENCHMARKS.md, "Web
+/// console"), run by hand in release mode:
+/// `cargo test --release --test it -- --ignored --nocapture web::fleet_page`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 10,000 agents, run by hand in release mode"]
+async fn fleet_page_with_10000_agents() {
+    const AGENTS: usize = 10_000;
+    const PER_CONNECTION: usize = 200;
+    let console = Console::start(AGENTS).await;
+    let mut names: Vec<&String> = console.tokens.keys().collect();
+    names.sort();
+    let mut held = Vec::new();
+    for chunk in names.chunks(PER_CONNECTION) {
+        let channel = Channel::from_shared(format!("http://{}", console.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for name in chunk {
+            let n: usize = name[6..].parse().unwrap();
+            let agent = Agent {
+                token: console.tokens[*name].clone(),
+                name: (*name).clone(),
+                labels: format!(
+                    "role={},zone=z{},host=h{n}",
+                    if n % 2 == 0 { "web" } else { "db" },
+                    n % 10
+                ),
+            };
+            let mut client = ContactClient::with_interceptor(channel.clone(), agent);
+            held.push(tokio::spawn(async move {
+                let mut tasks = client.get_task(Empty {}).await.unwrap().into_inner();
+                while let Ok(Some(_)) = tasks.message().await {}
+            }));
+        }
+    }
+    let admin = console.admin().await;
+    until(
+        "10,000 agents connected",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .list_agents(ListAgentsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .agents
+            }
+        },
+        |agents| agents.iter().filter(|a| a.connected).count() == AGENTS,
+    )
+    .await;
+    let body = format!("token={}", console.operator);
+    let login = exchange(
+        console.web,
+        &format!(
+            "POST /login HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: \
+             application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    let cookie = login
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    for path in ["/", "/agents", "/agents?selector=role%3Dweb&state=connected&page=7"] {
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..21 {
+            let started = std::time::Instant::now();
+            let page = exchange(
+                console.web,
+                &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncookie: {cookie}\r\n\r\n"),
+            )
+            .await;
+            times.push(started.elapsed());
+            assert!(page.starts_with("HTTP/1.1 200"), "{}", &page[..200.min(page.len())]);
+            size = page.len();
+        }
+        times.sort();
+        println!(
+            "RESULT web {path}: {AGENTS} agents, {size} bytes, median {:.1} ms, max {:.1} ms (21 requests)",
+            times[10].as_secs_f64() * 1000.0,
+            times[20].as_secs_f64() * 1000.0
+        );
+        assert!(times[10] <= Duration::from_millis(100), "{path}: median {:?}", times[10]);
+    }
+    for agent in held {
+        agent.abort();
+    }
     console.stop().await;
 }
