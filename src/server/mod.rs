@@ -1,11 +1,13 @@
 //! The server, a transport over the broker: it binds nothing itself (it
-//! takes a bound listener), serves the Contact service behind its gate,
-//! health, reflection and the admin API, translating calls into the
+//! takes a bound listener; the web console's it binds only when not given
+//! one), serves the Contact service behind its gate, health, reflection,
+//! the admin API and the web console, translating calls into the
 //! broker's terms ([`crate::tasks::Broker`] decides what happens to a task),
 //! follows config reloads and shuts down in order when its token is
 //! cancelled. Files: `state.rs` (what handlers share), `policy.rs` (rules,
 //! tokens, TLS), `reload.rs`, `gate.rs` → `contact.rs`, `admin.rs`,
-//! `callers.rs`, `listener.rs` (with `admission.rs`), `health.rs`, `metrics.rs` and `counters.rs`.
+//! `callers.rs`, `listener.rs` (with `admission.rs`), `health.rs`, `metrics.rs`, `counters.rs`
+//! and `web/` (the operators' web console, over the admin service).
 //!
 //! Shutdown order, one log line per phase: health NOT_SERVING → stop
 //! accepting and end every open stream with UNAVAILABLE → let in-flight
