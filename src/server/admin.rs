@@ -493,7 +493,9 @@ fn job_message(job: JobView) -> pb::Job {
 fn job_status(refused: JobRefused) -> Status {
     match refused {
         JobRefused::NoJob(_) | JobRefused::NoRun(_) => Status::not_found(refused.to_string()),
-        JobRefused::NotHalted(..) => Status::failed_precondition(refused.to_string()),
+        JobRefused::NotHalted(..) | JobRefused::NotRunning(..) => {
+            Status::failed_precondition(refused.to_string())
+        }
         JobRefused::TooMany(_) => Status::resource_exhausted(refused.to_string()),
         JobRefused::Invalid(_) => Status::invalid_argument(refused.to_string()),
         JobRefused::Store(e) => store_status(&e),

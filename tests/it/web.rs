@@ -3,7 +3,8 @@
 //! gRPC agents: log in with an operator token, see the 50 agents, filter
 //! them by a selector, submit a task to the selector and see its results
 //! arrive on the open page by server-sent events (no reload), open the task
-//! from the list, and see an agent's hostile status shown as text.
+//! from the list, halt and resume a rollout, and see an agent's hostile
+//! status shown as text.
 //!
 //! Without chromium and chromedriver the browser test is skipped, unless
 //! `CI=true` (where `.ci/run` installs them) fails it. With
@@ -177,7 +178,7 @@ impl Fleet {
                 name: name.clone(),
                 labels: format!(
                     "role={},zone=z{}",
-                    if n % 2 == 0 { "web" } else { "db" },
+                    if n.is_multiple_of(2) { "web" } else { "db" },
                     n % 3
                 ),
             };
@@ -566,6 +567,53 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
     b.until_text("#results", "restarted on agent-024").await;
     b.picture("tasks").await;
 
+    // A rollout over the db agents, one at a time: halted by hand while its
+    // first agent holds it, then resumed.
+    b.client.goto(&console.url("/tasks")).await.unwrap();
+    for (field, value) in [("#text", "migrate db"), ("#to", "role=db"), ("#batch", "1")] {
+        b.client
+            .find(Locator::Css(field))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    b.client
+        .find(Locator::Css("#submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.until_text("h1", "Run ").await;
+    b.until_text("#run-state", "running").await;
+    let run: u64 = b.client.current_url().await.unwrap().path()[7..]
+        .parse()
+        .unwrap();
+    loop {
+        let (_, msg) = within("the rollout's first agent", fleet.received.recv())
+            .await
+            .unwrap();
+        if msg.id == run {
+            break;
+        }
+    }
+    for (button, state) in [
+        ("Halt the rollout", "halted"),
+        ("Resume the rollout", "running"),
+    ] {
+        b.client
+            .find(Locator::XPath(&format!("//button[text()='{button}']")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.until_text("#run-state", state).await;
+    }
+    b.picture("run").await;
+
     browser.close().await;
     console.stop().await;
 }
@@ -692,7 +740,7 @@ async fn fleet_page_with_10000_agents() {
                 name: (*name).clone(),
                 labels: format!(
                     "role={},zone=z{},host=h{n}",
-                    if n % 2 == 0 { "web" } else { "db" },
+                    if n.is_multiple_of(2) { "web" } else { "db" },
                     n % 10
                 ),
             };
@@ -736,7 +784,11 @@ async fn fleet_page_with_10000_agents() {
         .and_then(|c| c.split(';').next())
         .unwrap()
         .to_owned();
-    for path in ["/", "/agents", "/agents?selector=role%3Dweb&state=connected&page=7"] {
+    for path in [
+        "/",
+        "/agents",
+        "/agents?selector=role%3Dweb&state=connected&page=7",
+    ] {
         let mut times = Vec::new();
         let mut size = 0;
         for _ in 0..21 {
@@ -747,7 +799,11 @@ async fn fleet_page_with_10000_agents() {
             )
             .await;
             times.push(started.elapsed());
-            assert!(page.starts_with("HTTP/1.1 200"), "{}", &page[..200.min(page.len())]);
+            assert!(
+                page.starts_with("HTTP/1.1 200"),
+                "{}",
+                &page[..200.min(page.len())]
+            );
             size = page.len();
         }
         times.sort();
@@ -756,7 +812,11 @@ async fn fleet_page_with_10000_agents() {
             times[10].as_secs_f64() * 1000.0,
             times[20].as_secs_f64() * 1000.0
         );
-        assert!(times[10] <= Duration::from_millis(100), "{path}: median {:?}", times[10]);
+        assert!(
+            times[10] <= Duration::from_millis(100),
+            "{path}: median {:?}",
+            times[10]
+        );
     }
     for agent in held {
         agent.abort();

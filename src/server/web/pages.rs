@@ -482,8 +482,16 @@ fn button(action: &str, csrf: &str, label: &str) -> Markup {
 }
 
 /// One task in full: its text, its state, and every agent's result.
-pub(super) fn task(view: &TaskView, message: &pb::Task, mode: &str, csrf: &str) -> Markup {
+/// `view.agents` is one page of them, page `page` of `pages`.
+pub(super) fn task(
+    view: &TaskView,
+    message: &pb::Task,
+    mode: &str,
+    csrf: &str,
+    (page, pages): (usize, usize),
+) -> Markup {
     let id = message.id;
+    let link = |page: usize| format!("/tasks/{id}?page={page}");
     html! {
         div.actions {
             (button(&format!("/tasks/{id}/cancel"), csrf, "Cancel"))
@@ -517,24 +525,35 @@ pub(super) fn task(view: &TaskView, message: &pb::Task, mode: &str, csrf: &str) 
                         }
                     }
                 }
+                (pager(page, pages, &link))
             }
         }
     }
 }
 
 /// One job run in full: its progress, and every agent's state and result.
-pub(super) fn run(shown: &pb::ShowRunResponse, csrf: &str) -> Markup {
+/// `shown.agents` is one page of them, page `page` of `pages`.
+pub(super) fn run(
+    shown: &pb::ShowRunResponse,
+    csrf: &str,
+    (page, pages): (usize, usize),
+) -> Markup {
     let Some(run) = &shown.run else {
         return html! {};
     };
+    let id = run.id;
+    let link = |page: usize| format!("/tasks/{id}?page={page}");
     let done = run.acked + run.failed + run.missed;
     html! {
         @if run.state == "halted" {
             div.actions { (button(&format!("/runs/{}/resume", run.id), csrf, "Resume the rollout")) }
         }
+        @if run.state == "running" && run.mode == "each" {
+            div.actions { (button(&format!("/runs/{}/halt", run.id), csrf, "Halt the rollout")) }
+        }
         div #live {
             dl.fields {
-                div { dt { "Job" } dd { (run.job) } }
+                div { dt { "Job" } dd { @if run.job.is_empty() { "(ad hoc)" } @else { (run.job) } } }
                 div { dt { "State" } dd #run-state { (run.state) } }
                 div { dt { "Mode" } dd { (run.mode) } }
                 div { dt { "For" } dd { code { (run.target) } } }
@@ -567,6 +586,7 @@ pub(super) fn run(shown: &pb::ShowRunResponse, csrf: &str) -> Markup {
                     }
                 }
             }
+            (pager(page, pages, &link))
         }
     }
 }

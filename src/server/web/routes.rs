@@ -365,7 +365,7 @@ async fn get(
                 .strip_prefix("/tasks/")
                 .and_then(|n| n.parse::<u64>().ok())
             {
-                return task_page(web, session, task).await;
+                return task_page(web, session, task, page_of(query)).await;
             }
             html(
                 StatusCode::NOT_FOUND,
@@ -380,25 +380,28 @@ async fn get(
     }
 }
 
-/// A task, or a job run (a run's id is its task's).
-async fn task_page(web: &Web, session: &Session, id: u64) -> Response<Body> {
+/// A task, or a job run (a run's id is its task's), with one page of its
+/// agents.
+async fn task_page(web: &Web, session: &Session, id: u64, page: usize) -> Response<Body> {
+    let size = web.config.page_size;
     let title = format!("Task {id}");
-    if let Ok(run) = web.admin.run_message(id).await {
+    if let Ok(mut run) = web.admin.run_message(id).await {
+        let (range, page, pages) = paged(run.agents.len(), page, size);
+        run.agents = run.agents.drain(range).collect();
         let title = format!("Run {id}");
+        let body = pages::run(&run, &session.csrf, (page, pages));
         return html(
             StatusCode::OK,
-            pages::layout(
-                &title,
-                Some(session),
-                "tasks",
-                pages::run(&run, &session.csrf),
-            ),
+            pages::layout(&title, Some(session), "tasks", body),
         );
     }
     match web.state.broker.show(id).await {
-        Ok(view) => {
+        Ok(mut view) => {
+            let (range, page, pages) = paged(view.agents.len(), page, size);
+            view.agents = view.agents.drain(range).collect();
             let message = super::super::admin::task_message(&view.task);
-            let body = pages::task(&view, &message, web.state.broker.mode_name(), &session.csrf);
+            let mode = web.state.broker.mode_name();
+            let body = pages::task(&view, &message, mode, &session.csrf, (page, pages));
             html(
                 StatusCode::OK,
                 pages::layout(&title, Some(session), "tasks", body),
@@ -571,6 +574,24 @@ async fn post(
                     redirect("/jobs")
                 }
                 Err(e) => refused(&format!("Job not {verb}d"), e, "/jobs"),
+            }
+        }
+        ["runs", run, "halt"] => {
+            let Ok(run) = run.parse::<u64>() else {
+                return plain(StatusCode::NOT_FOUND, "no such run\n");
+            };
+            // No admin RPC for it yet: the broker's own method, which the
+            // admin service's resume mirrors.
+            match web.state.broker.jobs().halt(run).await {
+                Ok(()) => {
+                    tracing::info!(operator = %who, by = session.by, run, "web console: rollout halted");
+                    redirect(&format!("/tasks/{run}"))
+                }
+                Err(e) => refused(
+                    &format!("Run {run} not halted"),
+                    tonic::Status::failed_precondition(e.to_string()),
+                    &format!("/tasks/{run}"),
+                ),
             }
         }
         ["runs", run, "resume"] => {
