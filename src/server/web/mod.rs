@@ -61,6 +61,9 @@ struct Web {
     tls: bool,
     /// Event streams open at once.
     streams: Arc<Semaphore>,
+    /// Refused logins are logged at most every [`WARN_EVERY`], with their
+    /// count: a stranger trying tokens cannot flood the log.
+    refused_logins: Budget,
 }
 
 /// One accepted connection, as a request sees it.
@@ -111,6 +114,7 @@ pub(super) fn start(
         config: web.clone(),
         tls: tls.is_some(),
         streams: Arc::new(Semaphore::new(web.max_event_streams)),
+        refused_logins: Budget::every(WARN_EVERY),
     });
     tracing::info!(addr = %local, tls = tls.is_some(), "serving the web console");
     tracker.spawn(accept(listener, shared, tls));

@@ -196,7 +196,9 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         }
     };
     let Some((name, by)) = who else {
-        tracing::warn!(peer = %peer.address, "web console: login refused");
+        web.refused_logins.hit(|n| {
+            tracing::warn!(refused = n, peer = %peer.address, "web console: login refused");
+        });
         return html(
             StatusCode::UNAUTHORIZED,
             login_page(
