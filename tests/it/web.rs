@@ -797,6 +797,7 @@ async fn fleet_page_with_10000_agents() {
         .and_then(|c| c.split(';').next())
         .unwrap()
         .to_owned();
+    let mut medians = Vec::new();
     for path in [
         "/",
         "/agents",
@@ -825,16 +826,18 @@ async fn fleet_page_with_10000_agents() {
             times[10].as_secs_f64() * 1000.0,
             times[20].as_secs_f64() * 1000.0
         );
-        assert!(
-            times[10] <= Duration::from_millis(100),
-            "{path}: median {:?}",
-            times[10]
-        );
+        medians.push((path, times[10]));
     }
 
     // Fan-out of one broadcast task to the 10,000, with 32 event streams
     // open (each told of every change, every 200 ms) and with none,
     // alternately.
+    for (path, median) in medians {
+        assert!(
+            median <= Duration::from_millis(100),
+            "{path}: median {median:?}"
+        );
+    }
     let mut admin = admin;
     let mut fan_out = async |text: &str| {
         let before = received.load(std::sync::atomic::Ordering::Relaxed);

@@ -13,8 +13,6 @@
 //! never told by colour alone; every control has a label; the first link
 //! skips to the content.
 
-use std::collections::BTreeMap;
-
 use maud::{DOCTYPE, Markup, html};
 
 use super::session::Session;
@@ -173,35 +171,60 @@ fn up(connected: bool) -> Markup {
 /// What the fleet page shows.
 pub(super) struct Fleet<'a> {
     pub servers: &'a [pb::Server],
-    pub agents: &'a [pb::Agent],
-    /// Rows of the label table at most.
-    pub page_size: usize,
+    /// Agents known, and of those connected.
+    pub known: usize,
+    pub connected: usize,
+    /// Per label shared by several agents, connected and down, the largest
+    /// groups first, at most a page of them.
+    pub labels: &'a LabelCounts,
+    /// Labels left out of `labels`.
+    pub more: usize,
     /// Results per minute over the last hour, oldest first.
     pub throughput: &'a [(u64, u64)],
 }
 
-pub(super) fn fleet(f: &Fleet<'_>) -> Markup {
-    let connected = f.agents.iter().filter(|a| a.connected).count();
-    let down = f.agents.len() - connected;
-    // Per label, connected and down: the fleet by role, zone or os.
-    let mut by_label: BTreeMap<(&str, &str), (usize, usize)> = BTreeMap::new();
-    for agent in f.agents {
-        for (k, v) in &agent.labels {
-            let entry = by_label.entry((k.as_str(), v.as_str())).or_default();
-            if agent.connected {
+/// A label's connected and down agents, keyed by (key, value).
+pub(super) type LabelCounts = Vec<((String, String), (usize, usize))>;
+
+/// Per label (`role=web`), how many agents are connected and down: the
+/// labels several agents share, the largest groups first, at most `page`
+/// of them, and how many more there are. A label every agent has alone (a
+/// host name) is left for the agents page.
+pub(super) fn by_label<'a>(
+    agents: impl Iterator<Item = (bool, Vec<(&'a str, &'a str)>)>,
+    page: usize,
+) -> (LabelCounts, usize) {
+    let mut counts: std::collections::HashMap<(&str, &str), (usize, usize)> =
+        std::collections::HashMap::new();
+    let mut known = 0;
+    for (connected, labels) in agents {
+        known += 1;
+        for label in labels {
+            let entry = counts.entry(label).or_default();
+            if connected {
                 entry.0 += 1;
             } else {
                 entry.1 += 1;
             }
         }
     }
-    let mut labels: Vec<_> = by_label.into_iter().collect();
-    // The largest groups first; a label every agent has alone
-    // (a host name) is left for the agents page.
-    labels.retain(|(_, (c, d))| c + d > 1 || f.agents.len() <= 1);
+    let mut labels: Vec<_> = counts
+        .into_iter()
+        .filter(|(_, (c, d))| c + d > 1 || known <= 1)
+        .collect();
     labels.sort_by(|a, b| (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then(a.0.cmp(&b.0)));
-    let more = labels.len().saturating_sub(f.page_size);
-    labels.truncate(f.page_size);
+    let more = labels.len().saturating_sub(page);
+    labels.truncate(page);
+    let labels = labels
+        .into_iter()
+        .map(|((k, v), n)| ((k.to_owned(), v.to_owned()), n))
+        .collect();
+    (labels, more)
+}
+
+pub(super) fn fleet(f: &Fleet<'_>) -> Markup {
+    let (connected, down) = (f.connected, f.known - f.connected.min(f.known));
+    let (labels, more) = (f.labels, f.more);
     let peak = f
         .throughput
         .iter()
@@ -215,7 +238,7 @@ pub(super) fn fleet(f: &Fleet<'_>) -> Markup {
             section aria-labelledby="counts" {
                 h2 #counts { "Agents" }
                 dl.counts {
-                    div { dt { "Known" } dd { (f.agents.len()) } }
+                    div { dt { "Known" } dd { (f.known) } }
                     div { dt { "● Connected" } dd #connected { (connected) } }
                     div { dt { "○ Down" } dd #down { (down) } }
                 }
@@ -249,7 +272,7 @@ pub(super) fn fleet(f: &Fleet<'_>) -> Markup {
                     table {
                         thead { tr { th scope="col" { "Label" } th scope="col" { "● Connected" } th scope="col" { "○ Down" } } }
                         tbody {
-                            @for ((k, v), (c, d)) in &labels {
+                            @for ((k, v), (c, d)) in labels {
                                 tr {
                                     td { a href=(format!("/agents?selector={}", query(&format!("{k}={v}")))) { code { (k) "=" (v) } } }
                                     td { (c) }
@@ -649,6 +672,33 @@ pub(super) fn query(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_counted_connected_and_down_largest_first() {
+        let agents = [
+            (true, vec![("role", "web"), ("host", "a")]),
+            (false, vec![("role", "web"), ("host", "b")]),
+            (true, vec![("role", "db"), ("host", "c")]),
+            (true, vec![("role", "db"), ("host", "d")]),
+            (true, vec![("role", "db"), ("host", "e")]),
+        ];
+        let (labels, more) = by_label(agents.clone().into_iter(), 10);
+        let shown: Vec<_> = labels
+            .iter()
+            .map(|((k, v), n)| (format!("{k}={v}"), *n))
+            .collect();
+        // Host names, each one agent's, are left out.
+        assert_eq!(
+            shown,
+            vec![
+                ("role=db".to_owned(), (3, 0)),
+                ("role=web".to_owned(), (1, 1))
+            ]
+        );
+        assert_eq!(more, 0);
+        let (labels, more) = by_label(agents.into_iter(), 1);
+        assert_eq!((labels.len(), more), (1, 1));
+    }
 
     #[test]
     fn hostile_text_is_escaped_and_long_text_folded() {

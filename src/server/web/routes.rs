@@ -261,28 +261,54 @@ async fn get(
     };
     match path {
         "/" => {
-            let (agents, servers) = match web
-                .admin
-                .list_agents(Call::new(pb::ListAgentsRequest::default()))
-                .await
-            {
-                Ok(listed) => {
-                    let listed = listed.into_inner();
-                    (listed.agents, listed.servers)
-                }
-                Err(e) => return failed("the fleet", e.message()),
-            };
             let throughput = web
                 .live
                 .throughput
                 .minutes(super::live::Live::results_now(&web.state));
+            let (servers, known, connected, (labels, more)) = if web.state.broker.is_shared() {
+                // Several servers: the admin service adds the agents the
+                // others know (and the servers) to this one's.
+                let listed = match web
+                    .admin
+                    .list_agents(Call::new(pb::ListAgentsRequest::default()))
+                    .await
+                {
+                    Ok(listed) => listed.into_inner(),
+                    Err(e) => return failed("the fleet", e.message()),
+                };
+                let agents = &listed.agents;
+                let connected = agents.iter().filter(|a| a.connected).count();
+                let labels = pages::by_label(
+                    agents.iter().map(|a| {
+                        let labels = a.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                        (a.connected, labels.collect())
+                    }),
+                    size,
+                );
+                (listed.servers, agents.len(), connected, labels)
+            } else {
+                // One server: the callers the admin service lists, counted
+                // where they are (10,000 agents' rows are not built for a
+                // page that shows their counts).
+                let callers = web.state.callers.list();
+                let held: Vec<(bool, Arc<crate::labels::Labels>)> = callers
+                    .iter()
+                    .map(|c| (c.connected(), c.labels()))
+                    .collect();
+                let connected = held.iter().filter(|(c, _)| *c).count();
+                let labels =
+                    pages::by_label(held.iter().map(|(c, l)| (*c, l.iter().collect())), size);
+                (Vec::new(), held.len(), connected, labels)
+            };
             render(
                 "Fleet",
                 "fleet",
                 pages::fleet(&pages::Fleet {
                     servers: &servers,
-                    agents: &agents,
-                    page_size: size,
+                    known,
+                    connected,
+                    labels: &labels,
+                    more,
                     throughput: &throughput,
                 }),
             )
