@@ -729,7 +729,11 @@ async fn a_stranger_gets_the_login_page_and_nothing_else() {
 async fn fleet_page_with_10000_agents() {
     const AGENTS: usize = 10_000;
     const PER_CONNECTION: usize = 200;
-    let console = Console::start(AGENTS).await;
+    // Room for the 32 event streams below, all from 127.0.0.1.
+    let console = Console::start_with(AGENTS, |config| {
+        config.web.max_connections_per_address = 64;
+    })
+    .await;
     let mut names: Vec<&String> = console.tokens.keys().collect();
     names.sort();
     let mut held = Vec::new();
