@@ -433,7 +433,6 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
         .unwrap();
     b.until_text("#connected", "50").await;
     assert_eq!(b.text("#down").await, "0");
-    b.picture("fleet").await;
 
     // The agents: all 50 on one page, agent-007's status as text.
     b.client.goto(&console.url("/agents")).await.unwrap();
@@ -557,6 +556,11 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
         "the page was reloaded: the results did not arrive live"
     );
     b.picture("task").await;
+
+    // The fleet page counts them in the last hour's results.
+    b.client.goto(&console.url("/")).await.unwrap();
+    b.until_text("#live", "25 results").await;
+    b.picture("fleet").await;
 
     // Open the task from the list.
     b.client.goto(&console.url("/tasks")).await.unwrap();
