@@ -861,6 +861,11 @@ async fn fleet_page_with_10000_agents() {
     };
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for round in 0..5 {
+        // Which goes first alternates: a run's order alone moves its time
+        // (PITFALLS.md, "This machine").
+        if !round.is_multiple_of(2) {
+            without.push(fan_out(&format!("without streams {round}")).await);
+        }
         let mut streams = Vec::new();
         for _ in 0..32 {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -889,13 +894,15 @@ async fn fleet_page_with_10000_agents() {
         for stream in streams {
             stream.abort();
         }
-        without.push(fan_out(&format!("without streams {round}")).await);
+        if round.is_multiple_of(2) {
+            without.push(fan_out(&format!("without streams {round}")).await);
+        }
     }
     with.sort();
     without.sort();
     println!(
         "RESULT web fan-out to {AGENTS} agents: median {:.1} ms with 32 event streams open, \
-         {:.1} ms without (5 rounds each, alternating)",
+         {:.1} ms without (5 rounds each, alternating, the first of each pair alternating too)",
         with[2].as_secs_f64() * 1000.0,
         without[2].as_secs_f64() * 1000.0
     );
