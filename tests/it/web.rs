@@ -860,7 +860,7 @@ async fn fleet_page_with_10000_agents() {
         started.elapsed()
     };
     let (mut with, mut without) = (Vec::new(), Vec::new());
-    for round in 0..5 {
+    for round in 0..5u32 {
         // Which goes first alternates: a run's order alone moves its time
         // (PITFALLS.md, "This machine").
         if !round.is_multiple_of(2) {
