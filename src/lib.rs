@@ -26,7 +26,8 @@
 //!    that owns task state, the hub, the queue, cursors, a stream's feed,
 //!    the generator); [`agent`] (the reconnect loop, sessions, handlers).
 //! 5. **Transport**: [`server`] (the Contact service behind its gate,
-//!    health, reflection, the admin API, callers, listener, metrics).
+//!    health, reflection, the admin API, the web console, callers,
+//!    listener, metrics).
 //! 6. **Commands**: [`cli`] (clap, no logic), [`client`] (`cmd`, `health`
 //!    and the admin commands), [`daemon`] (the harness `serve` and `agent`
 //!    share), [`app`] (the commands behind the CLI), [`manual`]

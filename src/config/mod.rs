@@ -14,6 +14,7 @@
 //! - `remote_cmd.rs`: `[remote_cmd]` ([`RemoteCmdConfig`]);
 //! - `admin.rs`: `[admin]` ([`AdminConfig`]);
 //! - `metrics.rs`, `store.rs`, `log.rs`: `[metrics]`, `[store]`, `[log]`;
+//! - `web.rs`: `[web]`, the operators' web console ([`WebConfig`]);
 //! - `validate.rs`: what the checks are built from (`Checks`, [`ranges`],
 //!   the unit constants) and the warnings that span sections;
 //! - `source.rs`: where a file comes from ([`Source`]) and how a config is
@@ -40,6 +41,7 @@ mod tasks;
 pub mod template;
 pub mod units;
 mod validate;
+pub mod web;
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,7 @@ pub use tasks::{DeliveryMode, TasksConfig};
 pub use template::TaskTemplate;
 pub(crate) use validate::Checks;
 pub use validate::ranges;
+pub use web::WebConfig;
 
 /// This machine's host name, if it can be read and is not empty. Each
 /// caller says what stands in for it: `"localhost"` for an agent's name,
@@ -84,6 +87,7 @@ pub struct Config {
     pub remote_cmd: RemoteCmdConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    pub web: WebConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
     /// `[[jobs]]`: named, scheduled tasks.
@@ -107,6 +111,7 @@ impl ConfigFile for Config {
         self.admin.check(&mut c);
         self.remote_cmd.check(&mut c);
         self.metrics.check("metrics", &mut c);
+        self.web.check(self.server.tls.is_some(), &mut c);
         self.log.check(&mut c);
         jobs::check(&self.jobs, self.tasks.mode == DeliveryMode::Queue, &mut c);
         c.0

@@ -35,6 +35,8 @@ pub const SERVER_RULES: Rules = &[
     ("server.name", Takes::Restart),
     // Its own listener, bound at start.
     ("metrics", Takes::Restart),
+    // The web console's listener and its bounds, taken at start.
+    ("web", Takes::Restart),
     // The listener and its connections' HTTP/2 settings.
     ("server.listen", Takes::Restart),
     ("server.backlog", Takes::Restart),

@@ -152,8 +152,10 @@ pub(super) fn remove_socket(socket: Option<&SocketFile>) {
 /// About the most task bytes one `ListTasks` response holds.
 const PAGE_BYTES: usize = 1024 * 1024;
 
-struct AdminService {
-    state: Arc<State>,
+/// The admin API's methods; the web console calls them in-process, so both
+/// doors apply the same checks.
+pub(super) struct AdminService {
+    pub(super) state: Arc<State>,
 }
 
 fn state_of(task: &Task) -> pb::TaskState {
@@ -409,7 +411,7 @@ impl AdminService {
     }
 
     /// One run with its agents and their latest results.
-    async fn run_message(&self, id: u64) -> Result<pb::ShowRunResponse, Status> {
+    pub(super) async fn run_message(&self, id: u64) -> Result<pb::ShowRunResponse, Status> {
         let jobs = self.state.broker.jobs();
         let view = jobs.show(id).await.map_err(job_status)?;
         let results: std::collections::HashMap<Arc<str>, String> =
@@ -491,7 +493,9 @@ fn job_message(job: JobView) -> pb::Job {
 fn job_status(refused: JobRefused) -> Status {
     match refused {
         JobRefused::NoJob(_) | JobRefused::NoRun(_) => Status::not_found(refused.to_string()),
-        JobRefused::NotHalted(..) => Status::failed_precondition(refused.to_string()),
+        JobRefused::NotHalted(..) | JobRefused::NotRunning(..) => {
+            Status::failed_precondition(refused.to_string())
+        }
         JobRefused::TooMany(_) => Status::resource_exhausted(refused.to_string()),
         JobRefused::Invalid(_) => Status::invalid_argument(refused.to_string()),
         JobRefused::Store(e) => store_status(&e),

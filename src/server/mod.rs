@@ -1,11 +1,13 @@
 //! The server, a transport over the broker: it binds nothing itself (it
-//! takes a bound listener), serves the Contact service behind its gate,
-//! health, reflection and the admin API, translating calls into the
+//! takes a bound listener; the web console's it binds only when not given
+//! one), serves the Contact service behind its gate, health, reflection,
+//! the admin API and the web console, translating calls into the
 //! broker's terms ([`crate::tasks::Broker`] decides what happens to a task),
 //! follows config reloads and shuts down in order when its token is
 //! cancelled. Files: `state.rs` (what handlers share), `policy.rs` (rules,
 //! tokens, TLS), `reload.rs`, `gate.rs` → `contact.rs`, `admin.rs`,
-//! `callers.rs`, `listener.rs` (with `admission.rs`), `health.rs`, `metrics.rs` and `counters.rs`.
+//! `callers.rs`, `listener.rs` (with `admission.rs`), `health.rs`, `metrics.rs`, `counters.rs`
+//! and `web/` (the operators' web console, over the admin service).
 //!
 //! Shutdown order, one log line per phase: health NOT_SERVING → stop
 //! accepting and end every open stream with UNAVAILABLE → let in-flight
@@ -28,6 +30,7 @@ mod outbox;
 mod policy;
 mod reload;
 mod state;
+mod web;
 
 use std::{sync::Arc, time::Duration};
 
@@ -79,6 +82,8 @@ pub enum ServerError {
     Tls(#[source] crate::tls::TlsError),
     #[error("{0}")]
     Store(#[source] StoreError),
+    #[error("web.listen: {0}")]
+    Web(#[source] std::io::Error),
 }
 
 impl ServerError {
@@ -137,6 +142,9 @@ pub struct Serve {
     pub policy: Option<Policy>,
     /// Serves `GET /metrics` too.
     pub metrics: Option<crate::metrics::Endpoint>,
+    /// The web console's port, if bound by the caller (tests bind
+    /// 127.0.0.1:0); `None`: `run` binds `[web] listen`, if set.
+    pub web: Option<TcpListener>,
     /// Sent once everything the server offers is up: the admin socket
     /// bound, health SERVING, the listener served. `contactd serve` tells
     /// systemd READY=1 then, and not before, so that whatever is ordered
@@ -162,6 +170,7 @@ impl Serve {
             store: None,
             policy: None,
             metrics: None,
+            web: None,
             started: None,
         }
     }
@@ -180,6 +189,7 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         store,
         policy,
         metrics: endpoint,
+        web,
         started,
     } = serve;
     let initial = Arc::clone(&config.borrow());
@@ -226,6 +236,7 @@ pub async fn run(serve: Serve) -> Result<(), ServerError> {
         tracker.spawn(reap);
     }
     let admin = admin::start(&initial.admin, &state, &tracker);
+    web::start(&initial, &state, web, &tracker).map_err(ServerError::Web)?;
     tracker.spawn(restart_on_panic("the task generator", {
         let (broker, config, shutdown) = (Arc::clone(&broker), config.clone(), shutdown.clone());
         move || broker.generate(config.clone(), shutdown.clone())

@@ -88,6 +88,8 @@ pub enum JobRefused {
     NoRun(u64),
     #[error("run {0} is {1}: only a halted run can be resumed")]
     NotHalted(u64, RunState),
+    #[error("run {0} is {1}: only a running rollout (mode each) can be halted")]
+    NotRunning(u64, RunState),
     #[error("{0} runs are in progress (tasks.max_runs): wait for one to end, or raise the bound")]
     TooMany(usize),
     #[error("{0}")]
@@ -563,6 +565,38 @@ impl Jobs {
             self.settle(&mut inner, id, now);
         }
         self.pump(id);
+        Ok(())
+    }
+
+    /// Halts a running rollout by hand, as too many failures would: nothing
+    /// more is sent (what is out may still answer) until it is resumed, and
+    /// its deadline still ends it.
+    ///
+    /// # Errors
+    /// No such run here, or it is not a running rollout.
+    pub async fn halt(&self, id: u64) -> Result<(), JobRefused> {
+        let row = {
+            let mut inner = self.inner.lock();
+            inner.runs.get_mut(&id).map(|run| {
+                if run.row.state != RunState::Running || run.mode != JobMode::Each {
+                    return Err(JobRefused::NotRunning(id, run.row.state));
+                }
+                run.row.state = RunState::Halted;
+                Ok(run.row.clone())
+            })
+        };
+        let row = match row {
+            Some(row) => row?,
+            None => {
+                return match self.store.run(id).await? {
+                    Some(record) => Err(JobRefused::NotRunning(id, record.run.state)),
+                    None => Err(JobRefused::NoRun(id)),
+                };
+            }
+        };
+        self.store.write_now(Write::Run(row)).committed().await?;
+        tracing::info!(run = id, "run halted by an operator");
+        self.wake.notify_one();
         Ok(())
     }
 

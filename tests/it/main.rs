@@ -29,3 +29,4 @@ mod store;
 mod store_files;
 mod task_show;
 mod trust;
+mod web;

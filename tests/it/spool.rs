@@ -124,17 +124,26 @@ async fn until_runs(files: &AgentFiles, count: usize) {
 }
 
 /// Lets the handlers waiting at the gate go on (opening the fifo for
-/// writing releases every reader, and closing it ends their read).
+/// writing), if any still waits: a handler a killed agent left behind is
+/// killed by the next agent's start where agents may make cgroups, and
+/// without a reader, opening fails at once (bounded retries while the
+/// reader may still be opening its end).
 async fn open_gate(files: &AgentFiles) {
+    use std::os::unix::fs::OpenOptionsExt;
     let gate = files.gate.clone();
-    within(
-        "the gate opened",
-        tokio::task::spawn_blocking(move || {
-            drop(std::fs::OpenOptions::new().write(true).open(gate))
-        }),
-    )
-    .await
-    .unwrap();
+    within("the gate opened", async move {
+        for _ in 0..200 {
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(&gate);
+            if opened.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// The server's tasks once `done` holds for them.
@@ -214,7 +223,8 @@ async fn a_task_whose_handler_ran_when_the_agent_died_is_not_run_again_but_acked
     let id = submit(&mut server.admin().await, "the task", "").await;
     until_runs(&files, 1).await;
     // Killed while its handler runs (which, in its own process group, goes
-    // on: it is let go at the end).
+    // on: it is let go at the end, unless the next agent kills it, where it
+    // may make cgroups: a command outlives no agent).
     kill(&mut agent);
 
     let mut agent = start_agent(&files);
