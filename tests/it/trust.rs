@@ -1320,46 +1320,76 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
 /// A queue-mode agent that subscribed and then stopped reading its socket
 /// (its windows wide open, its receive buffer small); closed when dropped.
 async fn stalled_agent(addr: SocketAddr, name: &str) -> UnreadPeer {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (reads, writes) = tokio::io::split(tcp);
-    // Reads nothing, ever: only the writing half goes to HTTP/2.
-    let stalled = tokio::io::join(Stalled(reads), writes);
-    let (sender, connection) = h2::client::Builder::new()
-        .initial_window_size((1 << 30) - 1)
-        .initial_connection_window_size((1 << 30) - 1)
-        .handshake(stalled)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    let mut sender = within("stream capacity", sender.ready()).await.unwrap();
-    let request = http::Request::post(format!("http://{addr}/Contact/getTask"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(AGENT_HEADER, name)
-        .body(())
-        .unwrap();
-    let (response, mut stream) = sender.send_request(request, false).unwrap();
-    stream.send_data(vec![0u8; 5].into(), true).unwrap();
-    UnreadPeer {
-        connection,
-        _sender: sender,
-        _streams: vec![stream],
-        _responses: vec![response],
+    // Until the server has taken its subscription (a connection may be
+    // turned away at server.accept_rate or the per-address handshake cap,
+    // and a peer that reads nothing would never know): bounded retries.
+    for _ in 0..100 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let (reads, writes) = tokio::io::split(tcp);
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halves = tokio::io::join(
+            Stalled {
+                reads,
+                stalled: Arc::clone(&stalled),
+            },
+            writes,
+        );
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size((1 << 30) - 1)
+            .initial_connection_window_size((1 << 30) - 1)
+            .handshake(halves)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        let mut sender = within("stream capacity", sender.ready()).await.unwrap();
+        let request = http::Request::post(format!("http://{addr}/Contact/getTask"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header(AGENT_HEADER, name)
+            .body(())
+            .unwrap();
+        let (response, mut stream) = sender.send_request(request, false).unwrap();
+        stream.send_data(vec![0u8; 5].into(), true).unwrap();
+        match within("getTask's headers", response).await {
+            // Subscribed (a refusal is trailers-only: it has a status).
+            Ok(response) if response.headers().get("grpc-status").is_none() => {
+                stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                return UnreadPeer {
+                    connection,
+                    _sender: sender,
+                    _streams: vec![stream],
+                    _responses: Vec::new(),
+                    _bodies: vec![response.into_body()],
+                };
+            }
+            _ => {
+                connection.abort();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
+    panic!("{name} could not subscribe");
 }
 
-/// A reading half that never reads (and is never woken).
-struct Stalled<R>(#[allow(dead_code)] R);
+/// A reading half that reads until told to stall, then never again (and is
+/// never woken).
+struct Stalled<R> {
+    reads: R,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
 
-impl<R: Unpin> tokio::io::AsyncRead for Stalled<R> {
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stalled<R> {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        _buf: &mut tokio::io::ReadBuf<'_>,
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Pending
+        if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.reads).poll_read(cx, buf)
     }
 }
 
@@ -1540,6 +1570,7 @@ async fn unread_status_streams(
         _sender: sender,
         _streams: open,
         _responses: responses,
+        _bodies: Vec::new(),
     }
 }
 
@@ -1549,6 +1580,7 @@ struct UnreadPeer {
     _sender: h2::client::SendRequest<bytes::Bytes>,
     _streams: Vec<h2::SendStream<bytes::Bytes>>,
     _responses: Vec<h2::client::ResponseFuture>,
+    _bodies: Vec<h2::RecvStream>,
 }
 
 impl Drop for UnreadPeer {
