@@ -1217,6 +1217,34 @@ async fn one_address_cannot_take_every_handshake_slot() {
     server.stop().await;
 }
 
+/// Health answers, and an agent gets its stream, on a new connection.
+async fn still_served(addr: SocketAddr) {
+    let channel = within(
+        "connect",
+        Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    health(channel.clone()).await.unwrap();
+    ContactClient::new(channel)
+        .get_task(named(Empty {}, "web1"))
+        .await
+        .unwrap();
+}
+
+/// A Contact call's request headers for a raw HTTP/2 client: `method`, as
+/// the agent `agent`.
+fn contact_request(addr: SocketAddr, method: &str, agent: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}/Contact/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(AGENT_HEADER, agent)
+        .body(())
+        .unwrap()
+}
+
 /// The server's resident memory, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1243,12 +1271,7 @@ async fn open_unfinished(
     let mut responses = Vec::new();
     for _ in 0..streams {
         sender = within("stream capacity", sender.ready()).await.unwrap();
-        let request = http::Request::post(format!("http://{addr}/Contact/tellResult"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header(AGENT_HEADER, "hog")
-            .body(())
-            .unwrap();
+        let request = contact_request(addr, "tellResult", "hog");
         let (response, mut body) = sender.send_request(request, false).unwrap();
         let mut data = vec![0u8; 5 + size - 16];
         data[1..5].copy_from_slice(&u32::try_from(size).unwrap().to_be_bytes());
@@ -1300,19 +1323,7 @@ async fn unfinished_messages_are_held_within_the_memory_budget() {
     let _a = unfinished_messages(daemon.addr, 256, limit, 256 - 17).await;
     let _b = unfinished_messages(daemon.addr, 256, limit, 256 - 17).await;
     // Health and agents are still served.
-    let channel = within(
-        "connect",
-        Endpoint::from_shared(format!("http://{}", daemon.addr))
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
-    health(channel.clone()).await.unwrap();
-    ContactClient::new(channel)
-        .get_task(named(Empty {}, "web1"))
-        .await
-        .unwrap();
+    still_served(daemon.addr).await;
     let grown = rss_bytes(pid).saturating_sub(before);
     assert!(grown < 64 << 20, "RSS grew by {} MiB", grown >> 20);
 }
@@ -1344,12 +1355,7 @@ async fn stalled_agent(addr: SocketAddr, name: &str) -> UnreadPeer {
             .unwrap();
         let connection = tokio::spawn(connection);
         let mut sender = within("stream capacity", sender.ready()).await.unwrap();
-        let request = http::Request::post(format!("http://{addr}/Contact/getTask"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header(AGENT_HEADER, name)
-            .body(())
-            .unwrap();
+        let request = contact_request(addr, "getTask", name);
         let (response, mut stream) = sender.send_request(request, false).unwrap();
         stream.send_data(vec![0u8; 5].into(), true).unwrap();
         match within("getTask's headers", response).await {
@@ -1552,12 +1558,7 @@ async fn unread_status_streams(
     let mut responses = Vec::new();
     for _ in 0..streams {
         sender = within("stream capacity", sender.ready()).await.unwrap();
-        let request = http::Request::post(format!("http://{addr}/Contact/sendStatus"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header(AGENT_HEADER, "unread")
-            .body(())
-            .unwrap();
+        let request = contact_request(addr, "sendStatus", "unread");
         let (response, mut stream) = sender.send_request(request, false).unwrap();
         for _ in 0..per_stream {
             stream.send_data(status_message(&text), false).unwrap();
@@ -1635,19 +1636,7 @@ async fn replies_nobody_reads_are_held_within_the_send_budget() {
         "{unsent} bytes unsent"
     );
     // Health and an agent are still served.
-    let channel = within(
-        "connect",
-        Endpoint::from_shared(format!("http://{}", daemon.addr))
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
-    health(channel.clone()).await.unwrap();
-    ContactClient::new(channel)
-        .get_task(named(Empty {}, "web1"))
-        .await
-        .unwrap();
+    still_served(daemon.addr).await;
     let grown = rss_bytes(pid).saturating_sub(before);
     // What is left is the streams' own codec buffers.
     assert!(
