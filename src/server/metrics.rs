@@ -149,7 +149,7 @@ impl Collector for ServerCollector {
         counter(
             &mut e,
             "tasks_redelivered",
-            "Queue mode: deliveries after the first, after an ack timeout or a disconnect",
+            "Queue mode: deliveries after the first: after an ack timeout, or again to the agent that held the task when it reconnects",
             counters.redelivered,
         )?;
         counter(

@@ -1,7 +1,9 @@
 //! Queue mode: each task goes to exactly one connected agent, the least
-//! busy; a task not acked within `ack_timeout`, or whose agent disconnects,
-//! is redelivered (to another agent when there is one); after
-//! `max_attempts` deliveries it is parked as dead and reported. Tasks wait
+//! busy; a task not acked within `ack_timeout` is redelivered (to another
+//! agent when there is one); after `max_attempts` deliveries it is parked
+//! as dead and reported. A task whose agent's connection drops waits for
+//! that agent (it may still be running it: it gets the task back first when
+//! it reconnects) or for that deadline, whichever comes first. Tasks wait
 //! while no agent is connected, up to `max_pending`; beyond that the oldest
 //! are dropped and counted.
 //!
@@ -940,25 +942,37 @@ impl Drop for Slot {
                 None => state.pending.push_front(entry),
             }
         }
-        // Sent but not acked: redelivered; at shutdown, kept for their
-        // holder (the next start restores the claims from the store).
-        if state.closing {
-            for flight in state.in_flight.values_mut() {
-                if flight.slot == Some(self.id) {
-                    flight.slot = None;
-                }
+        // Sent but not acked: the agent may still be running them (a
+        // connection lost is not an agent gone), so its claims stand until
+        // their deadline, as claims restored at start-up do: it gets them
+        // again first when it comes back (and acks what it handled, from
+        // its spool), and at the deadline they go to another agent. Handing
+        // them on at once ran a task twice whenever a connection dropped.
+        // At shutdown the same: the next start restores them from the store.
+        let mut held = Vec::new();
+        for (id, flight) in &mut state.in_flight {
+            if flight.slot == Some(self.id) {
+                flight.slot = None;
+                held.push(*id);
             }
+        }
+        if state.closing {
             return;
         }
-        let unacked: Vec<u64> = state
-            .in_flight
+        // The agent already came back on another stream (its new connection
+        // overtook the old one's end): it gets them there now, as it would
+        // had it joined after this.
+        let again = state
+            .slots
             .iter()
-            .filter(|(_, f)| f.slot == Some(self.id))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in unacked {
-            if let Some(flight) = state.in_flight.remove(&id) {
-                state.retry(flight.entry, flight.holder);
+            .find(|(_, s)| s.name == slot.name)
+            .map(|(id, _)| *id);
+        if let Some(again) = again {
+            held.sort_unstable();
+            for id in held {
+                if let Some(flight) = state.in_flight.remove(&id) {
+                    state.assign(again, flight.entry);
+                }
             }
         }
         state.dispatch();
@@ -1072,15 +1086,21 @@ mod tests {
         assert_eq!(queue.depths().waiting, 0);
     }
 
-    #[tokio::test]
-    async fn a_disconnect_redelivers_to_another_agent() {
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnect_keeps_the_claim_until_its_deadline() {
         let hub = Hub::new(100);
         let queue = new_queue(limits());
         let mut a = queue.join("a".into());
         publish(&hub, &queue, 1);
         assert_eq!(a.recv().await.1, 1);
         let mut b = queue.join("b".into());
+        // a's connection is gone, but a may still be running the task: b
+        // does not get it while a's claim stands.
         drop(a);
+        assert!(matches!(b.take(), Take::Empty), "a's claim stands");
+        assert_eq!(queue.counters().redelivered, 0);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        queue.expire(Instant::now());
         let (task, attempt) = b.recv().await;
         assert_eq!((task.id, attempt), (1, 2));
         assert_eq!(queue.counters().redelivered, 1);
@@ -1092,6 +1112,43 @@ mod tests {
         assert!(queue.ack(1, "b").is_ok());
         assert_eq!(queue.ack(1, "b").unwrap_err(), AckRefusal::NotInFlight);
         assert_eq!(queue.counters().duplicate_acks, 1);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_reconnects_gets_its_tasks_again_first() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        let mut a = queue.join("a".into());
+        let mut b = queue.join("b".into());
+        publish(&hub, &queue, 2);
+        // One each: the least busy agent gets the next task.
+        let first = a.recv().await.0.id;
+        let second = b.recv().await.0.id;
+        assert_ne!(first, second);
+        drop(a);
+        let mut a = queue.join("a".into());
+        let (task, attempt) = a.recv().await;
+        assert_eq!((task.id, attempt), (first, 2), "a's own task, again");
+        assert!(matches!(b.take(), Take::Empty));
+        // Its ack (from its spool, as it ran the task before) is the holder's.
+        assert!(queue.ack(first, "a").is_ok());
+        assert!(queue.ack(second, "b").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_new_stream_that_overtakes_the_old_ones_end_gets_its_tasks() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        let mut old = queue.join("a".into());
+        publish(&hub, &queue, 1);
+        assert_eq!(old.recv().await.1, 1);
+        // The agent reconnected before the server saw its old stream end.
+        let mut new = queue.join("a".into());
+        assert!(matches!(new.take(), Take::Empty), "the old stream holds it");
+        drop(old);
+        let (task, attempt) = new.recv().await;
+        assert_eq!((task.id, attempt), (1, 2));
+        assert!(queue.ack(1, "a").is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -230,6 +230,9 @@ async fn a_bad_agent_header_is_invalid_argument() {
 async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
     let mut config = manual_tasks(DeliveryMode::Queue);
     config.tasks.window = 4;
+    // The dead agent's claims stand until their deadline (its connection
+    // alone is gone: it might be running them), then go to the others.
+    config.tasks.ack_timeout = Duration::from_secs(1);
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     for i in 0..200 {
@@ -276,7 +279,7 @@ async fn queue_mode_acks_every_task_once_while_an_agent_dies_mid_run() {
             })
         })
         .collect();
-    drop(dying); // killed: its 4 unacked tasks go to the others
+    drop(dying); // killed: its 4 unacked tasks go to the others at their deadline
 
     let mut admin2 = admin.clone();
     within("every task acked", async move {

@@ -85,6 +85,9 @@ async fn queue_mode_tasks_over_3_agents_one_killed_mid_run() {
     const TASKS: usize = 90;
     let mut config = manual(DeliveryMode::Queue);
     config.tasks.window = 4;
+    // c's claims stand until their deadline (a lost connection alone might
+    // be an agent still running them), then go to a and b.
+    config.tasks.ack_timeout = Duration::from_secs(2);
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     // Queued before any agent connects: they wait, then keep every agent's

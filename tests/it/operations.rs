@@ -657,7 +657,7 @@ async fn fleet_events_are_logged_at_info_with_the_agents_name_and_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
-    let mut daemon = Daemon::start("[tasks]\nmode = \"queue\"\nbatch = 0\n");
+    let mut daemon = Daemon::start("[tasks]\nmode = \"queue\"\nbatch = 0\nack_timeout = \"1s\"\n");
     let socket = daemon.dir.path().join("admin.sock");
     let mut admin = within("admin", contactd::client::admin::connect(&socket))
         .await
@@ -666,7 +666,8 @@ async fn a_redelivery_is_logged_at_info_with_the_agent_and_attempt() {
     let mut first = subscribe(channel(&daemon).await, "w1").await;
     let task = within("the task", first.message()).await.unwrap().unwrap();
     assert_eq!(task.attempt, 1);
-    // w1 goes away without acking: the task goes to w2, as attempt 2.
+    // w1 goes away without acking: at its claim's deadline the task goes
+    // to w2, as attempt 2.
     drop(first);
     daemon.wait_for_line("agent disconnected");
     let mut second = subscribe(channel(&daemon).await, "w2").await;
