@@ -4,7 +4,9 @@
 //! task, survives its restart) killed and restarted too. What is checked:
 //! an ack that never arrived is sent after the agent's restart and its task
 //! is not run again; a task whose handler was running when the agent died is
-//! not run again either (it is acked FAILED, as interrupted); a damaged
+//! not run again either (it is acked FAILED, as interrupted); a task whose
+//! agent only lost its connection (through a relay the test cuts) stays with
+//! it, and its ack, spooled meanwhile, arrives when it is back; a damaged
 //! spool stops the agent with an error naming the file.
 
 use crate::common;
@@ -260,4 +262,92 @@ fn a_damaged_spool_stops_the_agent_with_an_error_naming_it() {
     assert!(log.contains("damaged"), "{log}");
     assert!(log.contains("Move it aside"), "{log}");
     assert_eq!(std::fs::read(&spool).unwrap(), garbage, "left as it was");
+}
+
+/// A TCP relay on loopback to `upstream` that the test can cut: every
+/// connection through it closes and none is accepted until it is started
+/// again on the same address. At most 100 connections (a bound; the test
+/// needs a handful).
+struct Relay {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(at: SocketAddr, upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(at).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            for _ in 0..100 {
+                let Ok((mut down, _)) = listener.accept().await else {
+                    return;
+                };
+                links.spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// Closes every connection and the listener (dropping the task drops
+    /// its links); returns the address to start again on.
+    async fn cut(self) -> SocketAddr {
+        self.task.abort();
+        let _ = self.task.await;
+        self.addr
+    }
+}
+
+/// RELIABILITY.md's defect 3: a queue task whose agent only lost its
+/// connection stays with that agent (it may still be running it) instead of
+/// going to another agent at once and running twice. The agent finishes the
+/// task while it is cut off (its ack waits in the spool), comes back, and
+/// its ack is the task's only one; the other agent, connected all along,
+/// never runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_stays_with_an_agent_that_lost_its_connection_which_acks_it_when_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("contactd.db");
+    let mut server = Daemon::start(&server_config(&store, None));
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), server.addr).await;
+    let (cut_off_dir, other_dir) = (dir.path().join("cut-off"), dir.path().join("other"));
+    std::fs::create_dir_all(&cut_off_dir).unwrap();
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let cut_off_files = agent_files(&cut_off_dir, relay.addr, "cut-off");
+    let other_files = agent_files(&other_dir, server.addr, "other");
+    let mut cut_off = start_agent(&cut_off_files);
+    cut_off.wait_for_line("connected to");
+    let id = submit(&mut server.admin().await, "the task", "").await;
+    until_runs(&cut_off_files, 1).await;
+    let mut other = start_agent(&other_files);
+    other.wait_for_line("connected to");
+    server.wait_for_lines("agent connected", 2);
+
+    // The link goes; the handler goes on, and ends while the agent is cut off.
+    let addr = relay.cut().await;
+    server.wait_for_line("agent disconnected");
+    open_gate(&cut_off_files).await;
+    cut_off.wait_for_line("result spooled");
+    let relay = Relay::start(addr, server.addr).await;
+    cut_off.wait_for_lines("connected to", 2);
+    let tasks = tasks_until(&server, "the task acked", |tasks| {
+        tasks
+            .iter()
+            .any(|t| t.id == id && t.state() == TaskState::Acked)
+    })
+    .await;
+    common::assert_each_acked_once(&tasks);
+    let task = tasks.iter().find(|t| t.id == id).unwrap();
+    assert_eq!(task.last_agent, "cut-off", "{task:?}");
+    assert_eq!(runs(&cut_off_files), [id], "the handler ran once");
+    assert!(runs(&other_files).is_empty(), "the other agent never ran it");
+    for agent in [&mut cut_off, &mut other] {
+        agent.signal(Signal::SIGTERM);
+        assert!(agent.wait_exit(LIMIT).success());
+    }
+    relay.cut().await;
 }
