@@ -344,7 +344,10 @@ async fn a_task_stays_with_an_agent_that_lost_its_connection_which_acks_it_when_
     let task = tasks.iter().find(|t| t.id == id).unwrap();
     assert_eq!(task.last_agent, "cut-off", "{task:?}");
     assert_eq!(runs(&cut_off_files), [id], "the handler ran once");
-    assert!(runs(&other_files).is_empty(), "the other agent never ran it");
+    assert!(
+        runs(&other_files).is_empty(),
+        "the other agent never ran it"
+    );
     for agent in [&mut cut_off, &mut other] {
         agent.signal(Signal::SIGTERM);
         assert!(agent.wait_exit(LIMIT).success());
