@@ -373,6 +373,10 @@ impl Acceptor {
     /// handshake slot), if it is within the pace and a slot is free for its
     /// source address.
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        // DEFECT, in test builds only and only when asked for (see
+        // `crate::defects`): a few KiB leaked per accepted connection.
+        #[cfg(feature = "test-defects")]
+        crate::defects::leak_per_connection();
         let _ = stream.set_nodelay(true);
         if let Some(size) = self.limits.socket_send_buffer {
             // Best effort: the kernel clamps it to its own bounds.

@@ -392,6 +392,12 @@ impl Broker {
             }
             return acked;
         }
+        // DEFECT, in test builds only and only when asked for (see
+        // `crate::defects`): a queue-mode ack dropped, nothing recorded.
+        #[cfg(feature = "test-defects")]
+        if matches!(self.mode, Mode::Queue { .. }) && crate::defects::drop_ack() {
+            return Acked::Ignored;
+        }
         let task = match &self.mode {
             Mode::Queue { queue } => match queue.ack(result.task_id, &agent.name) {
                 Ok(task) => task,

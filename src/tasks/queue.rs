@@ -830,12 +830,21 @@ impl State {
             let Some(&(_, first)) = candidates.next() else {
                 return;
             };
+            let second = candidates.next().map(|&(_, second)| second);
             // Redeliver to another agent when one has room.
-            let slot = match (entry.last_slot, candidates.next()) {
-                (Some(last), Some(&(_, second))) if last == first => second,
+            let slot = match (entry.last_slot, second) {
+                (Some(last), Some(second)) if last == first => second,
                 _ => first,
             };
             let entry = self.pending.pop_front().expect("front exists");
+            // DEFECT, in test builds only and only when asked for (see
+            // `crate::defects`): the task handed to a second agent too.
+            #[cfg(feature = "test-defects")]
+            if let Some(other) = [first].into_iter().chain(second).find(|s| *s != slot)
+                && crate::defects::hand_out_twice()
+            {
+                self.assign(other, entry.clone());
+            }
             self.assign(slot, entry);
         }
     }

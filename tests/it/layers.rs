@@ -48,6 +48,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "labels",
             "selector",
             "schedule",
+            "defects",
         ],
     ),
     // 1: the words the rest is configured and authorized in.
