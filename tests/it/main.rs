@@ -12,6 +12,7 @@ mod cmd;
 mod cmd_env;
 mod contact;
 mod ctl;
+mod defects;
 mod delivery;
 mod fleet;
 mod hostile;

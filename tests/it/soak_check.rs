@@ -8,9 +8,9 @@
 //! agent that does not come back, an unexplained ERROR line, a task lost.
 
 #[path = "../../examples/soak/check.rs"]
-mod check;
+pub mod check;
 #[path = "../../examples/soak/history.rs"]
-mod history;
+pub mod history;
 
 use std::{io::Write, path::Path};
 

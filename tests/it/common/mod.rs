@@ -25,15 +25,17 @@ pub const LIMIT: Duration = Duration::from_secs(60);
 
 /// `contactd` (the real binary) to be run by a test, deaf to the caller's
 /// shell: none of the variables that pick its config files
-/// (`CONTACTD_CONFIG`, `CONTACTD_AGENT_CONFIG`) or its log filter
-/// (`RUST_LOG`), so that what a test checks does not depend on who runs it.
+/// (`CONTACTD_CONFIG`, `CONTACTD_AGENT_CONFIG`), its log filter
+/// (`RUST_LOG`) or a deliberate defect (`CONTACTD_TEST_DEFECT`, in test
+/// builds: src/defects.rs), so that what a test checks does not depend on who runs it.
 /// A test that wants one of them sets it on the returned command.
 pub fn contactd() -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_contactd"));
     command
         .env_remove("CONTACTD_CONFIG")
         .env_remove("CONTACTD_AGENT_CONFIG")
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .env_remove(contactd::defects::VAR);
     command
 }
 
