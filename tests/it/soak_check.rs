@@ -6,6 +6,8 @@
 //! is all the checker sees of a build with that defect: an ack dropped, a
 //! queue task handed out twice, a leak of a few KiB per reconnect, an
 //! agent that does not come back, an unexplained ERROR line, a task lost.
+//! tests/it/defects.rs proves the first three on real builds with the
+//! defects compiled in.
 
 #[path = "../../examples/soak/check.rs"]
 pub mod check;
