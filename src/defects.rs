@@ -3,13 +3,16 @@
 //! (`tests/it/defects.rs`): an ack dropped, a queue task handed out twice,
 //! a few KiB leaked per accepted connection.
 //!
-//! Compiled only with the `test-defects` cargo feature, which `cargo test`
-//! turns on (Cargo.toml's self dev-dependency) and `cargo build`, `cargo
-//! run` and release builds never do. A binary built by `cargo test` has
-//! it, and CI packages that binary: so even then every hook is inert unless
-//! the process was started with `CONTACTD_TEST_DEFECT` naming one defect
-//! (`drop-ack`, `hand-out-twice` or `leak`). Each hook sits at one place,
-//! marked `DEFECT`, behind `#[cfg(feature = "test-defects")]`.
+//! Compiled only with the `test-defects` cargo feature, and only in builds
+//! with debug assertions (the dev profile). `cargo test` turns the feature
+//! on (Cargo.toml's dev-dependency on this package), and so does any build
+//! of the examples; `cargo build` and `cargo run` never do, and no release
+//! build has the hooks, whatever its features. A debug binary built by
+//! `cargo test` has them, and CI packages that binary: so even then every
+//! hook is inert unless the process was started with `CONTACTD_TEST_DEFECT`
+//! naming one defect (`drop-ack`, `hand-out-twice` or `leak`). Each hook
+//! sits at one place, marked `DEFECT`, behind
+//! `#[cfg(all(feature = "test-defects", debug_assertions))]`.
 
 use std::sync::{
     OnceLock,

@@ -13,8 +13,8 @@
 //!    cursors, the records the store keeps), [`labels`] (what an agent
 //!    is), [`selector`] (Kubernetes-style label selectors), [`schedule`]
 //!    (job schedules: `every` and `cron` in a zone, what is due when);
-//!    `defects` (deliberate defects for tests, only with the `test-defects`
-//!    feature).
+//!    `defects` (deliberate defects for tests, only in debug builds with
+//!    the `test-defects` feature).
 //! 1. **Settings and identities**: [`config`] (typed config, every problem
 //!    at once, the reload rule table), [`auth`] (tokens, who is calling).
 //! 2. **Infrastructure**: [`backoff`] (reconnect delays), [`tls`] (configs
@@ -44,7 +44,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;
-#[cfg(feature = "test-defects")]
+#[cfg(all(feature = "test-defects", debug_assertions))]
 pub mod defects;
 pub mod labels;
 pub mod logging;

@@ -375,7 +375,7 @@ impl Acceptor {
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
         // DEFECT, in test builds only and only when asked for (see
         // `crate::defects`): a few KiB leaked per accepted connection.
-        #[cfg(feature = "test-defects")]
+        #[cfg(all(feature = "test-defects", debug_assertions))]
         crate::defects::leak_per_connection();
         let _ = stream.set_nodelay(true);
         if let Some(size) = self.limits.socket_send_buffer {

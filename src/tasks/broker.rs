@@ -394,7 +394,7 @@ impl Broker {
         }
         // DEFECT, in test builds only and only when asked for (see
         // `crate::defects`): a queue-mode ack dropped, nothing recorded.
-        #[cfg(feature = "test-defects")]
+        #[cfg(all(feature = "test-defects", debug_assertions))]
         if matches!(self.mode, Mode::Queue { .. }) && crate::defects::drop_ack() {
             return Acked::Ignored;
         }

@@ -839,7 +839,7 @@ impl State {
             let entry = self.pending.pop_front().expect("front exists");
             // DEFECT, in test builds only and only when asked for (see
             // `crate::defects`): the task handed to a second agent too.
-            #[cfg(feature = "test-defects")]
+            #[cfg(all(feature = "test-defects", debug_assertions))]
             if let Some(other) = [first].into_iter().chain(second).find(|s| *s != slot)
                 && crate::defects::hand_out_twice()
             {

@@ -12,6 +12,8 @@ mod cmd;
 mod cmd_env;
 mod contact;
 mod ctl;
+// The defect hooks exist in debug builds only (src/defects.rs).
+#[cfg(debug_assertions)]
 mod defects;
 mod delivery;
 mod fleet;

@@ -35,7 +35,7 @@ pub fn contactd() -> std::process::Command {
         .env_remove("CONTACTD_CONFIG")
         .env_remove("CONTACTD_AGENT_CONFIG")
         .env_remove("RUST_LOG")
-        .env_remove(contactd::defects::VAR);
+        .env_remove("CONTACTD_TEST_DEFECT");
     command
 }
 
