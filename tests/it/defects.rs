@@ -341,8 +341,8 @@ async fn round(daemon: &Daemon, admin: &AdminClient<Channel>, agents: usize, rec
 /// connections are open, what they use is resident, and such a drop
 /// hardly shows. After the warm-up, at a fixed 50 a second, the leak (8 KiB
 /// a connection) is about 23 MiB a minute. Measured with six such servers
-/// at once on two busy cores (load 15): 11 to 21 MiB a minute with the
-/// leak, at most 1.5 without (often below zero, after a drop).
+/// at once on two busy cores (load 13): 19 to 24 MiB a minute with the
+/// leak, at most 1.9 without (below zero after a drop).
 async fn churn_workload(defect: Option<&str>) -> Verdict {
     let daemon = serve(IDLE, defect);
     let record = Shared::default();
