@@ -626,6 +626,20 @@ impl Admin for AdminService {
         Ok(Response::new(self.run_message(id).await?))
     }
 
+    async fn halt_run(
+        &self,
+        request: Request<pb::RunIdRequest>,
+    ) -> Result<Response<pb::ShowRunResponse>, Status> {
+        let id = request.into_inner().run;
+        self.state
+            .broker
+            .jobs()
+            .halt(id)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(self.run_message(id).await?))
+    }
+
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,

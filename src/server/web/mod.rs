@@ -1,7 +1,7 @@
 //! The operators' web console (`[web] listen`): the fleet, agents, tasks,
 //! job runs and jobs as HTML pages, live by server-sent events, with the
 //! actions an on-call operator needs (submit, cancel, retry, pause and
-//! resume a job, resume a halted rollout). A translation, like the admin
+//! resume a job, halt and resume a rollout). A translation, like the admin
 //! API: every read and action goes through the admin service's own methods
 //! or the broker, so the console decides nothing the admin API does not.
 //!

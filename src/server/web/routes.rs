@@ -608,16 +608,18 @@ async fn post(
             let Ok(run) = run.parse::<u64>() else {
                 return plain(StatusCode::NOT_FOUND, "no such run\n");
             };
-            // No admin RPC for it yet: the broker's own method, which the
-            // admin service's resume mirrors.
-            match web.state.broker.jobs().halt(run).await {
-                Ok(()) => {
+            match web
+                .admin
+                .halt_run(Call::new(pb::RunIdRequest { run }))
+                .await
+            {
+                Ok(_) => {
                     tracing::info!(operator = %who, by = session.by, run, "web console: rollout halted");
                     redirect(&format!("/tasks/{run}"))
                 }
                 Err(e) => refused(
                     &format!("Run {run} not halted"),
-                    tonic::Status::failed_precondition(e.to_string()),
+                    e,
                     &format!("/tasks/{run}"),
                 ),
             }
