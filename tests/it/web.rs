@@ -3,8 +3,11 @@
 //! gRPC agents: log in with an operator token, see the 50 agents, filter
 //! them by a selector, submit a task to the selector and see its results
 //! arrive on the open page by server-sent events (no reload), open the task
-//! from the list, halt and resume a rollout, and see an agent's hostile
-//! status shown as text.
+//! from the list, and see an agent's hostile status shown as text. The
+//! same browser then takes every action against the real binary with a
+//! real agent (cancel, retry, pause and resume a job, halt and resume a
+//! rollout), each checked in its log for who did it, and a demoted
+//! operator's session is refused.
 //!
 //! Without chromium and chromedriver the browser test is skipped, unless
 //! `CI=true` (where `.ci/run` installs them) fails it. With
@@ -26,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use common::{LIMIT, until, within};
+use common::{LIMIT, daemon::Daemon, until, within};
 use contactd::{
     auth::{Role, create_token},
     config::Config,
@@ -174,13 +177,18 @@ impl Fleet {
     /// The console's agents, even ones `role=web`, odd ones `role=db`; each
     /// reports a status (agent-007 a hostile one).
     async fn connect(console: &Console) -> Fleet {
+        Fleet::connect_to(console.addr, &console.tokens).await
+    }
+
+    /// The agents `tokens` names, of the server at `addr`.
+    async fn connect_to(addr: std::net::SocketAddr, tokens: &HashMap<String, String>) -> Fleet {
         let (tx, received) = mpsc::unbounded_channel();
         let (mut acks, mut status) = (HashMap::new(), Vec::new());
-        let mut names: Vec<&String> = console.tokens.keys().collect();
+        let mut names: Vec<&String> = tokens.keys().collect();
         names.sort();
         for (n, name) in names.into_iter().enumerate() {
             let agent = Agent {
-                token: console.tokens[name].clone(),
+                token: tokens[name].clone(),
                 name: name.clone(),
                 labels: format!(
                     "role={},zone=z{}",
@@ -188,7 +196,7 @@ impl Fleet {
                     n % 3
                 ),
             };
-            let channel = Channel::from_shared(format!("http://{}", console.addr))
+            let channel = Channel::from_shared(format!("http://{addr}"))
                 .unwrap()
                 .connect()
                 .await
@@ -237,15 +245,32 @@ impl Fleet {
     }
 
     async fn ack(&self, agent: &str, task: &ServerMsg, result: &str) {
+        self.answer(agent, task, result, Outcome::Ok).await;
+    }
+
+    async fn answer(&self, agent: &str, task: &ServerMsg, result: &str, outcome: Outcome) {
         self.acks[agent]
             .send(ResultMsg {
                 ret: result.into(),
                 task_id: task.id,
-                outcome: Outcome::Ok as i32,
+                outcome: outcome as i32,
                 epoch: task.epoch,
             })
             .await
             .unwrap();
+    }
+
+    /// The next task any agent receives whose id is `id`.
+    async fn next_of(&mut self, id: u64, what: &str) -> (String, ServerMsg) {
+        within(what, async {
+            loop {
+                let (agent, msg) = self.received.recv().await.expect("the agents run");
+                if msg.id == id {
+                    return (agent, msg);
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -372,6 +397,76 @@ impl Browser {
             }
         })
         .await;
+    }
+
+    /// Clicks the button whose text or `aria-label` is `name`.
+    async fn press(&self, name: &str) {
+        self.client
+            .wait()
+            .at_most(LIMIT)
+            .for_element(Locator::XPath(&format!(
+                "//button[normalize-space(text())='{name}' or @aria-label='{name}']"
+            )))
+            .await
+            .unwrap_or_else(|e| panic!("no button {name:?}: {e}"))
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Fills the fields (`css`, value) of the page's form and submits it
+    /// with the button `#submit`.
+    async fn fill_and_submit(&self, fields: &[(&str, &str)]) {
+        for (css, value) in fields {
+            self.client
+                .find(Locator::Css(css))
+                .await
+                .unwrap()
+                .send_keys(value)
+                .await
+                .unwrap();
+        }
+        self.client
+            .find(Locator::Css("#submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// The id at the end of the page's address (`/tasks/ID`).
+    async fn id_in_address(&self) -> u64 {
+        let url = self.client.current_url().await.unwrap();
+        url.path()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a task's page: {url}"))
+    }
+
+    /// Logs in at `base` with `token` (the login page is where any page
+    /// sends a stranger).
+    async fn log_in(&self, base: &str, token: &str) {
+        self.client.goto(&format!("{base}/")).await.unwrap();
+        self.client
+            .wait()
+            .at_most(LIMIT)
+            .for_element(Locator::Css("#token"))
+            .await
+            .unwrap()
+            .send_keys(token)
+            .await
+            .unwrap();
+        self.client
+            .find(Locator::Css("main form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        self.until_text("h1", "Fleet").await;
     }
 
     async fn rows(&self, css: &str) -> usize {
@@ -577,55 +672,243 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
     b.until_text("#results", "restarted on agent-024").await;
     b.picture("tasks").await;
 
-    // A rollout over the db agents, one at a time: halted by hand while its
-    // first agent holds it, then resumed.
-    b.client.goto(&console.url("/tasks")).await.unwrap();
-    for (field, value) in [("#text", "migrate db"), ("#to", "role=db"), ("#batch", "1")] {
-        b.client
-            .find(Locator::Css(field))
-            .await
-            .unwrap()
-            .send_keys(value)
-            .await
-            .unwrap();
+    console.stop().await;
+
+    // The same browser, at the real binary (its log says who did what).
+    actions_in_the_real_binary(b).await;
+    browser.close().await;
+}
+
+/// A `contactd serve` in queue mode with a job, one agent and two
+/// operators, for the actions: the web console's port, its log, the
+/// operators' tokens and the tokens file.
+struct Served {
+    server: Daemon,
+    web: String,
+    operator: String,
+    second: String,
+    tokens_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    fn start() -> (Served, HashMap<String, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens_file = dir.path().join("tokens");
+        let operator = create_token(&tokens_file, "ops", Role::Operator, false).unwrap();
+        let second = create_token(&tokens_file, "ops2", Role::Operator, false).unwrap();
+        let agent = create_token(&tokens_file, "agent-000", Role::Agent, false).unwrap();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntokens_file = {:?}\n\
+             [tasks]\nbatch = 0\nmode = \"queue\"\nmax_attempts = 1\n\
+             [web]\nlisten = \"127.0.0.1:0\"\nevent_interval = \"200ms\"\n\
+             [[jobs]]\nname = \"nightly\"\ntext = \"echo nightly\"\ncron = \"0 3 * * *\"\n\
+             target = \"role=web\"\n",
+            tokens_file
+        );
+        let mut server = Daemon::start(&config);
+        let line = server.wait_for_line("serving the web console");
+        let web = format!("http://{}", common::daemon::field(&line, "addr"));
+        let tokens = HashMap::from([("agent-000".to_owned(), agent)]);
+        let served = Served {
+            server,
+            web,
+            operator,
+            second,
+            tokens_file,
+            _dir: dir,
+        };
+        (served, tokens)
     }
+
+    /// Waits for the log line holding `message`, and checks that it names
+    /// the operator `ops`, logged in by token.
+    fn logged(&mut self, message: &str) {
+        let line = self.server.wait_for_line(message);
+        assert!(
+            line.contains("operator=ops ") && line.contains("by=\"token\""),
+            "{message}: who did it is not in {line:?}"
+        );
+    }
+}
+
+/// Each action from the page against the real binary, with a real agent:
+/// cancel a task, retry a failed one, pause and resume a job, halt and
+/// resume a rollout; each is logged with who did it. An operator whose
+/// token is demoted to an agent's at a reload can act no more, and without
+/// a session no action is taken.
+async fn actions_in_the_real_binary(b: &Browser) {
+    let (mut served, tokens) = Served::start();
+    let mut fleet = Fleet::connect_to(served.server.addr, &tokens).await;
+    b.log_in(&served.web, &served.operator).await;
+    b.until_text("#connected", "1").await;
+
+    // Cancel: the agent holds the task, unanswered.
     b.client
-        .find(Locator::Css("#submit"))
-        .await
-        .unwrap()
-        .click()
+        .goto(&format!("{}/tasks", served.web))
         .await
         .unwrap();
+    b.fill_and_submit(&[("#text", "cancel me")]).await;
+    b.until_text("h1", "Task ").await;
+    let id = b.id_in_address().await;
+    fleet.next_of(id, "the task to cancel at the agent").await;
+    b.until_text("#task-state", "delivered").await;
+    b.press("Cancel").await;
+    b.until_text("#task-state", "cancelled").await;
+    served.logged("web console: task cancel");
+
+    // Retry: the agent fails it; retried, it is sent again and acked.
+    b.client
+        .goto(&format!("{}/tasks", served.web))
+        .await
+        .unwrap();
+    b.fill_and_submit(&[("#text", "fail me once")]).await;
+    b.until_text("h1", "Task ").await;
+    let id = b.id_in_address().await;
+    let (agent, msg) = fleet.next_of(id, "the task to fail at the agent").await;
+    fleet
+        .answer(&agent, &msg, "it broke", Outcome::Failed)
+        .await;
+    b.until_text("#task-state", "✗").await;
+    b.press("Retry").await;
+    let (agent, msg) = fleet.next_of(id, "the retried task at the agent").await;
+    served.logged("web console: task retry");
+    fleet.ack(&agent, &msg, "fixed").await;
+    b.until_text("#task-state", "acked").await;
+    b.until_text("#results", "fixed").await;
+
+    // Pause and resume the job.
+    b.client
+        .goto(&format!("{}/jobs", served.web))
+        .await
+        .unwrap();
+    b.press("pause job nightly").await;
+    b.until_text("#jobs", "paused").await;
+    served.logged("web console: job paused");
+    b.press("resume job nightly").await;
+    b.client
+        .wait()
+        .at_most(LIMIT)
+        .for_element(Locator::Css("button[aria-label='pause job nightly']"))
+        .await
+        .unwrap();
+    assert!(!b.text("#jobs").await.contains("paused"));
+    served.logged("web console: job resumed");
+
+    // A rollout, halted by hand while the agent holds it, then resumed.
+    b.client
+        .goto(&format!("{}/tasks", served.web))
+        .await
+        .unwrap();
+    b.fill_and_submit(&[("#text", "migrate"), ("#to", "role=web"), ("#batch", "1")])
+        .await;
     b.until_text("h1", "Run ").await;
+    let run = b.id_in_address().await;
+    let (agent, msg) = fleet.next_of(run, "the rollout at the agent").await;
     b.until_text("#run-state", "running").await;
-    let run: u64 = b.client.current_url().await.unwrap().path()[7..]
-        .parse()
-        .unwrap();
-    loop {
-        let (_, msg) = within("the rollout's first agent", fleet.received.recv())
-            .await
-            .unwrap();
-        if msg.id == run {
-            break;
-        }
-    }
-    for (button, state) in [
-        ("Halt the rollout", "halted"),
-        ("Resume the rollout", "running"),
-    ] {
-        b.client
-            .find(Locator::XPath(&format!("//button[text()='{button}']")))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        b.until_text("#run-state", state).await;
-    }
+    b.press("Halt the rollout").await;
+    b.until_text("#run-state", "halted").await;
+    served.logged("web console: rollout halted");
+    b.press("Resume the rollout").await;
+    b.until_text("#run-state", "running").await;
+    served.logged("web console: rollout resumed");
+    fleet.ack(&agent, &msg, "migrated").await;
+    b.until_text("#run-state", "succeeded").await;
     b.picture("run").await;
 
-    browser.close().await;
-    console.stop().await;
+    refused_without_the_operator_role(&mut served).await;
+    served.server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(served.server.wait_exit(LIMIT).code(), Some(0));
+}
+
+/// No action is taken without an operator's session; an operator whose
+/// token becomes an agent's at a reload is refused at the next action (and
+/// logged), and their session ends.
+async fn refused_without_the_operator_role(served: &mut Served) {
+    let web: std::net::SocketAddr = served.web["http://".len()..].parse().unwrap();
+    let post = |path: &str, cookie: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{cookie}content-type: \
+             application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let actions = [
+        "/tasks",
+        "/tasks/1/cancel",
+        "/tasks/1/retry",
+        "/jobs/nightly/pause",
+        "/jobs/nightly/resume",
+        "/runs/1/halt",
+        "/runs/1/resume",
+    ];
+    for path in actions {
+        let answer = exchange(web, &post(path, "", "text=x&csrf=x")).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+    }
+    // The second operator logs in, then their token becomes an agent's.
+    let login = format!("token={}", served.second);
+    let answer = exchange(web, &post("/login", "", &login)).await;
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let session = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .map(|c| format!("cookie: {c}\r\n"))
+        .expect("a session cookie");
+    let page = exchange(
+        web,
+        &format!("GET /jobs HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{session}\r\n"),
+    )
+    .await;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token on the page")
+        .to_owned();
+    let tokens = std::fs::read_to_string(&served.tokens_file).unwrap();
+    std::fs::write(
+        &served.tokens_file,
+        tokens.replace("ops2 operator ", "ops2 agent "),
+    )
+    .unwrap();
+    served.server.signal(nix::sys::signal::Signal::SIGHUP);
+    // In force once the token no longer logs in.
+    until(
+        "ops2's token demoted",
+        || {
+            let request = post("/login", "", &login);
+            async move { exchange(web, &request).await }
+        },
+        |answer| answer.starts_with("HTTP/1.1 401"),
+    )
+    .await;
+    let body = format!("csrf={csrf}");
+    let answer = exchange(web, &post("/jobs/nightly/pause", &session, &body)).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("no longer hold the operator role"),
+        "{answer}"
+    );
+    let line = served.server.wait_for_line("no longer an operator");
+    assert!(
+        line.contains("operator=ops2") && line.contains("no longer has role operator"),
+        "{line}"
+    );
+    let answer = exchange(web, &post("/jobs/nightly/pause", &session, &body)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "the session ended: {answer}"
+    );
+    assert!(
+        !served
+            .server
+            .log
+            .iter()
+            .any(|l| l.contains("web console: job paused") && l.contains("ops2")),
+        "the job was paused by a demoted operator"
+    );
 }
 
 /// The package's config turns the console on, on loopback; the built-in

@@ -17,7 +17,7 @@ use tonic::Request as Call;
 
 use super::{
     Body, Peer, Web, full, html, pages, plain, redirect, secure,
-    session::{self, Session},
+    session::{self, Proof, Session},
 };
 use crate::{
     auth::{Credential, Role},
@@ -64,6 +64,18 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
             _ => plain(StatusCode::UNAUTHORIZED, "log in first: /login\n"),
         };
     };
+    if let Err(why) = still_operator(web, &session) {
+        web.sessions.logout(&id);
+        tracing::warn!(operator = %session.name, by = session.by(), peer = %peer.address, path = %crate::untrusted::shown(&path), "web console: session ended, {why}: no longer an operator");
+        return match method {
+            Method::GET | Method::HEAD if path != "/events" => redirect("/login"),
+            _ => plain(
+                StatusCode::FORBIDDEN,
+                "refused: you no longer hold the operator role (the server's tokens or \
+                 remote_cmd.callers changed); the session has ended\n",
+            ),
+        };
+    }
     if method == Method::GET || method == Method::HEAD {
         let query = parse(request.uri().query().unwrap_or_default().as_bytes());
         let read = async { get(web, &session, &id, &path, &query).await };
@@ -96,6 +108,32 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
             StatusCode::SERVICE_UNAVAILABLE,
             "the action took too long; look at the task list before trying again\n",
         ),
+    }
+}
+
+/// Whether the session's operator still is one: its token still held
+/// with role operator, or its certificate's name still in
+/// `remote_cmd.callers` (a reload may have changed either); else why not.
+fn still_operator(web: &Web, session: &Session) -> Result<(), &'static str> {
+    match session.proof {
+        Proof::Token(digest) => match web.state.policy.auth.read().holder_by_digest(&digest) {
+            Some(holder) if holder.role == Role::Operator && holder.name == session.name => Ok(()),
+            Some(_) => Err("its token no longer has role operator"),
+            None => Err("its token was revoked"),
+        },
+        Proof::Certificate => {
+            let config = web.state.config.borrow();
+            if config
+                .remote_cmd
+                .callers
+                .iter()
+                .any(|c| **c == *session.name)
+            {
+                Ok(())
+            } else {
+                Err("its certificate's name is no longer in remote_cmd.callers")
+            }
+        }
     }
 }
 
@@ -178,7 +216,7 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         peer.certificate
             .clone()
             .filter(|name| operators.iter().any(|c| **c == **name))
-            .map(|name| (name, "certificate"))
+            .map(|name| (name, Proof::Certificate))
     } else {
         let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
         let header = crate::auth::bearer(token);
@@ -190,12 +228,15 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
             .credential(Some(header.as_bytes()))
         {
             Ok(Credential::Named(holder)) if holder.role == Role::Operator && !token.is_empty() => {
-                Some((holder.name, "token"))
+                Some((
+                    holder.name,
+                    Proof::Token(crate::auth::digest(token.as_bytes())),
+                ))
             }
             _ => None,
         }
     };
-    let Some((name, by)) = who else {
+    let Some((name, proof)) = who else {
         web.refused_logins.hit(|n| {
             tracing::warn!(refused = n, peer = %peer.address, "web console: login refused");
         });
@@ -212,11 +253,11 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
     let config = &web.config;
     let id = web.sessions.login(
         Arc::clone(&name),
-        by,
+        proof,
         config.session_ttl,
         config.max_sessions,
     );
-    tracing::info!(operator = %name, by, peer = %peer.address, "web console: logged in");
+    tracing::info!(operator = %name, by = proof.by(), peer = %peer.address, "web console: logged in");
     let mut response = redirect("/");
     if let Ok(cookie) =
         HeaderValue::from_str(&session::set_cookie(&id, config.session_ttl, web.tls))
@@ -528,7 +569,7 @@ async fn post(
     let who = &session.name;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let refused = |what: &str, e: tonic::Status, back: &str| {
-        tracing::info!(operator = %who, by = session.by, what, "web console: action refused: {}", crate::untrusted::shown(e.message()));
+        tracing::info!(operator = %who, by = session.by(), what, "web console: action refused: {}", crate::untrusted::shown(e.message()));
         html(
             StatusCode::CONFLICT,
             pages::layout(
@@ -562,7 +603,7 @@ async fn post(
                 Ok(done) => {
                     let done = done.into_inner();
                     let shown = if done.run > 0 { done.run } else { done.id };
-                    tracing::info!(operator = %who, by = session.by, task_id = shown, selector = %crate::untrusted::shown(&selector), "web console: task submitted");
+                    tracing::info!(operator = %who, by = session.by(), task_id = shown, selector = %crate::untrusted::shown(&selector), "web console: task submitted");
                     redirect(&format!("/tasks/{shown}"))
                 }
                 Err(e) => refused("Task not submitted", e, "/tasks"),
@@ -580,7 +621,7 @@ async fn post(
             };
             match result {
                 Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, task_id = task, action = verb, "web console: task {verb}");
+                    tracing::info!(operator = %who, by = session.by(), task_id = task, action = verb, "web console: task {verb}");
                     redirect(&format!("/tasks/{task}"))
                 }
                 Err(e) => refused(
@@ -598,7 +639,7 @@ async fn post(
             };
             match web.admin.pause_job(Call::new(request)).await {
                 Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, job = %crate::untrusted::shown(&name), action = verb, "web console: job {verb}d");
+                    tracing::info!(operator = %who, by = session.by(), job = %crate::untrusted::shown(&name), action = verb, "web console: job {verb}d");
                     redirect("/jobs")
                 }
                 Err(e) => refused(&format!("Job not {verb}d"), e, "/jobs"),
@@ -614,7 +655,7 @@ async fn post(
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, run, "web console: rollout halted");
+                    tracing::info!(operator = %who, by = session.by(), run, "web console: rollout halted");
                     redirect(&format!("/tasks/{run}"))
                 }
                 Err(e) => refused(
@@ -634,7 +675,7 @@ async fn post(
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, run, "web console: rollout resumed");
+                    tracing::info!(operator = %who, by = session.by(), run, "web console: rollout resumed");
                     redirect(&format!("/tasks/{run}"))
                 }
                 Err(e) => refused(
