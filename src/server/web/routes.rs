@@ -357,25 +357,17 @@ async fn get(
         "/agents" => {
             let selector = field(query, "selector");
             let state = field(query, "state");
-            let request = pb::ListAgentsRequest {
-                selector: selector.to_owned(),
-            };
-            let (mut agents, problem) = match web.admin.list_agents(Call::new(request)).await {
-                Ok(listed) => (listed.into_inner().agents, None),
-                Err(e) => (Vec::new(), Some(e.message().to_owned())),
-            };
-            match state {
-                "connected" => agents.retain(|a| a.connected),
-                "down" => agents.retain(|a| !a.connected),
-                _ => {}
-            }
-            let (range, page, pages) = paged(agents.len(), page_of(query), size);
+            let (agents, matching, (page, pages), problem) =
+                match agents_page(web, selector, state, page_of(query)).await {
+                    Ok((agents, matching, pages)) => (agents, matching, pages, None),
+                    Err(e) => (Vec::new(), 0, (1, 1), Some(e.message().to_owned())),
+                };
             render(
                 "Agents",
                 "agents",
                 pages::agents(&pages::Agents {
-                    agents: &agents[range],
-                    matching: agents.len(),
+                    agents: &agents,
+                    matching,
                     selector,
                     state,
                     page,
@@ -447,6 +439,61 @@ async fn get(
             )
         }
     }
+}
+
+/// Page `page` of the agents `selector` and `state` ("connected", "down",
+/// or any) pick, sorted as `ListAgents` sorts them: the rows, how many
+/// match, and (page, pages). One server picks its callers first and builds
+/// rows for the page's only (10,000 agents' rows are not built for a page
+/// of 100); several servers take `ListAgents`, which merges the fleet the
+/// store knows.
+async fn agents_page(
+    web: &Web,
+    selector: &str,
+    state: &str,
+    page: usize,
+) -> Result<(Vec<pb::Agent>, usize, (usize, usize)), tonic::Status> {
+    let size = web.config.page_size;
+    let wanted = |connected: bool| match state {
+        "connected" => connected,
+        "down" => !connected,
+        _ => true,
+    };
+    if web.state.broker.is_shared() {
+        let request = pb::ListAgentsRequest {
+            selector: selector.to_owned(),
+        };
+        let mut agents = web
+            .admin
+            .list_agents(Call::new(request))
+            .await?
+            .into_inner()
+            .agents;
+        agents.retain(|a| wanted(a.connected));
+        let (range, page, pages) = paged(agents.len(), page, size);
+        let matching = agents.len();
+        let shown = agents.drain(range).collect();
+        return Ok((shown, matching, (page, pages)));
+    }
+    let selector = super::super::admin::parse_selector(selector)?;
+    let callers = web.state.callers.list();
+    let mut picked: Vec<&Arc<crate::server::callers::Caller>> = callers
+        .iter()
+        .filter(|c| wanted(c.connected()))
+        .filter(|c| {
+            selector
+                .as_ref()
+                .is_none_or(|s| c.named && s.matches(&c.id, &*c.labels()))
+        })
+        .collect();
+    picked.sort_unstable_by(|a, b| (!a.named, &a.id).cmp(&(!b.named, &b.id)));
+    let (range, page, pages) = paged(picked.len(), page, size);
+    let loads = web.state.broker.in_flight_by_agent();
+    let shown = picked[range]
+        .iter()
+        .map(|c| super::super::admin::agent_message(c, &loads))
+        .collect();
+    Ok((shown, picked.len(), (page, pages)))
 }
 
 /// A task, or a job run (a run's id is its task's), with one page of its
