@@ -78,11 +78,20 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
     }
     if method == Method::GET || method == Method::HEAD {
         let query = parse(request.uri().query().unwrap_or_default().as_bytes());
+        let started = std::time::Instant::now();
         let read = async { get(web, &session, &id, &path, &query).await };
-        return match tokio::time::timeout(web.config.timeout, read).await {
+        let mut response = match tokio::time::timeout(web.config.timeout, read).await {
             Ok(response) => response,
             Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "the page took too long\n"),
         };
+        // The server's time for the page (read and built; its body is
+        // whole by then), for the browser's developer tools and the
+        // benchmark: `Server-Timing: page;dur=MS`.
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        if let Ok(value) = HeaderValue::from_str(&format!("page;dur={took:.2}")) {
+            response.headers_mut().insert("server-timing", value);
+        }
+        return response;
     }
     if method != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n");
