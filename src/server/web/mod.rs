@@ -110,7 +110,7 @@ pub(super) fn start(
             state: Arc::clone(state),
         },
         sessions: session::Sessions::default(),
-        live: live::Live::start(state, web.event_interval, state.closing.clone()),
+        live: live::Live::start(Arc::clone(state), web.event_interval, state.closing.clone()),
         config: web.clone(),
         tls: tls.is_some(),
         streams: Arc::new(Semaphore::new(web.max_event_streams)),
@@ -226,6 +226,11 @@ where
     let address = peer.address;
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        // A client that closes its end is gone, not half-closed: hyper then
+        // reads for the end of the connection while an answer streams, so
+        // an event stream whose browser went away ends (and gives back its
+        // `web.max_event_streams` slot) at once, not at its next write.
+        .half_close(false)
         .header_read_timeout(header_timeout)
         .max_buf_size(max_buf)
         .serve_connection(

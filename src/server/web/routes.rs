@@ -314,7 +314,7 @@ async fn get(
             let throughput = web
                 .live
                 .throughput
-                .minutes(super::live::Live::results_now(&web.state));
+                .minutes(super::live::Watched::results(&*web.state));
             let (servers, known, connected, (labels, more)) = if web.state.broker.is_shared() {
                 // Several servers: the admin service adds the agents the
                 // others know (and the servers) to this one's.
@@ -576,7 +576,7 @@ fn events(web: &Web, id: &str) -> Response<Body> {
         _permit: tokio::sync::OwnedSemaphorePermit,
     }
     let open = Open {
-        generation: web.live.generation.clone(),
+        generation: web.live.watch(),
         closing: web.state.closing.clone(),
         id: id.to_owned(),
         started: false,
