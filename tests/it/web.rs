@@ -68,7 +68,8 @@ struct Console {
     /// The operator's token, and each agent's by name.
     operator: String,
     tokens: HashMap<String, String>,
-    _config: watch::Sender<Arc<Config>>,
+    /// Sending a config here reloads it.
+    config: watch::Sender<Arc<Config>>,
 }
 
 impl Console {
@@ -123,7 +124,7 @@ impl Console {
             dir,
             operator,
             tokens,
-            _config: config_tx,
+            config: config_tx,
         }
     }
 
@@ -1374,5 +1375,157 @@ async fn an_operator_logs_in_with_a_client_certificate_over_tls() {
     // Plaintext at a TLS port gets nothing.
     let plain = exchange(console.web, "GET /login HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(!plain.contains("HTTP/1.1 200"), "{plain}");
+    console.stop().await;
+}
+
+/// One kept-alive TLS connection to the console, for several exchanges.
+struct TlsConnection {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+}
+
+impl TlsConnection {
+    /// Connects with `tls`'s client certificate; the handshake's error as
+    /// text.
+    async fn open(
+        addr: std::net::SocketAddr,
+        tls: &contactd::tls::ClientTls,
+    ) -> Result<TlsConnection, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut config = rustls::ClientConfig::clone(&tls.config().unwrap());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = tls.server_name("localhost").unwrap();
+        let mut stream = within("TLS handshake", connector.connect(name, tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        // TLS 1.3 tells a client its certificate was refused only after
+        // the handshake: a first exchange finds out.
+        stream
+            .write_all(b"GET /assets/app.css HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut connection = TlsConnection { stream };
+        let answer = connection.answer().await?;
+        if !answer.starts_with("HTTP/1.1 200") {
+            return Err(answer);
+        }
+        Ok(connection)
+    }
+
+    /// Reads one answer (its head and `content-length` bytes of body).
+    async fn answer(&mut self) -> Result<String, String> {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                if seen.len() >= end + 4 + length {
+                    return Ok(text);
+                }
+            }
+            let n = within("an answer", self.stream.read(&mut buf))
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("closed: {text}"));
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Sends `request` and reads its answer.
+    async fn exchange(&mut self, request: &str) -> Result<String, String> {
+        use tokio::io::AsyncWriteExt;
+        self.stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.answer().await
+    }
+}
+
+/// A reload that replaces the client CA: a connection opened before with a
+/// certificate it no longer trusts is refused at its next request (as the
+/// Contact port refuses such an agent's calls), new connections with it
+/// fail, and a certificate's session is honoured only on a connection
+/// presenting that certificate.
+#[tokio::test]
+async fn a_client_certificate_distrusted_by_a_reload_is_refused_on_an_open_connection() {
+    let pki = tempfile::tempdir().unwrap();
+    contactd::tls::pki::init(pki.path(), &[], &[], 30, false).unwrap();
+    contactd::tls::pki::issue(pki.path(), "ops", 30, false, None).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    contactd::tls::pki::init(other.path(), &[], &[], 30, false).unwrap();
+    // The client CA in a file of its own, to be replaced.
+    let client_ca = pki.path().join("client-ca.pem");
+    std::fs::copy(pki.path().join("ca.pem"), &client_ca).unwrap();
+    let dir = pki.path().to_owned();
+    let ca = client_ca.clone();
+    let console = Console::start_with(0, move |config| {
+        let tls = format!(
+            "cert = {:?}\nkey = {:?}\nclient_ca = {:?}\nclient_auth = \"request\"\n",
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            ca,
+        );
+        config.server.tls = Some(toml::from_str(&tls).unwrap());
+        config.web.tls = true;
+        config.remote_cmd.callers = vec!["ops".into()];
+    })
+    .await;
+    let with_cert = contactd::tls::ClientTls {
+        ca: Some(pki.path().join("ca.pem")),
+        cert: Some(pki.path().join("ops.pem")),
+        key: Some(pki.path().join("ops.key")),
+        ..contactd::tls::ClientTls::default()
+    };
+    let without = contactd::tls::ClientTls {
+        ca: Some(pki.path().join("ca.pem")),
+        ..contactd::tls::ClientTls::default()
+    };
+    let mut open = TlsConnection::open(console.web, &with_cert).await.unwrap();
+    let login = "POST /login HTTP/1.1\r\nhost: x\r\ncontent-type: \
+                 application/x-www-form-urlencoded\r\ncontent-length: 18\r\n\r\nmethod=certificate";
+    let answer = open.exchange(login).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let fleet = format!("GET / HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\n\r\n");
+    let page = open.exchange(&fleet).await.unwrap();
+    assert!(page.contains("Signed in as <strong>ops</strong>"), "{page}");
+    // The cookie alone, on a connection without the certificate: no session.
+    let mut bare = TlsConnection::open(console.web, &without).await.unwrap();
+    let page = bare.exchange(&fleet).await.unwrap();
+    assert!(
+        page.starts_with("HTTP/1.1 303") && page.contains("location: /login"),
+        "{page}"
+    );
+
+    // The client CA is replaced, and the config reloaded.
+    std::fs::copy(other.path().join("ca.pem"), &client_ca).unwrap();
+    let config = Config::clone(&console.config.borrow());
+    console.config.send(Arc::new(config)).unwrap();
+    // In force once a new connection with the certificate is refused.
+    let refused_at_handshake = until(
+        "the new client CA in force",
+        || TlsConnection::open(console.web, &with_cert),
+        Result::is_err,
+    )
+    .await;
+    refused_at_handshake.err().unwrap();
+    let refused = open.exchange(&fleet).await.unwrap();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("no longer trusted"), "{refused}");
     console.stop().await;
 }

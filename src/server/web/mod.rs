@@ -59,6 +59,8 @@ struct Web {
     config: WebConfig,
     /// Served over TLS: cookies are `Secure`.
     tls: bool,
+    /// The TLS config new connections get (replaced by a reload).
+    tls_config: super::listener::TlsConfig,
     /// Event streams open at once.
     streams: Arc<Semaphore>,
     /// Refused logins are logged at most every [`WARN_EVERY`], with their
@@ -72,6 +74,56 @@ struct Peer {
     address: SocketAddr,
     /// The name a verified client certificate carries.
     certificate: Option<Arc<str>>,
+    /// The client certificate the connection presented, if any.
+    presented: Option<Arc<Presented>>,
+}
+
+/// A client certificate presented at a connection's handshake. A reload
+/// may change the client CA while the connection stays open (keep-alive):
+/// whether the CA in force still trusts it is asked again at the first
+/// request after each change of the TLS config, as the Contact port asks
+/// of its agents' connections.
+#[derive(Debug)]
+struct Presented {
+    /// End-entity first.
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The SHA-256 of the end-entity certificate (a certificate session is
+    /// bound to it).
+    fingerprint: [u8; 32],
+    /// The TLS config it was last checked against, and the answer.
+    checked: parking_lot::Mutex<(Arc<rustls::ServerConfig>, bool)>,
+}
+
+impl Web {
+    /// Whether the client CA in force still trusts the certificate `presented`
+    /// (fails closed: a CA that cannot be read trusts nothing).
+    fn still_trusted(&self, presented: &Presented) -> bool {
+        let Some(swap) = &self.tls_config else {
+            return true;
+        };
+        if self
+            .state
+            .policy
+            .distrusted
+            .read()
+            .contains(&presented.fingerprint)
+        {
+            return false;
+        }
+        let current = swap.load_full();
+        let mut checked = presented.checked.lock();
+        if !Arc::ptr_eq(&checked.0, &current) {
+            let trusted = match &self.state.config.borrow().server.tls {
+                Some(tls) => crate::tls::client_trusted(tls, &presented.chain).unwrap_or_else(|e| {
+                    tracing::error!("web console: cannot check a client certificate against the client CA: {e}");
+                    false
+                }),
+                None => true,
+            };
+            *checked = (current, trusted);
+        }
+        checked.1
+    }
 }
 
 /// Binds `[web] listen` (unless the caller bound it: tests bind port 0)
@@ -113,6 +165,7 @@ pub(super) fn start(
         live: live::Live::start(Arc::clone(state), web.event_interval, state.closing.clone()),
         config: web.clone(),
         tls: tls.is_some(),
+        tls_config: tls.clone(),
         streams: Arc::new(Semaphore::new(web.max_event_streams)),
         refused_logins: Budget::every(WARN_EVERY),
     });
@@ -171,6 +224,7 @@ async fn accept(listener: TcpListener, web: Arc<Web>, tls: super::listener::TlsC
                 let peer = Peer {
                     address,
                     certificate: None,
+                    presented: None,
                 };
                 tokio::select! {
                     () = serve(stream, peer, web) => {}
@@ -180,7 +234,8 @@ async fn accept(listener: TcpListener, web: Arc<Web>, tls: super::listener::TlsC
             };
             // The console speaks HTTP/1.1: the server's certificate and
             // client CA as they are now, with its own ALPN.
-            let mut config = rustls::ServerConfig::clone(&tls.load());
+            let now = tls.load_full();
+            let mut config = rustls::ServerConfig::clone(&now);
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
             let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -194,16 +249,19 @@ async fn accept(listener: TcpListener, web: Arc<Web>, tls: super::listener::TlsC
                     return;
                 }
             };
-            let certificate = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(<[_]>::first)
-                .and_then(crate::tls::identity)
-                .map(Arc::from);
+            let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+            let certificate = chain.first().and_then(crate::tls::identity).map(Arc::from);
+            let presented = chain.first().map(|end| {
+                Arc::new(Presented {
+                    fingerprint: super::policy::fingerprint(end.as_ref()),
+                    chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+                    checked: parking_lot::Mutex::new((now, true)),
+                })
+            });
             let peer = Peer {
                 address,
                 certificate,
+                presented,
             };
             tokio::select! {
                 () = serve(stream, peer, web) => {}

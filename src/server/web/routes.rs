@@ -33,6 +33,25 @@ const APP_JS: &str = include_str!("assets/app.js");
 pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    // A certificate the client CA in force no longer trusts (a reload
+    // replaced it) is refused on a connection opened before, as new
+    // connections refuse it at their handshake.
+    if let Some(presented) = &peer.presented
+        && !web.still_trusted(presented)
+    {
+        web.refused_logins.hit(|n| {
+            tracing::warn!(refused = n, peer = %peer.address, name = %crate::untrusted::shown(peer.certificate.as_deref().unwrap_or("")), "web console: a client certificate server.tls.client_ca no longer trusts was refused");
+        });
+        let mut response = plain(
+            StatusCode::FORBIDDEN,
+            "refused: your client certificate is no longer trusted (a reload changed \
+             server.tls.client_ca); connect again with one it trusts\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     // Assets and the login page need no session.
     match (&method, path.as_str()) {
         (&Method::GET, "/assets/app.css") => return asset(APP_CSS, "text/css; charset=utf-8"),
@@ -58,7 +77,18 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok());
     let id = session::cookie_id(cookie).map(str::to_owned);
-    let Some((id, session)) = id.and_then(|id| web.sessions.get(&id).map(|s| (id, s))) else {
+    // A certificate's session is honoured only on a connection presenting
+    // that certificate: its cookie alone is not enough.
+    let bound = |s: &Session| match s.proof {
+        Proof::Certificate(fingerprint) => peer
+            .presented
+            .as_ref()
+            .is_some_and(|p| p.fingerprint == fingerprint),
+        Proof::Token(_) => true,
+    };
+    let Some((id, session)) =
+        id.and_then(|id| web.sessions.get(&id).filter(|s| bound(s)).map(|s| (id, s)))
+    else {
         return match method {
             Method::GET | Method::HEAD if path != "/events" => redirect("/login"),
             _ => plain(StatusCode::UNAUTHORIZED, "log in first: /login\n"),
@@ -130,7 +160,7 @@ fn still_operator(web: &Web, session: &Session) -> Result<(), &'static str> {
             Some(_) => Err("its token no longer has role operator"),
             None => Err("its token was revoked"),
         },
-        Proof::Certificate => {
+        Proof::Certificate(_) => {
             let config = web.state.config.borrow();
             if config
                 .remote_cmd
@@ -225,7 +255,8 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         peer.certificate
             .clone()
             .filter(|name| operators.iter().any(|c| **c == **name))
-            .map(|name| (name, Proof::Certificate))
+            .zip(peer.presented.as_ref())
+            .map(|(name, presented)| (name, Proof::Certificate(presented.fingerprint)))
     } else {
         let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
         let header = crate::auth::bearer(token);

@@ -30,8 +30,9 @@ pub(super) const COOKIE: &str = "contactd_session";
 pub(super) enum Proof {
     /// A named token, by its SHA-256 (as the tokens file keeps it).
     Token([u8; 32]),
-    /// A verified client certificate naming the operator.
-    Certificate,
+    /// A verified client certificate naming the operator, by the SHA-256
+    /// of its DER: the session is honoured only on connections presenting it.
+    Certificate([u8; 32]),
 }
 
 /// One logged-in operator.
@@ -53,7 +54,7 @@ impl Proof {
     pub(super) fn by(self) -> &'static str {
         match self {
             Proof::Token(_) => "token",
-            Proof::Certificate => "certificate",
+            Proof::Certificate(_) => "certificate",
         }
     }
 }
@@ -163,10 +164,10 @@ mod tests {
     fn a_login_makes_a_new_id_and_the_oldest_make_room() {
         let sessions = Sessions::default();
         let ttl = Duration::from_secs(60);
-        let first = sessions.login("a".into(), Proof::Certificate, ttl, 2);
-        let second = sessions.login("a".into(), Proof::Certificate, ttl, 2);
+        let first = sessions.login("a".into(), Proof::Certificate([0; 32]), ttl, 2);
+        let second = sessions.login("a".into(), Proof::Certificate([0; 32]), ttl, 2);
         assert_ne!(first, second, "every login makes a new id");
-        let third = sessions.login("b".into(), Proof::Certificate, ttl, 2);
+        let third = sessions.login("b".into(), Proof::Certificate([0; 32]), ttl, 2);
         assert_eq!(sessions.len(), 2);
         assert!(sessions.get(&first).is_none(), "the oldest ended");
         assert_eq!(&*sessions.get(&third).unwrap().name, "b");
@@ -181,7 +182,7 @@ mod tests {
     #[test]
     fn expired_sessions_are_refused() {
         let sessions = Sessions::default();
-        let id = sessions.login("a".into(), Proof::Certificate, Duration::ZERO, 4);
+        let id = sessions.login("a".into(), Proof::Certificate([0; 32]), Duration::ZERO, 4);
         assert!(sessions.get(&id).is_none());
     }
 
