@@ -926,7 +926,7 @@ fn the_package_serves_the_console_on_loopback_and_the_default_not_at_all() {
 
 /// A raw HTTP/1.1 exchange with the console: the status line, headers and
 /// body as text.
-async fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
+pub(crate) async fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1031,9 +1031,15 @@ async fn open_events(addr: std::net::SocketAddr, cookie: &str) -> (String, tokio
 /// Logs in with the console's operator token over HTTP: the session's
 /// `name=value` cookie.
 async fn log_in(console: &Console) -> String {
-    let body = format!("token={}", console.operator);
+    log_in_at(console.web, &console.operator).await
+}
+
+/// Logs in at the console on `web` with `token` over HTTP: the session's
+/// `name=value` cookie.
+pub(crate) async fn log_in_at(web: std::net::SocketAddr, token: &str) -> String {
+    let body = format!("token={token}");
     let login = exchange(
-        console.web,
+        web,
         &format!(
             "POST /login HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: \
              application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
