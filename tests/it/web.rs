@@ -7,7 +7,8 @@
 //! same browser then takes every action against the real binary with a
 //! real agent (cancel, retry, pause and resume a job, halt and resume a
 //! rollout), each checked in its log for who did it, and a demoted
-//! operator's session is refused.
+//! operator's session is refused; on each page it visits there it checks
+//! the basics of accessibility (labels, Tab order, states in words).
 //!
 //! Without chromium and chromedriver the browser test is skipped, unless
 //! `CI=true` (where `.ci/run` installs them) fails it. With
@@ -361,16 +362,22 @@ impl Browser {
         std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).unwrap();
     }
 
-    /// The text of the element `css` finds, once it is there.
+    /// The text of the element `css` finds, once it is there (found again
+    /// if a live update swapped it out between finding and reading).
     async fn text(&self, css: &str) -> String {
-        let element = self
-            .client
-            .wait()
-            .at_most(LIMIT)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css}: {e}"));
-        element.text().await.unwrap()
+        for _ in 0..10 {
+            let element = self
+                .client
+                .wait()
+                .at_most(LIMIT)
+                .for_element(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("no {css}: {e}"));
+            if let Ok(text) = element.text().await {
+                return text;
+            }
+        }
+        panic!("{css} was swapped out ten times over while being read");
     }
 
     /// Waits until the element `css` finds holds `wanted` in its text.
@@ -468,6 +475,108 @@ impl Browser {
             .await
             .unwrap();
         self.until_text("h1", "Fleet").await;
+    }
+
+    /// Checks the page the browser shows (`what`) for the basics of
+    /// accessibility: every form control has a label (`label[for]`,
+    /// `aria-label` or `aria-labelledby`) and every button a name; no
+    /// positive `tabindex`; every state shown in a colour of its own
+    /// (anything not in the text's, the links' or the muted colour) says
+    /// itself in words too; and Tab, pressed from the top, reaches every
+    /// link, button and control on the page.
+    async fn accessible(&self, what: &str) {
+        let problems = self
+            .client
+            .execute(
+                r##"
+                const bad = [];
+                const named = (el) => {
+                    const by = (el.getAttribute("aria-labelledby") || "").trim();
+                    return (el.id && document.querySelector(`label[for="${CSS.escape(el.id)}"]`))
+                        || (el.getAttribute("aria-label") || "").trim()
+                        || (by && by.split(/\s+/).every((id) => document.getElementById(id)));
+                };
+                for (const el of document.querySelectorAll("input:not([type=hidden]), select, textarea")) {
+                    if (!named(el)) bad.push("no label: " + el.outerHTML);
+                }
+                for (const el of document.querySelectorAll("button")) {
+                    if (!el.textContent.trim() && !named(el)) bad.push("no name: " + el.outerHTML);
+                }
+                for (const el of document.querySelectorAll("[tabindex]")) {
+                    if (parseInt(el.getAttribute("tabindex"), 10) > 0) bad.push("positive tabindex: " + el.outerHTML);
+                }
+                const colour = (make) => {
+                    const probe = make();
+                    document.body.appendChild(probe);
+                    const c = getComputedStyle(probe).color;
+                    probe.remove();
+                    return c;
+                };
+                const neutral = new Set([
+                    getComputedStyle(document.body).color,
+                    colour(() => Object.assign(document.createElement("a"), { href: "#" })),
+                    colour(() => Object.assign(document.createElement("span"), { className: "hint" })),
+                    colour(() => document.createElement("dt")),
+                    colour(() => document.createElement("footer")),
+                ]);
+                for (const el of document.querySelectorAll("body *")) {
+                    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+                    if (!own || neutral.has(getComputedStyle(el).color)) continue;
+                    if (!/[A-Za-z]{2,}/.test(el.textContent)) bad.push("a state by colour alone: " + el.outerHTML);
+                }
+                // What Tab must reach, marked.
+                const targets = [...document.querySelectorAll(
+                    "a[href], button, input:not([type=hidden]), select, textarea, summary"
+                )].filter((el) => el.getClientRects().length > 0 || el.classList.contains("skip"));
+                targets.forEach((el, i) => el.setAttribute("data-a11y", String(i)));
+                document.activeElement && document.activeElement.blur();
+                window.scrollTo(0, 0);
+                return { bad, targets: targets.length };
+                "##,
+                vec![],
+            )
+            .await
+            .unwrap();
+        let bad: Vec<String> = serde_json::from_value(problems["bad"].clone()).unwrap();
+        assert!(bad.is_empty(), "{what}: {bad:#?}");
+        let targets = problems["targets"].as_u64().unwrap() as usize;
+        assert!(targets > 0, "{what}: nothing to reach");
+        // Tab from the top of the page, at most twice round.
+        let mut reached = std::collections::BTreeSet::new();
+        for _ in 0..2 * targets + 4 {
+            use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+            let tab = KeyActions::new("keyboard".into())
+                .then(KeyAction::Down { value: '\u{E004}' })
+                .then(KeyAction::Up { value: '\u{E004}' });
+            self.client.perform_actions(tab).await.unwrap();
+            let at = self
+                .client
+                .execute(
+                    "return document.activeElement && document.activeElement.getAttribute('data-a11y');",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            if let Some(i) = at.as_str().and_then(|i| i.parse::<usize>().ok()) {
+                reached.insert(i);
+            }
+            if reached.len() == targets {
+                break;
+            }
+        }
+        if reached.len() < targets {
+            let missed = self
+                .client
+                .execute(
+                    "return [...document.querySelectorAll('[data-a11y]')]\
+                     .filter((el) => !arguments[0].includes(Number(el.getAttribute('data-a11y'))))\
+                     .map((el) => el.outerHTML);",
+                    vec![serde_json::json!(reached.iter().collect::<Vec<_>>())],
+                )
+                .await
+                .unwrap();
+            panic!("{what}: Tab does not reach {missed:#}");
+        }
     }
 
     async fn rows(&self, css: &str) -> usize {
@@ -741,8 +850,15 @@ impl Served {
 async fn actions_in_the_real_binary(b: &Browser) {
     let (mut served, tokens) = Served::start();
     let mut fleet = Fleet::connect_to(served.server.addr, &tokens).await;
+    b.client
+        .goto(&format!("{}/login", served.web))
+        .await
+        .unwrap();
+    b.until_text("h1", "Log in").await;
+    b.accessible("the login page").await;
     b.log_in(&served.web, &served.operator).await;
     b.until_text("#connected", "1").await;
+    b.accessible("the fleet page").await;
 
     // Cancel: the agent holds the task, unanswered.
     b.client
@@ -754,6 +870,7 @@ async fn actions_in_the_real_binary(b: &Browser) {
     let id = b.id_in_address().await;
     fleet.next_of(id, "the task to cancel at the agent").await;
     b.until_text("#task-state", "delivered").await;
+    b.accessible("a task's page").await;
     b.press("Cancel").await;
     b.until_text("#task-state", "cancelled").await;
     served.logged("web console: task cancel");
@@ -780,9 +897,23 @@ async fn actions_in_the_real_binary(b: &Browser) {
 
     // Pause and resume the job.
     b.client
+        .goto(&format!("{}/agents", served.web))
+        .await
+        .unwrap();
+    b.until_text("#matching", "1 agents match").await;
+    b.accessible("the agents page").await;
+    b.client
+        .goto(&format!("{}/tasks", served.web))
+        .await
+        .unwrap();
+    b.until_text("#tasks", "fail me once").await;
+    b.accessible("the tasks page").await;
+    b.client
         .goto(&format!("{}/jobs", served.web))
         .await
         .unwrap();
+    b.until_text("#jobs", "nightly").await;
+    b.accessible("the jobs page").await;
     b.press("pause job nightly").await;
     b.until_text("#jobs", "paused").await;
     served.logged("web console: job paused");
@@ -809,6 +940,7 @@ async fn actions_in_the_real_binary(b: &Browser) {
     b.until_text("#run-state", "running").await;
     b.press("Halt the rollout").await;
     b.until_text("#run-state", "halted").await;
+    b.accessible("a halted run's page").await;
     served.logged("web console: rollout halted");
     b.press("Resume the rollout").await;
     b.until_text("#run-state", "running").await;

@@ -65,6 +65,8 @@ pub(super) struct Live {
     /// holds a receiver ([`Live::watch`]), and with none the watcher does
     /// not look.
     generation: watch::Sender<u64>,
+    /// Told when a stream opens: the watcher takes its first look at once.
+    opened: tokio::sync::Notify,
     pub(super) throughput: Throughput,
 }
 
@@ -127,16 +129,18 @@ impl Live {
     ) -> Arc<Live> {
         let live = Arc::new(Live {
             generation: watch::Sender::new(0),
+            opened: tokio::sync::Notify::new(),
             throughput: Throughput::default(),
         });
         let shared = Arc::clone(&live);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let (mut last, mut sampled) = (0, None);
+            let (mut last, mut sampled, mut watching) = (0, None, false);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    () = shared.opened.notified() => {}
                     () = stop.cancelled() => return,
                 }
                 let minute = minute_now();
@@ -144,14 +148,19 @@ impl Live {
                     sampled = Some(minute);
                     shared.throughput.sample(minute, watched.results());
                 }
-                // No browser watches: no pass over the callers. The first
-                // look after a pause may tell a new stream of a change it
-                // already has (one fetch of its page), never miss one.
+                // No browser watches: no pass over the callers.
                 if shared.generation.receiver_count() == 0 {
+                    watching = false;
                     continue;
                 }
                 let print = watched.fingerprint();
-                if print != last {
+                if !watching {
+                    // The first look since no one watched, as the first
+                    // stream opens: what it finds is what its page showed
+                    // (rendered just before), not a change to tell.
+                    watching = true;
+                    last = print;
+                } else if print != last {
                     last = print;
                     shared.generation.send_modify(|g| *g += 1);
                 }
@@ -160,9 +169,12 @@ impl Live {
         live
     }
 
-    /// A new event stream's view of the generation, marked seen.
+    /// A new event stream's view of the generation, marked seen; the
+    /// watcher is told, to look at once.
     pub(super) fn watch(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        let receiver = self.generation.subscribe();
+        self.opened.notify_one();
+        receiver
     }
 }
 
@@ -178,6 +190,7 @@ mod tests {
     struct Fake {
         print: AtomicU64,
         looks: AtomicU64,
+        looked: tokio::sync::Notify,
     }
 
     impl Watched for Fake {
@@ -187,6 +200,7 @@ mod tests {
 
         fn fingerprint(&self) -> u64 {
             self.looks.fetch_add(1, SeqCst);
+            self.looked.notify_one();
             self.print.load(SeqCst)
         }
     }
@@ -201,11 +215,13 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(fake.looks.load(SeqCst), 0, "no stream, yet it looked");
 
-        // A stream opens: the watcher looks, and a change reaches it.
+        // A stream opens: the watcher looks at once (what it finds then is
+        // what the page showed), and a change after reaches the stream.
         let mut stream = live.watch();
+        fake.looked.notified().await;
+        assert_eq!(*stream.borrow(), 0, "no change to tell yet");
         fake.print.store(7, SeqCst);
         stream.changed().await.unwrap();
-        assert!(fake.looks.load(SeqCst) >= 1);
         fake.print.store(8, SeqCst);
         stream.changed().await.unwrap();
 
