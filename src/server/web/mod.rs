@@ -45,7 +45,7 @@ use crate::{config::WebConfig, untrusted::Budget};
 /// Every response's body: a page at once, or an event stream.
 pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// How often refused connections are logged at most.
+/// How often refused logins are logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What every request of the console shares.
@@ -174,103 +174,79 @@ pub(super) fn start(
     Ok(Some(local))
 }
 
-/// Accepts connections until the server closes, within the bounds.
+/// Accepts connections until the server closes, within the bounds (the
+/// accept loop of `net::http`, shared with the metrics listener).
 async fn accept(listener: TcpListener, web: Arc<Web>, tls: super::listener::TlsConfig) {
-    let config = &web.config;
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    let per_address = crate::net::AddressSlots::default();
-    let refusals = Budget::every(WARN_EVERY);
-    let connections = TaskTracker::new();
+    let names = crate::net::http::Names {
+        what: "web console",
+        section: "web",
+    };
+    let bounds = crate::net::http::Bounds {
+        max_connections: web.config.max_connections,
+        max_connections_per_address: web.config.max_connections_per_address,
+    };
     let closing = web.state.closing.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = closing.cancelled() => break,
-        };
-        let (stream, address) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                refusals.hit(|n| tracing::warn!(errors = n, "web console: accept failed: {e}"));
-                // Out of file descriptors, most likely: not in a tight loop.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(held) = per_address.take(address.ip(), config.max_connections_per_address) else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    peer = %address,
-                    "web console connections refused: web.max_connections_per_address are \
-                     open from one address"
-                );
-            });
-            continue;
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    "web console connections refused: web.max_connections are open"
-                );
-            });
-            continue;
-        };
+    let serve = |stream, address| {
         let (web, tls, closing) = (Arc::clone(&web), tls.clone(), closing.clone());
-        connections.spawn(async move {
-            let _slot = (slot, held);
-            let header_timeout = web.config.header_timeout;
-            let Some(tls) = tls else {
-                let peer = Peer {
-                    address,
-                    certificate: None,
-                    presented: None,
-                };
-                tokio::select! {
-                    () = serve(stream, peer, web) => {}
-                    () = closing.cancelled() => {}
-                }
-                return;
-            };
-            // The console speaks HTTP/1.1: the server's certificate and
-            // client CA as they are now, with its own ALPN.
-            let now = tls.load_full();
-            let mut config = rustls::ServerConfig::clone(&now);
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %address, "web console: TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %address, "web console: TLS handshake timed out");
-                    return;
-                }
-            };
-            let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-            let certificate = chain.first().and_then(crate::tls::identity).map(Arc::from);
-            let presented = chain.first().map(|end| {
-                Arc::new(Presented {
-                    fingerprint: super::policy::fingerprint(end.as_ref()),
-                    chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-                    checked: parking_lot::Mutex::new((now, true)),
-                })
-            });
-            let peer = Peer {
-                address,
-                certificate,
-                presented,
-            };
+        async move {
             tokio::select! {
-                () = serve(stream, peer, web) => {}
+                () = connection(stream, address, web, tls) => {}
                 () = closing.cancelled() => {}
             }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+        }
+    };
+    crate::net::http::accept(listener, names, bounds, closing.clone(), serve).await;
+}
+
+/// One accepted connection: its TLS handshake (within `web.header_timeout`)
+/// when the console serves TLS, then its requests.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    address: SocketAddr,
+    web: Arc<Web>,
+    tls: super::listener::TlsConfig,
+) {
+    let Some(tls) = tls else {
+        let peer = Peer {
+            address,
+            certificate: None,
+            presented: None,
+        };
+        return serve(stream, peer, web).await;
+    };
+    // The console speaks HTTP/1.1: the server's certificate and client CA
+    // as they are now, with its own ALPN.
+    let now = tls.load_full();
+    let mut config = rustls::ServerConfig::clone(&now);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let header_timeout = web.config.header_timeout;
+    let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %address, "web console: TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %address, "web console: TLS handshake timed out");
+            return;
+        }
+    };
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let certificate = chain.first().and_then(crate::tls::identity).map(Arc::from);
+    let presented = chain.first().map(|end| {
+        Arc::new(Presented {
+            fingerprint: super::policy::fingerprint(end.as_ref()),
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            checked: parking_lot::Mutex::new((now, true)),
+        })
+    });
+    let peer = Peer {
+        address,
+        certificate,
+        presented,
+    };
+    serve(stream, peer, web).await;
 }
 
 /// Serves one connection's requests (keep-alive: a browser loads a page,
