@@ -63,8 +63,9 @@ struct Web {
     tls_config: super::listener::TlsConfig,
     /// Event streams open at once.
     streams: Arc<Semaphore>,
-    /// Refused logins are logged at most every [`WARN_EVERY`], with their
-    /// count: a stranger trying tokens cannot flood the log.
+    /// Refused logins (and certificates a reload distrusted) are logged at
+    /// most every [`WARN_EVERY`], with their count: a stranger trying tokens
+    /// cannot flood the log.
     refused_logins: Budget,
 }
 
