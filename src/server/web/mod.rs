@@ -5,11 +5,12 @@
 //! API: every read and action goes through the admin service's own methods
 //! or the broker, so the console decides nothing the admin API does not.
 //!
-//! Files: `mod.rs` (this: the listener, its bounds, TLS, the response
-//! headers), `routes.rs` (what each path does, login and CSRF checks),
-//! `pages.rs` (the HTML), `session.rs` (sessions and their cookies),
-//! `live.rs` (change detection, event streams, throughput), `assets/` (the
-//! one stylesheet and script, compiled in: no CDN, no build step).
+//! Files: `mod.rs` (this: the listener's connections, TLS, the response
+//! headers), `routes.rs` (what each path does, login, role and CSRF
+//! checks), `actions.rs` (what each action does), `pages.rs` (the HTML),
+//! `session.rs` (sessions and their cookies), `live.rs` (change detection,
+//! event streams, throughput), `assets/` (the one stylesheet and script,
+//! compiled in: no CDN, no build step).
 //!
 //! Whoever reaches the port is a stranger until they log in, and costs
 //! little: at most `web.max_connections` connections (and
@@ -21,6 +22,7 @@
 //! assets and redirects. Every page carries a strict Content-Security-Policy
 //! (scripts and styles from this origin only, nothing inline).
 
+mod actions;
 mod live;
 mod pages;
 mod routes;
