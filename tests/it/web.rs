@@ -949,15 +949,16 @@ async fn actions_in_the_real_binary(b: &Browser) {
     b.until_text("#run-state", "succeeded").await;
     b.picture("run").await;
 
-    refused_without_the_operator_role(&mut served).await;
+    refused_without_the_operator_role(&mut served, &tokens["agent-000"]).await;
     served.server.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(served.server.wait_exit(LIMIT).code(), Some(0));
 }
 
-/// No action is taken without an operator's session; an operator whose
-/// token becomes an agent's at a reload is refused at the next action (and
-/// logged), and their session ends.
-async fn refused_without_the_operator_role(served: &mut Served) {
+/// No action is taken without an operator's session, and an agent's token
+/// (`agent`) makes none; an operator whose token becomes an agent's at a
+/// reload is refused at the next action (and logged), and their session
+/// ends.
+async fn refused_without_the_operator_role(served: &mut Served, agent: &str) {
     let web: std::net::SocketAddr = served.web["http://".len()..].parse().unwrap();
     let post = |path: &str, cookie: &str, body: &str| {
         format!(
@@ -979,6 +980,12 @@ async fn refused_without_the_operator_role(served: &mut Served) {
         let answer = exchange(web, &post(path, "", "text=x&csrf=x")).await;
         assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
     }
+    let answer = exchange(web, &post("/login", "", &format!("token={agent}"))).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401") && answer.contains("not an operator"),
+        "an agent's token logged in: {answer}"
+    );
+    assert!(!answer.contains("set-cookie"), "{answer}");
     // The second operator logs in, then their token becomes an agent's.
     let login = format!("token={}", served.second);
     let answer = exchange(web, &post("/login", "", &login)).await;
