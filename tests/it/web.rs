@@ -24,6 +24,7 @@ use crate::common;
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -306,32 +307,52 @@ impl Browser {
             return None;
         };
         // A free loopback port for chromedriver (it cannot be told port 0).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut driver = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        // It says when it listens: wait for that line, not for a time.
-        let stdout = driver.stdout.take().unwrap();
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let ready = lines
-                .by_ref()
-                .take(100)
-                .map_while(Result::ok)
-                .any(|line| line.contains("started successfully"));
-            // Keep draining, so chromedriver never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            ready
-        });
-        assert!(within("chromedriver to listen", ready).await.unwrap());
+        // Another process may take the port between our probe and its
+        // bind (the machine is shared): then it says so and exits, and it
+        // is started again on another port, three times at most.
+        let mut tries = Vec::new();
+        let (driver, port) = loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            // In a process group of its own, with the browser it starts:
+            // a test that fails ends both (`Drop`).
+            let mut driver = Command::new(&driver)
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("start chromedriver");
+            // It says when it listens: wait for that line, not for a time.
+            let stdout = driver.stdout.take().unwrap();
+            let ready = tokio::task::spawn_blocking(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                let mut said = Vec::new();
+                for line in lines.by_ref().take(100).map_while(Result::ok) {
+                    if line.contains("started successfully") {
+                        // Keep draining, so chromedriver never blocks on a
+                        // full pipe.
+                        std::thread::spawn(move || lines.for_each(drop));
+                        return Ok(());
+                    }
+                    said.push(line);
+                }
+                Err(said.join("\n"))
+            });
+            match within("chromedriver to listen", ready).await.unwrap() {
+                Ok(()) => break (driver, port),
+                Err(said) => {
+                    let _ = driver.kill();
+                    let _ = driver.wait();
+                    tries.push(format!("port {port}: {said}"));
+                    assert!(tries.len() < 3, "chromedriver did not start: {tries:#?}");
+                }
+            }
+        };
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
             "goog:chromeOptions".into(),
@@ -583,9 +604,22 @@ impl Browser {
         self.client.find_all(Locator::Css(css)).await.unwrap().len()
     }
 
-    async fn close(mut self) {
-        let _ = self.client.close().await;
-        let _ = self.driver.kill();
+    /// Ends the browser's session (it quits), then chromedriver.
+    async fn close(self) {
+        let _ = self.client.clone().close().await;
+    }
+}
+
+impl Drop for Browser {
+    /// chromedriver and the browser it started, ended together (a test
+    /// that failed never reached `close`).
+    fn drop(&mut self) {
+        if let Ok(group) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.driver.wait();
     }
 }

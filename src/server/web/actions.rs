@@ -11,8 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use tonic::Request as Call;
 
 use super::{
-    Body, Web, html, pages, plain, redirect,
-    routes::field,
+    Body, Web, field, html, pages, plain, redirect,
     session::{self, Session},
 };
 use crate::proto::admin::{self as pb, admin_server::Admin};

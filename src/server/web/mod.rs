@@ -339,6 +339,11 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     secure(response)
 }
 
+/// A query's or form's field, or "".
+fn field<'a>(fields: &'a std::collections::HashMap<String, String>, name: &str) -> &'a str {
+    fields.get(name).map_or("", String::as_str)
+}
+
 /// "See other": where to go after a form, or to log in.
 fn redirect(to: &str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::new()));

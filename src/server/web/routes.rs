@@ -16,7 +16,7 @@ use hyper::body::{Frame, Incoming};
 use tonic::Request as Call;
 
 use super::{
-    Body, Peer, Web, full, html, pages, plain, redirect, secure,
+    Body, Peer, Web, field, full, html, pages, plain, redirect, secure,
     session::{self, Proof, Session},
 };
 use crate::{
@@ -305,11 +305,6 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
-}
-
-/// A query's or form's field, or "".
-pub(super) fn field<'a>(fields: &'a HashMap<String, String>, name: &str) -> &'a str {
-    fields.get(name).map_or("", String::as_str)
 }
 
 /// `?page=N`, from 1.
