@@ -116,7 +116,9 @@ impl Web {
         let current = swap.load_full();
         let mut checked = presented.checked.lock();
         if !Arc::ptr_eq(&checked.0, &current) {
-            let trusted = match &self.state.config.borrow().server.tls {
+            // Out of the config's lock before the CA file is read.
+            let tls = self.state.config.borrow().server.tls.clone();
+            let trusted = match &tls {
                 Some(tls) => crate::tls::client_trusted(tls, &presented.chain).unwrap_or_else(|e| {
                     tracing::error!("web console: cannot check a client certificate against the client CA: {e}");
                     false
