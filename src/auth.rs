@@ -215,6 +215,12 @@ impl Tokens {
         bool::from(stored.ct_eq(&wanted)).then_some(holder)
     }
 
+    /// The holder of the token whose SHA-256 is `digest` (what a web
+    /// console session keeps of the token it logged in with, to ask again).
+    pub fn holder_by_digest(&self, digest: &[u8; 32]) -> Option<&Holder> {
+        self.by_digest.get(digest)
+    }
+
     /// How many tokens there are.
     pub fn len(&self) -> usize {
         self.by_digest.len()
@@ -372,6 +378,12 @@ impl Verifier {
         revoked.sort();
         revoked.dedup();
         revoked
+    }
+
+    /// The holder of the named token whose SHA-256 is `digest`, if it is
+    /// still one of these.
+    pub fn holder_by_digest(&self, digest: &[u8; 32]) -> Option<&Holder> {
+        self.tokens.as_ref()?.holder_by_digest(digest)
     }
 
     /// What the call's `authorization` header proves.

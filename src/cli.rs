@@ -40,6 +40,7 @@ pub const VERSION: &str = concat!(
   contactd jobs                     the jobs: schedule, target, next and last run
   contactd task submit 'apt-get -y upgrade' --target role=web --batch 10% --max-failed 2
                                     a rollout that halts after 3 failures
+  contactd job halt 42              stop a rollout sending (what is out may still answer)
   contactd job resume 42            go on with a halted run
   contactd tls init /etc/contactd/tls --dns server.example
   contactd tls issue web1 --dir /etc/contactd/tls
@@ -308,6 +309,10 @@ pub enum JobCommand {
     /// Resume a paused job (a NAME), or a halted run (a RUN id, as `job
     /// show` and `task submit --batch` print it).
     Resume(JobResumeArgs),
+    /// Halt a running rollout (a RUN id): nothing more is sent until `job
+    /// resume RUN` (agents that have it may still answer); its deadline
+    /// still ends it.
+    Halt(RunIdArgs),
 }
 
 /// `contactd job run`.
@@ -322,7 +327,7 @@ pub struct JobRunArgs {
     pub admin: AdminArgs,
 }
 
-/// `contactd job show`.
+/// `contactd job show` and `job halt`.
 #[derive(Debug, Args)]
 pub struct RunIdArgs {
     /// The run's id

@@ -192,7 +192,7 @@ pub fn list_jobs(args: &JobsArgs) -> Result<(), AppError> {
     Ok(ctl::jobs(&admin_socket(&args.admin)?, args.admin.json)?)
 }
 
-/// `job run|show|pause|resume`.
+/// `job run|show|pause|resume|halt`.
 ///
 /// # Errors
 /// A bad config, an unreachable socket, a refusal, or (`--wait`) a run that
@@ -227,6 +227,9 @@ pub fn job(command: &JobCommand) -> Result<(), AppError> {
                 }
                 Err(_) => ctl::pause_job(&socket, &args.what, false, args.admin.json)?,
             }
+        }
+        JobCommand::Halt(args) => {
+            ctl::halt_run(&admin_socket(&args.admin)?, args.run, args.admin.json)?;
         }
     }
     Ok(())

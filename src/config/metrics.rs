@@ -64,28 +64,40 @@ pub mod ranges {
     pub const MAX_HEADER_SIZE: RangeInclusive<u64> = 8 * 1024..=1024 * 1024;
 }
 
+/// The connection bounds of a small HTTP listener (`[metrics]`,
+/// `[agent.metrics]`, `[web]`) under `prefix`: `max_connections` and
+/// `max_connections_per_address` (given in that order) each in `range`, and
+/// no more from one address than in all.
+pub(crate) fn check_connections(
+    prefix: &str,
+    (max, per_address): (usize, usize),
+    range: RangeInclusive<u64>,
+    c: &mut Checks,
+) {
+    let key = |name: &str| format!("{prefix}.{name}");
+    c.count(&key("max_connections"), max as u64, range.clone());
+    c.count(
+        &key("max_connections_per_address"),
+        per_address as u64,
+        range,
+    );
+    c.check(
+        per_address <= max,
+        &key("max_connections_per_address"),
+        format!("is above {prefix}.max_connections ({max})"),
+    );
+}
+
 impl MetricsConfig {
     /// Range checks, under `prefix` (`metrics` or `agent.metrics`).
     pub(crate) fn check(&self, prefix: &str, c: &mut Checks) {
         use ranges::*;
         let key = |name: &str| format!("{prefix}.{name}");
-        c.count(
-            &key("max_connections"),
-            self.max_connections as u64,
+        check_connections(
+            prefix,
+            (self.max_connections, self.max_connections_per_address),
             MAX_CONNECTIONS,
-        );
-        c.count(
-            &key("max_connections_per_address"),
-            self.max_connections_per_address as u64,
-            MAX_CONNECTIONS,
-        );
-        c.check(
-            self.max_connections_per_address <= self.max_connections,
-            &key("max_connections_per_address"),
-            format!(
-                "is above {prefix}.max_connections ({})",
-                self.max_connections
-            ),
+            c,
         );
         c.duration(&key("header_timeout"), self.header_timeout, HEADER_TIMEOUT);
         c.duration(&key("timeout"), self.timeout, TIMEOUT);

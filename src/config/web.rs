@@ -88,11 +88,8 @@ pub mod ranges {
     pub const SESSION_TTL: RangeInclusive<Duration> =
         Duration::from_secs(60)..=Duration::from_secs(7 * 24 * 3600);
     pub const PAGE_SIZE: RangeInclusive<u64> = 10..=1000;
-    pub const HEADER_TIMEOUT: RangeInclusive<Duration> =
-        Duration::from_millis(100)..=Duration::from_secs(60);
+    pub use super::super::metrics::ranges::{HEADER_TIMEOUT, MAX_HEADER_SIZE};
     pub const TIMEOUT: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(300);
-    /// hyper reads at least 8KiB at a time.
-    pub const MAX_HEADER_SIZE: RangeInclusive<u64> = 8 * 1024..=1024 * 1024;
     pub const MAX_BODY_SIZE: RangeInclusive<u64> = 1024..=64 * 1024 * 1024;
     pub const EVENT_INTERVAL: RangeInclusive<Duration> =
         Duration::from_millis(100)..=Duration::from_secs(60);
@@ -104,20 +101,11 @@ impl WebConfig {
     /// set.
     pub(crate) fn check(&self, server_tls: bool, c: &mut Checks) {
         use ranges::*;
-        c.count(
-            "web.max_connections",
-            self.max_connections as u64,
+        super::metrics::check_connections(
+            "web",
+            (self.max_connections, self.max_connections_per_address),
             MAX_CONNECTIONS,
-        );
-        c.count(
-            "web.max_connections_per_address",
-            self.max_connections_per_address as u64,
-            MAX_CONNECTIONS,
-        );
-        c.check(
-            self.max_connections_per_address <= self.max_connections,
-            "web.max_connections_per_address",
-            format!("is above web.max_connections ({})", self.max_connections),
+            c,
         );
         c.count(
             "web.max_event_streams",

@@ -2,11 +2,11 @@
 //! /metrics` only (404 for another path, 405 for another method, 413 for
 //! a request with a body). Whoever can reach the port is a stranger: at
 //! most `max_connections` are served at once, at most
-//! `max_connections_per_address` from one address (the excess is closed on
-//! accept, so one peer holding connections open cannot keep a scraper on
-//! another address out), a request's head must arrive within `header_timeout` and fit
-//! `max_header_size`, and a connection is closed `timeout` after it was
-//! accepted, whatever it is doing (a slow reader included).
+//! `max_connections_per_address` from one address (the accept loop of
+//! `net::http`, shared with the web console), a request's head must arrive
+//! within `header_timeout` and fit `max_header_size`, and a connection is
+//! closed `timeout` after it was accepted, whatever it is doing (a slow
+//! reader included).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,17 +16,14 @@ use http_body::Body as _;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use super::Format;
-use crate::{config::MetricsConfig, untrusted::Budget};
+use crate::config::MetricsConfig;
 
 /// The response body type: the whole exposition at once.
 type Full = http_body_util::Full<Bytes>;
-
-/// How often refused connections are logged at most.
-const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The listener's bounds, from [`MetricsConfig`].
 #[derive(Debug, Clone, Copy)]
@@ -58,50 +55,17 @@ pub async fn serve(
     registry: Arc<Registry>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_address = crate::net::AddressSlots::default();
-    let refusals = Budget::every(WARN_EVERY);
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                refusals
-                    .hit(|n| tracing::warn!(errors = n, "metrics listener: accept failed: {e}"));
-                // Out of file descriptors, most likely: not in a tight loop.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(held) = per_address.take(peer.ip(), limits.max_connections_per_address) else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    %peer,
-                    max_connections_per_address = limits.max_connections_per_address,
-                    "metrics connections refused: metrics.max_connections_per_address are \
-                     open from one address"
-                );
-            });
-            continue;
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    max_connections = limits.max_connections,
-                    "metrics connections refused: metrics.max_connections are open"
-                );
-            });
-            continue;
-        };
+    let names = crate::net::http::Names {
+        what: "metrics",
+        section: "metrics",
+    };
+    let bounds = crate::net::http::Bounds {
+        max_connections: limits.max_connections,
+        max_connections_per_address: limits.max_connections_per_address,
+    };
+    let serve = |stream, peer| {
         let (registry, stop) = (Arc::clone(&registry), stop.clone());
-        connections.spawn(async move {
-            let _slot = (slot, held);
+        async move {
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(false)
@@ -122,10 +86,9 @@ pub async fn serve(
                 },
                 () = stop.cancelled() => {}
             }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+        }
+    };
+    crate::net::http::accept(listener, names, bounds, stop.clone(), serve).await;
 }
 
 /// The response to one request; its body is never read.

@@ -327,7 +327,41 @@ impl AdminService {
 const TASK_FIELDS: u64 = 64;
 
 /// A selector from a request: `None` when empty.
-fn parse_selector(text: &str) -> Result<Option<Arc<Selector>>, Status> {
+/// One caller of this server, as `ListAgents` shows it; `loads` are the
+/// tasks in flight by agent (queue mode).
+pub(super) fn agent_message(
+    caller: &super::callers::Caller,
+    loads: &std::collections::HashMap<Arc<str>, usize>,
+) -> pb::Agent {
+    let (last_status, last_status_ms) = caller
+        .status()
+        .map_or((String::new(), 0), |(text, at)| (text, unix_ms(at)));
+    pb::Agent {
+        name: caller.id.to_string(),
+        named: caller.named,
+        address: caller.address().map(|a| a.to_string()).unwrap_or_default(),
+        connected: caller.connected(),
+        connected_since_ms: unix_ms(caller.connected_since()),
+        last_status,
+        last_status_ms,
+        delivered: caller.delivered.load(Relaxed),
+        acked: caller.acked.load(Relaxed),
+        failed: caller.failed.load(Relaxed),
+        missed: caller.missed.load(Relaxed),
+        refused_acks: caller.refused_acks.load(Relaxed),
+        in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
+        first_seen_ms: caller.first_seen_ms(),
+        last_seen_ms: caller.last_seen_ms(),
+        server: String::new(),
+        labels: caller
+            .labels()
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    }
+}
+
+pub(super) fn parse_selector(text: &str) -> Result<Option<Arc<Selector>>, Status> {
     if text.trim().is_empty() {
         return Ok(None);
     }
@@ -626,6 +660,20 @@ impl Admin for AdminService {
         Ok(Response::new(self.run_message(id).await?))
     }
 
+    async fn halt_run(
+        &self,
+        request: Request<pb::RunIdRequest>,
+    ) -> Result<Response<pb::ShowRunResponse>, Status> {
+        let id = request.into_inner().run;
+        self.state
+            .broker
+            .jobs()
+            .halt(id)
+            .await
+            .map_err(job_status)?;
+        Ok(Response::new(self.run_message(id).await?))
+    }
+
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,
@@ -634,35 +682,8 @@ impl Admin for AdminService {
         let callers = self.state.callers.list();
         let loads = self.state.broker.in_flight_by_agent();
         let mut agents: Vec<pb::Agent> = callers
-            .into_iter()
-            .map(|caller| {
-                let (last_status, last_status_ms) = caller
-                    .status()
-                    .map_or((String::new(), 0), |(text, at)| (text, unix_ms(at)));
-                pb::Agent {
-                    name: caller.id.to_string(),
-                    named: caller.named,
-                    address: caller.address().map(|a| a.to_string()).unwrap_or_default(),
-                    connected: caller.connected(),
-                    connected_since_ms: unix_ms(caller.connected_since()),
-                    last_status,
-                    last_status_ms,
-                    delivered: caller.delivered.load(Relaxed),
-                    acked: caller.acked.load(Relaxed),
-                    failed: caller.failed.load(Relaxed),
-                    missed: caller.missed.load(Relaxed),
-                    refused_acks: caller.refused_acks.load(Relaxed),
-                    in_flight: loads.get(&caller.id).copied().unwrap_or(0) as u64,
-                    first_seen_ms: caller.first_seen_ms(),
-                    last_seen_ms: caller.last_seen_ms(),
-                    server: String::new(),
-                    labels: caller
-                        .labels()
-                        .iter()
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
-                }
-            })
+            .iter()
+            .map(|caller| agent_message(caller, &loads))
             .collect();
         let servers = self.fleet(&mut agents).await;
         if let Some(selector) = selector {

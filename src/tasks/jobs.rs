@@ -537,27 +537,15 @@ impl Jobs {
     /// # Errors
     /// No such run here, or it is not halted.
     pub async fn resume(&self, id: u64) -> Result<(), JobRefused> {
-        let row = {
-            let mut inner = self.inner.lock();
-            inner.runs.get_mut(&id).map(|run| {
-                if run.row.state != RunState::Halted {
-                    return Err(JobRefused::NotHalted(id, run.row.state));
-                }
-                run.row.state = RunState::Running;
-                run.halt_base = run.row.failed;
-                Ok(run.row.clone())
-            })
-        };
-        let row = match row {
-            Some(row) => row?,
-            None => {
-                return match self.store.run(id).await? {
-                    Some(record) => Err(JobRefused::NotHalted(id, record.run.state)),
-                    None => Err(JobRefused::NoRun(id)),
-                };
+        self.turn(id, JobRefused::NotHalted, |run| {
+            if run.row.state != RunState::Halted {
+                return false;
             }
-        };
-        self.store.write_now(Write::Run(row)).committed().await?;
+            run.row.state = RunState::Running;
+            run.halt_base = run.row.failed;
+            true
+        })
+        .await?;
         tracing::info!(run = id, "run resumed by an operator");
         let now = now_ms();
         {
@@ -575,28 +563,50 @@ impl Jobs {
     /// # Errors
     /// No such run here, or it is not a running rollout.
     pub async fn halt(&self, id: u64) -> Result<(), JobRefused> {
+        self.turn(id, JobRefused::NotRunning, |run| {
+            if run.row.state != RunState::Running || run.mode != JobMode::Each {
+                return false;
+            }
+            run.row.state = RunState::Halted;
+            true
+        })
+        .await?;
+        tracing::info!(run = id, "run halted by an operator");
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// An operator's turn of run `id` (halt, resume): `change` changes the
+    /// run in memory, or answers false when its state does not allow it
+    /// (then `refused` says why); the new row is committed before the
+    /// caller goes on. A run not held here has ended (or never started):
+    /// refused with its stored state.
+    async fn turn(
+        &self,
+        id: u64,
+        refused: fn(u64, RunState) -> JobRefused,
+        change: impl FnOnce(&mut Run) -> bool,
+    ) -> Result<(), JobRefused> {
         let row = {
             let mut inner = self.inner.lock();
             inner.runs.get_mut(&id).map(|run| {
-                if run.row.state != RunState::Running || run.mode != JobMode::Each {
-                    return Err(JobRefused::NotRunning(id, run.row.state));
+                if change(run) {
+                    Ok(run.row.clone())
+                } else {
+                    Err(refused(id, run.row.state))
                 }
-                run.row.state = RunState::Halted;
-                Ok(run.row.clone())
             })
         };
         let row = match row {
             Some(row) => row?,
             None => {
                 return match self.store.run(id).await? {
-                    Some(record) => Err(JobRefused::NotRunning(id, record.run.state)),
+                    Some(record) => Err(refused(id, record.run.state)),
                     None => Err(JobRefused::NoRun(id)),
                 };
             }
         };
         self.store.write_now(Write::Run(row)).committed().await?;
-        tracing::info!(run = id, "run halted by an operator");
-        self.wake.notify_one();
         Ok(())
     }
 

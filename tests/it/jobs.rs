@@ -641,6 +641,30 @@ async fn the_job_commands_list_run_show_pause_and_resume() {
     let (code, _, err) = ctl(&["task", "submit", "x", "--batch", "1"]).await;
     assert_eq!(code, Some(2));
     assert!(err.contains("--target"), "{err}");
+
+    // A rollout whose agent is still running it is halted by hand, and
+    // only a running rollout can be: a second halt is refused.
+    let mut admin = server.admin().await;
+    let run = rollout(&mut admin, "sleep 30", "role=web", "1", "").await;
+    run_until(&admin, run, "the rollout's agent running it", |r| {
+        r.running == 1
+    })
+    .await;
+    let (code, out, err) = ctl(&["job", "halt", &run.to_string()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("halted"), "{out}");
+    let (_, json, _) = ctl(&["job", "show", &run.to_string(), "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(shown["run"]["state"], "halted");
+    let (code, _, err) = ctl(&["job", "halt", &run.to_string()]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("only a running rollout (mode each) can be halted"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&["job", "halt", "999999"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no run 999999"), "{err}");
     web.stop().await;
 }
 

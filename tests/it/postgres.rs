@@ -16,6 +16,7 @@ use common::{
     postgres::Cluster,
 };
 use contactd::{
+    auth::{Role, create_token},
     clock::now_ms,
     config::{StoreConfig, StoreKind},
     model::{AckCursor, Saved, TaskState},
@@ -860,4 +861,68 @@ async fn a_scheduled_job_fires_once_per_period_fleet_wide_when_the_lease_moves_b
         .map(|l| common::daemon::field(l, "count").parse::<i64>().unwrap())
         .sum();
     assert_eq!(missing, logged, "periods skipped silently: {nominals:?}");
+}
+
+/// The web console's fleet page, on either of two servers sharing the
+/// database, lists both servers (alive, the one answering marked) and
+/// counts the agents connected to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_shows_both_servers_and_their_agents_on_either() {
+    let Some(cluster) = Cluster::start("postgres two servers, web console") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let operator = create_token(&tokens, "ops", Role::Operator, false).unwrap();
+    let server = |name: &str| {
+        let mut server = common::daemon::Daemon::start(&format!(
+            "[server]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\ntokens_file = {tokens:?}\n\
+             [tasks]\nbatch = 0\n{}poll_interval = \"200ms\"\n\
+             [web]\nlisten = \"127.0.0.1:0\"\n",
+            store_section(&url)
+        ));
+        let line = server.wait_for_line("serving the web console");
+        let web: std::net::SocketAddr = common::daemon::field(&line, "addr").parse().unwrap();
+        (server, web)
+    };
+    let mut token_files = Vec::new();
+    for name in ["web1", "web2"] {
+        let token = create_token(&tokens, name, Role::Agent, false).unwrap();
+        let token_file = dir.path().join(format!("{name}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        token_files.push(token_file);
+    }
+    let ((a, web_a), (b, web_b)) = (server("a"), server("b"));
+    let mut agents = Vec::new();
+    for ((name, at), token_file) in [("web1", a.addr), ("web2", b.addr)]
+        .into_iter()
+        .zip(token_files)
+    {
+        let mut config = agent_config(at, name);
+        config.token_file = Some(token_file);
+        agents.push(TestAgent::start(config));
+    }
+    for agent in &mut agents {
+        agent.wait_for("connected", connected).await;
+    }
+    for (web, this, other) in [(web_a, "a", "b"), (web_b, "b", "a")] {
+        let cookie = crate::web::log_in_at(web, &operator).await;
+        let request =
+            format!("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncookie: {cookie}\r\n\r\n");
+        let page = common::until(
+            &format!("both servers and both agents on {this}'s fleet page"),
+            || crate::web::exchange(web, &request),
+            |page| {
+                page.contains(&format!("<td>{this} (this one)</td><td>● alive</td>"))
+                    && page.contains(&format!("<td>{other}</td><td>● alive</td>"))
+                    && page.contains("<dd id=\"connected\">2</dd>")
+            },
+        )
+        .await;
+        assert!(page.contains("<dd id=\"down\">0</dd>"), "{page}");
+    }
+    for agent in agents {
+        agent.stop().await;
+    }
 }

@@ -434,6 +434,23 @@ pub fn pause(socket: &Path, name: &str, paused: bool, json: bool) -> Result<(), 
     ))
 }
 
+/// `contactd job halt RUN`: a running rollout sends nothing more until it
+/// is resumed.
+///
+/// # Errors
+/// The socket cannot be reached, or the server refuses (not a running
+/// rollout).
+pub fn halt_run(socket: &Path, run: u64, json: bool) -> Result<(), CtlError> {
+    let reply = block_on(async {
+        Ok(connect(socket)
+            .await?
+            .halt_run(RunIdRequest { run })
+            .await?
+            .into_inner())
+    })?;
+    print_run(&reply, json)
+}
+
 /// `contactd job resume RUN`: a halted run goes on; with `wait`, followed.
 ///
 /// # Errors

@@ -6,7 +6,7 @@
 mod jobs;
 mod task;
 
-pub use jobs::{jobs, pause as pause_job, resume_run, run as run_job, show as show_run};
+pub use jobs::{halt_run, jobs, pause as pause_job, resume_run, run as run_job, show as show_run};
 pub use task::{cancel, retry, show};
 
 use std::{

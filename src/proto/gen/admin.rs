@@ -817,6 +817,33 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("contactd.admin.v1.Admin", "ResumeRun"));
             self.inner.unary(req, path, codec).await
         }
+        /// Halts a running rollout (mode each) by hand, as too many failures
+        /// would: nothing more is sent until it is resumed (what is out may
+        /// still answer), and its deadline still ends it.
+        pub async fn halt_run(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RunIdRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowRunResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::proto::codec::ContactCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/contactd.admin.v1.Admin/HaltRun",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("contactd.admin.v1.Admin", "HaltRun"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -904,6 +931,13 @@ pub mod admin_server {
         /// Resumes a halted run: it sends again, and halts again after
         /// max_failed + 1 more failures.
         async fn resume_run(
+            &self,
+            request: tonic::Request<super::RunIdRequest>,
+        ) -> std::result::Result<tonic::Response<super::ShowRunResponse>, tonic::Status>;
+        /// Halts a running rollout (mode each) by hand, as too many failures
+        /// would: nothing more is sent until it is resumed (what is out may
+        /// still answer), and its deadline still ends it.
+        async fn halt_run(
             &self,
             request: tonic::Request<super::RunIdRequest>,
         ) -> std::result::Result<tonic::Response<super::ShowRunResponse>, tonic::Status>;
@@ -1442,6 +1476,49 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ResumeRunSvc(inner);
+                        let codec = crate::proto::codec::ContactCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/contactd.admin.v1.Admin/HaltRun" => {
+                    #[allow(non_camel_case_types)]
+                    struct HaltRunSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RunIdRequest>
+                    for HaltRunSvc<T> {
+                        type Response = super::ShowRunResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RunIdRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::halt_run(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = HaltRunSvc(inner);
                         let codec = crate::proto::codec::ContactCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -61,38 +61,56 @@ impl Throughput {
 /// What the console's pages and streams share about change.
 #[derive(Debug)]
 pub(super) struct Live {
-    /// Bumped when anything shown may have changed.
-    pub(super) generation: watch::Receiver<u64>,
+    /// Bumped when anything shown may have changed; each open event stream
+    /// holds a receiver ([`Live::watch`]), and with none the watcher does
+    /// not look.
+    generation: watch::Sender<u64>,
+    /// Told when a stream opens: the watcher takes its first look at once.
+    opened: tokio::sync::Notify,
     pub(super) throughput: Throughput,
 }
 
-/// Everything a page may show, folded into one number: when it moves,
-/// pages are told to fetch again. One pass over the callers, as a scrape.
-fn fingerprint(state: &State) -> (u64, u64) {
-    use std::hash::{Hash, Hasher};
-    let mut hash = std::collections::hash_map::DefaultHasher::new();
-    let totals = state.callers.totals();
-    let results = totals.counts.acked + totals.counts.failed;
-    (
-        totals.counts.delivered,
-        results,
-        totals.counts.missed,
-        totals.connected_named,
-        totals.connected_anonymous,
-    )
-        .hash(&mut hash);
-    for caller in state.callers.list() {
-        // A new status text from an agent: its time moves.
-        if let Some((_, at)) = caller.status() {
-            at.hash(&mut hash);
-        }
+/// What the watcher reads: the server's state (a test's stand-in in the
+/// unit tests).
+pub(super) trait Watched: Send + Sync + 'static {
+    /// The results counted so far (acks and failures).
+    fn results(&self) -> u64;
+    /// Everything a page may show, folded into one number: when it moves,
+    /// pages are told to fetch again. A pass over the callers, as a scrape.
+    fn fingerprint(&self) -> u64;
+}
+
+impl Watched for State {
+    fn results(&self) -> u64 {
+        let counts = self.callers.totals().counts;
+        counts.acked + counts.failed
     }
-    let stats = state.broker.stats();
-    stats.next_id.hash(&mut hash);
-    let jobs = state.broker.jobs().stats();
-    let ended: u64 = jobs.outcomes.iter().map(|(_, _, n)| n).sum();
-    (jobs.running, jobs.halted, ended).hash(&mut hash);
-    (hash.finish(), results)
+
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        let totals = self.callers.totals();
+        (
+            totals.counts.delivered,
+            totals.counts.acked + totals.counts.failed,
+            totals.counts.missed,
+            totals.connected_named,
+            totals.connected_anonymous,
+        )
+            .hash(&mut hash);
+        for caller in self.callers.list() {
+            // A new status text from an agent: its time moves.
+            if let Some((_, at)) = caller.status() {
+                at.hash(&mut hash);
+            }
+        }
+        let stats = self.broker.stats();
+        stats.next_id.hash(&mut hash);
+        let jobs = self.broker.jobs().stats();
+        let ended: u64 = jobs.outcomes.iter().map(|(_, _, n)| n).sum();
+        (jobs.running, jobs.halted, ended).hash(&mut hash);
+        hash.finish()
+    }
 }
 
 /// The minute since the epoch now.
@@ -101,49 +119,119 @@ fn minute_now() -> u64 {
 }
 
 impl Live {
-    /// Starts the watcher; it ends with `stop`.
-    pub(super) fn start(
-        state: &Arc<State>,
+    /// Starts the watcher over `watched`: every `interval` it samples the
+    /// throughput once a minute and, while an event stream is open, looks
+    /// for change. It ends with `stop`.
+    pub(super) fn start<W: Watched>(
+        watched: Arc<W>,
         interval: Duration,
         stop: CancellationToken,
     ) -> Arc<Live> {
-        let (tx, generation) = watch::channel(0u64);
         let live = Arc::new(Live {
-            generation,
+            generation: watch::Sender::new(0),
+            opened: tokio::sync::Notify::new(),
             throughput: Throughput::default(),
         });
-        let (state, watched) = (Arc::clone(state), Arc::clone(&live));
+        let shared = Arc::clone(&live);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last = 0;
+            let (mut last, mut sampled, mut watching) = (0, None, false);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    () = shared.opened.notified() => {}
                     () = stop.cancelled() => return,
                 }
-                let (print, results) = fingerprint(&state);
-                watched.throughput.sample(minute_now(), results);
-                if print != last {
+                let minute = minute_now();
+                if sampled != Some(minute) {
+                    sampled = Some(minute);
+                    shared.throughput.sample(minute, watched.results());
+                }
+                // No browser watches: no pass over the callers.
+                if shared.generation.receiver_count() == 0 {
+                    watching = false;
+                    continue;
+                }
+                let print = watched.fingerprint();
+                if !watching {
+                    // The first look since no one watched, as the first
+                    // stream opens: what it finds is what its page showed
+                    // (rendered just before), not a change to tell.
+                    watching = true;
                     last = print;
-                    tx.send_modify(|g| *g += 1);
+                } else if print != last {
+                    last = print;
+                    shared.generation.send_modify(|g| *g += 1);
                 }
             }
         });
         live
     }
 
-    /// The results counted so far (acks and failures), for the minute in
-    /// progress.
-    pub(super) fn results_now(state: &State) -> u64 {
-        let counts = state.callers.totals().counts;
-        counts.acked + counts.failed
+    /// A new event stream's view of the generation, marked seen; the
+    /// watcher is told, to look at once.
+    pub(super) fn watch(&self) -> watch::Receiver<u64> {
+        let receiver = self.generation.subscribe();
+        self.opened.notify_one();
+        receiver
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
     use super::*;
+
+    /// A stand-in for the state: its fingerprint is the test's to set,
+    /// and its looks are counted.
+    #[derive(Debug, Default)]
+    struct Fake {
+        print: AtomicU64,
+        looks: AtomicU64,
+        looked: tokio::sync::Notify,
+    }
+
+    impl Watched for Fake {
+        fn results(&self) -> u64 {
+            0
+        }
+
+        fn fingerprint(&self) -> u64 {
+            self.looks.fetch_add(1, SeqCst);
+            self.looked.notify_one();
+            self.print.load(SeqCst)
+        }
+    }
+
+    /// On a paused clock, which moves only when every task waits: after
+    /// `sleep(10 s)` the watcher has had each of its ten ticks.
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_looks_only_while_a_stream_watches() {
+        let fake = Arc::new(Fake::default());
+        let stop = CancellationToken::new();
+        let live = Live::start(Arc::clone(&fake), Duration::from_secs(1), stop.clone());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(fake.looks.load(SeqCst), 0, "no stream, yet it looked");
+
+        // A stream opens: the watcher looks at once (what it finds then is
+        // what the page showed), and a change after reaches the stream.
+        let mut stream = live.watch();
+        fake.looked.notified().await;
+        assert_eq!(*stream.borrow(), 0, "no change to tell yet");
+        fake.print.store(7, SeqCst);
+        stream.changed().await.unwrap();
+        fake.print.store(8, SeqCst);
+        stream.changed().await.unwrap();
+
+        // It goes: the looks stop.
+        drop(stream);
+        let looked = fake.looks.load(SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(fake.looks.load(SeqCst), looked, "it looked for no one");
+        stop.cancel();
+    }
 
     #[test]
     fn throughput_is_per_minute_and_an_hour_long() {

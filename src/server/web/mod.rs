@@ -1,15 +1,16 @@
 //! The operators' web console (`[web] listen`): the fleet, agents, tasks,
 //! job runs and jobs as HTML pages, live by server-sent events, with the
 //! actions an on-call operator needs (submit, cancel, retry, pause and
-//! resume a job, resume a halted rollout). A translation, like the admin
+//! resume a job, halt and resume a rollout). A translation, like the admin
 //! API: every read and action goes through the admin service's own methods
 //! or the broker, so the console decides nothing the admin API does not.
 //!
-//! Files: `mod.rs` (this: the listener, its bounds, TLS, the response
-//! headers), `routes.rs` (what each path does, login and CSRF checks),
-//! `pages.rs` (the HTML), `session.rs` (sessions and their cookies),
-//! `live.rs` (change detection, event streams, throughput), `assets/` (the
-//! one stylesheet and script, compiled in: no CDN, no build step).
+//! Files: `mod.rs` (this: the listener's connections, TLS, the response
+//! headers), `routes.rs` (what each path does, login, role and CSRF
+//! checks), `actions.rs` (what each action does), `pages.rs` (the HTML),
+//! `session.rs` (sessions and their cookies), `live.rs` (change detection,
+//! event streams, throughput), `assets/` (the one stylesheet and script,
+//! compiled in: no CDN, no build step).
 //!
 //! Whoever reaches the port is a stranger until they log in, and costs
 //! little: at most `web.max_connections` connections (and
@@ -21,6 +22,7 @@
 //! assets and redirects. Every page carries a strict Content-Security-Policy
 //! (scripts and styles from this origin only, nothing inline).
 
+mod actions;
 mod live;
 mod pages;
 mod routes;
@@ -45,7 +47,7 @@ use crate::{config::WebConfig, untrusted::Budget};
 /// Every response's body: a page at once, or an event stream.
 pub(super) type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// How often refused connections are logged at most.
+/// How often refused logins are logged at most.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What every request of the console shares.
@@ -59,10 +61,13 @@ struct Web {
     config: WebConfig,
     /// Served over TLS: cookies are `Secure`.
     tls: bool,
+    /// The TLS config new connections get (replaced by a reload).
+    tls_config: super::listener::TlsConfig,
     /// Event streams open at once.
     streams: Arc<Semaphore>,
-    /// Refused logins are logged at most every [`WARN_EVERY`], with their
-    /// count: a stranger trying tokens cannot flood the log.
+    /// Refused logins (and certificates a reload distrusted) are logged at
+    /// most every [`WARN_EVERY`], with their count: a stranger trying tokens
+    /// cannot flood the log.
     refused_logins: Budget,
 }
 
@@ -72,6 +77,58 @@ struct Peer {
     address: SocketAddr,
     /// The name a verified client certificate carries.
     certificate: Option<Arc<str>>,
+    /// The client certificate the connection presented, if any.
+    presented: Option<Arc<Presented>>,
+}
+
+/// A client certificate presented at a connection's handshake. A reload
+/// may change the client CA while the connection stays open (keep-alive):
+/// whether the CA in force still trusts it is asked again at the first
+/// request after each change of the TLS config, as the Contact port asks
+/// of its agents' connections.
+#[derive(Debug)]
+struct Presented {
+    /// End-entity first.
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The SHA-256 of the end-entity certificate (a certificate session is
+    /// bound to it).
+    fingerprint: [u8; 32],
+    /// The TLS config it was last checked against, and the answer.
+    checked: parking_lot::Mutex<(Arc<rustls::ServerConfig>, bool)>,
+}
+
+impl Web {
+    /// Whether the client CA in force still trusts the certificate `presented`
+    /// (fails closed: a CA that cannot be read trusts nothing).
+    fn still_trusted(&self, presented: &Presented) -> bool {
+        let Some(swap) = &self.tls_config else {
+            return true;
+        };
+        if self
+            .state
+            .policy
+            .distrusted
+            .read()
+            .contains(&presented.fingerprint)
+        {
+            return false;
+        }
+        let current = swap.load_full();
+        let mut checked = presented.checked.lock();
+        if !Arc::ptr_eq(&checked.0, &current) {
+            // Out of the config's lock before the CA file is read.
+            let tls = self.state.config.borrow().server.tls.clone();
+            let trusted = match &tls {
+                Some(tls) => crate::tls::client_trusted(tls, &presented.chain).unwrap_or_else(|e| {
+                    tracing::error!("web console: cannot check a client certificate against the client CA: {e}");
+                    false
+                }),
+                None => true,
+            };
+            *checked = (current, trusted);
+        }
+        checked.1
+    }
 }
 
 /// Binds `[web] listen` (unless the caller bound it: tests bind port 0)
@@ -110,9 +167,10 @@ pub(super) fn start(
             state: Arc::clone(state),
         },
         sessions: session::Sessions::default(),
-        live: live::Live::start(state, web.event_interval, state.closing.clone()),
+        live: live::Live::start(Arc::clone(state), web.event_interval, state.closing.clone()),
         config: web.clone(),
         tls: tls.is_some(),
+        tls_config: tls.clone(),
         streams: Arc::new(Semaphore::new(web.max_event_streams)),
         refused_logins: Budget::every(WARN_EVERY),
     });
@@ -121,98 +179,79 @@ pub(super) fn start(
     Ok(Some(local))
 }
 
-/// Accepts connections until the server closes, within the bounds.
+/// Accepts connections until the server closes, within the bounds (the
+/// accept loop of `net::http`, shared with the metrics listener).
 async fn accept(listener: TcpListener, web: Arc<Web>, tls: super::listener::TlsConfig) {
-    let config = &web.config;
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    let per_address = crate::net::AddressSlots::default();
-    let refusals = Budget::every(WARN_EVERY);
-    let connections = TaskTracker::new();
+    let names = crate::net::http::Names {
+        what: "web console",
+        section: "web",
+    };
+    let bounds = crate::net::http::Bounds {
+        max_connections: web.config.max_connections,
+        max_connections_per_address: web.config.max_connections_per_address,
+    };
     let closing = web.state.closing.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = closing.cancelled() => break,
-        };
-        let (stream, address) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                refusals.hit(|n| tracing::warn!(errors = n, "web console: accept failed: {e}"));
-                // Out of file descriptors, most likely: not in a tight loop.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(held) = per_address.take(address.ip(), config.max_connections_per_address) else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    peer = %address,
-                    "web console connections refused: web.max_connections_per_address are \
-                     open from one address"
-                );
-            });
-            continue;
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.hit(|n| {
-                tracing::warn!(
-                    refused = n,
-                    "web console connections refused: web.max_connections are open"
-                );
-            });
-            continue;
-        };
+    let serve = |stream, address| {
         let (web, tls, closing) = (Arc::clone(&web), tls.clone(), closing.clone());
-        connections.spawn(async move {
-            let _slot = (slot, held);
-            let header_timeout = web.config.header_timeout;
-            let Some(tls) = tls else {
-                let peer = Peer {
-                    address,
-                    certificate: None,
-                };
-                tokio::select! {
-                    () = serve(stream, peer, web) => {}
-                    () = closing.cancelled() => {}
-                }
-                return;
-            };
-            // The console speaks HTTP/1.1: the server's certificate and
-            // client CA as they are now, with its own ALPN.
-            let mut config = rustls::ServerConfig::clone(&tls.load());
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %address, "web console: TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %address, "web console: TLS handshake timed out");
-                    return;
-                }
-            };
-            let certificate = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(<[_]>::first)
-                .and_then(crate::tls::identity)
-                .map(Arc::from);
-            let peer = Peer {
-                address,
-                certificate,
-            };
+        async move {
             tokio::select! {
-                () = serve(stream, peer, web) => {}
+                () = connection(stream, address, web, tls) => {}
                 () = closing.cancelled() => {}
             }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+        }
+    };
+    crate::net::http::accept(listener, names, bounds, closing.clone(), serve).await;
+}
+
+/// One accepted connection: its TLS handshake (within `web.header_timeout`)
+/// when the console serves TLS, then its requests.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    address: SocketAddr,
+    web: Arc<Web>,
+    tls: super::listener::TlsConfig,
+) {
+    let Some(tls) = tls else {
+        let peer = Peer {
+            address,
+            certificate: None,
+            presented: None,
+        };
+        return serve(stream, peer, web).await;
+    };
+    // The console speaks HTTP/1.1: the server's certificate and client CA
+    // as they are now, with its own ALPN.
+    let now = tls.load_full();
+    let mut config = rustls::ServerConfig::clone(&now);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let header_timeout = web.config.header_timeout;
+    let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %address, "web console: TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %address, "web console: TLS handshake timed out");
+            return;
+        }
+    };
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let certificate = chain.first().and_then(crate::tls::identity).map(Arc::from);
+    let presented = chain.first().map(|end| {
+        Arc::new(Presented {
+            fingerprint: super::policy::fingerprint(end.as_ref()),
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            checked: parking_lot::Mutex::new((now, true)),
+        })
+    });
+    let peer = Peer {
+        address,
+        certificate,
+        presented,
+    };
+    serve(stream, peer, web).await;
 }
 
 /// Serves one connection's requests (keep-alive: a browser loads a page,
@@ -226,6 +265,11 @@ where
     let address = peer.address;
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        // A client that closes its end is gone, not half-closed: hyper then
+        // reads for the end of the connection while an answer streams, so
+        // an event stream whose browser went away ends (and gives back its
+        // `web.max_event_streams` slot) at once, not at its next write.
+        .half_close(false)
         .header_read_timeout(header_timeout)
         .max_buf_size(max_buf)
         .serve_connection(
@@ -295,6 +339,11 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     secure(response)
+}
+
+/// A query's or form's field, or "".
+fn field<'a>(fields: &'a std::collections::HashMap<String, String>, name: &str) -> &'a str {
+    fields.get(name).map_or("", String::as_str)
 }
 
 /// "See other": where to go after a form, or to log in.

@@ -1,10 +1,10 @@
 //! What each path of the console does. Reads go through the admin
 //! service's methods (agents, jobs, runs) or the broker (tasks); actions
-//! through the admin service's methods only, so the console applies the
-//! admin API's checks and nothing else. Before a session, only the login
-//! page, the assets and redirects are answered; every action needs the
-//! session's CSRF token and a same-origin request, and is logged with the
-//! operator's name.
+//! (`actions.rs`) through the admin service's methods only, so the console
+//! applies the admin API's checks and nothing else. Before a session, only
+//! the login page, the assets and redirects are answered; a session's role
+//! is asked again at every request; every action needs the session's CSRF
+//! token and a same-origin request, and is logged with the operator's name.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -16,8 +16,8 @@ use hyper::body::{Frame, Incoming};
 use tonic::Request as Call;
 
 use super::{
-    Body, Peer, Web, full, html, pages, plain, redirect, secure,
-    session::{self, Session},
+    Body, Peer, Web, field, full, html, pages, plain, redirect, secure,
+    session::{self, Proof, Session},
 };
 use crate::{
     auth::{Credential, Role},
@@ -33,6 +33,25 @@ const APP_JS: &str = include_str!("assets/app.js");
 pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    // A certificate the client CA in force no longer trusts (a reload
+    // replaced it) is refused on a connection opened before, as new
+    // connections refuse it at their handshake.
+    if let Some(presented) = &peer.presented
+        && !web.still_trusted(presented)
+    {
+        web.refused_logins.hit(|n| {
+            tracing::warn!(refused = n, peer = %peer.address, name = %crate::untrusted::shown(peer.certificate.as_deref().unwrap_or("")), "web console: a client certificate server.tls.client_ca no longer trusts was refused");
+        });
+        let mut response = plain(
+            StatusCode::FORBIDDEN,
+            "refused: your client certificate is no longer trusted (a reload changed \
+             server.tls.client_ca); connect again with one it trusts\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     // Assets and the login page need no session.
     match (&method, path.as_str()) {
         (&Method::GET, "/assets/app.css") => return asset(APP_CSS, "text/css; charset=utf-8"),
@@ -58,19 +77,51 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
         .get(header::COOKIE)
         .and_then(|v| v.to_str().ok());
     let id = session::cookie_id(cookie).map(str::to_owned);
-    let Some((id, session)) = id.and_then(|id| web.sessions.get(&id).map(|s| (id, s))) else {
+    // A certificate's session is honoured only on a connection presenting
+    // that certificate: its cookie alone is not enough.
+    let bound = |s: &Session| match s.proof {
+        Proof::Certificate(fingerprint) => peer
+            .presented
+            .as_ref()
+            .is_some_and(|p| p.fingerprint == fingerprint),
+        Proof::Token(_) => true,
+    };
+    let Some((id, session)) =
+        id.and_then(|id| web.sessions.get(&id).filter(|s| bound(s)).map(|s| (id, s)))
+    else {
         return match method {
             Method::GET | Method::HEAD if path != "/events" => redirect("/login"),
             _ => plain(StatusCode::UNAUTHORIZED, "log in first: /login\n"),
         };
     };
+    if let Err(why) = still_operator(web, &session) {
+        web.sessions.logout(&id);
+        tracing::warn!(operator = %session.name, by = session.by(), peer = %peer.address, path = %crate::untrusted::shown(&path), "web console: session ended, {why}: no longer an operator");
+        return match method {
+            Method::GET | Method::HEAD if path != "/events" => redirect("/login"),
+            _ => plain(
+                StatusCode::FORBIDDEN,
+                "refused: you no longer hold the operator role (the server's tokens or \
+                 remote_cmd.callers changed); the session has ended\n",
+            ),
+        };
+    }
     if method == Method::GET || method == Method::HEAD {
         let query = parse(request.uri().query().unwrap_or_default().as_bytes());
+        let started = std::time::Instant::now();
         let read = async { get(web, &session, &id, &path, &query).await };
-        return match tokio::time::timeout(web.config.timeout, read).await {
+        let mut response = match tokio::time::timeout(web.config.timeout, read).await {
             Ok(response) => response,
             Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE, "the page took too long\n"),
         };
+        // The server's time for the page (read and built; its body is
+        // whole by then), for the browser's developer tools and the
+        // benchmark: `Server-Timing: page;dur=MS`.
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        if let Ok(value) = HeaderValue::from_str(&format!("page;dur={took:.2}")) {
+            response.headers_mut().insert("server-timing", value);
+        }
+        return response;
     }
     if method != Method::POST {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n");
@@ -89,13 +140,39 @@ pub(super) async fn respond(web: &Web, peer: &Peer, request: Request<Incoming>) 
             "refused: the form's token is missing or stale; load the page again\n",
         );
     }
-    let act = async { post(web, &session, &id, &path, &form).await };
+    let act = async { super::actions::post(web, &session, &id, &path, &form).await };
     match tokio::time::timeout(web.config.timeout, act).await {
         Ok(response) => response,
         Err(_) => plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "the action took too long; look at the task list before trying again\n",
         ),
+    }
+}
+
+/// Whether the session's operator still is one: its token still held
+/// with role operator, or its certificate's name still in
+/// `remote_cmd.callers` (a reload may have changed either); else why not.
+fn still_operator(web: &Web, session: &Session) -> Result<(), &'static str> {
+    match session.proof {
+        Proof::Token(digest) => match web.state.policy.auth.read().holder_by_digest(&digest) {
+            Some(holder) if holder.role == Role::Operator && holder.name == session.name => Ok(()),
+            Some(_) => Err("its token no longer has role operator"),
+            None => Err("its token was revoked"),
+        },
+        Proof::Certificate(_) => {
+            let config = web.state.config.borrow();
+            if config
+                .remote_cmd
+                .callers
+                .iter()
+                .any(|c| **c == *session.name)
+            {
+                Ok(())
+            } else {
+                Err("its certificate's name is no longer in remote_cmd.callers")
+            }
+        }
     }
 }
 
@@ -178,7 +255,8 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         peer.certificate
             .clone()
             .filter(|name| operators.iter().any(|c| **c == **name))
-            .map(|name| (name, "certificate"))
+            .zip(peer.presented.as_ref())
+            .map(|(name, presented)| (name, Proof::Certificate(presented.fingerprint)))
     } else {
         let token = form.get("token").map(|t| t.trim()).unwrap_or_default();
         let header = crate::auth::bearer(token);
@@ -190,12 +268,15 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
             .credential(Some(header.as_bytes()))
         {
             Ok(Credential::Named(holder)) if holder.role == Role::Operator && !token.is_empty() => {
-                Some((holder.name, "token"))
+                Some((
+                    holder.name,
+                    Proof::Token(crate::auth::digest(token.as_bytes())),
+                ))
             }
             _ => None,
         }
     };
-    let Some((name, by)) = who else {
+    let Some((name, proof)) = who else {
         web.refused_logins.hit(|n| {
             tracing::warn!(refused = n, peer = %peer.address, "web console: login refused");
         });
@@ -212,11 +293,11 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
     let config = &web.config;
     let id = web.sessions.login(
         Arc::clone(&name),
-        by,
+        proof,
         config.session_ttl,
         config.max_sessions,
     );
-    tracing::info!(operator = %name, by, peer = %peer.address, "web console: logged in");
+    tracing::info!(operator = %name, by = proof.by(), peer = %peer.address, "web console: logged in");
     let mut response = redirect("/");
     if let Ok(cookie) =
         HeaderValue::from_str(&session::set_cookie(&id, config.session_ttl, web.tls))
@@ -224,11 +305,6 @@ async fn login(web: &Web, peer: &Peer, request: Request<Incoming>) -> Response<B
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
-}
-
-/// A query's or form's field, or "".
-fn field<'a>(fields: &'a HashMap<String, String>, name: &str) -> &'a str {
-    fields.get(name).map_or("", String::as_str)
 }
 
 /// `?page=N`, from 1.
@@ -264,7 +340,7 @@ async fn get(
             let throughput = web
                 .live
                 .throughput
-                .minutes(super::live::Live::results_now(&web.state));
+                .minutes(super::live::Watched::results(&*web.state));
             let (servers, known, connected, (labels, more)) = if web.state.broker.is_shared() {
                 // Several servers: the admin service adds the agents the
                 // others know (and the servers) to this one's.
@@ -316,25 +392,17 @@ async fn get(
         "/agents" => {
             let selector = field(query, "selector");
             let state = field(query, "state");
-            let request = pb::ListAgentsRequest {
-                selector: selector.to_owned(),
-            };
-            let (mut agents, problem) = match web.admin.list_agents(Call::new(request)).await {
-                Ok(listed) => (listed.into_inner().agents, None),
-                Err(e) => (Vec::new(), Some(e.message().to_owned())),
-            };
-            match state {
-                "connected" => agents.retain(|a| a.connected),
-                "down" => agents.retain(|a| !a.connected),
-                _ => {}
-            }
-            let (range, page, pages) = paged(agents.len(), page_of(query), size);
+            let (agents, matching, (page, pages), problem) =
+                match agents_page(web, selector, state, page_of(query)).await {
+                    Ok((agents, matching, pages)) => (agents, matching, pages, None),
+                    Err(e) => (Vec::new(), 0, (1, 1), Some(e.message().to_owned())),
+                };
             render(
                 "Agents",
                 "agents",
                 pages::agents(&pages::Agents {
-                    agents: &agents[range],
-                    matching: agents.len(),
+                    agents: &agents,
+                    matching,
                     selector,
                     state,
                     page,
@@ -408,6 +476,61 @@ async fn get(
     }
 }
 
+/// Page `page` of the agents `selector` and `state` ("connected", "down",
+/// or any) pick, sorted as `ListAgents` sorts them: the rows, how many
+/// match, and (page, pages). One server picks its callers first and builds
+/// rows for the page's only (10,000 agents' rows are not built for a page
+/// of 100); several servers take `ListAgents`, which merges the fleet the
+/// store knows.
+async fn agents_page(
+    web: &Web,
+    selector: &str,
+    state: &str,
+    page: usize,
+) -> Result<(Vec<pb::Agent>, usize, (usize, usize)), tonic::Status> {
+    let size = web.config.page_size;
+    let wanted = |connected: bool| match state {
+        "connected" => connected,
+        "down" => !connected,
+        _ => true,
+    };
+    if web.state.broker.is_shared() {
+        let request = pb::ListAgentsRequest {
+            selector: selector.to_owned(),
+        };
+        let mut agents = web
+            .admin
+            .list_agents(Call::new(request))
+            .await?
+            .into_inner()
+            .agents;
+        agents.retain(|a| wanted(a.connected));
+        let (range, page, pages) = paged(agents.len(), page, size);
+        let matching = agents.len();
+        let shown = agents.drain(range).collect();
+        return Ok((shown, matching, (page, pages)));
+    }
+    let selector = super::super::admin::parse_selector(selector)?;
+    let callers = web.state.callers.list();
+    let mut picked: Vec<&Arc<crate::server::callers::Caller>> = callers
+        .iter()
+        .filter(|c| wanted(c.connected()))
+        .filter(|c| {
+            selector
+                .as_ref()
+                .is_none_or(|s| c.named && s.matches(&c.id, &*c.labels()))
+        })
+        .collect();
+    picked.sort_unstable_by(|a, b| (!a.named, &a.id).cmp(&(!b.named, &b.id)));
+    let (range, page, pages) = paged(picked.len(), page, size);
+    let loads = web.state.broker.in_flight_by_agent();
+    let shown = picked[range]
+        .iter()
+        .map(|c| super::super::admin::agent_message(c, &loads))
+        .collect();
+    Ok((shown, picked.len(), (page, pages)))
+}
+
 /// A task, or a job run (a run's id is its task's), with one page of its
 /// agents.
 async fn task_page(web: &Web, session: &Session, id: u64, page: usize) -> Response<Body> {
@@ -479,7 +602,7 @@ fn events(web: &Web, id: &str) -> Response<Body> {
         _permit: tokio::sync::OwnedSemaphorePermit,
     }
     let open = Open {
-        generation: web.live.generation.clone(),
+        generation: web.live.watch(),
         closing: web.state.closing.clone(),
         id: id.to_owned(),
         started: false,
@@ -515,143 +638,6 @@ fn events(web: &Web, id: &str) -> Response<Body> {
         HeaderValue::from_static("text/event-stream"),
     );
     secure(response)
-}
-
-/// A POST for a logged-in operator, its CSRF token checked: an action.
-async fn post(
-    web: &Web,
-    session: &Session,
-    id: &str,
-    path: &str,
-    form: &HashMap<String, String>,
-) -> Response<Body> {
-    let who = &session.name;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let refused = |what: &str, e: tonic::Status, back: &str| {
-        tracing::info!(operator = %who, by = session.by, what, "web console: action refused: {}", crate::untrusted::shown(e.message()));
-        html(
-            StatusCode::CONFLICT,
-            pages::layout(
-                "Refused",
-                Some(session),
-                "",
-                pages::refused(what, e.message(), back),
-            ),
-        )
-    };
-    match segments.as_slice() {
-        ["logout"] => {
-            web.sessions.logout(id);
-            tracing::info!(operator = %who, "web console: logged out");
-            let mut response = redirect("/login");
-            if let Ok(cookie) = HeaderValue::from_str(&session::clear_cookie(web.tls)) {
-                response.headers_mut().insert(header::SET_COOKIE, cookie);
-            }
-            response
-        }
-        ["tasks"] => {
-            let request = pb::SubmitTaskRequest {
-                text: field(form, "text").replace("\r\n", "\n"),
-                agent: field(form, "agent").trim().to_owned(),
-                selector: field(form, "selector").trim().to_owned(),
-                batch: field(form, "batch").trim().to_owned(),
-                max_failed: field(form, "max_failed").trim().to_owned(),
-            };
-            let selector = request.selector.clone();
-            match web.admin.submit_task(Call::new(request)).await {
-                Ok(done) => {
-                    let done = done.into_inner();
-                    let shown = if done.run > 0 { done.run } else { done.id };
-                    tracing::info!(operator = %who, by = session.by, task_id = shown, selector = %crate::untrusted::shown(&selector), "web console: task submitted");
-                    redirect(&format!("/tasks/{shown}"))
-                }
-                Err(e) => refused("Task not submitted", e, "/tasks"),
-            }
-        }
-        ["tasks", task, verb @ ("cancel" | "retry")] => {
-            let Ok(task) = task.parse::<u64>() else {
-                return plain(StatusCode::NOT_FOUND, "no such task\n");
-            };
-            let request = Call::new(pb::TaskIdRequest { id: task });
-            let result = if *verb == "cancel" {
-                web.admin.cancel_task(request).await
-            } else {
-                web.admin.retry_task(request).await
-            };
-            match result {
-                Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, task_id = task, action = verb, "web console: task {verb}");
-                    redirect(&format!("/tasks/{task}"))
-                }
-                Err(e) => refused(
-                    &format!("Task {task} not {verb}"),
-                    e,
-                    &format!("/tasks/{task}"),
-                ),
-            }
-        }
-        ["jobs", name, verb @ ("pause" | "resume")] => {
-            let name = decode(name);
-            let request = pb::PauseJobRequest {
-                name: name.clone(),
-                paused: *verb == "pause",
-            };
-            match web.admin.pause_job(Call::new(request)).await {
-                Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, job = %crate::untrusted::shown(&name), action = verb, "web console: job {verb}d");
-                    redirect("/jobs")
-                }
-                Err(e) => refused(&format!("Job not {verb}d"), e, "/jobs"),
-            }
-        }
-        ["runs", run, "halt"] => {
-            let Ok(run) = run.parse::<u64>() else {
-                return plain(StatusCode::NOT_FOUND, "no such run\n");
-            };
-            // No admin RPC for it yet: the broker's own method, which the
-            // admin service's resume mirrors.
-            match web.state.broker.jobs().halt(run).await {
-                Ok(()) => {
-                    tracing::info!(operator = %who, by = session.by, run, "web console: rollout halted");
-                    redirect(&format!("/tasks/{run}"))
-                }
-                Err(e) => refused(
-                    &format!("Run {run} not halted"),
-                    tonic::Status::failed_precondition(e.to_string()),
-                    &format!("/tasks/{run}"),
-                ),
-            }
-        }
-        ["runs", run, "resume"] => {
-            let Ok(run) = run.parse::<u64>() else {
-                return plain(StatusCode::NOT_FOUND, "no such run\n");
-            };
-            match web
-                .admin
-                .resume_run(Call::new(pb::RunIdRequest { run }))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(operator = %who, by = session.by, run, "web console: rollout resumed");
-                    redirect(&format!("/tasks/{run}"))
-                }
-                Err(e) => refused(
-                    &format!("Run {run} not resumed"),
-                    e,
-                    &format!("/tasks/{run}"),
-                ),
-            }
-        }
-        _ => plain(StatusCode::NOT_FOUND, "no such action\n"),
-    }
-}
-
-/// A path segment, percent-decoded (as `pages::query` encodes it).
-fn decode(segment: &str) -> String {
-    form_urlencoded::parse(format!("x={segment}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -690,6 +676,5 @@ mod tests {
             Some("http://127.0.0.1:8080"),
             Some("cross-site")
         )));
-        assert_eq!(decode("a+b%2Fc"), "a b/c");
     }
 }

@@ -23,13 +23,25 @@ use subtle::ConstantTimeEq;
 /// The cookie holding the session id.
 pub(super) const COOKIE: &str = "contactd_session";
 
+/// How an operator logged in: asked again at every request, so that a
+/// token revoked or demoted, or a certificate's name taken out of
+/// `remote_cmd.callers`, by a reload ends the session at its next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proof {
+    /// A named token, by its SHA-256 (as the tokens file keeps it).
+    Token([u8; 32]),
+    /// A verified client certificate naming the operator, by the SHA-256
+    /// of its DER: the session is honoured only on connections presenting it.
+    Certificate([u8; 32]),
+}
+
 /// One logged-in operator.
 #[derive(Debug, Clone)]
 pub(super) struct Session {
     /// Who logged in (a token's or a certificate's name).
     pub(super) name: Arc<str>,
-    /// How: "token" or "certificate", for the action log.
-    pub(super) by: &'static str,
+    /// How.
+    pub(super) proof: Proof,
     /// The value every action's form must carry.
     pub(super) csrf: String,
     /// When the session was made, and when it ends.
@@ -37,7 +49,22 @@ pub(super) struct Session {
     ends: Instant,
 }
 
+impl Proof {
+    /// For the log: "token" or "certificate".
+    pub(super) fn by(self) -> &'static str {
+        match self {
+            Proof::Token(_) => "token",
+            Proof::Certificate(_) => "certificate",
+        }
+    }
+}
+
 impl Session {
+    /// How the operator logged in, for the action log.
+    pub(super) fn by(&self) -> &'static str {
+        self.proof.by()
+    }
+
     /// Whether `given` is this session's CSRF token (constant time).
     pub(super) fn csrf_matches(&self, given: &str) -> bool {
         given.len() == self.csrf.len() && bool::from(given.as_bytes().ct_eq(self.csrf.as_bytes()))
@@ -54,18 +81,12 @@ pub(super) struct Sessions {
 impl Sessions {
     /// A new session for `name`; returns the id for the cookie. Ends the
     /// oldest sessions beyond `max`, and every expired one.
-    pub(super) fn login(
-        &self,
-        name: Arc<str>,
-        by: &'static str,
-        ttl: Duration,
-        max: usize,
-    ) -> String {
+    pub(super) fn login(&self, name: Arc<str>, proof: Proof, ttl: Duration, max: usize) -> String {
         let id = crate::auth::hex(&crate::secret_random::<32>());
         let now = Instant::now();
         let session = Session {
             name,
-            by,
+            proof,
             csrf: crate::auth::hex(&crate::secret_random::<32>()),
             made: now,
             ends: now + ttl,
@@ -143,10 +164,10 @@ mod tests {
     fn a_login_makes_a_new_id_and_the_oldest_make_room() {
         let sessions = Sessions::default();
         let ttl = Duration::from_secs(60);
-        let first = sessions.login("a".into(), "token", ttl, 2);
-        let second = sessions.login("a".into(), "token", ttl, 2);
+        let first = sessions.login("a".into(), Proof::Certificate([0; 32]), ttl, 2);
+        let second = sessions.login("a".into(), Proof::Certificate([0; 32]), ttl, 2);
         assert_ne!(first, second, "every login makes a new id");
-        let third = sessions.login("b".into(), "token", ttl, 2);
+        let third = sessions.login("b".into(), Proof::Certificate([0; 32]), ttl, 2);
         assert_eq!(sessions.len(), 2);
         assert!(sessions.get(&first).is_none(), "the oldest ended");
         assert_eq!(&*sessions.get(&third).unwrap().name, "b");
@@ -161,7 +182,7 @@ mod tests {
     #[test]
     fn expired_sessions_are_refused() {
         let sessions = Sessions::default();
-        let id = sessions.login("a".into(), "token", Duration::ZERO, 4);
+        let id = sessions.login("a".into(), Proof::Certificate([0; 32]), Duration::ZERO, 4);
         assert!(sessions.get(&id).is_none());
     }
 

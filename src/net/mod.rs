@@ -1,7 +1,8 @@
 //! Listening sockets bound by contactd itself, so that the listen backlog
 //! is ours to choose: the standard library's 128 overflows when thousands of
 //! agents reconnect at once after a restart; or adopted from whoever bound
-//! them (systemd's socket activation).
+//! them (systemd's socket activation). `http` is the accept loop, with its
+//! bounds, of the two small HTTP listeners (metrics, web console).
 
 use std::{
     collections::HashMap,
@@ -9,6 +10,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
+
+pub mod http;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
