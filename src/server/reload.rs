@@ -110,6 +110,7 @@ fn reload_credentials(state: &State, old: &Config, new: &Config) {
             // After the swap: a revoked agent's reconnect is refused.
             if !revoked.is_empty() {
                 let ended = state.callers.revoke(&revoked);
+                state.broker.let_go(&revoked);
                 tracing::warn!(
                     revoked = revoked.len(),
                     with_open_streams = ended,
@@ -174,6 +175,7 @@ fn distrust(state: &State, tls: &crate::config::ServerTlsConfig) {
     }
     if !untrusted.is_empty() {
         let ended = state.callers.revoke(&untrusted);
+        state.broker.let_go(&untrusted);
         tracing::warn!(
             agents = ?untrusted,
             with_open_streams = ended,

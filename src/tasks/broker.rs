@@ -302,6 +302,15 @@ impl Broker {
         }
     }
 
+    /// The agents `names` are gone for good (a reload revoked their
+    /// credentials): in queue mode the tasks they hold go to other agents
+    /// now, not at their claims' deadline ([`Queue::let_go`]).
+    pub fn let_go(&self, names: &[Arc<str>]) {
+        if let Mode::Queue { queue } = &self.mode {
+            queue.let_go(names);
+        }
+    }
+
     /// `[[jobs]]` and their runs.
     pub fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs

@@ -204,6 +204,10 @@ struct State {
     /// The server is shutting down: nothing more is handed out, and a
     /// stream that ends keeps its tasks' claims (see [`Queue::close`]).
     closing: bool,
+    /// Agents gone for good (their credentials revoked, [`Queue::let_go`]):
+    /// a stream of theirs that ends hands its tasks on at once. Until the
+    /// agent joins again.
+    let_go: std::collections::HashSet<Arc<str>>,
 }
 
 /// The queue shared by all agent streams.
@@ -213,8 +217,10 @@ pub struct Queue {
     committed: watch::Receiver<u64>,
 }
 
-/// One agent stream's place in the queue. Dropping it hands its unacked
-/// tasks back for redelivery.
+/// One agent stream's place in the queue. Dropping it puts the tasks
+/// assigned but not sent back in line; those sent and not acked stay
+/// claimed by its agent until their deadline (or go back in line at once,
+/// if the agent was let go).
 #[derive(Debug)]
 pub struct Slot {
     queue: Arc<Queue>,
@@ -260,6 +266,7 @@ impl Queue {
                 counters: Counters::default(),
                 store,
                 closing: false,
+                let_go: std::collections::HashSet::new(),
             }),
         })
     }
@@ -351,6 +358,7 @@ impl Queue {
         let mut state = self.state.lock();
         let id = state.next_slot;
         state.next_slot += 1;
+        state.let_go.remove(&name);
         // Claims restored at start-up that this agent holds: it gets them
         // again first (it acks again what it handled before the restart).
         let mut restored: Vec<u64> = state
@@ -384,6 +392,33 @@ impl Queue {
             wake,
             committed: self.committed.clone(),
         }
+    }
+
+    /// The agents `names` are gone for good (a reload revoked their
+    /// credentials): the tasks they hold go back in line now rather than at
+    /// their deadline, as their streams end (or at once, for a claim
+    /// without a stream). Each redelivery counts as an attempt.
+    pub fn let_go(&self, names: &[Arc<str>]) {
+        let mut state = self.state.lock();
+        for name in names {
+            // Marked only while it has a stream to end (the last to end
+            // clears it): the set stays as small as the streams.
+            if state.slots.values().any(|s| s.name == *name) {
+                state.let_go.insert(Arc::clone(name));
+            }
+        }
+        let held: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.slot.is_none() && !f.remote && names.contains(&f.holder))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            if let Some(flight) = state.in_flight.remove(&id) {
+                state.retry(flight.entry, flight.holder);
+            }
+        }
+        state.dispatch();
     }
 
     /// Records an ack of task `id` by the agent `by`, returning the task.
@@ -968,6 +1003,20 @@ impl Drop for Slot {
         if state.closing {
             return;
         }
+        if state.let_go.contains(&slot.name) {
+            // Its agent is gone for good: nobody to wait for.
+            if !state.slots.values().any(|s| s.name == slot.name) {
+                state.let_go.remove(&slot.name);
+            }
+            held.sort_unstable();
+            for id in held {
+                if let Some(flight) = state.in_flight.remove(&id) {
+                    state.retry(flight.entry, flight.holder);
+                }
+            }
+            state.dispatch();
+            return;
+        }
         // The agent already came back on another stream (its new connection
         // overtook the old one's end): it gets them there now, as it would
         // had it joined after this.
@@ -1121,6 +1170,30 @@ mod tests {
         assert!(queue.ack(1, "b").is_ok());
         assert_eq!(queue.ack(1, "b").unwrap_err(), AckRefusal::NotInFlight);
         assert_eq!(queue.counters().duplicate_acks, 1);
+    }
+
+    #[tokio::test]
+    async fn the_tasks_of_an_agent_let_go_go_to_another_agent_at_once() {
+        let hub = Hub::new(100);
+        let queue = new_queue(limits());
+        // Let go while its stream is open, and after it ended.
+        for let_go_first in [true, false] {
+            let mut a = queue.join("a".into());
+            publish(&hub, &queue, 1);
+            let id = a.recv().await.0.id;
+            let mut b = queue.join("b".into());
+            if let_go_first {
+                queue.let_go(&["a".into()]);
+                drop(a);
+            } else {
+                drop(a);
+                queue.let_go(&["a".into()]);
+            }
+            let (task, attempt) = b.recv().await;
+            assert_eq!((task.id, attempt), (id, 2), "let go first: {let_go_first}");
+            assert!(queue.ack(id, "b").is_ok());
+            assert!(queue.state.lock().let_go.is_empty(), "no mark left behind");
+        }
     }
 
     #[tokio::test]
