@@ -12,13 +12,15 @@
 //! loop is bounded in count and time; its processes are stopped by PID and
 //! die with it (`PR_SET_PDEATHSIG`). Needs root for the store's disk-full
 //! fault (a tmpfs it mounts and unmounts); without it, that fault is skipped
-//! and the report says so.
+//! and the report says so. With `--postgres`, two servers share a
+//! throwaway PostgreSQL cluster the harness makes, and stops and starts.
 
 mod check;
 mod faults;
 mod fleet;
 mod history;
 mod light;
+mod postgres;
 mod procs;
 mod proxy;
 mod report;
