@@ -178,6 +178,59 @@ async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
     store.close().await;
 }
 
+/// A job's schedule, pause and last success, as the scheduler writes
+/// them: each a write of its own with the others left out (None). Every
+/// one of these writes failed on PostgreSQL, and took down the group
+/// commit it was in, until the statement said its parameters were BIGINT
+/// (found by the soak: each job run that succeeded lost the acks committed
+/// with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_schedule_pause_and_last_success_are_kept_each_written_alone() {
+    let Some(cluster) = Cluster::start("postgres job rows") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let (store, _) = open(&config(&url), false).await.unwrap();
+    let name: Arc<str> = Arc::from("nightly");
+    let now = now_ms();
+    for write in [
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: Some(now),
+            paused: None,
+            last_success_ms: None,
+        },
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: None,
+            paused: None,
+            last_success_ms: Some(now + 1),
+        },
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: None,
+            paused: Some(true),
+            last_success_ms: None,
+        },
+    ] {
+        store.write_now(write).committed().await.unwrap();
+    }
+    let jobs = store.jobs().await.unwrap();
+    let [job] = &jobs[..] else {
+        panic!("one job: {jobs:?}")
+    };
+    assert_eq!(
+        (
+            &*job.name,
+            job.last_nominal_ms,
+            job.paused,
+            job.last_success_ms
+        ),
+        ("nightly", now, true, now + 1)
+    );
+    store.close().await;
+}
+
 // ---- databases it must not use or cannot reach ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
