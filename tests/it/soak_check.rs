@@ -200,10 +200,17 @@ fn check_on_disk(history: &History, bounds: &Bounds) -> Verdict {
             log.push(log_line(*at_ms, "INFO", message));
         }
     }
+    // Each ERROR line in the log it came from (the servers' own with two).
+    let mut logs: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    logs.insert("agent-a.log", log);
     for error in &history.errors {
-        log.push(error.line.clone());
+        logs.entry(&error.file)
+            .or_default()
+            .push(error.line.clone());
     }
-    write_lines(&dir.path().join("logs/agent-a.log"), log);
+    for (file, lines) in logs {
+        write_lines(&dir.path().join("logs").join(file), lines);
+    }
     write_lines(
         &dir.path().join("journal/all.log"),
         history
@@ -233,12 +240,16 @@ fn check_on_disk(history: &History, bounds: &Bounds) -> Verdict {
 }
 
 fn log_line(at_ms: i64, level: &str, message: &str) -> String {
+    logged(at_ms, level, "contactd::agent", message)
+}
+
+fn logged(at_ms: i64, level: &str, target: &str, message: &str) -> String {
     let at = jiff::Timestamp::from_millisecond(at_ms).unwrap();
     serde_json::json!({
         "timestamp": at.to_string(),
         "level": level,
         "fields": {"message": message},
-        "target": "contactd::agent",
+        "target": target,
     })
     .to_string()
 }
@@ -479,4 +490,130 @@ fn a_lost_task_and_an_unexplained_error_are_reported() {
     history.view.tasks[10].state = "pending".to_owned();
     history.runs.retain(|r| r.id != 11);
     assert_eq!(failed(&check_on_disk(&history, &bounds())), ["unfinished"]);
+}
+
+// ---- two servers on one PostgreSQL database (soak --postgres) ----
+
+/// A server's ERROR line saying its task store could not commit, as
+/// contactd logs it, in `server`'s log.
+fn store_error(server: &str, at_ms: i64) -> history::LogError {
+    history::LogError {
+        file: format!("{server}.log"),
+        at_ms,
+        line: logged(
+            at_ms,
+            "ERROR",
+            "contactd::store",
+            "the task store could not commit: the task store failed: connection closed",
+        ),
+    }
+}
+
+/// The clean history as two servers sharing one PostgreSQL database make
+/// it: server-a and server-b sampled apart, the SIGKILL hitting server-a
+/// (its agents came back through server-b), and PostgreSQL stopped for
+/// 8 s at 5 min, which made both servers' stores fail, during the outage
+/// and just after it.
+fn two_servers() -> History {
+    let mut history = clean();
+    for event in &mut history.events {
+        if let Event::Fault { detail, .. } = event {
+            *detail = "server-a stopped with SIGKILL and started again".to_owned();
+        }
+    }
+    let outage = T0 + 5 * MINUTE;
+    history.events.push(Event::Fault {
+        kind: "postgres-restart".to_owned(),
+        detail: "PostgreSQL stopped (Immediate), down for 8s, started again".to_owned(),
+        agents: Vec::new(),
+        start_ms: outage,
+        end_ms: outage + 8_000,
+        detect_ms: 0,
+    });
+    let mut samples = Vec::new();
+    for sample in &history.samples {
+        if sample.proc == "server" {
+            for (name, pid) in [("server-a", 100), ("server-b", 200)] {
+                samples.push(Sample {
+                    proc: name.to_owned(),
+                    pid,
+                    ..sample.clone()
+                });
+            }
+        } else {
+            samples.push(sample.clone());
+        }
+    }
+    history.samples = samples;
+    for at in [outage + 500, outage + 7_000, outage + 8_000 + 15_000] {
+        history.errors.push(store_error("server-a", at));
+        history.errors.push(store_error("server-b", at + 30));
+    }
+    history
+}
+
+#[test]
+fn a_clean_two_server_history_passes_with_the_outages_errors_explained() {
+    let verdict = check_on_disk(&two_servers(), &bounds());
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!((verdict.tasks, verdict.runs), (43, 44));
+    assert!(verdict.slopes["server rss"].abs() < 64.0 * 1024.0);
+}
+
+#[test]
+fn defects_in_two_server_histories_are_still_reported() {
+    // A queue task run by an agent of each server (journals are per agent,
+    // whichever server it was on).
+    let mut history = two_servers();
+    history.runs.push(run("c", 7, 7_030));
+    assert_eq!(
+        failed(&check_on_disk(&history, &bounds())),
+        ["handled-twice"]
+    );
+
+    // A leak in one of the two servers.
+    let mut history = two_servers();
+    for sample in history.samples.iter_mut().filter(|s| s.proc == "server-b") {
+        let minutes = (sample.at_ms - T0) / MINUTE;
+        sample.rss += minutes as u64 * 2_000 * 3 * 1024;
+    }
+    let verdict = check_on_disk(&history, &bounds());
+    assert_eq!(failed(&verdict), ["growth"]);
+    assert!(
+        verdict.violations[0]
+            .detail
+            .contains("server-b (pid 200) rss")
+    );
+
+    // A task lost.
+    let mut history = two_servers();
+    history.view.tasks.retain(|t| t.id != 3);
+    history.runs.retain(|r| r.id != 3);
+    assert_eq!(failed(&check_on_disk(&history, &bounds())), ["disappeared"]);
+
+    // The store failing long after the outage, or during a fault that
+    // cannot make it fail (a latency fault on some links): not explained.
+    let mut history = two_servers();
+    let slowed = T0 + 7 * MINUTE;
+    history.events.push(Event::Fault {
+        kind: "latency".to_owned(),
+        detail: String::new(),
+        agents: vec!["b".to_owned()],
+        start_ms: slowed,
+        end_ms: slowed + 8_000,
+        detect_ms: 0,
+    });
+    history.errors.push(store_error("server-b", slowed + 2_000));
+    history
+        .errors
+        .push(store_error("server-a", T0 + 5 * MINUTE + 40_000));
+    // Another ERROR line during the latency fault is put down to it.
+    history.errors.push(history::LogError {
+        file: "server-b.log".to_owned(),
+        at_ms: slowed + 3_000,
+        line: log_line(slowed + 3_000, "ERROR", "something else broke"),
+    });
+    let verdict = check_on_disk(&history, &bounds());
+    assert_eq!(failed(&verdict), ["error-log"]);
+    assert_eq!(verdict.violations.len(), 2, "{:#?}", verdict.violations);
 }
