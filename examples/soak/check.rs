@@ -83,6 +83,11 @@ pub struct Verdict {
     pub unjudged: usize,
 }
 
+/// How late the harness may stamp an in-process agent's run or
+/// connection change under load (seen: 300 ms for a disconnect, 2,000
+/// agents' events in one queue).
+const HARNESS_LAG_MS: i64 = 1_000;
+
 /// Checks `history` against `bounds`.
 pub fn check(history: &History, bounds: &Bounds) -> Verdict {
     let mut verdict = Verdict {
@@ -151,7 +156,14 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
             .is_some_and(|k| k.iter().any(|&t| t >= from && t <= to))
     };
     let timeline = timeline(history);
+    // Whether `agent` lost its connection between `from` and `to`, give or
+    // take the harness's lag: an in-process agent's run and its
+    // disconnect are stamped when the harness reads them, and under load
+    // a run can be stamped after the reset that cut its agent off (which
+    // then held the task before the reset: a reconnect takes a backoff's
+    // 500 ms at least).
     let cut_off = |agent: &str, from: i64, to: i64| {
+        let (from, to) = (from - HARNESS_LAG_MS, to + HARNESS_LAG_MS);
         timeline
             .get(agent)
             .is_some_and(|c| c.iter().any(|&(t, up)| !up && t >= from && t <= to))

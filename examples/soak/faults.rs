@@ -56,12 +56,14 @@ pub fn kinds(postgres: bool) -> Vec<&'static str> {
 const MARGIN: Duration = Duration::from_secs(10);
 
 /// Runs the schedule until `deadline`, with gaps between faults of a third
-/// of `gap` up to `gap`; with `all`, fails unless every kind ran at least once.
+/// of `gap` up to `gap`, each fault lasting 40 % of `longest` up to it;
+/// with `all`, fails unless every kind ran at least once.
 pub async fn run(
     fleet: Arc<Fleet>,
     mut rng: Rng,
     deadline: Instant,
     gap: Duration,
+    longest: Duration,
     all: bool,
 ) -> anyhow::Result<()> {
     tokio::time::sleep(MARGIN).await;
@@ -77,7 +79,7 @@ pub async fn run(
             if Instant::now() + MARGIN >= deadline {
                 break 'rounds;
             }
-            let length = rng.between(Duration::from_secs(4), Duration::from_secs(10));
+            let length = rng.between(longest * 2 / 5, longest);
             if inject(&fleet, &mut rng, kind, length).await? {
                 done.insert(kind);
             }

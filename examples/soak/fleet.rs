@@ -72,6 +72,10 @@ pub struct Args {
     /// it): longer lets a large fleet settle between faults.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     pub fault_gap: Duration,
+    /// Longest fault (the shortest is 40 % of it): shorter lets a short
+    /// run (CI's) go through every kind.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub fault_length: Duration,
     /// Fail unless every fault kind was injected at least once.
     #[arg(long)]
     pub all_faults: bool,
@@ -80,6 +84,10 @@ pub struct Args {
     /// `disk-full`.
     #[arg(long)]
     pub postgres: bool,
+    /// The servers' log filter (`[log] level`), e.g.
+    /// `info,contactd::tasks::queue=debug` to follow tasks through a fault.
+    #[arg(long, default_value = "info")]
+    pub server_log: String,
     #[command(flatten)]
     pub bounds: BoundArgs,
 }
@@ -169,6 +177,8 @@ pub struct Fleet {
     /// holds while the cluster starts).
     pub postgres_url: String,
     pub postgres_data: Option<PathBuf>,
+    /// The servers' `[log] level`.
+    pub server_log: String,
 }
 
 pub fn real_name(i: usize) -> String {
@@ -280,6 +290,7 @@ allow = ["true", "echo *"]
 socket = {admin:?}
 
 [log]
+level = {level:?}
 format = "json"
 file = {log:?}
 max_size = "1GiB"
@@ -288,6 +299,7 @@ max_size = "1GiB"
             key = self.tls_dir.join("server.key"),
             admin = server.admin_socket,
             log = self.dir.join("logs").join(format!("{}.log", server.name)),
+            level = self.server_log,
         );
         write_atomic(&server.config_path, toml.as_bytes())
     }
@@ -527,6 +539,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             .map_or_else(String::new, |p| p.url(crate::postgres::DATABASE)),
         postgres_data: postgres.as_ref().map(|p| p.data_dir()),
         postgres: postgres.map(tokio::sync::Mutex::new),
+        server_log: args.server_log.clone(),
         agents: tokio::sync::Mutex::new((0..args.real).map(|_| None).collect()),
         agent_pids: Mutex::new(vec![0; args.real]),
         notes,
@@ -631,6 +644,7 @@ async fn soak(
         Rng::new(rng.next_u64()),
         deadline,
         args.fault_gap,
+        args.fault_length,
         args.all_faults,
     );
     let kills = crate::faults::kills(Arc::clone(fleet), Rng::new(rng.next_u64()), deadline);
@@ -697,19 +711,19 @@ async fn drain(fleet: &Fleet, limit: Duration) -> anyhow::Result<()> {
     let mut open = usize::MAX;
     while Instant::now() < deadline && quiet < 2 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut tasks = Vec::new();
+        // A task is open if any server lists it so (each counted once).
+        let mut open_ids = std::collections::BTreeSet::new();
         for i in 0..fleet.servers.len() {
-            tasks.extend(list_tasks(fleet, i).await?);
-        }
-        open = tasks
-            .iter()
-            .filter(|t| {
-                matches!(
-                    pb::TaskState::try_from(t.state),
+            for task in list_tasks(fleet, i).await? {
+                if matches!(
+                    pb::TaskState::try_from(task.state),
                     Ok(pb::TaskState::Pending | pb::TaskState::Delivered)
-                )
-            })
-            .count();
+                ) {
+                    open_ids.insert(task.id);
+                }
+            }
+        }
+        open = open_ids.len();
         quiet = if open == 0 { quiet + 1 } else { 0 };
     }
     if open > 0 {
@@ -764,7 +778,10 @@ async fn final_view(fleet: &Fleet) -> anyhow::Result<FinalView> {
                 }
                 Some(kept) => {
                     both += 1;
-                    if (&kept.state, &kept.agents) != (&task.state, &task.agents) {
+                    // Per-agent rows are compared where they are owed: a
+                    // queue task's row says where each server holds it.
+                    let rows_owed = kind_of(&task.text).1 == Owed::Each;
+                    if kept.state != task.state || (rows_owed && kept.agents != task.agents) {
                         differ.push(format!(
                             "task {} is {} {:?} on {} but {} {:?} on {}",
                             task.id,
@@ -774,6 +791,25 @@ async fn final_view(fleet: &Fleet) -> anyhow::Result<FinalView> {
                             task.state,
                             task.agents,
                             fleet.servers[i].name
+                        ));
+                    }
+                }
+            }
+        }
+        if i > 0 {
+            // An open task's rows from every server, in the kept one.
+            for task in view
+                .tasks
+                .iter()
+                .filter(|t| kind_of(&t.text).1 != Owed::Each)
+            {
+                if let Some(kept) = merged.get_mut(&task.id)
+                    && kept.agents != task.agents
+                {
+                    for (agent, state) in &task.agents {
+                        kept.agents.push((
+                            agent.clone(),
+                            format!("{state} on {}", fleet.servers[i].name),
                         ));
                     }
                 }
@@ -830,7 +866,13 @@ async fn server_view(fleet: &Fleet, i: usize) -> anyhow::Result<FinalView> {
             .trim_start_matches("TASK_STATE_")
             .to_ascii_lowercase();
         let mut agents = Vec::new();
-        if kind_of(&task.text).1 == Owed::Each {
+        // Per agent for tasks owed to several; and for a task still open,
+        // where each server holds it (evidence for the report).
+        let open = matches!(
+            pb::TaskState::try_from(task.state),
+            Ok(pb::TaskState::Pending | pb::TaskState::Delivered)
+        );
+        if kind_of(&task.text).1 == Owed::Each || open {
             let shown = admin
                 .show_task(pb::TaskIdRequest { id: task.id })
                 .await?
