@@ -16,6 +16,7 @@
 //! throwaway PostgreSQL cluster the harness makes, and stops and starts.
 
 mod check;
+mod end;
 mod faults;
 mod fleet;
 mod history;
