@@ -641,6 +641,41 @@ async fn queue_tasks_submitted_to_two_servers_are_each_handled_once_when_one_is_
     drop(b);
 }
 
+/// A claim whose commit failed (here: a trigger refuses every claim for a
+/// while) is not sent; it is given out again after its deadline, once
+/// claims commit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_failed_is_given_out_again_after_its_deadline() {
+    let Some(cluster) = Cluster::start("postgres failed claim") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let mut server = shared_server(
+        "a",
+        &url,
+        "mode = \"queue\"\nbatch = 0\nack_timeout = \"3s\"",
+    );
+    let mut admin_a = admin(&server).await;
+    let mut web1 = TestAgent::start(agent_config(server.addr, "web1"));
+    web1.wait_for("web1 connected", connected).await;
+    cluster
+        .execute(
+            "fleet",
+            "CREATE FUNCTION no_claims() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'no claims now'; END $$; \
+             CREATE TRIGGER no_claims BEFORE UPDATE ON tasks FOR EACH ROW \
+             WHEN (NEW.holder IS NOT NULL) EXECUTE FUNCTION no_claims();",
+        )
+        .await;
+    let id = common::submit(&mut admin_a, "claimed when it can be", "").await;
+    server.wait_for_line("the task store could not commit");
+    cluster
+        .execute("fleet", "DROP TRIGGER no_claims ON tasks")
+        .await;
+    assert_eq!(web1.wait_for("the task handled", handled).await.0, id);
+    web1.stop().await;
+}
+
 // ---- a lost database: queue mode stops serving, submits say unavailable ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
