@@ -17,10 +17,12 @@ use crate::{
     fleet::{Fleet, KEEPALIVE_DETECT, real_name, write_atomic},
     history::Event,
     now_ms,
+    postgres::Stop,
     proxy::Faults,
 };
 
-/// Every kind the schedule cycles through.
+/// Every kind the schedule cycles through on SQLite. On PostgreSQL,
+/// `postgres-restart` takes `disk-full`'s place (see [`kinds`]).
 pub const KINDS: [&str; 10] = [
     "latency",
     "bandwidth",
@@ -34,23 +36,42 @@ pub const KINDS: [&str; 10] = [
     "disk-full",
 ];
 
+/// The kinds for this run: on PostgreSQL the cluster is stopped and
+/// started instead of a disk filled (in the same place in the order, so
+/// that a seed gives the same schedule otherwise).
+pub fn kinds(postgres: bool) -> Vec<&'static str> {
+    KINDS
+        .iter()
+        .map(|&k| {
+            if postgres && k == "disk-full" {
+                "postgres-restart"
+            } else {
+                k
+            }
+        })
+        .collect()
+}
+
 /// Time before the first fault, and kept free of new faults at the end.
 const MARGIN: Duration = Duration::from_secs(10);
 
 /// Runs the schedule until `deadline`, with gaps between faults of a third
-/// of `gap` up to `gap`; with `all`, fails unless every kind ran at least once.
+/// of `gap` up to `gap`, each fault lasting 40 % of `longest` up to it;
+/// with `all`, fails unless every kind ran at least once.
 pub async fn run(
     fleet: Arc<Fleet>,
     mut rng: Rng,
     deadline: Instant,
     gap: Duration,
+    longest: Duration,
     all: bool,
 ) -> anyhow::Result<()> {
     tokio::time::sleep(MARGIN).await;
     let mut done = std::collections::BTreeSet::new();
+    let kinds = kinds(fleet.postgres.is_some());
     // Bounded: each round takes at least a second.
     'rounds: for _ in 0..100_000 {
-        let mut order: Vec<&str> = KINDS.to_vec();
+        let mut order: Vec<&str> = kinds.clone();
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
         }
@@ -58,14 +79,14 @@ pub async fn run(
             if Instant::now() + MARGIN >= deadline {
                 break 'rounds;
             }
-            let length = rng.between(Duration::from_secs(4), Duration::from_secs(10));
+            let length = rng.between(longest * 2 / 5, longest);
             if inject(&fleet, &mut rng, kind, length).await? {
                 done.insert(kind);
             }
             tokio::time::sleep(rng.between(gap / 3, gap)).await;
         }
     }
-    let missing: Vec<&str> = KINDS
+    let missing: Vec<&str> = kinds
         .iter()
         .copied()
         .filter(|k| !done.contains(k))
@@ -108,6 +129,14 @@ pub async fn kills(fleet: Arc<Fleet>, mut rng: Rng, deadline: Instant) -> anyhow
         });
     }
     Ok(())
+}
+
+/// One of the servers (with one, always it: no draw from the seed).
+fn pick_server(fleet: &Fleet, rng: &mut Rng) -> usize {
+    match fleet.servers.len() {
+        1 => 0,
+        n => rng.below(n as u64) as usize,
+    }
 }
 
 /// Some routes (at least one, up to half), and their agents.
@@ -197,19 +226,46 @@ async fn inject(
             } else {
                 Signal::SIGKILL
             };
-            fleet.stop_server(signal).await?;
-            fleet.start_server().await?;
-            detail = format!("server stopped with {signal} and started again");
+            let i = pick_server(fleet, rng);
+            fleet.stop_server(i, signal).await?;
+            fleet.start_server(i).await?;
+            detail = format!(
+                "{} stopped with {signal} and started again",
+                fleet.servers[i].name
+            );
         }
         "sighup-storm" => {
+            let i = pick_server(fleet, rng);
             for _ in 0..20 {
-                fleet.signal_server(Signal::SIGHUP).await?;
-                for i in 0..fleet.real.min(5) {
-                    fleet.signal_agent(i, Signal::SIGHUP).await;
+                fleet.signal_server(i, Signal::SIGHUP).await?;
+                for a in 0..fleet.real.min(5) {
+                    fleet.signal_agent(a, Signal::SIGHUP).await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            detail = "20 SIGHUPs to the server and 5 agents, 50 ms apart".to_owned();
+            detail = format!(
+                "20 SIGHUPs to {} and 5 agents, 50 ms apart",
+                fleet.servers[i].name
+            );
+        }
+        "postgres-restart" => {
+            let Some(postgres) = &fleet.postgres else {
+                return Ok(false);
+            };
+            // Half the stops are PostgreSQL's crash (immediate: recovery
+            // from the WAL at the start), half an orderly fast stop.
+            let how = if rng.below(2) == 0 {
+                Stop::Fast
+            } else {
+                Stop::Immediate
+            };
+            postgres.lock().await.stop(how).await?;
+            tokio::time::sleep(length).await;
+            postgres.lock().await.start_again().await?;
+            detail = format!(
+                "PostgreSQL stopped ({how:?}), down for {length:?}, started again (ready after {} ms)",
+                now_ms() - start_ms - length.as_millis() as i64
+            );
         }
         "cert-rotation" => {
             detail = rotate(fleet).await?;
@@ -274,13 +330,35 @@ async fn rotate(fleet: &Fleet) -> anyhow::Result<String> {
         &fleet.tls_dir.join("server.pem"),
         &std::fs::read(next.join("server.pem"))?,
     )?;
-    fleet.signal_server(Signal::SIGHUP).await?;
+    for i in 0..fleet.servers.len() {
+        fleet.signal_server(i, Signal::SIGHUP).await?;
+    }
     // The reload is applied at once; a reset makes every agent use it.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for route in &fleet.routes {
         route.reset_all();
     }
-    let addr = *fleet.upstream.lock();
+    let mut ok = true;
+    for server in &fleet.servers {
+        let addr = *server.upstream.lock();
+        ok &= serves_rotated(fleet, addr, &next).await?;
+    }
+    fleet.note(Event::Check {
+        what: "every server presents the rotated certificate".to_owned(),
+        ok,
+        at_ms: now_ms(),
+    });
+    Ok(format!(
+        "CA and server certificate rotated (new certificate served: {ok})"
+    ))
+}
+
+/// Whether the server at `addr` presents a certificate of the CA in `next`.
+async fn serves_rotated(
+    fleet: &Fleet,
+    addr: std::net::SocketAddr,
+    next: &std::path::Path,
+) -> anyhow::Result<bool> {
     let status = tokio::process::Command::new(&fleet.contactd)
         .arg("health")
         .arg("--addr")
@@ -298,13 +376,5 @@ async fn rotate(fleet: &Fleet) -> anyhow::Result<String> {
         .status()
         .await
         .context("running contactd health")?;
-    let ok = status.success();
-    fleet.note(Event::Check {
-        what: "the server presents the rotated certificate".to_owned(),
-        ok,
-        at_ms: now_ms(),
-    });
-    Ok(format!(
-        "CA and server certificate rotated (new certificate served: {ok})"
-    ))
+    Ok(status.success())
 }

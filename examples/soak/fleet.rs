@@ -1,9 +1,10 @@
 //! One soak run from start to end: the run's directory, its certificates,
-//! the server on SQLite (its store on a tmpfs the harness can fill), the
-//! fault proxy's routes, the real and in-process agents, the writer of the
+//! the servers (one on SQLite, its store on a tmpfs the harness can fill;
+//! or, with `--postgres`, two on a throwaway PostgreSQL cluster), the fault
+//! proxy's links, the real and in-process agents, the writer of the
 //! history, the resource sampler; then traffic and faults for the run's
-//! time, a drain, the server's final view, an orderly stop, the checker
-//! and the report.
+//! time, a drain and the servers' final view (`end.rs`), an orderly stop,
+//! the checker and the report.
 
 use std::{
     io::Write,
@@ -29,11 +30,12 @@ use tonic::transport::Channel;
 
 use crate::{
     BoundArgs, Rng,
-    history::{Event, FinalTask, FinalView, Owed, Sample, kind_of},
+    history::{Event, Sample},
     light::{self, Note},
     now_ms,
+    postgres::Postgres,
     procs::{self, Proc, Tmpfs},
-    proxy::Route,
+    proxy::{Faults, Route},
 };
 
 #[derive(Debug, clap::Args)]
@@ -69,9 +71,22 @@ pub struct Args {
     /// it): longer lets a large fleet settle between faults.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     pub fault_gap: Duration,
+    /// Longest fault (the shortest is 40 % of it): shorter lets a short
+    /// run (CI's) go through every kind.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub fault_length: Duration,
     /// Fail unless every fault kind was injected at least once.
     #[arg(long)]
     pub all_faults: bool,
+    /// Two servers on a throwaway PostgreSQL cluster the harness makes,
+    /// instead of one on SQLite; the `postgres-restart` fault replaces
+    /// `disk-full`.
+    #[arg(long)]
+    pub postgres: bool,
+    /// The servers' log filter (`[log] level`), e.g.
+    /// `info,contactd::tasks::queue=debug` to follow tasks through a fault.
+    #[arg(long, default_value = "info")]
+    pub server_log: String,
     #[command(flatten)]
     pub bounds: BoundArgs,
 }
@@ -80,26 +95,89 @@ pub struct Args {
 /// how long a half-open connection can go unnoticed.
 pub const KEEPALIVE_DETECT: Duration = Duration::from_secs(50);
 
+/// One `contactd serve` of the run.
+pub struct Server {
+    /// `server` (on SQLite) or `server-a` and `server-b` (on PostgreSQL):
+    /// its log's name (`logs/NAME.log`) and its samples'.
+    pub name: String,
+    /// Where the proxy's routes to it forward (a restarted server binds a
+    /// new port).
+    pub upstream: Arc<Mutex<SocketAddr>>,
+    pub proc: tokio::sync::Mutex<Option<Proc>>,
+    /// Its PID for the sampler (0 while it is stopped).
+    pub pid: AtomicI32,
+    pub admin_socket: PathBuf,
+    pub config_path: PathBuf,
+}
+
+/// One path between agents and the servers that a fault hits as a whole:
+/// a proxy route to each server, all from the same source address. An
+/// agent behind a link lists every server, so a fault on its link cuts it
+/// off from all of them, as a fault on a host's network would.
+pub struct Link {
+    /// One route per server, in the servers' order.
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl Link {
+    pub fn set(&self, faults: Faults) {
+        for route in &self.routes {
+            route.set(faults);
+        }
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.routes[0].faults()
+    }
+
+    pub fn reset_all(&self) {
+        for route in &self.routes {
+            route.reset_all();
+        }
+    }
+
+    pub fn blackhole_open(&self) {
+        for route in &self.routes {
+            route.blackhole_open();
+        }
+    }
+
+    /// The servers' URLs through this link, starting at server `first`
+    /// (agents are spread over the servers by the one they try first).
+    pub fn urls(&self, first: usize) -> Vec<String> {
+        let n = self.routes.len();
+        (0..n)
+            .map(|k| format!("https://{}", self.routes[(first + k) % n].addr))
+            .collect()
+    }
+}
+
 /// Everything a running soak holds.
 pub struct Fleet {
     pub dir: PathBuf,
     pub contactd: PathBuf,
-    pub upstream: Arc<Mutex<SocketAddr>>,
-    /// Routes `0..real` carry one real agent each, then `groups` routes of
-    /// in-process agents, then the operators' route (never faulted).
-    pub routes: Vec<Arc<Route>>,
+    /// One on SQLite; two on PostgreSQL.
+    pub servers: Vec<Server>,
+    /// Links `0..real` carry one real agent each, then `groups` links of
+    /// in-process agents, then the operators' link (never faulted).
+    pub routes: Vec<Link>,
     pub real: usize,
     pub light_names: Vec<Vec<String>>,
-    pub server: tokio::sync::Mutex<Option<Proc>>,
-    pub server_pid: AtomicI32,
     pub agents: tokio::sync::Mutex<Vec<Option<Proc>>>,
     pub agent_pids: Mutex<Vec<i32>>,
     notes: mpsc::UnboundedSender<Note>,
     pub tmpfs: Option<Tmpfs>,
     pub store_dir: PathBuf,
     pub tls_dir: PathBuf,
-    pub admin_socket: PathBuf,
-    pub config_path: PathBuf,
+    /// The servers' shared store with `--postgres`: stopped and started by
+    /// the `postgres-restart` fault.
+    pub postgres: Option<tokio::sync::Mutex<Postgres>>,
+    /// Its URL and data directory (read without the lock, which a fault
+    /// holds while the cluster starts).
+    pub postgres_url: String,
+    pub postgres_data: Option<PathBuf>,
+    /// The servers' `[log] level`.
+    pub server_log: String,
 }
 
 pub fn real_name(i: usize) -> String {
@@ -128,17 +206,25 @@ impl Fleet {
         self.routes.len() - 1
     }
 
-    pub fn operator_route(&self) -> SocketAddr {
-        self.routes[self.routes.len() - 1].addr
+    /// The operators' route to server `server`.
+    pub fn operator_route(&self, server: usize) -> SocketAddr {
+        self.routes[self.routes.len() - 1].routes[server].addr
     }
 
     pub fn ca_bundle(&self) -> PathBuf {
         self.tls_dir.join("ca-bundle.pem")
     }
 
-    /// The server's config; `generating` false stops generated tasks and
+    /// The servers' configs; `generating` false stops generated tasks and
     /// jobs' schedules (the drain).
-    pub fn write_config(&self, generating: bool) -> anyhow::Result<()> {
+    pub fn write_configs(&self, generating: bool) -> anyhow::Result<()> {
+        for server in &self.servers {
+            self.write_config(server, generating)?;
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, server: &Server, generating: bool) -> anyhow::Result<()> {
         let (interval, batch) = if generating { ("1s", 4) } else { ("1s", 0) };
         let jobs = if generating {
             r#"
@@ -165,9 +251,19 @@ mode = "broadcast"
         } else {
             ""
         };
+        // Several servers share the fleet's state in one database, each
+        // under a name of its own.
+        let store = match &self.postgres {
+            Some(_) => format!("kind = \"postgres\"\nurl = {:?}\n", self.postgres_url),
+            None => format!("path = {:?}\n", self.store_dir.join("contactd.db")),
+        };
+        let name = match server.name.strip_prefix("server-") {
+            Some(letter) => format!("soak-{letter}"),
+            None => "soak".to_owned(),
+        };
         let toml = format!(
             r#"[server]
-name = "soak"
+name = "{name}"
 listen = "127.0.0.1:0"
 
 [server.tls]
@@ -188,49 +284,53 @@ enabled = true
 allow = ["true", "echo *"]
 
 [store]
-path = {store:?}
-
+{store}
 [admin]
 socket = {admin:?}
 
 [log]
+level = {level:?}
 format = "json"
 file = {log:?}
 max_size = "1GiB"
 {jobs}"#,
             cert = self.tls_dir.join("server.pem"),
             key = self.tls_dir.join("server.key"),
-            store = self.store_dir.join("contactd.db"),
-            admin = self.admin_socket,
-            log = self.dir.join("logs/server.log"),
+            admin = server.admin_socket,
+            log = self.dir.join("logs").join(format!("{}.log", server.name)),
+            level = self.server_log,
         );
-        write_atomic(&self.config_path, toml.as_bytes())
+        write_atomic(&server.config_path, toml.as_bytes())
     }
 
-    pub async fn start_server(&self) -> anyhow::Result<()> {
-        let (proc, addr) = Proc::server(&self.contactd, "server", &self.config_path).await?;
-        *self.upstream.lock() = addr;
-        self.server_pid.store(proc.pid, Ordering::Relaxed);
-        *self.server.lock().await = Some(proc);
+    /// Starts server `i` (again).
+    pub async fn start_server(&self, i: usize) -> anyhow::Result<()> {
+        let server = &self.servers[i];
+        let (proc, addr) = Proc::server(&self.contactd, &server.name, &server.config_path).await?;
+        *server.upstream.lock() = addr;
+        server.pid.store(proc.pid, Ordering::Relaxed);
+        *server.proc.lock().await = Some(proc);
         Ok(())
     }
 
-    /// Stops the server with `signal` (and waits for its exit).
-    pub async fn stop_server(&self, signal: Signal) -> anyhow::Result<()> {
-        let proc = self
-            .server
+    /// Stops server `i` with `signal` (and waits for its exit).
+    pub async fn stop_server(&self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        let server = &self.servers[i];
+        let proc = server
+            .proc
             .lock()
             .await
             .take()
-            .context("no server running")?;
-        self.server_pid.store(0, Ordering::Relaxed);
+            .with_context(|| format!("{} is not running", server.name))?;
+        server.pid.store(0, Ordering::Relaxed);
         proc.end(signal).await
     }
 
-    pub async fn signal_server(&self, signal: Signal) -> anyhow::Result<()> {
-        match &*self.server.lock().await {
+    pub async fn signal_server(&self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        let server = &self.servers[i];
+        match &*server.proc.lock().await {
             Some(proc) => proc.signal(signal),
-            None => bail!("no server running"),
+            None => bail!("{} is not running", server.name),
         }
     }
 
@@ -239,7 +339,7 @@ max_size = "1GiB"
         let name = real_name(i);
         let mut agent = light::config(
             &name,
-            format!("https://{}", self.routes[i].addr),
+            self.routes[i].urls(i),
             "real",
             &self.ca_bundle(),
             &self.dir.join("state"),
@@ -290,10 +390,10 @@ max_size = "1GiB"
         }
     }
 
-    /// A client of the server's admin API (a new connection each time: the
+    /// A client of server `i`'s admin API (a new connection each time: the
     /// server may have been restarted).
-    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
-        Ok(contactd::client::admin::connect(&self.admin_socket).await?)
+    pub async fn admin(&self, i: usize) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(contactd::client::admin::connect(&self.servers[i].admin_socket).await?)
     }
 }
 
@@ -347,27 +447,75 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     contactd::tls::pki::init(&tls_dir, &[], &[], 30, false)?;
     std::fs::copy(tls_dir.join("ca.pem"), tls_dir.join("ca-bundle.pem"))?;
     let store_dir = dir.join("store");
-    let tmpfs = Tmpfs::mount(&store_dir, args.disk_mib);
-    if tmpfs.is_none() {
-        eprintln!("soak: cannot mount a tmpfs for the store (not root?): no disk-full fault");
-    }
+    // The disk-full fault is SQLite's: PostgreSQL's data directory is not
+    // put on the tmpfs (PostgreSQL stops at a full disk for its WAL, which
+    // the postgres-restart fault covers by stopping it outright).
+    let tmpfs = if args.postgres {
+        None
+    } else {
+        let tmpfs = Tmpfs::mount(&store_dir, args.disk_mib);
+        if tmpfs.is_none() {
+            eprintln!("soak: cannot mount a tmpfs for the store (not root?): no disk-full fault");
+        }
+        tmpfs
+    };
+    let postgres = if args.postgres {
+        let cluster = Postgres::start(&dir.join("postgres.log")).await?;
+        eprintln!(
+            "soak: PostgreSQL {} on port {} (data in {})",
+            crate::postgres::DATABASE,
+            cluster.port,
+            cluster.data_dir().display()
+        );
+        Some(cluster)
+    } else {
+        None
+    };
+    let server_names: &[&str] = if args.postgres {
+        &["server-a", "server-b"]
+    } else {
+        &["server"]
+    };
+    let servers: Vec<Server> = server_names
+        .iter()
+        .map(|name| Server {
+            name: (*name).to_owned(),
+            upstream: Arc::new(Mutex::new(SocketAddr::from(([127, 0, 0, 1], 9)))),
+            proc: tokio::sync::Mutex::new(None),
+            pid: AtomicI32::new(0),
+            admin_socket: match name.strip_prefix("server-") {
+                Some(letter) => dir.join(format!("admin-{letter}.sock")),
+                None => dir.join("admin.sock"),
+            },
+            config_path: match name.strip_prefix("server-") {
+                Some(letter) => dir.join(format!("config/contactd-{letter}.toml")),
+                None => dir.join("config/contactd.toml"),
+            },
+        })
+        .collect();
 
     let stop = CancellationToken::new();
-    let upstream = Arc::new(Mutex::new(SocketAddr::from(([127, 0, 0, 1], 9))));
     let mut rng = Rng::new(args.seed);
     let mut routes = Vec::new();
     for i in 0..args.real + args.groups + 1 {
-        // 127.1.X.Y: one loopback "host" per route.
+        // 127.1.X.Y: one loopback "host" per link. Its route to each
+        // server has the same seed: one server's schedule is the same as
+        // before there were two.
         let source = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
-        routes.push(
-            Route::start(
-                Arc::clone(&upstream),
-                source.into(),
-                rng.next_u64(),
-                stop.clone(),
-            )
-            .await?,
-        );
+        let seed = rng.next_u64();
+        let mut link = Vec::new();
+        for server in &servers {
+            link.push(
+                Route::start(
+                    Arc::clone(&server.upstream),
+                    source.into(),
+                    seed,
+                    stop.clone(),
+                )
+                .await?,
+            );
+        }
+        routes.push(Link { routes: link });
     }
     let light_names: Vec<Vec<String>> = (0..args.groups)
         .map(|g| {
@@ -379,16 +527,18 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         .collect();
     let (notes, notes_rx) = mpsc::unbounded_channel();
     let fleet = Arc::new(Fleet {
-        config_path: dir.join("config/contactd.toml"),
-        admin_socket: dir.join("admin.sock"),
         dir: dir.clone(),
         contactd,
-        upstream,
+        servers,
         routes,
         real: args.real,
         light_names,
-        server: tokio::sync::Mutex::new(None),
-        server_pid: AtomicI32::new(0),
+        postgres_url: postgres
+            .as_ref()
+            .map_or_else(String::new, |p| p.url(crate::postgres::DATABASE)),
+        postgres_data: postgres.as_ref().map(|p| p.data_dir()),
+        postgres: postgres.map(tokio::sync::Mutex::new),
+        server_log: args.server_log.clone(),
         agents: tokio::sync::Mutex::new((0..args.real).map(|_| None).collect()),
         agent_pids: Mutex::new(vec![0; args.real]),
         notes,
@@ -398,16 +548,27 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     });
     let writer = tokio::spawn(write_history(dir.clone(), notes_rx));
     let result = soak(&fleet, &args, &mut rng, &stop).await;
-    // Everything stops whatever happened: agents, then the server.
+    // Everything stops whatever happened: agents, then the servers, then
+    // PostgreSQL.
     for i in 0..args.real {
         if let Some(proc) = fleet.take_agent(i).await {
             let _ = proc.end(Signal::SIGTERM).await;
         }
     }
-    let server_stop = fleet.stop_server(Signal::SIGTERM).await;
+    let mut server_stop = Ok(());
+    for i in 0..fleet.servers.len() {
+        let stopped = fleet.stop_server(i, Signal::SIGTERM).await;
+        server_stop = server_stop.and(stopped);
+    }
+    if let Some(postgres) = &fleet.postgres {
+        let mut postgres = postgres.lock().await;
+        if postgres.pid().is_some() {
+            let _ = postgres.stop(crate::postgres::Stop::Fast).await;
+        }
+    }
     stop.cancel();
     let times = result?;
-    server_stop.context("the server's final stop")?;
+    server_stop.context("the servers' final stop")?;
     fleet.note(Event::Run {
         seed: args.seed,
         start_ms: times.0,
@@ -433,8 +594,10 @@ async fn soak(
     rng: &mut Rng,
     stop: &CancellationToken,
 ) -> anyhow::Result<(i64, i64, i64)> {
-    fleet.write_config(true)?;
-    fleet.start_server().await?;
+    fleet.write_configs(true)?;
+    for i in 0..fleet.servers.len() {
+        fleet.start_server(i).await?;
+    }
     for i in 0..args.real {
         fleet.write_agent_config(i)?;
         fleet.start_agent(i).await?;
@@ -442,11 +605,11 @@ async fn soak(
     let light_stop = CancellationToken::new();
     let mut light = Vec::new();
     for (g, names) in fleet.light_names.iter().enumerate() {
-        let route = fleet.routes[fleet.real + g].addr;
-        for name in names {
+        let link = &fleet.routes[fleet.real + g];
+        for (n, name) in names.iter().enumerate() {
             let config = light::config(
                 name,
-                format!("https://{route}"),
+                link.urls(n),
                 "light",
                 &fleet.ca_bundle(),
                 &fleet.dir.join("state"),
@@ -480,6 +643,7 @@ async fn soak(
         Rng::new(rng.next_u64()),
         deadline,
         args.fault_gap,
+        args.fault_length,
         args.all_faults,
     );
     let kills = crate::faults::kills(Arc::clone(fleet), Rng::new(rng.next_u64()), deadline);
@@ -492,8 +656,8 @@ async fn soak(
     faults?;
     kills?;
     traffic?;
-    drain(fleet, args.drain).await?;
-    let view = final_view(fleet).await?;
+    crate::end::drain(fleet, args.drain).await?;
+    let view = crate::end::final_view(fleet).await?;
     let end = now_ms();
     std::fs::write(fleet.dir.join("final.json"), serde_json::to_vec(&view)?)?;
     light_stop.cancel();
@@ -510,12 +674,13 @@ async fn soak(
     Ok((start, faults_end, end))
 }
 
-/// Waits until the server lists `count` connected agents.
+/// Waits until the first server lists `count` connected agents (with
+/// PostgreSQL, its fleet view has those on the other server too).
 async fn wait_connected(fleet: &Fleet, count: usize, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     let mut seen = 0;
     while Instant::now() < deadline {
-        if let Ok(mut admin) = fleet.admin().await
+        if let Ok(mut admin) = fleet.admin(0).await
             && let Ok(agents) = admin.list_agents(pb::ListAgentsRequest::default()).await
         {
             seen = agents
@@ -533,103 +698,6 @@ async fn wait_connected(fleet: &Fleet, count: usize, limit: Duration) -> anyhow:
     bail!("only {seen} of {count} agents connected within {limit:?}")
 }
 
-/// Stops generation and jobs, then waits until no task is pending or
-/// delivered (twice in a row), bounded by `limit`.
-async fn drain(fleet: &Fleet, limit: Duration) -> anyhow::Result<()> {
-    fleet.write_config(false)?;
-    fleet.signal_server(Signal::SIGHUP).await?;
-    let deadline = Instant::now() + limit;
-    let mut quiet = 0;
-    let mut open = usize::MAX;
-    while Instant::now() < deadline && quiet < 2 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let tasks = list_tasks(fleet).await?;
-        open = tasks
-            .iter()
-            .filter(|t| {
-                matches!(
-                    pb::TaskState::try_from(t.state),
-                    Ok(pb::TaskState::Pending | pb::TaskState::Delivered)
-                )
-            })
-            .count();
-        quiet = if open == 0 { quiet + 1 } else { 0 };
-    }
-    if open > 0 {
-        eprintln!("soak: {open} tasks still open after the drain ({limit:?})");
-    }
-    Ok(())
-}
-
-async fn list_tasks(fleet: &Fleet) -> anyhow::Result<Vec<pb::Task>> {
-    let mut admin = fleet.admin().await?;
-    let mut tasks = Vec::new();
-    let mut after_id = 0;
-    // Pages of about 1 MiB; bounded by the count of tasks ever made.
-    for _ in 0..100_000 {
-        let page = admin
-            .list_tasks(pb::ListTasksRequest {
-                state: 0,
-                limit: 0,
-                after_id,
-            })
-            .await?
-            .into_inner();
-        after_id = page.tasks.last().map_or(after_id, |t| t.id);
-        tasks.extend(page.tasks);
-        if !page.more {
-            break;
-        }
-    }
-    Ok(tasks)
-}
-
-/// The server's view at the end: every task, and per agent for tasks owed
-/// to several; every agent and whether it is connected.
-async fn final_view(fleet: &Fleet) -> anyhow::Result<FinalView> {
-    let mut view = FinalView::default();
-    let mut admin = fleet.admin().await?;
-    for task in list_tasks(fleet).await? {
-        let state = pb::TaskState::try_from(task.state)
-            .unwrap_or(pb::TaskState::Unspecified)
-            .as_str_name()
-            .trim_start_matches("TASK_STATE_")
-            .to_ascii_lowercase();
-        let mut agents = Vec::new();
-        if kind_of(&task.text).1 == Owed::Each {
-            let shown = admin
-                .show_task(pb::TaskIdRequest { id: task.id })
-                .await?
-                .into_inner();
-            for row in shown.agents {
-                let state = pb::AgentTaskState::try_from(row.state)
-                    .unwrap_or(pb::AgentTaskState::Unspecified)
-                    .as_str_name()
-                    .trim_start_matches("AGENT_TASK_STATE_")
-                    .to_ascii_lowercase();
-                agents.push((row.agent, state));
-            }
-        }
-        view.tasks.push(FinalTask {
-            id: task.id,
-            text: task.text,
-            state,
-            created_ms: task.created_ms,
-            last_agent: task.last_agent,
-            agents,
-        });
-    }
-    for agent in admin
-        .list_agents(pb::ListAgentsRequest::default())
-        .await?
-        .into_inner()
-        .agents
-    {
-        view.agents.insert(agent.name, agent.connected);
-    }
-    Ok(view)
-}
-
 /// Samples every process's RSS, fds and threads and the store's size each
 /// second into `samples.jsonl`.
 async fn sample(fleet: Arc<Fleet>, stop: CancellationToken) {
@@ -645,13 +713,12 @@ async fn sample(fleet: Arc<Fleet>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let at_ms = now_ms();
-        let mut procs = vec![
-            (
-                "server".to_owned(),
-                fleet.server_pid.load(Ordering::Relaxed),
-            ),
-            ("harness".to_owned(), me),
-        ];
+        let mut procs: Vec<(String, i32)> = fleet
+            .servers
+            .iter()
+            .map(|s| (s.name.clone(), s.pid.load(Ordering::Relaxed)))
+            .collect();
+        procs.push(("harness".to_owned(), me));
         for (i, pid) in fleet.agent_pids.lock().iter().enumerate() {
             procs.push((format!("agent-{}", real_name(i)), *pid));
         }
@@ -672,7 +739,11 @@ async fn sample(fleet: Arc<Fleet>, stop: CancellationToken) {
             at_ms,
             proc: "store".to_owned(),
             pid: 0,
-            rss: procs::dir_size(&fleet.store_dir),
+            // The store's size: the SQLite files, or PostgreSQL's data.
+            rss: match &fleet.postgres_data {
+                Some(data) => crate::postgres::data_size(data),
+                None => procs::dir_size(&fleet.store_dir),
+            },
             fds: 0,
             threads: 0,
         });

@@ -133,11 +133,12 @@ pub struct History {
 /// by its kind: `KIND:...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owed {
-    /// Queue semantics: exactly one agent runs it.
+    /// Queue semantics: exactly one agent runs it (the servers run in queue
+    /// mode, so the `broadcast` job's tasks too).
     One,
     /// To one named agent (`direct:AGENT:...`).
     Direct,
-    /// To each agent a selector picked (rollouts, `each` and `broadcast` jobs).
+    /// To each agent a selector picked (rollouts, `each` jobs).
     Each,
 }
 
@@ -145,7 +146,9 @@ pub enum Owed {
 pub fn kind_of(text: &str) -> (&str, Owed) {
     let kind = text.split(':').next().unwrap_or("");
     let owed = match kind {
-        "gen" | "queue" | "job-any" => Owed::One,
+        // A `broadcast` job publishes "through the server's delivery mode"
+        // (README, Jobs): on the soak's queue-mode servers, to one agent.
+        "gen" | "queue" | "job-any" | "job-broadcast" => Owed::One,
         "direct" => Owed::Direct,
         _ => Owed::Each,
     };

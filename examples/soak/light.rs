@@ -29,12 +29,19 @@ pub enum Note {
 /// `agent-spool-NAME.db`, never in the working directory); backoff from 500 ms to at
 /// most 10 s (2,000 agents retrying every 2 s kept a debug server on two
 /// shared cores refusing handshakes: a storm that never ended), the default
-/// status interval, a short healthy period, TLS against the run's CA bundle.
-pub fn config(name: &str, server: String, kind: &str, ca: &Path, state: &Path) -> AgentConfig {
+/// status interval, a short healthy period, TLS against the run's CA bundle;
+/// every server, the first tried first (after a failure, the next).
+pub fn config(
+    name: &str,
+    servers: Vec<String>,
+    kind: &str,
+    ca: &Path,
+    state: &Path,
+) -> AgentConfig {
     let mut labels = Labels::new();
     labels.insert("soak".to_owned(), kind.to_owned());
     AgentConfig {
-        servers: vec![server],
+        servers,
         name: name.to_owned(),
         labels,
         status_interval: Duration::from_secs(60),

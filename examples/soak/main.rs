@@ -12,13 +12,16 @@
 //! loop is bounded in count and time; its processes are stopped by PID and
 //! die with it (`PR_SET_PDEATHSIG`). Needs root for the store's disk-full
 //! fault (a tmpfs it mounts and unmounts); without it, that fault is skipped
-//! and the report says so.
+//! and the report says so. With `--postgres`, two servers share a
+//! throwaway PostgreSQL cluster the harness makes, and stops and starts.
 
 mod check;
+mod end;
 mod faults;
 mod fleet;
 mod history;
 mod light;
+mod postgres;
 mod procs;
 mod proxy;
 mod report;
@@ -56,7 +59,7 @@ pub struct BoundArgs {
     pub spool: bool,
     /// Assert that a queue task is not handed to another agent while the
     /// agent running it has only lost its connection. Without it such runs
-    /// are listed as known, not failed (RELIABILITY.md: defect 1).
+    /// are listed as known, not failed (RELIABILITY.md: defect 3).
     #[arg(long)]
     pub keep_claims: bool,
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]

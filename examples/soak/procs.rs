@@ -31,12 +31,17 @@ pub struct Proc {
     child: Child,
 }
 
-/// A command for `program` that dies with the harness.
-fn command(program: &Path) -> Command {
+/// A command for `program` that dies with the harness, run as `user` when
+/// given (PostgreSQL, which refuses root).
+pub fn command(program: &Path, user: Option<&nix::unistd::User>) -> Command {
     let mut command = Command::new(program);
     command.kill_on_drop(true).stdin(Stdio::null());
+    if let Some(user) = user {
+        command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-    // and exec.
+    // and exec. (std runs this after switching to `user`, so the change of
+    // credentials does not clear it.)
     unsafe {
         command.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
@@ -53,7 +58,7 @@ impl Proc {
         name: &str,
         config: &Path,
     ) -> anyhow::Result<(Proc, SocketAddr)> {
-        let mut command = command(contactd);
+        let mut command = command(contactd, None);
         command
             .arg("serve")
             .arg("-c")
@@ -97,7 +102,7 @@ impl Proc {
 
     /// Starts `contactd agent -c config` (its log goes to its file).
     pub fn agent(contactd: &Path, name: &str, config: &Path) -> anyhow::Result<Proc> {
-        let mut command = command(contactd);
+        let mut command = command(contactd, None);
         command
             .arg("agent")
             .arg("-c")

@@ -26,12 +26,15 @@ pub async fn run(fleet: Arc<Fleet>, mut rng: Rng, stop: CancellationToken) -> an
             _ = tick.tick() => {}
         }
         n += 1;
+        // Operators take turns at the servers (with one, always it).
+        let server = n as usize % fleet.servers.len();
         match rng.below(20) {
-            0..=9 => submit(&fleet, "queue", format!("queue:{n}"), "", "", "").await,
+            0..=9 => submit(&fleet, server, "queue", format!("queue:{n}"), "", "", "").await,
             10..=14 => {
                 let agent = pick_agent(&fleet, &mut rng);
                 submit(
                     &fleet,
+                    server,
                     "direct",
                     format!("direct:{agent}:{n}"),
                     &agent,
@@ -43,6 +46,7 @@ pub async fn run(fleet: Arc<Fleet>, mut rng: Rng, stop: CancellationToken) -> an
             15 => {
                 submit(
                     &fleet,
+                    server,
                     "rollout",
                     format!("rollout:{n}"),
                     "",
@@ -51,8 +55,8 @@ pub async fn run(fleet: Arc<Fleet>, mut rng: Rng, stop: CancellationToken) -> an
                 )
                 .await
             }
-            16 => run_job(&fleet, "soak-any").await,
-            _ => command(&fleet, n).await,
+            16 => run_job(&fleet, server, "soak-any").await,
+            _ => command(&fleet, server, n).await,
         }
     }
 }
@@ -63,7 +67,15 @@ fn pick_agent(fleet: &Fleet, rng: &mut Rng) -> String {
     names[rng.below(names.len() as u64) as usize].clone()
 }
 
-async fn submit(fleet: &Fleet, kind: &str, text: String, agent: &str, selector: &str, batch: &str) {
+async fn submit(
+    fleet: &Fleet,
+    server: usize,
+    kind: &str,
+    text: String,
+    agent: &str,
+    selector: &str,
+    batch: &str,
+) {
     let at_ms = now_ms();
     let request = pb::SubmitTaskRequest {
         text,
@@ -73,7 +85,7 @@ async fn submit(fleet: &Fleet, kind: &str, text: String, agent: &str, selector: 
         ..pb::SubmitTaskRequest::default()
     };
     let answer = tokio::time::timeout(CALL_LIMIT, async {
-        let mut admin = fleet.admin().await?;
+        let mut admin = fleet.admin(server).await?;
         Ok::<_, anyhow::Error>(admin.submit_task(request).await?.into_inner())
     })
     .await;
@@ -98,10 +110,10 @@ async fn submit(fleet: &Fleet, kind: &str, text: String, agent: &str, selector: 
 
 /// Fires a job now (its run's task is made by the server: the checker
 /// finds it by its text, like the scheduled ones).
-async fn run_job(fleet: &Fleet, name: &str) {
+async fn run_job(fleet: &Fleet, server: usize, name: &str) {
     let at_ms = now_ms();
     let answer = tokio::time::timeout(CALL_LIMIT, async {
-        let mut admin = fleet.admin().await?;
+        let mut admin = fleet.admin(server).await?;
         Ok::<_, anyhow::Error>(
             admin
                 .run_job(pb::JobNameRequest {
@@ -125,13 +137,13 @@ async fn run_job(fleet: &Fleet, name: &str) {
 }
 
 /// A remote command through the operators' route (`contactd cmd`, TLS).
-async fn command(fleet: &Fleet, n: u64) {
+async fn command(fleet: &Fleet, server: usize, n: u64) {
     let at_ms = now_ms();
     let started = std::time::Instant::now();
     let mut cmd = tokio::process::Command::new(&fleet.contactd);
     cmd.arg("cmd")
         .arg("--addr")
-        .arg(fleet.operator_route().to_string())
+        .arg(fleet.operator_route(server).to_string())
         .arg("--tls")
         .arg("--tls-ca-cert")
         .arg(fleet.ca_bundle())

@@ -179,6 +179,59 @@ async fn the_postgres_store_keeps_tasks_claims_acks_cursors_and_the_roster() {
     store.close().await;
 }
 
+/// A job's schedule, pause and last success, as the scheduler writes
+/// them: each a write of its own with the others left out (None). Every
+/// one of these writes failed on PostgreSQL, and took down the group
+/// commit it was in, until the statement said its parameters were BIGINT
+/// (found by the soak: each job run that succeeded lost the acks committed
+/// with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_schedule_pause_and_last_success_are_kept_each_written_alone() {
+    let Some(cluster) = Cluster::start("postgres job rows") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let (store, _) = open(&config(&url), false).await.unwrap();
+    let name: Arc<str> = Arc::from("nightly");
+    let now = now_ms();
+    for write in [
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: Some(now),
+            paused: None,
+            last_success_ms: None,
+        },
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: None,
+            paused: None,
+            last_success_ms: Some(now + 1),
+        },
+        Write::Job {
+            name: Arc::clone(&name),
+            last_nominal_ms: None,
+            paused: Some(true),
+            last_success_ms: None,
+        },
+    ] {
+        store.write_now(write).committed().await.unwrap();
+    }
+    let jobs = store.jobs().await.unwrap();
+    let [job] = &jobs[..] else {
+        panic!("one job: {jobs:?}")
+    };
+    assert_eq!(
+        (
+            &*job.name,
+            job.last_nominal_ms,
+            job.paused,
+            job.last_success_ms
+        ),
+        ("nightly", now, true, now + 1)
+    );
+    store.close().await;
+}
+
 // ---- databases it must not use or cannot reach ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,6 +640,41 @@ async fn queue_tasks_submitted_to_two_servers_are_each_handled_once_when_one_is_
     assert!(twice.is_empty(), "handled more than once: {twice:?}");
     assert_eq!(counts.len(), TASKS, "every task handled");
     drop(b);
+}
+
+/// A claim whose commit failed (here: a trigger refuses every claim for a
+/// while) is not sent; it is given out again after its deadline, once
+/// claims commit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_failed_is_given_out_again_after_its_deadline() {
+    let Some(cluster) = Cluster::start("postgres failed claim") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let mut server = shared_server(
+        "a",
+        &url,
+        "mode = \"queue\"\nbatch = 0\nack_timeout = \"3s\"",
+    );
+    let mut admin_a = admin(&server).await;
+    let mut web1 = TestAgent::start(agent_config(server.addr, "web1"));
+    web1.wait_for("web1 connected", connected).await;
+    cluster
+        .execute(
+            "fleet",
+            "CREATE FUNCTION no_claims() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'no claims now'; END $$; \
+             CREATE TRIGGER no_claims BEFORE UPDATE ON tasks FOR EACH ROW \
+             WHEN (NEW.holder IS NOT NULL) EXECUTE FUNCTION no_claims();",
+        )
+        .await;
+    let id = common::submit(&mut admin_a, "claimed when it can be", "").await;
+    server.wait_for_line("the task store could not commit");
+    cluster
+        .execute("fleet", "DROP TRIGGER no_claims ON tasks")
+        .await;
+    assert_eq!(web1.wait_for("the task handled", handled).await.0, id);
+    web1.stop().await;
 }
 
 // ---- a lost database: queue mode stops serving, submits say unavailable ----

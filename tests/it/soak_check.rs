@@ -59,7 +59,7 @@ fn run(agent: &str, id: u64, at: i64) -> Run {
     }
 }
 
-/// Ten minutes of a small fleet: queue, direct and broadcast tasks each
+/// Ten minutes of a small fleet: queue, direct and each-job tasks each
 /// run where they were owed, a server restart every agent came back from,
 /// an agent killed and restarted, an ERROR line during the restart, and
 /// flat resource samples.
@@ -84,12 +84,12 @@ fn clean() -> History {
     }
     tasks.push(task(41, "direct:b:41", "acked", "b"));
     runs.push(run("b", 41, 41_020));
-    let mut broadcast = task(42, "job-broadcast:1", "acked", "c");
-    broadcast.agents = ["a", "b", "c"]
+    let mut each = task(42, "job-each:1", "acked", "c");
+    each.agents = ["a", "b", "c"]
         .iter()
         .map(|a| ((*a).to_owned(), "acked".to_owned()))
         .collect();
-    tasks.push(broadcast);
+    tasks.push(each);
     for agent in ["a", "b", "c"] {
         runs.push(run(agent, 42, 42_050));
     }
@@ -202,10 +202,17 @@ fn check_on_disk(history: &History, bounds: &Bounds) -> Verdict {
             log.push(log_line(*at_ms, "INFO", message));
         }
     }
+    // Each ERROR line in the log it came from (the servers' own with two).
+    let mut logs: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    logs.insert("agent-a.log", log);
     for error in &history.errors {
-        log.push(error.line.clone());
+        logs.entry(&error.file)
+            .or_default()
+            .push(error.line.clone());
     }
-    write_lines(&dir.path().join("logs/agent-a.log"), log);
+    for (file, lines) in logs {
+        write_lines(&dir.path().join("logs").join(file), lines);
+    }
     write_lines(
         &dir.path().join("journal/all.log"),
         history
@@ -235,12 +242,16 @@ fn check_on_disk(history: &History, bounds: &Bounds) -> Verdict {
 }
 
 fn log_line(at_ms: i64, level: &str, message: &str) -> String {
+    logged(at_ms, level, "contactd::agent", message)
+}
+
+fn logged(at_ms: i64, level: &str, target: &str, message: &str) -> String {
     let at = jiff::Timestamp::from_millisecond(at_ms).unwrap();
     serde_json::json!({
         "timestamp": at.to_string(),
         "level": level,
         "fields": {"message": message},
-        "target": "contactd::agent",
+        "target": target,
     })
     .to_string()
 }
@@ -481,4 +492,195 @@ fn a_lost_task_and_an_unexplained_error_are_reported() {
     history.view.tasks[10].state = "pending".to_owned();
     history.runs.retain(|r| r.id != 11);
     assert_eq!(failed(&check_on_disk(&history, &bounds())), ["unfinished"]);
+}
+
+// ---- two servers on one PostgreSQL database (soak --postgres) ----
+
+/// A server's ERROR line saying its task store could not commit, as
+/// contactd logs it, in `server`'s log.
+fn store_error(server: &str, at_ms: i64) -> history::LogError {
+    history::LogError {
+        file: format!("{server}.log"),
+        at_ms,
+        line: logged(
+            at_ms,
+            "ERROR",
+            "contactd::store",
+            "the task store could not commit: the task store failed: connection closed",
+        ),
+    }
+}
+
+/// The clean history as two servers sharing one PostgreSQL database make
+/// it: server-a and server-b sampled apart, the SIGKILL hitting server-a
+/// (its agents came back through server-b), and PostgreSQL stopped for
+/// 8 s at 5 min, which made both servers' stores fail, during the outage
+/// and just after it.
+fn two_servers() -> History {
+    let mut history = clean();
+    for event in &mut history.events {
+        if let Event::Fault { detail, .. } = event {
+            *detail = "server-a stopped with SIGKILL and started again".to_owned();
+        }
+    }
+    let outage = T0 + 5 * MINUTE;
+    history.events.push(Event::Fault {
+        kind: "postgres-restart".to_owned(),
+        detail: "PostgreSQL stopped (Immediate), down for 8s, started again".to_owned(),
+        agents: Vec::new(),
+        start_ms: outage,
+        end_ms: outage + 8_000,
+        detect_ms: 0,
+    });
+    let mut samples = Vec::new();
+    for sample in &history.samples {
+        if sample.proc == "server" {
+            for (name, pid) in [("server-a", 100), ("server-b", 200)] {
+                samples.push(Sample {
+                    proc: name.to_owned(),
+                    pid,
+                    ..sample.clone()
+                });
+            }
+        } else {
+            samples.push(sample.clone());
+        }
+    }
+    history.samples = samples;
+    for at in [outage + 500, outage + 7_000, outage + 8_000 + 15_000] {
+        history.errors.push(store_error("server-a", at));
+        history.errors.push(store_error("server-b", at + 30));
+    }
+    history
+}
+
+#[test]
+fn a_clean_two_server_history_passes_with_the_outages_errors_explained() {
+    let verdict = check_on_disk(&two_servers(), &bounds());
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!((verdict.tasks, verdict.runs), (43, 44));
+    assert!(verdict.slopes["servers rss"].abs() < 64.0 * 1024.0);
+
+    // Agents moving from one server to the other (after a fault, for good)
+    // step one's descriptors and memory up and the other's down: no leak.
+    let mut history = two_servers();
+    for sample in &mut history.samples {
+        let moved = sample.at_ms >= T0 + 8 * MINUTE;
+        match sample.proc.as_str() {
+            "server-a" if moved => {
+                sample.fds -= 40;
+                sample.rss -= 8 << 20;
+            }
+            "server-b" if moved => {
+                sample.fds += 40;
+                sample.rss += 8 << 20;
+            }
+            _ => {}
+        }
+    }
+    let verdict = check_on_disk(&history, &bounds());
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+}
+
+#[test]
+fn defects_in_two_server_histories_are_still_reported() {
+    // A queue task run by an agent of each server (journals are per agent,
+    // whichever server it was on).
+    let mut history = two_servers();
+    history.runs.push(run("c", 7, 7_030));
+    assert_eq!(
+        failed(&check_on_disk(&history, &bounds())),
+        ["handled-twice"]
+    );
+
+    // A leak in one of the two servers.
+    let mut history = two_servers();
+    for sample in history.samples.iter_mut().filter(|s| s.proc == "server-b") {
+        let minutes = (sample.at_ms - T0) / MINUTE;
+        sample.rss += minutes as u64 * 2_000 * 3 * 1024;
+    }
+    let verdict = check_on_disk(&history, &bounds());
+    assert_eq!(failed(&verdict), ["growth"]);
+    assert!(
+        verdict.violations[0]
+            .detail
+            .contains("server-a + server-b together rss"),
+        "{:#?}",
+        verdict.violations
+    );
+
+    // A task lost.
+    let mut history = two_servers();
+    history.view.tasks.retain(|t| t.id != 3);
+    history.runs.retain(|r| r.id != 3);
+    assert_eq!(failed(&check_on_disk(&history, &bounds())), ["disappeared"]);
+
+    // The store failing long after the outage, or during a fault that
+    // cannot make it fail (a latency fault on some links): not explained.
+    let mut history = two_servers();
+    let slowed = T0 + 7 * MINUTE;
+    history.events.push(Event::Fault {
+        kind: "latency".to_owned(),
+        detail: String::new(),
+        agents: vec!["b".to_owned()],
+        start_ms: slowed,
+        end_ms: slowed + 8_000,
+        detect_ms: 0,
+    });
+    history.errors.push(store_error("server-b", slowed + 2_000));
+    history
+        .errors
+        .push(store_error("server-a", T0 + 5 * MINUTE + 40_000));
+    // Another ERROR line during the latency fault is put down to it.
+    history.errors.push(history::LogError {
+        file: "server-b.log".to_owned(),
+        at_ms: slowed + 3_000,
+        line: log_line(slowed + 3_000, "ERROR", "something else broke"),
+    });
+    let verdict = check_on_disk(&history, &bounds());
+    assert_eq!(failed(&verdict), ["error-log"]);
+    assert_eq!(verdict.violations.len(), 2, "{:#?}", verdict.violations);
+}
+
+#[test]
+fn a_chain_of_hand_outs_at_one_reset_is_a_disconnects_whatever_the_harness_lag() {
+    // One reset cut b and c off: b ran task 10, the server handed it to c
+    // (cut off by the same reset, its run stamped by the harness after
+    // it), then to a, which acked. Seen in a PostgreSQL run.
+    let mut history = two_servers();
+    history.events.push(Event::Fault {
+        kind: "reset".to_owned(),
+        detail: String::new(),
+        agents: vec!["b".to_owned(), "c".to_owned()],
+        start_ms: T0 + 10_010,
+        end_ms: T0 + 10_011,
+        detect_ms: 0,
+    });
+    for (agent, down) in [("b", 10_300), ("c", 10_400)] {
+        for (up, at) in [(false, down), (true, down + 1_500)] {
+            history.events.push(Event::Conn {
+                agent: agent.to_owned(),
+                up,
+                at_ms: T0 + at,
+            });
+        }
+        history.events.push(Event::Attempt {
+            agent: agent.to_owned(),
+            at_ms: T0 + down + 1_000,
+        });
+    }
+    history.runs.push(run("c", 10, 10_060));
+    history.runs.push(run("a", 10, 10_070));
+    history.view.tasks[9].last_agent = "a".to_owned();
+    let lenient = Bounds {
+        keep_claims: false,
+        ..bounds()
+    };
+    let verdict = check_on_disk(&history, &lenient);
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!(verdict.known.len(), 1, "{:#?}", verdict.known);
+    assert_eq!(
+        failed(&check_on_disk(&history, &bounds())),
+        ["redelivered-after-disconnect"]
+    );
 }

@@ -67,10 +67,14 @@ impl Statements {
                      last_nominal_ms = greatest(jobs.last_nominal_ms, excluded.last_nominal_ms)",
                 )
                 .await?,
+            // The casts matter: without them PostgreSQL takes `$2` and
+            // `$4` for INTEGER (from `coalesce(.., 0)`), the BIGINT values
+            // cannot be sent, and the whole group commit they are in fails.
             job: client
                 .prepare(
                     "INSERT INTO jobs (name, last_nominal_ms, paused, last_success_ms) \
-                     VALUES ($1, coalesce($2, 0), coalesce($3, FALSE), coalesce($4, 0)) \
+                     VALUES ($1, coalesce($2::bigint, 0), coalesce($3, FALSE), \
+                     coalesce($4::bigint, 0)) \
                      ON CONFLICT (name) DO UPDATE SET \
                      last_nominal_ms = greatest(jobs.last_nominal_ms, \
                                                 coalesce($2, jobs.last_nominal_ms)), \
