@@ -21,6 +21,8 @@ mod faults;
 mod fleet;
 mod history;
 mod light;
+#[path = "../../tests/it/common/pg_programs.rs"]
+mod pg_programs;
 mod postgres;
 mod procs;
 mod proxy;

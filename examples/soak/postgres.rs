@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::pg_programs::{bin_dir, run_as};
 use anyhow::{Context, bail};
 use nix::{
     sys::signal::Signal,
@@ -68,39 +69,6 @@ pub struct Postgres {
     pub port: u16,
     log: PathBuf,
     server: Option<Child>,
-}
-
-/// PostgreSQL's server programs: `$CONTACTD_TEST_PG_BIN`, else the newest
-/// /usr/lib/postgresql/N/bin (Debian's), else `$PATH`.
-fn bin_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("CONTACTD_TEST_PG_BIN") {
-        return Some(PathBuf::from(dir));
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return Some(bin);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
-}
-
-fn run_as() -> Option<User> {
-    if !nix::unistd::geteuid().is_root() {
-        return None;
-    }
-    ["postgres", "nobody"]
-        .into_iter()
-        .find_map(|name| User::from_name(name).ok().flatten())
 }
 
 fn free_port() -> anyhow::Result<u16> {

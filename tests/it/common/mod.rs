@@ -5,6 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 pub mod daemon;
 pub mod fleet;
+pub mod pg_programs;
 pub mod postgres;
 
 use contactd::{
