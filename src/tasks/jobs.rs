@@ -75,6 +75,10 @@ const FIRE_RETRY: Duration = Duration::from_secs(1);
 /// lease change).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
+/// How long an `any` run waits for its agent to come back before handing
+/// its task on, until a config gives `tasks.ack_timeout` (its default).
+const HAND_ON: Duration = Duration::from_secs(60);
+
 /// Several servers sharing a database: how often each reads the jobs'
 /// state the others wrote (their runs, an operator's pause through them).
 const REREAD: Duration = Duration::from_secs(5);
@@ -192,6 +196,10 @@ struct Inner {
     retry_at_ms: i64,
     /// The runs that ended last, at most [`ENDED`], oldest first.
     ended: VecDeque<RunView>,
+    /// `tasks.ack_timeout`: how long an `any` run waits for its agent to
+    /// come back before it hands its task on ([`HAND_ON`] until
+    /// configured).
+    hand_on_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -222,6 +230,11 @@ struct Run {
     next_slot_ms: i64,
     /// Failures before the last resume: the next halt counts from here.
     halt_base: u32,
+    /// `any` runs: agents running its task whose stream ended, since when.
+    /// One away longer than `tasks.ack_timeout` is counted missed and the
+    /// task goes to the next matching agent: with several servers, an
+    /// agent that moved to another one never comes back here.
+    away: HashMap<Arc<str>, i64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,6 +301,7 @@ impl Jobs {
         {
             let mut inner = self.inner.lock();
             inner.max_runs = config.tasks.max_runs;
+            inner.hand_on_ms = Some(millis(config.tasks.ack_timeout));
             let mut jobs = BTreeMap::new();
             for job in &config.jobs {
                 let Ok(schedule) = job.schedule() else {
@@ -364,7 +378,10 @@ impl Jobs {
                 continue;
             }
             match run.agents.get(&agent.name).map(|a| a.state) {
-                Some(RunAgentState::Running) => run.resend(&self.registry, &agent.name, self.epoch),
+                Some(RunAgentState::Running) => {
+                    run.away.remove(&agent.name);
+                    run.resend(&self.registry, &agent.name, self.epoch);
+                }
                 // Connected now: first in line. (An agent in the line twice
                 // is sent it once: `fill` skips it when it is no longer
                 // owed.)
@@ -394,9 +411,25 @@ impl Jobs {
         mailbox
     }
 
-    /// A stream of `name` ended.
+    /// A stream of `name` ended: an `any` run it was running notes since
+    /// when it is away ([`Run::away`]).
     pub fn left(&self, name: &str) {
         self.registry.left(name);
+        if self.active.load(Relaxed) == 0 {
+            return;
+        }
+        let now = now_ms();
+        let mut inner = self.inner.lock();
+        for run in inner.runs.values_mut() {
+            if run.mode != JobMode::Any {
+                continue;
+            }
+            if let Some((key, agent)) = run.agents.get_key_value(name)
+                && agent.state == RunAgentState::Running
+            {
+                run.away.entry(Arc::clone(key)).or_insert(now);
+            }
+        }
     }
 
     /// An ack of a run's task from `agent`; `None` when `id` is not the
@@ -1012,6 +1045,7 @@ impl Jobs {
             running: 0,
             next_slot_ms: now,
             halt_base: 0,
+            away: HashMap::new(),
             row,
             task,
         };
@@ -1126,6 +1160,7 @@ impl Jobs {
                     self.finish(&mut inner, id, RunState::TimedOut, now);
                 }
             }
+            self.hand_on(&mut inner, now);
             inner
                 .runs
                 .values()
@@ -1135,6 +1170,52 @@ impl Jobs {
         };
         for id in ids {
             self.pump(id);
+        }
+    }
+
+    /// `any` runs whose agent has been away `tasks.ack_timeout`: that agent
+    /// is counted missed (it may still run the task: at least once, as
+    /// queue mode's redelivery) and the next matching agent is sent it.
+    fn hand_on(&self, inner: &mut Inner, now: i64) {
+        let after = inner.hand_on_ms.unwrap_or(millis(HAND_ON));
+        let mut settle = Vec::new();
+        for run in inner.runs.values_mut() {
+            if run.away.is_empty() || run.row.state != RunState::Running {
+                continue;
+            }
+            let gone: Vec<Arc<str>> = run
+                .away
+                .iter()
+                .filter(|(name, since)| {
+                    now.saturating_sub(**since) >= after && !self.registry.is_connected(name)
+                })
+                .map(|(name, _)| Arc::clone(name))
+                .collect();
+            for name in gone {
+                run.away.remove(&name);
+                let Some(agent) = run.agents.get_mut(&name) else {
+                    continue;
+                };
+                if agent.state != RunAgentState::Running {
+                    continue;
+                }
+                agent.state = RunAgentState::Missed;
+                agent.at_ms = now;
+                run.running = run.running.saturating_sub(1);
+                run.row.missed += 1;
+                self.store.record(Write::RunAgent(run.agent_row(&name)));
+                tracing::warn!(
+                    run = run.row.task_id,
+                    job = %shown_job(&run.row.job),
+                    agent = %name,
+                    "job run: its agent has been away for tasks.ack_timeout (it may have moved to \
+                     another server): counted missed, the task goes to the next matching agent"
+                );
+                settle.push(run.row.task_id);
+            }
+        }
+        for id in settle {
+            self.settle(inner, id, now);
         }
     }
 
@@ -1186,7 +1267,9 @@ impl Jobs {
                 if run.row.acked > 0 {
                     Some(RunState::Succeeded)
                 } else if run.row.failed > run.row.retries
-                    || (run.running == 0 && run.owed.is_empty() && run.row.failed > 0)
+                    || (run.running == 0
+                        && run.owed.is_empty()
+                        && run.row.failed + run.row.missed > 0)
                 {
                     Some(RunState::Failed)
                 } else {
@@ -1335,6 +1418,7 @@ impl Run {
             running,
             next_slot_ms: 0,
             halt_base,
+            away: HashMap::new(),
         }
     }
 

@@ -60,6 +60,8 @@ impl Interceptor for Named {
 struct Fleet {
     received: mpsc::UnboundedReceiver<(String, ServerMsg)>,
     acks: HashMap<String, mpsc::Sender<ResultMsg>>,
+    /// Each agent's two calls (getTask's reader, tellResult), to end them.
+    calls: HashMap<String, [tokio::task::AbortHandle; 2]>,
 }
 
 impl Fleet {
@@ -67,6 +69,7 @@ impl Fleet {
     async fn connect(server: &TestServer, prefix: &str, count: usize, labels: &str) -> Fleet {
         let (tx, received) = mpsc::unbounded_channel();
         let mut acks = HashMap::new();
+        let mut calls = HashMap::new();
         for n in 0..count {
             let name = format!("{prefix}-{n:03}");
             let mut client: ContactClient<InterceptedService<Channel, Named>> =
@@ -80,18 +83,35 @@ impl Fleet {
                 .unwrap()
                 .into_inner();
             let (ack_tx, ack_rx) = mpsc::channel(64);
-            tokio::spawn(async move { client.tell_result(ReceiverStream::new(ack_rx)).await });
+            let telling =
+                tokio::spawn(async move { client.tell_result(ReceiverStream::new(ack_rx)).await });
             let (tx, agent) = (tx.clone(), name.clone());
-            tokio::spawn(async move {
+            let reading = tokio::spawn(async move {
                 while let Ok(Some(msg)) = tasks.message().await {
                     if tx.send((agent.clone(), msg)).is_err() {
                         return;
                     }
                 }
             });
+            calls.insert(
+                name.clone(),
+                [telling.abort_handle(), reading.abort_handle()],
+            );
             acks.insert(name, ack_tx);
         }
-        Fleet { received, acks }
+        Fleet {
+            received,
+            acks,
+            calls,
+        }
+    }
+
+    /// `agent` goes away: its calls end (and it does not come back).
+    fn leave(&mut self, agent: &str) {
+        for call in self.calls.remove(agent).unwrap() {
+            call.abort();
+        }
+        self.acks.remove(agent);
     }
 
     async fn next(&mut self) -> (String, ServerMsg) {
@@ -298,6 +318,44 @@ async fn an_any_job_runs_on_one_matching_agent_and_moves_on_after_a_failure() {
         "{refused:?}"
     );
     assert!(refused.message().contains("job show"), "{refused:?}");
+    server.stop().await;
+}
+
+/// RELIABILITY.md's defect 7: an `any` run whose agent went away while
+/// running its task (with several servers, it may have moved to another
+/// one and never come back here) hands the task on after
+/// `tasks.ack_timeout`, counting that agent missed, instead of waiting for
+/// it until the run's timeout.
+#[tokio::test]
+async fn an_any_run_whose_agent_stays_away_hands_its_task_on_after_the_ack_timeout() {
+    let mut config = quiet();
+    config.tasks.ack_timeout = Duration::from_millis(300);
+    config.jobs.push(JobConfig {
+        mode: JobMode::Any,
+        ..job("once", "every", "366days")
+    });
+    let server = TestServer::start(config).await;
+    let mut admin = server.admin().await;
+    let mut fleet = Fleet::connect(&server, "web", 2, "role=web").await;
+    let run = admin
+        .run_job(JobNameRequest {
+            name: "once".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run;
+    let (first, _) = fleet.next().await;
+    fleet.leave(&first);
+    let (second, task) = fleet.next().await;
+    assert_ne!(first, second, "sent again to the agent that left");
+    fleet.ack(&second, &task, true).await;
+    let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
+    let r = end.run.unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.acked, r.failed, r.missed),
+        ("succeeded", 1, 0, 1)
+    );
     server.stop().await;
 }
 
