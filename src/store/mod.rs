@@ -769,6 +769,14 @@ type Query = Box<dyn FnOnce(&mut dyn Backend) + Send>;
 /// Messages one group commit takes at most.
 const MAX_GROUP: usize = 4096;
 
+/// Written-behind changes and claims of a group that failed to commit (the
+/// disk full, the database away) are applied again, in order, with the next
+/// groups for at most this long; then they are dropped, with an ERROR.
+const CARRY_FOR: Duration = Duration::from_secs(300);
+
+/// With only failed changes waiting, the writer tries them again this often.
+const CARRY_PAUSE: Duration = Duration::from_millis(500);
+
 impl Store {
     /// A store that keeps nothing (`kind = "memory"`), numbering tasks from 1.
     pub fn memory() -> Store {
@@ -1233,8 +1241,30 @@ fn writer(
 ) {
     let mut group: Vec<Envelope> = Vec::new();
     let mut failures = 0u64;
-    while let Some(first) = rx.blocking_recv() {
-        group.push(first);
+    // Changes of failed groups, applied again before the next ones (an ack
+    // lost to a full disk was lost for good, and after a restart its task
+    // went to another agent and ran twice: RELIABILITY.md, defect 8).
+    let mut carried: Vec<Envelope> = Vec::new();
+    let mut carried_since: Option<std::time::Instant> = None;
+    let mut closed = false;
+    loop {
+        if carried.is_empty() {
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            group.push(first);
+        } else {
+            match rx.try_recv() {
+                Ok(envelope) => group.push(envelope),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(CARRY_PAUSE);
+                    if let Ok(envelope) = rx.try_recv() {
+                        group.push(envelope);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+            }
+        }
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(envelope) => group.push(envelope),
@@ -1246,6 +1276,8 @@ fn writer(
             .filter(|e| matches!(e.msg, Msg::Behind(_)))
             .count();
         shared.queued.fetch_sub(behind as u64, Ordering::Relaxed);
+        // The older changes first, as they were queued.
+        group.splice(0..0, carried.drain(..));
         let (made, reserved) = make_shared(backend.as_mut(), &mut group);
         let mut made_tasks = made.iter();
         let mut op_seqs: Vec<u64> = Vec::new();
@@ -1312,6 +1344,17 @@ fn writer(
             if failures.is_power_of_two() {
                 tracing::error!(failures, "the task store could not commit: {e}");
             }
+            let log = failures.is_power_of_two();
+            carry(
+                &group,
+                backend.shared(),
+                &mut carried,
+                &mut carried_since,
+                shared,
+                log,
+            );
+        } else {
+            carried_since = None;
         }
         if let (Ok(()), Some(Ok(ids))) = (&result, &reserved) {
             // Others' tasks below ours first, then ours: in id order.
@@ -1381,11 +1424,69 @@ fn writer(
                 Msg::Behind(_) | Msg::Claim(_) => {}
             }
         }
-        if let Some(reply) = close {
+        if close.is_some() || closed {
+            if !carried.is_empty() {
+                tracing::error!(
+                    dropped = carried.len(),
+                    "the task store is closing with changes it could not commit: they are lost \
+                     (their tasks may be delivered again after the restart)"
+                );
+            }
             backend.close();
             drop(backend);
-            let _ = reply.send(());
+            if let Some(reply) = close {
+                let _ = reply.send(());
+            }
             return;
+        }
+    }
+}
+
+/// Keeps the written-behind changes of `group`, which failed to commit (and
+/// its claims, but for a shared database, where a claim whose commit failed
+/// is treated as lost: see the writer), to apply them again with the next
+/// group; at most `write_queue` of them, for at most [`CARRY_FOR`].
+fn carry(
+    group: &[Envelope],
+    shared_backend: bool,
+    carried: &mut Vec<Envelope>,
+    since: &mut Option<std::time::Instant>,
+    shared: &Shared,
+    log: bool,
+) {
+    let now = std::time::Instant::now();
+    let first = *since.get_or_insert(now);
+    let again = group.iter().filter_map(|e| {
+        let msg = match &e.msg {
+            Msg::Behind(write) => Msg::Behind(write.clone()),
+            Msg::Claim(write) if !shared_backend => Msg::Claim(write.clone()),
+            _ => return None,
+        };
+        Some(Envelope { seq: e.seq, msg })
+    });
+    if now.duration_since(first) >= CARRY_FOR {
+        let dropped = again.count();
+        *since = None;
+        tracing::error!(
+            dropped,
+            failing_for = ?CARRY_FOR,
+            "the task store has failed to commit for too long: changes waiting to be written \
+             (acks, deliveries, claims) are dropped; their tasks may be delivered again after \
+             a restart"
+        );
+        return;
+    }
+    carried.extend(again);
+    let bound = usize::try_from(shared.write_queue).unwrap_or(usize::MAX);
+    if carried.len() > bound {
+        let dropped = carried.len() - bound;
+        carried.drain(..dropped);
+        if log {
+            tracing::error!(
+                dropped,
+                "the task store cannot commit and more than store.write_queue changes wait: the \
+             oldest are dropped; their tasks may be delivered again after a restart"
+            );
         }
     }
 }
@@ -1626,6 +1727,111 @@ mod tests {
         let claims: Vec<_> = snapshot.tasks.iter().map(|t| t.claim.is_some()).collect();
         assert_eq!(claims, [true, false, false]);
         assert_eq!(snapshot.tasks[2].target.as_deref(), Some("web1"));
+    }
+
+    /// SQLite whose commits fail while `full` is set, as on a full disk.
+    struct Flaky {
+        inner: sqlite::Sqlite,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Backend for Flaky {
+        fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
+            self.inner.load(ring, queue_mode)
+        }
+        fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
+            if self.full.load(Ordering::Relaxed) {
+                let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+                return Err(StoreError::full("database or disk is full", io));
+            }
+            self.inner.apply(ops)
+        }
+        fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {
+            self.inner.prune(retention)
+        }
+        fn task(&mut self, id: u64) -> Result<Option<TaskRecord>, StoreError> {
+            self.inner.task(id)
+        }
+        fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
+            self.inner.jobs()
+        }
+        fn runs(&mut self, job: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+            self.inner.runs(job, limit)
+        }
+        fn run(&mut self, task_id: u64) -> Result<Option<RunRecord>, StoreError> {
+            self.inner.run(task_id)
+        }
+    }
+
+    /// RELIABILITY.md's defect 8: an ack written behind while the disk was
+    /// full was lost for good, so after a restart its task went to another
+    /// agent and ran twice. Now what failed is applied again once commits
+    /// work, in order.
+    #[tokio::test]
+    async fn changes_that_failed_to_commit_are_applied_again_once_the_disk_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.db");
+        let full = Arc::new(AtomicBool::new(false));
+        let mut inner = sqlite::Sqlite::open(&path, StoreSync::Normal).unwrap();
+        let snapshot = inner.load(10, true).unwrap();
+        let opened = Opened {
+            snapshot,
+            backend: Some(Box::new(Flaky {
+                inner,
+                full: Arc::clone(&full),
+            })),
+            watcher: None,
+            reader: None,
+            write_queue: 1000,
+        };
+        let (store, _) = opened.start();
+        store
+            .publish(2, |id| (format!("t{id}"), None))
+            .await
+            .unwrap();
+        full.store(true, Ordering::Relaxed);
+        let seq = store.claim(Write::Claimed {
+            id: 1,
+            attempt: 1,
+            holder: "web1".into(),
+            deadline_ms: crate::clock::now_ms() + 60_000,
+        });
+        store.record(Write::Acked {
+            id: 1,
+            agent: "web1".into(),
+            ok: true,
+            text: "done".into(),
+            at_ms: 5,
+            claimed: true,
+        });
+        // The claim's group failed (it is sent all the same).
+        let mut committed = store.committed();
+        tokio::time::timeout(Duration::from_secs(10), committed.wait_for(|c| *c >= seq))
+            .await
+            .expect("the failed group is let go")
+            .unwrap();
+        // A write through fails, and says so, while the disk is full.
+        let refused = store.write_now(Write::Retried { id: 2 }).committed().await;
+        assert!(refused.is_err(), "{refused:?}");
+        full.store(false, Ordering::Relaxed);
+        // The writer applies what failed again on its own (within a pause).
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let record = store.task(1).await.unwrap().unwrap();
+                if record.task.state == TaskState::Acked {
+                    return record;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the ack written once the disk had room");
+        assert_eq!(&*acked.results[0].agent, "web1");
+        store.close().await;
+        // After a restart, too: task 1 is acked, not sent again.
+        let opened = open(&sqlite_config(path), "test", 10, true).unwrap();
+        let states: Vec<_> = opened.snapshot.tasks.iter().map(|t| t.state).collect();
+        assert_eq!(states, [TaskState::Acked, TaskState::Pending]);
     }
 
     #[tokio::test]
