@@ -7,7 +7,8 @@
 //!
 //! 0. **Leaves**, importing nothing of ours:
 //!    [`clock`] (unix milliseconds), [`net`] (listening sockets with our
-//!    backlog; the small HTTP listeners' bounded accept loop), [`proto`] (generated gRPC code, the broadcast wire frames),
+//!    backlog; the small HTTP listeners' bounded accept loop), [`proto`]
+//!    (generated gRPC code, the broadcast wire frames),
 //!    [`untrusted`] (caller input escaped and cut; log budgets),
 //!    [`systemd`] (sd-notify, socket activation), [`model`] (a task and its state, ack
 //!    cursors, the records the store keeps), [`labels`] (what an agent

@@ -326,7 +326,6 @@ impl AdminService {
 /// and the other fields, at their largest.
 const TASK_FIELDS: u64 = 64;
 
-/// A selector from a request: `None` when empty.
 /// One caller of this server, as `ListAgents` shows it; `loads` are the
 /// tasks in flight by agent (queue mode).
 pub(super) fn agent_message(
@@ -361,6 +360,7 @@ pub(super) fn agent_message(
     }
 }
 
+/// A selector from a request: `None` when empty.
 pub(super) fn parse_selector(text: &str) -> Result<Option<Arc<Selector>>, Status> {
     if text.trim().is_empty() {
         return Ok(None);

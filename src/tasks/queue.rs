@@ -399,14 +399,18 @@ impl Queue {
     /// their deadline, as their streams end (or at once, for a claim
     /// without a stream). Each redelivery counts as an attempt.
     pub fn let_go(&self, names: &[Arc<str>]) {
+        // Sets, not scans: a CA change can let a whole fleet go at once.
+        let names: std::collections::HashSet<&Arc<str>> = names.iter().collect();
         let mut state = self.state.lock();
-        for name in names {
-            // Marked only while it has a stream to end (the last to end
-            // clears it): the set stays as small as the streams.
-            if state.slots.values().any(|s| s.name == *name) {
-                state.let_go.insert(Arc::clone(name));
-            }
-        }
+        // Marked only while it has a stream to end (the last to end clears
+        // it): the set stays as small as the streams.
+        let streaming: Vec<Arc<str>> = state
+            .slots
+            .values()
+            .filter(|s| names.contains(&s.name))
+            .map(|s| Arc::clone(&s.name))
+            .collect();
+        state.let_go.extend(streaming);
         let held: Vec<u64> = state
             .in_flight
             .iter()
@@ -1019,12 +1023,17 @@ impl Drop for Slot {
         }
         // The agent already came back on another stream (its new connection
         // overtook the old one's end): it gets them there now, as it would
-        // had it joined after this.
-        let again = state
-            .slots
-            .iter()
-            .find(|(_, s)| s.name == slot.name)
-            .map(|(id, _)| *id);
+        // had it joined after this. (A scan of the slots, so only when it
+        // held something: a reconnect storm drops thousands of streams.)
+        let again = if held.is_empty() {
+            None
+        } else {
+            state
+                .slots
+                .iter()
+                .find(|(_, s)| s.name == slot.name)
+                .map(|(id, _)| *id)
+        };
         if let Some(again) = again {
             held.sort_unstable();
             for id in held {
