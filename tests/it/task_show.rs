@@ -415,6 +415,15 @@ async fn queue_retry_runs_a_failed_task_again_and_cancels_survive_a_restart() {
     })
     .await;
     worker.stop().await;
+    // Until the server has seen w's stream end, a task submitted now could
+    // still be sent into it: w would then hold it (its claim kept, as for
+    // any agent whose connection ends) and it would not be pending.
+    within("w seen gone", async {
+        while common::agent(&mut admin, "w").await.connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     // Cancelled while pending: never handled, though a later task is.
     let pending = submit(&mut admin, "pending", "").await;

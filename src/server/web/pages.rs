@@ -286,7 +286,10 @@ pub(super) fn fleet(f: &Fleet<'_>) -> Markup {
             }
             section aria-labelledby="throughput" {
                 h2 #throughput { "Results in the last hour" }
-                p { (total) " results (acks and failures) in " (f.throughput.len()) " minutes." }
+                p {
+                    (total) " results (acks and failures) in " (f.throughput.len())
+                    @if f.throughput.len() == 1 { " minute." } @else { " minutes." }
+                }
                 @if !f.throughput.is_empty() {
                     table.throughput {
                         thead { tr { th scope="col" { "Minute (UTC)" } th scope="col" { "Results" } th scope="col" { "Share of the busiest minute" } } }
