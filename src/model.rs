@@ -189,7 +189,8 @@ pub enum RunAgentState {
     Acked = 2,
     /// Answered with a failure after its retries.
     Failed = 3,
-    /// Still owed (or running) when the run ended.
+    /// Still owed (or running) when the run ended; in an `any` run, also
+    /// an agent away for `tasks.ack_timeout` while it ran the task.
     Missed = 4,
 }
 
