@@ -22,7 +22,7 @@
 //! them again first, and dedupes) or for their deadline.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -207,7 +207,7 @@ struct State {
     /// Agents gone for good (their credentials revoked, [`Queue::let_go`]):
     /// a stream of theirs that ends hands its tasks on at once. Until the
     /// agent joins again.
-    let_go: std::collections::HashSet<Arc<str>>,
+    let_go: HashSet<Arc<str>>,
 }
 
 /// The queue shared by all agent streams.
@@ -266,7 +266,7 @@ impl Queue {
                 counters: Counters::default(),
                 store,
                 closing: false,
-                let_go: std::collections::HashSet::new(),
+                let_go: HashSet::new(),
             }),
         })
     }
@@ -400,7 +400,7 @@ impl Queue {
     /// without a stream). Each redelivery counts as an attempt.
     pub fn let_go(&self, names: &[Arc<str>]) {
         // Sets, not scans: a CA change can let a whole fleet go at once.
-        let names: std::collections::HashSet<&Arc<str>> = names.iter().collect();
+        let names: HashSet<&Arc<str>> = names.iter().collect();
         let mut state = self.state.lock();
         // Marked only while it has a stream to end (the last to end clears
         // it): the set stays as small as the streams.

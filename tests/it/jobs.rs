@@ -164,6 +164,16 @@ async fn run_until(
     .await
 }
 
+/// Runs the job `name` now (`contactd job run`); its run's id.
+async fn run_job(admin: &mut AdminClient<Channel>, name: &str) -> u64 {
+    admin
+        .run_job(JobNameRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+}
+
 /// Submits an ad hoc rollout (`task submit --batch`) and returns its run.
 async fn rollout(
     admin: &mut AdminClient<Channel>,
@@ -290,14 +300,7 @@ async fn an_any_job_runs_on_one_matching_agent_and_moves_on_after_a_failure() {
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     let mut fleet = Fleet::connect(&server, "web", 3, "role=web").await;
-    let run = admin
-        .run_job(JobNameRequest {
-            name: "once".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = run_job(&mut admin, "once").await;
     let (first, task) = fleet.next().await;
     fleet.ack(&first, &task, false).await;
     let (second, task) = fleet.next().await;
@@ -337,14 +340,7 @@ async fn an_any_run_whose_agent_stays_away_hands_its_task_on_after_the_ack_timeo
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     let mut fleet = Fleet::connect(&server, "web", 2, "role=web").await;
-    let run = admin
-        .run_job(JobNameRequest {
-            name: "once".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = run_job(&mut admin, "once").await;
     let (first, _) = fleet.next().await;
     fleet.leave(&first);
     let (second, task) = fleet.next().await;
@@ -737,14 +733,7 @@ async fn an_agent_that_fails_is_sent_it_again_and_one_that_never_answers_is_miss
     let server = TestServer::start(config).await;
     let mut admin = server.admin().await;
     let mut fleet = Fleet::connect(&server, "web", 2, "role=web").await;
-    let run = admin
-        .run_job(JobNameRequest {
-            name: "flaky".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run;
+    let run = run_job(&mut admin, "flaky").await;
     let mut first = HashMap::new();
     for _ in 0..2 {
         let (agent, task) = fleet.next().await;

@@ -654,22 +654,7 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
     let b = &browser;
 
     // Log in: the fleet page with its counts.
-    b.client.goto(&console.url("/")).await.unwrap();
-    let token = b
-        .client
-        .wait()
-        .at_most(LIMIT)
-        .for_element(Locator::Css("#token"))
-        .await
-        .unwrap();
-    token.send_keys(&console.operator).await.unwrap();
-    b.client
-        .find(Locator::Css("main form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.log_in(&console.url(""), &console.operator).await;
     b.until_text("#connected", "50").await;
     assert_eq!(b.text("#down").await, "0");
 
@@ -712,36 +697,10 @@ async fn an_operator_sees_the_fleet_filters_submits_and_watches_results_arrive_i
 
     // Submit a task to the selector: the page of the new task opens.
     b.client.goto(&console.url("/tasks")).await.unwrap();
-    b.client
-        .find(Locator::Css("#text"))
-        .await
-        .unwrap()
-        .send_keys("restart web-console-test")
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Css("#to"))
-        .await
-        .unwrap()
-        .send_keys("role=web")
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Css("#submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.fill_and_submit(&[("#text", "restart web-console-test"), ("#to", "role=web")])
+        .await;
     b.until_text("h1", "Task ").await;
-    let task_url = b.client.current_url().await.unwrap();
-    let id: u64 = task_url
-        .path()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .parse()
-        .expect("a task's page");
+    let id = b.id_in_address().await;
     // The page stays open: a mark on its window proves it is not reloaded.
     b.client
         .execute("window.stayed = 'yes'; return 1;", vec![])
