@@ -1366,8 +1366,14 @@ fn writer(
         }
         let last = group.last().map_or(0, |e| e.seq);
         // A claim that failed to commit is sent all the same: holding
-        // deliveries back would not make the disk any less full.
-        committed.send_replace(last);
+        // deliveries back would not make the disk any less full. (Never
+        // backwards: a group of carried changes alone ends below what the
+        // group that failed them already said.)
+        committed.send_if_modified(|c| {
+            let newer = last > *c;
+            *c = (*c).max(last);
+            newer
+        });
         let mut close = None;
         let mut made_ranges = made
             .iter()
