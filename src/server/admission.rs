@@ -13,7 +13,10 @@
 //! - in plaintext, it is answered at once by a small HTTP/2 responder:
 //!   every call UNAVAILABLE with gRPC's retry hint (`grpc-retry-pushback-ms`),
 //!   each connection turned away given its own later turn, so that the
-//!   agents that honour the hint come back at the pace.
+//!   agents that honour the hint come back at the pace. At most
+//!   `server.max_handshakes` answers are under way at once; while all are,
+//!   the next connection waits in the backlog for a free one or its turn.
+//!   None is closed unanswered.
 
 use std::time::{Duration, Instant};
 

@@ -288,13 +288,25 @@ pub fn incoming(
 impl Acceptor {
     async fn run(mut self) {
         loop {
-            // Over TLS, a connection above the pace waits for its turn in
-            // the listening socket's backlog (see `admission`).
-            if self.tls.is_some()
-                && let Turn::After(wait) = self.pace.turn(Instant::now())
-            {
+            // Above the pace, a connection waits in the listening socket's
+            // backlog: over TLS for its turn (see `admission`); in
+            // plaintext until its turn or a free answer slot (an answer
+            // with a hint), whichever comes first. Accepting it only to
+            // close it unanswered would send its agent into the failure
+            // backoff: in a storm of 10,000 that was a thousand agents a
+            // second late.
+            let mut answer_slot = None;
+            if let Turn::After(wait) = self.pace.turn(Instant::now()) {
+                let turning_away = Arc::clone(&self.turning_away);
+                let answer = async {
+                    match self.tls {
+                        None => turning_away.acquire_owned().await.ok(),
+                        Some(_) => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
+                    slot = answer => answer_slot = slot,
                     () = self.ready.closed() => return,
                     () = self.stop.cancelled() => return,
                 }
@@ -319,7 +331,7 @@ impl Acceptor {
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => self.admit(stream, peer, permit),
+                Ok((stream, peer)) => self.admit(stream, peer, permit, answer_slot),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -371,8 +383,15 @@ impl Acceptor {
 
     /// Starts the handshake of a new connection (holding `permit`, its
     /// handshake slot), if it is within the pace and a slot is free for its
-    /// source address.
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    /// source address; else answers it with a hint (in `answer_slot`, if
+    /// one was taken for it).
+    fn admit(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        answer_slot: Option<OwnedSemaphorePermit>,
+    ) {
         // DEFECT, in test builds only and only when asked for (see
         // `crate::defects`): a few KiB leaked per accepted connection.
         #[cfg(all(feature = "test-defects", debug_assertions))]
@@ -396,7 +415,7 @@ impl Acceptor {
                 );
             });
             drop(permit);
-            self.turn_away(stream, now);
+            self.turn_away(stream, now, answer_slot);
             return;
         }
         let Some(from_address) = self
@@ -417,7 +436,7 @@ impl Acceptor {
             });
             drop(permit);
             if plaintext {
-                self.turn_away(stream, now);
+                self.turn_away(stream, now, answer_slot);
             }
             return;
         };
@@ -503,10 +522,12 @@ impl Acceptor {
     /// with a retry hint (its turn at `server.accept_rate`), rather than
     /// closing it: the agent comes back then instead of after a failure
     /// backoff. Such answers hold no handshake slot; at most
-    /// `server.max_handshakes` are under way at once (beyond, the
-    /// connection is closed).
-    fn turn_away(&mut self, stream: TcpStream, now: Instant) {
-        let Ok(slot) = Arc::clone(&self.turning_away).try_acquire_owned() else {
+    /// `server.max_handshakes` are under way at once: above the pace the
+    /// acceptor waits for one (`slot`) before it accepts; one over its
+    /// address's share without a free slot is closed.
+    fn turn_away(&mut self, stream: TcpStream, now: Instant, slot: Option<OwnedSemaphorePermit>) {
+        let Some(slot) = slot.or_else(|| Arc::clone(&self.turning_away).try_acquire_owned().ok())
+        else {
             return;
         };
         let after = self.pace.hint(now);

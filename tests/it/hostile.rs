@@ -362,6 +362,51 @@ async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
     server.stop().await;
 }
 
+/// A storm above `server.accept_rate` larger than the answers the server
+/// gives at once (`server.max_handshakes`, 2 here): every connection gets
+/// in or gets an answer with a hint; none is closed unanswered (which sent
+/// its agent into the failure backoff: about a thousand of the 10,000 in
+/// the bench's restart storm). The excess waits in the backlog for a free
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_above_the_accept_rate_is_answered_not_closed() {
+    let mut config = Config::default();
+    config.server.accept_rate = 1;
+    config.server.accept_burst = 1;
+    config.server.max_handshakes = 2;
+    config.server.max_handshakes_per_address = 2;
+    let server = TestServer::start(config).await;
+    let calls = (0..24).map(|_| async {
+        let channel = server.channel().await;
+        let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+        within(
+            "getTask",
+            client.get_task(contactd::proto::contact::Empty {}),
+        )
+        .await
+        .map(drop)
+    });
+    let (mut admitted, mut hinted) = (0, 0);
+    for outcome in futures_util::future::join_all(calls).await {
+        match outcome {
+            Ok(()) => admitted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    contactd::proto::retry_hint(&status).is_some(),
+                    "turned away without a hint: {status:?}"
+                );
+                hinted += 1;
+            }
+        }
+    }
+    assert!(
+        admitted >= 1 && hinted >= 20,
+        "{admitted} in, {hinted} hinted"
+    );
+    server.stop().await;
+}
+
 /// At its open-files limit the server refuses the connection that does not
 /// fit at once (closed, counted, logged) rather than leaving it in the
 /// backlog, and goes on serving the connections it has; once one closes, a
