@@ -236,14 +236,19 @@ impl Caller {
         }
     }
 
-    /// Counts an ack that changed nothing, and logs it now and then.
-    pub fn refuse_ack(&self, task_id: u64, reason: &str) {
-        let total = self.refused_acks.fetch_add(1, Ordering::Relaxed) + 1;
-        // The log budget (a clock read and a lock) is asked for the 1st,
-        // 2nd, 4th … and then every 1024th refusal only: a flood of forged
-        // acks costs a counter each, and still makes at most a line per
-        // window. (Asking it for every one was 10 % of the server's CPU.)
-        if !(total.is_power_of_two() || total.is_multiple_of(1024)) {
+    /// Counts `count` acks that changed nothing (the latest of them for
+    /// `task_id`), and logs it now and then.
+    pub fn refuse_acks(&self, count: u64, task_id: u64, reason: &str) {
+        let total = self.refused_acks.fetch_add(count, Ordering::Relaxed) + count;
+        let before = total - count;
+        // The log budget (a clock read and a lock) is asked when the total
+        // passes the 1st, 2nd, 4th … and then every 1024th refusal only: a
+        // flood of forged acks costs a counter, and still makes at most a
+        // line per window. (Asking it for every one was 10 % of the
+        // server's CPU.)
+        let passed = |mark: fn(u64) -> u64| mark(total) != mark(before);
+        if count == 0 || !(before == 0 || passed(|n| u64::from(n.ilog2())) || passed(|n| n / 1024))
+        {
             return;
         }
         self.ack_refusals.hit(|_| {
