@@ -6,7 +6,8 @@
 //! is not run again; a task whose handler was running when the agent died is
 //! not run again either (it is acked FAILED, as interrupted); a task whose
 //! agent only lost its connection (through a relay the test cuts) stays with
-//! it, and its ack, spooled meanwhile, arrives when it is back; a damaged
+//! it, and its ack, spooled meanwhile, arrives when it is back; an ack
+//! whose call failed in flight is sent again and counted once; a damaged
 //! spool stops the agent with an error naming the file.
 
 use crate::common;
@@ -15,6 +16,10 @@ use std::{
     ffi::OsStr,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -266,31 +271,46 @@ fn a_damaged_spool_stops_the_agent_with_an_error_naming_it() {
 
 /// A TCP relay on loopback to `upstream` that the test can cut: every
 /// connection through it closes and none is accepted until it is started
-/// again on the same address. At most 100 connections (a bound; the test
-/// needs a handful).
+/// again on the same address; or mute: the server's bytes stop reaching the
+/// agent (what the agent sends still arrives). At most 100 connections (a
+/// bound; the test needs a handful).
 struct Relay {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    muted: Arc<AtomicBool>,
 }
 
 impl Relay {
     async fn start(at: SocketAddr, upstream: SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let muted = Arc::new(AtomicBool::new(false));
+        let mute = Arc::clone(&muted);
         let task = tokio::spawn(async move {
             let mut links = tokio::task::JoinSet::new();
             for _ in 0..100 {
-                let Ok((mut down, _)) = listener.accept().await else {
+                let Ok((down, _)) = listener.accept().await else {
                     return;
                 };
+                let mute = Arc::clone(&mute);
                 links.spawn(async move {
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    if let Ok(up) = tokio::net::TcpStream::connect(upstream).await {
+                        let (down_read, down_write) = down.into_split();
+                        let (up_read, up_write) = up.into_split();
+                        tokio::join!(
+                            pump(down_read, up_write, None),
+                            pump(up_read, down_write, Some(mute)),
+                        );
                     }
                 });
             }
         });
-        Self { addr, task }
+        Self { addr, task, muted }
+    }
+
+    /// From now on, what the server sends is dropped.
+    fn mute_the_server(&self) {
+        self.muted.store(true, Ordering::SeqCst);
     }
 
     /// Closes every connection and the listener (dropping the task drops
@@ -300,6 +320,81 @@ impl Relay {
         let _ = self.task.await;
         self.addr
     }
+}
+
+/// Copies `from` to `to` until either ends; while `muted` is set, drops
+/// what it reads instead.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    muted: Option<Arc<AtomicBool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if muted.as_ref().is_some_and(|m| m.load(Ordering::SeqCst)) {
+            continue;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An ack whose tellResult call failed in flight (the server has it, but
+/// its answer never reaches the agent: the link goes down in between) stays
+/// in the spool and is sent again once the agent is back; the server counts
+/// the task acked once, and the handler ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_whose_call_failed_in_flight_is_sent_again_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("contactd.db");
+    let server = Daemon::start(&server_config(&store, None));
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), server.addr).await;
+    let files = agent_files(dir.path(), relay.addr, "answerless");
+    let mut agent = start_agent(&files);
+    agent.wait_for_line("connected to");
+    let id = submit(&mut server.admin().await, "the task", "").await;
+    until_runs(&files, 1).await;
+
+    // The handler ends; its ack reaches the server, the answer does not.
+    relay.mute_the_server();
+    open_gate(&files).await;
+    agent.wait_for_line("sending acks");
+    tasks_until(&server, "the task acked", |tasks| {
+        tasks
+            .iter()
+            .any(|t| t.id == id && t.state() == TaskState::Acked)
+    })
+    .await;
+    let addr = relay.cut().await;
+    agent.wait_for_line("disconnected from");
+    let relay = Relay::start(addr, server.addr).await;
+    agent.wait_for_lines("connected to", 2);
+    agent.wait_for_lines("sending acks", 2);
+    let sent: Vec<&String> = agent
+        .log
+        .iter()
+        .filter(|l| l.contains("sending acks"))
+        .collect();
+    assert!(
+        sent.iter()
+            .all(|line| field(line, "first_task_id") == id.to_string()),
+        "{sent:?}"
+    );
+    let tasks = tasks_until(&server, "the task listed", |tasks| {
+        tasks.iter().any(|t| t.id == id)
+    })
+    .await;
+    common::assert_each_acked_once(&tasks);
+    assert_eq!(runs(&files), [id], "the handler ran once");
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(LIMIT).success());
+    relay.cut().await;
 }
 
 /// RELIABILITY.md's defect 3: a queue task whose agent only lost its
