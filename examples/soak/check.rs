@@ -43,6 +43,11 @@ pub struct Bounds {
     /// it has only lost its connection (it will ack when back). Off: such
     /// runs are listed apart (`known`), not as violations.
     pub keep_claims: bool,
+    /// The servers' `tasks.ack_timeout`: a queue task whose earlier runs
+    /// each began at least this long before the next is at-least-once
+    /// delivery as designed (its agent did not ack in time: cut off for
+    /// longer, say), counted and listed, not a violation.
+    pub ack_timeout_ms: i64,
 }
 
 /// One broken guarantee.
@@ -63,6 +68,10 @@ pub struct Verdict {
     /// Tasks run twice because their first agent was killed before its
     /// ack could leave: allowed, counted and listed.
     pub in_flight_at_kill: Vec<u64>,
+    /// Queue tasks handed to another agent at their ack timeout (each
+    /// earlier run began at least `ack_timeout` before the next): allowed,
+    /// counted and listed.
+    pub redelivered_at_timeout: Vec<u64>,
     /// Broken guarantees that are known and not yet fixed (with `spool`
     /// off: a task run again by an agent after its own restart).
     pub known: Vec<Violation>,
@@ -102,6 +111,7 @@ pub fn check(history: &History, bounds: &Bounds) -> Verdict {
     verdict.violations.sort();
     verdict.known.sort();
     verdict.in_flight_at_kill.sort_unstable();
+    verdict.redelivered_at_timeout.sort_unstable();
     verdict.latencies.sort_unstable();
     verdict.reconnects.sort_unstable();
     verdict
@@ -316,8 +326,17 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                         .filter(|r| Some(r.agent.as_str()) != last)
                         .filter(|r| !killed_after(&r.agent, r.at_ms))
                         .all(|r| cut_off(&r.agent, r.at_ms, next_after(r.at_ms)));
+                    let timed_out = mine
+                        .iter()
+                        .filter(|r| Some(r.agent.as_str()) != last)
+                        .filter(|r| !killed_after(&r.agent, r.at_ms))
+                        .all(|r| {
+                            next_after(r.at_ms) - r.at_ms >= bounds.ack_timeout_ms - HARNESS_LAG_MS
+                        });
                     if unexcused.is_empty() {
                         verdict.in_flight_at_kill.push(id);
+                    } else if timed_out {
+                        verdict.redelivered_at_timeout.push(id);
                     } else if disconnected {
                         let agents: BTreeSet<&str> = per_agent.keys().copied().collect();
                         let v = Violation {

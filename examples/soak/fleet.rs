@@ -95,6 +95,11 @@ pub struct Args {
 /// how long a half-open connection can go unnoticed.
 pub const KEEPALIVE_DETECT: Duration = Duration::from_secs(50);
 
+/// The servers' `tasks.ack_timeout` (contactd's default, written out): a
+/// queue task handed to another agent this long after its run began is
+/// at-least-once delivery as designed, which the checker lists apart.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One `contactd serve` of the run.
 pub struct Server {
     /// `server` (on SQLite) or `server-a` and `server-b` (on PostgreSQL):
@@ -274,6 +279,7 @@ key = {key:?}
 mode = "queue"
 interval = "{interval}"
 batch = {batch}
+ack_timeout = "{ack_timeout}s"
 template = "gen:{{seq}}"
 retain = 100000
 max_attempts = 20
@@ -299,6 +305,7 @@ max_size = "1GiB"
             admin = server.admin_socket,
             log = self.dir.join("logs").join(format!("{}.log", server.name)),
             level = self.server_log,
+            ack_timeout = ACK_TIMEOUT.as_secs(),
         );
         write_atomic(&server.config_path, toml.as_bytes())
     }

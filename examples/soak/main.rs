@@ -107,6 +107,7 @@ impl BoundArgs {
             settle_ms: self.settle.as_millis() as i64,
             spool: self.spool,
             keep_claims: self.keep_claims,
+            ack_timeout_ms: fleet::ACK_TIMEOUT.as_millis() as i64,
         }
     }
 }

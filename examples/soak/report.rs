@@ -87,6 +87,11 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
     );
     let _ = writeln!(
         s,
+        "| queue tasks run twice, handed on at their ack timeout | {} |",
+        verdict.redelivered_at_timeout.len()
+    );
+    let _ = writeln!(
+        s,
         "| remote commands ok / failed | {cmds_ok} / {cmds_failed} |"
     );
     let l = &verdict.latencies;
@@ -193,6 +198,13 @@ fn summary(history: &History, verdict: &Verdict, bounds: &Bounds) -> String {
             "\n## Queue tasks in flight at an agent's SIGKILL (run again, allowed)\n"
         );
         let _ = writeln!(s, "{:?}", verdict.in_flight_at_kill);
+    }
+    if !verdict.redelivered_at_timeout.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Queue tasks handed on at their ack timeout (run again, allowed)\n"
+        );
+        let _ = writeln!(s, "{:?}", verdict.redelivered_at_timeout);
     }
     s
 }

@@ -64,6 +64,7 @@ fn bounds() -> Bounds {
         settle_ms: 0,
         spool: true,
         keep_claims: true,
+        ack_timeout_ms: 60_000,
     }
 }
 

@@ -36,6 +36,7 @@ fn bounds() -> Bounds {
         settle_ms: 15_000,
         spool: true,
         keep_claims: true,
+        ack_timeout_ms: 60_000,
     }
 }
 
@@ -457,6 +458,37 @@ fn a_queue_task_handed_out_again_at_a_disconnect_is_reported() {
     history.runs.push(run("c", 8, 8_400));
     assert_eq!(
         failed(&check_on_disk(&history, &lenient)),
+        ["handled-twice"]
+    );
+}
+
+#[test]
+fn a_queue_task_handed_on_at_its_ack_timeout_is_listed_not_failed() {
+    // b ran task 7 and was cut off for longer than the ack timeout: the
+    // server gave the task to c when its claim ran out, as designed.
+    let mut history = clean();
+    let timeout = bounds().ack_timeout_ms;
+    history.runs.push(run("c", 7, 7_000 + timeout));
+    history.events.push(Event::Conn {
+        agent: "b".to_owned(),
+        up: false,
+        at_ms: T0 + 7_200,
+    });
+    history.events.push(Event::Conn {
+        agent: "b".to_owned(),
+        up: true,
+        at_ms: T0 + 7_400 + timeout,
+    });
+    history.view.tasks[6].last_agent = "c".to_owned();
+    let verdict = check_on_disk(&history, &bounds());
+    assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
+    assert_eq!(verdict.redelivered_at_timeout, [7]);
+    // Handed on well before the timeout, it is still reported.
+    let mut history = clean();
+    history.runs.push(run("c", 7, 7_000 + timeout / 2));
+    history.view.tasks[6].last_agent = "c".to_owned();
+    assert_eq!(
+        failed(&check_on_disk(&history, &bounds())),
         ["handled-twice"]
     );
 }
