@@ -299,6 +299,22 @@ async fn serve_starts_and_reloads_at_the_ends_of_every_range() {
 
 // ---- a storm of new connections is paced ----
 
+/// `count` connections made at once, each calling getTask: how each call
+/// began.
+async fn get_tasks_at_once(server: &TestServer, count: usize) -> Vec<Result<(), tonic::Status>> {
+    let calls = (0..count).map(|_| async {
+        let channel = server.channel().await;
+        let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
+        within(
+            "getTask",
+            client.get_task(contactd::proto::contact::Empty {}),
+        )
+        .await
+        .map(drop)
+    });
+    futures_util::future::join_all(calls).await
+}
+
 /// Above `server.accept_rate`, a plaintext connection is answered
 /// UNAVAILABLE with gRPC's retry hint (its turn) and counted; an agent
 /// turned away waits the hint (its failure backoff, an hour here, starts
@@ -313,18 +329,8 @@ async fn connections_above_the_accept_rate_are_told_when_to_come_back() {
     // at once, all but the first are turned away (unless this machine takes
     // a second to make them), each given a turn of its own, a second apart,
     // before the agent below.
-    let calls = (0..4).map(|_| async {
-        let channel = server.channel().await;
-        let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
-        within(
-            "getTask",
-            client.get_task(contactd::proto::contact::Empty {}),
-        )
-        .await
-        .map(drop)
-    });
     let (mut admitted, mut hint) = (0, None);
-    for outcome in futures_util::future::join_all(calls).await {
+    for outcome in get_tasks_at_once(&server, 4).await {
         match outcome {
             Ok(()) => admitted += 1,
             Err(status) => {
@@ -376,18 +382,8 @@ async fn a_storm_above_the_accept_rate_is_answered_not_closed() {
     config.server.max_handshakes = 2;
     config.server.max_handshakes_per_address = 2;
     let server = TestServer::start(config).await;
-    let calls = (0..24).map(|_| async {
-        let channel = server.channel().await;
-        let mut client = contactd::proto::contact::contact_client::ContactClient::new(channel);
-        within(
-            "getTask",
-            client.get_task(contactd::proto::contact::Empty {}),
-        )
-        .await
-        .map(drop)
-    });
     let (mut admitted, mut hinted) = (0, 0);
-    for outcome in futures_util::future::join_all(calls).await {
+    for outcome in get_tasks_at_once(&server, 24).await {
         match outcome {
             Ok(()) => admitted += 1,
             Err(status) => {
