@@ -29,6 +29,7 @@ use crate::{
     cmd, jobs,
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
+    scale,
     server::{Kind, Launcher, Setup},
     store,
     tls::{ClientTls, Mode, Pki},
@@ -84,10 +85,14 @@ pub enum Scenario {
     #[value(name = "rollout-10pct")]
     Rollout10Pct,
     Jobs,
+    // The largest fleets (issue 26, scale.rs), contactd only: 5,000 to
+    // 19,000 agents over several load processes, plaintext and mTLS.
+    Scale,
+    ScaleMtls,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 25] = [
+    pub const ALL: [Scenario; 27] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -113,6 +118,8 @@ impl Scenario {
         Scenario::Rollout,
         Scenario::Rollout10Pct,
         Scenario::Jobs,
+        Scenario::Scale,
+        Scenario::ScaleMtls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -142,6 +149,8 @@ impl Scenario {
             Scenario::Rollout => "rollout",
             Scenario::Rollout10Pct => "rollout-10pct",
             Scenario::Jobs => "jobs",
+            Scenario::Scale => "scale",
+            Scenario::ScaleMtls => "scale-mtls",
         }
     }
 
@@ -159,6 +168,8 @@ impl Scenario {
                 | Scenario::Rollout
                 | Scenario::Rollout10Pct
                 | Scenario::Jobs
+                | Scenario::Scale
+                | Scenario::ScaleMtls
         )
     }
 
@@ -171,6 +182,7 @@ impl Scenario {
             Scenario::HoldMtls | Scenario::HoldTls => Scenario::Hold,
             Scenario::HandshakesMtls | Scenario::HandshakesTls => Scenario::Handshakes,
             Scenario::RestartTermMtls => Scenario::RestartTerm,
+            Scenario::ScaleMtls => Scenario::Scale,
             plain => plain,
         }
     }
@@ -183,7 +195,8 @@ impl Scenario {
             | Scenario::FanoutMtls
             | Scenario::HoldMtls
             | Scenario::HandshakesMtls
-            | Scenario::RestartTermMtls => Some(Mode::Mutual),
+            | Scenario::RestartTermMtls
+            | Scenario::ScaleMtls => Some(Mode::Mutual),
             Scenario::HoldTls | Scenario::HandshakesTls => Some(Mode::ServerAuth),
             _ => None,
         }
@@ -228,6 +241,7 @@ impl Scenario {
                 contactd_toml: jobs::jobs_toml(params.jobs),
                 ..Setup::default()
             },
+            Scenario::Scale => scale::setup(),
             _ => Setup::default(),
         };
         if let Some(mode) = self.tls() {
@@ -299,6 +313,23 @@ impl Scenario {
             // one core.
             Scenario::Rollout => vec![("rate", at_least("rate", 5000.0))],
             Scenario::Jobs => vec![("cpu_pct_of_core", at_most("cpu_pct_of_core", 5.0))],
+            // Issue 26, at 19,000 agents: 24 KiB per plaintext agent (40 in
+            // mTLS), all connected within 10 s, the broadcast's p99 within
+            // 250 ms, all back within 20 s of a restart with a peak RSS
+            // within 1.2 x the steady state.
+            Scenario::Scale | Scenario::ScaleMtls => vec![
+                (
+                    "rss_per_agent_kib",
+                    at_most(
+                        "rss_per_agent_kib",
+                        if self == Scenario::Scale { 24.0 } else { 40.0 },
+                    ),
+                ),
+                ("connect_s", at_most("connect_s", 10.0)),
+                ("delivery_p99_ms", at_most("delivery_p99_ms", 250.0)),
+                ("back_s", at_most("back_s", 20.0)),
+                ("peak_over_steady", at_most("peak_over_steady", 1.2)),
+            ],
             _ => Vec::new(),
         }
     }
@@ -322,6 +353,27 @@ pub struct Params {
     pub connect_parallel: usize,
     /// The restart scenarios.
     pub restart: crate::restart::Options,
+    /// The scale scenarios.
+    pub scale: crate::scale::Options,
+}
+
+impl Params {
+    /// The runs' parameters for `scenario`: one per fleet size for the
+    /// scale scenarios, else these.
+    pub fn for_scenario(&self, scenario: Scenario) -> Vec<Params> {
+        if scenario.base() != Scenario::Scale {
+            return vec![self.clone()];
+        }
+        self.scale
+            .sizes
+            .iter()
+            .map(|&agents| {
+                let mut params = self.clone();
+                params.scale.agents = agents;
+                params
+            })
+            .collect()
+    }
 }
 
 /// Runs `scenario` against a fresh `kind` server (a TLS variant with the
@@ -347,6 +399,11 @@ pub async fn run(
         };
         let setup = scenario.setup(pki, params)?;
         return crate::restart::run(launcher, setup, tls, signal, &params.restart).await;
+    }
+    if scenario.base() == Scenario::Scale {
+        let setup = scenario.setup(pki, params)?;
+        let pki = pki.filter(|_| scenario.tls().is_some()).map(Pki::dir);
+        return crate::scale::run(launcher, setup, pki.as_deref(), &params.scale).await;
     }
     let server = launcher.start(kind, &scenario.setup(pki, params)?).await?;
     let tls = match (scenario.tls(), pki) {
@@ -411,7 +468,7 @@ pub async fn run(
             }
             return Ok(outcome);
         }
-        Scenario::Startup | Scenario::RestartTerm | Scenario::RestartKill => {
+        Scenario::Startup | Scenario::RestartTerm | Scenario::RestartKill | Scenario::Scale => {
             unreachable!("handled above")
         }
         variant => unreachable!("{} is not a base scenario", variant.name()),
