@@ -22,6 +22,7 @@
 //! lines (the shutdown phases with their timestamps).
 
 mod baseline;
+mod ceiling;
 mod cmd;
 mod jobs;
 mod load;
@@ -168,6 +169,9 @@ struct RunArgs {
     /// one socket per agent, under the same 20,000 open files).
     #[arg(long, default_value_t = 5000)]
     scale_per_process: usize,
+    /// Agents acking at once in queue-ceiling.
+    #[arg(long, default_value_t = 200)]
+    ceiling_agents: usize,
 }
 
 fn main() -> ExitCode {
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
                 // 2 load processes of 20 agents each.
                 scale_agents: vec![40],
                 scale_per_process: 20,
+                ceiling_agents: 10,
             },
             true,
         ),
@@ -329,6 +334,7 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
             backlog: args.restart_backlog,
         },
         scale,
+        ceiling_agents: args.ceiling_agents,
     };
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()

@@ -26,7 +26,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    cmd, jobs,
+    ceiling, cmd, jobs,
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
     scale,
@@ -89,10 +89,12 @@ pub enum Scenario {
     // 19,000 agents over several load processes, plaintext and mTLS.
     Scale,
     ScaleMtls,
+    // The queue's durable ceiling (issue 26, ceiling.rs), contactd only.
+    QueueCeiling,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 27] = [
+    pub const ALL: [Scenario; 28] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -120,6 +122,7 @@ impl Scenario {
         Scenario::Jobs,
         Scenario::Scale,
         Scenario::ScaleMtls,
+        Scenario::QueueCeiling,
     ];
 
     pub fn name(self) -> &'static str {
@@ -151,6 +154,7 @@ impl Scenario {
             Scenario::Jobs => "jobs",
             Scenario::Scale => "scale",
             Scenario::ScaleMtls => "scale-mtls",
+            Scenario::QueueCeiling => "queue-ceiling",
         }
     }
 
@@ -170,6 +174,7 @@ impl Scenario {
                 | Scenario::Jobs
                 | Scenario::Scale
                 | Scenario::ScaleMtls
+                | Scenario::QueueCeiling
         )
     }
 
@@ -242,6 +247,10 @@ impl Scenario {
                 ..Setup::default()
             },
             Scenario::Scale => scale::setup(),
+            Scenario::QueueCeiling => Setup {
+                contactd_toml: ceiling::contactd_toml(),
+                ..Setup::default()
+            },
             _ => Setup::default(),
         };
         if let Some(mode) = self.tls() {
@@ -316,7 +325,8 @@ impl Scenario {
             // Issue 26, at 19,000 agents: 24 KiB per plaintext agent (40 in
             // mTLS), all connected within 10 s, the broadcast's p99 within
             // 250 ms, all back within 20 s of a restart with a peak RSS
-            // within 1.2 x the steady state.
+            // within 1.2 x the steady state; the queue's ceiling at least
+            // 100,000 tasks/s.
             Scenario::Scale | Scenario::ScaleMtls => vec![
                 (
                     "rss_per_agent_kib",
@@ -330,6 +340,7 @@ impl Scenario {
                 ("back_s", at_most("back_s", 20.0)),
                 ("peak_over_steady", at_most("peak_over_steady", 1.2)),
             ],
+            Scenario::QueueCeiling => vec![("acked_per_s", at_least("acked_per_s", 100_000.0))],
             _ => Vec::new(),
         }
     }
@@ -355,6 +366,8 @@ pub struct Params {
     pub restart: crate::restart::Options,
     /// The scale scenarios.
     pub scale: crate::scale::Options,
+    /// Agents in queue-ceiling.
+    pub ceiling_agents: usize,
 }
 
 impl Params {
@@ -444,6 +457,7 @@ pub async fn run(
             jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "10%").await?
         }
         Scenario::Jobs => jobs::idle_jobs(&server, params.jobs, d).await?,
+        Scenario::QueueCeiling => ceiling::run(&server, params.ceiling_agents, d).await?,
         Scenario::Shutdown => {
             let fleet = Fleet::connect(addr, params.shutdown_streams, parallel, None).await;
             let mut outcome = Outcome::default();

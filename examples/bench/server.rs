@@ -226,6 +226,30 @@ impl Server {
         cpu_seconds_of(self.pid)
     }
 
+    /// The address of its metrics endpoint (`[metrics] listen`), from the
+    /// line it logs just after the `serving` one (bounded: [`START_LIMIT`]).
+    pub async fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let found = self.log.lock().iter().find_map(|line| {
+                line.contains("metrics endpoint listening")
+                    .then(|| field(line, "addr"))
+                    .flatten()
+                    .map(str::to_owned)
+            });
+            if let Some(addr) = found {
+                return Ok(addr.parse()?);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no metrics endpoint logged within {START_LIMIT:?}: {}",
+                self.log_tail()
+            );
+            // Polling the kept lines: the drain task has no event to await.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The kept stderr lines, readable after the server is stopped.
     pub fn log_handle(&self) -> Arc<Mutex<VecDeque<String>>> {
         Arc::clone(&self.log)
