@@ -470,19 +470,26 @@ impl LoadProcess {
 /// the end of input.
 async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> anyhow::Result<Option<String>> {
     let mut line = Vec::new();
-    let read = (&mut *reader)
+    (&mut *reader)
         .take(MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
         .await?;
-    if read == 0 {
+    line_read(line)
+}
+
+/// A line as read up to its newline (at most [`MAX_LINE`] + 1 bytes: one
+/// more is too long), without the newline; `None` when empty (the end of
+/// input). Both sides of the protocol read with this.
+pub fn line_read(mut line: Vec<u8>) -> anyhow::Result<Option<String>> {
+    if line.is_empty() {
         return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
     }
     anyhow::ensure!(
         line.len() <= MAX_LINE,
         "a line longer than {MAX_LINE} bytes"
     );
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
     Ok(Some(String::from_utf8(line)?))
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     restart::{Fleet, wait_for},
-    scale::{DELIVERY_LIMIT, FLEET_LIMIT, MAX_LINE},
+    scale::{DELIVERY_LIMIT, FLEET_LIMIT, MAX_LINE, line_read},
 };
 
 /// Latencies per `lat` line (at most 8 digits each: well within the
@@ -102,20 +102,10 @@ fn read_commands(commands: &mpsc::Sender<String>, stop: &CancellationToken) {
 /// the end of input.
 fn read_line(reader: &mut impl BufRead) -> anyhow::Result<Option<String>> {
     let mut line = Vec::new();
-    let read = reader
+    reader
         .take(MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut line)?;
-    if read == 0 {
-        return Ok(None);
-    }
-    anyhow::ensure!(
-        line.len() <= MAX_LINE,
-        "a line longer than {MAX_LINE} bytes"
-    );
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
-    Ok(Some(String::from_utf8(line)?))
+    line_read(line)
 }
 
 /// Carries out one command of the parent's, and answers it.
