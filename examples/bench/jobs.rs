@@ -18,7 +18,7 @@ use contactd::proto::{
         ListAgentsRequest, ListTasksRequest, RunIdRequest, SubmitTaskRequest,
         admin_client::AdminClient,
     },
-    contact::{Empty, Outcome as TaskOutcome, Result as ResultMsg},
+    contact::Empty,
 };
 use futures_util::{StreamExt, stream};
 use tokio::{
@@ -172,13 +172,7 @@ async fn agent(
         // The connection and the ack stream live as long as the reader.
         let (_driver, _acks) = (driver, acks);
         while let Ok(Some(task)) = tasks.message().await {
-            let ack = ResultMsg {
-                ret: "ok".into(),
-                task_id: task.id,
-                outcome: TaskOutcome::Ok.into(),
-                epoch: task.epoch,
-            };
-            if ack_tx.send(ack).is_err() {
+            if ack_tx.send(store::ack_of(&task)).is_err() {
                 break;
             }
             acked.fetch_add(1, Ordering::Relaxed);

@@ -12,18 +12,25 @@
 //! The `-tls` and `-mtls` scenarios are TLS variants of the plaintext ones
 //! (issue 8), with certificates made for each bench run (`tls.rs`).
 //!
+//! The `scale` scenarios spread their agents over several processes of this
+//! binary (`bench scale-load`, scale.rs): each process here may hold at most
+//! 20,000 open files.
+//!
 //! Everything goes to 127.0.0.1 only; every run is bounded in time and count.
 //! BENCHMARKS.md has the scenarios, the figures and how to read them. With
 //! `BENCH_SHOW_LOG=1`, the shutdown scenario prints the server's last log
 //! lines (the shutdown phases with their timestamps).
 
 mod baseline;
+mod ceiling;
 mod cmd;
 mod jobs;
 mod load;
 mod postgres;
 mod report;
 mod restart;
+mod scale;
+mod scale_load;
 mod scenarios;
 mod server;
 mod store;
@@ -67,6 +74,10 @@ enum Command {
     Pg(postgres::Args),
     /// The bare baseline server (started by `run` as its own process).
     BaselineServer(baseline::Args),
+    /// One load process of the scale scenarios (started by `run`, several
+    /// at once; ends when its stdin closes).
+    #[command(hide = true)]
+    ScaleLoad(scale_load::LoadArgs),
     /// Spawn `true` in a loop and print the rate (started by `run` on the
     /// server CPU, as the reference for `cmd`).
     SpawnLoop {
@@ -150,6 +161,17 @@ struct RunArgs {
     /// servers (capped by net.core.somaxconn).
     #[arg(long, default_value_t = 4096)]
     restart_backlog: u32,
+    /// Fleet sizes of the scale scenarios, one run each (at most 19,400:
+    /// the server's open files).
+    #[arg(long, value_delimiter = ',', default_values_t = [5000, 10_000, 19_000])]
+    scale_agents: Vec<usize>,
+    /// Agents per load process in the scale scenarios (each process holds
+    /// one socket per agent, under the same 20,000 open files).
+    #[arg(long, default_value_t = 5000)]
+    scale_per_process: usize,
+    /// Agents acking at once in queue-ceiling.
+    #[arg(long, default_value_t = 200)]
+    ceiling_agents: usize,
 }
 
 fn main() -> ExitCode {
@@ -175,11 +197,16 @@ fn main() -> ExitCode {
                 restart_rebind: false,
                 restart_legacy_agents: false,
                 restart_backlog: 4096,
+                // 2 load processes of 20 agents each.
+                scale_agents: vec![40],
+                scale_per_process: 20,
+                ceiling_agents: 10,
             },
             true,
         ),
         Command::Pg(args) => pg(&args),
         Command::BaselineServer(args) => baseline::serve(&args),
+        Command::ScaleLoad(args) => scale_load::load_process(&args),
         Command::SpawnLoop {
             in_flight,
             duration,
@@ -279,6 +306,14 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
         nofile >= needed,
         "open-file limit {nofile} is below the {needed} this run needs (raise it with `ulimit -Hn` / prlimit)"
     );
+    let scale = scale::Options {
+        sizes: args.scale_agents.clone(),
+        agents: 0,
+        per_process: args.scale_per_process,
+        parallel: args.connect_parallel,
+        backlog: args.restart_backlog,
+    };
+    scale.check(nofile)?;
     let launcher = launcher(&args.common)?;
     let params = Params {
         duration: args.duration,
@@ -298,6 +333,8 @@ fn bench(args: RunArgs, smoke: bool) -> anyhow::Result<()> {
             parallel: args.connect_parallel,
             backlog: args.restart_backlog,
         },
+        scale,
+        ceiling_agents: args.ceiling_agents,
     };
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
@@ -376,7 +413,10 @@ async fn run_one(
     params: &Params,
     pki: Option<&Pki>,
 ) -> Outcome {
-    let limit = params.duration * 3 + RUN_SLACK;
+    let mut limit = params.duration * 3 + RUN_SLACK;
+    if scenario.base() == Scenario::Scale {
+        limit = limit.max(scale::RUN_LIMIT);
+    }
     let result = tokio::time::timeout(limit, async {
         match kind {
             Some(kind) => scenarios::run(scenario, kind, launcher, params, pki).await,
@@ -409,38 +449,54 @@ async fn run_all(
     let mut failures = 0;
     let mut summary = Vec::new();
     for &scenario in scenarios {
-        let mut runs: Vec<(&str, usize, Outcome)> = Vec::new();
-        for round in 0..repeat {
-            let mut order = vec![Some(Kind::Contactd), Some(Kind::Baseline)];
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            if scenario.contactd_only() {
-                order = vec![Some(Kind::Contactd)];
-            }
-            if scenario == Scenario::Cmd {
-                order.push(None);
-            }
-            for kind in order {
-                let name = kind.map_or("plain-spawn", Kind::name);
-                let outcome = run_one(scenario, kind, launcher, params, pki).await;
-                println!("{}", result_line(scenario, name, &outcome));
-                for error in outcome.errors.iter().skip(1).take(3) {
-                    println!("#   also: {error}");
-                }
-                if !outcome.errors.is_empty() {
-                    failures += 1;
-                }
-                runs.push((name, round, outcome));
-            }
+        for params in params.for_scenario(scenario) {
+            let runs = run_rounds(scenario, launcher, &params, pki, repeat, &mut failures).await;
+            summary.extend(compare(scenario, &runs));
         }
-        summary.extend(compare(scenario, &runs));
     }
     println!("# summary: figures are medians over runs; ratios are medians of per-round ratios");
     for line in summary {
         println!("{line}");
     }
     failures
+}
+
+/// Runs `scenario` `repeat` times per server, alternating which server
+/// goes first; counts the runs with errors in `failures`.
+async fn run_rounds(
+    scenario: Scenario,
+    launcher: &Launcher,
+    params: &Params,
+    pki: Option<&Pki>,
+    repeat: usize,
+    failures: &mut usize,
+) -> Vec<(&'static str, usize, Outcome)> {
+    let mut runs = Vec::new();
+    for round in 0..repeat {
+        let mut order = vec![Some(Kind::Contactd), Some(Kind::Baseline)];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        if scenario.contactd_only() {
+            order = vec![Some(Kind::Contactd)];
+        }
+        if scenario == Scenario::Cmd {
+            order.push(None);
+        }
+        for kind in order {
+            let name = kind.map_or("plain-spawn", Kind::name);
+            let outcome = run_one(scenario, kind, launcher, params, pki).await;
+            println!("{}", result_line(scenario, name, &outcome));
+            for error in outcome.errors.iter().skip(1).take(3) {
+                println!("#   also: {error}");
+            }
+            if !outcome.errors.is_empty() {
+                *failures += 1;
+            }
+            runs.push((name, round, outcome));
+        }
+    }
+    runs
 }
 
 /// The median of a figure over one server's runs.
@@ -478,9 +534,10 @@ fn paired_ratio(
 /// The RATIO and TARGET lines of one scenario.
 fn compare(scenario: Scenario, runs: &[(&str, usize, Outcome)]) -> Vec<String> {
     let mut lines = Vec::new();
+    // The compared figure: the first one, after a fleet's size.
     let first = runs
         .iter()
-        .find_map(|(_, _, o)| o.figures.first().map(|(n, _)| *n))
+        .find_map(|(_, _, o)| o.figures.iter().map(|(n, _)| *n).find(|n| *n != "agents"))
         .unwrap_or("rate");
     let contactd = median_of(runs, "contactd", first);
     let baseline = median_of(runs, "baseline", first);
@@ -493,6 +550,13 @@ fn compare(scenario: Scenario, runs: &[(&str, usize, Outcome)]) -> Vec<String> {
         ));
         for (figure, target) in scenario.absolute_targets() {
             lines.push(target.line(scenario, median_of(runs, "contactd", figure)));
+        }
+        if scenario.base() == Scenario::Scale {
+            // One summary per fleet size: say which.
+            let agents = number(median_of(runs, "contactd", "agents"));
+            for line in &mut lines {
+                line.push_str(&format!(" agents={agents}"));
+            }
         }
         return lines;
     }

@@ -19,6 +19,10 @@
 //! as systemd's socket unit passes it (socket activation): connections
 //! made while no server runs wait in its backlog. `--restart-rebind` lets
 //! each server bind the port itself, as before socket activation.
+//!
+//! The fleet (its agents and their reconnect rules) and the restart itself
+//! serve the scale scenarios too (`scale.rs`), whose agents are spread over
+//! several load processes.
 
 use std::{
     net::SocketAddr,
@@ -29,7 +33,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use contactd::{backoff::Backoff, config::BackoffConfig};
 use nix::sys::signal::Signal;
 use rustls::ClientConfig;
@@ -39,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     load,
     report::Outcome,
-    server::{Kind, Launcher, Setup},
+    server::{Kind, Launcher, Server, Setup, rss_of},
 };
 
 /// Longest the fleet may take to connect at first, and to come back.
@@ -65,20 +68,129 @@ pub struct Options {
 }
 
 /// What the agents share: each one's state, and the counts.
-struct Fleet {
+pub struct Fleet {
     /// Per agent: subscribed since the restart.
     back: Vec<AtomicBool>,
     /// Agents subscribed now, and subscribed again since the restart.
-    subscribed: AtomicU64,
-    resubscribed: AtomicU64,
+    pub subscribed: AtomicU64,
+    pub resubscribed: AtomicU64,
     /// Set when the server is signalled.
-    restarted: AtomicBool,
+    pub restarted: AtomicBool,
     /// Counted after the restart only.
-    refused: AtomicU64,
-    turned_away: AtomicU64,
-    other_errors: AtomicU64,
-    first_error: parking_lot::Mutex<Option<String>>,
-    stop: CancellationToken,
+    pub refused: AtomicU64,
+    pub turned_away: AtomicU64,
+    pub other_errors: AtomicU64,
+    pub first_error: parking_lot::Mutex<Option<String>>,
+    /// Set before a task is published whose delivery is timed (the scale
+    /// scenarios): each agent then notes when its next message arrives.
+    armed: AtomicBool,
+    /// Per agent: when it received its first message since `armed`, in
+    /// Unix nanoseconds (0: not yet); and how many agents have.
+    pub received_at: Vec<AtomicU64>,
+    pub received: AtomicU64,
+    pub stop: CancellationToken,
+}
+
+impl Fleet {
+    /// The shared state of `n` agents, none connected yet.
+    pub fn new(n: usize) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            back: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            subscribed: AtomicU64::new(0),
+            resubscribed: AtomicU64::new(0),
+            restarted: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            turned_away: AtomicU64::new(0),
+            other_errors: AtomicU64::new(0),
+            first_error: parking_lot::Mutex::new(None),
+            armed: AtomicBool::new(false),
+            received_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            received: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Agents in the fleet.
+    pub fn size(&self) -> usize {
+        self.back.len()
+    }
+
+    /// Starts the agents, the first connections in waves of `parallel` (as
+    /// a fleet that starts over minutes would: the storm measured is the
+    /// restart's), and waits until every one is subscribed. Agent `i` comes
+    /// from the loopback address of agent `first + i` of the whole fleet,
+    /// over TLS if `tls(i)` gives a config.
+    pub async fn launch(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        first: usize,
+        tls: impl Fn(usize) -> Option<(Arc<ClientConfig>, ServerName<'static>)>,
+        legacy: bool,
+        parallel: usize,
+    ) -> anyhow::Result<()> {
+        let n = self.size();
+        let parallel = parallel.max(1);
+        for i in 0..n {
+            tokio::spawn(agent(
+                i,
+                addr,
+                source(first + i),
+                tls(i),
+                Arc::clone(self),
+                legacy,
+            ));
+            if i % parallel == parallel - 1 {
+                let first_ones = i as u64 + 1;
+                wait_for(
+                    &self.subscribed,
+                    first_ones,
+                    FLEET_LIMIT,
+                    "the first agents",
+                )
+                .await?;
+            }
+        }
+        wait_for(
+            &self.subscribed,
+            n as u64,
+            FLEET_LIMIT,
+            "every agent subscribed",
+        )
+        .await
+    }
+
+    /// From now on, each agent notes when its next message arrives.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Agent `i` received a message.
+    fn note_message(&self, i: usize) {
+        if self.armed.load(Ordering::Relaxed)
+            && self.received_at[i]
+                .compare_exchange(0, unix_ns(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Now, in nanoseconds since the Unix epoch: the one clock the processes
+/// of a scale run share (they run on the same machine).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The port held across servers, as systemd's socket unit holds it: bound
+/// once on 127.0.0.1 with `backlog` (by contactd's own bind), and passed
+/// to each server, so connections made while no server runs wait in its
+/// backlog.
+pub fn held_listener(backlog: u32) -> anyhow::Result<Arc<std::net::TcpListener>> {
+    let listener = contactd::net::bind("127.0.0.1:0".parse()?, backlog)?.into_std()?;
+    Ok(Arc::new(listener))
 }
 
 /// Runs one restart scenario: `signal` stops the server.
@@ -94,111 +206,43 @@ pub async fn run(
         setup.listen = Some(free.local_addr()?);
         None
     } else {
-        // As systemd's socket unit: bound once, with contactd's backlog.
-        let listener = contactd::net::bind("127.0.0.1:0".parse()?, options.backlog)?.into_std()?;
-        Some(Arc::new(listener))
+        Some(held_listener(options.backlog)?)
     };
     setup.passed.clone_from(&held);
     let server = launcher.start(Kind::Contactd, &setup).await?;
-    let addr = server.addr;
     let n = options.agents;
-    let fleet = Arc::new(Fleet {
-        back: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        subscribed: AtomicU64::new(0),
-        resubscribed: AtomicU64::new(0),
-        restarted: AtomicBool::new(false),
-        refused: AtomicU64::new(0),
-        turned_away: AtomicU64::new(0),
-        other_errors: AtomicU64::new(0),
-        first_error: parking_lot::Mutex::new(None),
-        stop: CancellationToken::new(),
-    });
+    let fleet = Fleet::new(n);
     let _stop = fleet.stop.clone().drop_guard();
     let started = Instant::now();
-    for i in 0..n {
-        let tls = tls.map(|tls| (tls.agent(i), tls.name.clone()));
-        tokio::spawn(agent(
-            i,
-            addr,
-            tls,
-            Arc::clone(&fleet),
-            options.legacy_agents,
-        ));
-        // The first connections in waves, as a fleet that starts over
-        // minutes would: the storm measured is the restart's.
-        if i % options.parallel.max(1) == options.parallel.max(1) - 1 {
-            wait_for(
-                &fleet.subscribed,
-                i as u64 + 1,
-                FLEET_LIMIT,
-                "the first agents",
-            )
-            .await?;
-        }
-    }
-    wait_for(
-        &fleet.subscribed,
-        n as u64,
-        FLEET_LIMIT,
-        "every agent subscribed",
-    )
-    .await?;
+    let agent_tls = |i| tls.map(|tls| (tls.agent(i), tls.name.clone()));
+    let legacy = options.legacy_agents;
+    fleet
+        .launch(server.addr, 0, agent_tls, legacy, options.parallel)
+        .await?;
     let established = started.elapsed();
     // Steady state: settled after a second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let steady = server.rss()?;
 
     fleet.restarted.store(true, Ordering::SeqCst);
-    let signalled = Instant::now();
-    let old_log = server.log_handle();
-    let exit = server.end_with(signal).await?;
-    if std::env::var_os("BENCH_SHOW_LOG").is_some() {
-        eprintln!("{}", crate::server::tail(&old_log).replace(" | ", "\n"));
-    }
-    let next = launcher.start(Kind::Contactd, &setup).await?;
-    let cpu_start = next.cpu_seconds()?;
-    let peak = Arc::new(AtomicU64::new(next.rss()?));
-    let sampler = {
-        let (peak, pid, stop) = (Arc::clone(&peak), next.pid, CancellationToken::new());
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                while stop
-                    .run_until_cancelled(tokio::time::sleep(SAMPLE_EVERY))
-                    .await
-                    .is_some()
-                {
-                    if let Ok(rss) = rss_of(pid) {
-                        peak.fetch_max(rss, Ordering::Relaxed);
-                    }
-                }
-            }
-        });
-        (task, stop)
-    };
     let back = wait_for(
         &fleet.resubscribed,
         n as u64,
         FLEET_LIMIT,
         "every agent back",
-    )
-    .await;
-    let all_back = signalled.elapsed();
-    let from_start = next.spawned.elapsed();
-    let cpu = next.cpu_seconds()? - cpu_start;
-    sampler.1.cancel();
-    let _ = sampler.0.await;
-    let peak = peak.load(Ordering::Relaxed).max(next.rss()?);
+    );
+    let restarted = restart(launcher, &setup, server, signal, back).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = next.rss()?;
+    let after = restarted.next.rss()?;
 
     let mut outcome = Outcome::default();
+    let back = &restarted.back;
     outcome.check(back.is_ok(), || format!("{back:?}"));
     let mib = |b: u64| b as f64 / 1_048_576.0;
     outcome.figures.extend([
-        ("all_back_s", all_back.as_secs_f64()),
-        ("back_after_start_s", from_start.as_secs_f64()),
-        ("exit_s", exit.as_secs_f64()),
+        ("all_back_s", restarted.all_back.as_secs_f64()),
+        ("back_after_start_s", restarted.from_start.as_secs_f64()),
+        ("exit_s", restarted.exit.as_secs_f64()),
         ("refused", fleet.refused.load(Ordering::Relaxed) as f64),
         (
             "turned_away",
@@ -208,10 +252,13 @@ pub async fn run(
             "other_errors",
             fleet.other_errors.load(Ordering::Relaxed) as f64,
         ),
-        ("server_cpu_s", cpu),
+        ("server_cpu_s", restarted.cpu),
         ("rss_steady_mib", mib(steady)),
-        ("rss_peak_mib", mib(peak)),
-        ("peak_over_steady", peak as f64 / steady.max(1) as f64),
+        ("rss_peak_mib", mib(restarted.peak)),
+        (
+            "peak_over_steady",
+            restarted.peak as f64 / steady.max(1) as f64,
+        ),
         ("rss_after_mib", mib(after)),
         ("agents", n as f64),
         ("establish_s", established.as_secs_f64()),
@@ -220,6 +267,7 @@ pub async fn run(
         eprintln!("bench: restart: first agent error after the restart: {error}");
     }
     fleet.stop.cancel();
+    let next = restarted.next;
     let log = next.log_tail();
     if std::env::var_os("BENCH_SHOW_LOG").is_some() {
         eprintln!("{}", log.replace(" | ", "\n"));
@@ -232,18 +280,99 @@ pub async fn run(
     Ok(outcome)
 }
 
-fn rss_of(pid: i32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")?;
-    Ok(kib * 1024)
+/// A restart as measured: the new server, and what it took.
+pub struct Restarted {
+    pub next: Server,
+    /// The old server's exit after the signal.
+    pub exit: Duration,
+    /// Until the fleet was back, from the signal and from the new start.
+    pub all_back: Duration,
+    pub from_start: Duration,
+    /// Whether the fleet came back (within its limit).
+    pub back: anyhow::Result<()>,
+    /// The new server's CPU seconds until then, and its peak RSS.
+    pub cpu: f64,
+    pub peak: u64,
+}
+
+/// Stops `server` with `signal`, starts the next one with `setup` at once,
+/// and waits for `back` (the fleet subscribed again), sampling the new
+/// server's RSS meanwhile.
+pub async fn restart(
+    launcher: &Launcher,
+    setup: &Setup,
+    server: Server,
+    signal: Signal,
+    back: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Restarted> {
+    let signalled = Instant::now();
+    let old_log = server.log_handle();
+    let exit = server.end_with(signal).await?;
+    if std::env::var_os("BENCH_SHOW_LOG").is_some() {
+        eprintln!("{}", crate::server::tail(&old_log).replace(" | ", "\n"));
+    }
+    let next = launcher.start(Kind::Contactd, setup).await?;
+    let cpu_start = next.cpu_seconds()?;
+    let sampler = PeakRss::start(next.pid);
+    let back = back.await;
+    let all_back = signalled.elapsed();
+    let from_start = next.spawned.elapsed();
+    let cpu = next.cpu_seconds()? - cpu_start;
+    let peak = sampler.stop().await.max(next.rss()?);
+    Ok(Restarted {
+        next,
+        exit,
+        all_back,
+        from_start,
+        back,
+        cpu,
+        peak,
+    })
+}
+
+/// The peak RSS of a process, sampled every [`SAMPLE_EVERY`] until stopped.
+struct PeakRss {
+    peak: Arc<AtomicU64>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    fn start(pid: i32) -> PeakRss {
+        let peak = Arc::new(AtomicU64::new(rss_of(pid).unwrap_or(0)));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (peak, stop) = (Arc::clone(&peak), stop.clone());
+            async move {
+                while stop
+                    .run_until_cancelled(tokio::time::sleep(SAMPLE_EVERY))
+                    .await
+                    .is_some()
+                {
+                    if let Ok(rss) = rss_of(pid) {
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        PeakRss { peak, stop, task }
+    }
+
+    /// The peak seen, in bytes.
+    async fn stop(self) -> u64 {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.peak.load(Ordering::Relaxed)
+    }
 }
 
 /// Waits (polling every 10 ms, at most `limit`) until `count` reaches `n`.
-async fn wait_for(count: &AtomicU64, n: u64, limit: Duration, what: &str) -> anyhow::Result<()> {
+pub async fn wait_for(
+    count: &AtomicU64,
+    n: u64,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while count.load(Ordering::Relaxed) < n {
         anyhow::ensure!(
@@ -273,11 +402,13 @@ fn hint(status: &tonic::Status) -> Option<Duration> {
     })
 }
 
-/// One agent: subscribe, hold the stream, and after it ends come back as
-/// contactd's agent does; until the fleet stops.
+/// One agent (`i` in `fleet`, from the loopback address `source`):
+/// subscribe, hold the stream, and after it ends come back as contactd's
+/// agent does; until the fleet stops.
 async fn agent(
     i: usize,
     addr: SocketAddr,
+    source: std::net::IpAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     fleet: Arc<Fleet>,
     legacy: bool,
@@ -285,7 +416,7 @@ async fn agent(
     let mut backoff = Backoff::new(BackoffConfig::default());
     loop {
         let attempt = tokio::select! {
-            attempt = load::subscribe_counting_from(addr, Some(source(i)), tls.clone()) => attempt,
+            attempt = load::subscribe_counting_from(addr, Some(source), tls.clone()) => attempt,
             () = fleet.stop.cancelled() => return,
         };
         let after_restart = fleet.restarted.load(Ordering::SeqCst);
@@ -298,7 +429,7 @@ async fn agent(
                 let end = loop {
                     tokio::select! {
                         message = stream.message() => match message {
-                            Ok(Some(())) => {}
+                            Ok(Some(())) => fleet.note_message(i),
                             Ok(None) => break None,
                             Err(status) => break Some(status),
                         },

@@ -26,9 +26,10 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    cmd, jobs,
+    ceiling, cmd, jobs,
     load::{self, AbortOnDrop, End, Fleet},
     report::{Outcome, Target, percentiles},
+    scale,
     server::{Kind, Launcher, Setup},
     store,
     tls::{ClientTls, Mode, Pki},
@@ -84,10 +85,16 @@ pub enum Scenario {
     #[value(name = "rollout-10pct")]
     Rollout10Pct,
     Jobs,
+    // The largest fleets (issue 26, scale.rs), contactd only: 5,000 to
+    // 19,000 agents over several load processes, plaintext and mTLS.
+    Scale,
+    ScaleMtls,
+    // The queue's durable ceiling (issue 26, ceiling.rs), contactd only.
+    QueueCeiling,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 25] = [
+    pub const ALL: [Scenario; 28] = [
         Scenario::StatusPingpong,
         Scenario::StatusPipelined,
         Scenario::Ingest,
@@ -113,6 +120,9 @@ impl Scenario {
         Scenario::Rollout,
         Scenario::Rollout10Pct,
         Scenario::Jobs,
+        Scenario::Scale,
+        Scenario::ScaleMtls,
+        Scenario::QueueCeiling,
     ];
 
     pub fn name(self) -> &'static str {
@@ -142,6 +152,9 @@ impl Scenario {
             Scenario::Rollout => "rollout",
             Scenario::Rollout10Pct => "rollout-10pct",
             Scenario::Jobs => "jobs",
+            Scenario::Scale => "scale",
+            Scenario::ScaleMtls => "scale-mtls",
+            Scenario::QueueCeiling => "queue-ceiling",
         }
     }
 
@@ -159,6 +172,9 @@ impl Scenario {
                 | Scenario::Rollout
                 | Scenario::Rollout10Pct
                 | Scenario::Jobs
+                | Scenario::Scale
+                | Scenario::ScaleMtls
+                | Scenario::QueueCeiling
         )
     }
 
@@ -171,6 +187,7 @@ impl Scenario {
             Scenario::HoldMtls | Scenario::HoldTls => Scenario::Hold,
             Scenario::HandshakesMtls | Scenario::HandshakesTls => Scenario::Handshakes,
             Scenario::RestartTermMtls => Scenario::RestartTerm,
+            Scenario::ScaleMtls => Scenario::Scale,
             plain => plain,
         }
     }
@@ -183,7 +200,8 @@ impl Scenario {
             | Scenario::FanoutMtls
             | Scenario::HoldMtls
             | Scenario::HandshakesMtls
-            | Scenario::RestartTermMtls => Some(Mode::Mutual),
+            | Scenario::RestartTermMtls
+            | Scenario::ScaleMtls => Some(Mode::Mutual),
             Scenario::HoldTls | Scenario::HandshakesTls => Some(Mode::ServerAuth),
             _ => None,
         }
@@ -226,6 +244,11 @@ impl Scenario {
             },
             Scenario::Jobs => Setup {
                 contactd_toml: jobs::jobs_toml(params.jobs),
+                ..Setup::default()
+            },
+            Scenario::Scale => scale::setup(),
+            Scenario::QueueCeiling => Setup {
+                contactd_toml: ceiling::contactd_toml(),
                 ..Setup::default()
             },
             _ => Setup::default(),
@@ -299,6 +322,25 @@ impl Scenario {
             // one core.
             Scenario::Rollout => vec![("rate", at_least("rate", 5000.0))],
             Scenario::Jobs => vec![("cpu_pct_of_core", at_most("cpu_pct_of_core", 5.0))],
+            // Issue 26, at 19,000 agents: 24 KiB per plaintext agent (40 in
+            // mTLS), all connected within 10 s, the broadcast's p99 within
+            // 250 ms, all back within 20 s of a restart with a peak RSS
+            // within 1.2 x the steady state; the queue's ceiling at least
+            // 100,000 tasks/s.
+            Scenario::Scale | Scenario::ScaleMtls => vec![
+                (
+                    "rss_per_agent_kib",
+                    at_most(
+                        "rss_per_agent_kib",
+                        if self == Scenario::Scale { 24.0 } else { 40.0 },
+                    ),
+                ),
+                ("connect_s", at_most("connect_s", 10.0)),
+                ("delivery_p99_ms", at_most("delivery_p99_ms", 250.0)),
+                ("back_s", at_most("back_s", 20.0)),
+                ("peak_over_steady", at_most("peak_over_steady", 1.2)),
+            ],
+            Scenario::QueueCeiling => vec![("acked_per_s", at_least("acked_per_s", 100_000.0))],
             _ => Vec::new(),
         }
     }
@@ -322,6 +364,29 @@ pub struct Params {
     pub connect_parallel: usize,
     /// The restart scenarios.
     pub restart: crate::restart::Options,
+    /// The scale scenarios.
+    pub scale: crate::scale::Options,
+    /// Agents in queue-ceiling.
+    pub ceiling_agents: usize,
+}
+
+impl Params {
+    /// The runs' parameters for `scenario`: one per fleet size for the
+    /// scale scenarios, else these.
+    pub fn for_scenario(&self, scenario: Scenario) -> Vec<Params> {
+        if scenario.base() != Scenario::Scale {
+            return vec![self.clone()];
+        }
+        self.scale
+            .sizes
+            .iter()
+            .map(|&agents| {
+                let mut params = self.clone();
+                params.scale.agents = agents;
+                params
+            })
+            .collect()
+    }
 }
 
 /// Runs `scenario` against a fresh `kind` server (a TLS variant with the
@@ -347,6 +412,11 @@ pub async fn run(
         };
         let setup = scenario.setup(pki, params)?;
         return crate::restart::run(launcher, setup, tls, signal, &params.restart).await;
+    }
+    if scenario.base() == Scenario::Scale {
+        let setup = scenario.setup(pki, params)?;
+        let pki = pki.filter(|_| scenario.tls().is_some()).map(Pki::dir);
+        return crate::scale::run(launcher, setup, pki.as_deref(), &params.scale).await;
     }
     let server = launcher.start(kind, &scenario.setup(pki, params)?).await?;
     let tls = match (scenario.tls(), pki) {
@@ -387,6 +457,7 @@ pub async fn run(
             jobs::rollout(addr, &server.admin, params.rollout_agents, parallel, "10%").await?
         }
         Scenario::Jobs => jobs::idle_jobs(&server, params.jobs, d).await?,
+        Scenario::QueueCeiling => ceiling::run(&server, params.ceiling_agents, d).await?,
         Scenario::Shutdown => {
             let fleet = Fleet::connect(addr, params.shutdown_streams, parallel, None).await;
             let mut outcome = Outcome::default();
@@ -411,7 +482,7 @@ pub async fn run(
             }
             return Ok(outcome);
         }
-        Scenario::Startup | Scenario::RestartTerm | Scenario::RestartKill => {
+        Scenario::Startup | Scenario::RestartTerm | Scenario::RestartKill | Scenario::Scale => {
             unreachable!("handled above")
         }
         variant => unreachable!("{} is not a base scenario", variant.name()),

@@ -216,26 +216,38 @@ impl Launcher {
 }
 
 impl Server {
-    /// Resident memory now, in bytes (`VmRSS` in `/proc/PID/status`).
+    /// Resident memory now, in bytes.
     pub fn rss(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS")?;
-        Ok(kib * 1024)
+        rss_of(self.pid)
     }
 
     /// CPU time (user + system) the server has used so far, in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        // USER_HZ is 100 on every Linux this runs on.
-        Ok(ticks as f64 / 100.0)
+        cpu_seconds_of(self.pid)
+    }
+
+    /// The address of its metrics endpoint (`[metrics] listen`), from the
+    /// line it logs just after the `serving` one (bounded: [`START_LIMIT`]).
+    pub async fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let found = self.log.lock().iter().find_map(|line| {
+                line.contains("metrics endpoint listening")
+                    .then(|| field(line, "addr"))
+                    .flatten()
+                    .map(str::to_owned)
+            });
+            if let Some(addr) = found {
+                return Ok(addr.parse()?);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no metrics endpoint logged within {START_LIMIT:?}: {}",
+                self.log_tail()
+            );
+            // Polling the kept lines: the drain task has no event to await.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The kept stderr lines, readable after the server is stopped.
@@ -280,6 +292,29 @@ impl Server {
             }
         }
     }
+}
+
+/// Resident memory of process `pid` now, in bytes (`VmRSS` in
+/// `/proc/PID/status`).
+pub fn rss_of(pid: i32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds.
+pub fn cpu_seconds_of(pid: i32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Ok(ticks as f64 / 100.0)
 }
 
 fn keep(log: &Mutex<VecDeque<String>>, line: String) {

@@ -6,7 +6,11 @@
 //! than the runs). Both servers get the same `[server.tls]` table, and so the
 //! same rustls server config (`contactd::tls::server_config`).
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use rcgen::{
@@ -82,45 +86,21 @@ impl Pki {
             std::fs::write(dir.path().join(file_name(mode)), table(&pki, mode))?;
         }
 
-        let provider = contactd::tls::provider();
-        let ca = CertificateDer::from_pem_file(pki.join("ca.pem")).context("reading ca.pem")?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca)?;
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .build()?;
-        let config = |cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>| {
-            let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()?
-                .with_webpki_verifier(Arc::clone(&verifier));
-            let mut config = match cert {
-                Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
-                None => builder.with_no_client_auth(),
-            };
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            // Every connection a full handshake, as a fleet's first connect.
-            config.resumption = Resumption::disabled();
-            anyhow::Ok(Arc::new(config))
-        };
-
+        let configs = Configs::new(&pki)?;
         let status = (
             CertificateDer::from_pem_file(pki.join("bench-status.pem"))?,
             PrivateKeyDer::from_pem_file(pki.join("bench-status.key"))?,
         );
-        let issuer = contactd::tls::pki::ca_issuer(&pki)?;
-        let mut per_agent = Vec::with_capacity(agents);
-        for i in 0..agents {
-            per_agent.push(config(Some(agent_cert(&issuer, &agent_name(i))?))?);
-        }
+        let per_agent = configs.agents(&pki, 0, agents)?;
         let name = ServerName::try_from(SERVER_NAME)?;
         Ok(Pki {
             server_auth: ClientTls {
-                shared: config(None)?,
+                shared: configs.config(None)?,
                 agents: Arc::from(Vec::new()),
                 name: name.clone(),
             },
             mutual: ClientTls {
-                shared: config(Some(status))?,
+                shared: configs.config(Some(status))?,
                 agents: Arc::from(per_agent),
                 name,
             },
@@ -144,11 +124,81 @@ impl Pki {
             .into_owned()
     }
 
+    /// The directory of the CA and the server's certificate (for the load
+    /// processes of the scale scenarios: see [`agents`]).
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
     pub fn client(&self, mode: Mode) -> &ClientTls {
         match mode {
             Mode::ServerAuth => &self.server_auth,
             Mode::Mutual => &self.mutual,
         }
+    }
+}
+
+/// The mTLS configs of `count` agents, `first` on, each with its own
+/// certificate signed by the CA in `pki` (as [`Pki::make`] makes them): a
+/// load process of the scale scenarios makes those of its own agents.
+pub fn agents(pki: &Path, first: usize, count: usize) -> anyhow::Result<ClientTls> {
+    let configs = Configs::new(pki)?;
+    Ok(ClientTls {
+        shared: configs.config(None)?,
+        agents: Arc::from(configs.agents(pki, first, count)?),
+        name: ServerName::try_from(SERVER_NAME)?,
+    })
+}
+
+/// What every client config of a bench run shares: the provider, and a
+/// verifier with the run's CA as the only root.
+struct Configs {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<WebPkiServerVerifier>,
+}
+
+impl Configs {
+    fn new(pki: &Path) -> anyhow::Result<Configs> {
+        let provider = contactd::tls::provider();
+        let ca = CertificateDer::from_pem_file(pki.join("ca.pem")).context("reading ca.pem")?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca)?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()?;
+        Ok(Configs { provider, verifier })
+    }
+
+    /// A client config presenting `cert`, if any.
+    fn config(
+        &self,
+        cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> anyhow::Result<Arc<ClientConfig>> {
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_safe_default_protocol_versions()?
+            .with_webpki_verifier(Arc::clone(&self.verifier));
+        let mut config = match cert {
+            Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // Every connection a full handshake, as a fleet's first connect.
+        config.resumption = Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+
+    /// Configs for agents `first..first + count`, each with its own
+    /// certificate (named [`agent_name`]) signed by the CA in `pki`.
+    fn agents(
+        &self,
+        pki: &Path,
+        first: usize,
+        count: usize,
+    ) -> anyhow::Result<Vec<Arc<ClientConfig>>> {
+        let issuer = contactd::tls::pki::ca_issuer(pki)?;
+        (first..first + count)
+            .map(|i| self.config(Some(agent_cert(&issuer, &agent_name(i))?)))
+            .collect()
     }
 }
 
