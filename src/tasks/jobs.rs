@@ -1408,21 +1408,6 @@ impl Run {
         } else {
             0
         };
-        // An `any` run's agent that was running its task is away from this
-        // new server until it connects here: with several servers it may
-        // have moved to another one for good, and the run hands its task on
-        // after `tasks.ack_timeout`, as when the agent leaves (it waited for
-        // it until the run's timeout).
-        let away = if mode == JobMode::Any {
-            let now = now_ms();
-            agents
-                .iter()
-                .filter(|(_, a)| a.state == RunAgentState::Running)
-                .map(|(name, _)| (Arc::clone(name), now))
-                .collect()
-        } else {
-            HashMap::new()
-        };
         Run {
             row,
             task,
@@ -1433,7 +1418,7 @@ impl Run {
             running,
             next_slot_ms: 0,
             halt_base,
-            away,
+            away: HashMap::new(),
         }
     }
 

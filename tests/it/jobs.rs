@@ -590,62 +590,6 @@ async fn a_rollout_resumes_after_a_sigkill_and_no_agent_runs_it_twice() {
     }
 }
 
-/// An `any` run resumed after a restart whose agent never comes back to
-/// this server (with several servers it moved to another one) hands its
-/// task on after `tasks.ack_timeout`, as when the agent leaves a running
-/// server; it waited for that agent until the run's timeout (1 h).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_any_run_resumed_after_a_restart_hands_its_task_on_when_its_agent_stays_away() {
-    let state = tempfile::tempdir().unwrap();
-    let start = || {
-        Daemon::start_with(
-            "[tasks]\nbatch = 0\nack_timeout = \"1s\"\n\
-             [[jobs]]\nname = \"once\"\ntext = \"run once\"\nevery = \"366days\"\nmode = \"any\"\n",
-            &[("STATE_DIRECTORY", state.path().to_str().unwrap())],
-        )
-    };
-    let mut server = start();
-    let mut admin = server.admin().await;
-    // Its handler runs long; after the restart it knows only the old
-    // server's address, as if it had moved to another server.
-    let dir = tempfile::tempdir().unwrap();
-    let started = dir.path().join("started");
-    let mut config = agent_config(server.addr, "web-1");
-    config.handler = vec![
-        "sh".into(),
-        "-c".into(),
-        "touch \"$0\"; sleep 60".into(),
-        started.to_str().unwrap().into(),
-    ];
-    let mut first = TestAgent::start(config);
-    first.wait_for("web-1 connected", connected).await;
-    let run = run_job(&mut admin, "once").await;
-    within("web-1 runs the task", async {
-        while !started.exists() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    server.signal(Signal::SIGKILL);
-    server.wait_exit(LIMIT);
-
-    let server = start();
-    let admin = server.admin().await;
-    let mut second = TestAgent::start(agent_config(server.addr, "web-2"));
-    let (id, _) = second.wait_for("web-2 runs the task", handled).await;
-    assert_eq!(id, run);
-    let end = within_run_end(&admin, run).await;
-    let r = end.run.unwrap();
-    assert_eq!(
-        (r.state.as_str(), r.acked, r.failed, r.missed),
-        ("succeeded", 1, 0, 1),
-        "{:?}",
-        end.agents
-    );
-    second.stop().await;
-    first.stop().await;
-}
-
 async fn within_run_end(admin: &AdminClient<Channel>, run: u64) -> ShowRunResponse {
     run_until(admin, run, "the run ended", |r| r.state != "running").await
 }
