@@ -1237,8 +1237,12 @@ fn writer(
     mut rx: mpsc::UnboundedReceiver<Envelope>,
     shared: &Shared,
     committed: &watch::Sender<u64>,
-    mut followed: u64,
+    followed: u64,
 ) {
+    let mut following = Following {
+        followed,
+        own: Vec::new(),
+    };
     let mut group: Vec<Envelope> = Vec::new();
     let mut failures = 0u64;
     // Changes of failed groups, applied again before the next ones (an ack
@@ -1314,7 +1318,15 @@ fn writer(
             // an ack timeout, as claims lost to another server are.
             let mut map = shared.lost.lock();
             for (at, op) in ops.iter().enumerate() {
-                if let Op::Write(Write::Claimed { deadline_ms, .. }) = op {
+                if let Op::Write(Write::Claimed {
+                    id, deadline_ms, ..
+                }) = op
+                {
+                    tracing::debug!(
+                        task_id = id,
+                        seq = op_seqs[at],
+                        "a claim whose commit failed: held as another server's until its deadline"
+                    );
                     let claim = LostClaim {
                         state: TaskState::Delivered,
                         holder: None,
@@ -1358,11 +1370,18 @@ fn writer(
         }
         if let (Ok(()), Some(Ok(ids))) = (&result, &reserved) {
             // Others' tasks below ours first, then ours: in id order.
-            follow(backend.as_mut(), shared, &mut followed, ids.start - 1);
+            let caught_up = follow(backend.as_mut(), shared, &mut following, ids.start - 1);
             for tasks in &made {
                 sink(shared, &fired(tasks, &refused));
             }
-            followed = followed.max(ids.end - 1);
+            if caught_up {
+                following.followed = following.followed.max(ids.end - 1);
+            } else {
+                // Others' tasks below ours are still to be read (the
+                // database went between the commit and the read): ours
+                // are not read back as theirs then.
+                following.own.push(ids.clone());
+            }
         }
         let last = group.last().map_or(0, |e| e.seq);
         // A claim that failed to commit is sent all the same: holding
@@ -1417,7 +1436,7 @@ fn writer(
                 }
                 Msg::Follow => {
                     shared.follow_asked.store(false, Ordering::Release);
-                    follow(backend.as_mut(), shared, &mut followed, u64::MAX);
+                    follow(backend.as_mut(), shared, &mut following, u64::MAX);
                 }
                 Msg::Now(_, reply) => {
                     let _ = reply.send(result.clone());
@@ -1557,32 +1576,57 @@ fn make_shared(
 /// Tasks read back per query when following a shared database.
 const FOLLOW_BATCH: usize = 1024;
 
-/// Hands on the tasks committed above `followed`, up to `until`, in id
-/// order. A failure is logged: the next notice or poll reads them.
-fn follow(backend: &mut dyn Backend, shared: &Shared, followed: &mut u64, until: u64) {
-    while *followed < until {
-        match backend.tasks_after(*followed, FOLLOW_BATCH) {
+/// How far a shared database's tasks have been handed on.
+#[derive(Debug, Default)]
+struct Following {
+    /// The highest id handed on (every task at or below it was).
+    followed: u64,
+    /// This server's own tasks above `followed`, handed on when they were
+    /// committed: a follow that failed left others' tasks below them
+    /// unread, and the next one must not hand these on again.
+    own: Vec<Range<u64>>,
+}
+
+/// Hands on the tasks committed above `following.followed`, up to `until`,
+/// in id order, but for this server's own (already handed on). A failure is
+/// logged: the next notice or poll reads them. Returns whether it read
+/// everything up to `until`.
+fn follow(
+    backend: &mut dyn Backend,
+    shared: &Shared,
+    following: &mut Following,
+    until: u64,
+) -> bool {
+    while following.followed < until {
+        match backend.tasks_after(following.followed, FOLLOW_BATCH) {
             Ok(stored) => {
-                let tasks: Vec<Arc<Task>> = stored
+                let within: Vec<&StoredTask> = stored.iter().filter(|t| t.id <= until).collect();
+                let Some(last) = within.last() else {
+                    return true;
+                };
+                following.followed = last.id;
+                let own = &following.own;
+                let tasks: Vec<Arc<Task>> = within
                     .iter()
-                    .filter(|t| t.id <= until)
+                    .filter(|t| !own.iter().any(|ids| ids.contains(&t.id)))
                     .map(|t| Arc::new(t.to_task()))
                     .collect();
-                let Some(last) = tasks.last() else {
-                    return;
-                };
-                *followed = last.id;
-                sink(shared, &tasks);
+                let followed = following.followed;
+                following.own.retain(|ids| ids.end > followed + 1);
+                if !tasks.is_empty() {
+                    sink(shared, &tasks);
+                }
                 if stored.len() < FOLLOW_BATCH {
-                    return;
+                    return true;
                 }
             }
             Err(e) => {
                 tracing::warn!("cannot read the tasks other servers published: {e}");
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 fn sink(shared: &Shared, tasks: &[Arc<Task>]) {
@@ -1838,6 +1882,150 @@ mod tests {
         let opened = open(&sqlite_config(path), "test", 10, true).unwrap();
         let states: Vec<_> = opened.snapshot.tasks.iter().map(|t| t.state).collect();
         assert_eq!(states, [TaskState::Acked, TaskState::Pending]);
+    }
+
+    /// A shared database in memory: ids are reserved, tasks read back, and
+    /// reading them back fails once when `down` is set.
+    #[derive(Default)]
+    struct SharedMemory {
+        tasks: Arc<Mutex<Vec<StoredTask>>>,
+        next_id: Arc<Mutex<u64>>,
+        down: Arc<AtomicBool>,
+    }
+
+    fn stored(id: u64) -> StoredTask {
+        StoredTask {
+            id,
+            text: format!("t{id}"),
+            target: None,
+            selector: None,
+            created_ms: 0,
+            state: TaskState::Pending,
+            attempts: 0,
+            claim: None,
+            delivered: 0,
+            acked: 0,
+            failed: 0,
+            last_result: None,
+            retries: 0,
+            job: None,
+            direct: false,
+        }
+    }
+
+    impl Backend for SharedMemory {
+        fn load(&mut self, _: usize, _: bool) -> Result<Snapshot, StoreError> {
+            Ok(Snapshot::default())
+        }
+        fn apply(&mut self, ops: &[Op<'_>]) -> Result<(), StoreError> {
+            for op in ops {
+                if let Op::Publish(tasks) = op {
+                    self.tasks.lock().extend(tasks.iter().map(|t| stored(t.id)));
+                }
+            }
+            Ok(())
+        }
+        fn prune(&mut self, _: &Retention) -> Result<Pruned, StoreError> {
+            Ok(Pruned::default())
+        }
+        fn task(&mut self, _: u64) -> Result<Option<TaskRecord>, StoreError> {
+            Ok(None)
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+        fn reserve(&mut self, count: u64) -> Result<u64, StoreError> {
+            let mut next = self.next_id.lock();
+            let first = *next;
+            *next += count;
+            Ok(first)
+        }
+        fn tasks_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredTask>, StoreError> {
+            if self.down.swap(false, Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("the database went away".into()));
+            }
+            let mut tasks: Vec<StoredTask> = self
+                .tasks
+                .lock()
+                .iter()
+                .filter(|t| t.id > after)
+                .cloned()
+                .collect();
+            tasks.sort_by_key(|t| t.id);
+            tasks.truncate(limit);
+            Ok(tasks)
+        }
+        fn jobs(&mut self) -> Result<Vec<JobRow>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn runs(&mut self, _: Option<&str>, _: usize) -> Result<Vec<RunRow>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn run(&mut self, _: u64) -> Result<Option<RunRecord>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    /// A task another server committed just before this one's own was not
+    /// read when the database went between this server's commit and its
+    /// read of the others' tasks: it was skipped for good (this server's
+    /// agents never got it, however long the other server had none).
+    #[tokio::test]
+    async fn others_tasks_below_our_own_are_read_after_a_failed_follow() {
+        let backend = SharedMemory {
+            next_id: Arc::new(Mutex::new(1)),
+            ..SharedMemory::default()
+        };
+        let (tasks, next_id, down) = (
+            Arc::clone(&backend.tasks),
+            Arc::clone(&backend.next_id),
+            Arc::clone(&backend.down),
+        );
+        let opened = Opened {
+            snapshot: Snapshot {
+                epoch: 1,
+                next_id: 1,
+                ..Snapshot::default()
+            },
+            backend: Some(Box::new(backend)),
+            watcher: None,
+            reader: None,
+            write_queue: 1000,
+        };
+        let (store, _) = opened.start();
+        let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+        store.set_sink({
+            let seen = Arc::clone(&seen);
+            Arc::new(move |tasks| seen.lock().extend(tasks.iter().map(|t| t.id)))
+        });
+        // Another server commits task 1; this one's read of it fails.
+        tasks.lock().push(stored(1));
+        *next_id.lock() = 2;
+        down.store(true, Ordering::Relaxed);
+        let ours = store
+            .publish(1, |id| (format!("t{id}"), None))
+            .await
+            .unwrap();
+        assert_eq!(ours, 2..3);
+        assert_eq!(*seen.lock(), [2], "its own, at once");
+        // The next notice reads task 1, and not task 2 again.
+        store.follow();
+        store.jobs().await.unwrap();
+        assert_eq!(*seen.lock(), [2, 1]);
+        tasks.lock().push(stored(3));
+        *next_id.lock() = 4;
+        store.follow();
+        store.jobs().await.unwrap();
+        assert_eq!(*seen.lock(), [2, 1, 3]);
+        let ours = store
+            .publish(1, |id| (format!("t{id}"), None))
+            .await
+            .unwrap();
+        assert_eq!(ours, 4..5);
+        store.follow();
+        store.jobs().await.unwrap();
+        assert_eq!(*seen.lock(), [2, 1, 3, 4], "each once");
+        store.close().await;
     }
 
     #[tokio::test]

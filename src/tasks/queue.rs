@@ -539,6 +539,11 @@ impl Queue {
                 }
                 if flight.remote {
                     // Another server's claim lapsed: this one may try.
+                    tracing::debug!(
+                        task_id = id,
+                        holder = %flight.holder,
+                        "another server's claim lapsed: back in line"
+                    );
                     state.requeue(flight.entry);
                     continue;
                 }
@@ -892,6 +897,11 @@ impl State {
     /// sent once the claim is committed.
     fn assign(&mut self, slot: u64, mut entry: Entry) {
         let Some(holder) = self.slots.get(&slot).map(|s| Arc::clone(&s.name)) else {
+            tracing::error!(
+                task_id = entry.task.id,
+                slot,
+                "a task assigned to a stream that is gone (a bug): dropped"
+            );
             return;
         };
         let deadline_ms = crate::clock::now_ms()
@@ -984,7 +994,14 @@ impl Drop for Slot {
         // a shared store said of its claim, if anything, is let go: the
         // next assignment makes a new claim).
         for entry in slot.outbox.into_iter().rev() {
-            let _ = state.store.take_lost(entry.seq);
+            let lost = state.store.take_lost(entry.seq);
+            tracing::debug!(
+                task_id = entry.task.id,
+                agent = %slot.name,
+                seq = entry.seq,
+                claim_lost = lost.is_some(),
+                "a stream ended before its task was sent: back in line"
+            );
             match entry.task.target.clone() {
                 Some(name) => state.targeted.entry(name).or_default().push_front(entry),
                 None => state.pending.push_front(entry),

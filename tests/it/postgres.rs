@@ -677,6 +677,98 @@ async fn a_claim_whose_commit_failed_is_given_out_again_after_its_deadline() {
     web1.stop().await;
 }
 
+/// The state the database keeps for task `id`.
+async fn state_of(url: &str, id: u64) -> TaskState {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let id = i64::try_from(id).unwrap();
+    let state: i16 = client
+        .query_one("SELECT state FROM tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    TaskState::from_u8(u8::try_from(state).unwrap())
+}
+
+/// RELIABILITY.md's defect 6: an agent's ack that reached its server while
+/// the database was down was lost with the group commit it was in. The
+/// server counted the task acked and let it go, but the database kept it
+/// claimed; the other server, restarted, restored that claim and put the
+/// task back in line at its deadline, where it stayed `pending` for ever
+/// (no agent was connected to that server, and the server the agents were
+/// on no longer held it). Now the ack is applied once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_made_while_the_database_is_down_is_kept_and_the_task_is_not_put_back_in_line() {
+    let Some(mut cluster) = Cluster::start("postgres ack during an outage") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    // Long enough that the ack is applied before the claim's deadline (the
+    // writer reconnects with a backoff of at most 5 s).
+    let queue = "mode = \"queue\"\nbatch = 0\nack_timeout = \"20s\"";
+    let mut a = shared_server("a", &url, queue);
+    let b = shared_server("b", &url, queue);
+    let mut admin_b = admin(&b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    // The agent knows server b only, and runs the task for 2 s.
+    let mut config = agent_config(b.addr, "web1");
+    config.handler = vec![
+        "sh".into(),
+        "-c".into(),
+        "touch \"$0\"; sleep 2".into(),
+        started.to_str().unwrap().into(),
+    ];
+    let mut web1 = TestAgent::start(config);
+    web1.wait_for("web1 connected", connected).await;
+    let submitted = tokio::time::Instant::now();
+    let id = common::submit(&mut admin_b, "acked while the database is down", "").await;
+    // Sent, so its claim is committed: the database goes while it runs.
+    common::within("the handler started", async {
+        while !started.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    cluster.stop();
+    assert_eq!(web1.wait_for("the task handled", handled).await.0, id);
+    // The ack reaches server b, whose writer cannot commit it.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    cluster.start_again();
+    // Server a restarts and reads the task as the database has it.
+    a.signal(Signal::SIGTERM);
+    a.wait_exit(LIMIT);
+    let a = shared_server("a", &url, queue);
+    let mut admin_a = admin(&a).await;
+    // Past the claim's deadline, when a claim the ack did not end is let go.
+    tokio::time::sleep_until(submitted + std::time::Duration::from_secs(22)).await;
+    // (It was `pending` for good: at the deadline server a put it back in
+    // line, with no agent to give it to, and server b no longer held it.)
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut state = state_of(&url, id).await;
+    while state != TaskState::Acked && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        state = state_of(&url, id).await;
+    }
+    assert_eq!(state, TaskState::Acked, "the task in the database");
+    for admin in [&mut admin_a, &mut admin_b] {
+        let listed = admin
+            .list_tasks(ListTasksRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let task = listed.tasks.iter().find(|t| t.id == id).expect("listed");
+        assert_eq!(
+            task.state(),
+            contactd::proto::admin::TaskState::Acked,
+            "{task:?}"
+        );
+    }
+    web1.stop().await;
+}
+
 // ---- a lost database: queue mode stops serving, submits say unavailable ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
