@@ -258,6 +258,15 @@ fn logged(at_ms: i64, level: &str, target: &str, message: &str) -> String {
 }
 
 /// `agent` killed with SIGKILL `at` ms into the run.
+/// `agent`'s connection went up or down at `at_ms`.
+fn connection(history: &mut History, agent: &str, up: bool, at_ms: i64) {
+    history.events.push(Event::Conn {
+        agent: agent.to_owned(),
+        up,
+        at_ms,
+    });
+}
+
 fn kill(history: &mut History, agent: &str, at: i64) {
     history.events.push(Event::Kill {
         agent: agent.to_owned(),
@@ -432,16 +441,8 @@ fn a_queue_task_handed_out_again_at_a_disconnect_is_reported() {
     // gave the task to c at once instead of waiting for b's ack.
     let mut history = clean();
     history.runs.push(run("c", 7, 7_400));
-    history.events.push(Event::Conn {
-        agent: "b".to_owned(),
-        up: false,
-        at_ms: T0 + 7_200,
-    });
-    history.events.push(Event::Conn {
-        agent: "b".to_owned(),
-        up: true,
-        at_ms: T0 + 7_900,
-    });
+    connection(&mut history, "b", false, T0 + 7_200);
+    connection(&mut history, "b", true, T0 + 7_900);
     history.view.tasks[6].last_agent = "c".to_owned();
     let verdict = check_on_disk(&history, &bounds());
     assert_eq!(failed(&verdict), ["redelivered-after-disconnect"]);
@@ -469,16 +470,8 @@ fn a_queue_task_handed_on_at_its_ack_timeout_is_listed_not_failed() {
     let mut history = clean();
     let timeout = bounds().ack_timeout_ms;
     history.runs.push(run("c", 7, 7_000 + timeout));
-    history.events.push(Event::Conn {
-        agent: "b".to_owned(),
-        up: false,
-        at_ms: T0 + 7_200,
-    });
-    history.events.push(Event::Conn {
-        agent: "b".to_owned(),
-        up: true,
-        at_ms: T0 + 7_400 + timeout,
-    });
+    connection(&mut history, "b", false, T0 + 7_200);
+    connection(&mut history, "b", true, T0 + 7_400 + timeout);
     history.view.tasks[6].last_agent = "c".to_owned();
     let verdict = check_on_disk(&history, &bounds());
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);

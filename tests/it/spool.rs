@@ -174,6 +174,16 @@ async fn tasks_until(daemon: &Daemon, what: &str, done: impl Fn(&[Task]) -> bool
     .await
 }
 
+/// The server's tasks once task `id` is acked.
+async fn until_acked(daemon: &Daemon, id: u64) -> Vec<Task> {
+    tasks_until(daemon, "the task acked", |tasks| {
+        tasks
+            .iter()
+            .any(|t| t.id == id && t.state() == TaskState::Acked)
+    })
+    .await
+}
+
 fn kill(process: &mut Process) {
     process.signal(Signal::SIGKILL);
     process.wait_exit(LIMIT);
@@ -206,12 +216,7 @@ async fn an_ack_that_never_arrived_is_sent_after_the_agents_restart_and_the_task
     let server = Daemon::start(&server_config(&store, Some(addr)));
     // The restarted server hands the task back to its holder (the claim was
     // kept), which acks it from the spool; the spooled ack arrives too.
-    let tasks = tasks_until(&server, "the task acked", |tasks| {
-        tasks
-            .iter()
-            .any(|t| t.id == id && t.state() == TaskState::Acked)
-    })
-    .await;
+    let tasks = until_acked(&server, id).await;
     common::assert_each_acked_once(&tasks);
     assert_eq!(runs(&files), [id], "the handler ran once");
     agent.signal(Signal::SIGTERM);
@@ -365,12 +370,7 @@ async fn an_ack_whose_call_failed_in_flight_is_sent_again_and_counted_once() {
     relay.mute_the_server();
     open_gate(&files).await;
     agent.wait_for_line("sending acks");
-    tasks_until(&server, "the task acked", |tasks| {
-        tasks
-            .iter()
-            .any(|t| t.id == id && t.state() == TaskState::Acked)
-    })
-    .await;
+    until_acked(&server, id).await;
     let addr = relay.cut().await;
     agent.wait_for_line("disconnected from");
     let relay = Relay::start(addr, server.addr).await;
@@ -429,12 +429,7 @@ async fn a_task_stays_with_an_agent_that_lost_its_connection_which_acks_it_when_
     cut_off.wait_for_line("result spooled");
     let relay = Relay::start(addr, server.addr).await;
     cut_off.wait_for_lines("connected to", 2);
-    let tasks = tasks_until(&server, "the task acked", |tasks| {
-        tasks
-            .iter()
-            .any(|t| t.id == id && t.state() == TaskState::Acked)
-    })
-    .await;
+    let tasks = until_acked(&server, id).await;
     common::assert_each_acked_once(&tasks);
     let task = tasks.iter().find(|t| t.id == id).unwrap();
     assert_eq!(task.last_agent, "cut-off", "{task:?}");
