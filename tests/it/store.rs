@@ -183,6 +183,14 @@ pub async fn away_across_a_restart_gets_what_it_missed_not_what_it_acked(store: 
     })
     .await;
     agent.stop().await;
+    // Until the server has seen web1's stream end, a task submitted now
+    // could still be sent into it (and counted delivered).
+    within("web1 seen gone", async {
+        while common::agent(&mut admin_client, "web1").await.connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     for i in 4..=5 {
         submit(&mut admin_client, &format!("missed {i}"), "").await;
     }
