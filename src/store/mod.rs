@@ -37,7 +37,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use runs::{Firing, JobRow, RunAgentRow, RunRecord, RunRow};
+pub use runs::{Firing, JobRow, RelayedAck, RunAgentRow, RunRecord, RunRow, RunsNews};
 
 use crate::{
     config::{StoreConfig, StoreKind},
@@ -253,6 +253,17 @@ pub enum Write {
         text: String,
         at_ms: i64,
         claimed: bool,
+    },
+    /// A shared database: an agent's ack, through this server, of a run
+    /// another server carries out (the agent moved here). Kept and counted
+    /// only if the agent is running it in that run, whose server reads it
+    /// back ([`Store::runs_news`]). A lone server never writes it.
+    Relayed {
+        id: u64,
+        agent: Arc<str>,
+        ok: bool,
+        text: String,
+        at_ms: i64,
     },
     /// A broadcast cursor to keep.
     Cursor(Saved),
@@ -506,6 +517,26 @@ pub trait Backend: Send {
 
     /// One run with its agents.
     fn run(&mut self, task_id: u64) -> Result<Option<RunRecord>, StoreError>;
+
+    /// Shared: what the database says of this server's runs `mine`, each
+    /// with the earliest time it sent its task to an agent still running
+    /// it (see [`RunsNews`]); other servers' runs are orphans when their
+    /// server stopped or its heartbeat is older than `silent_before_ms`.
+    fn runs_news(
+        &mut self,
+        mine: &[(u64, i64)],
+        silent_before_ms: i64,
+    ) -> Result<RunsNews, StoreError> {
+        let _ = (mine, silent_before_ms);
+        Ok(RunsNews::default())
+    }
+
+    /// Shared: takes over `runs` of `server`, if that server is not
+    /// running now (its name is free), and reads them; none when it is.
+    fn adopt(&mut self, server: &str, runs: &[u64]) -> Result<Vec<RunRecord>, StoreError> {
+        let _ = (server, runs);
+        Ok(Vec::new())
+    }
 }
 
 /// Makes a task's text and target from its id.
@@ -1062,6 +1093,40 @@ impl Store {
             })),
         );
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A shared database: what it says of this server's runs (see
+    /// [`Backend::runs_news`]). A lone server's store has no news.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn runs_news(
+        &self,
+        mine: Vec<(u64, i64)>,
+        silent_before_ms: i64,
+    ) -> Result<RunsNews, StoreError> {
+        if !self.shared_db {
+            return Ok(RunsNews::default());
+        }
+        self.query(move |backend| backend.runs_news(&mine, silent_before_ms))
+            .await
+    }
+
+    /// A shared database: takes over `runs` of `server` if that server is
+    /// not running (see [`Backend::adopt`]).
+    ///
+    /// # Errors
+    /// The store cannot be read or written.
+    pub async fn adopt(
+        &self,
+        server: Arc<str>,
+        runs: Vec<u64>,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        if !self.shared_db {
+            return Ok(Vec::new());
+        }
+        self.query(move |backend| backend.adopt(&server, &runs))
+            .await
     }
 
     /// Whether several servers may share the database.

@@ -82,3 +82,28 @@ pub struct RunRecord {
     pub run: RunRow,
     pub agents: Vec<RunAgentRow>,
 }
+
+/// What a shared database says of a server's runs, read every few seconds
+/// ([`Store::runs_news`](super::Store::runs_news)). A lone server has none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunsNews {
+    /// Acks of its runs' tasks made through other servers (the agents
+    /// moved there), at or after when each run last sent them.
+    pub relayed: Vec<RelayedAck>,
+    /// Its runs that another server carries out now (it took them over
+    /// while this one could not reach the database): (run, that server).
+    pub taken: Vec<(u64, Arc<str>)>,
+    /// Unfinished runs of other servers that stopped, or whose heartbeat
+    /// is older than asked: (run, its server). Candidates to take over
+    /// ([`Store::adopt`](super::Store::adopt)).
+    pub orphans: Vec<(u64, Arc<str>)>,
+}
+
+/// An agent's ack of a run's task, made through another server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayedAck {
+    pub task_id: u64,
+    pub agent: Arc<str>,
+    pub ok: bool,
+    pub at_ms: i64,
+}

@@ -1054,7 +1054,8 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
             ])?;
         }
         // One server per SQLite file: its own registry is the fleet view.
-        Write::Presence { .. } => {}
+        // Several servers only (PostgreSQL).
+        Write::Presence { .. } | Write::Relayed { .. } => {}
         Write::Delivered { ids } => {
             let mut update = tx.prepare_cached(
                 "UPDATE tasks SET delivered = delivered + 1, \

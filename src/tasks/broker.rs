@@ -412,6 +412,9 @@ impl Broker {
                 Ok(task) => task,
                 // Late or repeated: not forged, already counted by the queue.
                 Err(AckRefusal::NotInFlight) => {
+                    if self.relay(result.task_id, agent, ok, kept) {
+                        return Acked::Ignored;
+                    }
                     // Only for a task that exists: an agent acking made-up
                     // ids costs a counter, not a database statement each.
                     if self.store.is_shared() && result.task_id < self.hub.next_id() {
@@ -435,6 +438,7 @@ impl Broker {
                     // late, not forged. (Looked up only on refusal: not on
                     // every ack's path.)
                     Err(_) if self.hub.get(result.task_id).is_some_and(|t| t.direct) => {
+                        self.relay(result.task_id, agent, ok, kept);
                         return Acked::Ignored;
                     }
                     Err(reason) => return Acked::Refused(reason),
@@ -462,6 +466,25 @@ impl Broker {
             at_ms: crate::clock::now_ms(),
             claimed,
         });
+    }
+
+    /// With a shared database, an ack of a run's task that no run here
+    /// carries out is perhaps of another server's run, its agent moved
+    /// here: it is written for that server to read (and kept only if the
+    /// agent is running it there). `false`: not a run's task, or a lone
+    /// server (where it is late).
+    fn relay(&self, id: u64, agent: &Agent, ok: bool, kept: &str) -> bool {
+        if !self.store.is_shared() || !self.hub.get(id).is_some_and(|t| t.direct) {
+            return false;
+        }
+        self.store.record(Write::Relayed {
+            id,
+            agent: Arc::clone(&agent.name),
+            ok,
+            text: kept.to_owned(),
+            at_ms: crate::clock::now_ms(),
+        });
+        true
     }
 
     fn ignore_cancelled(&self, task_id: u64) -> Acked {

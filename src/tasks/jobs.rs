@@ -27,7 +27,15 @@
 //! task id and retry (they dedupe, so they do not run it twice).
 //!
 //! With several servers sharing a database, a run is carried out by the
-//! server that fired it, for the agents connected to that server.
+//! server that fired it, for the agents connected to that server: its row
+//! names that server, which alone writes it and resumes it after a
+//! restart. Every few seconds (`news`) each server reads what the
+//! others wrote of its runs: acks made through them by agents that moved
+//! there with the task (the ack path relays them), its runs taken over
+//! while it could not reach the database, and the runs of servers gone
+//! for `tasks.ack_timeout`, which it takes over once they stay gone as
+//! long again (the gone server's name lock, free, is the proof it is not
+//! running).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -200,6 +208,11 @@ struct Inner {
     /// come back before it hands its task on ([`HAND_ON`] until
     /// configured).
     hand_on_ms: Option<i64>,
+    /// Several servers: the others whose runs are orphans (the server
+    /// stopped, or its heartbeat is older than `tasks.ack_timeout`), since
+    /// when this server has seen them so; taken over after
+    /// `tasks.ack_timeout` more.
+    orphaned: HashMap<Arc<str>, i64>,
 }
 
 #[derive(Debug)]
@@ -278,7 +291,7 @@ impl Jobs {
             );
             inner.runs.insert(run.row.task_id, run);
         }
-        Jobs {
+        let jobs = Jobs {
             store,
             hub,
             epoch,
@@ -286,7 +299,14 @@ impl Jobs {
             active: AtomicUsize::new(inner.runs.len()),
             inner: Mutex::new(inner),
             wake: Notify::new(),
+        };
+        let now = now_ms();
+        let mut inner = jobs.inner.lock();
+        for run in inner.runs.values_mut() {
+            run.carried_on(&jobs.registry, jobs.epoch, now);
         }
+        drop(inner);
+        jobs
     }
 
     /// Takes the jobs of `config` (added, changed, removed) and
@@ -374,37 +394,7 @@ impl Jobs {
         let now = now_ms();
         let mut inner = self.inner.lock();
         for run in inner.runs.values_mut() {
-            if run.row.state != RunState::Running && run.row.state != RunState::Halted {
-                continue;
-            }
-            match run.agents.get(&agent.name).map(|a| a.state) {
-                Some(RunAgentState::Running) => {
-                    run.away.remove(&agent.name);
-                    run.resend(&self.registry, &agent.name, self.epoch);
-                }
-                // Connected now: first in line. (An agent in the line twice
-                // is sent it once: `fill` skips it when it is no longer
-                // owed.)
-                Some(RunAgentState::Owed) => run.owed.push_front(Arc::clone(&agent.name)),
-                Some(_) => {}
-                None => {
-                    if run.mode == JobMode::Each && run.selector.matches(&agent.name, &**labels) {
-                        run.agents.insert(
-                            Arc::clone(&agent.name),
-                            AgentRun {
-                                state: RunAgentState::Owed,
-                                tries: 0,
-                                at_ms: now,
-                            },
-                        );
-                        run.owed.push_front(Arc::clone(&agent.name));
-                    } else if run.mode == JobMode::Any
-                        && run.selector.matches(&agent.name, &**labels)
-                    {
-                        run.owed.push_front(Arc::clone(&agent.name));
-                    }
-                }
-            }
+            run.joined(&agent.name, &labels, &self.registry, self.epoch, now);
         }
         drop(inner);
         self.pump_all();
@@ -442,16 +432,29 @@ impl Jobs {
         }
         let now = now_ms();
         let mut inner = self.inner.lock();
-        let run = inner.runs.get_mut(&id)?;
-        if !run.task.direct {
+        if !inner.runs.get(&id)?.task.direct {
             return None;
         }
-        let Some(entry) = run.agents.get_mut(&agent.name) else {
-            return Some(Acked::Refused("the run never sent its task to this agent"));
+        let acked = self.answered(&mut inner, id, &agent.name, ok, now);
+        drop(inner);
+        if let Acked::Counted { .. } = acked {
+            self.pump(id);
+        }
+        Some(acked)
+    }
+
+    /// Agent `name` answered run `id`'s task (through this server, or
+    /// through another: [`news`](Self::news)).
+    fn answered(&self, inner: &mut Inner, id: u64, name: &Arc<str>, ok: bool, now: i64) -> Acked {
+        let Some(run) = inner.runs.get_mut(&id) else {
+            return Acked::Ignored;
+        };
+        let Some(entry) = run.agents.get_mut(name) else {
+            return Acked::Refused("the run never sent its task to this agent");
         };
         if entry.state != RunAgentState::Running {
             // Late or repeated (after a resend): it changes nothing.
-            return Some(Acked::Ignored);
+            return Acked::Ignored;
         }
         run.running -= 1;
         run.next_slot_ms = now + run.row.wait_ms;
@@ -468,9 +471,9 @@ impl Jobs {
         } else {
             RunAgentState::Failed
         };
-        let row = run.agent_row(&agent.name);
+        let row = run.agent_row(name);
         if retry {
-            run.owed.push_front(Arc::clone(&agent.name));
+            run.owed.push_front(Arc::clone(name));
         } else if ok {
             run.row.acked += 1;
         } else {
@@ -478,13 +481,10 @@ impl Jobs {
         }
         self.store.record(Write::RunAgent(row));
         if !retry {
-            run.task.progress.record_ack(ok, &agent.name, String::new());
+            run.task.progress.record_ack(ok, name, String::new());
         }
-        let task_id = run.row.task_id;
-        self.settle(&mut inner, task_id, now);
-        drop(inner);
-        self.pump(task_id);
-        Some(Acked::Counted { ok })
+        self.settle(inner, id, now);
+        Acked::Counted { ok }
     }
 
     /// Starts a run now: an operator's (`job run`, or an ad hoc rollout).
@@ -758,6 +758,7 @@ impl Jobs {
             // resumes said to them, from the database.
             if self.store.is_shared() && ((is_leader && !was_leader) || now_ms() >= reread_at) {
                 self.reread().await;
+                self.news().await;
                 reread_at = now_ms() + millis(REREAD);
             }
             was_leader = is_leader;
@@ -796,6 +797,128 @@ impl Jobs {
                 }
             }
             Err(e) => tracing::warn!("cannot read the jobs' last runs from the task store: {e}"),
+        }
+    }
+
+    /// Several servers: what the database says of this server's runs.
+    /// Acks of their tasks made through another server (the agent moved
+    /// there) are counted; a run another server took over (while this one
+    /// could not reach the database) is left to it; and the runs of a
+    /// server gone for `tasks.ack_timeout` (seen so here for as long
+    /// again) are taken over and carried on here.
+    async fn news(&self) {
+        let now = now_ms();
+        let (mine, after) = {
+            let inner = self.inner.lock();
+            let mine: Vec<(u64, i64)> = inner
+                .runs
+                .values()
+                .map(|run| {
+                    let since = run
+                        .agents
+                        .values()
+                        .filter(|a| a.state == RunAgentState::Running)
+                        .map(|a| a.at_ms)
+                        .min()
+                        .unwrap_or(i64::MAX);
+                    (run.row.task_id, since)
+                })
+                .collect();
+            (mine, inner.hand_on_ms.unwrap_or(millis(HAND_ON)))
+        };
+        let news = match self.store.runs_news(mine, now - after).await {
+            Ok(news) => news,
+            Err(e) => {
+                tracing::debug!("cannot read the runs' news from the task store: {e}");
+                return;
+            }
+        };
+        let mut pumped = Vec::new();
+        let mut adopt: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+        {
+            let mut inner = self.inner.lock();
+            for ack in news.relayed {
+                let at_or_after = inner
+                    .runs
+                    .get(&ack.task_id)
+                    .and_then(|run| run.agents.get(&ack.agent))
+                    .is_some_and(|a| a.state == RunAgentState::Running && ack.at_ms >= a.at_ms);
+                if at_or_after
+                    && let Acked::Counted { ok } =
+                        self.answered(&mut inner, ack.task_id, &ack.agent, ack.ok, now)
+                {
+                    tracing::info!(
+                        run = ack.task_id,
+                        agent = %ack.agent,
+                        ok,
+                        "job run: its agent answered through another server"
+                    );
+                    pumped.push(ack.task_id);
+                }
+            }
+            for (id, server) in news.taken {
+                if let Some(run) = inner.runs.remove(&id) {
+                    tracing::warn!(
+                        run = id,
+                        job = %shown_job(&run.row.job),
+                        server = %server,
+                        "job run taken over by another server (this one was away from the \
+                         database for tasks.ack_timeout): carried on there, no longer here"
+                    );
+                }
+            }
+            self.active.store(inner.runs.len(), Relaxed);
+            let mut seen: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+            for (id, server) in news.orphans {
+                seen.entry(server).or_default().push(id);
+            }
+            inner.orphaned.retain(|server, _| seen.contains_key(server));
+            for (server, ids) in seen {
+                let since = *inner.orphaned.entry(Arc::clone(&server)).or_insert(now);
+                if now - since >= after {
+                    // Only the runs whose task is here to send.
+                    let ids: Vec<u64> = ids
+                        .into_iter()
+                        .filter(|id| self.hub.get(*id).is_some_and(|t| !t.void))
+                        .collect();
+                    if !ids.is_empty() {
+                        adopt.insert(server, ids);
+                    }
+                }
+            }
+        }
+        for id in pumped {
+            self.pump(id);
+        }
+        for (server, ids) in adopt {
+            let records = match self.store.adopt(Arc::clone(&server), ids).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(server = %server, "cannot take over a gone server's runs: {e}");
+                    continue;
+                }
+            };
+            let now = now_ms();
+            let mut inner = self.inner.lock();
+            for record in records {
+                let Some(task) = self.hub.get(record.run.task_id) else {
+                    continue;
+                };
+                let mut run = Run::restored(record, task);
+                tracing::warn!(
+                    run = run.row.task_id,
+                    job = %shown_job(&run.row.job),
+                    server = %server,
+                    agents = run.agents.len(),
+                    "job run taken over from a server gone for tasks.ack_timeout: carried on here"
+                );
+                run.carried_on(&self.registry, self.epoch, now);
+                inner.runs.insert(run.row.task_id, run);
+            }
+            inner.orphaned.remove(&server);
+            self.active.store(inner.runs.len(), Relaxed);
+            drop(inner);
+            self.pump_all();
         }
     }
 
@@ -1459,6 +1582,67 @@ impl Run {
             attempt: tries,
             epoch,
             retry: tries.saturating_sub(1),
+        }
+    }
+
+    /// `name` (with `labels`) is connected now: sent again what it was
+    /// sent and did not answer, put first in line if it is owed, added if
+    /// the run is for it and it is not in the run yet.
+    fn joined(
+        &mut self,
+        name: &Arc<str>,
+        labels: &crate::labels::Labels,
+        registry: &Registry,
+        epoch: u64,
+        now: i64,
+    ) {
+        if self.row.state != RunState::Running && self.row.state != RunState::Halted {
+            return;
+        }
+        match self.agents.get(name).map(|a| a.state) {
+            Some(RunAgentState::Running) => {
+                self.away.remove(name);
+                self.resend(registry, name, epoch);
+            }
+            // Connected now: first in line. (An agent in the line twice
+            // is sent it once: `fill` skips it when it is no longer
+            // owed.)
+            Some(RunAgentState::Owed) => self.owed.push_front(Arc::clone(name)),
+            Some(_) => {}
+            None => {
+                if self.mode == JobMode::Each && self.selector.matches(name, labels) {
+                    self.agents.insert(
+                        Arc::clone(name),
+                        AgentRun {
+                            state: RunAgentState::Owed,
+                            tries: 0,
+                            at_ms: now,
+                        },
+                    );
+                    self.owed.push_front(Arc::clone(name));
+                } else if self.mode == JobMode::Any && self.selector.matches(name, labels) {
+                    self.owed.push_front(Arc::clone(name));
+                }
+            }
+        }
+    }
+
+    /// A run read from the store (after a restart, or taken over from a
+    /// gone server) is carried on: the agents connected here join it, and
+    /// an `any` run's agents running it elsewhere count as away from now
+    /// (one that never comes back here, or answers through another
+    /// server, is handed on after `tasks.ack_timeout`).
+    fn carried_on(&mut self, registry: &Registry, epoch: u64, now: i64) {
+        if self.mode == JobMode::Any {
+            for (name, agent) in &self.agents {
+                if agent.state == RunAgentState::Running && !registry.is_connected(name) {
+                    self.away.entry(Arc::clone(name)).or_insert(now);
+                }
+            }
+        }
+        for (name, labels) in registry.connected() {
+            let labels = labels.load();
+            self.joined(&name, &labels, registry, epoch, now);
         }
     }
 

@@ -57,8 +57,15 @@ impl Interceptor for Named {
 /// Agents played by gRPC clients, as many as a test needs: every task any
 /// of them receives comes out of one channel with the agent's name, and
 /// the test acks it when it chooses (until then the agent is running it).
-struct Fleet {
-    received: mpsc::UnboundedReceiver<(String, ServerMsg)>,
+/// An agent may move to another server (postgres.rs: several servers).
+#[derive(Default)]
+pub(crate) struct Fleet {
+    /// Where every agent's tasks come out (the sender is cloned for each).
+    #[allow(clippy::type_complexity)]
+    sender: Option<(
+        mpsc::UnboundedSender<(String, ServerMsg)>,
+        mpsc::UnboundedReceiver<(String, ServerMsg)>,
+    )>,
     acks: HashMap<String, mpsc::Sender<ResultMsg>>,
     /// Each agent's two calls (getTask's reader, tellResult), to end them.
     calls: HashMap<String, [tokio::task::AbortHandle; 2]>,
@@ -66,61 +73,77 @@ struct Fleet {
 
 impl Fleet {
     /// `count` agents `{prefix}-{n}` with `labels`, each subscribed.
-    async fn connect(server: &TestServer, prefix: &str, count: usize, labels: &str) -> Fleet {
-        let (tx, received) = mpsc::unbounded_channel();
-        let mut acks = HashMap::new();
-        let mut calls = HashMap::new();
+    pub(crate) async fn connect(
+        server: &TestServer,
+        prefix: &str,
+        count: usize,
+        labels: &str,
+    ) -> Fleet {
+        let mut fleet = Fleet::default();
         for n in 0..count {
-            let name = format!("{prefix}-{n:03}");
-            let mut client: ContactClient<InterceptedService<Channel, Named>> =
-                ContactClient::with_interceptor(
-                    server.channel().await,
-                    Named(name.clone(), labels.into()),
-                );
-            // Once getTask answers, the server has the agent's mailbox.
-            let mut tasks = within("getTask", client.get_task(Empty {}))
-                .await
-                .unwrap()
-                .into_inner();
-            let (ack_tx, ack_rx) = mpsc::channel(64);
-            let telling =
-                tokio::spawn(async move { client.tell_result(ReceiverStream::new(ack_rx)).await });
-            let (tx, agent) = (tx.clone(), name.clone());
-            let reading = tokio::spawn(async move {
-                while let Ok(Some(msg)) = tasks.message().await {
-                    if tx.send((agent.clone(), msg)).is_err() {
-                        return;
-                    }
-                }
-            });
-            calls.insert(
-                name.clone(),
-                [telling.abort_handle(), reading.abort_handle()],
-            );
-            acks.insert(name, ack_tx);
+            fleet
+                .join(server, &format!("{prefix}-{n:03}"), labels)
+                .await;
         }
-        Fleet {
-            received,
-            acks,
-            calls,
-        }
+        fleet
     }
 
-    /// `agent` goes away: its calls end (and it does not come back).
-    fn leave(&mut self, agent: &str) {
+    /// Agent `name` with `labels` subscribes to `server` (after it left
+    /// another one, say).
+    pub(crate) async fn join(&mut self, server: &TestServer, name: &str, labels: &str) {
+        let (tx, _) = self.sender.get_or_insert_with(mpsc::unbounded_channel);
+        let tx = tx.clone();
+        let mut client: ContactClient<InterceptedService<Channel, Named>> =
+            ContactClient::with_interceptor(
+                server.channel().await,
+                Named(name.into(), labels.into()),
+            );
+        // Once getTask answers, the server has the agent's mailbox.
+        let mut tasks = within("getTask", client.get_task(Empty {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let (ack_tx, ack_rx) = mpsc::channel(64);
+        let telling =
+            tokio::spawn(async move { client.tell_result(ReceiverStream::new(ack_rx)).await });
+        let agent = name.to_owned();
+        let reading = tokio::spawn(async move {
+            while let Ok(Some(msg)) = tasks.message().await {
+                if tx.send((agent.clone(), msg)).is_err() {
+                    return;
+                }
+            }
+        });
+        self.calls.insert(
+            name.into(),
+            [telling.abort_handle(), reading.abort_handle()],
+        );
+        self.acks.insert(name.into(), ack_tx);
+    }
+
+    /// `agent` goes away: its calls end (it may `join` again).
+    pub(crate) fn leave(&mut self, agent: &str) {
         for call in self.calls.remove(agent).unwrap() {
             call.abort();
         }
         self.acks.remove(agent);
     }
 
-    async fn next(&mut self) -> (String, ServerMsg) {
-        within("a task reaching an agent", self.received.recv())
+    /// No task has reached an agent since the last `next`.
+    pub(crate) fn received_nothing(&mut self) -> bool {
+        self.sender
+            .as_mut()
+            .is_none_or(|(_, received)| received.try_recv().is_err())
+    }
+
+    pub(crate) async fn next(&mut self) -> (String, ServerMsg) {
+        let (_, received) = self.sender.as_mut().expect("agents subscribed");
+        within("a task reaching an agent", received.recv())
             .await
             .expect("agents subscribed")
     }
 
-    async fn ack(&self, agent: &str, task: &ServerMsg, ok: bool) {
+    pub(crate) async fn ack(&self, agent: &str, task: &ServerMsg, ok: bool) {
         let outcome = if ok { Outcome::Ok } else { Outcome::Failed };
         self.acks[agent]
             .send(ResultMsg {
@@ -138,7 +161,7 @@ impl Fleet {
     }
 }
 
-async fn show(admin: &mut AdminClient<Channel>, run: u64) -> ShowRunResponse {
+pub(crate) async fn show(admin: &mut AdminClient<Channel>, run: u64) -> ShowRunResponse {
     admin
         .show_run(RunIdRequest { run })
         .await
@@ -147,7 +170,7 @@ async fn show(admin: &mut AdminClient<Channel>, run: u64) -> ShowRunResponse {
 }
 
 /// Run `run` once `done` holds for it (asked every 20 ms, bounded).
-async fn run_until(
+pub(crate) async fn run_until(
     admin: &AdminClient<Channel>,
     run: u64,
     what: &str,
@@ -165,7 +188,7 @@ async fn run_until(
 }
 
 /// Runs the job `name` now (`contactd job run`); its run's id.
-async fn run_job(admin: &mut AdminClient<Channel>, name: &str) -> u64 {
+pub(crate) async fn run_job(admin: &mut AdminClient<Channel>, name: &str) -> u64 {
     admin
         .run_job(JobNameRequest { name: name.into() })
         .await
@@ -283,7 +306,7 @@ async fn a_rollout_over_200_agents_keeps_its_window_halts_at_max_failed_plus_one
     );
     assert_eq!(end.agents.len(), AGENTS);
     assert!(
-        other.received.try_recv().is_err(),
+        other.received_nothing(),
         "the role=db agent was sent the rollout"
     );
     server.stop().await;
@@ -309,7 +332,7 @@ async fn an_any_job_runs_on_one_matching_agent_and_moves_on_after_a_failure() {
     let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
     let r = end.run.unwrap();
     assert_eq!((r.state.as_str(), r.acked, r.failed), ("succeeded", 1, 1));
-    assert!(fleet.received.try_recv().is_err(), "a third agent ran it");
+    assert!(fleet.received_nothing(), "a third agent ran it");
     // A run's task is its run's: not cancelled or retried on its own.
     let refused = admin
         .cancel_task(contactd::proto::admin::TaskIdRequest { id: run })
@@ -356,7 +379,7 @@ async fn an_any_run_whose_agent_stays_away_hands_its_task_on_after_the_ack_timeo
 }
 
 /// A job named `name` whose schedule key `key` is `value`.
-fn job(name: &str, key: &str, value: &str) -> JobConfig {
+pub(crate) fn job(name: &str, key: &str, value: &str) -> JobConfig {
     let text = format!("[[jobs]]\nname = \"{name}\"\ntext = \"run {name}\"\n{key} = \"{value}\"\n");
     contactd::config::parse::<Config>(&text)
         .unwrap()
@@ -870,7 +893,7 @@ async fn in_queue_mode_a_run_restored_after_a_restart_is_still_its_runs_to_send(
     let end = run_until(&admin, run, "the run ended", |r| r.state != "running").await;
     assert_eq!(end.run.unwrap().state, "succeeded");
     assert!(
-        db.received.try_recv().is_err(),
+        db.received_nothing(),
         "the queue handed the run's task to an agent it was not for"
     );
     server.stop().await;

@@ -9,8 +9,9 @@ use crate::common;
 
 use std::sync::Arc;
 
+use crate::jobs::Fleet;
 use common::{
-    LIMIT,
+    LIMIT, TestServer,
     daemon::Process,
     fleet::{TestAgent, agent_config, connected, handled},
     postgres::Cluster,
@@ -18,9 +19,11 @@ use common::{
 use contactd::{
     auth::{Role, create_token},
     clock::now_ms,
-    config::{StoreConfig, StoreKind},
+    config::{Config, JobConfig, JobMode, StoreConfig, StoreKind},
     model::{AckCursor, Saved, TaskState},
-    proto::admin::{ListAgentsRequest, ListTasksRequest, admin_client::AdminClient},
+    proto::admin::{
+        ListAgentsRequest, ListJobsRequest, ListTasksRequest, admin_client::AdminClient,
+    },
     store::{self, Retention, StoreError, Write},
 };
 use nix::sys::signal::Signal;
@@ -1105,4 +1108,169 @@ async fn the_web_console_shows_both_servers_and_their_agents_on_either() {
     for agent in agents {
         agent.stop().await;
     }
+}
+
+// ---- several servers: each carries out the job runs it fired ----
+
+/// An in-process server `name` on the shared database `url` with an `any`
+/// job `once` for agents labelled `role=web`, fired only by an operator.
+async fn job_server(name: &str, url: &str, ack_timeout: std::time::Duration) -> TestServer {
+    let mut config = Config::default();
+    config.server.name = name.into();
+    config.store = StoreConfig {
+        poll_interval: std::time::Duration::from_millis(200),
+        ..self::config(url)
+    };
+    config.tasks.batch = 0;
+    config.tasks.ack_timeout = ack_timeout;
+    config.jobs.push(JobConfig {
+        mode: JobMode::Any,
+        target: Some(contactd::selector::Selector::parse("role=web").unwrap()),
+        ..crate::jobs::job("once", "every", "366days")
+    });
+    TestServer::start(config).await
+}
+
+/// The server the database says carries out run `run`.
+async fn run_server(url: &str, run: u64) -> String {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query_one(
+            "SELECT server FROM runs WHERE task_id = $1",
+            &[&i64::try_from(run).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn running_runs(admin: &mut AdminClient<Channel>) -> u32 {
+    admin
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .iter()
+        .map(|job| job.running)
+        .sum()
+}
+
+/// Defect 9 (RELIABILITY.md): a restarted server resumed every unfinished
+/// run in the database, the other server's too (which then ran twice, or
+/// waited for its agent until the run's timeout), and an ack made through
+/// the server an agent moved to changed nothing. Now a server resumes its
+/// own runs only, and an ack through another server reaches the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_leaves_the_others_runs_alone_and_an_ack_through_it_reaches_the_run() {
+    let Some(cluster) = Cluster::start("postgres runs, ack through another server") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    // Long enough that only the relayed ack can end the run in time.
+    let ack_timeout = std::time::Duration::from_secs(300);
+    let a = job_server("a", &url, ack_timeout).await;
+    let b = job_server("b", &url, ack_timeout).await;
+    let mut admin_a = a.admin().await;
+    let mut fleet = Fleet::default();
+    fleet.join(&a, "web-000", "role=web").await;
+    let run = crate::jobs::run_job(&mut admin_a, "once").await;
+    let (agent, task) = fleet.next().await;
+    assert_eq!((agent.as_str(), task.id), ("web-000", run));
+
+    // b restarts while a's run is in progress: it does not take it.
+    b.stop().await;
+    let b = job_server("b", &url, ack_timeout).await;
+    let mut admin_b = b.admin().await;
+    assert_eq!(running_runs(&mut admin_b).await, 0, "b resumed a's run");
+    assert_eq!(run_server(&url, run).await, "a");
+
+    // The agent moves to b and acks there: a's run counts it.
+    fleet.leave("web-000");
+    fleet.join(&b, "web-000", "role=web").await;
+    fleet.ack("web-000", &task, true).await;
+    let end = crate::jobs::run_until(&admin_a, run, "the run ended on a", |r| {
+        r.state != "running"
+    })
+    .await;
+    let r = end.run.unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.acked, r.failed, r.missed),
+        ("succeeded", 1, 0, 0)
+    );
+    assert!(fleet.received_nothing(), "the task was sent again");
+    assert_eq!(running_runs(&mut admin_b).await, 0);
+    b.stop().await;
+    a.stop().await;
+}
+
+/// A restarted server's `any` run whose agent went to the other server
+/// and never answers is handed on after `tasks.ack_timeout` (not at the
+/// run's timeout); a server stopped for good has its runs taken over by
+/// the other, which carries them on for the agents connected to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_servers_runs_are_taken_over_and_a_restarted_one_hands_on_what_went_elsewhere() {
+    let Some(cluster) = Cluster::start("postgres runs taken over") else {
+        return;
+    };
+    let url = cluster.database("fleet").await;
+    let ack_timeout = std::time::Duration::from_secs(1);
+    let a = job_server("a", &url, ack_timeout).await;
+    let b = job_server("b", &url, ack_timeout).await;
+    let mut admin_a = a.admin().await;
+    let mut fleet = Fleet::default();
+    fleet.join(&a, "web-000", "role=web").await;
+    let run = crate::jobs::run_job(&mut admin_a, "once").await;
+    let (_, task) = fleet.next().await;
+    assert_eq!(task.id, run);
+
+    // web-000 moves to b with the task and never answers; a restarts.
+    fleet.leave("web-000");
+    fleet.join(&b, "web-000", "role=web").await;
+    a.stop().await;
+    let a = job_server("a", &url, ack_timeout).await;
+    let mut admin_a = a.admin().await;
+    fleet.join(&a, "web-001", "role=web").await;
+    let (agent, again) = fleet.next().await;
+    assert_eq!((agent.as_str(), again.id), ("web-001", run));
+    fleet.ack("web-001", &again, true).await;
+    let end = crate::jobs::run_until(&admin_a, run, "the run ended", |r| r.state != "running")
+        .await
+        .run
+        .unwrap();
+    assert_eq!(
+        (end.state.as_str(), end.acked, end.missed),
+        ("succeeded", 1, 1)
+    );
+
+    // a fires a second run and stops for good; its agent moves to b.
+    let second = crate::jobs::run_job(&mut admin_a, "once").await;
+    let (agent, task) = fleet.next().await;
+    assert_eq!((agent.as_str(), task.id), ("web-001", second));
+    a.stop().await;
+    fleet.leave("web-001");
+    fleet.join(&b, "web-001", "role=web").await;
+    // b takes the run over (a stopped, and stayed away for ack_timeout)
+    // and sends its task again to the agent running it: the same id, so
+    // a real agent dedupes it.
+    let (agent, again) = fleet.next().await;
+    assert_eq!((agent.as_str(), again.id), ("web-001", second));
+    assert_eq!(run_server(&url, second).await, "b");
+    fleet.ack("web-001", &again, true).await;
+    let mut admin_b = b.admin().await;
+    let end = crate::jobs::run_until(&admin_b, second, "the run ended on b", |r| {
+        r.state != "running"
+    })
+    .await
+    .run
+    .unwrap();
+    assert_eq!(
+        (end.state.as_str(), end.acked, end.missed),
+        ("succeeded", 1, 0)
+    );
+    assert_eq!(running_runs(&mut admin_b).await, 0);
+    b.stop().await;
 }

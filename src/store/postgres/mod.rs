@@ -62,8 +62,8 @@ pub use self::{
     watch::{Watcher, Watching},
 };
 use super::{
-    Backend, Detail, JobRow, LostClaim, Op, Pruned, Retention, RunRecord, RunRow, Snapshot,
-    StoreError, StoredTask, TaskRecord,
+    Backend, Detail, JobRow, LostClaim, Op, Pruned, RelayedAck, Retention, RunRecord, RunRow,
+    RunsNews, Snapshot, StoreError, StoredTask, TaskRecord,
 };
 use crate::{
     config::{
@@ -193,7 +193,7 @@ impl Postgres {
         let statements = runtime.block_on(async {
             migrate(&client, &target.name).await?;
             take(&client, &target.name, server).await?;
-            Statements::prepare(&client).await.map_err(failed)
+            Statements::prepare(&client, server).await.map_err(failed)
         })?;
         tracing::info!(database = %target.name, tls = target.tls, server, "task store connected");
         Ok(Postgres {
@@ -260,7 +260,9 @@ impl Postgres {
         let (client, statements) = self.runtime.block_on(async {
             let client = connect.connect(&target, None).await?;
             take(&client, &target.name, &server).await?;
-            let statements = Statements::prepare(&client).await.map_err(failed)?;
+            let statements = Statements::prepare(&client, &server)
+                .await
+                .map_err(failed)?;
             Ok::<_, StoreError>((client, statements))
         })?;
         tracing::info!(database = %target.name, "task store reconnected");
@@ -299,6 +301,7 @@ impl Postgres {
 
 impl Backend for Postgres {
     fn load(&mut self, ring: usize, queue_mode: bool) -> Result<Snapshot, StoreError> {
+        let server = Arc::clone(&self.server);
         self.with_client(async |client, _| {
             let meta = client
                 .query(
@@ -355,10 +358,20 @@ impl Backend for Postgres {
                 }
             }
             let jobs = read::jobs(client).await?;
+            // Its own runs resume; another's only once that server is gone
+            // (`adopt`). Runs from before servers were recorded (schema 3)
+            // go to the first server that starts.
+            client
+                .execute(
+                    "UPDATE runs SET server = $1 WHERE state < 2 AND server IS NULL",
+                    &[&&*server],
+                )
+                .await
+                .map_err(failed)?;
             let unfinished: Vec<i64> = client
                 .query(
-                    "SELECT task_id FROM runs WHERE state < 2 ORDER BY task_id",
-                    &[],
+                    "SELECT task_id FROM runs WHERE state < 2 AND server = $1 ORDER BY task_id",
+                    &[&&*server],
                 )
                 .await
                 .map_err(failed)?
@@ -528,6 +541,119 @@ impl Backend for Postgres {
 
     fn run(&mut self, task: u64) -> Result<Option<RunRecord>, StoreError> {
         self.with_client(async |client, _| read::run(client, task).await)
+    }
+
+    fn runs_news(
+        &mut self,
+        mine: &[(u64, i64)],
+        silent_before_ms: i64,
+    ) -> Result<RunsNews, StoreError> {
+        let server = Arc::clone(&self.server);
+        self.with_client(async |client, _| {
+            let ids: Vec<i64> = mine.iter().map(|(task, _)| id(*task)).collect();
+            let since: Vec<i64> = mine.iter().map(|(_, since)| *since).collect();
+            let relayed = client
+                .query(
+                    "SELECT r.task_id, r.agent, r.ok, r.at_ms FROM results r \
+                     JOIN unnest($1::bigint[], $2::bigint[]) AS m(task_id, since) \
+                     ON r.task_id = m.task_id AND r.at_ms >= m.since",
+                    &[&ids, &since],
+                )
+                .await
+                .map_err(failed)?
+                .iter()
+                .map(|row| RelayedAck {
+                    task_id: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                    agent: Arc::from(row.get::<_, String>(1)),
+                    ok: row.get(2),
+                    at_ms: row.get(3),
+                })
+                .collect();
+            let pairs = |rows: Vec<tokio_postgres::Row>| -> Vec<(u64, Arc<str>)> {
+                rows.iter()
+                    .map(|row| {
+                        (
+                            u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                            Arc::from(row.get::<_, Option<String>>(1).unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            };
+            let taken = pairs(
+                client
+                    .query(
+                        "SELECT task_id, server FROM runs WHERE task_id = ANY($1) \
+                         AND server IS DISTINCT FROM $2",
+                        &[&ids, &&*server],
+                    )
+                    .await
+                    .map_err(failed)?,
+            );
+            let orphans = pairs(
+                client
+                    .query(
+                        "SELECT r.task_id, r.server FROM runs r \
+                         LEFT JOIN servers s ON s.name = r.server \
+                         WHERE r.state < 2 AND r.server <> $1 \
+                         AND (s.name IS NULL OR s.stopped OR s.heartbeat_ms < $2) \
+                         ORDER BY r.task_id",
+                        &[&&*server, &silent_before_ms],
+                    )
+                    .await
+                    .map_err(failed)?,
+            );
+            Ok(RunsNews {
+                relayed,
+                taken,
+                orphans,
+            })
+        })
+    }
+
+    fn adopt(&mut self, from: &str, runs: &[u64]) -> Result<Vec<RunRecord>, StoreError> {
+        let server = Arc::clone(&self.server);
+        self.with_client(async |client, _| {
+            let ids: Vec<i64> = runs.iter().map(|task| id(*task)).collect();
+            client.batch_execute("BEGIN").await.map_err(failed)?;
+            let taken = async {
+                // Held to the commit: a server of that name starting now
+                // waits for it (`take` tries again), and then finds these
+                // runs no longer its own; one running holds it, and keeps them.
+                let free: bool = client
+                    .query_one(
+                        "SELECT pg_try_advisory_xact_lock(\
+                         hashtextextended('contactd server ' || $1, 0))",
+                        &[&from],
+                    )
+                    .await
+                    .map_err(failed)?
+                    .get(0);
+                if !free {
+                    return Ok(Vec::new());
+                }
+                Ok(client
+                    .query(
+                        "UPDATE runs SET server = $1 WHERE task_id = ANY($2) AND state < 2 \
+                         AND server = $3 RETURNING task_id",
+                        &[&&*server, &ids, &from],
+                    )
+                    .await
+                    .map_err(failed)?
+                    .iter()
+                    .map(|row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+                    .collect::<Vec<u64>>())
+            }
+            .await;
+            let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            client.batch_execute(end).await.map_err(failed)?;
+            let mut records = Vec::new();
+            for task in taken? {
+                if let Some(run) = read::run(client, task).await? {
+                    records.push(run);
+                }
+            }
+            Ok(records)
+        })
     }
 
     fn prune(&mut self, retention: &Retention) -> Result<Pruned, StoreError> {

@@ -107,6 +107,9 @@ const MIGRATIONS: &[&str] = &[
          at_ms BIGINT NOT NULL,
          PRIMARY KEY (task_id, agent)
      );",
+    // 4: the server that carries out each run (a server resumes its own
+    // runs, and another's only once that server is gone).
+    "ALTER TABLE runs ADD COLUMN server TEXT;",
 ];
 
 /// The schema version this contactd writes.

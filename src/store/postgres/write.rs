@@ -34,14 +34,22 @@ pub(super) struct Statements {
     result: Statement,
     acked: Statement,
     acked_claim: Statement,
+    relayed: Statement,
     cursor: Statement,
     agent: Statement,
     presence: Statement,
+    /// This server's name: the runs it fires are its own to carry out,
+    /// and it writes only those.
+    server: String,
 }
 
 impl Statements {
-    pub(super) async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+    pub(super) async fn prepare(
+        client: &Client,
+        server: &str,
+    ) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
+            server: server.to_owned(),
             insert_task: client
                 .prepare(
                     "INSERT INTO tasks (id, text, target, created_ms, selector, job, direct) \
@@ -50,11 +58,13 @@ impl Statements {
                 )
                 .await?,
             // The run's row first: its task is stored only if the row is
-            // new (whichever server fires a nominal time first wins).
+            // new (whichever server fires a nominal time first wins). The
+            // server that fires it carries it out.
             fire: client
                 .prepare(&format!(
-                    "WITH run AS (INSERT INTO runs ({RUN_COLUMNS}) VALUES \
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                    "WITH run AS (INSERT INTO runs ({RUN_COLUMNS}, server) VALUES \
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+                     $23) \
                      ON CONFLICT (job, nominal_ms) DO NOTHING RETURNING task_id) \
                      INSERT INTO tasks (id, text, target, created_ms, selector, job, direct) \
                      SELECT task_id, $18, $19, $20, $21, $2, $22 FROM run"
@@ -82,16 +92,21 @@ impl Statements {
                      last_success_ms = greatest(jobs.last_success_ms, coalesce($4, 0))",
                 )
                 .await?,
+            // A run and its agents are written by the server carrying it
+            // out only: a server that had lost the database while another
+            // took its runs over changes none of them when it is back.
             run: client
                 .prepare(
                     "UPDATE runs SET state = $2, finished_ms = $3, acked = $4, failed = $5, \
-                     missed = $6, deadline_ms = $7 WHERE task_id = $1",
+                     missed = $6, deadline_ms = $7 WHERE task_id = $1 AND server = $8",
                 )
                 .await?,
             run_agent: client
                 .prepare(
                     "INSERT INTO run_agents (task_id, agent, state, tries, at_ms) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, agent) DO UPDATE SET \
+                     SELECT $1::bigint, $2::text, $3::smallint, $4::integer, $5::bigint \
+                     WHERE EXISTS (SELECT 1 FROM runs WHERE task_id = $1 AND server = $6) \
+                     ON CONFLICT (task_id, agent) DO UPDATE SET \
                      state = excluded.state, tries = excluded.tries, at_ms = excluded.at_ms",
                 )
                 .await?,
@@ -168,6 +183,23 @@ impl Statements {
                      ON CONFLICT (task_id, agent) DO UPDATE SET \
                      ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
                 )
+                .await?,
+            // An ack of another server's run (the agent moved here): kept,
+            // and counted, only if the agent is running it there; that
+            // server reads it from `results` and carries the run on.
+            relayed: client
+                .prepare(&format!(
+                    "WITH task AS (UPDATE tasks SET acked = acked + $2, failed = failed + $3, \
+                     last_agent = $4, last_result = $5, \
+                     state = CASE WHEN state < 2 THEN $6 ELSE state END \
+                     WHERE id = $1 AND EXISTS (SELECT 1 FROM run_agents WHERE task_id = $1 \
+                     AND agent = $4 AND state = {running}) RETURNING id) \
+                     INSERT INTO results (task_id, agent, ok, text, at_ms) \
+                     SELECT id, $4, $7, $5, $8 FROM task \
+                     ON CONFLICT (task_id, agent) DO UPDATE SET \
+                     ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
+                    running = crate::model::RunAgentState::Running as u8
+                ))
                 .await?,
             acked: client
                 .prepare(
@@ -272,6 +304,7 @@ pub(super) fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Calls<'a> {
                             Box::new(crate::clock::unix_ms(task.created)),
                             Box::new(task.selector.as_ref().map(ToString::to_string)),
                             Box::new(task.direct),
+                            Box::new(s.server.clone()),
                         ],
                     ));
                 }
@@ -356,6 +389,7 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 Box::new(int(run.failed)),
                 Box::new(int(run.missed)),
                 Box::new(run.deadline_ms),
+                Box::new(s.server.clone()),
             ],
         )],
         Write::RunAgent(agent) => vec![(
@@ -366,6 +400,7 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 Box::new(i16::from(agent.state as u8)),
                 Box::new(int(agent.tries)),
                 Box::new(agent.at_ms),
+                Box::new(s.server.clone()),
             ],
         )],
         Write::Delivered { ids } => ids
@@ -467,6 +502,29 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 ),
             ]
         }
+        Write::Relayed {
+            id: task,
+            agent,
+            ok,
+            text,
+            at_ms,
+        } => vec![(
+            &s.relayed,
+            vec![
+                Box::new(id(*task)),
+                Box::new(i32::from(*ok)),
+                Box::new(i32::from(!*ok)),
+                Box::new(agent.to_string()),
+                Box::new(text.clone()),
+                Box::new(state_code(if *ok {
+                    TaskState::Acked
+                } else {
+                    TaskState::Failed
+                })),
+                Box::new(*ok),
+                Box::new(*at_ms),
+            ],
+        )],
         Write::Cursor(saved) => {
             let (watermark, above) = cursor_parts(&saved.cursor);
             vec![(
