@@ -183,6 +183,14 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                     && end >= from
             })
     };
+    // Its connection seen dropping (not merely a fault somewhere: a full
+    // disk or a SIGHUP storm cuts no agent off).
+    let dropped = |agent: &str, from: i64, to: i64| {
+        let (from, to) = (from - HARNESS_LAG_MS, to + HARNESS_LAG_MS);
+        timeline
+            .get(agent)
+            .is_some_and(|c| c.iter().any(|&(t, up)| !up && t >= from && t <= to))
+    };
     let by_id: BTreeMap<u64, &super::history::FinalTask> =
         history.view.tasks.iter().map(|t| (t.id, t)).collect();
     let mut violation = |check, detail| verdict.violations.push(Violation { check, detail });
@@ -331,7 +339,12 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                         .filter(|r| Some(r.agent.as_str()) != last)
                         .filter(|r| !killed_after(&r.agent, r.at_ms))
                         .all(|r| {
+                            // And cut off while its claim ran (its ack could
+                            // not reach the server): one that ran it, stayed
+                            // connected and lost it later was not timed out
+                            // (defect 8's pattern).
                             next_after(r.at_ms) - r.at_ms >= bounds.ack_timeout_ms - HARNESS_LAG_MS
+                                && dropped(&r.agent, r.at_ms, r.at_ms + bounds.ack_timeout_ms)
                         });
                     if unexcused.is_empty() {
                         verdict.in_flight_at_kill.push(id);
@@ -510,6 +523,22 @@ fn reconnects(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
 }
 
 /// Least-squares slope of `points` (ms, value), per minute.
+/// Each point's value as the least within `FLOOR` samples either side:
+/// descriptors and threads are counted at an instant, and a handler's
+/// pipes or a connection being made lift single samples (an agent's 15
+/// descriptors sampled at 19 or 31), which late in a run read as growth;
+/// a leak lifts the floor too.
+fn floor(points: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    const FLOOR: usize = 5;
+    (0..points.len())
+        .map(|i| {
+            let window = &points[i.saturating_sub(FLOOR)..(i + FLOOR + 1).min(points.len())];
+            let least = window.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            (points[i].0, least)
+        })
+        .collect()
+}
+
 fn slope(points: &[(i64, f64)]) -> f64 {
     let n = points.len() as f64;
     let mean_t = points.iter().map(|p| p.0 as f64).sum::<f64>() / n;
@@ -535,17 +564,39 @@ fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
     let half = history.start_ms + (history.end_ms - history.start_ms) / 2;
     // Settled samples only: none taken during a fault or while the fleet
     // comes back from one (reconnecting is not a leak), nor in an
-    // incarnation's first `settle_ms` (start-up).
+    // incarnation's first `settle_ms` (start-up). After a fault that cut
+    // off the whole fleet that is `settle_ms`; after one that cut off some
+    // agents, until the last of them is connected again (at most the
+    // longer of `settle_ms` and `back_ms`: one not back by then is
+    // reported): until then the server holds fewer connections.
+    // An agent a fault cut off is back at its first connection after its
+    // first disconnection since the fault began; a killed agent's first
+    // event is its new connection (its log has no disconnection). One
+    // whose first event comes later than `LAG` after the fault was not cut
+    // off by it (a reset's disconnections are seen a moment after it).
+    const LAG: i64 = 5_000;
+    let timeline = timeline(history);
+    let back = |agent: &str, start: i64, end: i64| {
+        let Some(changes) = timeline.get(agent) else {
+            return end;
+        };
+        let mut after = changes.iter().skip_while(|(t, _)| *t < start);
+        match after.next() {
+            Some(&(t, _)) if t > end + LAG => end,
+            Some(&(t, true)) => t,
+            Some(_) => after.find(|(_, up)| *up).map_or(i64::MAX, |(t, _)| *t),
+            None => end,
+        }
+    };
     let windows: Vec<(i64, i64)> = faults(history)
         .map(|(_, agents, s, e)| {
-            (
-                s,
-                if agents.is_empty() {
-                    e + bounds.settle_ms
-                } else {
-                    e
-                },
-            )
+            let settled = if agents.is_empty() {
+                e + bounds.settle_ms
+            } else {
+                let last = agents.iter().map(|a| back(a, s, e)).max().unwrap_or(e);
+                last.clamp(e, e + bounds.settle_ms.max(bounds.back_ms))
+            };
+            (s, settled)
         })
         .collect();
     let mut born: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -623,7 +674,10 @@ fn growth(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
             if metric.is_empty() {
                 continue;
             }
-            let points: Vec<(i64, f64)> = samples.iter().map(|s| (s.at_ms, value(s))).collect();
+            let mut points: Vec<(i64, f64)> = samples.iter().map(|s| (s.at_ms, value(s))).collect();
+            if metric != "rss" && metric != "size" {
+                points = floor(&points);
+            }
             let per_min = slope(&points);
             let key = format!("{group} {metric}");
             let worst = verdict.slopes.entry(key).or_insert(f64::MIN);

@@ -395,6 +395,51 @@ fn a_leak_of_a_few_kib_per_reconnect_is_reported() {
     assert_eq!(failed(&check_on_disk(&history, &bounds())), ["growth"]);
 }
 
+/// A fault that cut off part of the fleet (a partition of some agents)
+/// leaves the server's descriptors low until those agents are back; the
+/// samples until then are not growth (the 20-minute run's two `growth`
+/// reports), while a leak after such faults still is.
+#[test]
+fn a_dip_until_a_group_faults_agents_are_back_is_not_growth() {
+    let dipped = |leak: bool| {
+        let mut history = clean();
+        // b and c (300 connections' worth) cut off from 5:30 to 5:35; they
+        // try again at 5:44 and are back at 5:52, within the bounds.
+        history.events.push(Event::Fault {
+            kind: "partition".to_owned(),
+            detail: String::new(),
+            agents: vec!["b".to_owned(), "c".to_owned()],
+            start_ms: T0 + 5 * MINUTE + 30_000,
+            end_ms: T0 + 5 * MINUTE + 35_000,
+            detect_ms: 0,
+        });
+        for agent in ["b", "c"] {
+            connection(&mut history, agent, false, T0 + 5 * MINUTE + 30_100);
+            history.events.push(Event::Attempt {
+                agent: agent.to_owned(),
+                at_ms: T0 + 5 * MINUTE + 44_000,
+            });
+            connection(&mut history, agent, true, T0 + 5 * MINUTE + 52_000);
+        }
+        for (i, sample) in history.samples.iter_mut().enumerate() {
+            if sample.proc != "server" {
+                continue;
+            }
+            sample.fds += 1000;
+            if (5 * MINUTE + 30_000..5 * MINUTE + 52_000).contains(&(sample.at_ms - T0)) {
+                sample.fds -= 300;
+            }
+            if leak {
+                sample.fds += i as u64 / 20;
+            }
+        }
+        check_on_disk(&history, &bounds())
+    };
+    let verdict = dipped(false);
+    assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+    assert_eq!(failed(&dipped(true)), ["growth"]);
+}
+
 #[test]
 fn an_agent_that_does_not_come_back_is_reported() {
     // b tried again 1.5 s after the restart but never got back.
@@ -476,6 +521,15 @@ fn a_queue_task_handed_on_at_its_ack_timeout_is_listed_not_failed() {
     let verdict = check_on_disk(&history, &bounds());
     assert!(verdict.violations.is_empty(), "{:#?}", verdict.violations);
     assert_eq!(verdict.redelivered_at_timeout, [7]);
+    // Handed on after the timeout by a server restarted since (at 2 min)
+    // though its agent was not cut off while it ran it (its ack was lost
+    // inside the server, as in defect 8): reported.
+    let mut history = clean();
+    history.runs.push(run("c", 7, 7_000 + 4 * timeout));
+    history.view.tasks[6].last_agent = "c".to_owned();
+    let verdict = check_on_disk(&history, &bounds());
+    assert_eq!(failed(&verdict), ["redelivered-after-disconnect"]);
+    assert!(verdict.redelivered_at_timeout.is_empty());
     // Handed on well before the timeout, it is still reported.
     let mut history = clean();
     history.runs.push(run("c", 7, 7_000 + timeout / 2));
