@@ -430,22 +430,26 @@ impl AckCursor {
         self.above.iter().copied()
     }
 
-    /// Records an ack of task `id`, keeping at most `bound` out-of-order ids.
-    pub fn ack(&mut self, id: u64, bound: usize) {
+    /// Records an ack of task `id`, keeping at most `bound` out-of-order
+    /// ids; `false` when it was acked already (a repeated ack).
+    pub fn ack(&mut self, id: u64, bound: usize) -> bool {
         if id <= self.watermark {
-            return;
+            return false;
         }
         if id == self.watermark + 1 {
             self.watermark = id;
             while self.above.remove(&(self.watermark + 1)) {
                 self.watermark += 1;
             }
-            return;
+            return true;
         }
-        self.above.insert(id);
+        if !self.above.insert(id) {
+            return false;
+        }
         while self.above.len() > bound.max(1) {
             self.above.pop_first();
         }
+        true
     }
 
     /// Takes in the acks `other` records too (the same agent's cursor as

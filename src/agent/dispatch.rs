@@ -6,8 +6,12 @@ use std::sync::{Arc, atomic::Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{EventKind, Handler, Shared, TaskKey};
+use super::{EventKind, Handler, Shared, TaskKey, spool::SpoolError};
 use crate::proto::contact::{Outcome, ServerMsg};
+
+/// A task waiting for room in a full spool looks again this often, besides
+/// when delivered acks are recorded (`Shared::room`).
+const ROOM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A task waiting for a handler.
 pub(super) struct Job {
@@ -89,7 +93,40 @@ async fn run_job(
         // Recorded before the handler starts: after a crash from here on,
         // the task is not run again (it is acked as interrupted).
         let room = handler.max_output as u64;
-        match spool.start(job.key, &job.task, room).await {
+        let mut waiting = false;
+        let started = loop {
+            match spool.start(job.key, &job.task, room).await {
+                // Full of results not yet delivered: the task waits, with
+                // its handler slot, until delivered acks make room (a
+                // broadcast server would not send it again before the next
+                // connection); at a drain or stop it goes unacked.
+                Err(SpoolError::Full(reason)) => {
+                    if !waiting {
+                        waiting = true;
+                        shared.counters.spool_waits.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            task_id = job.task.id,
+                            "task waits for room in the agent spool (its results are not \
+                             delivered yet): {reason}"
+                        );
+                    }
+                    tokio::select! {
+                        () = kill.cancelled() => break Err(SpoolError::Full(reason)),
+                        () = shared.draining.cancelled() => break Err(SpoolError::Full(reason)),
+                        () = shared.room.notified() => {}
+                        () = tokio::time::sleep(ROOM_RECHECK) => {}
+                    }
+                }
+                other => break other,
+            }
+        };
+        if waiting && started.is_ok() {
+            tracing::info!(
+                task_id = job.task.id,
+                "room in the agent spool: task started"
+            );
+        }
+        match started {
             Ok(None) => {}
             Ok(Some(ack)) => {
                 // Handled before, beyond what memory keeps: acked again.

@@ -31,8 +31,11 @@ pub(super) struct Counters {
     pub(super) reacked: AtomicU64,
     /// Acks dropped unsent, the oldest first, with the outbox full.
     pub(super) acks_dropped: AtomicU64,
-    /// Tasks not started because the spool could not record them (full).
+    /// Tasks not started because the spool could not record them (a
+    /// failed write; or full, at a drain or stop while they waited).
     pub(super) spool_refused: AtomicU64,
+    /// Tasks that waited for room in a full spool before they started.
+    pub(super) spool_waits: AtomicU64,
     /// How long handlers ran.
     pub(super) handler_seconds: Histogram,
 }
@@ -47,6 +50,7 @@ impl Default for Counters {
             reacked: AtomicU64::new(0),
             acks_dropped: AtomicU64::new(0),
             spool_refused: AtomicU64::new(0),
+            spool_waits: AtomicU64::new(0),
             handler_seconds: Histogram::new(crate::metrics::duration_buckets()),
         }
     }
@@ -135,8 +139,14 @@ impl Collector for AgentCollector {
         counter(
             &mut e,
             "spool_refused",
-            "Tasks not started (nor acked: the server delivers them again) because the spool could not record them (agent.spool_max_size reached, or a failed write)",
+            "Tasks not started (nor acked: the server delivers them again) because the spool could not record them (a failed write; or agent.spool_max_size reached, at a drain or stop while they waited)",
             c.spool_refused.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "spool_waits",
+            "Tasks that waited for room in the spool before they started (agent.spool_max_size reached with only undelivered results in it)",
+            c.spool_waits.load(Relaxed),
         )?;
         Ok(())
     }

@@ -177,6 +177,7 @@ pub async fn run(run: Run) -> Result<(), AgentError> {
         handled: Mutex::new(handled),
         outbox,
         spool,
+        room: tokio::sync::Notify::new(),
         config,
         succeeded: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -266,6 +267,9 @@ struct Shared {
     outbox: Outbox,
     /// What is handled and undelivered, kept across restarts (if kept).
     spool: Option<spool::Spool>,
+    /// Notified when delivered acks are recorded in the spool: tasks
+    /// waiting for room in it look again.
+    room: tokio::sync::Notify,
     /// Tasks handled with an OK / a FAILED outcome, for the status line.
     succeeded: AtomicU64,
     failed: AtomicU64,

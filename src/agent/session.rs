@@ -389,6 +389,9 @@ async fn send_acks(shared: Arc<Shared>, mut client: Client) -> Result<(), Status
         if let Some(spool) = &shared.spool {
             let keys = acks.into_iter().filter_map(|(key, _)| key).collect();
             spool.delivered(keys, shared.config().remember).await;
+            // Tasks waiting for room in a full spool look again (their
+            // next write comes after this mark).
+            shared.room.notify_waiters();
         }
     }
 }

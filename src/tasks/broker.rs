@@ -433,7 +433,11 @@ impl Broker {
             },
             Mode::Broadcast { cursors } => {
                 match self.broadcast_ack(cursors, agent, result.task_id) {
-                    Ok(task) => task,
+                    Ok(Some(task)) => task,
+                    // Acked before (an agent back from a cut sends its
+                    // spooled ack, and acks the task sent again from what
+                    // it remembers): counted once.
+                    Ok(None) => return Acked::Ignored,
                     // A run's task after its run ended (timed out, say):
                     // late, not forged. (Looked up only on refusal: not on
                     // every ack's path.)
@@ -494,13 +498,13 @@ impl Broker {
     }
 
     /// Applies a broadcast ack to the agent's cursor, if the task was sent
-    /// to it.
+    /// to it; `None` when the cursor had it acked already.
     fn broadcast_ack(
         &self,
         cursors: &Cursors,
         agent: &Agent,
         id: u64,
-    ) -> Result<Arc<Task>, &'static str> {
+    ) -> Result<Option<Arc<Task>>, &'static str> {
         let tracked = cursors
             .get(&agent.name)
             .filter(|tracked| id <= tracked.sent_up_to.load(Relaxed))
@@ -521,9 +525,9 @@ impl Broker {
         if task.void {
             return Err("the task is not retained (unknown, or too old)");
         }
-        tracked.cursor.lock().ack(id, self.retain());
+        let new = tracked.cursor.lock().ack(id, self.retain());
         tracked.touch();
-        Ok(task)
+        Ok(new.then_some(task))
     }
 
     /// Publishes the task `draft` describes, returning its id once it is

@@ -215,7 +215,7 @@ mod tests {
     fn the_out_of_order_set_is_bounded() {
         let mut c = AckCursor::default();
         for id in (10..20).rev() {
-            c.ack(id, 3);
+            let _ = c.ack(id, 3);
         }
         assert!(c.is_acked(17) && c.is_acked(18) && c.is_acked(19));
         assert!(!c.is_acked(16), "only the 3 highest ids are kept: {c:?}");

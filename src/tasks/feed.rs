@@ -338,7 +338,7 @@ fn ready_broadcast(
                     // Done with, as far as this agent goes: the watermark
                     // moves past it rather than stopping below it until it
                     // leaves retention (and then counting it as missed).
-                    cursor.ack(task.id, broker.retain());
+                    let _ = cursor.ack(task.id, broker.retain());
                     tracked.touch();
                     continue;
                 }

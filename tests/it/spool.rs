@@ -276,13 +276,15 @@ fn a_damaged_spool_stops_the_agent_with_an_error_naming_it() {
 
 /// A TCP relay on loopback to `upstream` that the test can cut: every
 /// connection through it closes and none is accepted until it is started
-/// again on the same address; or mute: the server's bytes stop reaching the
-/// agent (what the agent sends still arrives). At most 100 connections (a
-/// bound; the test needs a handful).
+/// again on the same address; or mute one way: the server's bytes stop
+/// reaching the agent (what the agent sends still arrives), or the agent's
+/// stop reaching the server. At most 100 connections (a bound; the test
+/// needs a handful).
 struct Relay {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     muted: Arc<AtomicBool>,
+    agent_muted: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -290,27 +292,39 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let muted = Arc::new(AtomicBool::new(false));
-        let mute = Arc::clone(&muted);
+        let agent_muted = Arc::new(AtomicBool::new(false));
+        let (mute, mute_agent) = (Arc::clone(&muted), Arc::clone(&agent_muted));
         let task = tokio::spawn(async move {
             let mut links = tokio::task::JoinSet::new();
             for _ in 0..100 {
                 let Ok((down, _)) = listener.accept().await else {
                     return;
                 };
-                let mute = Arc::clone(&mute);
+                let (mute, mute_agent) = (Arc::clone(&mute), Arc::clone(&mute_agent));
                 links.spawn(async move {
                     if let Ok(up) = tokio::net::TcpStream::connect(upstream).await {
                         let (down_read, down_write) = down.into_split();
                         let (up_read, up_write) = up.into_split();
                         tokio::join!(
-                            pump(down_read, up_write, None),
+                            pump(down_read, up_write, Some(mute_agent)),
                             pump(up_read, down_write, Some(mute)),
                         );
                     }
                 });
             }
         });
-        Self { addr, task, muted }
+        Self {
+            addr,
+            task,
+            muted,
+            agent_muted,
+        }
+    }
+
+    /// From now on, what the agent sends is dropped (its acks never
+    /// arrive; tasks still reach it).
+    fn mute_the_agent(&self) {
+        self.agent_muted.store(true, Ordering::SeqCst);
     }
 
     /// From now on, what the server sends is dropped.
@@ -442,5 +456,101 @@ async fn a_task_stays_with_an_agent_that_lost_its_connection_which_acks_it_when_
         agent.signal(Signal::SIGTERM);
         assert!(agent.wait_exit(LIMIT).success());
     }
+    relay.cut().await;
+}
+
+/// A full spool, end to end: while the agent's acks cannot reach the server
+/// (the relay drops what the agent sends) broadcast tasks still arrive, and
+/// their large results fill `agent.spool_max_size`. The next task waits
+/// for room (not started, its handler never runs); once the agent is back
+/// through a working link, its spooled acks arrive, the spool has room
+/// again, the waiting task starts, and every task is handled exactly once.
+/// (It was refused, and a broadcast server sends a task again only on the
+/// agent's next connection: on a steady one it was never run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_holds_the_next_task_until_the_acks_are_through_and_loses_none() {
+    const TASKS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("contactd.db");
+    let mut server = Daemon::start(&format!(
+        "[tasks]\nbatch = 0\n[store]\npath = \"{}\"\n",
+        store.display()
+    ));
+    let relay = Relay::start("127.0.0.1:0".parse().unwrap(), server.addr).await;
+    let (runs, state) = (dir.path().join("runs"), dir.path().join("agent-state"));
+    // Each result is 200 KiB (a failure's output is its result); the
+    // spool keeps room for one more (max_output) before each start: 1 MiB
+    // holds three or four of them.
+    let script = format!(
+        "cat >/dev/null; echo $CONTACTD_TASK_ID >> {}; head -c 204800 /dev/zero | tr '\\\\0' x; \
+         exit 1",
+        runs.display()
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nservers = [\"http://{}\"]\nname = \"filler\"\nstate_dir = \"{}\"\n\
+             handler = [\"sh\", \"-c\", \"{script}\"]\nstatus_interval = \"1h\"\n\
+             handler_concurrency = 1\nmax_output = \"256KiB\"\nspool_max_size = \"1MiB\"\n\
+             [agent.backoff]\ninitial = \"50ms\"\nmax = \"500ms\"\n\
+             [log]\nlevel = \"info,contactd::agent=debug\"\n",
+            relay.addr,
+            state.display()
+        ),
+    )
+    .unwrap();
+    let ran = || -> Vec<u64> {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect()
+    };
+    let mut agent = Process::spawn(
+        &[OsStr::new("agent"), OsStr::new("-c"), config.as_os_str()],
+        &[],
+    );
+    agent.wait_for_line("connected to");
+    server.wait_for_line("agent connected");
+
+    relay.mute_the_agent();
+    let mut admin = server.admin().await;
+    let mut ids = Vec::new();
+    for n in 0..TASKS {
+        ids.push(submit(&mut admin, &format!("task {n}"), "").await);
+    }
+    let waits = agent.wait_for_line("task waits for room in the agent spool");
+    assert!(waits.contains("not yet delivered"), "{waits}");
+    let before = ran();
+    assert!(
+        !before.is_empty() && before.len() < TASKS,
+        "the spool held {before:?}"
+    );
+    let waiting: u64 = field(&waits, "task_id").parse().unwrap();
+    assert!(!before.contains(&waiting), "the waiting task ran");
+
+    // A working link: the spooled acks arrive, and the rest are sent again.
+    let addr = relay.cut().await;
+    agent.wait_for_line("disconnected from");
+    let relay = Relay::start(addr, server.addr).await;
+    let tasks = tasks_until(&server, "every task answered", |tasks| {
+        ids.iter()
+            .all(|id| tasks.iter().any(|t| t.id == *id && t.failed > 0))
+    })
+    .await;
+    for task in tasks.iter().filter(|t| ids.contains(&t.id)) {
+        assert_eq!((task.acked, task.failed), (0, 1), "{task:?}");
+    }
+    agent.wait_for_line("room in the agent spool: task started");
+    assert!(
+        agent.log.iter().all(|l| !l.contains("nor acked")),
+        "a task was dropped"
+    );
+    let mut after = ran();
+    after.sort_unstable();
+    assert_eq!(after, ids, "each task handled exactly once");
+    agent.signal(Signal::SIGTERM);
+    assert!(agent.wait_exit(LIMIT).success());
     relay.cut().await;
 }
