@@ -169,6 +169,53 @@ pub fn interrupted_ack(id: u64, epoch: u64) -> ResultMsg {
     }
 }
 
+/// The other spools in `dir` (agents of other names, or this one under an
+/// earlier name) no agent holds now, with their results not yet
+/// delivered: those only an agent of that name would send. A spool another
+/// running agent holds (locked) or that cannot be read is passed over.
+fn others_undelivered(dir: &Path, ours: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    }) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten().take(OTHERS_LOOKED_AT) {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with("agent-spool-")
+            || !name.ends_with(".db")
+            || path.file_name() == ours.file_name()
+        {
+            continue;
+        }
+        let undelivered = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM tasks WHERE state = ?1",
+                [file::DONE],
+                |row| row.get::<_, i64>(0),
+            )
+        });
+        match undelivered {
+            Ok(n) if n > 0 => found.push((path, u64::try_from(n).unwrap_or(0))),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(spool = %path.display(), "another agent spool not read: {e}"),
+        }
+    }
+    found
+}
+
+/// Files in the state directory looked at for other spools, at most (a
+/// directory shared by many agents is not read whole at each start).
+const OTHERS_LOOKED_AT: usize = 1000;
+
 impl Spool {
     /// Opens (or creates) the spool in `config`'s state directory and reads
     /// what it kept; tasks whose handler was running are marked done as
@@ -193,6 +240,15 @@ impl Spool {
         }
         let mut conn = file::open_existing(&path, config)?;
         let recovered = file::recover(&mut conn, &path)?;
+        for (other, undelivered) in others_undelivered(&dir, &path) {
+            tracing::warn!(
+                spool = %other.display(),
+                undelivered,
+                "another name's agent spool here holds results not delivered yet (was this \
+                 agent renamed?): only an agent of that name sends them; start one (or this \
+                 agent under that name) to deliver them, or remove the file"
+            );
+        }
         let (writes, queue) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("agent-spool".into())
@@ -369,6 +425,38 @@ mod tests {
         let Opened { recovered, .. } = reopened();
         assert!(recovered.interrupted.is_empty());
         assert_eq!(recovered.undelivered.len(), 2);
+    }
+
+    /// An agent renamed starts a spool of its new name; the old one's
+    /// results not yet delivered are found (and the start warns of them),
+    /// unless an agent of that name holds it now.
+    #[tokio::test]
+    async fn another_names_spool_with_undelivered_results_is_found_unless_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = AgentConfig {
+            name: "old-name".into(),
+            ..config(dir.path())
+        };
+        let Opened { spool, .. } = Spool::open(&old).unwrap();
+        let (key, task) = task(1);
+        spool.start(key, &task, 100).await.unwrap();
+        spool.done(key, &ack(1, "ok")).await.unwrap();
+        spool.flush().await;
+        let ours = dir.path().join(file_name("new-name"));
+        // Held by its running agent: passed over.
+        assert!(others_undelivered(dir.path(), &ours).is_empty());
+        drop(spool);
+        let found = || others_undelivered(dir.path(), &ours);
+        for _ in 0..1000 {
+            if !found().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(found(), [(dir.path().join(file_name("old-name")), 1)]);
+        // Its own file is never counted.
+        let own = dir.path().join(file_name("old-name"));
+        assert!(others_undelivered(dir.path(), &own).is_empty());
     }
 
     #[tokio::test]
