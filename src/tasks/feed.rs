@@ -205,8 +205,9 @@ impl Feed {
     /// it found none, or `false` once `closing` is cancelled (looked at
     /// first). An idle broadcast stream holds this future, one per agent,
     /// so its waits sit side by side in one future: a future awaiting
-    /// another keeps the inner one twice (as it was made, and as awaited),
-    /// and the nested version of this wait took 936 bytes per idle agent.
+    /// another keeps the inner one twice (as it was made, and as awaited):
+    /// the nested version of this wait took 936 bytes per idle agent, this
+    /// one 344.
     pub fn published_or_closing(
         &self,
         closing: CancellationToken,
