@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -76,17 +76,13 @@ pub struct Caller {
     pub failed: AtomicU64,
     /// Acks that changed nothing because the task was not delivered to it.
     pub refused_acks: AtomicU64,
-    /// Limits the log lines about refused acks.
-    ack_refusals: Budget,
-    /// Limits the log lines about a second connection under its name.
-    name_clashes: Budget,
+    /// What limits its log lines, made at the first.
+    budgets: OnceLock<Box<LogBudgets>>,
     /// The labels it said it has when it last opened a stream.
     claimed: Mutex<Arc<Labels>>,
     /// Its labels in force: the claimed ones with the server's pins over
     /// them (empty for seed clients), shared with its streams.
     labels: LabelCell,
-    /// Limits the log lines about claims a pin overrode.
-    label_conflicts: Budget,
     /// Cancelled to end its open streams: a child of the server's closing
     /// token, replaced by a fresh one when a reload revokes the caller's
     /// credential (its later calls are refused at the gate).
@@ -97,19 +93,46 @@ pub struct Caller {
     chain: Mutex<Option<Arc<[rustls::pki_types::CertificateDer<'static>]>>>,
     /// Order of last activity, for evicting the longest-idle entry.
     last_active: AtomicU64,
-    /// Its refused calls that may reach the log (see
-    /// [`Callers::admit_refusal`]).
-    refusals: Budget,
     /// `delivered`, `acked` and `failed` as the store gave them at start:
     /// the metrics count from there (this process' work only).
     base: [u64; 3],
 }
 
+/// The budgets of one caller's log lines. Most callers never log one, and
+/// the four took 224 bytes of every caller's entry: they are made at the
+/// first line (a budget made then lets as many through as one made with the
+/// entry).
+#[derive(Debug)]
+struct LogBudgets {
+    /// Refused acks.
+    ack_refusals: Budget,
+    /// A second connection under its name.
+    name_clashes: Budget,
+    /// Claims a pin overrode.
+    label_conflicts: Budget,
+    /// Its refused calls that may reach the log (see
+    /// [`Callers::admit_refusal`]).
+    refusals: Budget,
+}
+
 impl Caller {
     /// A token for one of its streams: cancelled when the server closes or
-    /// a reload revokes this caller's credential.
+    /// a reload revokes this caller's credential. A clone, not a child: no
+    /// stream cancels its own, and a child cost every stream about 150 bytes
+    /// in the token tree.
     pub fn stream_token(&self) -> CancellationToken {
-        self.streams.lock().child_token()
+        self.streams.lock().clone()
+    }
+
+    fn budgets(&self) -> &LogBudgets {
+        self.budgets.get_or_init(|| {
+            Box::new(LogBudgets {
+                ack_refusals: Budget::every(WARN_EVERY),
+                name_clashes: Budget::every(WARN_EVERY),
+                label_conflicts: Budget::every(WARN_EVERY),
+                refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
+            })
+        })
     }
 
     /// The client certificate chain its latest call came with.
@@ -164,7 +187,7 @@ impl Caller {
         let claimed = Arc::clone(&self.claimed.lock());
         let (labels, conflicts) = resolve(&self.id, &claimed);
         if !conflicts.is_empty() {
-            self.label_conflicts.hit(|_| {
+            self.budgets().label_conflicts.hit(|_| {
                 for c in &conflicts {
                     tracing::warn!(
                         agent = %self.id,
@@ -251,7 +274,7 @@ impl Caller {
         {
             return;
         }
-        self.ack_refusals.hit(|_| {
+        self.budgets().ack_refusals.hit(|_| {
             tracing::warn!(
                 caller = %self.id,
                 task_id,
@@ -470,7 +493,7 @@ impl Callers {
         } else if named && previous.is_some() && address.is_some() && previous != address {
             // One agent's calls share its connection (one address): this
             // one came over another, while the first is open.
-            caller.name_clashes.hit(|clashes| {
+            caller.budgets().name_clashes.hit(|clashes| {
                 tracing::warn!(
                     agent = %caller.id,
                     address = %shown_address(address),
@@ -492,12 +515,12 @@ impl Callers {
     /// Whether a refusal of `caller`'s call may be logged: `Some(n)`, `n`
     /// being the refusals left out of the log before it.
     pub fn admit_refusal(&self, caller: &Caller) -> Option<u64> {
-        let own = caller.refusals.admit()?;
+        let own = caller.budgets().refusals.admit()?;
         match self.refusals.admit() {
             Some(overall) => Some(own + overall),
             None => {
                 // Counted again when this caller's next line is let through.
-                caller.refusals.count_suppressed();
+                caller.budgets().refusals.count_suppressed();
                 None
             }
         }
@@ -595,16 +618,13 @@ impl Caller {
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             refused_acks: AtomicU64::new(0),
-            ack_refusals: Budget::every(WARN_EVERY),
-            name_clashes: Budget::every(WARN_EVERY),
+            budgets: OnceLock::new(),
             claimed: Mutex::new(Arc::default()),
             labels: LabelCell::default(),
-            label_conflicts: Budget::every(WARN_EVERY),
             streams: Mutex::new(closing.child_token()),
             revoked: AtomicBool::new(false),
             chain: Mutex::new(None),
             last_active: AtomicU64::new(tick),
-            refusals: Budget::new(REFUSALS_PER_CALLER, REFUSAL_WINDOW),
             base: [0; 3],
         }
     }

@@ -305,13 +305,21 @@ impl Subscription {
     /// (a stream keeps it while it is idle, without borrowing the
     /// subscription).
     pub fn published(&self) -> impl Future<Output = ()> + Send + 'static {
-        // A clone has seen what the original has seen.
-        let mut published = self.published.clone();
+        let mut published = self.watch();
         async move {
             // Fails only once the hub (its sender) is gone: the wait
             // ends then too.
             let _ = published.changed().await;
         }
+    }
+
+    /// What [`published`](Self::published) waits on, for a wait that
+    /// awaits it beside others: its `changed()` resolves when tasks were
+    /// published after the last [`try_recv`](Self::try_recv) that found
+    /// none, or once the hub is gone.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        // A clone has seen what the original has seen.
+        self.published.clone()
     }
 
     /// Takes the next tasks from the ring; `Some(n)` if `n` were skipped.
