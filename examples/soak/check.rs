@@ -165,6 +165,13 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
             .get(agent)
             .is_some_and(|k| k.iter().any(|&t| t >= from && t <= to))
     };
+    // A task whose handler its agent had started when it was killed is
+    // acked FAILED as interrupted after the restart, and may never have
+    // reached the journal (the documented exception): failed by an agent
+    // killed within `ack_timeout` of the task's creation.
+    let interrupted = |agent: &str, created_ms: i64| {
+        killed_between(agent, created_ms, created_ms + bounds.ack_timeout_ms)
+    };
     let timeline = timeline(history);
     // Whether `agent` lost its connection between `from` and `to`, give or
     // take the harness's lag: an in-process agent's run and its
@@ -279,7 +286,10 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                     }
                     "acked" | "failed" => {
                         let by = target.unwrap_or(&task.last_agent);
-                        if !per_agent.contains_key(by) {
+                        let ran = per_agent.contains_key(by);
+                        if !ran && task.state == "failed" && interrupted(by, task.created_ms) {
+                            verdict.reported += 1;
+                        } else if !ran {
                             violation(
                                 "acked-without-run",
                                 format!(
@@ -381,6 +391,12 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
                                 "task {id} ({kind}) is still {state} at {agent} after the drain"
                             ),
                         ),
+                        "failed"
+                            if !per_agent.contains_key(agent.as_str())
+                                && interrupted(agent, task.created_ms) =>
+                        {
+                            verdict.reported += 1;
+                        }
                         "acked" | "failed" if !per_agent.contains_key(agent.as_str()) => violation(
                             "acked-without-run",
                             format!(

@@ -440,6 +440,28 @@ fn a_dip_until_a_group_faults_agents_are_back_is_not_growth() {
     assert_eq!(failed(&dipped(true)), ["growth"]);
 }
 
+/// An agent killed just after its handler started a rollout's task acks it
+/// FAILED as interrupted when it is back, with no run in its journal (the
+/// spool's documented exception): counted, not a violation. Failed with no
+/// run and no kill is still reported.
+#[test]
+fn a_task_failed_as_interrupted_by_its_agents_kill_is_not_acked_without_a_run() {
+    let interrupted = |killed: bool| {
+        let mut history = clean();
+        history.runs.retain(|r| !(r.id == 42 && r.agent == "a"));
+        let each = history.view.tasks.iter_mut().find(|t| t.id == 42).unwrap();
+        each.state = "failed".to_owned();
+        each.agents[0].1 = "failed".to_owned();
+        if killed {
+            kill(&mut history, "a", 42_040);
+        }
+        check_on_disk(&history, &bounds())
+    };
+    let verdict = interrupted(true);
+    assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+    assert_eq!(failed(&interrupted(false)), ["acked-without-run"]);
+}
+
 #[test]
 fn an_agent_that_does_not_come_back_is_reported() {
     // b tried again 1.5 s after the restart but never got back.
