@@ -14,6 +14,8 @@
 //! creates are [`FILE_MODE`] whatever the umask, and `store.max_size` counts
 //! the write-ahead log with the database.
 
+mod batch;
+
 use std::{
     fs::{File, Permissions},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -133,6 +135,11 @@ const MIGRATIONS: &[&str] = &[
 
 /// The schema version this contactd writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Prepared statements the connection keeps: about 30 of its own
+/// (writes, reads, housekeeping) and the multi-row ones of [`batch`]; rusqlite's
+/// default of 16 would prepare some of the hot ones again and again.
+const STATEMENT_CACHE: usize = 32 + batch::STATEMENTS;
 
 /// Rows one housekeeping call deletes at most (a short transaction).
 const PRUNE_BATCH: i64 = 2000;
@@ -385,6 +392,7 @@ impl Sqlite {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| refused(path, &e))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // SQLite opens a file it may not write read-only without a word;
         // every write would then fail, long after the server said it serves.
         if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
@@ -476,6 +484,11 @@ impl Sqlite {
         };
         self.conn
             .pragma_update(None, "synchronous", synchronous)
+            .map_err(bad)?;
+        // Statement journals (see `batch`) and temporary tables in memory,
+        // not in files of their own.
+        self.conn
+            .pragma_update(None, "temp_store", "MEMORY")
             .map_err(bad)?;
         self.bound_wal(WAL_LIMIT).map_err(bad)?;
         self.migrate(version).map_err(bad)?;
@@ -931,17 +944,35 @@ fn insert_task(tx: &Transaction<'_>, task: &Task) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Applies `ops` in `tx`: new tasks, claims and acks gathered into
+/// multi-row statements ([`batch`]), every other change in its place.
 fn apply(tx: &Transaction<'_>, ops: &[Op<'_>], refused: &mut Vec<u64>) -> rusqlite::Result<()> {
     let mut next_id = 0;
+    let mut batches = batch::Batches::default();
     for op in ops {
         match op {
             Op::Publish(tasks) => {
                 for task in *tasks {
-                    insert_task(tx, task)?;
+                    batches.task(tx, task)?;
                     next_id = next_id.max(task.id + 1);
                 }
             }
+            Op::Write(Write::Claimed {
+                id: task,
+                attempt,
+                holder,
+                deadline_ms,
+            }) => batches.claim(tx, *task, *attempt, holder, *deadline_ms)?,
+            Op::Write(Write::Acked {
+                id: task,
+                agent,
+                ok,
+                text,
+                at_ms,
+                ..
+            }) => batches.ack(tx, *task, agent, *ok, text, *at_ms)?,
             Op::Fire(tasks, runs) => {
+                batches.flush(tx)?;
                 for (task, run) in tasks.iter().zip(*runs) {
                     next_id = next_id.max(task.id + 1);
                     if let Some(nominal) = run.nominal_ms {
@@ -954,9 +985,13 @@ fn apply(tx: &Transaction<'_>, ops: &[Op<'_>], refused: &mut Vec<u64>) -> rusqli
                     }
                 }
             }
-            Op::Write(write) => apply_write(tx, write)?,
+            Op::Write(write) => {
+                batches.flush(tx)?;
+                apply_write(tx, write)?;
+            }
         }
     }
+    batches.flush(tx)?;
     if next_id > 0 {
         tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'next_id'")?
             .execute([id(next_id)])?;
@@ -1065,18 +1100,16 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
                 update.execute([id(*task)])?;
             }
         }
+        // Gathered by `apply`; one alone is a batch of one.
         Write::Claimed {
             id: task,
             attempt,
             holder,
             deadline_ms,
         } => {
-            tx.prepare_cached(
-                "UPDATE tasks SET delivered = delivered + 1, attempts = ?2, holder = ?3, \
-                 deadline_ms = ?4, state = CASE WHEN state < 2 THEN 1 ELSE state END \
-                 WHERE id = ?1",
-            )?
-            .execute(params![id(*task), attempt, &**holder, deadline_ms])?;
+            let mut one = batch::Batches::default();
+            one.claim(tx, *task, *attempt, holder, *deadline_ms)?;
+            one.flush(tx)?;
         }
         Write::State {
             id: task, state, ..
@@ -1109,30 +1142,9 @@ fn apply_write(tx: &Transaction<'_>, write: &Write) -> rusqlite::Result<()> {
             at_ms,
             ..
         } => {
-            tx.prepare_cached(
-                "INSERT INTO results (task_id, agent, ok, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (task_id, agent) DO UPDATE SET \
-                 ok = excluded.ok, text = excluded.text, at_ms = excluded.at_ms",
-            )?
-            .execute(params![id(*task), &**agent, ok, text, at_ms])?;
-            let state = if *ok {
-                TaskState::Acked
-            } else {
-                TaskState::Failed
-            };
-            tx.prepare_cached(
-                "UPDATE tasks SET acked = acked + ?2, failed = failed + ?3, last_agent = ?4, \
-                 last_result = ?5, holder = NULL, deadline_ms = NULL, \
-                 state = CASE WHEN state < 2 THEN ?6 ELSE state END WHERE id = ?1",
-            )?
-            .execute(params![
-                id(*task),
-                i64::from(*ok),
-                i64::from(!*ok),
-                &**agent,
-                text,
-                state as u8
-            ])?;
+            let mut one = batch::Batches::default();
+            one.ack(tx, *task, agent, *ok, text, *at_ms)?;
+            one.flush(tx)?;
         }
         Write::Cursor(saved) => {
             let (watermark, above) = cursor_parts(&saved.cursor);
@@ -1365,6 +1377,87 @@ mod tests {
         let cursor = &saved.cursor;
         assert!(cursor.is_acked(3) && cursor.is_acked(5) && !cursor.is_acked(4));
         assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    /// New tasks, claims and acks are gathered into statements of many rows
+    /// (reordered among different tasks); a group commit must leave what
+    /// its changes applied one at a time leave, even with several changes
+    /// of one task in it.
+    #[test]
+    fn a_group_gathered_into_multi_row_statements_leaves_what_its_changes_one_by_one_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let mut db = Sqlite::open(&dir.path().join(name), StoreSync::Normal).unwrap();
+            db.load(10, true).unwrap();
+            db
+        };
+        let count = 2 * batch::ROWS as u64 + 13;
+        let tasks: Vec<Arc<Task>> = (1..=count).map(|id| task(id, &format!("t{id}"))).collect();
+        let claim = |id, attempt, holder: &str| Write::Claimed {
+            id,
+            attempt,
+            holder: holder.into(),
+            deadline_ms: 1000 + i64::try_from(id).unwrap(),
+        };
+        let ack = |id, agent: &str, ok| Write::Acked {
+            id,
+            agent: agent.into(),
+            ok,
+            text: format!("{agent} on {id}"),
+            at_ms: 7,
+            claimed: true,
+        };
+        let mut writes = Vec::new();
+        for id in 1..=count {
+            writes.push(claim(id, 1, "web1"));
+            if id % 3 != 0 {
+                writes.push(ack(id, "web1", id % 5 != 0));
+            }
+        }
+        // Several changes of task 3 and 6 in the group, in an order that
+        // only holds if each task's changes stay in theirs.
+        writes.extend([
+            Write::State {
+                id: 3,
+                state: TaskState::Pending,
+                claim: Some(("web1".into(), 1003)),
+            },
+            claim(3, 2, "web2"),
+            ack(3, "web2", false),
+            Write::Retried { id: 3 },
+            claim(3, 1, "web3"),
+            ack(3, "web3", true),
+            ack(3, "web3", true),
+            claim(6, 2, "web2"),
+            ack(6, "web1", true),
+        ]);
+        let mut ops = vec![Op::Publish(&tasks)];
+        ops.extend(writes.iter().map(Op::Write));
+        let mut together = open("together.db");
+        together.apply(&ops).unwrap();
+        let mut apart = open("apart.db");
+        for op in &ops {
+            apart.apply(std::slice::from_ref(op)).unwrap();
+        }
+        for id in 1..=count {
+            let record = together.task(id).unwrap();
+            assert_eq!(record, apart.task(id).unwrap(), "task {id}");
+            assert!(record.is_some(), "task {id}");
+        }
+        let three = together.task(3).unwrap().unwrap();
+        assert_eq!(three.task.state, TaskState::Acked);
+        assert_eq!(
+            (three.task.acked, three.task.failed, three.task.retries),
+            (2, 1, 1)
+        );
+        let agents: Vec<_> = three.results.iter().map(|r| (&*r.agent, r.ok)).collect();
+        assert_eq!(agents, [("web2", false), ("web3", true)]);
+        let six = together.task(6).unwrap().unwrap().task;
+        assert_eq!(
+            (six.state, six.attempts, six.acked),
+            (TaskState::Acked, 2, 1)
+        );
+        assert_eq!(six.claim, None);
     }
 
     #[test]
