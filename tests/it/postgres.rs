@@ -1147,6 +1147,33 @@ async fn run_server(url: &str, run: u64) -> String {
         .get(0)
 }
 
+/// Two job servers `a` and `b` on a new database, an agent `web-000` on
+/// `a` running the run of `once` that `a` fired: the cluster (kept alive),
+/// the database, the servers, the fleet, the run and its task.
+async fn a_run_on_a(
+    what: &str,
+    ack_timeout: std::time::Duration,
+) -> Option<(
+    Cluster,
+    String,
+    TestServer,
+    TestServer,
+    Fleet,
+    u64,
+    contactd::proto::contact::ServerMsg,
+)> {
+    let cluster = Cluster::start(what)?;
+    let url = cluster.database("fleet").await;
+    let a = job_server("a", &url, ack_timeout).await;
+    let b = job_server("b", &url, ack_timeout).await;
+    let mut fleet = Fleet::default();
+    fleet.join(&a, "web-000", "role=web").await;
+    let run = crate::jobs::run_job(&mut a.admin().await, "once").await;
+    let (agent, task) = fleet.next().await;
+    assert_eq!((agent.as_str(), task.id), ("web-000", run));
+    Some((cluster, url, a, b, fleet, run, task))
+}
+
 async fn running_runs(admin: &mut AdminClient<Channel>) -> u32 {
     admin
         .list_jobs(ListJobsRequest::default())
@@ -1166,20 +1193,14 @@ async fn running_runs(admin: &mut AdminClient<Channel>) -> u32 {
 /// own runs only, and an ack through another server reaches the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_leaves_the_others_runs_alone_and_an_ack_through_it_reaches_the_run() {
-    let Some(cluster) = Cluster::start("postgres runs, ack through another server") else {
-        return;
-    };
-    let url = cluster.database("fleet").await;
     // Long enough that only the relayed ack can end the run in time.
     let ack_timeout = std::time::Duration::from_secs(300);
-    let a = job_server("a", &url, ack_timeout).await;
-    let b = job_server("b", &url, ack_timeout).await;
-    let mut admin_a = a.admin().await;
-    let mut fleet = Fleet::default();
-    fleet.join(&a, "web-000", "role=web").await;
-    let run = crate::jobs::run_job(&mut admin_a, "once").await;
-    let (agent, task) = fleet.next().await;
-    assert_eq!((agent.as_str(), task.id), ("web-000", run));
+    let Some((_cluster, url, a, b, mut fleet, run, task)) =
+        a_run_on_a("postgres runs, ack through another server", ack_timeout).await
+    else {
+        return;
+    };
+    let admin_a = a.admin().await;
 
     // b restarts while a's run is in progress: it does not take it.
     b.stop().await;
@@ -1213,19 +1234,12 @@ async fn a_restarted_server_leaves_the_others_runs_alone_and_an_ack_through_it_r
 /// the other, which carries them on for the agents connected to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_servers_runs_are_taken_over_and_a_restarted_one_hands_on_what_went_elsewhere() {
-    let Some(cluster) = Cluster::start("postgres runs taken over") else {
+    let ack_timeout = std::time::Duration::from_secs(1);
+    let Some((_cluster, url, a, b, mut fleet, run, _)) =
+        a_run_on_a("postgres runs taken over", ack_timeout).await
+    else {
         return;
     };
-    let url = cluster.database("fleet").await;
-    let ack_timeout = std::time::Duration::from_secs(1);
-    let a = job_server("a", &url, ack_timeout).await;
-    let b = job_server("b", &url, ack_timeout).await;
-    let mut admin_a = a.admin().await;
-    let mut fleet = Fleet::default();
-    fleet.join(&a, "web-000", "role=web").await;
-    let run = crate::jobs::run_job(&mut admin_a, "once").await;
-    let (_, task) = fleet.next().await;
-    assert_eq!(task.id, run);
 
     // web-000 moves to b with the task and never answers; a restarts.
     fleet.leave("web-000");

@@ -373,6 +373,33 @@ pub(super) fn calls<'a>(s: &'a Statements, ops: &[Op<'_>]) -> Calls<'a> {
     (calls, claims, fires)
 }
 
+/// The parameters of an ack kept only on a condition (`acked_claim`,
+/// `relayed`): task, acked and failed increments, agent, text, the task's
+/// state, ok, and when.
+fn kept_ack(
+    task: u64,
+    agent: &str,
+    ok: bool,
+    text: &str,
+    at_ms: i64,
+) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    let state = if ok {
+        TaskState::Acked
+    } else {
+        TaskState::Failed
+    };
+    vec![
+        Box::new(id(task)),
+        Box::new(i32::from(ok)),
+        Box::new(i32::from(!ok)),
+        Box::new(agent.to_owned()),
+        Box::new(text.to_owned()),
+        Box::new(state_code(state)),
+        Box::new(ok),
+        Box::new(at_ms),
+    ]
+}
+
 /// A count as an INTEGER column.
 fn int(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
@@ -479,19 +506,7 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
                 TaskState::Failed
             };
             if *claimed {
-                return vec![(
-                    &s.acked_claim,
-                    vec![
-                        Box::new(id(*task)),
-                        Box::new(i32::from(*ok)),
-                        Box::new(i32::from(!*ok)),
-                        Box::new(agent.to_string()),
-                        Box::new(text.clone()),
-                        Box::new(state_code(state)),
-                        Box::new(*ok),
-                        Box::new(*at_ms),
-                    ],
-                )];
+                return vec![(&s.acked_claim, kept_ack(*task, agent, *ok, text, *at_ms))];
             }
             vec![
                 (
@@ -523,23 +538,7 @@ fn write_calls<'a>(s: &'a Statements, write: &Write) -> Vec<Call<'a>> {
             ok,
             text,
             at_ms,
-        } => vec![(
-            &s.relayed,
-            vec![
-                Box::new(id(*task)),
-                Box::new(i32::from(*ok)),
-                Box::new(i32::from(!*ok)),
-                Box::new(agent.to_string()),
-                Box::new(text.clone()),
-                Box::new(state_code(if *ok {
-                    TaskState::Acked
-                } else {
-                    TaskState::Failed
-                })),
-                Box::new(*ok),
-                Box::new(*at_ms),
-            ],
-        )],
+        } => vec![(&s.relayed, kept_ack(*task, agent, *ok, text, *at_ms))],
         Write::Cursor(saved) => {
             let (watermark, above) = cursor_parts(&saved.cursor);
             vec![(
