@@ -173,30 +173,28 @@ fn tasks(history: &History, bounds: &Bounds, verdict: &mut Verdict) {
         killed_between(agent, created_ms, created_ms + bounds.ack_timeout_ms)
     };
     let timeline = timeline(history);
-    // Whether `agent` lost its connection between `from` and `to`, give or
-    // take the harness's lag: an in-process agent's run and its
-    // disconnect are stamped when the harness reads them, and under load
-    // a run can be stamped after the reset that cut its agent off (which
-    // then held the task before the reset: a reconnect takes a backoff's
-    // 500 ms at least).
-    let cut_off = |agent: &str, from: i64, to: i64| {
-        let (from, to) = (from - HARNESS_LAG_MS, to + HARNESS_LAG_MS);
-        timeline
-            .get(agent)
-            .is_some_and(|c| c.iter().any(|&(t, up)| !up && t >= from && t <= to))
-            || faults(history).any(|(_, agents, start, end)| {
-                (agents.is_empty() || agents.iter().any(|a| a == agent))
-                    && start <= to
-                    && end >= from
-            })
-    };
-    // Its connection seen dropping (not merely a fault somewhere: a full
+    // Its connection seen dropping (`cut_off` without the faults: a full
     // disk or a SIGHUP storm cuts no agent off).
     let dropped = |agent: &str, from: i64, to: i64| {
         let (from, to) = (from - HARNESS_LAG_MS, to + HARNESS_LAG_MS);
         timeline
             .get(agent)
             .is_some_and(|c| c.iter().any(|&(t, up)| !up && t >= from && t <= to))
+    };
+    // Whether `agent` lost its connection, or a fault on it was under way,
+    // between `from` and `to`, give or take the harness's lag: an
+    // in-process agent's run and its
+    // disconnect are stamped when the harness reads them, and under load
+    // a run can be stamped after the reset that cut its agent off (which
+    // then held the task before the reset: a reconnect takes a backoff's
+    // 500 ms at least).
+    let cut_off = |agent: &str, from: i64, to: i64| {
+        dropped(agent, from, to)
+            || faults(history).any(|(_, agents, start, end)| {
+                (agents.is_empty() || agents.iter().any(|a| a == agent))
+                    && start <= to + HARNESS_LAG_MS
+                    && end >= from - HARNESS_LAG_MS
+            })
     };
     let by_id: BTreeMap<u64, &super::history::FinalTask> =
         history.view.tasks.iter().map(|t| (t.id, t)).collect();

@@ -891,35 +891,41 @@ impl Jobs {
             self.pump(id);
         }
         for (server, ids) in adopt {
-            let records = match self.store.adopt(Arc::clone(&server), ids).await {
-                Ok(records) => records,
-                Err(e) => {
-                    tracing::warn!(server = %server, "cannot take over a gone server's runs: {e}");
-                    continue;
-                }
-            };
-            let now = now_ms();
-            let mut inner = self.inner.lock();
-            for record in records {
-                let Some(task) = self.hub.get(record.run.task_id) else {
-                    continue;
-                };
-                let mut run = Run::restored(record, task);
-                tracing::warn!(
-                    run = run.row.task_id,
-                    job = %shown_job(&run.row.job),
-                    server = %server,
-                    agents = run.agents.len(),
-                    "job run taken over from a server gone for tasks.ack_timeout: carried on here"
-                );
-                run.carried_on(&self.registry, self.epoch, now);
-                inner.runs.insert(run.row.task_id, run);
-            }
-            inner.orphaned.remove(&server);
-            self.active.store(inner.runs.len(), Relaxed);
-            drop(inner);
-            self.pump_all();
+            self.take_over(server, ids).await;
         }
+    }
+
+    /// Takes runs `ids` of `server` (gone) over, if the store lets it (the
+    /// server is not running), and carries them on here.
+    async fn take_over(&self, server: Arc<str>, ids: Vec<u64>) {
+        let records = match self.store.adopt(Arc::clone(&server), ids).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(server = %server, "cannot take over a gone server's runs: {e}");
+                return;
+            }
+        };
+        let now = now_ms();
+        let mut inner = self.inner.lock();
+        for record in records {
+            let Some(task) = self.hub.get(record.run.task_id) else {
+                continue;
+            };
+            let mut run = Run::restored(record, task);
+            tracing::warn!(
+                run = run.row.task_id,
+                job = %shown_job(&run.row.job),
+                server = %server,
+                agents = run.agents.len(),
+                "job run taken over from a server gone for tasks.ack_timeout: carried on here"
+            );
+            run.carried_on(&self.registry, self.epoch, now);
+            inner.runs.insert(run.row.task_id, run);
+        }
+        inner.orphaned.remove(&server);
+        self.active.store(inner.runs.len(), Relaxed);
+        drop(inner);
+        self.pump_all();
     }
 
     /// Fires what is due at `now`, in one transaction.
